@@ -1,0 +1,400 @@
+//! Reading a partition: from an offset or a timestamp, in large sequential chunks, and following
+//! the tail as new records become visible.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::batch::{self, BATCH_HEADER_BYTES, BatchHeader, RecordIter, RecordRef};
+use crate::error::IoContext;
+use crate::index::{self, IndexEntry};
+use crate::partition::PartitionShared;
+use crate::segment::{ReadWindow, load_index};
+use crate::storage::{OpenMode, StorageFile};
+use crate::{LogError, Result};
+
+/// Where a reader starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartAt {
+    /// The first record still kept.
+    Beginning,
+    /// After the last visible record: only records appended from now on.
+    End,
+    /// A specific offset, from the start offset up to the visible offset.
+    Offset(u64),
+    /// The first record whose timestamp is at or after this many ms since the epoch.
+    Timestamp(i64),
+}
+
+/// A cursor over one partition. Reads return whole batches in chunks of about `max_bytes`, so
+/// replaying history costs one read call per chunk, not per record.
+#[derive(Debug)]
+pub struct PartitionReader {
+    shared: Arc<PartitionShared>,
+    visible_rx: watch::Receiver<u64>,
+    next_offset: u64,
+    segment: Option<OpenSegment>,
+}
+
+#[derive(Debug)]
+struct OpenSegment {
+    base_offset: u64,
+    path: Arc<Path>,
+    file: Arc<dyn StorageFile>,
+    position: u64,
+    /// The position came from an index; if the batch there is not the one the index promised,
+    /// the index is bad and the segment is scanned from its start instead.
+    positioned_by_index: bool,
+}
+
+impl PartitionReader {
+    pub(crate) fn new(shared: Arc<PartitionShared>, start: StartAt) -> Result<PartitionReader> {
+        let next_offset = match start {
+            StartAt::Beginning => shared.state().start_offset(),
+            StartAt::End => shared.state().visible_offset,
+            StartAt::Offset(offset) => {
+                let state = shared.state();
+                if offset < state.start_offset() || offset > state.visible_offset {
+                    return Err(out_of_range(&shared, offset, state.start_offset(), state.visible_offset));
+                }
+                offset
+            }
+            StartAt::Timestamp(ts) => offset_for_timestamp(&shared, ts)?,
+        };
+        let visible_rx = shared.visible_tx.subscribe();
+        Ok(PartitionReader { shared, visible_rx, next_offset, segment: None })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.shared.topic
+    }
+
+    pub fn partition(&self) -> u32 {
+        self.shared.id
+    }
+
+    /// The offset of the next record this reader returns.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+
+    /// Reads the next chunk of whole batches, about `max_bytes` long (longer when one batch is).
+    /// `None` when the reader has caught up with the visible end.
+    pub fn read(&mut self, max_bytes: usize) -> Result<Option<RecordChunk>> {
+        loop {
+            let limit = {
+                let state = self.shared.state();
+                let start = state.start_offset();
+                if self.next_offset < start {
+                    return Err(out_of_range(&self.shared, self.next_offset, start, state.visible_offset));
+                }
+                if self.next_offset >= state.visible_offset {
+                    return Ok(None);
+                }
+                match &self.segment {
+                    None => None,
+                    Some(open) => match state.segments.iter().position(|s| s.base_offset == open.base_offset) {
+                        Some(i) if i + 1 == state.segments.len() => Some((state.visible_position, true)),
+                        Some(i) => Some((state.segments[i].size_bytes, false)),
+                        None => {
+                            return Err(out_of_range(&self.shared, self.next_offset, start, state.visible_offset));
+                        }
+                    },
+                }
+            };
+            let Some((limit, active)) = limit else {
+                self.open_segment()?;
+                continue;
+            };
+            let Some(open) = self.segment.as_mut() else { continue };
+            if open.position >= limit {
+                if active {
+                    return Ok(None);
+                }
+                // Everything of this sealed segment is read; the next offset is in a later one.
+                self.segment = None;
+                continue;
+            }
+            match read_chunk(open, limit, max_bytes, self.next_offset)? {
+                ChunkRead::Chunk(chunk) => {
+                    self.next_offset = chunk.next_offset();
+                    return Ok(Some(chunk));
+                }
+                ChunkRead::Skipped => continue,
+                ChunkRead::BadIndex => {
+                    tracing::warn!(
+                        segment = %open.path.display(),
+                        offset = self.next_offset,
+                        "index entry does not match the segment; scanning the segment from its start"
+                    );
+                    open.position = 0;
+                    open.positioned_by_index = false;
+                }
+            }
+        }
+    }
+
+    fn open_segment(&mut self) -> Result<()> {
+        let (base_offset, active_entry, active) = {
+            let state = self.shared.state();
+            let i = state.segments.partition_point(|s| s.base_offset <= self.next_offset);
+            let Some(i) = i.checked_sub(1) else {
+                return Err(out_of_range(&self.shared, self.next_offset, state.start_offset(), state.visible_offset));
+            };
+            let base = state.segments[i].base_offset;
+            let active = i + 1 == state.segments.len();
+            let entry = if active {
+                index::lookup_offset(&state.active_index, self.next_offset - base)
+            } else {
+                None
+            };
+            (base, entry, active)
+        };
+        let entry = if active {
+            active_entry
+        } else {
+            index::lookup_offset(&sealed_index(&self.shared, base_offset), self.next_offset - base_offset)
+        };
+        let path: Arc<Path> = self.shared.segment_paths(base_offset).log.into();
+        let file = match self.shared.storage.open(&path, OpenMode::Read) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let state = self.shared.state();
+                return Err(out_of_range(&self.shared, self.next_offset, state.start_offset(), state.visible_offset));
+            }
+            Err(e) => return Err(e).io("open segment", &path),
+        };
+        self.segment = Some(OpenSegment {
+            base_offset,
+            path,
+            file,
+            position: entry.map_or(0, |e| u64::from(e.position)),
+            positioned_by_index: entry.is_some(),
+        });
+        Ok(())
+    }
+
+    /// Waits until records past [`next_offset`](Self::next_offset) are visible.
+    /// Fails with [`LogError::Closed`] when the log closes.
+    pub async fn wait(&mut self) -> Result<()> {
+        loop {
+            let visible = *self.visible_rx.borrow_and_update();
+            if visible > self.next_offset {
+                return Ok(());
+            }
+            if self.shared.state().closed {
+                return Err(LogError::Closed);
+            }
+            self.visible_rx.changed().await.map_err(|_| LogError::Closed)?;
+        }
+    }
+}
+
+fn out_of_range(shared: &PartitionShared, requested: u64, start_offset: u64, visible_offset: u64) -> LogError {
+    LogError::OffsetOutOfRange {
+        topic: shared.topic.clone(),
+        partition: shared.id,
+        requested,
+        start_offset,
+        visible_offset,
+    }
+}
+
+/// The index entries of a sealed segment. A missing or damaged index is logged and treated as
+/// empty, so the segment is scanned from its start: slower, never wrong.
+fn sealed_index(shared: &PartitionShared, base_offset: u64) -> Vec<IndexEntry> {
+    let paths = shared.segment_paths(base_offset);
+    match load_index(shared.storage.as_ref(), &paths) {
+        Ok(Ok(Some((_, entries)))) => entries,
+        Ok(Ok(None)) => {
+            tracing::warn!(segment = %paths.log.display(), "index missing; scanning segment");
+            Vec::new()
+        }
+        Ok(Err(reason)) => {
+            tracing::warn!(segment = %paths.log.display(), %reason, "index unusable; scanning segment");
+            Vec::new()
+        }
+        Err(e) => {
+            tracing::warn!(segment = %paths.log.display(), error = %e, "index unreadable; scanning segment");
+            Vec::new()
+        }
+    }
+}
+
+enum ChunkRead {
+    Chunk(RecordChunk),
+    /// Only batches before the wanted offset were read; read on.
+    Skipped,
+    BadIndex,
+}
+
+fn read_chunk(open: &mut OpenSegment, limit: u64, max_bytes: usize, next_offset: u64) -> Result<ChunkRead> {
+    let start = open.position;
+    let want = (max_bytes.max(BATCH_HEADER_BYTES) as u64).min(limit - start) as usize;
+    let mut buf = vec![0u8; want];
+    let n = open.file.read_full_at(&mut buf, start).io("read segment", &open.path)?;
+    if n < want {
+        return Err(LogError::MalformedBatch {
+            segment: open.path.to_path_buf(),
+            position: start + n as u64,
+            reason: format!("segment ends {} bytes early", want - n),
+        });
+    }
+    let mut batches = Vec::new();
+    let mut at = 0usize;
+    let mut expected_base: Option<u64> = None;
+    while at + BATCH_HEADER_BYTES <= buf.len() {
+        let position = start + at as u64;
+        let header = batch::parse_header(&buf[at..]).map_err(|e| e.at(&open.path, position))?;
+        let len = header.length as usize;
+        if at + len > buf.len() {
+            if !batches.is_empty() || at > 0 {
+                break;
+            }
+            // One batch larger than the chunk: read exactly that batch.
+            if start + len as u64 > limit {
+                return Err(LogError::MalformedBatch {
+                    segment: open.path.to_path_buf(),
+                    position,
+                    reason: "batch runs past the end of the visible records".into(),
+                });
+            }
+            buf.resize(len, 0);
+            open.file.read_exact_at(&mut buf, start).io("read segment", &open.path)?;
+            continue;
+        }
+        let header = batch::decode_batch(&buf[at..at + len]).map_err(|e| e.at(&open.path, position))?;
+        match expected_base {
+            None if header.base_offset > next_offset => {
+                if open.positioned_by_index {
+                    return Ok(ChunkRead::BadIndex);
+                }
+                return Err(gap(&open.path, position, next_offset, header.base_offset));
+            }
+            Some(expected) if header.base_offset != expected => {
+                return Err(gap(&open.path, position, expected, header.base_offset));
+            }
+            _ => {}
+        }
+        expected_base = Some(header.next_offset());
+        if header.next_offset() > next_offset {
+            batches.push((at as u32, header));
+        }
+        at += len;
+    }
+    open.position = start + at as u64;
+    open.positioned_by_index = false;
+    if batches.is_empty() {
+        return Ok(ChunkRead::Skipped);
+    }
+    buf.truncate(at);
+    Ok(ChunkRead::Chunk(RecordChunk {
+        data: Bytes::from(buf),
+        batches,
+        skip_below: next_offset,
+        segment: open.path.clone(),
+        position: start,
+    }))
+}
+
+fn gap(path: &Path, position: u64, expected: u64, found: u64) -> LogError {
+    LogError::MalformedBatch {
+        segment: path.to_path_buf(),
+        position,
+        reason: format!("expected a batch starting at offset {expected}, found {found}"),
+    }
+}
+
+/// Whole batches read in one go, with their records decoded on iteration.
+#[derive(Debug, Clone)]
+pub struct RecordChunk {
+    data: Bytes,
+    /// Start of each batch in `data`, and its header.
+    batches: Vec<(u32, BatchHeader)>,
+    /// Records below this offset were asked to be skipped (the reader started mid-batch).
+    skip_below: u64,
+    segment: Arc<Path>,
+    /// Where `data` starts in the segment.
+    position: u64,
+}
+
+impl RecordChunk {
+    /// The offset of the first record the chunk yields.
+    pub fn first_offset(&self) -> u64 {
+        self.batches.first().map_or(self.skip_below, |(_, h)| h.base_offset.max(self.skip_below))
+    }
+
+    /// The offset after the chunk's last record.
+    pub fn next_offset(&self) -> u64 {
+        self.batches.last().map_or(self.skip_below, |(_, h)| h.next_offset())
+    }
+
+    pub fn record_count(&self) -> u64 {
+        self.next_offset() - self.first_offset()
+    }
+
+    /// Bytes of the batches in this chunk.
+    pub fn byte_len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The records, in offset order. An error means a batch passed its CRC but is malformed.
+    pub fn records(&self) -> impl Iterator<Item = Result<RecordRef<'_>>> + '_ {
+        self.batches.iter().flat_map(move |(at, header)| {
+            let at = *at as usize;
+            let bytes = &self.data[at..at + header.length as usize];
+            let position = self.position + at as u64;
+            let segment = self.segment.clone();
+            RecordIter::new(bytes, header, self.skip_below)
+                .map(move |r| r.map_err(|e| e.at(&segment, position)))
+        })
+    }
+}
+
+/// The first offset with a timestamp at or after `timestamp_ms`; the visible end if none.
+pub(crate) fn offset_for_timestamp(shared: &PartitionShared, timestamp_ms: i64) -> Result<u64> {
+    let (segment, limit, active_entry, active, visible) = {
+        let state = shared.state();
+        let Some(i) = state.segments.iter().position(|s| s.max_timestamp_ms >= timestamp_ms) else {
+            return Ok(state.visible_offset);
+        };
+        let segment = state.segments[i];
+        let active = i + 1 == state.segments.len();
+        let limit = if active { state.visible_position } else { segment.size_bytes };
+        let entry = if active { index::lookup_timestamp(&state.active_index, timestamp_ms) } else { None };
+        (segment, limit, entry, active, state.visible_offset)
+    };
+    let entry = if active {
+        active_entry
+    } else {
+        index::lookup_timestamp(&sealed_index(shared, segment.base_offset), timestamp_ms)
+    };
+    let path: PathBuf = shared.segment_paths(segment.base_offset).log;
+    let file = shared.storage.open(&path, OpenMode::Read).io("open segment", &path)?;
+    let mut window = ReadWindow::new(shared.read_chunk_bytes);
+    let mut position = entry.map_or(0, |e| u64::from(e.position));
+    while position < limit {
+        let Some(head) = window.get(file.as_ref(), position, BATCH_HEADER_BYTES, limit).io("read segment", &path)?
+        else {
+            break;
+        };
+        let header = batch::parse_header(head).map_err(|e| e.at(&path, position))?;
+        let len = header.length as usize;
+        let Some(bytes) = window.get(file.as_ref(), position, len, limit).io("read segment", &path)? else {
+            break;
+        };
+        let header = batch::decode_batch(bytes).map_err(|e| e.at(&path, position))?;
+        if header.last_timestamp_ms >= timestamp_ms {
+            for record in RecordIter::new(bytes, &header, 0) {
+                let record = record.map_err(|e| e.at(&path, position))?;
+                if record.timestamp_ms >= timestamp_ms {
+                    return Ok(record.offset);
+                }
+            }
+        }
+        position += len as u64;
+    }
+    Ok(if active { visible } else { segment.next_offset })
+}
