@@ -32,12 +32,20 @@ pub struct Header {
 impl Record {
     /// A record with only a value.
     pub fn from_value(value: impl Into<Bytes>) -> Record {
-        Record { key: None, value: value.into(), headers: Vec::new() }
+        Record {
+            key: None,
+            value: value.into(),
+            headers: Vec::new(),
+        }
     }
 
     /// A record with a key and a value.
     pub fn keyed(key: impl Into<Bytes>, value: impl Into<Bytes>) -> Record {
-        Record { key: Some(key.into()), value: value.into(), headers: Vec::new() }
+        Record {
+            key: Some(key.into()),
+            value: value.into(),
+            headers: Vec::new(),
+        }
     }
 
     /// Bytes of key, value and headers: what [`RECORD_BYTES_MAX`] limits.
@@ -87,15 +95,22 @@ impl BatchError {
     pub(crate) fn at(self, segment: &std::path::Path, position: u64) -> LogError {
         let segment = segment.to_path_buf();
         match self {
-            BatchError::Crc { expected, actual } => {
-                LogError::CorruptBatch { segment, position, expected_crc: expected, actual_crc: actual }
-            }
+            BatchError::Crc { expected, actual } => LogError::CorruptBatch {
+                segment,
+                position,
+                expected_crc: expected,
+                actual_crc: actual,
+            },
             BatchError::Truncated { needed, available } => LogError::MalformedBatch {
                 segment,
                 position,
                 reason: format!("batch needs {needed} bytes but only {available} are there"),
             },
-            BatchError::Malformed(reason) => LogError::MalformedBatch { segment, position, reason },
+            BatchError::Malformed(reason) => LogError::MalformedBatch {
+                segment,
+                position,
+                reason,
+            },
         }
     }
 }
@@ -162,10 +177,16 @@ pub fn encode_batches(records: &[Record]) -> Result<Vec<PendingBatch>> {
 /// Checks a record against the size limits.
 pub fn check_record(record: &Record) -> Result<()> {
     if record.payload_len() > RECORD_BYTES_MAX {
-        return Err(LogError::RecordTooLarge { bytes: record.payload_len(), max: RECORD_BYTES_MAX });
+        return Err(LogError::RecordTooLarge {
+            bytes: record.payload_len(),
+            max: RECORD_BYTES_MAX,
+        });
     }
     if record.headers.len() > RECORD_HEADERS_MAX {
-        return Err(LogError::TooManyHeaders { count: record.headers.len(), max: RECORD_HEADERS_MAX });
+        return Err(LogError::TooManyHeaders {
+            count: record.headers.len(),
+            max: RECORD_HEADERS_MAX,
+        });
     }
     Ok(())
 }
@@ -181,7 +202,10 @@ fn finish_batch(mut bytes: Vec<u8>, record_count: u32) -> PendingBatch {
     bytes[0..4].copy_from_slice(&length.to_le_bytes());
     bytes[8] = FORMAT_VERSION;
     bytes[12..16].copy_from_slice(&record_count.to_le_bytes());
-    PendingBatch { bytes, record_count }
+    PendingBatch {
+        bytes,
+        record_count,
+    }
 }
 
 fn encode_record_body(record: &Record, out: &mut Vec<u8>) {
@@ -230,7 +254,10 @@ fn read_u64(buf: &[u8], at: usize) -> u64 {
 /// Does not check the CRC: a header is read first to learn how many bytes the batch needs.
 pub fn parse_header(buf: &[u8]) -> Result<BatchHeader, BatchError> {
     if buf.len() < BATCH_HEADER_BYTES {
-        return Err(BatchError::Truncated { needed: BATCH_HEADER_BYTES, available: buf.len() });
+        return Err(BatchError::Truncated {
+            needed: BATCH_HEADER_BYTES,
+            available: buf.len(),
+        });
     }
     let header = BatchHeader {
         length: read_u32(buf, 0),
@@ -259,15 +286,23 @@ fn check_header_fields(buf: &[u8], header: &BatchHeader) -> Result<(), BatchErro
         )));
     }
     if buf[9] != 0 || buf[10] != 0 || buf[11] != 0 {
-        return Err(BatchError::Malformed("reserved header bytes are not zero".into()));
+        return Err(BatchError::Malformed(
+            "reserved header bytes are not zero".into(),
+        ));
     }
     if header.record_count == 0 {
         return Err(BatchError::Malformed("batch has no records".into()));
     }
     if header.last_timestamp_ms < header.first_timestamp_ms {
-        return Err(BatchError::Malformed("last timestamp is before first timestamp".into()));
+        return Err(BatchError::Malformed(
+            "last timestamp is before first timestamp".into(),
+        ));
     }
-    if header.base_offset.checked_add(u64::from(header.record_count)).is_none() {
+    if header
+        .base_offset
+        .checked_add(u64::from(header.record_count))
+        .is_none()
+    {
         return Err(BatchError::Malformed("offsets overflow".into()));
     }
     Ok(())
@@ -279,11 +314,17 @@ pub fn decode_batch(buf: &[u8]) -> Result<BatchHeader, BatchError> {
     let header = parse_header(buf)?;
     let length = header.length as usize;
     if buf.len() < length {
-        return Err(BatchError::Truncated { needed: length, available: buf.len() });
+        return Err(BatchError::Truncated {
+            needed: length,
+            available: buf.len(),
+        });
     }
     let actual = batch_crc(&buf[..length]);
     if actual != header.crc {
-        return Err(BatchError::Crc { expected: header.crc, actual });
+        return Err(BatchError::Crc {
+            expected: header.crc,
+            actual,
+        });
     }
     check_header_fields(buf, &header)?;
     Ok(header)
@@ -335,7 +376,10 @@ impl<'a> Headers<'a> {
     /// Owned copies, for callers that outlive the batch.
     pub fn to_owned_headers(&self) -> Vec<Header> {
         self.iter()
-            .map(|(k, v)| Header { key: k.to_owned(), value: v.map(Bytes::copy_from_slice) })
+            .map(|(k, v)| Header {
+                key: k.to_owned(),
+                value: v.map(Bytes::copy_from_slice),
+            })
             .collect()
     }
 }
@@ -356,7 +400,9 @@ impl<'a> RecordIter<'a> {
     /// `batch` holds exactly one batch whose header is `header`.
     pub fn new(batch: &'a [u8], header: &BatchHeader, skip_below: u64) -> RecordIter<'a> {
         RecordIter {
-            cursor: Cursor { buf: &batch[BATCH_HEADER_BYTES.min(batch.len())..] },
+            cursor: Cursor {
+                buf: &batch[BATCH_HEADER_BYTES.min(batch.len())..],
+            },
             next_offset: header.base_offset,
             remaining: header.record_count,
             first_timestamp_ms: header.first_timestamp_ms,
@@ -375,7 +421,9 @@ impl<'a> RecordIter<'a> {
             .ok()
             .and_then(|d| self.first_timestamp_ms.checked_add(d))
             .filter(|t| *t <= self.last_timestamp_ms)
-            .ok_or_else(|| BatchError::Malformed("record timestamp is past the batch's last".into()))?;
+            .ok_or_else(|| {
+                BatchError::Malformed("record timestamp is past the batch's last".into())
+            })?;
         let key = match c.varint()? {
             0 => None,
             n => Some(c.take(n as usize - 1)?),
@@ -399,7 +447,10 @@ impl<'a> RecordIter<'a> {
             timestamp_ms,
             key,
             value,
-            headers: Headers { raw: headers_raw, count: header_count },
+            headers: Headers {
+                raw: headers_raw,
+                count: header_count,
+            },
         })
     }
 }
@@ -521,7 +572,10 @@ mod tests {
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
             proptest::collection::vec(any::<u8>(), 0..300),
             proptest::collection::vec(
-                ("[a-z]{0,8}", proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20))),
+                (
+                    "[a-z]{0,8}",
+                    proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20)),
+                ),
                 0..3,
             ),
         )
@@ -530,7 +584,10 @@ mod tests {
                 value: Bytes::from(value),
                 headers: headers
                     .into_iter()
-                    .map(|(k, v)| Header { key: k, value: v.map(Bytes::from) })
+                    .map(|(k, v)| Header {
+                        key: k,
+                        value: v.map(Bytes::from),
+                    })
                     .collect(),
             })
     }
@@ -593,7 +650,16 @@ mod tests {
 
     #[test]
     fn varint_lengths_match_encoding() {
-        for v in [0u64, 1, 127, 128, 16_383, 16_384, u64::from(u32::MAX), u64::MAX] {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
             let mut buf = Vec::new();
             put_varint(&mut buf, v);
             assert_eq!(buf.len(), varint_len(v), "{v}");
@@ -615,7 +681,9 @@ mod tests {
     #[test]
     fn large_inputs_split_into_several_batches() {
         let value = Bytes::from(vec![b'x'; 1024 * 1024]);
-        let records: Vec<Record> = (0..100).map(|_| Record::from_value(value.clone())).collect();
+        let records: Vec<Record> = (0..100)
+            .map(|_| Record::from_value(value.clone()))
+            .collect();
         let batches = encode_batches(&records).unwrap();
         assert!(batches.len() >= 2);
         assert!(batches.iter().all(|b| b.len() <= BATCH_BYTES_MAX));

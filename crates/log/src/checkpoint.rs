@@ -73,7 +73,9 @@ pub(crate) fn read(storage: &dyn Storage, dir: &Path) -> Result<Option<(u64, Dur
         Err(e) => return Err(e).io("open recovery checkpoint", &path),
     };
     let mut buf = [0u8; SLOT_BYTES * 2];
-    let n = file.read_full_at(&mut buf, 0).io("read recovery checkpoint", &path)?;
+    let n = file
+        .read_full_at(&mut buf, 0)
+        .io("read recovery checkpoint", &path)?;
     let best = buf[..n]
         .chunks(SLOT_BYTES)
         .filter_map(decode_slot)
@@ -100,13 +102,21 @@ impl CheckpointWriter {
         let file = match storage.open(&path, OpenMode::ReadWrite) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let f = storage.open(&path, OpenMode::CreateNew).io("create recovery checkpoint", &path)?;
+                let f = storage
+                    .open(&path, OpenMode::CreateNew)
+                    .io("create recovery checkpoint", &path)?;
                 storage.sync_dir(dir).io("sync partition directory", dir)?;
                 f
             }
             Err(e) => return Err(e).io("open recovery checkpoint", &path),
         };
-        Ok(CheckpointWriter { path, file, sequence, last: None, synced: true })
+        Ok(CheckpointWriter {
+            path,
+            file,
+            sequence,
+            last: None,
+            synced: true,
+        })
     }
 
     /// Records `point`; fsyncs the file only when `sync` is set.
@@ -115,12 +125,16 @@ impl CheckpointWriter {
             self.sequence += 1;
             let slot = encode_slot(self.sequence, point);
             let at = (self.sequence % 2) * SLOT_BYTES as u64;
-            self.file.write_all_at(&slot, at).io("write recovery checkpoint", &self.path)?;
+            self.file
+                .write_all_at(&slot, at)
+                .io("write recovery checkpoint", &self.path)?;
             self.last = Some(point);
             self.synced = false;
         }
         if sync && !self.synced {
-            self.file.sync_data().io("sync recovery checkpoint", &self.path)?;
+            self.file
+                .sync_data()
+                .io("sync recovery checkpoint", &self.path)?;
             self.synced = true;
         }
         Ok(())
@@ -133,15 +147,29 @@ mod tests {
 
     #[test]
     fn the_newest_valid_slot_wins_and_a_torn_slot_is_skipped() {
-        let a = DurablePoint { segment_base_offset: 0, position: 100, next_offset: 5 };
-        let b = DurablePoint { segment_base_offset: 0, position: 200, next_offset: 9 };
+        let a = DurablePoint {
+            segment_base_offset: 0,
+            position: 100,
+            next_offset: 5,
+        };
+        let b = DurablePoint {
+            segment_base_offset: 0,
+            position: 200,
+            next_offset: 9,
+        };
         let mut buf = [0u8; SLOT_BYTES * 2];
         buf[SLOT_BYTES..].copy_from_slice(&encode_slot(1, a));
         buf[..SLOT_BYTES].copy_from_slice(&encode_slot(2, b));
-        let best = buf.chunks(SLOT_BYTES).filter_map(decode_slot).max_by_key(|s| s.0);
+        let best = buf
+            .chunks(SLOT_BYTES)
+            .filter_map(decode_slot)
+            .max_by_key(|s| s.0);
         assert_eq!(best, Some((2, b)));
         buf[20] ^= 1;
-        let best = buf.chunks(SLOT_BYTES).filter_map(decode_slot).max_by_key(|s| s.0);
+        let best = buf
+            .chunks(SLOT_BYTES)
+            .filter_map(decode_slot)
+            .max_by_key(|s| s.0);
         assert_eq!(best, Some((1, a)));
     }
 }

@@ -30,7 +30,11 @@ impl fmt::Display for FsyncPolicy {
         match self {
             FsyncPolicy::Always => f.write_str("always"),
             FsyncPolicy::Interval { interval_ms } => {
-                write!(f, "{}", humantime::format_duration(Duration::from_millis(*interval_ms)))
+                write!(
+                    f,
+                    "{}",
+                    humantime::format_duration(Duration::from_millis(*interval_ms))
+                )
             }
         }
     }
@@ -105,7 +109,10 @@ impl TopicConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |reason: String| Err(LogError::InvalidConfig { reason });
         if self.partitions == 0 || self.partitions > PARTITIONS_MAX {
-            return bad(format!("partitions must be 1..={PARTITIONS_MAX}, not {}", self.partitions));
+            return bad(format!(
+                "partitions must be 1..={PARTITIONS_MAX}, not {}",
+                self.partitions
+            ));
         }
         if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_LIMIT).contains(&self.segment_bytes_max) {
             return bad(format!(
@@ -120,7 +127,9 @@ impl TopicConfig {
             return bad("index_interval_bytes must be at least 1".into());
         }
         if self.retention_ms == Some(0) || self.retention_bytes == Some(0) {
-            return bad("a retention of 0 would delete everything; leave it unset to keep forever".into());
+            return bad(
+                "a retention of 0 would delete everything; leave it unset to keep forever".into(),
+            );
         }
         Ok(())
     }
@@ -129,18 +138,27 @@ impl TopicConfig {
 /// Checks a topic name: 1 to 249 bytes of ASCII letters, digits, `.`, `_` and `-`, and neither
 /// `.` nor `..` (the names double as directory names).
 pub fn validate_topic_name(name: &str) -> Result<()> {
-    let invalid = |reason: String| Err(LogError::InvalidTopicName { name: name.to_owned(), reason });
+    let invalid = |reason: String| {
+        Err(LogError::InvalidTopicName {
+            name: name.to_owned(),
+            reason,
+        })
+    };
     if name.is_empty() {
         return invalid("a topic name cannot be empty".into());
     }
     if name.len() > TOPIC_NAME_BYTES_MAX {
-        return invalid(format!("{} bytes is over the limit of {TOPIC_NAME_BYTES_MAX}", name.len()));
+        return invalid(format!(
+            "{} bytes is over the limit of {TOPIC_NAME_BYTES_MAX}",
+            name.len()
+        ));
     }
     if name == "." || name == ".." {
         return invalid("`.` and `..` are reserved".into());
     }
-    if let Some((at, c)) =
-        name.char_indices().find(|(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    if let Some((at, c)) = name
+        .char_indices()
+        .find(|(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
         let shown = match c {
             '\0' => "NUL".to_owned(),
@@ -178,13 +196,20 @@ mod tests {
 
     #[test]
     fn fsync_policies_parse_and_print() {
-        assert_eq!("always".parse::<FsyncPolicy>().unwrap(), FsyncPolicy::Always);
+        assert_eq!(
+            "always".parse::<FsyncPolicy>().unwrap(),
+            FsyncPolicy::Always
+        );
         let p: FsyncPolicy = "250ms".parse().unwrap();
         assert_eq!(p, FsyncPolicy::Interval { interval_ms: 250 });
         assert_eq!(p.to_string(), "250ms");
         assert!("sometimes".parse::<FsyncPolicy>().is_err());
         assert!("0s".parse::<FsyncPolicy>().is_err());
-        let json = serde_json::to_string(&TopicConfig { fsync: p, ..TopicConfig::default() }).unwrap();
+        let json = serde_json::to_string(&TopicConfig {
+            fsync: p,
+            ..TopicConfig::default()
+        })
+        .unwrap();
         let back: TopicConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back.fsync, p);
     }

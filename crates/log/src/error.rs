@@ -23,7 +23,11 @@ pub enum LogError {
     TopicExists { name: String },
 
     #[error("topic `{topic}` has no partition {partition}; it has partitions 0..{partitions}")]
-    UnknownPartition { topic: String, partition: u32, partitions: u32 },
+    UnknownPartition {
+        topic: String,
+        partition: u32,
+        partitions: u32,
+    },
 
     #[error("invalid topic configuration: {reason}")]
     InvalidConfig { reason: String },
@@ -33,17 +37,30 @@ pub enum LogError {
          computed {actual_crc:#010x}; this data was durable, so it is not truncated",
         segment.display()
     )]
-    CorruptBatch { segment: PathBuf, position: u64, expected_crc: u32, actual_crc: u32 },
+    CorruptBatch {
+        segment: PathBuf,
+        position: u64,
+        expected_crc: u32,
+        actual_crc: u32,
+    },
 
     #[error("malformed batch in segment `{}` at byte {position}: {reason}", segment.display())]
-    MalformedBatch { segment: PathBuf, position: u64, reason: String },
+    MalformedBatch {
+        segment: PathBuf,
+        position: u64,
+        reason: String,
+    },
 
     #[error(
         "segment `{}` holds {file_bytes} bytes but {durable_position} bytes were durable; \
          durable data is missing",
         segment.display()
     )]
-    DurableDataMissing { segment: PathBuf, durable_position: u64, file_bytes: u64 },
+    DurableDataMissing {
+        segment: PathBuf,
+        durable_position: u64,
+        file_bytes: u64,
+    },
 
     #[error(
         "recovery checkpoint `{}` is unreadable (both slots fail their CRC); delete it to make \
@@ -77,14 +94,22 @@ pub enum LogError {
         "partition {topic}/{partition} stopped accepting appends after a storage error: \
          {reason}; restart to recover"
     )]
-    WriterFailed { topic: String, partition: u32, reason: String },
+    WriterFailed {
+        topic: String,
+        partition: u32,
+        reason: String,
+    },
 
     #[error("the log is closed")]
     Closed,
 }
 
 fn list_or_none(names: &[String]) -> String {
-    if names.is_empty() { "(none)".to_owned() } else { names.join(", ") }
+    if names.is_empty() {
+        "(none)".to_owned()
+    } else {
+        names.join(", ")
+    }
 }
 
 pub type Result<T, E = LogError> = std::result::Result<T, E>;
@@ -96,6 +121,10 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for io::Result<T> {
     fn io(self, action: &'static str, path: &std::path::Path) -> Result<T> {
-        self.map_err(|source| LogError::Io { action, path: path.to_path_buf(), source })
+        self.map_err(|source| LogError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        })
     }
 }

@@ -132,7 +132,10 @@ pub fn decode_index_header(
     file_bytes: u64,
 ) -> Result<IndexHeader, String> {
     if header.len() < INDEX_HEADER_BYTES {
-        return Err(format!("index file of {} bytes has no complete header", header.len()));
+        return Err(format!(
+            "index file of {} bytes has no complete header",
+            header.len()
+        ));
     }
     if &header[0..4] != kind.magic() {
         return Err("wrong magic".into());
@@ -143,14 +146,17 @@ pub fn decode_index_header(
     let stored = le_u32(&header[40..44]);
     let actual = crc32c::crc32c_append(crc32c::crc32c(&header[..40]), &header[44..48]);
     if stored != actual {
-        return Err(format!("header CRC {stored:#010x} does not match {actual:#010x}"));
+        return Err(format!(
+            "header CRC {stored:#010x} does not match {actual:#010x}"
+        ));
     }
     let entry_count = le_u64(&header[32..40]);
     let expected_bytes = (INDEX_HEADER_BYTES as u64)
-        .checked_add(entry_count.saturating_mul(kind.entry_bytes() as u64))
-        .unwrap_or(u64::MAX);
+        .saturating_add(entry_count.saturating_mul(kind.entry_bytes() as u64));
     if expected_bytes != file_bytes {
-        return Err(format!("{entry_count} entries need {expected_bytes} bytes, file has {file_bytes}"));
+        return Err(format!(
+            "{entry_count} entries need {expected_bytes} bytes, file has {file_bytes}"
+        ));
     }
     Ok(IndexHeader {
         coverage: IndexCoverage {
@@ -231,12 +237,20 @@ mod tests {
 
     fn sample() -> Vec<IndexEntry> {
         (0..10)
-            .map(|i| IndexEntry { relative_offset: i * 10, position: i * 5000, timestamp_ms: 100 + i as i64 })
+            .map(|i| IndexEntry {
+                relative_offset: i * 10,
+                position: i * 5000,
+                timestamp_ms: 100 + i as i64,
+            })
             .collect()
     }
 
     fn coverage() -> IndexCoverage {
-        IndexCoverage { covered_bytes: 60_000, next_offset: 1_100, max_timestamp_ms: 200 }
+        IndexCoverage {
+            covered_bytes: 60_000,
+            next_offset: 1_100,
+            max_timestamp_ms: 200,
+        }
     }
 
     #[test]
@@ -257,7 +271,10 @@ mod tests {
         for i in 0..o.len() {
             let mut bad = o.clone();
             bad[i] ^= 0x10;
-            assert!(decode_index_files(&bad, &t).is_err(), "offset index byte {i}");
+            assert!(
+                decode_index_files(&bad, &t).is_err(),
+                "offset index byte {i}"
+            );
         }
         for i in 0..t.len() {
             let mut bad = t.clone();

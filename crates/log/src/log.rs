@@ -85,7 +85,9 @@ impl Log {
     pub fn open_with(dir: impl AsRef<Path>, options: LogOptions) -> Result<Log> {
         let dir = dir.as_ref().to_path_buf();
         let storage = options.storage.clone();
-        storage.create_dir_all(&dir).io("create log directory", &dir)?;
+        storage
+            .create_dir_all(&dir)
+            .io("create log directory", &dir)?;
         let lock_path = dir.join(LOCK_FILE);
         let dir_lock = match storage.lock_exclusive(&lock_path) {
             Ok(lock) => lock,
@@ -113,16 +115,19 @@ impl Log {
                 Ok(bytes) => bytes,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     // Creation writes topic.json last; without it the topic never existed.
-                    storage.remove_dir_all(&topic_dir).io("remove incomplete topic", &topic_dir)?;
+                    storage
+                        .remove_dir_all(&topic_dir)
+                        .io("remove incomplete topic", &topic_dir)?;
                     tracing::info!(path = %topic_dir.display(), "removed incompletely created topic");
                     events.push(RecoveryEvent::RemovedLeftover { path: topic_dir });
                     continue;
                 }
                 Err(e) => return Err(e).io("read topic file", &topic_file),
             };
-            let file: TopicFile = serde_json::from_slice(&bytes).map_err(|e| LogError::InvalidConfig {
-                reason: format!("`{}`: {e}", topic_file.display()),
-            })?;
+            let file: TopicFile =
+                serde_json::from_slice(&bytes).map_err(|e| LogError::InvalidConfig {
+                    reason: format!("`{}`: {e}", topic_file.display()),
+                })?;
             if file.format_version != TOPIC_FORMAT_VERSION {
                 return Err(LogError::InvalidConfig {
                     reason: format!(
@@ -132,7 +137,13 @@ impl Log {
                     ),
                 });
             }
-            let topic = open_topic(&name, &topic_dir, file.config, &partition_options, &mut events)?;
+            let topic = open_topic(
+                &name,
+                &topic_dir,
+                file.config,
+                &partition_options,
+                &mut events,
+            )?;
             topics.insert(name, Arc::new(topic));
         }
         Ok(Log {
@@ -156,51 +167,79 @@ impl Log {
 
     fn topics_read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Topic>>> {
         // Only whole-map inserts happen under the write lock; the map is sound after a panic.
-        self.topics.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.topics
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Creates a topic with its partitions. The topic exists once its `topic.json` is durable.
     pub fn create_topic(&self, name: &str, config: TopicConfig) -> Result<Arc<Topic>> {
         validate_topic_name(name)?;
         config.validate()?;
-        let _guard = self.create_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _guard = self
+            .create_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.topics_read().contains_key(name) {
-            return Err(LogError::TopicExists { name: name.to_owned() });
+            return Err(LogError::TopicExists {
+                name: name.to_owned(),
+            });
         }
         let storage = self.options.storage.as_ref();
         let topic_dir = self.dir.join(name);
         if storage.is_dir(&topic_dir) {
-            storage.remove_dir_all(&topic_dir).io("remove leftover topic directory", &topic_dir)?;
+            storage
+                .remove_dir_all(&topic_dir)
+                .io("remove leftover topic directory", &topic_dir)?;
         }
-        storage.create_dir_all(&topic_dir).io("create topic directory", &topic_dir)?;
+        storage
+            .create_dir_all(&topic_dir)
+            .io("create topic directory", &topic_dir)?;
         for p in 0..config.partitions {
             Partition::create(storage, &topic_dir.join(p.to_string()))?;
         }
-        storage.sync_dir(&topic_dir).io("sync topic directory", &topic_dir)?;
+        storage
+            .sync_dir(&topic_dir)
+            .io("sync topic directory", &topic_dir)?;
         let file = TopicFile {
             format_version: TOPIC_FORMAT_VERSION,
             name: name.to_owned(),
             created_ms: self.options.clock.now_ms(),
             config: config.clone(),
         };
-        let bytes = serde_json::to_vec_pretty(&file).map_err(|e| LogError::InvalidConfig { reason: e.to_string() })?;
-        write_file_atomic(storage, &topic_dir.join(TOPIC_FILE), &bytes).io("write topic file", &topic_dir)?;
-        storage.sync_dir(&self.dir).io("sync log directory", &self.dir)?;
+        let bytes = serde_json::to_vec_pretty(&file).map_err(|e| LogError::InvalidConfig {
+            reason: e.to_string(),
+        })?;
+        write_file_atomic(storage, &topic_dir.join(TOPIC_FILE), &bytes)
+            .io("write topic file", &topic_dir)?;
+        storage
+            .sync_dir(&self.dir)
+            .io("sync log directory", &self.dir)?;
         let mut events = Vec::new();
         let options = PartitionOptions::from(&self.options);
         let topic = Arc::new(open_topic(name, &topic_dir, config, &options, &mut events)?);
-        self.topics.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.to_owned(), topic.clone());
-        tracing::info!(topic = name, partitions = topic.partition_count(), "created topic");
+        self.topics
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.to_owned(), topic.clone());
+        tracing::info!(
+            topic = name,
+            partitions = topic.partition_count(),
+            "created topic"
+        );
         Ok(topic)
     }
 
     /// The topic named `name`, or an error listing the topics there are.
     pub fn topic(&self, name: &str) -> Result<Arc<Topic>> {
         let topics = self.topics_read();
-        topics.get(name).cloned().ok_or_else(|| LogError::UnknownTopic {
-            name: name.to_owned(),
-            known: topics.keys().cloned().collect(),
-        })
+        topics
+            .get(name)
+            .cloned()
+            .ok_or_else(|| LogError::UnknownTopic {
+                name: name.to_owned(),
+                known: topics.keys().cloned().collect(),
+            })
     }
 
     /// Every topic, by name.
@@ -237,7 +276,16 @@ fn open_topic(
     events: &mut Vec<RecoveryEvent>,
 ) -> Result<Topic> {
     let partitions = (0..config.partitions)
-        .map(|p| Partition::open(name, p, dir.join(p.to_string()), config.clone(), options, events))
+        .map(|p| {
+            Partition::open(
+                name,
+                p,
+                dir.join(p.to_string()),
+                config.clone(),
+                options,
+                events,
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok(Topic::new(name.to_owned(), config, partitions))
 }

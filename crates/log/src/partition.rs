@@ -40,7 +40,7 @@ pub struct AppendAck {
 }
 
 /// A partition's positions; see the glossary in ARCHITECTURE.md.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PartitionOffsets {
     /// The first offset still kept (retention moves it forward).
     pub start_offset: u64,
@@ -53,7 +53,7 @@ pub struct PartitionOffsets {
 }
 
 /// A partition's size on disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PartitionStats {
     pub offsets: PartitionOffsets,
     pub segment_count: usize,
@@ -100,11 +100,15 @@ impl PartitionShared {
     pub(crate) fn state(&self) -> RwLockReadGuard<'_, PartitionState> {
         // A panic while holding this lock is a bug in this crate; the state it guards is only
         // ever replaced whole, so reading it after such a panic is still sound.
-        self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn state_mut(&self) -> std::sync::RwLockWriteGuard<'_, PartitionState> {
-        self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub(crate) fn segment_paths(&self, base_offset: u64) -> SegmentPaths {
@@ -113,10 +117,19 @@ impl PartitionShared {
 }
 
 enum Command {
-    Append { batches: Vec<PendingBatch>, reply: flume::Sender<Result<AppendAck>> },
-    Sync { reply: flume::Sender<Result<()>> },
-    Retention { reply: flume::Sender<Result<()>> },
-    Close { reply: flume::Sender<Result<()>> },
+    Append {
+        batches: Vec<PendingBatch>,
+        reply: flume::Sender<Result<AppendAck>>,
+    },
+    Sync {
+        reply: flume::Sender<Result<()>>,
+    },
+    Retention {
+        reply: flume::Sender<Result<()>>,
+    },
+    Close {
+        reply: flume::Sender<Result<()>>,
+    },
 }
 
 /// The pending acknowledgement of a submitted append.
@@ -155,7 +168,9 @@ impl Partition {
         options: &PartitionOptions,
         events: &mut Vec<RecoveryEvent>,
     ) -> Result<Partition> {
-        let rule = IndexRule { interval_bytes: config.index_interval_bytes };
+        let rule = IndexRule {
+            interval_bytes: config.index_interval_bytes,
+        };
         let recovered = recover(options.storage.as_ref(), &dir, rule, events)?;
         let active = *recovered.segments.last().ok_or(LogError::Closed)?;
         let end = active.next_offset;
@@ -187,7 +202,11 @@ impl Partition {
             .name(format!("kappa-log-{topic}-{id}"))
             .spawn(move || writer.run())
             .io("spawn writer thread", &shared.dir)?;
-        Ok(Partition { shared, tx, writer: Mutex::new(Some(handle)) })
+        Ok(Partition {
+            shared,
+            tx,
+            writer: Mutex::new(Some(handle)),
+        })
     }
 
     pub fn id(&self) -> u32 {
@@ -218,7 +237,10 @@ impl Partition {
         if batches.is_empty() {
             let _ = reply.send(Ok(self.empty_ack()));
         } else {
-            self.tx.send_async(Command::Append { batches, reply }).await.map_err(|_| self.stopped())?;
+            self.tx
+                .send_async(Command::Append { batches, reply })
+                .await
+                .map_err(|_| self.stopped())?;
         }
         Ok(AckReceiver(rx))
     }
@@ -230,7 +252,11 @@ impl Partition {
 
     fn empty_ack(&self) -> AppendAck {
         let state = self.shared.state();
-        AppendAck { base_offset: state.appended_offset, record_count: 0, timestamp_ms: 0 }
+        AppendAck {
+            base_offset: state.appended_offset,
+            record_count: 0,
+            timestamp_ms: 0,
+        }
     }
 
     fn send_blocking(&self, command: Command) -> Result<()> {
@@ -271,7 +297,11 @@ impl Partition {
             Err(LogError::Closed) => Ok(()),
             other => other,
         };
-        let handle = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let handle = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         if let Some(handle) = handle {
             let _ = handle.join();
         }
@@ -370,8 +400,11 @@ impl Writer {
     ) -> Result<Writer> {
         let storage = shared.storage.clone();
         let paths = shared.segment_paths(active.base_offset);
-        let file = storage.open(&paths.log, OpenMode::ReadWrite).io("open segment", &paths.log)?;
-        let mut checkpoint = CheckpointWriter::open(storage.as_ref(), &shared.dir, recovered.checkpoint_sequence)?;
+        let file = storage
+            .open(&paths.log, OpenMode::ReadWrite)
+            .io("open segment", &paths.log)?;
+        let mut checkpoint =
+            CheckpointWriter::open(storage.as_ref(), &shared.dir, recovered.checkpoint_sequence)?;
         let point = DurablePoint {
             segment_base_offset: active.base_offset,
             position: active.size_bytes,
@@ -506,11 +539,17 @@ impl Writer {
     }
 
     /// Adds an append's batches to the group commit being assembled.
-    fn stage(&mut self, batches: Vec<PendingBatch>, reply: flume::Sender<Result<AppendAck>>) -> Result<()> {
+    fn stage(
+        &mut self,
+        batches: Vec<PendingBatch>,
+        reply: flume::Sender<Result<AppendAck>>,
+    ) -> Result<()> {
         let timestamp_ms = self.clock.now_ms().max(self.last_timestamp_ms);
         let base_offset = self.next_offset;
-        let (segment_bytes_max, segment_ms_max) =
-            (self.shared.config.segment_bytes_max, self.shared.config.segment_ms_max as i64);
+        let (segment_bytes_max, segment_ms_max) = (
+            self.shared.config.segment_bytes_max,
+            self.shared.config.segment_ms_max as i64,
+        );
         for batch in &batches {
             let position = self.position + self.buf.len() as u64;
             let too_big = position + batch.len() as u64 > segment_bytes_max;
@@ -524,7 +563,11 @@ impl Writer {
             } else {
                 position
             };
-            if self.shared.rule.wants_entry(position, self.last_index_position) {
+            if self
+                .shared
+                .rule
+                .wants_entry(position, self.last_index_position)
+            {
                 let entry = IndexEntry {
                     relative_offset: u32::try_from(self.next_offset - self.base_offset)
                         .map_err(|_| self.segment_full())?,
@@ -540,14 +583,21 @@ impl Writer {
             self.segment_max_timestamp_ms = self.segment_max_timestamp_ms.max(timestamp_ms);
         }
         self.last_timestamp_ms = timestamp_ms;
-        let ack = AppendAck { base_offset, record_count: self.next_offset - base_offset, timestamp_ms };
+        let ack = AppendAck {
+            base_offset,
+            record_count: self.next_offset - base_offset,
+            timestamp_ms,
+        };
         self.acks.push((reply, ack));
         Ok(())
     }
 
     fn segment_full(&self) -> LogError {
         LogError::InvalidConfig {
-            reason: format!("segment `{}` cannot address more records", self.paths.log.display()),
+            reason: format!(
+                "segment `{}` cannot address more records",
+                self.paths.log.display()
+            ),
         }
     }
 
@@ -557,7 +607,9 @@ impl Writer {
         if self.buf.is_empty() {
             return Ok(());
         }
-        self.file.write_all_at(&self.buf, self.position).io("append to segment", &self.paths.log)?;
+        self.file
+            .write_all_at(&self.buf, self.position)
+            .io("append to segment", &self.paths.log)?;
         self.position += self.buf.len() as u64;
         self.written_offset = self.next_offset;
         if self.shared.config.fsync == FsyncPolicy::Always {
@@ -600,7 +652,8 @@ impl Writer {
     fn write_checkpoint(&mut self, force_sync: bool) -> Result<()> {
         let now = self.clock.now_ms();
         let sync = force_sync
-            || now.saturating_sub(self.last_checkpoint_sync_ms) >= CHECKPOINT_SYNC_INTERVAL_MS as i64;
+            || now.saturating_sub(self.last_checkpoint_sync_ms)
+                >= CHECKPOINT_SYNC_INTERVAL_MS as i64;
         let point = DurablePoint {
             segment_base_offset: self.base_offset,
             position: self.durable_position,
@@ -639,8 +692,12 @@ impl Writer {
         write_index(storage.as_ref(), &self.paths, &entries, coverage)?;
         let base = self.written_offset;
         let paths = self.shared.segment_paths(base);
-        let file = storage.open(&paths.log, OpenMode::CreateNew).io("create segment", &paths.log)?;
-        storage.sync_dir(&self.shared.dir).io("sync partition directory", &self.shared.dir)?;
+        let file = storage
+            .open(&paths.log, OpenMode::CreateNew)
+            .io("create segment", &paths.log)?;
+        storage
+            .sync_dir(&self.shared.dir)
+            .io("sync partition directory", &self.shared.dir)?;
         tracing::debug!(segment = %paths.log.display(), "rolled segment");
         self.file = file;
         self.paths = paths;
@@ -699,9 +756,12 @@ impl Writer {
                 .iter()
                 .take_while(|s| {
                     let too_old = config.retention_ms.is_some_and(|ms| {
-                        s.max_timestamp_ms != i64::MIN && now.saturating_sub(s.max_timestamp_ms) > ms as i64
+                        s.max_timestamp_ms != i64::MIN
+                            && now.saturating_sub(s.max_timestamp_ms) > ms as i64
                     });
-                    let too_big = config.retention_bytes.is_some_and(|max| total.saturating_sub(s.size_bytes) >= max);
+                    let too_big = config
+                        .retention_bytes
+                        .is_some_and(|max| total.saturating_sub(s.size_bytes) >= max);
                     if too_old || too_big {
                         total -= s.size_bytes;
                     }
@@ -751,7 +811,12 @@ impl Writer {
             next_offset: self.written_offset,
             max_timestamp_ms: self.segment_max_timestamp_ms,
         };
-        write_index(self.shared.storage.as_ref(), &self.paths, &entries, coverage)?;
+        write_index(
+            self.shared.storage.as_ref(),
+            &self.paths,
+            &entries,
+            coverage,
+        )?;
         self.write_checkpoint(true)
     }
 }

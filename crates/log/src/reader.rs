@@ -57,14 +57,24 @@ impl PartitionReader {
             StartAt::Offset(offset) => {
                 let state = shared.state();
                 if offset < state.start_offset() || offset > state.visible_offset {
-                    return Err(out_of_range(&shared, offset, state.start_offset(), state.visible_offset));
+                    return Err(out_of_range(
+                        &shared,
+                        offset,
+                        state.start_offset(),
+                        state.visible_offset,
+                    ));
                 }
                 offset
             }
             StartAt::Timestamp(ts) => offset_for_timestamp(&shared, ts)?,
         };
         let visible_rx = shared.visible_tx.subscribe();
-        Ok(PartitionReader { shared, visible_rx, next_offset, segment: None })
+        Ok(PartitionReader {
+            shared,
+            visible_rx,
+            next_offset,
+            segment: None,
+        })
     }
 
     pub fn topic(&self) -> &str {
@@ -88,18 +98,34 @@ impl PartitionReader {
                 let state = self.shared.state();
                 let start = state.start_offset();
                 if self.next_offset < start {
-                    return Err(out_of_range(&self.shared, self.next_offset, start, state.visible_offset));
+                    return Err(out_of_range(
+                        &self.shared,
+                        self.next_offset,
+                        start,
+                        state.visible_offset,
+                    ));
                 }
                 if self.next_offset >= state.visible_offset {
                     return Ok(None);
                 }
                 match &self.segment {
                     None => None,
-                    Some(open) => match state.segments.iter().position(|s| s.base_offset == open.base_offset) {
-                        Some(i) if i + 1 == state.segments.len() => Some((state.visible_position, true)),
+                    Some(open) => match state
+                        .segments
+                        .iter()
+                        .position(|s| s.base_offset == open.base_offset)
+                    {
+                        Some(i) if i + 1 == state.segments.len() => {
+                            Some((state.visible_position, true))
+                        }
                         Some(i) => Some((state.segments[i].size_bytes, false)),
                         None => {
-                            return Err(out_of_range(&self.shared, self.next_offset, start, state.visible_offset));
+                            return Err(out_of_range(
+                                &self.shared,
+                                self.next_offset,
+                                start,
+                                state.visible_offset,
+                            ));
                         }
                     },
                 }
@@ -108,7 +134,9 @@ impl PartitionReader {
                 self.open_segment()?;
                 continue;
             };
-            let Some(open) = self.segment.as_mut() else { continue };
+            let Some(open) = self.segment.as_mut() else {
+                continue;
+            };
             if open.position >= limit {
                 if active {
                     return Ok(None);
@@ -139,9 +167,16 @@ impl PartitionReader {
     fn open_segment(&mut self) -> Result<()> {
         let (base_offset, active_entry, active) = {
             let state = self.shared.state();
-            let i = state.segments.partition_point(|s| s.base_offset <= self.next_offset);
+            let i = state
+                .segments
+                .partition_point(|s| s.base_offset <= self.next_offset);
             let Some(i) = i.checked_sub(1) else {
-                return Err(out_of_range(&self.shared, self.next_offset, state.start_offset(), state.visible_offset));
+                return Err(out_of_range(
+                    &self.shared,
+                    self.next_offset,
+                    state.start_offset(),
+                    state.visible_offset,
+                ));
             };
             let base = state.segments[i].base_offset;
             let active = i + 1 == state.segments.len();
@@ -155,14 +190,22 @@ impl PartitionReader {
         let entry = if active {
             active_entry
         } else {
-            index::lookup_offset(&sealed_index(&self.shared, base_offset), self.next_offset - base_offset)
+            index::lookup_offset(
+                &sealed_index(&self.shared, base_offset),
+                self.next_offset - base_offset,
+            )
         };
         let path: Arc<Path> = self.shared.segment_paths(base_offset).log.into();
         let file = match self.shared.storage.open(&path, OpenMode::Read) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let state = self.shared.state();
-                return Err(out_of_range(&self.shared, self.next_offset, state.start_offset(), state.visible_offset));
+                return Err(out_of_range(
+                    &self.shared,
+                    self.next_offset,
+                    state.start_offset(),
+                    state.visible_offset,
+                ));
             }
             Err(e) => return Err(e).io("open segment", &path),
         };
@@ -187,12 +230,20 @@ impl PartitionReader {
             if self.shared.state().closed {
                 return Err(LogError::Closed);
             }
-            self.visible_rx.changed().await.map_err(|_| LogError::Closed)?;
+            self.visible_rx
+                .changed()
+                .await
+                .map_err(|_| LogError::Closed)?;
         }
     }
 }
 
-fn out_of_range(shared: &PartitionShared, requested: u64, start_offset: u64, visible_offset: u64) -> LogError {
+fn out_of_range(
+    shared: &PartitionShared,
+    requested: u64,
+    start_offset: u64,
+    visible_offset: u64,
+) -> LogError {
     LogError::OffsetOutOfRange {
         topic: shared.topic.clone(),
         partition: shared.id,
@@ -230,11 +281,19 @@ enum ChunkRead {
     BadIndex,
 }
 
-fn read_chunk(open: &mut OpenSegment, limit: u64, max_bytes: usize, next_offset: u64) -> Result<ChunkRead> {
+fn read_chunk(
+    open: &mut OpenSegment,
+    limit: u64,
+    max_bytes: usize,
+    next_offset: u64,
+) -> Result<ChunkRead> {
     let start = open.position;
     let want = (max_bytes.max(BATCH_HEADER_BYTES) as u64).min(limit - start) as usize;
     let mut buf = vec![0u8; want];
-    let n = open.file.read_full_at(&mut buf, start).io("read segment", &open.path)?;
+    let n = open
+        .file
+        .read_full_at(&mut buf, start)
+        .io("read segment", &open.path)?;
     if n < want {
         return Err(LogError::MalformedBatch {
             segment: open.path.to_path_buf(),
@@ -262,10 +321,13 @@ fn read_chunk(open: &mut OpenSegment, limit: u64, max_bytes: usize, next_offset:
                 });
             }
             buf.resize(len, 0);
-            open.file.read_exact_at(&mut buf, start).io("read segment", &open.path)?;
+            open.file
+                .read_exact_at(&mut buf, start)
+                .io("read segment", &open.path)?;
             continue;
         }
-        let header = batch::decode_batch(&buf[at..at + len]).map_err(|e| e.at(&open.path, position))?;
+        let header =
+            batch::decode_batch(&buf[at..at + len]).map_err(|e| e.at(&open.path, position))?;
         match expected_base {
             None if header.base_offset > next_offset => {
                 if open.positioned_by_index {
@@ -323,12 +385,16 @@ pub struct RecordChunk {
 impl RecordChunk {
     /// The offset of the first record the chunk yields.
     pub fn first_offset(&self) -> u64 {
-        self.batches.first().map_or(self.skip_below, |(_, h)| h.base_offset.max(self.skip_below))
+        self.batches
+            .first()
+            .map_or(self.skip_below, |(_, h)| h.base_offset.max(self.skip_below))
     }
 
     /// The offset after the chunk's last record.
     pub fn next_offset(&self) -> u64 {
-        self.batches.last().map_or(self.skip_below, |(_, h)| h.next_offset())
+        self.batches
+            .last()
+            .map_or(self.skip_below, |(_, h)| h.next_offset())
     }
 
     pub fn record_count(&self) -> u64 {
@@ -357,13 +423,25 @@ impl RecordChunk {
 pub(crate) fn offset_for_timestamp(shared: &PartitionShared, timestamp_ms: i64) -> Result<u64> {
     let (segment, limit, active_entry, active, visible) = {
         let state = shared.state();
-        let Some(i) = state.segments.iter().position(|s| s.max_timestamp_ms >= timestamp_ms) else {
+        let Some(i) = state
+            .segments
+            .iter()
+            .position(|s| s.max_timestamp_ms >= timestamp_ms)
+        else {
             return Ok(state.visible_offset);
         };
         let segment = state.segments[i];
         let active = i + 1 == state.segments.len();
-        let limit = if active { state.visible_position } else { segment.size_bytes };
-        let entry = if active { index::lookup_timestamp(&state.active_index, timestamp_ms) } else { None };
+        let limit = if active {
+            state.visible_position
+        } else {
+            segment.size_bytes
+        };
+        let entry = if active {
+            index::lookup_timestamp(&state.active_index, timestamp_ms)
+        } else {
+            None
+        };
         (segment, limit, entry, active, state.visible_offset)
     };
     let entry = if active {
@@ -372,17 +450,25 @@ pub(crate) fn offset_for_timestamp(shared: &PartitionShared, timestamp_ms: i64) 
         index::lookup_timestamp(&sealed_index(shared, segment.base_offset), timestamp_ms)
     };
     let path: PathBuf = shared.segment_paths(segment.base_offset).log;
-    let file = shared.storage.open(&path, OpenMode::Read).io("open segment", &path)?;
+    let file = shared
+        .storage
+        .open(&path, OpenMode::Read)
+        .io("open segment", &path)?;
     let mut window = ReadWindow::new(shared.read_chunk_bytes);
     let mut position = entry.map_or(0, |e| u64::from(e.position));
     while position < limit {
-        let Some(head) = window.get(file.as_ref(), position, BATCH_HEADER_BYTES, limit).io("read segment", &path)?
+        let Some(head) = window
+            .get(file.as_ref(), position, BATCH_HEADER_BYTES, limit)
+            .io("read segment", &path)?
         else {
             break;
         };
         let header = batch::parse_header(head).map_err(|e| e.at(&path, position))?;
         let len = header.length as usize;
-        let Some(bytes) = window.get(file.as_ref(), position, len, limit).io("read segment", &path)? else {
+        let Some(bytes) = window
+            .get(file.as_ref(), position, len, limit)
+            .io("read segment", &path)?
+        else {
             break;
         };
         let header = batch::decode_batch(bytes).map_err(|e| e.at(&path, position))?;

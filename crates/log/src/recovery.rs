@@ -21,7 +21,12 @@ use crate::{LogError, Result};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RecoveryEvent {
     /// Bytes past the durable point that did not form a valid batch were cut off.
-    TruncatedTornTail { segment: PathBuf, position: u64, bytes_removed: u64, reason: String },
+    TruncatedTornTail {
+        segment: PathBuf,
+        position: u64,
+        bytes_removed: u64,
+        reason: String,
+    },
     /// A segment created after the durable point held nothing that could be kept.
     RemovedSegment { segment: PathBuf, reason: String },
     /// An index was missing or unusable and was rebuilt from its segment.
@@ -54,11 +59,22 @@ pub(crate) struct Recovered {
 
 /// Creates the files of a new, empty partition.
 pub(crate) fn create_partition(storage: &dyn Storage, dir: &Path) -> Result<()> {
-    storage.create_dir_all(dir).io("create partition directory", dir)?;
+    storage
+        .create_dir_all(dir)
+        .io("create partition directory", dir)?;
     let paths = segment_paths(dir, 0);
-    storage.open(&paths.log, OpenMode::CreateNew).io("create segment", &paths.log)?;
+    storage
+        .open(&paths.log, OpenMode::CreateNew)
+        .io("create segment", &paths.log)?;
     let mut ckpt = checkpoint::CheckpointWriter::open(storage, dir, 0)?;
-    ckpt.write(DurablePoint { segment_base_offset: 0, position: 0, next_offset: 0 }, true)?;
+    ckpt.write(
+        DurablePoint {
+            segment_base_offset: 0,
+            position: 0,
+            next_offset: 0,
+        },
+        true,
+    )?;
     storage.sync_dir(dir).io("sync partition directory", dir)?;
     Ok(())
 }
@@ -97,14 +113,23 @@ pub(crate) fn recover(
             let first = bases.first().copied().unwrap_or(0);
             if !bases.is_empty() {
                 tracing::warn!(partition = %dir.display(), "no recovery checkpoint; validating every segment");
-                events.push(RecoveryEvent::NoCheckpoint { partition: dir.to_path_buf() });
+                events.push(RecoveryEvent::NoCheckpoint {
+                    partition: dir.to_path_buf(),
+                });
             }
-            DurablePoint { segment_base_offset: first, position: 0, next_offset: first }
+            DurablePoint {
+                segment_base_offset: first,
+                position: 0,
+                next_offset: first,
+            }
         }
     };
     if bases.binary_search(&durable.segment_base_offset).is_err() {
         let paths = segment_paths(dir, durable.segment_base_offset);
-        let empty_partition = durable.position == 0 && bases.last().is_none_or(|b| *b < durable.segment_base_offset);
+        let empty_partition = durable.position == 0
+            && bases
+                .last()
+                .is_none_or(|b| *b < durable.segment_base_offset);
         if !empty_partition {
             return Err(LogError::DurableDataMissing {
                 segment: paths.log,
@@ -113,7 +138,9 @@ pub(crate) fn recover(
             });
         }
         // A roll or a creation was interrupted before the new segment's file was durable.
-        storage.open(&paths.log, OpenMode::CreateNew).io("create segment", &paths.log)?;
+        storage
+            .open(&paths.log, OpenMode::CreateNew)
+            .io("create segment", &paths.log)?;
         storage.sync_dir(dir).io("sync partition directory", dir)?;
         bases.push(durable.segment_base_offset);
     }
@@ -139,11 +166,21 @@ pub(crate) fn recover(
         }
         if truncated || base != expected_base {
             // Past the durable point and not continuing the log: nothing here was acknowledged.
-            remove_segment(storage, &paths, events, "it follows a torn tail or an offset gap")?;
+            remove_segment(
+                storage,
+                &paths,
+                events,
+                "it follows a torn tail or an offset gap",
+            )?;
             continue;
         }
-        let durable_position = if base == durable.segment_base_offset { durable.position } else { 0 };
-        let (info, entries, torn) = open_tail(storage, &paths, base, durable_position, rule, events)?;
+        let durable_position = if base == durable.segment_base_offset {
+            durable.position
+        } else {
+            0
+        };
+        let (info, entries, torn) =
+            open_tail(storage, &paths, base, durable_position, rule, events)?;
         if let (Some(prev_entries), Some(prev)) = (tail_entries.take(), segments.last()) {
             // The previous segment is sealed now that a later one continues it.
             seal_index(storage, dir, *prev, &prev_entries)?;
@@ -153,13 +190,22 @@ pub(crate) fn recover(
         segments.push(info);
     }
     let active_index = tail_entries.unwrap_or_default();
-    let active = segments.last().copied().ok_or_else(|| LogError::MalformedBatch {
-        segment: dir.to_path_buf(),
-        position: 0,
-        reason: "partition has no segments".into(),
-    })?;
-    let active_first_timestamp_ms = first_timestamp(storage, &segment_paths(dir, active.base_offset), active)?;
-    Ok(Recovered { segments, active_index, active_first_timestamp_ms, checkpoint_sequence })
+    let active = segments
+        .last()
+        .copied()
+        .ok_or_else(|| LogError::MalformedBatch {
+            segment: dir.to_path_buf(),
+            position: 0,
+            reason: "partition has no segments".into(),
+        })?;
+    let active_first_timestamp_ms =
+        first_timestamp(storage, &segment_paths(dir, active.base_offset), active)?;
+    Ok(Recovered {
+        segments,
+        active_index,
+        active_first_timestamp_ms,
+        checkpoint_sequence,
+    })
 }
 
 fn offset_gap(paths: &SegmentPaths, expected: u64, found: u64) -> LogError {
@@ -170,10 +216,16 @@ fn offset_gap(paths: &SegmentPaths, expected: u64, found: u64) -> LogError {
     }
 }
 
-fn remove_leftover(storage: &dyn Storage, path: &Path, events: &mut Vec<RecoveryEvent>) -> Result<()> {
+fn remove_leftover(
+    storage: &dyn Storage,
+    path: &Path,
+    events: &mut Vec<RecoveryEvent>,
+) -> Result<()> {
     storage.remove_file(path).io("remove leftover file", path)?;
     tracing::info!(path = %path.display(), "removed leftover file");
-    events.push(RecoveryEvent::RemovedLeftover { path: path.to_path_buf() });
+    events.push(RecoveryEvent::RemovedLeftover {
+        path: path.to_path_buf(),
+    });
     Ok(())
 }
 
@@ -191,7 +243,10 @@ fn remove_segment(
         }
     }
     tracing::warn!(segment = %paths.log.display(), reason, "removed segment past the durable point");
-    events.push(RecoveryEvent::RemovedSegment { segment: paths.log.clone(), reason: reason.into() });
+    events.push(RecoveryEvent::RemovedSegment {
+        segment: paths.log.clone(),
+        reason: reason.into(),
+    });
     Ok(())
 }
 
@@ -204,7 +259,9 @@ fn open_sealed(
     rule: IndexRule,
     events: &mut Vec<RecoveryEvent>,
 ) -> Result<SegmentInfo> {
-    let file = storage.open(&paths.log, OpenMode::Read).io("open segment", &paths.log)?;
+    let file = storage
+        .open(&paths.log, OpenMode::Read)
+        .io("open segment", &paths.log)?;
     let file_len = file.len().io("stat segment", &paths.log)?;
     let problem = match load_index_header(storage, paths)? {
         Ok(c) if c.covered_bytes == file_len && c.next_offset >= base => {
@@ -233,7 +290,10 @@ fn open_sealed(
     };
     write_index(storage, paths, &entries, coverage)?;
     tracing::warn!(segment = %paths.log.display(), reason = %problem, "rebuilt index");
-    events.push(RecoveryEvent::RebuiltIndex { segment: paths.log.clone(), reason: problem });
+    events.push(RecoveryEvent::RebuiltIndex {
+        segment: paths.log.clone(),
+        reason: problem,
+    });
     Ok(SegmentInfo {
         base_offset: base,
         next_offset: outcome.next_offset,
@@ -252,7 +312,9 @@ fn open_tail(
     rule: IndexRule,
     events: &mut Vec<RecoveryEvent>,
 ) -> Result<(SegmentInfo, Vec<IndexEntry>, bool)> {
-    let file = storage.open(&paths.log, OpenMode::ReadWrite).io("open segment", &paths.log)?;
+    let file = storage
+        .open(&paths.log, OpenMode::ReadWrite)
+        .io("open segment", &paths.log)?;
     let file_len = file.len().io("stat segment", &paths.log)?;
     let mut start = ScanStart {
         position: 0,
@@ -262,7 +324,9 @@ fn open_tail(
     };
     let mut entries = Vec::new();
     match load_index(storage, paths)? {
-        Ok(Some((c, loaded))) if c.covered_bytes <= durable_position && c.covered_bytes <= file_len => {
+        Ok(Some((c, loaded)))
+            if c.covered_bytes <= durable_position && c.covered_bytes <= file_len =>
+        {
             start.position = c.covered_bytes;
             start.next_offset = c.next_offset;
             start.max_timestamp_ms = c.max_timestamp_ms;
@@ -270,18 +334,28 @@ fn open_tail(
         }
         Ok(None) => {}
         Ok(Some((c, _))) => {
-            let reason = format!("index covers {} bytes, past the durable point {durable_position}", c.covered_bytes);
-            events.push(RecoveryEvent::RebuiltIndex { segment: paths.log.clone(), reason });
+            let reason = format!(
+                "index covers {} bytes, past the durable point {durable_position}",
+                c.covered_bytes
+            );
+            events.push(RecoveryEvent::RebuiltIndex {
+                segment: paths.log.clone(),
+                reason,
+            });
         }
         Err(reason) => {
             tracing::warn!(segment = %paths.log.display(), %reason, "rebuilding unusable index");
-            events.push(RecoveryEvent::RebuiltIndex { segment: paths.log.clone(), reason });
+            events.push(RecoveryEvent::RebuiltIndex {
+                segment: paths.log.clone(),
+                reason,
+            });
         }
     }
     let outcome = scan_segment(file.as_ref(), &paths.log, start, rule, &mut entries, base)?;
     let torn = outcome.torn.is_some();
     if let Some((position, reason)) = outcome.torn {
-        file.set_len(position).io("truncate torn tail", &paths.log)?;
+        file.set_len(position)
+            .io("truncate torn tail", &paths.log)?;
         file.sync_data().io("sync truncated segment", &paths.log)?;
         let bytes_removed = file_len - position;
         tracing::warn!(
@@ -307,22 +381,39 @@ fn open_tail(
     Ok((info, entries, torn))
 }
 
-fn seal_index(storage: &dyn Storage, dir: &Path, info: SegmentInfo, entries: &[IndexEntry]) -> Result<()> {
+fn seal_index(
+    storage: &dyn Storage,
+    dir: &Path,
+    info: SegmentInfo,
+    entries: &[IndexEntry],
+) -> Result<()> {
     let coverage = IndexCoverage {
         covered_bytes: info.size_bytes,
         next_offset: info.next_offset,
         max_timestamp_ms: info.max_timestamp_ms,
     };
-    write_index(storage, &segment_paths(dir, info.base_offset), entries, coverage)
+    write_index(
+        storage,
+        &segment_paths(dir, info.base_offset),
+        entries,
+        coverage,
+    )
 }
 
-fn first_timestamp(storage: &dyn Storage, paths: &SegmentPaths, info: SegmentInfo) -> Result<Option<i64>> {
+fn first_timestamp(
+    storage: &dyn Storage,
+    paths: &SegmentPaths,
+    info: SegmentInfo,
+) -> Result<Option<i64>> {
     if info.size_bytes == 0 {
         return Ok(None);
     }
-    let file = storage.open(&paths.log, OpenMode::Read).io("open segment", &paths.log)?;
+    let file = storage
+        .open(&paths.log, OpenMode::Read)
+        .io("open segment", &paths.log)?;
     let mut head = [0u8; crate::batch::BATCH_HEADER_BYTES];
-    file.read_exact_at(&mut head, 0).io("read segment", &paths.log)?;
+    file.read_exact_at(&mut head, 0)
+        .io("read segment", &paths.log)?;
     let header = crate::batch::parse_header(&head).map_err(|e| e.at(&paths.log, 0))?;
     Ok(Some(header.first_timestamp_ms))
 }

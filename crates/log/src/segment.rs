@@ -19,7 +19,10 @@ impl std::fmt::Display for BatchError {
                 write!(f, "incomplete batch ({available} of {needed} bytes)")
             }
             BatchError::Crc { expected, actual } => {
-                write!(f, "CRC32C mismatch (stored {expected:#010x}, computed {actual:#010x})")
+                write!(
+                    f,
+                    "CRC32C mismatch (stored {expected:#010x}, computed {actual:#010x})"
+                )
             }
             BatchError::Malformed(reason) => f.write_str(reason),
         }
@@ -59,11 +62,15 @@ pub(crate) fn classify(name: &str) -> PartitionFile {
     if name.ends_with(".tmp") {
         return PartitionFile::Temporary;
     }
-    let Some((stem, ext)) = name.split_once('.') else { return PartitionFile::Unknown };
+    let Some((stem, ext)) = name.split_once('.') else {
+        return PartitionFile::Unknown;
+    };
     if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
         return PartitionFile::Unknown;
     }
-    let Ok(base) = stem.parse::<u64>() else { return PartitionFile::Unknown };
+    let Ok(base) = stem.parse::<u64>() else {
+        return PartitionFile::Unknown;
+    };
     match ext {
         "log" => PartitionFile::Segment(base),
         "index" | "timeindex" => PartitionFile::Index(base),
@@ -81,7 +88,11 @@ pub(crate) struct ReadWindow {
 
 impl ReadWindow {
     pub(crate) fn new(chunk_bytes: usize) -> Self {
-        ReadWindow { buf: Vec::new(), start: 0, chunk_bytes }
+        ReadWindow {
+            buf: Vec::new(),
+            start: 0,
+            chunk_bytes,
+        }
     }
 
     /// The bytes `[position, position + len)` of a file `file_len` long, or `None` when the file
@@ -189,7 +200,12 @@ pub(crate) fn scan_segment(
         next_offset = header.next_offset();
         position = end;
     }
-    Ok(ScanOutcome { end_position: position, next_offset, max_timestamp_ms, torn })
+    Ok(ScanOutcome {
+        end_position: position,
+        next_offset,
+        max_timestamp_ms,
+        torn,
+    })
 }
 
 fn too_many_records(path: &Path, position: u64) -> LogError {
@@ -215,15 +231,24 @@ fn check_batch_at(
         .get(file, position, BATCH_HEADER_BYTES.min(available), file_len)
         .io("read segment", path)?
     else {
-        return Ok(Err(BatchError::Truncated { needed: BATCH_HEADER_BYTES, available }));
+        return Ok(Err(BatchError::Truncated {
+            needed: BATCH_HEADER_BYTES,
+            available,
+        }));
     };
     let header = match batch::parse_header(head) {
         Ok(h) => h,
         Err(e) => return Ok(Err(e)),
     };
     let len = header.length as usize;
-    let Some(bytes) = window.get(file, position, len, file_len).io("read segment", path)? else {
-        return Ok(Err(BatchError::Truncated { needed: len, available }));
+    let Some(bytes) = window
+        .get(file, position, len, file_len)
+        .io("read segment", path)?
+    else {
+        return Ok(Err(BatchError::Truncated {
+            needed: len,
+            available,
+        }));
     };
     let header = match batch::decode_batch(bytes).and_then(|h| {
         batch::validate_records(bytes, &h)?;
@@ -241,18 +266,22 @@ fn check_batch_at(
     Ok(Ok(header))
 }
 
+/// An index read from disk: what it covers and its entries.
+pub(crate) type LoadedIndex = (IndexCoverage, Vec<IndexEntry>);
+
 /// Reads a segment's two index files. `Ok(None)` when either is missing; `Err(reason)` when
 /// they exist but cannot be used.
 pub(crate) fn load_index(
     storage: &dyn Storage,
     paths: &SegmentPaths,
-) -> Result<std::result::Result<Option<(IndexCoverage, Vec<IndexEntry>)>, String>> {
+) -> Result<std::result::Result<Option<LoadedIndex>, String>> {
     let read = |p: &Path| match read_file(storage, p) {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).io("read index", p),
     };
-    let (Some(offsets), Some(times)) = (read(&paths.offset_index)?, read(&paths.time_index)?) else {
+    let (Some(offsets), Some(times)) = (read(&paths.offset_index)?, read(&paths.time_index)?)
+    else {
         return Ok(Ok(None));
     };
     Ok(index::decode_index_files(&offsets, &times).map(Some))
@@ -265,7 +294,10 @@ pub(crate) fn load_index_header(
     paths: &SegmentPaths,
 ) -> Result<std::result::Result<IndexCoverage, String>> {
     let mut coverage = None;
-    for (kind, path) in [(IndexKind::Offset, &paths.offset_index), (IndexKind::Time, &paths.time_index)] {
+    for (kind, path) in [
+        (IndexKind::Offset, &paths.offset_index),
+        (IndexKind::Time, &paths.time_index),
+    ] {
         let file = match storage.open(path, OpenMode::Read) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Err("missing".into())),
@@ -290,13 +322,18 @@ pub(crate) fn write_index(
     entries: &[IndexEntry],
     coverage: IndexCoverage,
 ) -> Result<()> {
-    for (kind, path) in [(IndexKind::Offset, &paths.offset_index), (IndexKind::Time, &paths.time_index)] {
+    for (kind, path) in [
+        (IndexKind::Offset, &paths.offset_index),
+        (IndexKind::Time, &paths.time_index),
+    ] {
         let bytes = encode_index(kind, entries, coverage);
         let tmp = path.with_extension(match kind {
             IndexKind::Offset => "index.tmp",
             IndexKind::Time => "timeindex.tmp",
         });
-        let file = storage.open(&tmp, OpenMode::CreateTruncate).io("create index", &tmp)?;
+        let file = storage
+            .open(&tmp, OpenMode::CreateTruncate)
+            .io("create index", &tmp)?;
         file.write_all_at(&bytes, 0).io("write index", &tmp)?;
         file.sync_data().io("sync index", &tmp)?;
         storage.rename(&tmp, path).io("rename index", path)?;
@@ -312,7 +349,9 @@ pub fn rebuild_index_files(
     base_offset: u64,
     index_interval_bytes: u32,
 ) -> Result<(Vec<u8>, Vec<u8>)> {
-    let file = storage.open(segment, OpenMode::Read).io("open segment", segment)?;
+    let file = storage
+        .open(segment, OpenMode::Read)
+        .io("open segment", segment)?;
     let file_len = file.len().io("stat segment", segment)?;
     let start = ScanStart {
         position: 0,
@@ -321,8 +360,17 @@ pub fn rebuild_index_files(
         durable_position: file_len,
     };
     let mut entries = Vec::new();
-    let rule = IndexRule { interval_bytes: index_interval_bytes };
-    let outcome = scan_segment(file.as_ref(), segment, start, rule, &mut entries, base_offset)?;
+    let rule = IndexRule {
+        interval_bytes: index_interval_bytes,
+    };
+    let outcome = scan_segment(
+        file.as_ref(),
+        segment,
+        start,
+        rule,
+        &mut entries,
+        base_offset,
+    )?;
     let coverage = IndexCoverage {
         covered_bytes: outcome.end_position,
         next_offset: outcome.next_offset,
@@ -340,11 +388,23 @@ mod tests {
 
     #[test]
     fn file_names_classify() {
-        assert_eq!(classify("00000000000000000042.log"), PartitionFile::Segment(42));
-        assert_eq!(classify("00000000000000000042.timeindex"), PartitionFile::Index(42));
-        assert_eq!(classify("00000000000000000042.index.tmp"), PartitionFile::Temporary);
+        assert_eq!(
+            classify("00000000000000000042.log"),
+            PartitionFile::Segment(42)
+        );
+        assert_eq!(
+            classify("00000000000000000042.timeindex"),
+            PartitionFile::Index(42)
+        );
+        assert_eq!(
+            classify("00000000000000000042.index.tmp"),
+            PartitionFile::Temporary
+        );
         assert_eq!(classify("recovery-checkpoint"), PartitionFile::Checkpoint);
         assert_eq!(classify("42.log"), PartitionFile::Unknown);
-        assert_eq!(segment_paths(Path::new("p"), 7).log, Path::new("p/00000000000000000007.log"));
+        assert_eq!(
+            segment_paths(Path::new("p"), 7).log,
+            Path::new("p/00000000000000000007.log")
+        );
     }
 }

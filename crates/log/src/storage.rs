@@ -39,6 +39,10 @@ pub trait Storage: Send + Sync + Debug {
 }
 
 /// One open file.
+#[allow(
+    clippy::len_without_is_empty,
+    reason = "a file's length is a size, not a collection's"
+)]
 pub trait StorageFile: Send + Sync + Debug {
     /// Reads at `offset`; fewer bytes than asked only at the end of the file.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
@@ -54,7 +58,10 @@ pub trait StorageFile: Send + Sync + Debug {
         while done < buf.len() {
             let n = self.read_at(&mut buf[done..], offset + done as u64)?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file ends early"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file ends early",
+                ));
             }
             done += n;
         }
@@ -131,12 +138,17 @@ impl Storage for OsStorage {
     }
 
     fn lock_exclusive(&self, path: &Path) -> io::Result<Box<dyn Send + Sync + Debug>> {
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
         match file.try_lock() {
             Ok(()) => Ok(Box::new(file)),
-            Err(std::fs::TryLockError::WouldBlock) => {
-                Err(io::Error::new(io::ErrorKind::WouldBlock, "locked by another process"))
-            }
+            Err(std::fs::TryLockError::WouldBlock) => Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "locked by another process",
+            )),
             Err(std::fs::TryLockError::Error(e)) => Err(e),
         }
     }
@@ -169,7 +181,11 @@ impl StorageFile for OsFile {
 
 /// Writes a small file so that it is either the old or the new content after a crash:
 /// write a temporary file, fsync it, rename it over the target, fsync the directory.
-pub(crate) fn write_file_atomic(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_file_atomic(
+    storage: &dyn Storage,
+    path: &Path,
+    bytes: &[u8],
+) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     let file = storage.open(&tmp, OpenMode::CreateTruncate)?;
     file.write_all_at(bytes, 0)?;

@@ -26,7 +26,12 @@ pub struct Topic {
 
 impl Topic {
     pub(crate) fn new(name: String, config: TopicConfig, partitions: Vec<Partition>) -> Topic {
-        Topic { name, config, partitions, next_round_robin: AtomicU32::new(0) }
+        Topic {
+            name,
+            config,
+            partitions,
+            next_round_robin: AtomicU32::new(0),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -46,11 +51,13 @@ impl Topic {
     }
 
     pub fn partition(&self, partition: u32) -> Result<&Partition> {
-        self.partitions.get(partition as usize).ok_or_else(|| LogError::UnknownPartition {
-            topic: self.name.clone(),
-            partition,
-            partitions: self.partition_count(),
-        })
+        self.partitions
+            .get(partition as usize)
+            .ok_or_else(|| LogError::UnknownPartition {
+                topic: self.name.clone(),
+                partition,
+                partitions: self.partition_count(),
+            })
     }
 
     /// The partition for a record: by key hash (Kafka's murmur2, so keys land in the same
@@ -83,11 +90,17 @@ impl Topic {
         }
         let mut bases = vec![0u64; self.partitions.len()];
         for (partition, reply) in pending {
-            bases[partition] = self.partitions[partition].acknowledged(reply).await?.base_offset;
+            bases[partition] = self.partitions[partition]
+                .acknowledged(reply)
+                .await?
+                .base_offset;
         }
         Ok(slots
             .into_iter()
-            .map(|(partition, i)| RecordPosition { partition, offset: bases[partition as usize] + i as u64 })
+            .map(|(partition, i)| RecordPosition {
+                partition,
+                offset: bases[partition as usize] + i as u64,
+            })
             .collect())
     }
 
@@ -102,12 +115,17 @@ impl Topic {
         let mut bases = vec![0u64; self.partitions.len()];
         for (partition, group) in groups.iter().enumerate() {
             if !group.is_empty() {
-                bases[partition] = self.partitions[partition].append_blocking(group)?.base_offset;
+                bases[partition] = self.partitions[partition]
+                    .append_blocking(group)?
+                    .base_offset;
             }
         }
         Ok(slots
             .into_iter()
-            .map(|(partition, i)| RecordPosition { partition, offset: bases[partition as usize] + i as u64 })
+            .map(|(partition, i)| RecordPosition {
+                partition,
+                offset: bases[partition as usize] + i as u64,
+            })
             .collect())
     }
 
@@ -188,7 +206,10 @@ mod tests {
             ("foobar", -790332482),
             ("a-little-bit-long-string", -985981536),
             ("a-little-bit-longer-string", -1486304829),
-            ("lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58897971,
+            ),
             ("abc", 479470107),
         ];
         for (input, expected) in cases {

@@ -1,63 +1,6 @@
-//! Seeded generators of realistic records.
+//! Records that say who they are, so tests can track each one.
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-const REGIONS: [&str; 5] = ["north", "south", "east", "west", "central"];
-const CATEGORIES: [&str; 6] = ["books", "garden", "toys", "kitchen", "music", "sports"];
-
-/// Order events as NDJSON lines, reproducible from a seed.
-#[derive(Debug)]
-pub struct OrderGenerator {
-    rng: StdRng,
-    next_id: u64,
-    customers: u64,
-    start_ms: i64,
-    /// Milliseconds of event time between two orders.
-    step_ms: i64,
-}
-
-impl OrderGenerator {
-    pub fn new(seed: u64) -> OrderGenerator {
-        OrderGenerator {
-            rng: StdRng::seed_from_u64(seed),
-            next_id: 1,
-            customers: 10_000,
-            start_ms: 1_735_689_600_000, // 2025-01-01T00:00:00Z
-            step_ms: 1_000,
-        }
-    }
-
-    /// The next order as one JSON object (no trailing newline).
-    pub fn next_order(&mut self) -> String {
-        let id = self.next_id;
-        self.next_id += 1;
-        let customer = self.rng.random_range(1..=self.customers);
-        let product = self.rng.random_range(1..=500u32);
-        let quantity = self.rng.random_range(1..=5u32);
-        let price_cents = self.rng.random_range(199..=19_999u32);
-        let region = REGIONS[self.rng.random_range(0..REGIONS.len())];
-        let category = CATEGORIES[(product as usize) % CATEGORIES.len()];
-        let ts = self.start_ms + (id as i64) * self.step_ms;
-        format!(
-            r#"{{"order_id":{id},"customer_id":"c{customer}","product_id":"p{product}","category":"{category}","region":"{region}","quantity":{quantity},"unit_price":{}.{:02},"ts":{ts}}}"#,
-            price_cents / 100,
-            price_cents % 100
-        )
-    }
-
-    /// `n` orders as an NDJSON document.
-    pub fn ndjson(&mut self, n: usize) -> String {
-        let mut out = String::with_capacity(n * 180);
-        for _ in 0..n {
-            out.push_str(&self.next_order());
-            out.push('\n');
-        }
-        out
-    }
-}
-
-/// A value of exactly `len` bytes that names its own `id`, for tests that track records.
+/// A JSON value of exactly `len` bytes (or the shortest possible) that names its own `id`.
 pub fn tagged_value(id: &str, len: usize) -> Vec<u8> {
     let mut v = format!(r#"{{"id":"{id}","pad":""#).into_bytes();
     let tail = b"\"}";
@@ -66,4 +9,26 @@ pub fn tagged_value(id: &str, len: usize) -> Vec<u8> {
     }
     v.extend_from_slice(tail);
     v
+}
+
+/// The `id` a [`tagged_value`] names, if it is one.
+pub fn tag_of(value: &[u8]) -> Option<&str> {
+    let rest = value.strip_prefix(br#"{"id":""#)?;
+    let end = rest.iter().position(|b| *b == b'"')?;
+    std::str::from_utf8(&rest[..end]).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_round_trip_at_any_length() {
+        for len in [0, 10, 100, 1024] {
+            let v = tagged_value("c1-42", len);
+            assert!(v.len() >= len.min(v.len()));
+            assert_eq!(tag_of(&v), Some("c1-42"));
+            serde_json::from_slice::<serde_json::Value>(&v).unwrap();
+        }
+    }
 }

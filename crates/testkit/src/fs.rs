@@ -22,12 +22,17 @@ pub fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
 pub fn flip_bit(path: &Path, position: u64, bit: u8) -> io::Result<()> {
     let mut bytes = std::fs::read(path)?;
     let i = usize::try_from(position).map_err(io::Error::other)?;
-    let byte = bytes.get_mut(i).ok_or_else(|| io::Error::other("position past the end"))?;
+    let byte = bytes
+        .get_mut(i)
+        .ok_or_else(|| io::Error::other("position past the end"))?;
     *byte ^= 1 << bit;
     std::fs::write(path, bytes)
 }
 
 /// Cuts a file to `len` bytes.
 pub fn truncate(path: &Path, len: u64) -> io::Result<()> {
-    std::fs::OpenOptions::new().write(true).open(path)?.set_len(len)
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .set_len(len)
 }

@@ -5,4 +5,5 @@
 pub mod clock;
 pub mod data;
 pub mod fs;
+pub mod process;
 pub mod storage;

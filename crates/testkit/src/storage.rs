@@ -65,7 +65,10 @@ impl Storage for InstrumentedStorage {
     }
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>> {
         let inner = self.inner.open(path, mode)?;
-        Ok(Arc::new(InstrumentedFile { inner, counters: self.counters.clone() }))
+        Ok(Arc::new(InstrumentedFile {
+            inner,
+            counters: self.counters.clone(),
+        }))
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         self.inner.remove_file(path)

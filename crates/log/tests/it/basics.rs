@@ -7,18 +7,37 @@ use crate::{all_values, drain, small_segments, values};
 async fn offsets_are_dense_per_partition_and_keys_pick_partitions() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path()).unwrap();
-    let topic = log.create_topic("orders", TopicConfig { partitions: 3, ..TopicConfig::default() }).unwrap();
+    let topic = log
+        .create_topic(
+            "orders",
+            TopicConfig {
+                partitions: 3,
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
     let mut records = Vec::new();
     for i in 0..60 {
-        records.push(Record::keyed(format!("customer-{}", i % 7), format!("v{i}")));
+        records.push(Record::keyed(
+            format!("customer-{}", i % 7),
+            format!("v{i}"),
+        ));
     }
     let placed = topic.append(records.clone()).await.unwrap();
     for (record, place) in records.iter().zip(&placed) {
         assert_eq!(place.partition, topic.partition_for(record.key.as_deref()));
     }
     for p in 0..3 {
-        let offsets: Vec<u64> = placed.iter().filter(|x| x.partition == p).map(|x| x.offset).collect();
-        assert_eq!(offsets, (0..offsets.len() as u64).collect::<Vec<_>>(), "partition {p}");
+        let offsets: Vec<u64> = placed
+            .iter()
+            .filter(|x| x.partition == p)
+            .map(|x| x.offset)
+            .collect();
+        assert_eq!(
+            offsets,
+            (0..offsets.len() as u64).collect::<Vec<_>>(),
+            "partition {p}"
+        );
         let stored = all_values(&log, "orders", p);
         assert_eq!(stored.len(), offsets.len());
     }
@@ -32,7 +51,10 @@ async fn offsets_are_dense_per_partition_and_keys_pick_partitions() {
             i % 7 == 3
         })
         .collect();
-    let expected: Vec<Vec<u8>> = (0..60).filter(|i| i % 7 == 3).map(|i| format!("v{i}").into_bytes()).collect();
+    let expected: Vec<Vec<u8>> = (0..60)
+        .filter(|i| i % 7 == 3)
+        .map(|i| format!("v{i}").into_bytes())
+        .collect();
     assert_eq!(mine, expected);
 }
 
@@ -40,7 +62,15 @@ async fn offsets_are_dense_per_partition_and_keys_pick_partitions() {
 async fn records_without_key_go_round_robin() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path()).unwrap();
-    let topic = log.create_topic("t", TopicConfig { partitions: 4, ..TopicConfig::default() }).unwrap();
+    let topic = log
+        .create_topic(
+            "t",
+            TopicConfig {
+                partitions: 4,
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
     topic.append(values("x", 40)).await.unwrap();
     for p in 0..4 {
         assert_eq!(topic.partition(p).unwrap().offsets().visible_offset, 10);
@@ -56,13 +86,29 @@ async fn keys_headers_and_timestamps_round_trip() {
         key: Some(Bytes::from_static(b"k")),
         value: Bytes::from_static(b"{}"),
         headers: vec![
-            Header { key: "trace".into(), value: Some(Bytes::from_static(b"abc")) },
-            Header { key: "empty".into(), value: None },
+            Header {
+                key: "trace".into(),
+                value: Some(Bytes::from_static(b"abc")),
+            },
+            Header {
+                key: "empty".into(),
+                value: None,
+            },
         ],
     };
-    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-    topic.append(vec![record.clone(), Record::from_value("plain")]).await.unwrap();
-    let mut reader = topic.partition(0).unwrap().reader(StartAt::Beginning).unwrap();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    topic
+        .append(vec![record.clone(), Record::from_value("plain")])
+        .await
+        .unwrap();
+    let mut reader = topic
+        .partition(0)
+        .unwrap()
+        .reader(StartAt::Beginning)
+        .unwrap();
     let chunk = reader.read(4096).unwrap().unwrap();
     let got: Vec<_> = chunk.records().map(|r| r.unwrap()).collect();
     assert_eq!(got.len(), 2);
@@ -82,16 +128,28 @@ async fn reads_start_at_any_offset_across_segment_rolls() {
     let mut n = 0;
     for i in 0..120 {
         let count = i % 5 + 1;
-        topic.append((0..count).map(|j| Record::from_value(format!("value-{}", n + j))).collect()).await.unwrap();
+        topic
+            .append(
+                (0..count)
+                    .map(|j| Record::from_value(format!("value-{}", n + j)))
+                    .collect(),
+            )
+            .await
+            .unwrap();
         n += count;
     }
     let partition = topic.partition(0).unwrap();
-    assert!(partition.stats().segment_count > 3, "{:?}", partition.stats());
+    assert!(
+        partition.stats().segment_count > 3,
+        "{:?}",
+        partition.stats()
+    );
     for start in [0, 1, 7, 63, 64, 65, 200, n - 1, n] {
         let mut reader = partition.reader(StartAt::Offset(start as u64)).unwrap();
         let got = drain(&mut reader);
-        let expected: Vec<(u64, Vec<u8>)> =
-            (start..n).map(|i| (i as u64, format!("value-{i}").into_bytes())).collect();
+        let expected: Vec<(u64, Vec<u8>)> = (start..n)
+            .map(|i| (i as u64, format!("value-{i}").into_bytes()))
+            .collect();
         assert_eq!(got, expected, "from offset {start}");
     }
     // Small max_bytes still makes progress, one batch at a time.
@@ -106,7 +164,11 @@ async fn reads_start_at_any_offset_across_segment_rolls() {
     log.close().unwrap();
     drop(log);
     let log = Log::open(dir.path()).unwrap();
-    assert!(log.recovery_events().is_empty(), "{:?}", log.recovery_events());
+    assert!(
+        log.recovery_events().is_empty(),
+        "{:?}",
+        log.recovery_events()
+    );
     let got = all_values(&log, "t", 0);
     assert_eq!(got.len(), n);
     let topic = log.topic("t").unwrap();
@@ -118,12 +180,18 @@ async fn reads_start_at_any_offset_across_segment_rolls() {
 async fn reads_from_a_timestamp() {
     let dir = tempfile::tempdir().unwrap();
     let clock = kappa_testkit::clock::ManualClock::new(1_000_000);
-    let options = kappa_log::LogOptions { clock: std::sync::Arc::new(clock.clone()), ..Default::default() };
+    let options = kappa_log::LogOptions {
+        clock: std::sync::Arc::new(clock.clone()),
+        ..Default::default()
+    };
     let log = Log::open_with(dir.path(), options).unwrap();
     let topic = log.create_topic("t", small_segments()).unwrap();
     for i in 0..100u64 {
         clock.set_ms(1_000_000 + (i as i64) * 10);
-        topic.append(vec![Record::from_value(format!("v{i}"))]).await.unwrap();
+        topic
+            .append(vec![Record::from_value(format!("v{i}"))])
+            .await
+            .unwrap();
     }
     let partition = topic.partition(0).unwrap();
     assert_eq!(partition.offset_for_timestamp(0).unwrap(), 0);
@@ -141,7 +209,10 @@ async fn reads_from_a_timestamp() {
     topic.append(values("late", 1)).await.unwrap();
     let mut reader = partition.reader(StartAt::Offset(100)).unwrap();
     let chunk = reader.read(4096).unwrap().unwrap();
-    assert_eq!(chunk.records().next().unwrap().unwrap().timestamp_ms, 1_000_990);
+    assert_eq!(
+        chunk.records().next().unwrap().unwrap().timestamp_ms,
+        1_000_990
+    );
 }
 
 #[tokio::test]
@@ -149,32 +220,86 @@ async fn errors_name_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path()).unwrap();
     log.create_topic("orders", TopicConfig::default()).unwrap();
-    log.create_topic("payments", TopicConfig::default()).unwrap();
+    log.create_topic("payments", TopicConfig::default())
+        .unwrap();
     let err = log.topic("order").unwrap_err();
-    assert_eq!(err.to_string(), "unknown topic `order`; topics are: orders, payments");
-    assert!(matches!(log.create_topic("orders", TopicConfig::default()), Err(LogError::TopicExists { .. })));
-    assert!(matches!(log.create_topic("../x", TopicConfig::default()), Err(LogError::InvalidTopicName { .. })));
+    assert_eq!(
+        err.to_string(),
+        "unknown topic `order`; topics are: orders, payments"
+    );
     assert!(matches!(
-        log.create_topic("x", TopicConfig { partitions: 0, ..TopicConfig::default() }),
+        log.create_topic("orders", TopicConfig::default()),
+        Err(LogError::TopicExists { .. })
+    ));
+    assert!(matches!(
+        log.create_topic("../x", TopicConfig::default()),
+        Err(LogError::InvalidTopicName { .. })
+    ));
+    assert!(matches!(
+        log.create_topic(
+            "x",
+            TopicConfig {
+                partitions: 0,
+                ..TopicConfig::default()
+            }
+        ),
         Err(LogError::InvalidConfig { .. })
     ));
     let topic = log.topic("orders").unwrap();
-    assert!(matches!(topic.partition(3), Err(LogError::UnknownPartition { .. })));
-    let err = topic.partition(0).unwrap().reader(StartAt::Offset(5)).unwrap_err();
-    assert!(matches!(err, LogError::OffsetOutOfRange { requested: 5, visible_offset: 0, .. }), "{err}");
+    assert!(matches!(
+        topic.partition(3),
+        Err(LogError::UnknownPartition { .. })
+    ));
+    let err = topic
+        .partition(0)
+        .unwrap()
+        .reader(StartAt::Offset(5))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LogError::OffsetOutOfRange {
+                requested: 5,
+                visible_offset: 0,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let huge = Record::from_value(vec![0u8; kappa_log::limits::RECORD_BYTES_MAX + 1]);
-    assert!(matches!(topic.append(vec![Record::from_value("ok"), huge]).await, Err(LogError::RecordTooLarge { .. })));
-    assert_eq!(topic.partition(0).unwrap().offsets().visible_offset, 0, "a rejected append writes nothing");
+    assert!(matches!(
+        topic.append(vec![Record::from_value("ok"), huge]).await,
+        Err(LogError::RecordTooLarge { .. })
+    ));
+    assert_eq!(
+        topic.partition(0).unwrap().offsets().visible_offset,
+        0,
+        "a rejected append writes nothing"
+    );
     // A second process (here: a second open) cannot take the same directory.
-    assert!(matches!(Log::open(dir.path()), Err(LogError::Locked { .. })));
+    assert!(matches!(
+        Log::open(dir.path()),
+        Err(LogError::Locked { .. })
+    ));
 }
 
 #[test]
 fn blocking_appends_work_outside_a_runtime() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path()).unwrap();
-    let topic = log.create_topic("t", TopicConfig { partitions: 2, ..TopicConfig::default() }).unwrap();
+    let topic = log
+        .create_topic(
+            "t",
+            TopicConfig {
+                partitions: 2,
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
     let placed = topic.append_blocking(values("b", 10)).unwrap();
     assert_eq!(placed.len(), 10);
-    assert_eq!(all_values(&log, "t", 0).len() + all_values(&log, "t", 1).len(), 10);
+    assert_eq!(
+        all_values(&log, "t", 0).len() + all_values(&log, "t", 1).len(),
+        10
+    );
 }

@@ -6,7 +6,14 @@ use kappa_testkit::storage::InstrumentedStorage;
 use crate::{all_values, values};
 
 fn open(dir: &std::path::Path, storage: &InstrumentedStorage) -> Log {
-    Log::open_with(dir, LogOptions { storage: Arc::new(storage.clone()), ..Default::default() }).unwrap()
+    Log::open_with(
+        dir,
+        LogOptions {
+            storage: Arc::new(storage.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 #[test]
@@ -23,7 +30,9 @@ fn concurrent_appends_share_fsyncs() {
             let topic = topic.clone();
             s.spawn(move || {
                 for i in 0..appends_each {
-                    topic.append_blocking(vec![Record::from_value(format!("{p}-{i}"))]).unwrap();
+                    topic
+                        .append_blocking(vec![Record::from_value(format!("{p}-{i}"))])
+                        .unwrap();
                 }
             });
         }
@@ -33,7 +42,10 @@ fn concurrent_appends_share_fsyncs() {
     assert_eq!(all_values(&log, "t", 0).len(), appends as usize);
     // Every append was acknowledged only after an fsync, and fsyncs were shared.
     assert!(syncs >= 1);
-    assert!(syncs < appends as u64, "{syncs} fsyncs for {appends} appends: no group commit");
+    assert!(
+        syncs < appends as u64,
+        "{syncs} fsyncs for {appends} appends: no group commit"
+    );
 }
 
 #[test]
@@ -45,7 +57,10 @@ fn fsync_always_syncs_before_every_acknowledgement() {
     for i in 0..20 {
         let before = storage.data_syncs();
         topic.append_blocking(values(&format!("a{i}"), 1)).unwrap();
-        assert!(storage.data_syncs() > before, "append {i} acknowledged without an fsync");
+        assert!(
+            storage.data_syncs() > before,
+            "append {i} acknowledged without an fsync"
+        );
         let offsets = topic.partition(0).unwrap().offsets();
         assert_eq!(offsets.durable_offset, offsets.appended_offset);
     }
@@ -56,12 +71,18 @@ async fn interval_policy_acknowledges_before_fsync_and_syncs_soon_after() {
     let dir = tempfile::tempdir().unwrap();
     let storage = InstrumentedStorage::new();
     let log = open(dir.path(), &storage);
-    let config = TopicConfig { fsync: FsyncPolicy::Interval { interval_ms: 200 }, ..TopicConfig::default() };
+    let config = TopicConfig {
+        fsync: FsyncPolicy::Interval { interval_ms: 200 },
+        ..TopicConfig::default()
+    };
     let topic = log.create_topic("t", config).unwrap();
     let before = storage.data_syncs();
     topic.append(values("x", 5)).await.unwrap();
     let offsets = topic.partition(0).unwrap().offsets();
-    assert_eq!(offsets.visible_offset, 5, "acknowledged records are visible");
+    assert_eq!(
+        offsets.visible_offset, 5,
+        "acknowledged records are visible"
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while topic.partition(0).unwrap().offsets().durable_offset < 5 {
         assert!(std::time::Instant::now() < deadline, "never fsynced");
@@ -84,7 +105,10 @@ async fn a_failed_write_is_never_acknowledged_and_leaves_no_partial_batch() {
         assert!(err.to_string().contains("injected EIO"), "{err}");
         // Once failed, the partition refuses appends until it is reopened.
         storage.fail_syncs(false);
-        assert!(matches!(topic.append(values("later", 1)).await, Err(LogError::WriterFailed { .. })));
+        assert!(matches!(
+            topic.append(values("later", 1)).await,
+            Err(LogError::WriterFailed { .. })
+        ));
         assert_eq!(topic.partition(0).unwrap().offsets().visible_offset, 10);
     }
     storage.fail_writes(false);

@@ -9,7 +9,11 @@ use crate::{small_segments, values};
 /// Follows partition 0 of `t` from `from` until the log closes; returns the values seen.
 async fn follow(log: &Log, from: u64) -> (Vec<(u64, Vec<u8>)>, u64) {
     let topic = log.topic("t").unwrap();
-    let mut reader = topic.partition(0).unwrap().reader(StartAt::Offset(from)).unwrap();
+    let mut reader = topic
+        .partition(0)
+        .unwrap()
+        .reader(StartAt::Offset(from))
+        .unwrap();
     drop(topic);
     let mut seen = Vec::new();
     loop {
@@ -69,9 +73,20 @@ async fn a_follower_sees_every_record_once_across_rolls_and_restarts() {
     }
     let offsets: Vec<u64> = seen.iter().map(|(o, _)| *o).collect();
     assert_eq!(offsets, (0..expected.len() as u64).collect::<Vec<_>>());
-    assert_eq!(seen.into_iter().map(|(_, v)| v).collect::<Vec<_>>(), expected);
+    assert_eq!(
+        seen.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        expected
+    );
     let log = Log::open(dir.path()).unwrap();
-    assert!(log.topic("t").unwrap().partition(0).unwrap().stats().segment_count > 3);
+    assert!(
+        log.topic("t")
+            .unwrap()
+            .partition(0)
+            .unwrap()
+            .stats()
+            .segment_count
+            > 3
+    );
 }
 
 #[tokio::test]
@@ -84,11 +99,20 @@ async fn a_reader_at_the_end_wakes_on_the_next_append() {
     assert_eq!(reader.next_offset(), 3);
     assert!(reader.read(4096).unwrap().is_none());
     let waiter = tokio::spawn(async move {
-        tokio::time::timeout(Duration::from_secs(10), reader.wait()).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), reader.wait())
+            .await
+            .unwrap()
+            .unwrap();
         let chunk = reader.read(4096).unwrap().unwrap();
-        chunk.records().map(|r| r.unwrap().value.to_vec()).collect::<Vec<_>>()
+        chunk
+            .records()
+            .map(|r| r.unwrap().value.to_vec())
+            .collect::<Vec<_>>()
     });
     tokio::time::sleep(Duration::from_millis(20)).await;
     topic.append(values("new", 2)).await.unwrap();
-    assert_eq!(waiter.await.unwrap(), vec![b"new-0".to_vec(), b"new-1".to_vec()]);
+    assert_eq!(
+        waiter.await.unwrap(),
+        vec![b"new-0".to_vec(), b"new-1".to_vec()]
+    );
 }

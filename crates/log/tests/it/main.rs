@@ -24,14 +24,24 @@ pub fn drain(reader: &mut PartitionReader) -> Vec<(u64, Vec<u8>)> {
 /// Everything in partition `p` of `topic`, from the start.
 pub fn all_values(log: &Log, topic: &str, p: u32) -> Vec<(u64, Vec<u8>)> {
     let topic = log.topic(topic).unwrap();
-    let mut reader = topic.partition(p).unwrap().reader(kappa_log::StartAt::Beginning).unwrap();
+    let mut reader = topic
+        .partition(p)
+        .unwrap()
+        .reader(kappa_log::StartAt::Beginning)
+        .unwrap();
     drain(&mut reader)
 }
 
 pub fn values(prefix: &str, n: usize) -> Vec<Record> {
-    (0..n).map(|i| Record::from_value(format!("{prefix}-{i}"))).collect()
+    (0..n)
+        .map(|i| Record::from_value(format!("{prefix}-{i}")))
+        .collect()
 }
 
 pub fn small_segments() -> TopicConfig {
-    TopicConfig { segment_bytes_max: 2048, index_interval_bytes: 128, ..TopicConfig::default() }
+    TopicConfig {
+        segment_bytes_max: 2048,
+        index_interval_bytes: 128,
+        ..TopicConfig::default()
+    }
 }

@@ -14,7 +14,9 @@ const INDEX_INTERVAL: u32 = 64;
 fn config() -> TopicConfig {
     // Fsyncs only when asked, so the test decides where the durable point is.
     TopicConfig {
-        fsync: FsyncPolicy::Interval { interval_ms: 3_600_000 },
+        fsync: FsyncPolicy::Interval {
+            interval_ms: 3_600_000,
+        },
         index_interval_bytes: INDEX_INTERVAL,
         ..TopicConfig::default()
     }
@@ -33,13 +35,21 @@ fn crash_image(durable: usize, tail: usize) -> (tempfile::TempDir, Vec<u64>, u64
     let mut boundaries = vec![0];
     let path = segment(live.path(), 0);
     for i in 0..durable {
-        topic.partition(0).unwrap().append_blocking(&values(&format!("d{i}"), i % 3 + 1)).unwrap();
+        topic
+            .partition(0)
+            .unwrap()
+            .append_blocking(&values(&format!("d{i}"), i % 3 + 1))
+            .unwrap();
         boundaries.push(std::fs::metadata(&path).unwrap().len());
     }
     topic.sync().unwrap();
     let durable_end = *boundaries.last().unwrap();
     for i in 0..tail {
-        topic.partition(0).unwrap().append_blocking(&values(&format!("t{i}"), i % 4 + 1)).unwrap();
+        topic
+            .partition(0)
+            .unwrap()
+            .append_blocking(&values(&format!("t{i}"), i % 4 + 1))
+            .unwrap();
         boundaries.push(std::fs::metadata(&path).unwrap().len());
     }
     let image = tempfile::tempdir().unwrap();
@@ -52,7 +62,11 @@ fn crash_image(durable: usize, tail: usize) -> (tempfile::TempDir, Vec<u64>, u64
 fn expected(durable: usize, batches: usize) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for i in 0..batches {
-        let (prefix, count) = if i < durable { (format!("d{i}"), i % 3 + 1) } else { (format!("t{}", i - durable), (i - durable) % 4 + 1) };
+        let (prefix, count) = if i < durable {
+            (format!("d{i}"), i % 3 + 1)
+        } else {
+            (format!("t{}", i - durable), (i - durable) % 4 + 1)
+        };
         for j in 0..count {
             out.push(format!("{prefix}-{j}").into_bytes());
         }
@@ -63,8 +77,16 @@ fn expected(durable: usize, batches: usize) -> Vec<Vec<u8>> {
 fn assert_index_matches_rebuild(dir: &Path) {
     let seg = segment(dir, 0);
     let (offsets, times) = rebuild_index_files(&OsStorage, &seg, 0, INDEX_INTERVAL).unwrap();
-    assert_eq!(std::fs::read(seg.with_extension("index")).unwrap(), offsets, "offset index differs from a rebuild");
-    assert_eq!(std::fs::read(seg.with_extension("timeindex")).unwrap(), times, "time index differs from a rebuild");
+    assert_eq!(
+        std::fs::read(seg.with_extension("index")).unwrap(),
+        offsets,
+        "offset index differs from a rebuild"
+    );
+    assert_eq!(
+        std::fs::read(seg.with_extension("timeindex")).unwrap(),
+        times,
+        "time index differs from a rebuild"
+    );
 }
 
 #[test]
@@ -79,34 +101,58 @@ fn a_torn_tail_at_every_byte_recovers_to_the_last_whole_batch() {
         truncate(&segment(dir.path(), 0), cut).unwrap();
         let whole = boundaries.iter().rposition(|b| *b <= cut).unwrap();
         let log = Log::open(dir.path()).unwrap();
-        let got: Vec<Vec<u8>> = all_values(&log, "t", 0).into_iter().map(|(_, v)| v).collect();
+        let got: Vec<Vec<u8>> = all_values(&log, "t", 0)
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
         assert_eq!(got, expected(durable, whole), "cut at byte {cut}");
         let torn: Vec<_> = log
             .recovery_events()
             .iter()
             .filter_map(|e| match e {
-                RecoveryEvent::TruncatedTornTail { segment, position, bytes_removed, .. } => {
-                    Some((segment.clone(), *position, *bytes_removed))
-                }
+                RecoveryEvent::TruncatedTornTail {
+                    segment,
+                    position,
+                    bytes_removed,
+                    ..
+                } => Some((segment.clone(), *position, *bytes_removed)),
                 _ => None,
             })
             .collect();
         if boundaries.contains(&cut) {
-            assert!(torn.is_empty(), "cut at a batch boundary {cut} needs no truncation: {torn:?}");
+            assert!(
+                torn.is_empty(),
+                "cut at a batch boundary {cut} needs no truncation: {torn:?}"
+            );
         } else {
             truncations += 1;
-            assert_eq!(torn, vec![(segment(dir.path(), 0), boundaries[whole], cut - boundaries[whole])], "cut at {cut}");
+            assert_eq!(
+                torn,
+                vec![(
+                    segment(dir.path(), 0),
+                    boundaries[whole],
+                    cut - boundaries[whole]
+                )],
+                "cut at {cut}"
+            );
         }
         // Appending continues at the next offset, and the index equals a rebuild.
         let topic = log.topic("t").unwrap();
-        let next = topic.partition(0).unwrap().append_blocking(&values("after", 1)).unwrap();
+        let next = topic
+            .partition(0)
+            .unwrap()
+            .append_blocking(&values("after", 1))
+            .unwrap();
         assert_eq!(next.base_offset, expected(durable, whole).len() as u64);
         drop(topic);
         log.close().unwrap();
         drop(log);
         assert_index_matches_rebuild(dir.path());
     }
-    assert!(truncations > 100, "only {truncations} torn positions exercised");
+    assert!(
+        truncations > 100,
+        "only {truncations} torn positions exercised"
+    );
 }
 
 #[test]
@@ -120,7 +166,10 @@ fn a_flipped_bit_past_the_durable_point_truncates_from_that_batch() {
         flip_bit(&segment(dir.path(), 0), position, (position % 8) as u8).unwrap();
         let log = Log::open(dir.path()).unwrap();
         let batch = boundaries.iter().rposition(|b| *b <= position).unwrap();
-        let got: Vec<Vec<u8>> = all_values(&log, "t", 0).into_iter().map(|(_, v)| v).collect();
+        let got: Vec<Vec<u8>> = all_values(&log, "t", 0)
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
         assert_eq!(got, expected(durable, batch), "flip at byte {position}");
         assert!(
             log.recovery_events().iter().any(|e| matches!(e,
@@ -145,19 +194,32 @@ fn a_flipped_bit_before_the_durable_point_is_a_typed_error_not_a_truncation() {
         let err = Log::open(dir.path()).unwrap_err();
         let in_length_field = position - batch_start < 4;
         match &err {
-            LogError::CorruptBatch { segment, position: at, expected_crc, actual_crc } => {
+            LogError::CorruptBatch {
+                segment,
+                position: at,
+                expected_crc,
+                actual_crc,
+            } => {
                 assert_eq!(segment, &seg);
                 assert_eq!(*at, batch_start);
                 assert_ne!(expected_crc, actual_crc);
             }
-            LogError::MalformedBatch { segment, position: at, .. } if in_length_field => {
+            LogError::MalformedBatch {
+                segment,
+                position: at,
+                ..
+            } if in_length_field => {
                 assert_eq!(segment, &seg);
                 assert_eq!(*at, batch_start);
             }
             other => panic!("flip at {position}: {other}"),
         }
         // Nothing was cut: the segment still has every byte.
-        assert_eq!(std::fs::read(&seg).unwrap().len(), before.len(), "flip at {position}");
+        assert_eq!(
+            std::fs::read(&seg).unwrap().len(),
+            before.len(),
+            "flip at {position}"
+        );
     }
 }
 
@@ -175,7 +237,11 @@ async fn corruption_in_a_sealed_segment_fails_the_read_with_a_typed_error() {
     flip_bit(&seg, 100, 0).unwrap();
     let log = Log::open(dir.path()).unwrap();
     let topic = log.topic("t").unwrap();
-    let mut reader = topic.partition(0).unwrap().reader(kappa_log::StartAt::Beginning).unwrap();
+    let mut reader = topic
+        .partition(0)
+        .unwrap()
+        .reader(kappa_log::StartAt::Beginning)
+        .unwrap();
     let err = loop {
         match reader.read(1 << 20) {
             Ok(Some(_)) => continue,
@@ -183,7 +249,9 @@ async fn corruption_in_a_sealed_segment_fails_the_read_with_a_typed_error() {
             Err(e) => break e,
         }
     };
-    let LogError::CorruptBatch { segment, .. } = &err else { panic!("{err}") };
+    let LogError::CorruptBatch { segment, .. } = &err else {
+        panic!("{err}")
+    };
     assert_eq!(segment, &seg);
     assert!(err.to_string().contains("not truncated"), "{err}");
 }
@@ -193,7 +261,10 @@ fn a_segment_shorter_than_its_durable_point_is_an_error() {
     let (image, _, durable_end) = crash_image(3, 1);
     truncate(&segment(image.path(), 0), durable_end - 1).unwrap();
     let err = Log::open(image.path()).unwrap_err();
-    assert!(matches!(err, LogError::DurableDataMissing { durable_position, .. } if durable_position == durable_end), "{err}");
+    assert!(
+        matches!(err, LogError::DurableDataMissing { durable_position, .. } if durable_position == durable_end),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -219,7 +290,11 @@ async fn missing_and_damaged_indexes_are_rebuilt() {
     flip_bit(&sealed[1], 3, 1).unwrap();
     std::fs::write(sealed[2].with_extension("timeindex"), b"junk").unwrap();
     let log = Log::open(dir.path()).unwrap();
-    let rebuilt = log.recovery_events().iter().filter(|e| matches!(e, RecoveryEvent::RebuiltIndex { .. })).count();
+    let rebuilt = log
+        .recovery_events()
+        .iter()
+        .filter(|e| matches!(e, RecoveryEvent::RebuiltIndex { .. }))
+        .count();
     assert_eq!(rebuilt, 3, "{:?}", log.recovery_events());
     assert_eq!(all_values(&log, "t", 0).len(), n);
     for path in &sealed[..3] {
@@ -258,7 +333,11 @@ async fn index_entries_that_lie_are_caught_at_read_time() {
     let log = Log::open(dir.path()).unwrap();
     let topic = log.topic("t").unwrap();
     for start in [0u64, 30, 45, 100, 179] {
-        let mut reader = topic.partition(0).unwrap().reader(kappa_log::StartAt::Offset(start)).unwrap();
+        let mut reader = topic
+            .partition(0)
+            .unwrap()
+            .reader(kappa_log::StartAt::Offset(start))
+            .unwrap();
         let got = crate::drain(&mut reader);
         assert_eq!(got, expected[start as usize..], "from {start}");
     }
@@ -269,7 +348,11 @@ fn a_lost_checkpoint_validates_everything_and_keeps_valid_data() {
     let (image, _, _) = crash_image(4, 2);
     std::fs::remove_file(image.path().join("t/0/recovery-checkpoint")).unwrap();
     let log = Log::open(image.path()).unwrap();
-    assert!(log.recovery_events().iter().any(|e| matches!(e, RecoveryEvent::NoCheckpoint { .. })));
+    assert!(
+        log.recovery_events()
+            .iter()
+            .any(|e| matches!(e, RecoveryEvent::NoCheckpoint { .. }))
+    );
     assert_eq!(all_values(&log, "t", 0).len(), expected(4, 6).len());
 }
 

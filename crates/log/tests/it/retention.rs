@@ -19,7 +19,10 @@ async fn time_retention_deletes_only_old_sealed_segments() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(1_000_000_000);
     let log = open(dir.path(), &clock);
-    let config = TopicConfig { retention_ms: Some(60_000), ..small_segments() };
+    let config = TopicConfig {
+        retention_ms: Some(60_000),
+        ..small_segments()
+    };
     let topic = log.create_topic("t", config).unwrap();
     for i in 0..50 {
         topic.append(values(&format!("old{i}"), 3)).await.unwrap();
@@ -42,12 +45,23 @@ async fn time_retention_deletes_only_old_sealed_segments() {
     assert_eq!(got.len() as u64, 300 - start);
     // A reader positioned before the start offset gets a clear error.
     let err = partition.reader(StartAt::Offset(0)).unwrap_err();
-    assert!(matches!(err, LogError::OffsetOutOfRange { requested: 0, .. }), "{err}");
+    assert!(
+        matches!(err, LogError::OffsetOutOfRange { requested: 0, .. }),
+        "{err}"
+    );
     // The deletion survives a reopen.
     drop(topic);
     drop(log);
     let log = open(dir.path(), &clock);
-    assert_eq!(log.topic("t").unwrap().partition(0).unwrap().offsets().start_offset, start);
+    assert_eq!(
+        log.topic("t")
+            .unwrap()
+            .partition(0)
+            .unwrap()
+            .offsets()
+            .start_offset,
+        start
+    );
 }
 
 #[tokio::test]
@@ -55,7 +69,10 @@ async fn size_retention_keeps_the_partition_under_its_bound() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(1_000_000_000);
     let log = open(dir.path(), &clock);
-    let config = TopicConfig { retention_bytes: Some(8 * 1024), ..small_segments() };
+    let config = TopicConfig {
+        retention_bytes: Some(8 * 1024),
+        ..small_segments()
+    };
     let topic = log.create_topic("t", config).unwrap();
     for i in 0..200 {
         topic.append(values(&format!("r{i}"), 2)).await.unwrap();

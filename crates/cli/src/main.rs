@@ -1,0 +1,193 @@
+//! `kappa`: one binary for the log, the pipelines and the serving layer.
+//!
+//! This crate parses arguments and prints results; the work happens in `kappa-server` (and,
+//! through it, `kappa-log`).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+mod consume;
+mod demo;
+mod produce;
+mod topics;
+
+/// kappa: the Kappa Architecture as one binary — an infinite replayable log, versioned SQL
+/// pipelines, and Iceberg serving tables.
+#[derive(Debug, Parser)]
+#[command(name = "kappa", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+struct Global {
+    /// Project folder (holds kappa.toml); default: the current directory.
+    #[arg(long, global = true, value_name = "DIR")]
+    project: Option<PathBuf>,
+    /// Data directory (log, catalog, warehouse, state); default: .kappa/ in the project folder.
+    #[arg(long, global = true, value_name = "DIR", env = "KAPPA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Talk to the kappa server at this URL instead of finding one for the data directory.
+    #[arg(long, global = true, value_name = "URL")]
+    server: Option<String>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run kappa in the foreground: the embedded log and the HTTP API.
+    Up(UpArgs),
+    /// Create, list and describe topics.
+    #[command(subcommand)]
+    Topics(topics::TopicsCommand),
+    /// Append NDJSON records to a topic, from a file or stdin.
+    Produce(produce::ProduceArgs),
+    /// Print a topic's records as NDJSON.
+    Consume(consume::ConsumeArgs),
+    /// Run a self-contained demonstration and print its figures.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, Args)]
+struct UpArgs {
+    /// Address of the HTTP API [default: 127.0.0.1:7878, or kappa.toml's server.http]
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
+    /// Largest request body accepted, in bytes [default: 33554432]
+    #[arg(long, value_name = "BYTES")]
+    max_request_bytes: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The server reports what it does; client commands only warn.
+    let verbose = matches!(cli.command, Command::Up(_) | Command::Demo(_));
+    init_tracing(cli.global.log_format, verbose);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&anyhow::anyhow!("start the async runtime: {e}")),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &anyhow::Error) -> ExitCode {
+    // A closed stdout (`kappa consume t | head`) is the reader's choice, not an error.
+    let broken_pipe = e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    });
+    if broken_pipe {
+        return ExitCode::SUCCESS;
+    }
+    let _ = writeln!(std::io::stderr(), "error: {e:#}");
+    ExitCode::FAILURE
+}
+
+fn init_tracing(format: LogFormat, verbose: bool) {
+    let default = if verbose {
+        "warn,kappa_log=info,kappa_server=info,kappa=info"
+    } else {
+        "warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KAPPA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let global = cli.global;
+    match cli.command {
+        Command::Up(args) => up(&global, args).await,
+        Command::Topics(command) => topics::run(&global, command).await,
+        Command::Produce(args) => produce::run(&global, args).await,
+        Command::Consume(args) => consume::run(&global, args).await,
+        Command::Demo(args) => demo::run(args).await,
+    }
+}
+
+impl Global {
+    fn overrides(&self) -> kappa_server::config::Overrides {
+        kappa_server::config::Overrides {
+            project: self.project.clone(),
+            data_dir: self.data_dir.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// Connects to a running server for the data directory, or opens the directory.
+    async fn connect(&self) -> anyhow::Result<kappa_server::client::Client> {
+        let config = kappa_server::ServerConfig::resolve(&self.overrides())?;
+        kappa_server::client::connect(&config.data_dir, self.server.as_deref()).await
+    }
+}
+
+async fn up(global: &Global, args: UpArgs) -> anyhow::Result<()> {
+    let overrides = kappa_server::config::Overrides {
+        http_addr: args.http,
+        max_request_bytes: args.max_request_bytes,
+        ..global.overrides()
+    };
+    let config = kappa_server::ServerConfig::resolve(&overrides)?;
+    let server = kappa_server::Server::start(config).await?;
+    println!(
+        "kappa is up: HTTP API on http://{}, data in {}",
+        server.http_addr(),
+        server.data_dir().display()
+    );
+    std::io::stdout().flush()?;
+    server.run(shutdown_signal()).await
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+/// Prints a value as pretty JSON on stdout.
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! The command line: every command, its output, its errors and exit codes.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use kappa_testkit::process::KappaProcess;
+
+use crate::{KAPPA, kappa, stderr, stdout};
+
+const ORDERS: &str = "{\"id\":1,\"c\":\"a\"}\n{\"id\":2,\"c\":\"b\"}\n{\"id\":3,\"c\":\"a\"}\n";
+
+#[test]
+fn topics_produce_and_consume_on_a_data_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d");
+    let out = kappa(
+        &data,
+        &[
+            "topics",
+            "create",
+            "orders",
+            "--partitions",
+            "2",
+            "--retention",
+            "7d",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "created topic `orders` with 2 partitions (fsync always)\n"
+    );
+
+    let file = tmp.path().join("orders.ndjson");
+    std::fs::write(&file, ORDERS).unwrap();
+    let out = kappa(
+        &data,
+        &[
+            "produce",
+            "orders",
+            file.to_str().unwrap(),
+            "--key",
+            "c",
+            "--json",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(summary["records"], 3);
+
+    let out = kappa(&data, &["produce", "orders"], Some(b"{\"id\":4}\n"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("appended 1 record to `orders`"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Values come back byte for byte; keyed records keep their order within a partition.
+    let out = kappa(&data, &["consume", "orders"], None);
+    let mut lines: Vec<&str> = stdout(&out).leak().lines().collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        vec![
+            "{\"id\":1,\"c\":\"a\"}",
+            "{\"id\":2,\"c\":\"b\"}",
+            "{\"id\":3,\"c\":\"a\"}",
+            "{\"id\":4}"
+        ]
+    );
+
+    let out = kappa(
+        &data,
+        &["consume", "orders", "--json", "--max-records", "2"],
+        None,
+    );
+    let envelopes: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(envelopes.len(), 2);
+    assert!(envelopes[0]["timestamp"].as_str().unwrap().ends_with('Z'));
+    assert!(envelopes[0]["value"].is_object());
+
+    let out = kappa(&data, &["topics", "describe", "orders", "--json"], None);
+    let info: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(info["config"]["retention_ms"], 7 * 24 * 3600 * 1000);
+    assert_eq!(info["partitions"].as_array().unwrap().len(), 2);
+
+    let out = kappa(&data, &["topics", "list"], None);
+    assert!(
+        stdout(&out).starts_with("orders\t2 partitions\t4 records"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn bad_input_fails_with_a_located_reason_and_appends_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d");
+    assert!(
+        kappa(&data, &["topics", "create", "orders"], None)
+            .status
+            .success()
+    );
+    let file = tmp.path().join("bad.ndjson");
+    std::fs::write(&file, "{\"id\":1}\n{\"id\":2}\n{\"id\" 3}\n").unwrap();
+    let out = kappa(&data, &["produce", "orders", file.to_str().unwrap()], None);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("bad.ndjson:3: byte 24: invalid JSON: expected `:`"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one-line reason: {err}");
+    let out = kappa(&data, &["consume", "orders"], None);
+    assert_eq!(stdout(&out), "", "a file with a bad line appends nothing");
+
+    let out = kappa(&data, &["produce", "order"], Some(b"{}\n"));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("unknown topic `order`; topics are: orders"),
+        "{}",
+        stderr(&out)
+    );
+
+    for name in ["a/b", "..", &"x".repeat(250)] {
+        let out = kappa(&data, &["topics", "create", name], None);
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("invalid topic name"),
+            "{name}: {}",
+            stderr(&out)
+        );
+    }
+    let out = kappa(&data, &["consume", "orders", "--offset", "5"], None);
+    assert!(stderr(&out).contains("out of range"), "{}", stderr(&out));
+    let out = kappa(
+        &data,
+        &["produce", "orders", "--key", "customer"],
+        Some(b"{\"id\":1}\n"),
+    );
+    assert!(
+        stderr(&out).contains("stdin:1: byte 0: field `customer` is missing"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn client_commands_use_a_running_server_and_follow_the_tail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d");
+    let server = KappaProcess::start(KAPPA.as_ref(), &data, &[]).unwrap();
+    // While the server owns the data directory, commands go through its HTTP API.
+    let out = kappa(
+        &data,
+        &["topics", "create", "live", "--partitions", "3"],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut follower = Command::new(KAPPA)
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "consume",
+            "live",
+            "--follow",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(follower.stdout.take().unwrap()).lines();
+    let out = kappa(&data, &["produce", "live"], Some(ORDERS.as_bytes()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut seen: Vec<String> = lines.take(3).map(|l| l.unwrap()).collect();
+    seen.sort();
+    assert_eq!(seen.len(), 3);
+    assert!(seen[0].starts_with("{\"id\":1"));
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+    // A clean stop removes server.json and closes the log; direct access works again.
+    let status = server.terminate().unwrap();
+    assert!(status.success());
+    assert!(!data.join("server.json").exists());
+    let out = kappa(&data, &["consume", "live"], None);
+    assert_eq!(stdout(&out).lines().count(), 3);
+}
+
+#[test]
+fn a_second_server_on_the_same_data_directory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d");
+    let _server = KappaProcess::start(KAPPA.as_ref(), &data, &[]).unwrap();
+    let out = Command::new(KAPPA)
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "up",
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is in use by another process (a kappa server"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn every_command_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["up", "--help"],
+        vec!["topics", "create", "--help"],
+        vec!["produce", "--help"],
+        vec!["consume", "--help"],
+        vec!["demo", "--help"],
+    ] {
+        let out = Command::new(KAPPA).args(&args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        assert!(stdout(&out).contains("Usage"), "{args:?}");
+    }
+}

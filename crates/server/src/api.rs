@@ -1,0 +1,292 @@
+//! The HTTP API's request and response bodies, shared by the server and the client.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use kappa_log::{Header, PartitionStats, RecordPosition, RecordRef, Topic, TopicConfig};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub pid: u32,
+    /// The data directory this server owns, absolute.
+    pub data_dir: String,
+}
+
+/// `POST /v1/topics`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTopic {
+    pub name: String,
+    #[serde(default)]
+    pub config: TopicConfig,
+}
+
+/// A topic and the state of its partitions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TopicInfo {
+    pub name: String,
+    pub config: TopicConfig,
+    pub partitions: Vec<PartitionInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartitionInfo {
+    pub partition: u32,
+    pub start_offset: u64,
+    pub appended_offset: u64,
+    pub durable_offset: u64,
+    pub visible_offset: u64,
+    pub segment_count: usize,
+    pub size_bytes: u64,
+}
+
+impl TopicInfo {
+    pub fn of(topic: &Topic) -> TopicInfo {
+        TopicInfo {
+            name: topic.name().to_owned(),
+            config: topic.config().clone(),
+            partitions: topic
+                .stats()
+                .into_iter()
+                .enumerate()
+                .map(|(p, s): (usize, PartitionStats)| PartitionInfo {
+                    partition: p as u32,
+                    start_offset: s.offsets.start_offset,
+                    appended_offset: s.offsets.appended_offset,
+                    durable_offset: s.offsets.durable_offset,
+                    visible_offset: s.offsets.visible_offset,
+                    segment_count: s.segment_count,
+                    size_bytes: s.size_bytes,
+                })
+                .collect(),
+        }
+    }
+
+    /// Records kept across all partitions.
+    pub fn record_count(&self) -> u64 {
+        self.partitions
+            .iter()
+            .map(|p| p.visible_offset - p.start_offset)
+            .sum()
+    }
+}
+
+/// `POST /v1/topics/{topic}/records`: where every record landed, in input order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProduceResponse {
+    pub topic: String,
+    pub records: u64,
+    pub offsets: Vec<RecordPosition>,
+}
+
+/// `GET /v1/topics/{topic}/partitions/{p}/offsets`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OffsetsResponse {
+    pub start_offset: u64,
+    pub visible_offset: u64,
+    /// With `?timestamp_ms=`: the first offset at or after it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset_for_timestamp: Option<u64>,
+}
+
+/// One record read back, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumedRecord {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub timestamp_ms: i64,
+    pub key: Option<Bytes>,
+    pub headers: Vec<Header>,
+    pub value: Bytes,
+}
+
+impl ConsumedRecord {
+    pub fn from_ref(topic: &str, partition: u32, r: &RecordRef<'_>) -> ConsumedRecord {
+        ConsumedRecord {
+            topic: topic.to_owned(),
+            partition,
+            offset: r.offset,
+            timestamp_ms: r.timestamp_ms,
+            key: r.key.map(Bytes::copy_from_slice),
+            headers: r.headers.to_owned_headers(),
+            value: Bytes::copy_from_slice(r.value),
+        }
+    }
+
+    /// The record as one JSON object: metadata plus the value, embedded as JSON when it is
+    /// JSON and as base64 otherwise (never altered).
+    pub fn to_envelope(&self) -> Envelope {
+        let value = std::str::from_utf8(&self.value)
+            .ok()
+            .filter(|s| serde_json::from_str::<serde::de::IgnoredAny>(s).is_ok())
+            .and_then(|s| RawValue::from_string(s.to_owned()).ok());
+        Envelope {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: self.offset,
+            timestamp_ms: self.timestamp_ms,
+            timestamp: format_timestamp(self.timestamp_ms),
+            key: self.key.as_deref().map(Text::of),
+            headers: self
+                .headers
+                .iter()
+                .map(|h| EnvelopeHeader {
+                    key: h.key.clone(),
+                    value: h.value.as_deref().map(Text::of),
+                })
+                .collect(),
+            value_base64: if value.is_none() {
+                Some(BASE64.encode(&self.value))
+            } else {
+                None
+            },
+            value,
+        }
+    }
+
+    pub fn from_envelope(e: Envelope) -> Result<ConsumedRecord, String> {
+        let value = match (e.value, e.value_base64) {
+            (Some(raw), _) => Bytes::from(raw.get().to_owned()),
+            (None, Some(b64)) => Bytes::from(BASE64.decode(b64).map_err(|err| err.to_string())?),
+            (None, None) => return Err("record has neither `value` nor `value_base64`".into()),
+        };
+        Ok(ConsumedRecord {
+            topic: e.topic,
+            partition: e.partition,
+            offset: e.offset,
+            timestamp_ms: e.timestamp_ms,
+            key: e.key.map(Text::into_bytes).transpose()?,
+            headers: e
+                .headers
+                .into_iter()
+                .map(|h| {
+                    Ok(Header {
+                        key: h.key,
+                        value: h.value.map(Text::into_bytes).transpose()?,
+                    })
+                })
+                .collect::<Result<_, String>>()?,
+            value,
+        })
+    }
+}
+
+/// A record as the API and `kappa consume --json` show it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub timestamp_ms: i64,
+    /// The same instant as RFC 3339, for people.
+    pub timestamp: String,
+    pub key: Option<Text>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<EnvelopeHeader>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Box<RawValue>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_base64: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EnvelopeHeader {
+    pub key: String,
+    pub value: Option<Text>,
+}
+
+/// Bytes shown as text when they are UTF-8, as `{"base64": …}` otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Text {
+    Utf8(String),
+    Binary { base64: String },
+}
+
+impl Text {
+    fn of(bytes: &[u8]) -> Text {
+        match std::str::from_utf8(bytes) {
+            Ok(s) => Text::Utf8(s.to_owned()),
+            Err(_) => Text::Binary {
+                base64: BASE64.encode(bytes),
+            },
+        }
+    }
+
+    fn into_bytes(self) -> Result<Bytes, String> {
+        match self {
+            Text::Utf8(s) => Ok(Bytes::from(s)),
+            Text::Binary { base64 } => BASE64
+                .decode(base64)
+                .map(Bytes::from)
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Milliseconds since the epoch as RFC 3339 (UTC, millisecond precision).
+pub fn format_timestamp(ms: i64) -> String {
+    let Ok(ms) = u64::try_from(ms) else {
+        return ms.to_string();
+    };
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// A stable machine-readable kind, e.g. `unknown_topic`, `malformed_record`.
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub byte_offset: Option<u64>,
+    /// For a rejected record: the reason alone, without its position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topics: Option<Vec<String>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_round_trip_json_and_binary_values() {
+        for value in [&b"{\"a\": [1, 2]}"[..], b"not json", b"\xff\x00binary"] {
+            let record = ConsumedRecord {
+                topic: "t".into(),
+                partition: 2,
+                offset: 9,
+                timestamp_ms: 1_700_000_000_123,
+                key: Some(Bytes::from_static(b"\xfekey")),
+                headers: vec![Header {
+                    key: "h".into(),
+                    value: Some(Bytes::from_static(b"v")),
+                }],
+                value: Bytes::copy_from_slice(value),
+            };
+            let json = serde_json::to_string(&record.to_envelope()).unwrap();
+            let back = ConsumedRecord::from_envelope(serde_json::from_str(&json).unwrap()).unwrap();
+            assert_eq!(back, record, "{json}");
+        }
+        assert_eq!(
+            format_timestamp(1_700_000_000_123),
+            "2023-11-14T22:13:20.123Z"
+        );
+    }
+}

@@ -1,0 +1,316 @@
+//! How `kappa` commands reach the log: over HTTP when a `kappa up` serves the data directory,
+//! directly on the data directory otherwise. Both paths run the same [`service`] code.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kappa_log::{Log, StartAt};
+
+use crate::api::{
+    ConsumedRecord, CreateTopic, Envelope, ErrorBody, ErrorDetail, Health, OffsetsResponse,
+    ProduceResponse, TopicInfo,
+};
+use crate::ingest::IngestError;
+use crate::service::{self, ReadRequest, ReadResult, ServiceError};
+use crate::{open_log, read_server_file};
+
+/// How long a client waits for a server named in `server.json` to answer its health check.
+pub const HEALTH_TIMEOUT_MS: u64 = 1000;
+
+/// A failed client call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error.
+    #[error("{}", .detail.message)]
+    Api { status: u16, detail: ErrorDetail },
+    /// The call failed on the data directory.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    /// The server could not be reached or answered nonsense.
+    #[error("{0}")]
+    Transport(String),
+}
+
+impl ClientError {
+    /// For a rejected NDJSON line: where it was, relative to the body sent.
+    pub fn ingest_error(&self) -> Option<IngestError> {
+        match self {
+            ClientError::Service(ServiceError::Ingest(e)) => Some(e.clone()),
+            ClientError::Api { detail, .. } => Some(IngestError {
+                line: detail.line?,
+                byte_offset: detail.byte_offset?,
+                reason: detail.reason.clone()?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// A connection to the log, over HTTP or direct.
+#[derive(Debug, Clone)]
+pub enum Client {
+    Http { base: String, http: reqwest::Client },
+    Direct { log: Arc<Log> },
+}
+
+/// Connects to the server given by `server`, else to the server named in the data directory's
+/// `server.json` if it answers for this directory, else opens the data directory itself.
+pub async fn connect(data_dir: &Path, server: Option<&str>) -> anyhow::Result<Client> {
+    if let Some(url) = server {
+        let client = Client::http(url);
+        client
+            .health()
+            .await
+            .map_err(|e| anyhow::anyhow!("no kappa server answers at {url}: {e}"))?;
+        return Ok(client);
+    }
+    if let Some(file) = read_server_file(data_dir) {
+        let client = Client::http(&file.http);
+        let here = std::fs::canonicalize(data_dir).ok();
+        match tokio::time::timeout(Duration::from_millis(HEALTH_TIMEOUT_MS), client.health()).await
+        {
+            Ok(Ok(health)) if here.as_deref() == Some(Path::new(&health.data_dir)) => {
+                return Ok(client);
+            }
+            _ => {
+                tracing::debug!(server = %file.http, "server.json is stale; opening the data directory")
+            }
+        }
+    }
+    Ok(Client::Direct {
+        log: Arc::new(open_log(data_dir).await?),
+    })
+}
+
+impl Client {
+    pub fn http(base: &str) -> Client {
+        Client::Http {
+            base: base.trim_end_matches('/').to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Where this client goes, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Client::Http { base, .. } => format!("server {base}"),
+            Client::Direct { log } => format!("data directory {}", log.dir().display()),
+        }
+    }
+
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        match self {
+            Client::Http { .. } => self.get_json("/v1/health").await,
+            Client::Direct { log } => Ok(Health {
+                status: "ok".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: std::process::id(),
+                data_dir: log.dir().display().to_string(),
+            }),
+        }
+    }
+
+    pub async fn create_topic(&self, request: CreateTopic) -> Result<TopicInfo, ClientError> {
+        match self {
+            Client::Http { base, http } => {
+                let response = http
+                    .post(format!("{base}/v1/topics"))
+                    .json(&request)
+                    .send()
+                    .await;
+                decode(response).await
+            }
+            Client::Direct { log } => Ok(service::create_topic(log, request).await?),
+        }
+    }
+
+    pub async fn topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
+        match self {
+            Client::Http { .. } => {
+                #[derive(serde::Deserialize)]
+                struct Topics {
+                    topics: Vec<TopicInfo>,
+                }
+                Ok(self.get_json::<Topics>("/v1/topics").await?.topics)
+            }
+            Client::Direct { log } => Ok(service::topics(log)),
+        }
+    }
+
+    pub async fn topic(&self, name: &str) -> Result<TopicInfo, ClientError> {
+        match self {
+            Client::Http { .. } => self.get_json(&format!("/v1/topics/{}", encode(name))).await,
+            Client::Direct { log } => Ok(service::topic(log, name)?),
+        }
+    }
+
+    /// Appends an NDJSON body; all or nothing.
+    pub async fn produce(
+        &self,
+        topic: &str,
+        body: Bytes,
+        key: Option<&str>,
+    ) -> Result<ProduceResponse, ClientError> {
+        match self {
+            Client::Http { base, http } => {
+                let mut request = http
+                    .post(format!("{base}/v1/topics/{}/records", encode(topic)))
+                    .body(body);
+                if let Some(key) = key {
+                    request = request.query(&[("key", key)]);
+                }
+                decode(
+                    request
+                        .header("content-type", "application/x-ndjson")
+                        .send()
+                        .await,
+                )
+                .await
+            }
+            Client::Direct { log } => {
+                Ok(service::produce(log, topic, body, key.map(str::to_owned)).await?)
+            }
+        }
+    }
+
+    /// Reads records of one partition.
+    pub async fn read(&self, topic: &str, request: ReadRequest) -> Result<ReadResult, ClientError> {
+        match self {
+            Client::Http { base, http } => {
+                let mut query: Vec<(&str, String)> = vec![
+                    ("max_records", request.max_records.to_string()),
+                    ("max_bytes", request.max_bytes.to_string()),
+                    ("wait_ms", request.wait_ms.to_string()),
+                ];
+                match request.start {
+                    StartAt::Beginning => query.push(("from", "beginning".into())),
+                    StartAt::End => query.push(("from", "end".into())),
+                    StartAt::Offset(o) => query.push(("offset", o.to_string())),
+                    StartAt::Timestamp(t) => query.push(("timestamp_ms", t.to_string())),
+                }
+                let url = format!(
+                    "{base}/v1/topics/{}/partitions/{}/records",
+                    encode(topic),
+                    request.partition
+                );
+                let response = http
+                    .get(url)
+                    .query(&query)
+                    .send()
+                    .await
+                    .map_err(transport)?;
+                let response = check(response).await?;
+                let next_offset = response
+                    .headers()
+                    .get(crate::http::NEXT_OFFSET_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        ClientError::Transport("response has no kappa-next-offset header".into())
+                    })?;
+                let body = response.bytes().await.map_err(transport)?;
+                let mut records = Vec::new();
+                for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                    let envelope: Envelope = serde_json::from_slice(line)
+                        .map_err(|e| ClientError::Transport(e.to_string()))?;
+                    records.push(
+                        ConsumedRecord::from_envelope(envelope).map_err(ClientError::Transport)?,
+                    );
+                }
+                Ok(ReadResult {
+                    records,
+                    next_offset,
+                })
+            }
+            Client::Direct { log } => Ok(service::read(log, topic, request, None).await?),
+        }
+    }
+
+    pub async fn offsets(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp_ms: Option<i64>,
+    ) -> Result<OffsetsResponse, ClientError> {
+        match self {
+            Client::Http { .. } => {
+                let mut path = format!(
+                    "/v1/topics/{}/partitions/{partition}/offsets",
+                    encode(topic)
+                );
+                if let Some(ts) = timestamp_ms {
+                    path.push_str(&format!("?timestamp_ms={ts}"));
+                }
+                self.get_json(&path).await
+            }
+            Client::Direct { log } => {
+                let log = log.clone();
+                let topic = topic.to_owned();
+                tokio::task::spawn_blocking(move || {
+                    service::offsets(&log, &topic, partition, timestamp_ms)
+                })
+                .await
+                .map_err(|e| ClientError::Transport(e.to_string()))?
+                .map_err(ClientError::from)
+            }
+        }
+    }
+
+    /// Closes the data directory (direct clients); a no-op over HTTP.
+    pub async fn close(self) -> anyhow::Result<()> {
+        if let Client::Direct { log } = self {
+            tokio::task::spawn_blocking(move || log.close()).await??;
+        }
+        Ok(())
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let Client::Http { base, http } = self else {
+            return Err(ClientError::Transport("not an HTTP client".into()));
+        };
+        decode(http.get(format!("{base}{path}")).send().await).await
+    }
+}
+
+fn encode(segment: &str) -> String {
+    // Topic names are validated to [A-Za-z0-9._-], which needs no escaping; anything else is
+    // escaped so a bad name reaches the server intact and is rejected there by name.
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn transport(e: reqwest::Error) -> ClientError {
+    ClientError::Transport(format!("talking to the kappa server: {e}"))
+}
+
+async fn check(response: reqwest::Response) -> Result<reqwest::Response, ClientError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let body = response.bytes().await.map_err(transport)?;
+    match serde_json::from_slice::<ErrorBody>(&body) {
+        Ok(error) => Err(ClientError::Api {
+            status: status.as_u16(),
+            detail: error.error,
+        }),
+        Err(_) => Err(ClientError::Transport(format!(
+            "server answered {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        ))),
+    }
+}
+
+async fn decode<T: serde::de::DeserializeOwned>(
+    response: reqwest::Result<reqwest::Response>,
+) -> Result<T, ClientError> {
+    let response = check(response.map_err(transport)?).await?;
+    response.json::<T>().await.map_err(transport)
+}

@@ -1,0 +1,152 @@
+//! Where things live and which addresses are served: flags, then `kappa.toml`, then defaults
+//! (the conventions in PRODUCT.md).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// Default address of the HTTP API and web UI.
+pub const HTTP_ADDR_DEFAULT: &str = "127.0.0.1:7878";
+
+/// Default cap on one HTTP request body, in bytes.
+pub const REQUEST_BYTES_MAX_DEFAULT: usize = 32 * 1024 * 1024;
+
+/// Name of the data directory inside a project folder.
+pub const DATA_DIR_NAME: &str = ".kappa";
+
+/// The project file.
+pub const PROJECT_FILE: &str = "kappa.toml";
+
+/// What `kappa.toml` may say about the server (other sections belong to other features).
+#[derive(Debug, Default, Deserialize)]
+struct ProjectFile {
+    #[serde(default)]
+    server: ServerSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerSection {
+    http: Option<SocketAddr>,
+    max_request_bytes: Option<usize>,
+}
+
+/// Everything `kappa up` needs to start.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub http_addr: SocketAddr,
+    /// Larger request bodies are answered with 413 before they are read.
+    pub max_request_bytes: usize,
+}
+
+/// Command-line choices that override the project file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub project: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub http_addr: Option<SocketAddr>,
+    pub max_request_bytes: Option<usize>,
+}
+
+impl ServerConfig {
+    /// Resolves the configuration: flags first, then `kappa.toml` in the project folder, then
+    /// the defaults.
+    pub fn resolve(overrides: &Overrides) -> anyhow::Result<ServerConfig> {
+        let project = project_dir(overrides.project.as_deref())?;
+        let file = read_project_file(&project)?;
+        let http_addr = match overrides.http_addr.or(file.server.http) {
+            Some(addr) => addr,
+            None => HTTP_ADDR_DEFAULT
+                .parse()
+                .context("parse the default HTTP address")?,
+        };
+        Ok(ServerConfig {
+            data_dir: data_dir(&project, overrides.data_dir.as_deref()),
+            http_addr,
+            max_request_bytes: overrides
+                .max_request_bytes
+                .or(file.server.max_request_bytes)
+                .unwrap_or(REQUEST_BYTES_MAX_DEFAULT),
+        })
+    }
+
+    /// Where the log keeps its topics.
+    pub fn log_dir(&self) -> PathBuf {
+        log_dir(&self.data_dir)
+    }
+}
+
+/// The project folder: `--project`, else the current directory.
+pub fn project_dir(project: Option<&Path>) -> anyhow::Result<PathBuf> {
+    match project {
+        Some(dir) => {
+            anyhow::ensure!(
+                dir.is_dir(),
+                "project folder `{}` does not exist",
+                dir.display()
+            );
+            Ok(dir.to_path_buf())
+        }
+        None => std::env::current_dir().context("find the current directory"),
+    }
+}
+
+/// The data directory: `--data-dir` (or `KAPPA_DATA_DIR`), else `.kappa/` in the project folder.
+pub fn data_dir(project: &Path, data_dir: Option<&Path>) -> PathBuf {
+    data_dir.map_or_else(|| project.join(DATA_DIR_NAME), Path::to_path_buf)
+}
+
+/// Where the log lives inside a data directory.
+pub fn log_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("log")
+}
+
+fn read_project_file(project: &Path) -> anyhow::Result<ProjectFile> {
+    let path = project.join(PROJECT_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ProjectFile::default()),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_the_project_file_which_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let overrides = Overrides {
+            project: Some(dir.path().to_path_buf()),
+            ..Overrides::default()
+        };
+        let config = ServerConfig::resolve(&overrides).unwrap();
+        assert_eq!(config.http_addr.to_string(), HTTP_ADDR_DEFAULT);
+        assert_eq!(config.data_dir, dir.path().join(".kappa"));
+
+        std::fs::write(
+            dir.path().join("kappa.toml"),
+            "[server]\nhttp = \"127.0.0.1:9000\"\n[other]\nx = 1\n",
+        )
+        .unwrap();
+        let config = ServerConfig::resolve(&overrides).unwrap();
+        assert_eq!(config.http_addr.port(), 9000);
+
+        let overrides = Overrides {
+            http_addr: Some("127.0.0.1:9100".parse().unwrap()),
+            ..overrides
+        };
+        assert_eq!(
+            ServerConfig::resolve(&overrides).unwrap().http_addr.port(),
+            9100
+        );
+
+        std::fs::write(dir.path().join("kappa.toml"), "[server]\nhtp = \"x\"\n").unwrap();
+        let err = ServerConfig::resolve(&overrides).unwrap_err().to_string();
+        assert!(err.contains("kappa.toml") && err.contains("htp"), "{err}");
+    }
+}

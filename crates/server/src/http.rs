@@ -1,0 +1,304 @@
+//! The HTTP API (documented in `docs/http-api.md`).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use kappa_log::{LogError, StartAt};
+use serde::Deserialize;
+
+use crate::AppState;
+use crate::api::{CreateTopic, ErrorBody, ErrorDetail, Health};
+use crate::service::{self, ReadRequest, ServiceError};
+
+/// The header that tells a reader where to continue.
+pub const NEXT_OFFSET_HEADER: &str = "kappa-next-offset";
+
+pub(crate) fn router(state: Arc<AppState>) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/topics", get(list_topics).post(create_topic))
+        .route("/v1/topics/{topic}", get(describe_topic))
+        .route("/v1/topics/{topic}/records", post(produce))
+        .route(
+            "/v1/topics/{topic}/partitions/{partition}/records",
+            get(read_records),
+        )
+        .route(
+            "/v1/topics/{topic}/partitions/{partition}/offsets",
+            get(partition_offsets),
+        )
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// An error as the API returns it: a status and a JSON body naming what went wrong.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    detail: ErrorDetail,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: String) -> ApiError {
+        ApiError {
+            status,
+            detail: ErrorDetail {
+                code: code.into(),
+                message,
+                line: None,
+                byte_offset: None,
+                reason: None,
+                topics: None,
+            },
+        }
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            ServiceError::Log(e) => {
+                let (status, code) = match &e {
+                    LogError::UnknownTopic { .. } => (StatusCode::NOT_FOUND, "unknown_topic"),
+                    LogError::UnknownPartition { .. } => {
+                        (StatusCode::NOT_FOUND, "unknown_partition")
+                    }
+                    LogError::TopicExists { .. } => (StatusCode::CONFLICT, "topic_exists"),
+                    LogError::InvalidTopicName { .. } => {
+                        (StatusCode::BAD_REQUEST, "invalid_topic_name")
+                    }
+                    LogError::InvalidConfig { .. } => (StatusCode::BAD_REQUEST, "invalid_config"),
+                    LogError::RecordTooLarge { .. } => {
+                        (StatusCode::BAD_REQUEST, "record_too_large")
+                    }
+                    LogError::TooManyHeaders { .. } => {
+                        (StatusCode::BAD_REQUEST, "too_many_headers")
+                    }
+                    LogError::OffsetOutOfRange { .. } => {
+                        (StatusCode::BAD_REQUEST, "offset_out_of_range")
+                    }
+                    LogError::WriterFailed { .. } | LogError::Closed => {
+                        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+                    }
+                    _ => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
+                };
+                if status.is_server_error() {
+                    tracing::error!(error = %e, "request failed");
+                }
+                let mut error = ApiError::new(status, code, message);
+                if let LogError::UnknownTopic { known, .. } = e {
+                    error.detail.topics = Some(known);
+                }
+                error
+            }
+            ServiceError::Ingest(e) => {
+                let mut error = ApiError::new(StatusCode::BAD_REQUEST, "malformed_record", message);
+                error.detail.line = Some(e.line);
+                error.detail.byte_offset = Some(e.byte_offset);
+                error.detail.reason = Some(e.reason);
+                error
+            }
+            ServiceError::BodyTooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", message)
+            }
+            ServiceError::BadRequest(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+            }
+            ServiceError::Internal(_) => {
+                tracing::error!(error = %message, "request failed");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+            }
+        }
+    }
+}
+
+impl From<LogError> for ApiError {
+    fn from(e: LogError) -> ApiError {
+        ServiceError::Log(e).into()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(ErrorBody { error: self.detail })).into_response()
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; see docs/http-api.md".into(),
+    )
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
+    Json(state.health())
+}
+
+async fn list_topics(State(state): State<Arc<AppState>>) -> Response {
+    Json(serde_json::json!({ "topics": service::topics(&state.log) })).into_response()
+}
+
+async fn describe_topic(
+    State(state): State<Arc<AppState>>,
+    Path(topic): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(service::topic(&state.log, &topic)?).into_response())
+}
+
+async fn create_topic(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: CreateTopic = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("invalid topic request: {e}"),
+        )
+    })?;
+    let info = service::create_topic(&state.log, request).await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProduceQuery {
+    /// JSON field whose value is the record key.
+    key: Option<String>,
+}
+
+async fn produce(
+    State(state): State<Arc<AppState>>,
+    Path(topic): Path<String>,
+    Query(query): Query<ProduceQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    // An unknown topic is reported before the body is read.
+    state.log.topic(&topic)?;
+    let max = state.config.max_request_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(bytes) = declared
+        && bytes > max as u64
+    {
+        return Err(ServiceError::BodyTooLarge { bytes, max }.into());
+    }
+    let body = match Limited::new(body, max).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(ServiceError::BodyTooLarge {
+                bytes: max as u64 + 1,
+                max,
+            }
+            .into());
+        }
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("reading the body: {e}"),
+            ));
+        }
+    };
+    let response = service::produce(&state.log, &topic, body, query.key).await?;
+    Ok(Json(response).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadQuery {
+    /// Start at this offset; without it, `from` decides.
+    offset: Option<u64>,
+    /// `beginning` (default) or `end`.
+    from: Option<String>,
+    /// Start at the first record at or after this time (ms since the epoch).
+    timestamp_ms: Option<i64>,
+    max_records: Option<usize>,
+    max_bytes: Option<usize>,
+    wait_ms: Option<u64>,
+}
+
+async fn read_records(
+    State(state): State<Arc<AppState>>,
+    Path((topic, partition)): Path<(String, u32)>,
+    Query(query): Query<ReadQuery>,
+) -> Result<Response, ApiError> {
+    let start = match (query.offset, query.timestamp_ms, query.from.as_deref()) {
+        (Some(offset), None, None) => StartAt::Offset(offset),
+        (None, Some(ts), None) => StartAt::Timestamp(ts),
+        (None, None, None | Some("beginning")) => StartAt::Beginning,
+        (None, None, Some("end")) => StartAt::End,
+        (None, None, Some(other)) => {
+            let message = format!("`from` must be `beginning` or `end`, not `{other}`");
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                message,
+            ));
+        }
+        _ => {
+            let message = "give at most one of `offset`, `timestamp_ms` and `from`".to_owned();
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                message,
+            ));
+        }
+    };
+    let request = ReadRequest {
+        partition,
+        start,
+        max_records: query.max_records.unwrap_or(1000),
+        max_bytes: query.max_bytes.unwrap_or(1 << 20),
+        wait_ms: query.wait_ms.unwrap_or(0),
+    };
+    let result = service::read(&state.log, &topic, request, Some(state.shutdown.clone())).await?;
+    let mut body = Vec::with_capacity(result.records.len() * 200);
+    for record in &result.records {
+        serde_json::to_writer(&mut body, &record.to_envelope()).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })?;
+        body.push(b'\n');
+    }
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    headers.insert(NEXT_OFFSET_HEADER, HeaderValue::from(result.next_offset));
+    Ok(response)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OffsetsQuery {
+    timestamp_ms: Option<i64>,
+}
+
+async fn partition_offsets(
+    State(state): State<Arc<AppState>>,
+    Path((topic, partition)): Path<(String, u32)>,
+    Query(query): Query<OffsetsQuery>,
+) -> Result<Response, ApiError> {
+    let log = state.log.clone();
+    let response = tokio::task::spawn_blocking(move || {
+        service::offsets(&log, &topic, partition, query.timestamp_ms)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    Ok(Json(response).into_response())
+}

@@ -1,0 +1,180 @@
+//! kappa's composition root: opens the data directory, serves the HTTP API, and provides the
+//! client that every `kappa` command uses to reach a running server or the data directory.
+//!
+//! ```text
+//!   kappa up ──► Server::start ──► Log::open(<data>/log) ──► axum on 127.0.0.1:7878
+//!                                  writes <data>/server.json (address, pid)
+//!   kappa produce/consume/topics ──► client::connect ──► HTTP, if server.json answers
+//!                                                   └──► the data directory, otherwise
+//! ```
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod http;
+pub mod ingest;
+pub mod service;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use kappa_log::{Log, LogError};
+use serde::{Deserialize, Serialize};
+
+pub use config::ServerConfig;
+
+/// The file a running server writes into its data directory so clients can find it.
+pub const SERVER_FILE: &str = "server.json";
+
+/// What `server.json` says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerFile {
+    pub pid: u32,
+    /// Base URL of the HTTP API.
+    pub http: String,
+}
+
+/// State shared by every request handler.
+#[derive(Debug)]
+pub struct AppState {
+    pub log: Arc<Log>,
+    pub config: ServerConfig,
+    /// Absolute data directory, reported by `/v1/health` so clients can check they found the
+    /// right server.
+    pub data_dir: PathBuf,
+    /// Becomes `true` when the server shuts down, ending long polls.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl AppState {
+    pub fn health(&self) -> api::Health {
+        api::Health {
+            status: "ok".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            data_dir: self.data_dir.display().to_string(),
+        }
+    }
+}
+
+/// A started server: the data directory is open and the listener bound.
+#[derive(Debug)]
+pub struct Server {
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    http_addr: SocketAddr,
+    shutdown_tx: tokio::sync::watch::Sender<bool>,
+}
+
+impl Server {
+    /// Opens the data directory (recovering the log) and binds the HTTP listener.
+    pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
+        let data_dir = std::fs::canonicalize(&config.data_dir)
+            .with_context(|| format!("resolve data directory {}", config.data_dir.display()))?;
+        let log = open_log(&data_dir).await?;
+        for event in log.recovery_events() {
+            tracing::info!(?event, "recovery");
+        }
+        let listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("bind the HTTP API to {}", config.http_addr))?;
+        let http_addr = listener
+            .local_addr()
+            .context("read the bound HTTP address")?;
+        let file = ServerFile {
+            pid: std::process::id(),
+            http: format!("http://{http_addr}"),
+        };
+        write_server_file(&data_dir, &file)?;
+        let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+        let state = Arc::new(AppState {
+            log: Arc::new(log),
+            config,
+            data_dir,
+            shutdown,
+        });
+        Ok(Server {
+            state,
+            listener,
+            http_addr,
+            shutdown_tx,
+        })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn log(&self) -> &Arc<Log> {
+        &self.state.log
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.state.data_dir
+    }
+
+    /// Serves until `shutdown` completes, then finishes in-flight requests, closes the log
+    /// (flushing indexes and checkpoints) and removes `server.json`.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let router = http::router(self.state.clone());
+        let shutdown_tx = self.shutdown_tx;
+        let signal = async move {
+            shutdown.await;
+            let _ = shutdown_tx.send(true);
+        };
+        let served = axum::serve(self.listener, router)
+            .with_graceful_shutdown(signal)
+            .await;
+        let _ = std::fs::remove_file(self.state.data_dir.join(SERVER_FILE));
+        let log = self.state.log.clone();
+        let closed = tokio::task::spawn_blocking(move || log.close()).await;
+        served.context("serve HTTP")?;
+        closed
+            .context("join the closing task")?
+            .context("close the log")?;
+        Ok(())
+    }
+}
+
+/// Opens the log of a data directory, off the async threads (recovery reads files).
+pub async fn open_log(data_dir: &Path) -> anyhow::Result<Log> {
+    let dir = config::log_dir(data_dir);
+    let opened = tokio::task::spawn_blocking(move || Log::open(&dir))
+        .await
+        .context("join the opening task")?;
+    match opened {
+        Ok(log) => Ok(log),
+        Err(LogError::Locked { .. }) => {
+            let holder = read_server_file(data_dir)
+                .map(|f| format!(" (a kappa server, pid {}, at {})", f.pid, f.http));
+            anyhow::bail!(
+                "data directory {} is in use by another process{}",
+                data_dir.display(),
+                holder.unwrap_or_default()
+            )
+        }
+        Err(e) => Err(e).with_context(|| format!("open the log in {}", data_dir.display())),
+    }
+}
+
+fn write_server_file(data_dir: &Path, file: &ServerFile) -> anyhow::Result<()> {
+    let path = data_dir.join(SERVER_FILE);
+    let tmp = data_dir.join(format!("{SERVER_FILE}.tmp"));
+    let bytes = serde_json::to_vec_pretty(file).context("encode server.json")?;
+    std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("write {}", path.display()))
+}
+
+/// The `server.json` of a data directory, if there is one.
+pub fn read_server_file(data_dir: &Path) -> Option<ServerFile> {
+    let bytes = std::fs::read(data_dir.join(SERVER_FILE)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}

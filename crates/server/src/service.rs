@@ -1,0 +1,183 @@
+//! What the API does, over a [`Log`]: used by the HTTP handlers and by client commands that
+//! work on a data directory directly, so both behave the same.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kappa_log::{Log, LogError, StartAt};
+
+use crate::api::{ConsumedRecord, OffsetsResponse, ProduceResponse, TopicInfo};
+use crate::ingest::{IngestError, parse_ndjson};
+
+/// Most records one read returns.
+pub const READ_RECORDS_MAX: usize = 100_000;
+/// Most bytes of batches one read returns (a single larger batch is still returned whole).
+pub const READ_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Longest a read waits for new records.
+pub const READ_WAIT_MS_MAX: u64 = 30_000;
+
+/// Why an API call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error("request body of {bytes} bytes is over the limit of {max} bytes")]
+    BodyTooLarge { bytes: u64, max: usize },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Parses an NDJSON body and appends it; all or nothing on parse errors.
+pub async fn produce(
+    log: &Log,
+    topic: &str,
+    body: Bytes,
+    key_field: Option<String>,
+) -> Result<ProduceResponse, ServiceError> {
+    let topic = log.topic(topic)?;
+    let records = tokio::task::spawn_blocking(move || parse_ndjson(&body, key_field.as_deref()))
+        .await
+        .map_err(|e| ServiceError::Internal(e.to_string()))??;
+    let offsets = topic.append(records).await?;
+    Ok(ProduceResponse {
+        topic: topic.name().to_owned(),
+        records: offsets.len() as u64,
+        offsets,
+    })
+}
+
+/// Records read from one partition, and where to continue.
+#[derive(Debug, Clone)]
+pub struct ReadResult {
+    pub records: Vec<ConsumedRecord>,
+    pub next_offset: u64,
+}
+
+/// What to read.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadRequest {
+    pub partition: u32,
+    pub start: StartAt,
+    pub max_records: usize,
+    pub max_bytes: usize,
+    /// When nothing is there yet, wait this long for new records.
+    pub wait_ms: u64,
+}
+
+/// Reads up to `max_records` records from one partition, waiting up to `wait_ms` for the first.
+/// `shutdown` ends a wait early.
+pub async fn read(
+    log: &Log,
+    topic: &str,
+    request: ReadRequest,
+    mut shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Result<ReadResult, ServiceError> {
+    let topic = log.topic(topic)?;
+    let mut reader = topic.partition(request.partition)?.reader(request.start)?;
+    let max_records = request.max_records.clamp(1, READ_RECORDS_MAX);
+    let max_bytes = request.max_bytes.clamp(1, READ_BYTES_MAX);
+    let wait = Duration::from_millis(request.wait_ms.min(READ_WAIT_MS_MAX));
+    let name: Arc<str> = topic.name().into();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let (records, next_offset, back) = tokio::task::spawn_blocking({
+            let name = name.clone();
+            move || -> Result<_, LogError> {
+                let mut out = Vec::new();
+                let mut bytes = 0usize;
+                let mut next = reader.next_offset();
+                while out.len() < max_records && bytes < max_bytes {
+                    let Some(chunk) = reader.read(max_bytes - bytes)? else {
+                        break;
+                    };
+                    bytes += chunk.byte_len();
+                    for record in chunk.records() {
+                        let record = record?;
+                        if out.len() == max_records {
+                            break;
+                        }
+                        out.push(ConsumedRecord::from_ref(&name, reader.partition(), &record));
+                        next = record.offset + 1;
+                    }
+                }
+                Ok((out, next, reader))
+            }
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(e.to_string()))??;
+        reader = back;
+        if !records.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(ReadResult {
+                records,
+                next_offset,
+            });
+        }
+        let reader_ref = &mut reader;
+        let shutdown_signal = async {
+            match shutdown.as_mut() {
+                Some(rx) => {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            waited = tokio::time::timeout_at(deadline, reader_ref.wait()) => match waited {
+                Ok(Ok(())) => continue,
+                Ok(Err(LogError::Closed)) | Err(_) => {
+                    return Ok(ReadResult { records: Vec::new(), next_offset: reader.next_offset() });
+                }
+                Ok(Err(e)) => return Err(e.into()),
+            },
+            () = shutdown_signal => {
+                return Ok(ReadResult { records: Vec::new(), next_offset: reader.next_offset() });
+            }
+        }
+    }
+}
+
+/// Offsets of one partition, and optionally the first offset at or after a timestamp.
+pub fn offsets(
+    log: &Log,
+    topic: &str,
+    partition: u32,
+    timestamp_ms: Option<i64>,
+) -> Result<OffsetsResponse, ServiceError> {
+    let topic = log.topic(topic)?;
+    let partition = topic.partition(partition)?;
+    let offsets = partition.offsets();
+    Ok(OffsetsResponse {
+        start_offset: offsets.start_offset,
+        visible_offset: offsets.visible_offset,
+        offset_for_timestamp: timestamp_ms
+            .map(|ts| partition.offset_for_timestamp(ts))
+            .transpose()?,
+    })
+}
+
+pub fn topics(log: &Log) -> Vec<TopicInfo> {
+    log.topics().iter().map(|t| TopicInfo::of(t)).collect()
+}
+
+pub fn topic(log: &Log, name: &str) -> Result<TopicInfo, ServiceError> {
+    let topic = log.topic(name)?;
+    Ok(TopicInfo::of(&topic))
+}
+
+pub async fn create_topic(
+    log: &Arc<Log>,
+    request: crate::api::CreateTopic,
+) -> Result<TopicInfo, ServiceError> {
+    let log = log.clone();
+    tokio::task::spawn_blocking(move || {
+        let topic = log.create_topic(&request.name, request.config)?;
+        Ok(TopicInfo::of(&topic))
+    })
+    .await
+    .map_err(|e| ServiceError::Internal(e.to_string()))?
+}
