@@ -76,7 +76,7 @@ struct UpArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The server reports what it does; client commands only warn.
-    let verbose = matches!(cli.command, Command::Up(_) | Command::Demo(_));
+    let verbose = matches!(cli.command, Command::Up(_));
     init_tracing(cli.global.log_format, verbose);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

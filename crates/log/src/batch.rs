@@ -135,11 +135,14 @@ impl PendingBatch {
         self.record_count == 0
     }
 
-    /// Appends the finished batch to `out`: base offset and timestamp filled in, checksum last.
-    pub(crate) fn seal_into(&self, out: &mut Vec<u8>, base_offset: u64, timestamp_ms: i64) {
-        let start = out.len();
-        out.extend_from_slice(&self.bytes);
-        let batch = &mut out[start..];
+    /// The encoded batch.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Fills in the base offset and timestamp, then the checksum over everything.
+    pub(crate) fn seal(&mut self, base_offset: u64, timestamp_ms: i64) {
+        let batch = &mut self.bytes[..];
         batch[16..24].copy_from_slice(&base_offset.to_le_bytes());
         batch[24..32].copy_from_slice(&timestamp_ms.to_le_bytes());
         batch[32..40].copy_from_slice(&timestamp_ms.to_le_bytes());
@@ -398,6 +401,7 @@ pub struct RecordIter<'a> {
 
 impl<'a> RecordIter<'a> {
     /// `batch` holds exactly one batch whose header is `header`.
+    #[inline]
     pub fn new(batch: &'a [u8], header: &BatchHeader, skip_below: u64) -> RecordIter<'a> {
         RecordIter {
             cursor: Cursor {
@@ -412,18 +416,18 @@ impl<'a> RecordIter<'a> {
         }
     }
 
+    #[inline]
     fn decode_one(&mut self) -> Result<RecordRef<'a>, BatchError> {
         let body_len = self.cursor.varint()? as usize;
         let body = self.cursor.take(body_len)?;
         let mut c = Cursor { buf: body };
         let delta = c.varint()?;
-        let timestamp_ms = i64::try_from(delta)
-            .ok()
-            .and_then(|d| self.first_timestamp_ms.checked_add(d))
-            .filter(|t| *t <= self.last_timestamp_ms)
-            .ok_or_else(|| {
-                BatchError::Malformed("record timestamp is past the batch's last".into())
-            })?;
+        // v1 writers give every record of a batch the same timestamp: delta 0.
+        let timestamp_ms = if delta == 0 {
+            self.first_timestamp_ms
+        } else {
+            timestamp_after(self.first_timestamp_ms, self.last_timestamp_ms, delta)?
+        };
         let key = match c.varint()? {
             0 => None,
             n => Some(c.take(n as usize - 1)?),
@@ -431,19 +435,20 @@ impl<'a> RecordIter<'a> {
         let value_len = c.varint()? as usize;
         let value = c.take(value_len)?;
         let header_count = c.varint()? as usize;
-        if header_count > RECORD_HEADERS_MAX {
-            return Err(BatchError::Malformed(format!("{header_count} headers")));
-        }
         let headers_raw = c.buf;
-        for _ in 0..header_count {
-            c.header()?;
+        if header_count > 0 {
+            if header_count > RECORD_HEADERS_MAX {
+                return Err(malformed(format!("{header_count} headers")));
+            }
+            for _ in 0..header_count {
+                c.header()?;
+            }
         }
         if !c.buf.is_empty() {
-            return Err(BatchError::Malformed("record has trailing bytes".into()));
+            return Err(malformed("record has trailing bytes".into()));
         }
-        let offset = self.next_offset;
         Ok(RecordRef {
-            offset,
+            offset: self.next_offset,
             timestamp_ms,
             key,
             value,
@@ -455,9 +460,24 @@ impl<'a> RecordIter<'a> {
     }
 }
 
+#[cold]
+fn malformed(reason: String) -> BatchError {
+    BatchError::Malformed(reason)
+}
+
+#[cold]
+fn timestamp_after(first: i64, last: i64, delta: u64) -> Result<i64, BatchError> {
+    i64::try_from(delta)
+        .ok()
+        .and_then(|d| first.checked_add(d))
+        .filter(|t| *t <= last)
+        .ok_or_else(|| malformed("record timestamp is past the batch's last".into()))
+}
+
 impl<'a> Iterator for RecordIter<'a> {
     type Item = Result<RecordRef<'a>, BatchError>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             if self.failed {
@@ -495,14 +515,18 @@ struct Cursor<'a> {
 }
 
 impl<'a> Cursor<'a> {
-    #[inline]
+    #[inline(always)]
     fn varint(&mut self) -> Result<u64, BatchError> {
-        if let Some(&b) = self.buf.first()
+        if let Some((&b, rest)) = self.buf.split_first()
             && b < 0x80
         {
-            self.buf = &self.buf[1..];
+            self.buf = rest;
             return Ok(u64::from(b));
         }
+        self.varint_long()
+    }
+
+    fn varint_long(&mut self) -> Result<u64, BatchError> {
         let mut value: u64 = 0;
         for (i, &b) in self.buf.iter().enumerate().take(10) {
             value |= u64::from(b & 0x7f) << (7 * i);
@@ -511,20 +535,18 @@ impl<'a> Cursor<'a> {
                 return Ok(value);
             }
         }
-        Err(BatchError::Malformed("unterminated varint".into()))
+        Err(malformed("unterminated varint".into()))
     }
 
-    #[inline]
+    #[inline(always)]
     fn take(&mut self, n: usize) -> Result<&'a [u8], BatchError> {
-        if n > self.buf.len() {
-            return Err(BatchError::Malformed(format!(
-                "field of {n} bytes runs past the end of its record ({} left)",
-                self.buf.len()
-            )));
+        match self.buf.split_at_checked(n) {
+            Some((head, tail)) => {
+                self.buf = tail;
+                Ok(head)
+            }
+            None => Err(past_the_end(n, self.buf.len())),
         }
-        let (head, tail) = self.buf.split_at(n);
-        self.buf = tail;
-        Ok(head)
     }
 
     fn header(&mut self) -> Result<(&'a str, Option<&'a [u8]>), BatchError> {
@@ -537,6 +559,13 @@ impl<'a> Cursor<'a> {
         };
         Ok((key, value))
     }
+}
+
+#[cold]
+fn past_the_end(n: usize, left: usize) -> BatchError {
+    malformed(format!(
+        "field of {n} bytes runs past the end of its record ({left} left)"
+    ))
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
@@ -560,8 +589,9 @@ mod tests {
     fn sealed(records: &[Record], base: u64, ts: i64) -> Vec<u8> {
         let mut out = Vec::new();
         let mut offset = base;
-        for batch in encode_batches(records).unwrap() {
-            batch.seal_into(&mut out, offset, ts);
+        for mut batch in encode_batches(records).unwrap() {
+            batch.seal(offset, ts);
+            out.extend_from_slice(batch.bytes());
             offset += u64::from(batch.record_count());
         }
         out

@@ -47,6 +47,7 @@ mod recovery;
 mod segment;
 mod storage;
 mod topic;
+mod writer;
 
 pub use batch::{BatchHeader, Header, Headers, Record, RecordRef};
 pub use clock::{Clock, SystemClock};
@@ -54,7 +55,7 @@ pub use config::{FsyncPolicy, TopicConfig, validate_topic_name};
 pub use error::{LogError, Result};
 pub use log::{Log, LogOptions};
 pub use partition::{AppendAck, Partition, PartitionOffsets, PartitionStats};
-pub use reader::{PartitionReader, RecordChunk, StartAt};
+pub use reader::{ChunkRecords, PartitionReader, RecordChunk, StartAt};
 pub use recovery::RecoveryEvent;
 pub use storage::{OpenMode, OsStorage, Storage, StorageFile};
 pub use topic::{RecordPosition, Topic, murmur2};

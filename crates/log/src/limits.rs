@@ -25,6 +25,12 @@ pub const APPEND_QUEUE_LEN: usize = 1024;
 /// Default size of one sequential read of history.
 pub const READ_CHUNK_BYTES_DEFAULT: usize = 1024 * 1024;
 
+/// A replaying reader's helper keeps the OS reading up to this far ahead of it.
+pub const READAHEAD_WINDOW_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The helper asks for this much at a time.
+pub const READAHEAD_STEP_BYTES: u64 = 2 * 1024 * 1024;
+
 /// Default segment size before it rolls.
 pub const SEGMENT_BYTES_MAX_DEFAULT: u64 = 128 * 1024 * 1024;
 

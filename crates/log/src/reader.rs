@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -10,6 +11,7 @@ use tokio::sync::watch;
 use crate::batch::{self, BATCH_HEADER_BYTES, BatchHeader, RecordIter, RecordRef};
 use crate::error::IoContext;
 use crate::index::{self, IndexEntry};
+use crate::limits::{READAHEAD_STEP_BYTES, READAHEAD_WINDOW_BYTES};
 use crate::partition::PartitionShared;
 use crate::segment::{ReadWindow, load_index};
 use crate::storage::{OpenMode, StorageFile};
@@ -36,6 +38,9 @@ pub struct PartitionReader {
     visible_rx: watch::Receiver<u64>,
     next_offset: u64,
     segment: Option<OpenSegment>,
+    /// The previous chunk's buffer: reused when the caller has dropped that chunk, which saves
+    /// an allocation and its page faults per read.
+    spare: Option<Bytes>,
 }
 
 #[derive(Debug)]
@@ -47,6 +52,67 @@ struct OpenSegment {
     /// The position came from an index; if the batch there is not the one the index promised,
     /// the index is bad and the segment is scanned from its start instead.
     positioned_by_index: bool,
+    readahead: Option<Readahead>,
+}
+
+/// A thread that asks the OS to read a segment ahead of its reader, so disk reads overlap with
+/// decoding instead of alternating with it. It stays at most [`READAHEAD_WINDOW_BYTES`] ahead
+/// and stops when the segment's end is reached or the reader moves on.
+#[derive(Debug)]
+struct Readahead {
+    /// Where the reader is; the helper stays within a window past it.
+    reader_position: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Readahead {
+    fn start(file: Arc<dyn StorageFile>, from: u64, end: u64) -> Readahead {
+        let reader_position = Arc::new(AtomicU64::new(from));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (at, halt) = (reader_position.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("kappa-log-readahead".into())
+            .spawn(move || {
+                let mut scratch = vec![0u8; READAHEAD_STEP_BYTES as usize];
+                let mut ahead = from;
+                while ahead < end && !halt.load(Ordering::Relaxed) {
+                    if ahead >= at.load(Ordering::Relaxed) + READAHEAD_WINDOW_BYTES {
+                        std::thread::park_timeout(std::time::Duration::from_millis(5));
+                        continue;
+                    }
+                    let step = READAHEAD_STEP_BYTES.min(end - ahead);
+                    // A plain read pulls the bytes into the OS cache through its usual readahead.
+                    if file.read_at(&mut scratch[..step as usize], ahead).is_err() {
+                        return;
+                    }
+                    ahead += step;
+                }
+            })
+            .ok();
+        Readahead {
+            reader_position,
+            stop,
+            thread,
+        }
+    }
+
+    fn advance(&self, position: u64) {
+        self.reader_position.store(position, Ordering::Relaxed);
+        if let Some(t) = &self.thread {
+            t.thread().unpark();
+        }
+    }
+}
+
+impl Drop for Readahead {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
 }
 
 impl PartitionReader {
@@ -74,6 +140,7 @@ impl PartitionReader {
             visible_rx,
             next_offset,
             segment: None,
+            spare: None,
         })
     }
 
@@ -145,9 +212,16 @@ impl PartitionReader {
                 self.segment = None;
                 continue;
             }
-            match read_chunk(open, limit, max_bytes, self.next_offset)? {
+            let buf = self
+                .spare
+                .take()
+                .and_then(|b| b.try_into_mut().ok())
+                .map(Vec::from)
+                .unwrap_or_default();
+            match read_chunk(open, limit, max_bytes, self.next_offset, buf)? {
                 ChunkRead::Chunk(chunk) => {
                     self.next_offset = chunk.next_offset();
+                    self.spare = Some(chunk.data.clone());
                     return Ok(Some(chunk));
                 }
                 ChunkRead::Skipped => continue,
@@ -209,12 +283,30 @@ impl PartitionReader {
             }
             Err(e) => return Err(e).io("open segment", &path),
         };
+        file.advise_sequential();
+        let position = entry.map_or(0, |e| u64::from(e.position));
+        let end = {
+            let state = self.shared.state();
+            match state
+                .segments
+                .iter()
+                .position(|s| s.base_offset == base_offset)
+            {
+                Some(i) if i + 1 == state.segments.len() => state.visible_position,
+                Some(i) => state.segments[i].size_bytes,
+                None => 0,
+            }
+        };
+        // Far behind the tail (a replay), a helper keeps the disk busy ahead of the decoding.
+        let readahead = (end.saturating_sub(position) > READAHEAD_WINDOW_BYTES)
+            .then(|| Readahead::start(file.clone(), position, end));
         self.segment = Some(OpenSegment {
             base_offset,
             path,
             file,
-            position: entry.map_or(0, |e| u64::from(e.position)),
+            position,
             positioned_by_index: entry.is_some(),
+            readahead,
         });
         Ok(())
     }
@@ -286,10 +378,11 @@ fn read_chunk(
     limit: u64,
     max_bytes: usize,
     next_offset: u64,
+    mut buf: Vec<u8>,
 ) -> Result<ChunkRead> {
     let start = open.position;
     let want = (max_bytes.max(BATCH_HEADER_BYTES) as u64).min(limit - start) as usize;
-    let mut buf = vec![0u8; want];
+    buf.resize(want, 0);
     let n = open
         .file
         .read_full_at(&mut buf, start)
@@ -348,6 +441,9 @@ fn read_chunk(
     }
     open.position = start + at as u64;
     open.positioned_by_index = false;
+    if let Some(readahead) = &open.readahead {
+        readahead.advance(open.position);
+    }
     if batches.is_empty() {
         return Ok(ChunkRead::Skipped);
     }
@@ -407,15 +503,46 @@ impl RecordChunk {
     }
 
     /// The records, in offset order. An error means a batch passed its CRC but is malformed.
-    pub fn records(&self) -> impl Iterator<Item = Result<RecordRef<'_>>> + '_ {
-        self.batches.iter().flat_map(move |(at, header)| {
+    pub fn records(&self) -> ChunkRecords<'_> {
+        ChunkRecords {
+            chunk: self,
+            next_batch: 0,
+            current: None,
+        }
+    }
+}
+
+/// Iterator over the records of a [`RecordChunk`].
+#[derive(Debug)]
+pub struct ChunkRecords<'a> {
+    chunk: &'a RecordChunk,
+    next_batch: usize,
+    /// The batch being read and where it starts in the chunk.
+    current: Option<(RecordIter<'a>, usize)>,
+}
+
+impl<'a> Iterator for ChunkRecords<'a> {
+    type Item = Result<RecordRef<'a>>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some((records, at)) = &mut self.current {
+                match records.next() {
+                    Some(Ok(record)) => return Some(Ok(record)),
+                    Some(Err(e)) => {
+                        let position = self.chunk.position + *at as u64;
+                        return Some(Err(e.at(&self.chunk.segment, position)));
+                    }
+                    None => self.current = None,
+                }
+            }
+            let (at, header) = self.chunk.batches.get(self.next_batch)?;
+            self.next_batch += 1;
             let at = *at as usize;
-            let bytes = &self.data[at..at + header.length as usize];
-            let position = self.position + at as u64;
-            let segment = self.segment.clone();
-            RecordIter::new(bytes, header, self.skip_below)
-                .map(move |r| r.map_err(|e| e.at(&segment, position)))
-        })
+            let bytes = &self.chunk.data[at..at + header.length as usize];
+            self.current = Some((RecordIter::new(bytes, header, self.chunk.skip_below), at));
+        }
     }
 }
 

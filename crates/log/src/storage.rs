@@ -47,10 +47,26 @@ pub trait StorageFile: Send + Sync + Debug {
     /// Reads at `offset`; fewer bytes than asked only at the end of the file.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes `bufs` one after another from `offset`; the real file does it in one system call.
+    fn write_all_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let mut at = offset;
+        for buf in bufs {
+            self.write_all_at(buf, at)?;
+            at += buf.len() as u64;
+        }
+        Ok(())
+    }
     /// Makes the file's data durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
     fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// Hints that the file will be read sequentially, so the OS reads further ahead. Only a
+    /// hint: errors are ignored.
+    fn advise_sequential(&self) {}
+
+    /// Asks the OS to start reading `[offset, offset + len)` into its cache. Only a hint.
+    fn prefetch(&self, _offset: u64, _len: u64) {}
 
     /// Reads exactly `buf.len()` bytes or fails with `UnexpectedEof`.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -154,6 +170,9 @@ impl Storage for OsStorage {
     }
 }
 
+/// Most slices one pwritev accepts on Linux.
+const IOV_MAX: usize = 1024;
+
 #[derive(Debug)]
 struct OsFile(File);
 
@@ -166,6 +185,26 @@ impl StorageFile for OsFile {
         self.0.write_all_at(buf, offset)
     }
 
+    fn write_all_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let mut slices: Vec<io::IoSlice<'_>> = bufs.iter().map(|b| io::IoSlice::new(b)).collect();
+        let mut remaining = &mut slices[..];
+        let mut at = offset;
+        // pwritev takes at most IOV_MAX slices and may write less than asked: loop.
+        while !remaining.is_empty() {
+            let window = remaining.len().min(IOV_MAX);
+            let n = rustix::io::pwritev(&self.0, &remaining[..window], at)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "pwritev wrote nothing",
+                ));
+            }
+            at += n as u64;
+            io::IoSlice::advance_slices(&mut remaining, n);
+        }
+        Ok(())
+    }
+
     fn sync_data(&self) -> io::Result<()> {
         self.0.sync_data()
     }
@@ -176,6 +215,19 @@ impl StorageFile for OsFile {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
+    }
+
+    fn advise_sequential(&self) {
+        let _ = rustix::fs::fadvise(&self.0, 0, None, rustix::fs::Advice::Sequential);
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) {
+        let _ = rustix::fs::fadvise(
+            &self.0,
+            offset,
+            std::num::NonZeroU64::new(len),
+            rustix::fs::Advice::WillNeed,
+        );
     }
 }
 
