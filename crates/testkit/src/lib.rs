@@ -6,4 +6,5 @@ pub mod clock;
 pub mod data;
 pub mod fs;
 pub mod process;
+pub mod sim;
 pub mod storage;

@@ -303,3 +303,40 @@ fn blocking_appends_work_outside_a_runtime() {
         10
     );
 }
+
+#[tokio::test]
+async fn segments_roll_by_age_at_the_next_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = kappa_testkit::clock::ManualClock::new(1_000_000);
+    let options = kappa_log::LogOptions {
+        clock: std::sync::Arc::new(clock.clone()),
+        ..Default::default()
+    };
+    let log = Log::open_with(dir.path(), options).unwrap();
+    let config = TopicConfig {
+        segment_ms_max: 60_000,
+        ..TopicConfig::default()
+    };
+    let topic = log.create_topic("t", config).unwrap();
+    let partition = topic.partition(0).unwrap();
+    topic.append(values("a", 2)).await.unwrap();
+    clock.advance_ms(59_999);
+    topic.append(values("b", 2)).await.unwrap();
+    assert_eq!(
+        partition.stats().segment_count,
+        1,
+        "younger than segment_ms_max: no roll"
+    );
+    clock.advance_ms(1);
+    topic.append(values("c", 2)).await.unwrap();
+    assert_eq!(
+        partition.stats().segment_count,
+        2,
+        "the first append past the age rolls"
+    );
+    let got: Vec<u64> = all_values(&log, "t", 0)
+        .into_iter()
+        .map(|(o, _)| o)
+        .collect();
+    assert_eq!(got, (0..6).collect::<Vec<_>>());
+}

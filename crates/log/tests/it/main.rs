@@ -4,6 +4,7 @@
 mod basics;
 mod durability;
 mod follow;
+mod power_loss;
 mod recovery;
 mod retention;
 
