@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 
-use crate::limits::{BATCH_BYTES_MAX, RECORD_BYTES_MAX, RECORD_HEADERS_MAX};
+use crate::limits::{APPEND_BYTES_MAX, BATCH_BYTES_MAX, RECORD_BYTES_MAX, RECORD_HEADERS_MAX};
 use crate::{LogError, Result};
 
 /// Bytes in the fixed batch header.
@@ -157,6 +157,7 @@ pub fn encode_batches(records: &[Record]) -> Result<Vec<PendingBatch>> {
     let mut current = new_batch_buffer();
     let mut count: u32 = 0;
     let mut record_buf = Vec::new();
+    let mut total = 0usize;
     for record in records {
         check_record(record)?;
         record_buf.clear();
@@ -170,6 +171,12 @@ pub fn encode_batches(records: &[Record]) -> Result<Vec<PendingBatch>> {
         put_varint(&mut current, record_buf.len() as u64);
         current.extend_from_slice(&record_buf);
         count += 1;
+        total += needed;
+        if total > APPEND_BYTES_MAX {
+            return Err(LogError::AppendTooLarge {
+                max: APPEND_BYTES_MAX,
+            });
+        }
     }
     if count > 0 {
         batches.push(finish_batch(current, count));

@@ -84,6 +84,9 @@ pub enum LogError {
     #[error("record of {bytes} bytes is over the limit of {max} bytes")]
     RecordTooLarge { bytes: usize, max: usize },
 
+    #[error("an append of more than {max} bytes is not accepted; split it")]
+    AppendTooLarge { max: usize },
+
     #[error("record has {count} headers, over the limit of {max}")]
     TooManyHeaders { count: usize, max: usize },
 

@@ -13,6 +13,10 @@ pub const BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Largest single record (key + value + headers), like Kafka's `message.max.bytes` but roomier.
 pub const RECORD_BYTES_MAX: usize = 16 * 1024 * 1024;
 
+/// Largest single append (all its batches). Segments roll only between appends, so this bounds
+/// how far a segment can grow past its configured size, and keeps positions within `u32`.
+pub const APPEND_BYTES_MAX: usize = 1024 * 1024 * 1024;
+
 /// Most headers on one record.
 pub const RECORD_HEADERS_MAX: usize = 1024;
 

@@ -186,18 +186,14 @@ impl PartitionReader {
                             Some((state.visible_position, true))
                         }
                         Some(i) => Some((state.segments[i].size_bytes, false)),
-                        None => {
-                            return Err(out_of_range(
-                                &self.shared,
-                                self.next_offset,
-                                start,
-                                state.visible_offset,
-                            ));
-                        }
+                        // Retention deleted the segment this reader had finished; the next
+                        // offset (still kept, checked above) is in a later one.
+                        None => None,
                     },
                 }
             };
             let Some((limit, active)) = limit else {
+                self.segment = None;
                 self.open_segment()?;
                 continue;
             };
@@ -397,9 +393,28 @@ fn read_chunk(
     let mut batches = Vec::new();
     let mut at = 0usize;
     let mut expected_base: Option<u64> = None;
+    if want < BATCH_HEADER_BYTES {
+        if open.positioned_by_index {
+            return Ok(ChunkRead::BadIndex);
+        }
+        return Err(LogError::MalformedBatch {
+            segment: open.path.to_path_buf(),
+            position: start,
+            reason: format!(
+                "{want} bytes left before the end of the visible records: no room for a batch"
+            ),
+        });
+    }
+    // The first batch of a read that starts where an index pointed proves the index right or
+    // wrong: whatever is wrong with it is the index's fault, and the segment is rescanned.
+    let by_index = open.positioned_by_index;
     while at + BATCH_HEADER_BYTES <= buf.len() {
         let position = start + at as u64;
-        let header = batch::parse_header(&buf[at..]).map_err(|e| e.at(&open.path, position))?;
+        let header = match batch::parse_header(&buf[at..]) {
+            Ok(header) => header,
+            Err(_) if by_index && at == 0 => return Ok(ChunkRead::BadIndex),
+            Err(e) => return Err(e.at(&open.path, position)),
+        };
         let len = header.length as usize;
         if at + len > buf.len() {
             if !batches.is_empty() || at > 0 {
@@ -407,6 +422,9 @@ fn read_chunk(
             }
             // One batch larger than the chunk: read exactly that batch.
             if start + len as u64 > limit {
+                if by_index {
+                    return Ok(ChunkRead::BadIndex);
+                }
                 return Err(LogError::MalformedBatch {
                     segment: open.path.to_path_buf(),
                     position,
@@ -419,11 +437,14 @@ fn read_chunk(
                 .io("read segment", &open.path)?;
             continue;
         }
-        let header =
-            batch::decode_batch(&buf[at..at + len]).map_err(|e| e.at(&open.path, position))?;
+        let header = match batch::decode_batch(&buf[at..at + len]) {
+            Ok(header) => header,
+            Err(_) if by_index && at == 0 => return Ok(ChunkRead::BadIndex),
+            Err(e) => return Err(e.at(&open.path, position)),
+        };
         match expected_base {
             None if header.base_offset > next_offset => {
-                if open.positioned_by_index {
+                if by_index {
                     return Ok(ChunkRead::BadIndex);
                 }
                 return Err(gap(&open.path, position, next_offset, header.base_offset));
@@ -581,33 +602,56 @@ pub(crate) fn offset_for_timestamp(shared: &PartitionShared, timestamp_ms: i64) 
         .storage
         .open(&path, OpenMode::Read)
         .io("open segment", &path)?;
+    let from = entry.map_or(0, |e| u64::from(e.position));
+    let found = match first_at_or_after(shared, file.as_ref(), &path, from, limit, timestamp_ms) {
+        Err(e) if from > 0 => {
+            tracing::warn!(segment = %path.display(), error = %e, "time index entry does not match the segment; scanning it");
+            first_at_or_after(shared, file.as_ref(), &path, 0, limit, timestamp_ms)?
+        }
+        other => other?,
+    };
+    if let Some(offset) = found {
+        return Ok(offset);
+    }
+    Ok(if active { visible } else { segment.next_offset })
+}
+
+/// Scans batches from `from` to `limit` for the first record at or after `timestamp_ms`.
+fn first_at_or_after(
+    shared: &PartitionShared,
+    file: &dyn StorageFile,
+    path: &Path,
+    from: u64,
+    limit: u64,
+    timestamp_ms: i64,
+) -> Result<Option<u64>> {
     let mut window = ReadWindow::new(shared.read_chunk_bytes);
-    let mut position = entry.map_or(0, |e| u64::from(e.position));
+    let mut position = from;
     while position < limit {
         let Some(head) = window
-            .get(file.as_ref(), position, BATCH_HEADER_BYTES, limit)
-            .io("read segment", &path)?
+            .get(file, position, BATCH_HEADER_BYTES, limit)
+            .io("read segment", path)?
         else {
             break;
         };
-        let header = batch::parse_header(head).map_err(|e| e.at(&path, position))?;
+        let header = batch::parse_header(head).map_err(|e| e.at(path, position))?;
         let len = header.length as usize;
         let Some(bytes) = window
-            .get(file.as_ref(), position, len, limit)
-            .io("read segment", &path)?
+            .get(file, position, len, limit)
+            .io("read segment", path)?
         else {
             break;
         };
-        let header = batch::decode_batch(bytes).map_err(|e| e.at(&path, position))?;
+        let header = batch::decode_batch(bytes).map_err(|e| e.at(path, position))?;
         if header.last_timestamp_ms >= timestamp_ms {
             for record in RecordIter::new(bytes, &header, 0) {
-                let record = record.map_err(|e| e.at(&path, position))?;
+                let record = record.map_err(|e| e.at(path, position))?;
                 if record.timestamp_ms >= timestamp_ms {
-                    return Ok(record.offset);
+                    return Ok(Some(record.offset));
                 }
             }
         }
         position += len as u64;
     }
-    Ok(if active { visible } else { segment.next_offset })
+    Ok(None)
 }

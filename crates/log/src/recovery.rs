@@ -33,7 +33,7 @@ pub enum RecoveryEvent {
     RebuiltIndex { segment: PathBuf, reason: String },
     /// A leftover file (an interrupted write or an index without its segment) was removed.
     RemovedLeftover { path: PathBuf },
-    /// There was no recovery checkpoint, so every segment was validated.
+    /// There was no recovery checkpoint, so the last segment was validated from its start.
     NoCheckpoint { partition: PathBuf },
 }
 
@@ -110,9 +110,11 @@ pub(crate) fn recover(
     let durable = match found {
         Some((_, point)) => point,
         None => {
-            let first = bases.first().copied().unwrap_or(0);
+            // Without a checkpoint, sealed segments are still durable: a roll fsyncs a segment
+            // before the next one is created. Only the last segment is validated as a tail.
+            let first = bases.last().copied().unwrap_or(0);
             if !bases.is_empty() {
-                tracing::warn!(partition = %dir.display(), "no recovery checkpoint; validating every segment");
+                tracing::warn!(partition = %dir.display(), "no recovery checkpoint; validating the last segment");
                 events.push(RecoveryEvent::NoCheckpoint {
                     partition: dir.to_path_buf(),
                 });
@@ -323,20 +325,24 @@ fn open_tail(
         durable_position,
     };
     let mut entries = Vec::new();
+    let mut from_index = false;
     match load_index(storage, paths)? {
         Ok(Some((c, loaded)))
-            if c.covered_bytes <= durable_position && c.covered_bytes <= file_len =>
+            if c.covered_bytes <= durable_position
+                && c.covered_bytes <= file_len
+                && c.next_offset >= base =>
         {
             start.position = c.covered_bytes;
             start.next_offset = c.next_offset;
             start.max_timestamp_ms = c.max_timestamp_ms;
             entries = loaded;
+            from_index = true;
         }
         Ok(None) => {}
         Ok(Some((c, _))) => {
             let reason = format!(
-                "index covers {} bytes, past the durable point {durable_position}",
-                c.covered_bytes
+                "index covers {} bytes ending at offset {}, which does not fit the segment (durable point {durable_position})",
+                c.covered_bytes, c.next_offset
             );
             events.push(RecoveryEvent::RebuiltIndex {
                 segment: paths.log.clone(),
@@ -351,8 +357,36 @@ fn open_tail(
             });
         }
     }
-    let outcome = scan_segment(file.as_ref(), &paths.log, start, rule, &mut entries, base)?;
+    let outcome = match scan_segment(file.as_ref(), &paths.log, start, rule, &mut entries, base) {
+        Ok(outcome) => outcome,
+        Err(e) if from_index => {
+            // The index passed its checks but does not describe this segment (it was left by
+            // another life of the file): rebuild from the start, which also judges the bytes
+            // the index claimed to cover.
+            let reason = format!("scanning from the index failed: {e}");
+            tracing::warn!(segment = %paths.log.display(), %reason, "rebuilding index");
+            events.push(RecoveryEvent::RebuiltIndex {
+                segment: paths.log.clone(),
+                reason,
+            });
+            entries.clear();
+            let start = ScanStart {
+                position: 0,
+                next_offset: base,
+                max_timestamp_ms: i64::MIN,
+                durable_position,
+            };
+            scan_segment(file.as_ref(), &paths.log, start, rule, &mut entries, base)?
+        }
+        Err(e) => return Err(e),
+    };
     let torn = outcome.torn.is_some();
+    if outcome.end_position > durable_position {
+        // Valid bytes past the durable point outlived a crash of the process, but only in the OS
+        // cache: they become durable before anything treats them as such (visible, or named by
+        // the checkpoint written next).
+        file.sync_data().io("sync recovered tail", &paths.log)?;
+    }
     if let Some((position, reason)) = outcome.torn {
         file.set_len(position)
             .io("truncate torn tail", &paths.log)?;

@@ -185,7 +185,14 @@ impl Writer {
             base_offset: active.base_offset,
             position: active.size_bytes,
             next_offset: active.next_offset,
-            last_timestamp_ms: active.max_timestamp_ms.max(0),
+            // Timestamps never go back, not even across a restart onto an empty active segment.
+            last_timestamp_ms: recovered
+                .segments
+                .iter()
+                .map(|s| s.max_timestamp_ms)
+                .max()
+                .unwrap_or(0)
+                .max(0),
             segment_first_timestamp_ms: recovered.active_first_timestamp_ms,
             segment_max_timestamp_ms: active.max_timestamp_ms,
             group: Vec::new(),
@@ -236,8 +243,14 @@ impl Writer {
                     let _ = reply.send(Err(e));
                     return true;
                 }
-                let result = self.stage(batches, reply);
-                let _ = self.check(result);
+                match self.stage(batches) {
+                    Ok(ack) => self.acks.push((reply, ack)),
+                    Err(e) => {
+                        let _ = self.check(Err(e));
+                        let _ =
+                            reply.send(Err(failed_error(&self.shared).unwrap_or(LogError::Closed)));
+                    }
+                }
             }
             Command::Sync { reply } => {
                 let result = self.commit().and_then(|()| self.barrier());
@@ -271,22 +284,23 @@ impl Writer {
     }
 
     /// Adds an append's batches to the group being assembled.
-    fn stage(&mut self, batches: Vec<PendingBatch>, reply: AckSender) -> Result<()> {
+    fn stage(&mut self, batches: Vec<PendingBatch>) -> Result<AppendAck> {
         let timestamp_ms = self.clock.now_ms().max(self.last_timestamp_ms);
+        let append_bytes: u64 = batches.iter().map(|b| b.len() as u64).sum();
+        let position = self.position + self.group_bytes as u64;
+        let too_big = position + append_bytes > self.shared.config.segment_bytes_max;
+        let too_old = self.segment_first_timestamp_ms.is_some_and(|first| {
+            timestamp_ms.saturating_sub(first) >= self.shared.config.segment_ms_max as i64
+        });
+        // Segments roll between appends only: an append never straddles a roll, so no part of
+        // it becomes durable and readable (a sealed segment is read whole) before all of it is.
+        if position > 0 && (too_big || too_old) {
+            self.commit()?;
+            self.roll()?;
+        }
         let base_offset = self.next_offset;
-        let segment_bytes_max = self.shared.config.segment_bytes_max;
-        let segment_ms_max = self.shared.config.segment_ms_max as i64;
         for mut batch in batches {
-            let mut position = self.position + self.group_bytes as u64;
-            let too_big = position + batch.len() as u64 > segment_bytes_max;
-            let too_old = self
-                .segment_first_timestamp_ms
-                .is_some_and(|first| timestamp_ms.saturating_sub(first) >= segment_ms_max);
-            if position > 0 && (too_big || too_old) {
-                self.commit()?;
-                self.roll()?;
-                position = 0;
-            }
+            let position = self.position + self.group_bytes as u64;
             if self
                 .shared
                 .rule
@@ -305,17 +319,15 @@ impl Writer {
             self.next_offset += u64::from(batch.record_count());
             self.group_bytes += batch.len();
             self.group.push(batch);
-            self.segment_first_timestamp_ms.get_or_insert(timestamp_ms);
-            self.segment_max_timestamp_ms = self.segment_max_timestamp_ms.max(timestamp_ms);
         }
+        self.segment_first_timestamp_ms.get_or_insert(timestamp_ms);
+        self.segment_max_timestamp_ms = self.segment_max_timestamp_ms.max(timestamp_ms);
         self.last_timestamp_ms = timestamp_ms;
-        let ack = AppendAck {
+        Ok(AppendAck {
             base_offset,
             record_count: self.next_offset - base_offset,
             timestamp_ms,
-        };
-        self.acks.push((reply, ack));
-        Ok(())
+        })
     }
 
     fn segment_full(&self) -> LogError {

@@ -76,6 +76,9 @@ impl From<ServiceError> for ApiError {
                         (StatusCode::BAD_REQUEST, "invalid_topic_name")
                     }
                     LogError::InvalidConfig { .. } => (StatusCode::BAD_REQUEST, "invalid_config"),
+                    LogError::AppendTooLarge { .. } => {
+                        (StatusCode::BAD_REQUEST, "append_too_large")
+                    }
                     LogError::RecordTooLarge { .. } => {
                         (StatusCode::BAD_REQUEST, "record_too_large")
                     }

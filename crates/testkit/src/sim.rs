@@ -131,6 +131,25 @@ impl SimStorage {
     }
 }
 
+impl SimStorage {
+    /// The machine as it is after the process dies but the OS keeps running (kill -9): every
+    /// write reached the OS, nothing more is durable than before. A new, independent copy.
+    pub fn process_crash(&self) -> SimStorage {
+        let fs = self.lock();
+        let copy = Fs {
+            inodes: fs.inodes.clone(),
+            names: fs.names.clone(),
+            durable_names: fs.durable_names.clone(),
+            dirs: fs.dirs.clone(),
+            next_inode: fs.next_inode,
+            locked: BTreeSet::new(),
+        };
+        SimStorage {
+            fs: Arc::new(Mutex::new(copy)),
+        }
+    }
+}
+
 impl Storage for SimStorage {
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         let mut fs = self.lock();

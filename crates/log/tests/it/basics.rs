@@ -340,3 +340,68 @@ async fn segments_roll_by_age_at_the_next_append() {
         .collect();
     assert_eq!(got, (0..6).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn timestamps_never_go_back_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = kappa_testkit::clock::ManualClock::new(5_000_000);
+    let options = || kappa_log::LogOptions {
+        clock: std::sync::Arc::new(clock.clone()),
+        ..Default::default()
+    };
+    {
+        let log = Log::open_with(dir.path(), options()).unwrap();
+        let config = TopicConfig {
+            segment_ms_max: 1,
+            ..TopicConfig::default()
+        };
+        let topic = log.create_topic("t", config).unwrap();
+        topic.append(values("a", 1)).await.unwrap();
+        clock.advance_ms(10);
+        topic.append(values("b", 1)).await.unwrap();
+    }
+    clock.set_ms(1_000);
+    let log = Log::open_with(dir.path(), options()).unwrap();
+    let topic = log.topic("t").unwrap();
+    let ack = topic
+        .partition(0)
+        .unwrap()
+        .append(&values("c", 1))
+        .await
+        .unwrap();
+    assert_eq!(ack.timestamp_ms, 5_000_010);
+}
+
+#[test]
+fn an_append_never_straddles_a_segment_roll() {
+    // Each append is six 15 MiB records: two batches (64 MiB at most each), more than a
+    // 70 MiB segment holds.
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path()).unwrap();
+    let config = TopicConfig {
+        segment_bytes_max: 70 << 20,
+        ..TopicConfig::default()
+    };
+    let topic = log.create_topic("t", config).unwrap();
+    let big = bytes::Bytes::from(vec![b'x'; 15 << 20]);
+    for _ in 0..3 {
+        let append: Vec<Record> = (0..6).map(|_| Record::from_value(big.clone())).collect();
+        topic
+            .partition(0)
+            .unwrap()
+            .append_blocking(&append)
+            .unwrap();
+    }
+    let mut bases: Vec<u64> = std::fs::read_dir(dir.path().join("t/0"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .map(|p| p.file_stem().unwrap().to_str().unwrap().parse().unwrap())
+        .collect();
+    bases.sort();
+    assert_eq!(
+        bases,
+        vec![0, 6, 12],
+        "segments must start at append boundaries"
+    );
+}

@@ -365,3 +365,53 @@ fn an_incompletely_created_topic_is_removed() {
     assert!(!dir.path().join("half").exists());
     log.create_topic("half", TopicConfig::default()).unwrap();
 }
+
+#[tokio::test]
+async fn index_entries_pointing_inside_batches_do_not_break_reads() {
+    use kappa_log::inspect::{IndexEntry, IndexKind, decode_index_files, encode_index};
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = Log::open(dir.path()).unwrap();
+        let topic = log.create_topic("t", crate::small_segments()).unwrap();
+        for i in 0..60 {
+            topic.append(values(&format!("v{i}"), 3)).await.unwrap();
+        }
+    }
+    let log = Log::open(dir.path()).unwrap();
+    let expected = all_values(&log, "t", 0);
+    drop(log);
+    // Rewrite the first sealed segment's index with valid CRCs but positions 3 bytes into batches.
+    let seg = segment(dir.path(), 0);
+    let offsets = std::fs::read(seg.with_extension("index")).unwrap();
+    let times = std::fs::read(seg.with_extension("timeindex")).unwrap();
+    let (coverage, entries) = decode_index_files(&offsets, &times).unwrap();
+    let shifted: Vec<IndexEntry> = entries
+        .iter()
+        .map(|e| IndexEntry {
+            position: e.position + 3,
+            ..*e
+        })
+        .collect();
+    std::fs::write(
+        seg.with_extension("index"),
+        encode_index(IndexKind::Offset, &shifted, coverage),
+    )
+    .unwrap();
+    std::fs::write(
+        seg.with_extension("timeindex"),
+        encode_index(IndexKind::Time, &shifted, coverage),
+    )
+    .unwrap();
+    let log = Log::open(dir.path()).unwrap();
+    let topic = log.topic("t").unwrap();
+    let partition = topic.partition(0).unwrap();
+    for start in [0u64, 1, 10, 20, 30] {
+        let mut reader = partition.reader(kappa_log::StartAt::Offset(start)).unwrap();
+        assert_eq!(
+            crate::drain(&mut reader),
+            expected[start as usize..],
+            "from {start}"
+        );
+    }
+    assert!(partition.offset_for_timestamp(0).is_ok());
+}

@@ -98,3 +98,36 @@ async fn no_retention_keeps_everything() {
     partition.enforce_retention().unwrap();
     assert_eq!(partition.offsets().start_offset, 0);
 }
+
+#[tokio::test]
+async fn a_reader_past_a_deleted_segment_reads_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_000_000_000);
+    let log = open(dir.path(), &clock);
+    let config = TopicConfig {
+        retention_ms: Some(60_000),
+        ..small_segments()
+    };
+    let topic = log.create_topic("t", config).unwrap();
+    for i in 0..30 {
+        topic.append(values(&format!("old{i}"), 3)).await.unwrap();
+    }
+    let partition = topic.partition(0).unwrap();
+    // Read everything there is, so the reader sits at the end of what it has read.
+    let mut reader = partition.reader(StartAt::Beginning).unwrap();
+    let first = drain(&mut reader);
+    assert_eq!(first.len(), 90);
+    clock.advance_ms(120_000);
+    for i in 0..30 {
+        topic.append(values(&format!("new{i}"), 3)).await.unwrap();
+    }
+    partition.enforce_retention().unwrap();
+    assert!(partition.offsets().start_offset > 0);
+    let rest = drain(&mut reader);
+    assert_eq!(
+        rest.first().unwrap().0,
+        90,
+        "continues exactly where it stopped"
+    );
+    assert_eq!(rest.len(), 90);
+}
