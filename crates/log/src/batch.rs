@@ -185,7 +185,7 @@ pub fn encode_batches(records: &[Record]) -> Result<Vec<PendingBatch>> {
 }
 
 /// Checks a record against the size limits.
-pub fn check_record(record: &Record) -> Result<()> {
+fn check_record(record: &Record) -> Result<()> {
     if record.payload_len() > RECORD_BYTES_MAX {
         return Err(LogError::RecordTooLarge {
             bytes: record.payload_len(),

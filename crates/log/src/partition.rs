@@ -197,13 +197,8 @@ impl Partition {
 
     /// [`Partition::append`] for callers outside an async runtime.
     pub fn append_blocking(&self, records: &[Record]) -> Result<AppendAck> {
-        let batches = encode_batches(records)?;
-        if batches.is_empty() {
-            return Ok(self.empty_ack());
-        }
-        let (reply, rx) = flume::bounded(1);
-        self.send_blocking(Command::Append { batches, reply })?;
-        rx.recv().map_err(|_| self.stopped())?
+        let reply = self.submit_blocking(encode_batches(records)?)?;
+        self.acknowledged_blocking(reply)
     }
 
     /// Queues encoded batches for the writer; the returned receiver yields the acknowledgement.
@@ -220,9 +215,25 @@ impl Partition {
         Ok(AckReceiver(rx))
     }
 
+    /// [`Partition::submit`] for callers outside an async runtime.
+    pub(crate) fn submit_blocking(&self, batches: Vec<PendingBatch>) -> Result<AckReceiver> {
+        let (reply, rx) = flume::bounded(1);
+        if batches.is_empty() {
+            let _ = reply.send(Ok(self.empty_ack()));
+        } else {
+            self.send_blocking(Command::Append { batches, reply })?;
+        }
+        Ok(AckReceiver(rx))
+    }
+
     /// Waits for the acknowledgement of a [`Partition::submit`].
     pub(crate) async fn acknowledged(&self, reply: AckReceiver) -> Result<AppendAck> {
         reply.0.recv_async().await.map_err(|_| self.stopped())?
+    }
+
+    /// [`Partition::acknowledged`] for callers outside an async runtime.
+    pub(crate) fn acknowledged_blocking(&self, reply: AckReceiver) -> Result<AppendAck> {
+        reply.0.recv().map_err(|_| self.stopped())?
     }
 
     fn empty_ack(&self) -> AppendAck {

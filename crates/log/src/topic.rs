@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::batch::{Record, encode_batches};
+use crate::batch::{PendingBatch, Record, encode_batches};
 use crate::config::TopicConfig;
 use crate::partition::{Partition, PartitionStats};
 use crate::{LogError, Result};
@@ -73,19 +73,13 @@ impl Topic {
     /// Appends records, each to the partition [`Topic::partition_for`] picks, and returns where
     /// each landed, in input order, once all are acknowledged.
     ///
-    /// Every record is checked before anything is written, so a bad record rejects the whole
-    /// call. Each partition's share is written as one unit: after a crash before the
+    /// Every record is checked and encoded before anything is written, so a bad record rejects
+    /// the whole call. Each partition's share is written as one unit: after a crash before the
     /// acknowledgement, a partition's share is either wholly present or wholly absent.
     pub async fn append(&self, records: Vec<Record>) -> Result<Vec<RecordPosition>> {
-        let (groups, slots) = self.split(records);
-        let mut pending = Vec::new();
-        let mut encoded = Vec::new();
-        for (partition, group) in groups.iter().enumerate() {
-            if !group.is_empty() {
-                encoded.push((partition, encode_batches(group)?));
-            }
-        }
-        for (partition, batches) in encoded {
+        let (shares, slots) = self.encode(records)?;
+        let mut pending = Vec::with_capacity(shares.len());
+        for (partition, batches) in shares {
             pending.push((partition, self.partitions[partition].submit(batches).await?));
         }
         let mut bases = vec![0u64; self.partitions.len()];
@@ -95,38 +89,43 @@ impl Topic {
                 .await?
                 .base_offset;
         }
-        Ok(slots
-            .into_iter()
-            .map(|(partition, i)| RecordPosition {
-                partition,
-                offset: bases[partition as usize] + i as u64,
-            })
-            .collect())
+        Ok(positions(slots, &bases))
     }
 
     /// [`Topic::append`] for callers outside an async runtime.
     pub fn append_blocking(&self, records: Vec<Record>) -> Result<Vec<RecordPosition>> {
-        let (groups, slots) = self.split(records);
-        for group in &groups {
-            for record in group {
-                crate::batch::check_record(record)?;
-            }
+        let (shares, slots) = self.encode(records)?;
+        let mut pending = Vec::with_capacity(shares.len());
+        for (partition, batches) in shares {
+            pending.push((
+                partition,
+                self.partitions[partition].submit_blocking(batches)?,
+            ));
         }
         let mut bases = vec![0u64; self.partitions.len()];
+        for (partition, reply) in pending {
+            bases[partition] = self.partitions[partition]
+                .acknowledged_blocking(reply)?
+                .base_offset;
+        }
+        Ok(positions(slots, &bases))
+    }
+
+    /// Splits records by partition and encodes each partition's share; `slots[i]` says where
+    /// record `i` went within its share.
+    #[allow(clippy::type_complexity, reason = "a private pair of shares and slots")]
+    fn encode(
+        &self,
+        records: Vec<Record>,
+    ) -> Result<(Vec<(usize, Vec<PendingBatch>)>, Vec<(u32, usize)>)> {
+        let (groups, slots) = self.split(records);
+        let mut shares = Vec::new();
         for (partition, group) in groups.iter().enumerate() {
             if !group.is_empty() {
-                bases[partition] = self.partitions[partition]
-                    .append_blocking(group)?
-                    .base_offset;
+                shares.push((partition, encode_batches(group)?));
             }
         }
-        Ok(slots
-            .into_iter()
-            .map(|(partition, i)| RecordPosition {
-                partition,
-                offset: bases[partition as usize] + i as u64,
-            })
-            .collect())
+        Ok((shares, slots))
     }
 
     /// Groups records by partition; `slots[i]` says where record `i` went within its group.
@@ -160,6 +159,17 @@ impl Topic {
         }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// Where each record landed, from where it went within its share and each share's base offset.
+fn positions(slots: Vec<(u32, usize)>, bases: &[u64]) -> Vec<RecordPosition> {
+    slots
+        .into_iter()
+        .map(|(partition, i)| RecordPosition {
+            partition,
+            offset: bases[partition as usize] + i as u64,
+        })
+        .collect()
 }
 
 /// Kafka's murmur2 hash (the one its default partitioner uses).

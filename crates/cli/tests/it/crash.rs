@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kappa_log::{Log, StartAt};
-use kappa_testkit::data::{tag_of, tagged_value};
+use kappa_log::Log;
+use kappa_testkit::data::{tagged_contents, tagged_value};
 use kappa_testkit::process::KappaProcess;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -75,35 +75,8 @@ fn verify(
 ) -> usize {
     let log = Log::open(log_dir)
         .unwrap_or_else(|e| panic!("kill {kill} (seed {seed}): reopen failed: {e}"));
-    let topic = log.topic("crash").unwrap();
-    let mut found: HashMap<String, (u32, u64)> = HashMap::new();
-    for p in 0..PARTITIONS {
-        let mut reader = topic
-            .partition(p)
-            .unwrap()
-            .reader(StartAt::Beginning)
-            .unwrap();
-        let mut expected_offset = 0;
-        while let Some(chunk) = reader.read(1 << 20).unwrap() {
-            for record in chunk.records() {
-                let record = record.unwrap();
-                assert_eq!(
-                    record.offset, expected_offset,
-                    "kill {kill} (seed {seed}): offsets not dense"
-                );
-                expected_offset += 1;
-                let id = tag_of(record.value)
-                    .expect("every record is tagged")
-                    .to_owned();
-                if let Some(first) = found.insert(id.clone(), (p, record.offset)) {
-                    panic!(
-                        "kill {kill} (seed {seed}): record {id} appears twice: {first:?} and {:?}",
-                        (p, record.offset)
-                    );
-                }
-            }
-        }
-    }
+    let found =
+        tagged_contents(&log, "crash").unwrap_or_else(|e| panic!("kill {kill} (seed {seed}): {e}"));
     for (id, place) in acked {
         match found.get(id) {
             Some(at) if at == place => {}
@@ -115,7 +88,6 @@ fn verify(
             }
         }
     }
-    drop(topic);
     log.close().unwrap();
     found.len()
 }

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kappa_log::{FsyncPolicy, Log, LogOptions, Record, StartAt, TopicConfig};
-use kappa_testkit::data::{tag_of, tagged_value};
+use kappa_log::{FsyncPolicy, Log, LogOptions, Record, TopicConfig};
+use kappa_testkit::data::{tagged_contents, tagged_value};
 use kappa_testkit::sim::SimStorage;
 
 const PARTITIONS: u32 = 2;
@@ -25,26 +25,7 @@ fn open(storage: &SimStorage) -> Log {
 
 /// What survived: id → (partition, offset), each id at most once.
 fn contents(log: &Log) -> HashMap<String, (u32, u64)> {
-    let topic = log.topic("t").unwrap();
-    let mut found = HashMap::new();
-    for p in 0..PARTITIONS {
-        let mut reader = topic
-            .partition(p)
-            .unwrap()
-            .reader(StartAt::Beginning)
-            .unwrap();
-        while let Some(chunk) = reader.read(1 << 16).unwrap() {
-            for record in chunk.records() {
-                let record = record.unwrap();
-                let id = tag_of(record.value).unwrap().to_owned();
-                assert!(
-                    found.insert(id.clone(), (p, record.offset)).is_none(),
-                    "{id} twice"
-                );
-            }
-        }
-    }
-    found
+    tagged_contents(log, "t").unwrap()
 }
 
 /// Runs `rounds` of: ingest from several threads, lose power at a random moment, recover,
