@@ -13,6 +13,16 @@ pub const HTTP_ADDR_DEFAULT: &str = "127.0.0.1:7878";
 /// Default cap on one HTTP request body, in bytes.
 pub const REQUEST_BYTES_MAX_DEFAULT: usize = 32 * 1024 * 1024;
 
+/// A request body must arrive within this long, or the request is answered 408.
+pub const BODY_READ_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+
+/// Request bodies being received at once may hold at most this many bytes in memory; past it,
+/// new ones wait up to [`INGEST_WAIT_MS`] and are then answered 503.
+pub const INGEST_BYTES_IN_FLIGHT_MAX: usize = 256 * 1024 * 1024;
+
+/// How long a request waits for room under [`INGEST_BYTES_IN_FLIGHT_MAX`].
+pub const INGEST_WAIT_MS: u64 = 5_000;
+
 /// Name of the data directory inside a project folder.
 pub const DATA_DIR_NAME: &str = ".kappa";
 
@@ -40,6 +50,8 @@ pub struct ServerConfig {
     pub http_addr: SocketAddr,
     /// Larger request bodies are answered with 413 before they are read.
     pub max_request_bytes: usize,
+    /// A body that takes longer to arrive is answered with 408 (slow or stalled clients).
+    pub body_read_timeout_ms: u64,
 }
 
 /// Command-line choices that override the project file.
@@ -70,6 +82,7 @@ impl ServerConfig {
                 .max_request_bytes
                 .or(file.server.max_request_bytes)
                 .unwrap_or(REQUEST_BYTES_MAX_DEFAULT),
+            body_read_timeout_ms: BODY_READ_TIMEOUT_MS_DEFAULT,
         })
     }
 

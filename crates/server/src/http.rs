@@ -1,6 +1,7 @@
 //! The HTTP API (documented in `docs/http-api.md`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
@@ -13,9 +14,9 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use kappa_log::{LogError, StartAt};
 use serde::Deserialize;
 
-use crate::AppState;
 use crate::api::{CreateTopic, ErrorBody, ErrorDetail, Health};
 use crate::service::{self, ReadRequest, ServiceError};
+use crate::{AppState, config};
 
 /// The header that tells a reader where to continue.
 pub const NEXT_OFFSET_HEADER: &str = "kappa-next-offset";
@@ -199,20 +200,53 @@ async fn produce(
     {
         return Err(ServiceError::BodyTooLarge { bytes, max }.into());
     }
-    let body = match Limited::new(body, max).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+    // Bodies in memory are bounded: a request takes its size (or the limit, when it does not
+    // say) from a shared budget before reading, and waits a while for room.
+    let budget_kib = config::INGEST_BYTES_IN_FLIGHT_MAX / 1024;
+    let kib = declared
+        .map_or(max as u64, |b| b.min(max as u64))
+        .div_ceil(1024)
+        .clamp(1, budget_kib as u64) as u32;
+    let wait = Duration::from_millis(config::INGEST_WAIT_MS);
+    let _permit =
+        match tokio::time::timeout(wait, state.ingest_budget.clone().acquire_many_owned(kib)).await
+        {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                let message = format!("too many request bodies in flight; retry in a moment");
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    message,
+                ));
+            }
+        };
+    let timeout = Duration::from_millis(state.config.body_read_timeout_ms);
+    let body = match tokio::time::timeout(timeout, Limited::new(body, max).collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
             return Err(ServiceError::BodyTooLarge {
                 bytes: max as u64 + 1,
                 max,
             }
             .into());
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 format!("reading the body: {e}"),
+            ));
+        }
+        Err(_) => {
+            let message = format!(
+                "the request body did not arrive within {} ms",
+                timeout.as_millis()
+            );
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                message,
             ));
         }
     };

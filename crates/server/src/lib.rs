@@ -47,6 +47,8 @@ pub struct AppState {
     pub data_dir: PathBuf,
     /// Becomes `true` when the server shuts down, ending long polls.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// KiB of request bodies that may be held in memory at once.
+    pub ingest_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -92,11 +94,13 @@ impl Server {
         };
         write_server_file(&data_dir, &file)?;
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+        let ingest_budget_kib = config::INGEST_BYTES_IN_FLIGHT_MAX / 1024;
         let state = Arc::new(AppState {
             log: Arc::new(log),
             config,
             data_dir,
             shutdown,
+            ingest_budget: Arc::new(tokio::sync::Semaphore::new(ingest_budget_kib)),
         });
         Ok(Server {
             state,

@@ -210,3 +210,27 @@ async fn bad_query_parameters_are_400() {
     assert_eq!(response.status(), 404);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_stalled_body_is_408_and_the_server_keeps_serving() {
+    let server = TestServer::start().await;
+    server.create("t", 1).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/topics/t/records HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 100\r\n\r\n{{\"a\":"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let started = std::time::Instant::now();
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("did not arrive within 500 ms"), "{reply}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(server.post("t", "{\"ok\":1}\n").await.status(), 200);
+    server.stop().await;
+}

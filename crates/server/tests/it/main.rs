@@ -6,6 +6,9 @@ mod records;
 
 use kappa_server::{Server, ServerConfig};
 
+/// Bodies slower than this are refused in these tests.
+pub const TEST_BODY_TIMEOUT_MS: u64 = 500;
+
 /// Request bodies above this are refused in these tests.
 pub const TEST_BODY_LIMIT: usize = 64 * 1024;
 
@@ -25,6 +28,7 @@ impl TestServer {
             data_dir: dir.path().join("data"),
             http_addr: "127.0.0.1:0".parse().unwrap(),
             max_request_bytes: TEST_BODY_LIMIT,
+            body_read_timeout_ms: TEST_BODY_TIMEOUT_MS,
         };
         let server = Server::start(config).await.unwrap();
         let base = format!("http://{}", server.http_addr());
