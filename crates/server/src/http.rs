@@ -213,7 +213,7 @@ async fn produce(
         {
             Ok(Ok(permit)) => permit,
             _ => {
-                let message = format!("too many request bodies in flight; retry in a moment");
+                let message = "too many request bodies in flight; retry in a moment".to_owned();
                 return Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "busy",
