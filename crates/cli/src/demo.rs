@@ -158,7 +158,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn story(args: &DemoArgs, base: &str, log: &Arc<Log>) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder().no_proxy().build()?;
     let create =
         serde_json::json!({ "name": "orders", "config": { "partitions": args.partitions } });
     let response = http

@@ -57,15 +57,35 @@ pub(crate) async fn run(global: &Global, args: ProduceArgs) -> anyhow::Result<()
             None => Box::new(BufReader::new(std::io::stdin())),
         })
     };
+    let client = global.connect().await?;
+    // Requests stay within what the server accepts.
+    let limit = client.health().await?.max_request_bytes;
+    let chunk_bytes = limit.map_or(PRODUCE_REQUEST_BYTES, |max| {
+        PRODUCE_REQUEST_BYTES.min(max / 2).max(1)
+    });
     // A file is checked whole before anything is sent, so a bad line appends nothing.
     if file.is_some() {
         let key = args.key.clone();
         let source = source.clone();
         let reader = open()?;
-        tokio::task::spawn_blocking(move || validate(reader, key.as_deref(), &source)).await??;
+        let checked = tokio::task::spawn_blocking(move || {
+            validate(reader, key.as_deref(), &source, chunk_bytes, limit)
+        })
+        .await;
+        if let Err(e) = checked.map_err(anyhow::Error::new).and_then(|r| r) {
+            client.close().await?;
+            return Err(e);
+        }
     }
-    let client = global.connect().await?;
-    let result = send(&client, open()?, &args.topic, args.key.as_deref(), &source).await;
+    let result = send(
+        &client,
+        open()?,
+        &args.topic,
+        args.key.as_deref(),
+        &source,
+        chunk_bytes,
+    )
+    .await;
     client.close().await?;
     let summary = result?;
     if args.json {
@@ -93,10 +113,10 @@ pub(crate) async fn run(global: &Global, args: ProduceArgs) -> anyhow::Result<()
     Ok(())
 }
 
-/// Reads the next chunk of whole lines, about [`PRODUCE_REQUEST_BYTES`] long.
-fn next_chunk(reader: &mut dyn BufRead) -> anyhow::Result<Option<Vec<u8>>> {
-    let mut buf = Vec::with_capacity(PRODUCE_REQUEST_BYTES + 4096);
-    while buf.len() < PRODUCE_REQUEST_BYTES {
+/// Reads the next chunk of whole lines, about `chunk_bytes` long.
+fn next_chunk(reader: &mut dyn BufRead, chunk_bytes: usize) -> anyhow::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::with_capacity(chunk_bytes + 4096);
+    while buf.len() < chunk_bytes {
         let n = reader.read_until(b'\n', &mut buf).context("read input")?;
         if n == 0 {
             break;
@@ -109,15 +129,32 @@ fn located(source: &str, e: &IngestError) -> anyhow::Error {
     anyhow::anyhow!("{source}:{}: byte {}: {}", e.line, e.byte_offset, e.reason)
 }
 
+/// Checks every line as the server will, and that each fits in a request.
 fn validate(
     mut reader: Box<dyn BufRead + Send>,
     key: Option<&str>,
     source: &str,
+    chunk_bytes: usize,
+    limit: Option<usize>,
 ) -> anyhow::Result<()> {
     let (mut lines, mut bytes) = (0u64, 0u64);
-    while let Some(chunk) = next_chunk(&mut reader)? {
+    while let Some(chunk) = next_chunk(&mut reader, chunk_bytes)? {
         let chunk = Bytes::from(chunk);
         parse_ndjson(&chunk, key).map_err(|e| located(source, &e.shifted(lines, bytes)))?;
+        if let Some(max) = limit
+            && chunk.len() > max
+        {
+            // Only a single line can make a chunk larger than the chunk size.
+            let e = IngestError {
+                line: 1,
+                byte_offset: 0,
+                reason: format!(
+                    "a line of {} bytes is over the server's request limit of {max} bytes",
+                    chunk.len()
+                ),
+            };
+            return Err(located(source, &e.shifted(lines, bytes)));
+        }
         lines += count_lines(&chunk);
         bytes += chunk.len() as u64;
     }
@@ -130,6 +167,7 @@ async fn send(
     topic: &str,
     key: Option<&str>,
     source: &str,
+    chunk_bytes: usize,
 ) -> anyhow::Result<Summary> {
     let mut summary = Summary {
         topic: topic.to_owned(),
@@ -137,44 +175,41 @@ async fn send(
     };
     let (mut lines, mut bytes) = (0u64, 0u64);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Vec<u8>>>(2);
-    // Reading stdin blocks, so it happens on its own thread, one chunk ahead of the sender.
-    let reading = tokio::task::spawn_blocking(move || {
+    // Reading stdin blocks, so it runs on a thread of its own, one chunk ahead of the sender.
+    // A plain thread, not a blocking task: after an error the process exits without waiting for
+    // a pipe that may stay open forever.
+    std::thread::spawn(move || {
         let mut reader = reader;
         loop {
-            let next = next_chunk(&mut reader);
-            let done = !matches!(next, Ok(Some(_)));
-            let item = match next {
+            let item = match next_chunk(&mut reader, chunk_bytes) {
                 Ok(Some(chunk)) => Ok(chunk),
                 Ok(None) => break,
                 Err(e) => Err(e),
             };
-            if tx.blocking_send(item).is_err() || done {
+            let failed = item.is_err();
+            if tx.blocking_send(item).is_err() || failed {
                 break;
             }
         }
     });
     while let Some(chunk) = rx.recv().await {
-        let chunk = Bytes::from(chunk?);
+        let appended = summary.records;
+        let with_count = |e: anyhow::Error| {
+            if appended > 0 {
+                e.context(format!("{appended} records before it were appended"))
+            } else {
+                e
+            }
+        };
+        let chunk = Bytes::from(chunk.map_err(with_count)?);
         let chunk_lines = count_lines(&chunk);
         let chunk_bytes = chunk.len() as u64;
-        let response =
-            client
-                .produce(topic, chunk, key)
-                .await
-                .map_err(|e| match e.ingest_error() {
-                    Some(ingest) => {
-                        let err = located(source, &ingest.shifted(lines, bytes));
-                        if summary.records > 0 {
-                            err.context(format!(
-                                "{} records before it were appended",
-                                summary.records
-                            ))
-                        } else {
-                            err
-                        }
-                    }
-                    None => anyhow::Error::new(e).context(format!("append to `{topic}`")),
-                })?;
+        let response = client.produce(topic, chunk, key).await.map_err(|e| {
+            with_count(match e.ingest_error() {
+                Some(ingest) => located(source, &ingest.shifted(lines, bytes)),
+                None => anyhow::Error::new(e).context(format!("append to `{topic}`")),
+            })
+        })?;
         for place in &response.offsets {
             let entry = summary
                 .partitions
@@ -192,6 +227,5 @@ async fn send(
         lines += chunk_lines;
         bytes += chunk_bytes;
     }
-    reading.await.context("join the input reader")?;
     Ok(summary)
 }

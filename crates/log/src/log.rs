@@ -13,7 +13,7 @@ use crate::error::IoContext;
 use crate::limits::{READ_CHUNK_BYTES_DEFAULT, RETENTION_CHECK_INTERVAL_MS_DEFAULT};
 use crate::partition::{Partition, PartitionOptions};
 use crate::recovery::RecoveryEvent;
-use crate::storage::{OsStorage, Storage, read_file, write_file_atomic};
+use crate::storage::{OsStorage, Storage, create_dir_durable, read_file, write_file_atomic};
 use crate::topic::Topic;
 use crate::{LogError, Result};
 
@@ -85,9 +85,7 @@ impl Log {
     pub fn open_with(dir: impl AsRef<Path>, options: LogOptions) -> Result<Log> {
         let dir = dir.as_ref().to_path_buf();
         let storage = options.storage.clone();
-        storage
-            .create_dir_all(&dir)
-            .io("create log directory", &dir)?;
+        create_dir_durable(storage.as_ref(), &dir).io("create log directory", &dir)?;
         let lock_path = dir.join(LOCK_FILE);
         let dir_lock = match storage.lock_exclusive(&lock_path) {
             Ok(lock) => lock,

@@ -231,6 +231,22 @@ impl StorageFile for OsFile {
     }
 }
 
+/// Creates a directory (and missing ancestors) so that it survives a power loss: every new
+/// directory's entry in its parent is fsynced.
+pub(crate) fn create_dir_durable(storage: &dyn Storage, path: &Path) -> io::Result<()> {
+    let missing: Vec<&Path> = path
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !storage.is_dir(a))
+        .collect();
+    storage.create_dir_all(path)?;
+    for dir in missing.into_iter().rev() {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            storage.sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes a small file so that it is either the old or the new content after a crash:
 /// write a temporary file, fsync it, rename it over the target, fsync the directory.
 pub(crate) fn write_file_atomic(

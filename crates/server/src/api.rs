@@ -15,6 +15,9 @@ pub struct Health {
     pub pid: u32,
     /// The data directory this server owns, absolute.
     pub data_dir: String,
+    /// Largest request body the server accepts (absent when a client opened the directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_bytes: Option<usize>,
 }
 
 /// `POST /v1/topics`.
@@ -122,10 +125,13 @@ impl ConsumedRecord {
     /// The record as one JSON object: metadata plus the value, embedded as JSON when it is
     /// JSON and as base64 otherwise (never altered).
     pub fn to_envelope(&self) -> Envelope {
+        // Embedded only when the JSON text would come back byte for byte: RawValue drops
+        // surrounding whitespace, so such values travel as base64 instead.
         let value = std::str::from_utf8(&self.value)
             .ok()
-            .filter(|s| serde_json::from_str::<serde::de::IgnoredAny>(s).is_ok())
-            .and_then(|s| RawValue::from_string(s.to_owned()).ok());
+            .filter(|s| s.trim() == *s && serde_json::from_str::<serde::de::IgnoredAny>(s).is_ok())
+            .and_then(|s| RawValue::from_string(s.to_owned()).ok())
+            .filter(|raw| raw.get().as_bytes() == &self.value[..]);
         Envelope {
             topic: self.topic.clone(),
             partition: self.partition,
@@ -232,11 +238,15 @@ impl Text {
 
 /// Milliseconds since the epoch as RFC 3339 (UTC, millisecond precision).
 pub fn format_timestamp(ms: i64) -> String {
-    let Ok(ms) = u64::try_from(ms) else {
-        return ms.to_string();
-    };
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-    humantime::format_rfc3339_millis(time).to_string()
+    // RFC 3339 has four-digit years; later (or earlier) instants are shown as the number.
+    const YEAR_10000_MS: u64 = 253_402_300_800_000;
+    match u64::try_from(ms) {
+        Ok(ms) if ms < YEAR_10000_MS => {
+            let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+            humantime::format_rfc3339_millis(time).to_string()
+        }
+        _ => ms.to_string(),
+    }
 }
 
 /// The body of every error response.
@@ -267,7 +277,12 @@ mod tests {
 
     #[test]
     fn envelopes_round_trip_json_and_binary_values() {
-        for value in [&b"{\"a\": [1, 2]}"[..], b"not json", b"\xff\x00binary"] {
+        for value in [
+            &b"{\"a\": [1, 2]}"[..],
+            b" {\"padded\": true} ",
+            b"not json",
+            b"\xff\x00binary",
+        ] {
             let record = ConsumedRecord {
                 topic: "t".into(),
                 partition: 2,

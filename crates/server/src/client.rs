@@ -5,8 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use bytes::Bytes;
-use kappa_log::{Log, StartAt};
+use kappa_log::{Log, LogError, StartAt};
 
 use crate::api::{
     ConsumedRecord, CreateTopic, Envelope, ErrorBody, ErrorDetail, Health, OffsetsResponse,
@@ -14,10 +15,13 @@ use crate::api::{
 };
 use crate::ingest::IngestError;
 use crate::service::{self, ReadRequest, ReadResult, ServiceError};
-use crate::{open_log, read_server_file};
+use crate::{in_use, read_server_file, try_open_log};
 
 /// How long a client waits for a server named in `server.json` to answer its health check.
 pub const HEALTH_TIMEOUT_MS: u64 = 1000;
+
+/// How long it waits the second time, once the data directory turned out to be in use.
+pub const HEALTH_RETRY_TIMEOUT_MS: u64 = 10_000;
 
 /// A failed client call.
 #[derive(Debug, thiserror::Error)]
@@ -66,29 +70,45 @@ pub async fn connect(data_dir: &Path, server: Option<&str>) -> anyhow::Result<Cl
             .map_err(|e| anyhow::anyhow!("no kappa server answers at {url}: {e}"))?;
         return Ok(client);
     }
-    if let Some(file) = read_server_file(data_dir) {
-        let client = Client::http(&file.http);
-        let here = std::fs::canonicalize(data_dir).ok();
-        match tokio::time::timeout(Duration::from_millis(HEALTH_TIMEOUT_MS), client.health()).await
-        {
-            Ok(Ok(health)) if here.as_deref() == Some(Path::new(&health.data_dir)) => {
-                return Ok(client);
-            }
-            _ => {
-                tracing::debug!(server = %file.http, "server.json is stale; opening the data directory")
-            }
+    if let Some(client) = server_of(data_dir, HEALTH_TIMEOUT_MS).await {
+        return Ok(client);
+    }
+    match try_open_log(data_dir).await? {
+        Ok(log) => Ok(Client::Direct { log: Arc::new(log) }),
+        // A server that was too busy to answer the first health check holds the directory:
+        // give it longer before giving up.
+        Err(LogError::Locked { .. }) => match server_of(data_dir, HEALTH_RETRY_TIMEOUT_MS).await {
+            Some(client) => Ok(client),
+            None => Err(in_use(data_dir)),
+        },
+        Err(e) => Err(e).with_context(|| format!("open the log in {}", data_dir.display())),
+    }
+}
+
+/// The server named in the data directory's `server.json`, if it answers for this directory
+/// within `timeout_ms`.
+async fn server_of(data_dir: &Path, timeout_ms: u64) -> Option<Client> {
+    let file = read_server_file(data_dir)?;
+    let client = Client::http(&file.http);
+    let here = std::fs::canonicalize(data_dir).ok();
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), client.health()).await {
+        Ok(Ok(health)) if here.as_deref() == Some(Path::new(&health.data_dir)) => Some(client),
+        _ => {
+            tracing::debug!(server = %file.http, "server.json names no live server for this directory");
+            None
         }
     }
-    Ok(Client::Direct {
-        log: Arc::new(open_log(data_dir).await?),
-    })
 }
 
 impl Client {
     pub fn http(base: &str) -> Client {
         Client::Http {
             base: base.trim_end_matches('/').to_owned(),
-            http: reqwest::Client::new(),
+            // kappa servers are reached directly, never through an HTTP_PROXY of the environment.
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .unwrap_or_default(),
         }
     }
 
@@ -108,6 +128,7 @@ impl Client {
                 version: env!("CARGO_PKG_VERSION").into(),
                 pid: std::process::id(),
                 data_dir: log.dir().display().to_string(),
+                max_request_bytes: None,
             }),
         }
     }

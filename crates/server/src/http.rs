@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -36,6 +37,7 @@ pub(crate) fn router(state: Arc<AppState>) -> axum::Router {
             get(partition_offsets),
         )
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -136,6 +138,42 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Turns axum's own rejections (a bad path segment, query or body) into the API's error shape.
+fn rejected(status: StatusCode, text: String) -> ApiError {
+    let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        "body_too_large"
+    } else {
+        "bad_request"
+    };
+    ApiError::new(status, code, text)
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> ApiError {
+        rejected(r.status(), r.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> ApiError {
+        rejected(r.status(), r.body_text())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> ApiError {
+        rejected(r.status(), r.body_text())
+    }
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method; see docs/http-api.md".into(),
+    )
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -154,15 +192,17 @@ async fn list_topics(State(state): State<Arc<AppState>>) -> Response {
 
 async fn describe_topic(
     State(state): State<Arc<AppState>>,
-    Path(topic): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(topic) = path?;
     Ok(Json(service::topic(&state.log, &topic)?).into_response())
 }
 
 async fn create_topic(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let body = body?;
     let request: CreateTopic = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -183,11 +223,12 @@ struct ProduceQuery {
 
 async fn produce(
     State(state): State<Arc<AppState>>,
-    Path(topic): Path<String>,
-    Query(query): Query<ProduceQuery>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<ProduceQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let (Path(topic), Query(query)) = (path?, query?);
     // An unknown topic is reported before the body is read.
     state.log.topic(&topic)?;
     let max = state.config.max_request_bytes;
@@ -270,9 +311,10 @@ struct ReadQuery {
 
 async fn read_records(
     State(state): State<Arc<AppState>>,
-    Path((topic, partition)): Path<(String, u32)>,
-    Query(query): Query<ReadQuery>,
+    path: Result<Path<(String, u32)>, PathRejection>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let (Path((topic, partition)), Query(query)) = (path?, query?);
     let start = match (query.offset, query.timestamp_ms, query.from.as_deref()) {
         (Some(offset), None, None) => StartAt::Offset(offset),
         (None, Some(ts), None) => StartAt::Timestamp(ts),
@@ -328,9 +370,10 @@ struct OffsetsQuery {
 
 async fn partition_offsets(
     State(state): State<Arc<AppState>>,
-    Path((topic, partition)): Path<(String, u32)>,
-    Query(query): Query<OffsetsQuery>,
+    path: Result<Path<(String, u32)>, PathRejection>,
+    query: Result<Query<OffsetsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let (Path((topic, partition)), Query(query)) = (path?, query?);
     let log = state.log.clone();
     let response = tokio::task::spawn_blocking(move || {
         service::offsets(&log, &topic, partition, query.timestamp_ms)

@@ -5,11 +5,12 @@ use std::fmt;
 
 use bytes::Bytes;
 use kappa_log::Record;
+use kappa_log::limits::RECORD_BYTES_MAX;
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 
-/// Deepest nesting of arrays and objects accepted in a record (serde_json's own recursion
-/// limit, so every accepted record can later be parsed in full).
-pub const JSON_DEPTH_MAX: usize = 128;
+/// Deepest nesting of arrays and objects accepted in a record: well inside serde_json's own
+/// limit (127), so every accepted record can later be parsed in full, also inside an envelope.
+pub const JSON_DEPTH_MAX: usize = 100;
 
 /// A line that is not a record, and where it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize)]
@@ -120,6 +121,13 @@ fn check_line(line: &[u8], key_field: Option<&str>) -> Result<Option<Bytes>, (us
         }
     };
     de.end().map_err(|e| (at(&e), reason(e)))?;
+    let bytes = line.len() + key.as_ref().map_or(0, Bytes::len);
+    if bytes > RECORD_BYTES_MAX {
+        return Err((
+            0,
+            format!("record of {bytes} bytes is over the limit of {RECORD_BYTES_MAX} bytes"),
+        ));
+    }
     if let Some(at) = too_deep(line) {
         return Err((at, format!("nested deeper than {JSON_DEPTH_MAX} levels")));
     }
@@ -263,13 +271,20 @@ mod tests {
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         let err = parse(&deep, None).map(|r| r.len()).unwrap_err();
         assert!(
-            err.reason.contains("nested deeper than 128"),
+            err.reason.contains("nested deeper than 100"),
             "{}",
             err.reason
         );
-        assert_eq!(err.byte_offset, 128);
-        let fine = format!("{}\"[{{\\\"\"{}", "[".repeat(128), "]".repeat(128));
-        assert!(parse(&fine, None).is_ok());
+        assert_eq!(err.byte_offset, 100);
+        // Brackets inside strings do not count; what is accepted parses whole, even wrapped in
+        // one more level (an envelope).
+        let fine = format!("{}\"[{{\\\"\"{}", "[".repeat(100), "]".repeat(100));
+        let records = parse(&fine, None).unwrap();
+        let wrapped = format!(
+            "{{\"value\":{}}}",
+            std::str::from_utf8(&records[0].value).unwrap()
+        );
+        serde_json::from_str::<serde_json::Value>(&wrapped).unwrap();
         assert_eq!(err.clone().shifted(10, 100).line, 11);
     }
 

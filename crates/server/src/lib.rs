@@ -58,6 +58,7 @@ impl AppState {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
             data_dir: self.data_dir.display().to_string(),
+            max_request_bytes: Some(self.config.max_request_bytes),
         }
     }
 }
@@ -150,23 +151,30 @@ impl Server {
 
 /// Opens the log of a data directory, off the async threads (recovery reads files).
 pub async fn open_log(data_dir: &Path) -> anyhow::Result<Log> {
-    let dir = config::log_dir(data_dir);
-    let opened = tokio::task::spawn_blocking(move || Log::open(&dir))
-        .await
-        .context("join the opening task")?;
-    match opened {
+    match try_open_log(data_dir).await? {
         Ok(log) => Ok(log),
-        Err(LogError::Locked { .. }) => {
-            let holder = read_server_file(data_dir)
-                .map(|f| format!(" (a kappa server, pid {}, at {})", f.pid, f.http));
-            anyhow::bail!(
-                "data directory {} is in use by another process{}",
-                data_dir.display(),
-                holder.unwrap_or_default()
-            )
-        }
+        Err(LogError::Locked { .. }) => Err(in_use(data_dir)),
         Err(e) => Err(e).with_context(|| format!("open the log in {}", data_dir.display())),
     }
+}
+
+/// [`open_log`] with the log's own error, so callers can tell "in use" apart.
+pub(crate) async fn try_open_log(data_dir: &Path) -> anyhow::Result<Result<Log, LogError>> {
+    let dir = config::log_dir(data_dir);
+    tokio::task::spawn_blocking(move || Log::open(&dir))
+        .await
+        .context("join the opening task")
+}
+
+/// The error for a data directory another process has open.
+pub(crate) fn in_use(data_dir: &Path) -> anyhow::Error {
+    let holder = read_server_file(data_dir)
+        .map(|f| format!(" (a kappa server, pid {}, at {})", f.pid, f.http));
+    anyhow::anyhow!(
+        "data directory {} is in use by another process{}",
+        data_dir.display(),
+        holder.unwrap_or_default()
+    )
 }
 
 fn write_server_file(data_dir: &Path, file: &ServerFile) -> anyhow::Result<()> {

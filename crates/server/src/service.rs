@@ -78,7 +78,15 @@ pub async fn read(
     mut shutdown: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> Result<ReadResult, ServiceError> {
     let topic = log.topic(topic)?;
-    let mut reader = topic.partition(request.partition)?.reader(request.start)?;
+    // Positioning may read an index and scan a segment (a timestamp): off the async threads.
+    let mut reader = {
+        let topic = topic.clone();
+        tokio::task::spawn_blocking(move || {
+            topic.partition(request.partition)?.reader(request.start)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(e.to_string()))??
+    };
     let max_records = request.max_records.clamp(1, READ_RECORDS_MAX);
     let max_bytes = request.max_bytes.clamp(1, READ_BYTES_MAX);
     let wait = Duration::from_millis(request.wait_ms.min(READ_WAIT_MS_MAX));

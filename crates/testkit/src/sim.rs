@@ -48,7 +48,9 @@ struct Fs {
     names: BTreeMap<PathBuf, u64>,
     /// What survives a power loss.
     durable_names: BTreeMap<PathBuf, u64>,
+    /// Directories that exist now, and those whose entry in their parent was synced.
     dirs: BTreeSet<PathBuf>,
+    durable_dirs: BTreeSet<PathBuf>,
     next_inode: u64,
     locked: BTreeSet<PathBuf>,
 }
@@ -81,7 +83,13 @@ impl SimStorage {
     /// `seed` picks how much of each file's unsynced writes reached the disk.
     pub fn power_loss(&self, seed: u64) -> SimStorage {
         let fs = self.lock();
-        let mut rng = seed | 1;
+        // splitmix64 of the seed: distinct seeds give distinct, never-zero xorshift states.
+        let mut rng = {
+            let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            (z ^ (z >> 31)) | 1
+        };
         let mut next = move || {
             // xorshift64*: enough randomness for choosing cut points, reproducible from the seed.
             rng ^= rng >> 12;
@@ -117,11 +125,34 @@ impl SimStorage {
                 },
             );
         }
+        // A directory survives when its entry, and every ancestor's, was synced; so do the
+        // files in it whose entries were synced.
+        let reachable = |dir: &Path| {
+            dir.ancestors().all(|a| {
+                a.parent().is_none() || a.as_os_str().is_empty() || fs.durable_dirs.contains(a)
+            })
+        };
+        let dirs: BTreeSet<PathBuf> = fs
+            .durable_dirs
+            .iter()
+            .filter(|d| reachable(d))
+            .cloned()
+            .collect();
+        let names: BTreeMap<PathBuf, u64> = fs
+            .durable_names
+            .iter()
+            .filter(|(p, _)| {
+                p.parent()
+                    .is_some_and(|d| d.parent().is_none() || dirs.contains(d))
+            })
+            .map(|(p, id)| (p.clone(), *id))
+            .collect();
         let after = Fs {
             inodes,
-            names: fs.durable_names.clone(),
-            durable_names: fs.durable_names.clone(),
-            dirs: fs.dirs.clone(),
+            names: names.clone(),
+            durable_names: names,
+            durable_dirs: dirs.clone(),
+            dirs,
             next_inode: fs.next_inode,
             locked: BTreeSet::new(),
         };
@@ -141,6 +172,7 @@ impl SimStorage {
             names: fs.names.clone(),
             durable_names: fs.durable_names.clone(),
             dirs: fs.dirs.clone(),
+            durable_dirs: fs.durable_dirs.clone(),
             next_inode: fs.next_inode,
             locked: BTreeSet::new(),
         };
@@ -227,6 +259,9 @@ impl Storage for SimStorage {
         let mut fs = self.lock();
         fs.names.retain(|p, _| !p.starts_with(path));
         fs.dirs.retain(|p| !p.starts_with(path));
+        // Removal is made durable at once: the log only removes what it could have lost anyway.
+        fs.durable_names.retain(|p, _| !p.starts_with(path));
+        fs.durable_dirs.retain(|p| !p.starts_with(path));
         Ok(())
     }
 
@@ -247,6 +282,14 @@ impl Storage for SimStorage {
             .collect();
         fs.durable_names.retain(|p, _| p.parent() != Some(path));
         fs.durable_names.extend(now);
+        let subdirs: Vec<PathBuf> = fs
+            .dirs
+            .iter()
+            .filter(|d| d.parent() == Some(path))
+            .cloned()
+            .collect();
+        fs.durable_dirs.retain(|d| d.parent() != Some(path));
+        fs.durable_dirs.extend(subdirs);
         Ok(())
     }
 
@@ -346,6 +389,7 @@ mod tests {
     fn a_power_loss_keeps_synced_bytes_and_at_most_a_prefix_of_the_rest() {
         let sim = SimStorage::new();
         sim.create_dir_all(Path::new("/d")).unwrap();
+        sim.sync_dir(Path::new("/")).unwrap();
         let f = sim.open(Path::new("/d/f"), OpenMode::CreateNew).unwrap();
         f.write_all_at(b"durable", 0).unwrap();
         f.sync_data().unwrap();
@@ -369,5 +413,47 @@ mod tests {
                 "its directory was never synced"
             );
         }
+    }
+
+    #[test]
+    fn a_directory_survives_only_once_its_parent_is_synced() {
+        let sim = SimStorage::new();
+        sim.create_dir_all(Path::new("/a/b")).unwrap();
+        sim.open(Path::new("/a/b/f"), OpenMode::CreateNew)
+            .unwrap()
+            .sync_data()
+            .unwrap();
+        sim.sync_dir(Path::new("/a/b")).unwrap();
+        assert!(
+            !sim.power_loss(1).is_dir(Path::new("/a")),
+            "nobody synced / after creating /a"
+        );
+        sim.sync_dir(Path::new("/")).unwrap();
+        sim.sync_dir(Path::new("/a")).unwrap();
+        let after = sim.power_loss(1);
+        assert!(after.is_dir(Path::new("/a/b")));
+        assert!(after.open(Path::new("/a/b/f"), OpenMode::Read).is_ok());
+    }
+
+    #[test]
+    fn seeds_give_different_outcomes() {
+        let sim = SimStorage::new();
+        sim.create_dir_all(Path::new("/d")).unwrap();
+        sim.sync_dir(Path::new("/")).unwrap();
+        let f = sim.open(Path::new("/d/f"), OpenMode::CreateNew).unwrap();
+        sim.sync_dir(Path::new("/d")).unwrap();
+        for i in 0..64u8 {
+            f.write_all_at(&[i], u64::from(i)).unwrap();
+        }
+        let lengths: BTreeSet<u64> = (0..16)
+            .map(|seed| {
+                sim.power_loss(seed)
+                    .open(Path::new("/d/f"), OpenMode::Read)
+                    .unwrap()
+                    .len()
+                    .unwrap()
+            })
+            .collect();
+        assert!(lengths.len() > 8, "{lengths:?}");
     }
 }

@@ -61,6 +61,11 @@ fn topics_produce_and_consume_on_a_data_directory() {
     // Values come back byte for byte; keyed records keep their order within a partition.
     let out = kappa(&data, &["consume", "orders"], None);
     let mut lines: Vec<&str> = stdout(&out).leak().lines().collect();
+    let at = |needle: &str| lines.iter().position(|l| l.starts_with(needle)).unwrap();
+    assert!(
+        at("{\"id\":1,") < at("{\"id\":3,"),
+        "key `a`: id 1 was appended before id 3"
+    );
     lines.sort();
     assert_eq!(
         lines,
@@ -175,10 +180,34 @@ fn client_commands_use_a_running_server_and_follow_the_tail() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let lines = BufReader::new(follower.stdout.take().unwrap()).lines();
+    // Lines arrive through a channel, so a follower that never wakes fails the test instead of
+    // hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout_pipe = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout_pipe).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    // The follower has read the (empty) topic and is waiting on a long poll by now.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let produced = std::time::Instant::now();
     let out = kappa(&data, &["produce", "live"], Some(ORDERS.as_bytes()));
     assert!(out.status.success(), "{}", stderr(&out));
-    let mut seen: Vec<String> = lines.take(3).map(|l| l.unwrap()).collect();
+    let mut seen: Vec<String> = (0..3)
+        .map(|_| {
+            rx.recv_timeout(std::time::Duration::from_secs(20))
+                .expect("follower printed nothing")
+        })
+        .collect();
+    // Woken by the append, not by the end of its 5 s poll.
+    assert!(
+        produced.elapsed() < std::time::Duration::from_secs(4),
+        "took {:?}",
+        produced.elapsed()
+    );
     seen.sort();
     assert_eq!(seen.len(), 3);
     assert!(seen[0].starts_with("{\"id\":1"));
@@ -229,4 +258,47 @@ fn every_command_has_help() {
         assert!(out.status.success(), "{args:?}");
         assert!(stdout(&out).contains("Usage"), "{args:?}");
     }
+}
+
+#[test]
+fn produce_from_a_pipe_exits_on_an_error_while_the_pipe_stays_open() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d");
+    // A small request limit makes produce send its first chunk after a few lines.
+    let _server =
+        KappaProcess::start(KAPPA.as_ref(), &data, &["--max-request-bytes", "2048"]).unwrap();
+    let mut producer = Command::new(KAPPA)
+        .args(["--data-dir", data.to_str().unwrap(), "produce", "nope"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = producer.stdin.take().unwrap();
+    for i in 0..100 {
+        writeln!(
+            stdin,
+            "{{\"id\":{i},\"pad\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}}"
+        )
+        .unwrap();
+    }
+    stdin.flush().unwrap();
+    // stdin stays open: the producer must still stop at the first failed request.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = producer.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "produce hung after its error"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    drop(stdin);
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut producer.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("unknown topic `nope`"), "{err}");
 }

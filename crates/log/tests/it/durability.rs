@@ -92,6 +92,33 @@ async fn interval_policy_acknowledges_before_fsync_and_syncs_soon_after() {
 }
 
 #[tokio::test]
+async fn interval_policy_acknowledges_without_an_fsync() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = InstrumentedStorage::new();
+    let log = open(dir.path(), &storage);
+    let config = TopicConfig {
+        fsync: FsyncPolicy::Interval {
+            interval_ms: 3_600_000,
+        },
+        ..TopicConfig::default()
+    };
+    let topic = log.create_topic("t", config).unwrap();
+    let partition = topic.partition(0).unwrap();
+    let before = storage.data_syncs();
+    partition.append(&values("x", 5)).await.unwrap();
+    assert_eq!(
+        storage.data_syncs(),
+        before,
+        "acknowledged before any fsync"
+    );
+    let offsets = partition.offsets();
+    assert_eq!((offsets.visible_offset, offsets.durable_offset), (5, 0));
+    partition.sync().unwrap();
+    assert!(storage.data_syncs() > before);
+    assert_eq!(partition.offsets().durable_offset, 5);
+}
+
+#[tokio::test]
 async fn a_failed_write_is_never_acknowledged_and_leaves_no_partial_batch() {
     let dir = tempfile::tempdir().unwrap();
     let storage = InstrumentedStorage::new();

@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use kappa_log::inspect::rebuild_index_files;
+use kappa_log::inspect::{
+    IndexEntry, IndexKind, decode_index_files, encode_index, rebuild_index_files,
+};
 use kappa_log::{FsyncPolicy, Log, LogError, OsStorage, RecoveryEvent, TopicConfig};
 use kappa_testkit::fs::{copy_dir, flip_bit, truncate};
 
@@ -305,42 +307,120 @@ async fn missing_and_damaged_indexes_are_rebuilt() {
     }
 }
 
-#[tokio::test]
-async fn index_entries_that_lie_are_caught_at_read_time() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let log = Log::open(dir.path()).unwrap();
-        let topic = log.create_topic("t", crate::small_segments()).unwrap();
-        for i in 0..60 {
-            topic.append(values(&format!("v{i}"), 3)).await.unwrap();
-        }
-    }
-    // Swap in the index of another segment: CRCs pass, entries point at the wrong batches.
-    let partition = dir.path().join("t/0");
-    let mut indexes: Vec<PathBuf> = std::fs::read_dir(&partition)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "index"))
-        .collect();
-    indexes.sort();
-    let log = Log::open(dir.path()).unwrap();
-    let expected = all_values(&log, "t", 0);
-    drop(log);
-    let other = std::fs::read(&indexes[2]).unwrap();
-    let other_t = std::fs::read(indexes[2].with_extension("timeindex")).unwrap();
-    std::fs::write(&indexes[1], other).unwrap();
-    std::fs::write(indexes[1].with_extension("timeindex"), other_t).unwrap();
-    let log = Log::open(dir.path()).unwrap();
-    let topic = log.topic("t").unwrap();
-    for start in [0u64, 30, 45, 100, 179] {
-        let mut reader = topic
+/// A log of 60 appends of 3 records, 10 ms apart, in small segments; returns its records.
+fn sixty_appends(dir: &Path) -> Vec<(u64, Vec<u8>)> {
+    let clock = kappa_testkit::clock::ManualClock::new(1_000_000);
+    let options = kappa_log::LogOptions {
+        clock: std::sync::Arc::new(clock.clone()),
+        ..Default::default()
+    };
+    let log = Log::open_with(dir, options).unwrap();
+    let topic = log.create_topic("t", crate::small_segments()).unwrap();
+    for i in 0..60 {
+        topic
             .partition(0)
             .unwrap()
-            .reader(kappa_log::StartAt::Offset(start))
+            .append_blocking(&values(&format!("v{i}"), 3))
             .unwrap();
-        let got = crate::drain(&mut reader);
-        assert_eq!(got, expected[start as usize..], "from {start}");
+        clock.advance_ms(10);
     }
+    drop(topic);
+    let all = all_values(&log, "t", 0);
+    log.close().unwrap();
+    all
+}
+
+/// Rewrites the first segment's two index files with `change` applied to their entries, keeping
+/// their coverage header (so recovery trusts them) and valid CRCs.
+fn doctor_first_index(dir: &Path, change: impl Fn(usize, IndexEntry) -> IndexEntry) {
+    let seg = segment(dir, 0);
+    let offsets = std::fs::read(seg.with_extension("index")).unwrap();
+    let times = std::fs::read(seg.with_extension("timeindex")).unwrap();
+    let (coverage, entries) = decode_index_files(&offsets, &times).unwrap();
+    assert!(
+        entries.len() > 3,
+        "the test needs a segment with several index entries"
+    );
+    let changed: Vec<IndexEntry> = entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| change(i, e))
+        .collect();
+    std::fs::write(
+        seg.with_extension("index"),
+        encode_index(IndexKind::Offset, &changed, coverage),
+    )
+    .unwrap();
+    std::fs::write(
+        seg.with_extension("timeindex"),
+        encode_index(IndexKind::Time, &changed, coverage),
+    )
+    .unwrap();
+}
+
+/// Reads from every offset and looks up every append's timestamp through a doctored index.
+fn assert_reads_ignore_the_lying_index(dir: &Path, expected: &[(u64, Vec<u8>)]) {
+    let log = Log::open(dir).unwrap();
+    assert!(
+        !log.recovery_events()
+            .iter()
+            .any(|e| matches!(e, RecoveryEvent::RebuiltIndex { .. })),
+        "the doctored index must be trusted at open, so that reads meet it: {:?}",
+        log.recovery_events()
+    );
+    let topic = log.topic("t").unwrap();
+    let partition = topic.partition(0).unwrap();
+    for start in 0..expected.len() as u64 {
+        let mut reader = partition.reader(kappa_log::StartAt::Offset(start)).unwrap();
+        assert_eq!(
+            crate::drain(&mut reader),
+            expected[start as usize..],
+            "from {start}"
+        );
+    }
+    for append in 0..60u64 {
+        let ts = 1_000_000 + append as i64 * 10;
+        assert_eq!(
+            partition.offset_for_timestamp(ts).unwrap(),
+            append * 3,
+            "timestamp of append {append}"
+        );
+    }
+}
+
+#[test]
+fn index_entries_that_lie_about_offsets_are_caught_at_read_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected = sixty_appends(dir.path());
+    // Every entry but the first claims its batch starts one offset earlier than it does.
+    doctor_first_index(dir.path(), |i, e| {
+        if i == 0 {
+            e
+        } else {
+            IndexEntry {
+                relative_offset: e.relative_offset - 1,
+                ..e
+            }
+        }
+    });
+    assert_reads_ignore_the_lying_index(dir.path(), &expected);
+}
+
+#[test]
+fn index_entries_pointing_inside_batches_are_caught_at_read_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected = sixty_appends(dir.path());
+    doctor_first_index(dir.path(), |i, e| {
+        if i == 0 {
+            e
+        } else {
+            IndexEntry {
+                position: e.position + 3,
+                ..e
+            }
+        }
+    });
+    assert_reads_ignore_the_lying_index(dir.path(), &expected);
 }
 
 #[test]
@@ -364,54 +444,4 @@ fn an_incompletely_created_topic_is_removed() {
     assert!(log.topics().is_empty());
     assert!(!dir.path().join("half").exists());
     log.create_topic("half", TopicConfig::default()).unwrap();
-}
-
-#[tokio::test]
-async fn index_entries_pointing_inside_batches_do_not_break_reads() {
-    use kappa_log::inspect::{IndexEntry, IndexKind, decode_index_files, encode_index};
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let log = Log::open(dir.path()).unwrap();
-        let topic = log.create_topic("t", crate::small_segments()).unwrap();
-        for i in 0..60 {
-            topic.append(values(&format!("v{i}"), 3)).await.unwrap();
-        }
-    }
-    let log = Log::open(dir.path()).unwrap();
-    let expected = all_values(&log, "t", 0);
-    drop(log);
-    // Rewrite the first sealed segment's index with valid CRCs but positions 3 bytes into batches.
-    let seg = segment(dir.path(), 0);
-    let offsets = std::fs::read(seg.with_extension("index")).unwrap();
-    let times = std::fs::read(seg.with_extension("timeindex")).unwrap();
-    let (coverage, entries) = decode_index_files(&offsets, &times).unwrap();
-    let shifted: Vec<IndexEntry> = entries
-        .iter()
-        .map(|e| IndexEntry {
-            position: e.position + 3,
-            ..*e
-        })
-        .collect();
-    std::fs::write(
-        seg.with_extension("index"),
-        encode_index(IndexKind::Offset, &shifted, coverage),
-    )
-    .unwrap();
-    std::fs::write(
-        seg.with_extension("timeindex"),
-        encode_index(IndexKind::Time, &shifted, coverage),
-    )
-    .unwrap();
-    let log = Log::open(dir.path()).unwrap();
-    let topic = log.topic("t").unwrap();
-    let partition = topic.partition(0).unwrap();
-    for start in [0u64, 1, 10, 20, 30] {
-        let mut reader = partition.reader(kappa_log::StartAt::Offset(start)).unwrap();
-        assert_eq!(
-            crate::drain(&mut reader),
-            expected[start as usize..],
-            "from {start}"
-        );
-    }
-    assert!(partition.offset_for_timestamp(0).is_ok());
 }

@@ -72,10 +72,14 @@ async fn an_unknown_topic_is_404_and_lists_the_topics() {
         "unknown topic `order`; topics are: orders, payments"
     );
     assert_eq!(error["topics"], serde_json::json!(["orders", "payments"]));
-    // Path tricks name no file: they are just unknown topics.
-    for path in ["..%2F..%2Fetc", "%2E%2E", "a%00b"] {
+    // Path tricks name no file: they reach the topic lookup and are just unknown topics.
+    for path in ["..%2F..%2Fetc", "%2E%2E%2Fx", "a%00b", "%2Ftmp"] {
         let (status, error) = error_of(server.post(path, "{}\n").await).await;
-        assert_eq!(status, 404, "{path}: {error}");
+        assert_eq!(
+            (status, error["code"].as_str().unwrap()),
+            (404, "unknown_topic"),
+            "{path}: {error}"
+        );
     }
     let response = reqwest::get(format!(
         "{}/v1/topics/orders/partitions/7/records",
@@ -208,6 +212,32 @@ async fn bad_query_parameters_are_400() {
         .await
         .unwrap();
     assert_eq!(response.status(), 404);
+    // axum's own rejections come in the API's error shape too.
+    for url in [
+        format!("{}/v1/topics/t/partitions/abc/records", server.base),
+        format!("{}/v1/topics/t/partitions/0/records?offset=-1", server.base),
+        format!(
+            "{}/v1/topics/t/partitions/0/records?colour=red",
+            server.base
+        ),
+    ] {
+        let (status, error) = error_of(reqwest::get(&url).await.unwrap()).await;
+        assert_eq!(
+            (status, error["code"].as_str().unwrap()),
+            (400, "bad_request"),
+            "{url}: {error}"
+        );
+    }
+    let response = reqwest::Client::new()
+        .delete(format!("{}/v1/topics", server.base))
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = error_of(response).await;
+    assert_eq!(
+        (status, error["code"].as_str().unwrap()),
+        (405, "method_not_allowed")
+    );
     server.stop().await;
 }
 
