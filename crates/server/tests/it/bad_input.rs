@@ -4,6 +4,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{TEST_BODY_LIMIT, TestServer};
 
+/// Sends `POST /v1/topics/t/records` with `rest` after the Host header over a bare connection
+/// (so the body can lie about its length or stall), and returns the first reply bytes.
+async fn send_raw(server: &TestServer, rest: &str) -> String {
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!("POST /v1/topics/t/records HTTP/1.1\r\nHost: {addr}\r\n{rest}");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut buf));
+    let n = read.await.unwrap().unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
 async fn error_of(response: reqwest::Response) -> (u16, serde_json::Value) {
     let status = response.status().as_u16();
     (
@@ -129,19 +142,7 @@ async fn a_body_over_the_limit_is_413_before_it_is_read() {
     let server = TestServer::start().await;
     server.create("t", 1).await;
     // Declared too large: refused after the headers, with the body never sent.
-    let addr = server.base.trim_start_matches("http://").to_owned();
-    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let head = format!(
-        "POST /v1/topics/t/records HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n",
-        1u64 << 40
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let reply = String::from_utf8_lossy(&buf[..n]);
+    let reply = send_raw(&server, &format!("Content-Length: {}\r\n\r\n", 1u64 << 40)).await;
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
     assert!(reply.contains("body_too_large"), "{reply}");
 
@@ -245,19 +246,8 @@ async fn bad_query_parameters_are_400() {
 async fn a_stalled_body_is_408_and_the_server_keeps_serving() {
     let server = TestServer::start().await;
     server.create("t", 1).await;
-    let addr = server.base.trim_start_matches("http://").to_owned();
-    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let head = format!(
-        "POST /v1/topics/t/records HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 100\r\n\r\n{{\"a\":"
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 4096];
     let started = std::time::Instant::now();
-    let n = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let reply = String::from_utf8_lossy(&buf[..n]);
+    let reply = send_raw(&server, "Content-Length: 100\r\n\r\n{\"a\":").await;
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     assert!(reply.contains("did not arrive within 500 ms"), "{reply}");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
