@@ -65,9 +65,6 @@ pub trait StorageFile: Send + Sync + Debug {
     /// hint: errors are ignored.
     fn advise_sequential(&self) {}
 
-    /// Asks the OS to start reading `[offset, offset + len)` into its cache. Only a hint.
-    fn prefetch(&self, _offset: u64, _len: u64) {}
-
     /// Reads exactly `buf.len()` bytes or fails with `UnexpectedEof`.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut done = 0;
@@ -219,15 +216,6 @@ impl StorageFile for OsFile {
 
     fn advise_sequential(&self) {
         let _ = rustix::fs::fadvise(&self.0, 0, None, rustix::fs::Advice::Sequential);
-    }
-
-    fn prefetch(&self, offset: u64, len: u64) {
-        let _ = rustix::fs::fadvise(
-            &self.0,
-            offset,
-            std::num::NonZeroU64::new(len),
-            rustix::fs::Advice::WillNeed,
-        );
     }
 }
 
