@@ -63,6 +63,15 @@ enum Command {
         #[arg(long, default_value_t = 2048)]
         mib: u64,
     },
+    /// The plain-file write reference alone, run by `log-append` in a child process so that
+    /// its buffer does not count in the benchmark's peak RSS. Prints MB/s.
+    #[command(hide = true)]
+    RawWrite {
+        /// Write distinct bytes (a prefilled buffer as large as the file) instead of one 1 MiB
+        /// buffer over and over.
+        #[arg(long)]
+        distinct: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,6 +84,8 @@ fn main() -> anyhow::Result<()> {
         Command::LogReplay { mib } => {
             replay(&work, mib << 20).and_then(|r| Ok(serde_json::to_value(r)?))
         }
+        Command::RawWrite { distinct } => raw_write_fsync(&work.join("raw-write"), distinct)
+            .and_then(|r| Ok(serde_json::to_value(r)?)),
     };
     let _ = std::fs::remove_dir_all(&work);
     let report = result?;
@@ -82,6 +93,13 @@ fn main() -> anyhow::Result<()> {
     serde_json::to_writer_pretty(&mut out, &report)?;
     writeln!(out)?;
     Ok(())
+}
+
+/// Lets the disk finish what earlier cases left behind — writeback, and the discards of deleted
+/// files on a file system mounted with `discard` — so that it does not slow the next measurement.
+fn settle() {
+    let _ = std::process::Command::new("sync").status();
+    std::thread::sleep(Duration::from_secs(1));
 }
 
 fn note(line: &str) {
@@ -135,10 +153,15 @@ struct AppendCase {
     ack_p50_ms: f64,
     ack_p99_ms: f64,
     appends_per_s: f64,
-    /// The best a plain file reached writing durably in this run (see `raw_write_fsync`).
+    /// The best a plain file reached writing the same amount of distinct bytes durably in this
+    /// run (see `raw_write_fsync`).
     raw_write_fsync_mb_per_s: f64,
     /// `log_mb_per_s` ÷ `raw_write_fsync_mb_per_s`.
     ratio_to_raw: f64,
+    /// The same, rewriting one buffer that stays in the CPU cache: an upper bound no writer of
+    /// real data reaches.
+    raw_same_buffer_mb_per_s: f64,
+    ratio_to_raw_same_buffer: f64,
     /// One fdatasync per append-sized write, one writer: a log without group commit.
     raw_fsync_per_append_mb_per_s: f64,
 }
@@ -152,9 +175,10 @@ fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
 }
 
 fn append(work: &Path, seconds: Duration) -> anyhow::Result<AppendReport> {
-    let raw = raw_write_fsync(&work.join("raw-append"))?;
+    let raw = raw_write_fsync_in_child(work, true)?;
+    let raw_same_buffer = raw_write_fsync_in_child(work, false)?;
     note(&format!(
-        "raw write+fdatasync of a plain file: {raw:.0} MB/s (best of {RAW_WRITE_ROUNDS} rounds × 3 ways)"
+        "raw write+fdatasync of a plain file: {raw:.0} MB/s of distinct bytes, {raw_same_buffer:.0} MB/s rewriting one cached buffer (best of {RAW_WRITE_ROUNDS} rounds × 3 ways each)"
     ));
     let mut cases = Vec::new();
     for record_bytes in [100usize, 1024] {
@@ -166,16 +190,17 @@ fn append(work: &Path, seconds: Duration) -> anyhow::Result<AppendReport> {
                     records_per_append,
                     producers,
                     seconds,
-                    raw,
+                    (raw, raw_same_buffer),
                 )?;
                 note(&format!(
-                    "append {record_bytes:>4} B × {records_per_append:>3}/append, {producers:>2} producers: {:>10.0} rec/s {:>7.1} MB/s, p50 {:.2} ms p99 {:.2} ms, raw {:.1} MB/s, ratio {:.2}",
+                    "append {record_bytes:>4} B × {records_per_append:>3}/append, {producers:>2} producers: {:>10.0} rec/s {:>7.1} MB/s, p50 {:.2} ms p99 {:.2} ms, raw {:.1} MB/s, ratio {:.2} (to the cached-buffer raw {:.2})",
                     case.records_per_s,
                     case.payload_mb_per_s,
                     case.ack_p50_ms,
                     case.ack_p99_ms,
                     case.raw_write_fsync_mb_per_s,
-                    case.ratio_to_raw
+                    case.ratio_to_raw,
+                    case.ratio_to_raw_same_buffer
                 ));
                 cases.push(case);
             }
@@ -195,10 +220,11 @@ fn append_case(
     records_per_append: usize,
     producers: usize,
     seconds: Duration,
-    raw: f64,
+    (raw, raw_same_buffer): (f64, f64),
 ) -> anyhow::Result<AppendCase> {
     let dir = work.join("append");
     let _ = std::fs::remove_dir_all(&dir);
+    settle();
     let log = Log::open(&dir)?;
     let topic = log.create_topic("bench", TopicConfig::default())?;
     let started = Instant::now();
@@ -257,6 +283,8 @@ fn append_case(
         appends_per_s: appends as f64 / elapsed.as_secs_f64(),
         raw_write_fsync_mb_per_s: raw,
         ratio_to_raw: log_mb_per_s / raw,
+        raw_same_buffer_mb_per_s: raw_same_buffer,
+        ratio_to_raw_same_buffer: log_mb_per_s / raw_same_buffer,
         raw_fsync_per_append_mb_per_s: per_append,
     })
 }
@@ -264,8 +292,15 @@ fn append_case(
 /// The best MB/s a plain file reaches writing durably: [`RAW_WRITE_ROUNDS`] rounds of three
 /// ways — 1 MiB writes then one fdatasync; 1 MiB writes each fdatasync-ed; 16 MiB writes each
 /// fdatasync-ed — over [`RAW_WRITE_BYTES`]. The best, because a shared VM disk is noisy and the
-/// reference should be the hardest to beat.
-fn raw_write_fsync(path: &Path) -> anyhow::Result<f64> {
+/// reference should be the hardest to beat. With `distinct`, the file's bytes come from a
+/// prefilled buffer of its whole size, as a log's records do; otherwise one 1 MiB buffer (always
+/// in the CPU's cache) is written again and again.
+fn raw_write_fsync(path: &Path, distinct: bool) -> anyhow::Result<f64> {
+    let source: Vec<u8> = if distinct {
+        (0..RAW_WRITE_BYTES).map(|i| (i % 251) as u8).collect()
+    } else {
+        vec![b'x'; 16 * RAW_IO_BYTES]
+    };
     let mut best: f64 = 0.0;
     for _ in 0..RAW_WRITE_ROUNDS {
         for (write_bytes, sync_each) in [
@@ -273,13 +308,14 @@ fn raw_write_fsync(path: &Path) -> anyhow::Result<f64> {
             (RAW_IO_BYTES, true),
             (16 * RAW_IO_BYTES, true),
         ] {
-            let buf = vec![b'x'; write_bytes];
+            settle();
             let file = File::create(path)?;
             let started = Instant::now();
             let mut written = 0u64;
             while written < RAW_WRITE_BYTES {
                 let n = (RAW_WRITE_BYTES - written).min(write_bytes as u64) as usize;
-                file.write_all_at(&buf[..n], written)?;
+                let from = if distinct { written as usize } else { 0 };
+                file.write_all_at(&source[from..from + n], written)?;
                 if sync_each {
                     file.sync_data()?;
                 }
@@ -291,6 +327,23 @@ fn raw_write_fsync(path: &Path) -> anyhow::Result<f64> {
         }
     }
     Ok(best)
+}
+
+/// Runs [`raw_write_fsync`] in a child `kappa-bench raw-write`, so its buffer stays out of this
+/// process's peak RSS.
+fn raw_write_fsync_in_child(work: &Path, distinct: bool) -> anyhow::Result<f64> {
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command.arg("--dir").arg(work).arg("raw-write");
+    if distinct {
+        command.arg("--distinct");
+    }
+    let output = command.output().context("run kappa-bench raw-write")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "raw-write failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
 }
 
 /// MB/s of one writer doing `chunk`-byte writes, each followed by fdatasync, for `seconds`.
