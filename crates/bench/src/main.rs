@@ -32,7 +32,7 @@ const RAW_WRITE_BYTES: u64 = 512 << 20;
 /// Rounds of the plain-file write reference.
 const RAW_WRITE_ROUNDS: usize = 3;
 /// Replay measurements per case; the median is reported.
-const REPLAY_RUNS: usize = 3;
+const REPLAY_RUNS: usize = 5;
 /// Bytes one batched append carries (a typical producer batch).
 const BATCHED_APPEND_BYTES: usize = 64 * 1024;
 
@@ -404,22 +404,27 @@ fn replay(work: &Path, bytes: u64) -> anyhow::Result<ReplayReport> {
         for cache in ["cold", "warm"] {
             // The median of several runs: one run on a shared VM disk is noisy.
             let mut runs = Vec::new();
-            for _ in 0..REPLAY_RUNS {
-                if cache == "cold" {
-                    cold_available = drop_caches();
-                } else {
+            for run in 0..REPLAY_RUNS {
+                if cache == "warm" {
                     raw_read(&raw_path)?;
                     replay_topic(&dir)?;
                 }
-                let raw = raw_read(&raw_path)?;
-                if cache == "cold" {
-                    drop_caches();
+                // Which goes first alternates, so that neither always meets the disk (or the
+                // host's cache) in the same state.
+                let mut raw = 0.0;
+                let mut replay = (0, Duration::ZERO);
+                for step in 0..2 {
+                    if cache == "cold" {
+                        cold_available = drop_caches();
+                    }
+                    if (step + run) % 2 == 0 {
+                        raw = raw_read(&raw_path)?;
+                    } else {
+                        replay = replay_topic(&dir)?;
+                    }
                 }
-                let (replayed, elapsed) = replay_topic(&dir)?;
-                anyhow::ensure!(
-                    replayed == records,
-                    "replayed {replayed} of {records} records"
-                );
+                let (replayed, elapsed) = replay;
+                anyhow::ensure!(replayed == records, "replayed {replayed} of {records} records");
                 runs.push((mb_per_s(log_bytes, elapsed) / raw, elapsed, raw));
             }
             runs.sort_by(|a, b| a.0.total_cmp(&b.0));
