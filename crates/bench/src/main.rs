@@ -424,7 +424,10 @@ fn replay(work: &Path, bytes: u64) -> anyhow::Result<ReplayReport> {
                     }
                 }
                 let (replayed, elapsed) = replay;
-                anyhow::ensure!(replayed == records, "replayed {replayed} of {records} records");
+                anyhow::ensure!(
+                    replayed == records,
+                    "replayed {replayed} of {records} records"
+                );
                 runs.push((mb_per_s(log_bytes, elapsed) / raw, elapsed, raw));
             }
             runs.sort_by(|a, b| a.0.total_cmp(&b.0));
