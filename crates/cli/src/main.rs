@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 mod consume;
 mod demo;
 mod produce;
+mod project;
 mod topics;
 
 /// kappa: the Kappa Architecture as one binary — an infinite replayable log, versioned SQL
@@ -50,6 +51,10 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create a project folder with a working example.
+    Init(project::InitArgs),
+    /// Validate the project folder without running it: TOML, SQL, references, cycles.
+    Check(project::CheckArgs),
     /// Run kappa in the foreground: the embedded log and the HTTP API.
     Up(UpArgs),
     /// Create, list and describe topics.
@@ -123,6 +128,8 @@ fn init_tracing(format: LogFormat, verbose: bool) {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let global = cli.global;
     match cli.command {
+        Command::Init(args) => project::init(args),
+        Command::Check(args) => project::check(&global, args),
         Command::Up(args) => up(&global, args).await,
         Command::Topics(command) => topics::run(&global, command).await,
         Command::Produce(args) => produce::run(&global, args).await,

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use serde::Deserialize;
+use kappa_pipeline::ProjectConfig;
 
 /// Default address of the HTTP API and web UI.
 pub const HTTP_ADDR_DEFAULT: &str = "127.0.0.1:7878";
@@ -26,22 +26,7 @@ pub const INGEST_WAIT_MS: u64 = 5_000;
 /// Name of the data directory inside a project folder.
 pub const DATA_DIR_NAME: &str = ".kappa";
 
-/// The project file.
-pub const PROJECT_FILE: &str = "kappa.toml";
-
-/// What `kappa.toml` may say about the server (other sections belong to other features).
-#[derive(Debug, Default, Deserialize)]
-struct ProjectFile {
-    #[serde(default)]
-    server: ServerSection,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ServerSection {
-    http: Option<SocketAddr>,
-    max_request_bytes: Option<usize>,
-}
+pub use kappa_pipeline::PROJECT_FILE;
 
 /// Everything `kappa up` needs to start.
 #[derive(Debug, Clone)]
@@ -69,7 +54,19 @@ impl ServerConfig {
     pub fn resolve(overrides: &Overrides) -> anyhow::Result<ServerConfig> {
         let project = project_dir(overrides.project.as_deref())?;
         let file = read_project_file(&project)?;
-        let http_addr = match overrides.http_addr.or(file.server.http) {
+        let configured = file
+            .server
+            .http
+            .as_deref()
+            .map(|a| {
+                a.parse::<SocketAddr>().with_context(|| {
+                    format!(
+                        "{PROJECT_FILE}: [server] http `{a}` is not an address like 127.0.0.1:7878"
+                    )
+                })
+            })
+            .transpose()?;
+        let http_addr = match overrides.http_addr.or(configured) {
             Some(addr) => addr,
             None => HTTP_ADDR_DEFAULT
                 .parse()
@@ -117,11 +114,19 @@ pub fn log_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("log")
 }
 
-fn read_project_file(project: &Path) -> anyhow::Result<ProjectFile> {
+/// `kappa.toml`, or the defaults when there is none.
+fn read_project_file(project: &Path) -> anyhow::Result<ProjectConfig> {
     let path = project.join(PROJECT_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(text) => toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ProjectFile::default()),
+        Ok(text) => toml::from_str(&text).map_err(|e| {
+            let at = e.span().map_or(0, |s| s.start);
+            let file = path.display().to_string();
+            anyhow::anyhow!(
+                "{}",
+                kappa_pipeline::Diagnostic::at_byte(&file, &text, at, e.message().trim())
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ProjectConfig::default()),
         Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
     }
 }
@@ -143,7 +148,7 @@ mod tests {
 
         std::fs::write(
             dir.path().join("kappa.toml"),
-            "[server]\nhttp = \"127.0.0.1:9000\"\n[other]\nx = 1\n",
+            "[project]\nname = \"x\"\n[server]\nhttp = \"127.0.0.1:9000\"\n",
         )
         .unwrap();
         let config = ServerConfig::resolve(&overrides).unwrap();

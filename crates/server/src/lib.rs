@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod http;
 pub mod ingest;
+pub mod project;
 pub mod service;
 
 use std::future::Future;

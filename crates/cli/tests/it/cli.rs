@@ -302,3 +302,43 @@ fn produce_from_a_pipe_exits_on_an_error_while_the_pipe_stays_open() {
     std::io::Read::read_to_string(&mut producer.stderr.take().unwrap(), &mut err).unwrap();
     assert!(err.contains("unknown topic `nope`"), "{err}");
 }
+
+#[test]
+fn init_writes_a_project_that_checks_clean_and_check_reports_problems() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    let out = Command::new(KAPPA).arg("init").arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let check = |args: &[&str]| {
+        Command::new(KAPPA)
+            .arg("--project")
+            .arg(&dir)
+            .arg("check")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = check(&[]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "ok: 2 topics, 2 models in order silver.orders, gold.revenue_by_region\n"
+    );
+
+    std::fs::write(dir.join("models/gold/x.sql"), "SELECT *\nFROM silver.ordrs").unwrap();
+    let out = check(&[]);
+    assert!(!out.status.success());
+    assert_eq!(
+        stdout(&out),
+        "models/gold/x.sql:2:6: no model `silver.ordrs`; did you mean `silver.orders`?\n"
+    );
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    let out = check(&["--json"]);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["diagnostics"][0]["line"], 2);
+
+    let again = Command::new(KAPPA).arg("init").arg(&dir).output().unwrap();
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("already holds a kappa project"));
+}

@@ -1,0 +1,644 @@
+//! A project folder read into topics, models and their dependency order.
+//!
+//! ```text
+//! kappa.toml                     ProjectConfig
+//! topics/<name>.toml             TopicSpec   (partitions, key, schema)
+//! models/<layer>/<name>.sql      Model       (one SELECT over topics and `layer.model`s)
+//! models/<layer>/<name>.toml       its ModelConfig
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::diagnostic::{Diagnostic, did_you_mean};
+use crate::schema::{Field, FieldType};
+
+/// The files of a project folder: path relative to the folder (with `/`) → contents.
+pub type ProjectFiles = BTreeMap<String, String>;
+
+/// The project file.
+pub const PROJECT_FILE: &str = "kappa.toml";
+
+/// What `kappa.toml` says.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectConfig {
+    #[serde(default)]
+    pub project: ProjectSection,
+    #[serde(default)]
+    pub server: ServerSection,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectSection {
+    pub name: Option<String>,
+}
+
+/// Addresses and limits of `kappa up`; flags override them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// HTTP API and web UI, e.g. `127.0.0.1:7878`.
+    pub http: Option<String>,
+    /// Postgres wire endpoint, e.g. `127.0.0.1:5433`.
+    pub pg: Option<String>,
+    pub max_request_bytes: Option<usize>,
+}
+
+/// A topic as the project declares it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TopicSpec {
+    pub name: String,
+    pub file: String,
+    pub partitions: u32,
+    /// The record field whose value is the record key.
+    pub key: Option<String>,
+    /// `"always"` or an interval like `"100ms"`.
+    pub fsync: Option<String>,
+    /// How long records are kept; forever when absent.
+    pub retention_ms: Option<u64>,
+    /// The declared fields, in file order; empty for an untyped topic (JSON access only).
+    pub fields: Vec<Field>,
+}
+
+/// How a model's table is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Materialization {
+    /// Every result row is appended.
+    Append,
+    /// Rows are keyed; a new row for a key replaces the old one.
+    Upsert,
+}
+
+/// A model's `<name>.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ModelConfig {
+    /// Absent: `upsert` for a GROUP BY (keyed by the group keys), `append` otherwise.
+    pub materialization: Option<Materialization>,
+    /// Upsert key columns; absent: the GROUP BY keys.
+    pub key: Vec<String>,
+    /// Partition transforms of the table, e.g. `day(ts)`, `region`.
+    pub partition_by: Vec<String>,
+    /// The column that carries event time, for windows and watermarks.
+    pub event_time: Option<String>,
+    /// How late an event may arrive before its window closes without it.
+    pub watermark_ms: Option<u64>,
+}
+
+/// What a model reads.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(tag = "kind", content = "name", rename_all = "lowercase")]
+pub enum Input {
+    Topic(String),
+    /// `layer.name`.
+    Model(String),
+}
+
+/// One model: a SELECT that becomes the table `layer.name`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Model {
+    pub layer: String,
+    pub name: String,
+    /// The `.sql` file.
+    pub file: String,
+    pub sql: String,
+    pub config: ModelConfig,
+    /// Every topic and model it reads, without repeats.
+    pub inputs: Vec<Input>,
+}
+
+impl Model {
+    /// `layer.name`, the model's table name.
+    pub fn id(&self) -> String {
+        format!("{}.{}", self.layer, self.name)
+    }
+}
+
+/// A project folder that passed every structural check.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Project {
+    pub config: ProjectConfig,
+    pub topics: BTreeMap<String, TopicSpec>,
+    /// By `layer.name`.
+    pub models: BTreeMap<String, Model>,
+    /// Model ids, every model after the models it reads.
+    pub order: Vec<String>,
+}
+
+/// The `.sql` and `.toml` paths of one model, as found.
+type ModelFiles<'a> = (Option<&'a str>, Option<&'a str>);
+
+/// Reads a project folder's files, reporting every problem found (not only the first).
+pub fn load(files: &ProjectFiles) -> Result<Project, Vec<Diagnostic>> {
+    let mut diagnostics = Vec::new();
+    let config = match files.get(PROJECT_FILE) {
+        Some(text) => {
+            parse_toml::<ProjectConfig>(PROJECT_FILE, text, &mut diagnostics).unwrap_or_default()
+        }
+        None => {
+            diagnostics.push(Diagnostic::in_file(
+                PROJECT_FILE,
+                "no kappa.toml here: not a kappa project folder; `kappa init DIR` creates one",
+            ));
+            ProjectConfig::default()
+        }
+    };
+
+    let mut topics = BTreeMap::new();
+    // Every topic file names a topic, also one with errors (which are reported on their own):
+    // models reading it get no second, misleading "no topic" error.
+    let mut topic_names = BTreeSet::new();
+    // (layer, name) → (the .sql file, the .toml file)
+    let mut model_files: BTreeMap<(String, String), ModelFiles<'_>> = BTreeMap::new();
+    for (path, text) in files {
+        let parts: Vec<&str> = path.split('/').collect();
+        match parts.as_slice() {
+            ["topics", file] if file.ends_with(".toml") => {
+                let name = file.trim_end_matches(".toml");
+                topic_names.insert(name.to_owned());
+                if let Some(topic) = parse_topic(name, path, text, &mut diagnostics) {
+                    topics.insert(name.to_owned(), topic);
+                }
+            }
+            ["models", layer, file] if file.ends_with(".sql") || file.ends_with(".toml") => {
+                let (name, is_sql) = match file.strip_suffix(".sql") {
+                    Some(name) => (name, true),
+                    None => (file.trim_end_matches(".toml"), false),
+                };
+                let entry = model_files
+                    .entry(((*layer).to_owned(), name.to_owned()))
+                    .or_default();
+                if is_sql {
+                    entry.0 = Some(path.as_str());
+                } else {
+                    entry.1 = Some(path.as_str());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    let mut models = BTreeMap::new();
+    let mut parsed = Vec::new();
+    for ((layer, name), (sql_path, toml_path)) in &model_files {
+        let Some(sql_path) = sql_path else {
+            if let Some(toml_path) = toml_path {
+                diagnostics.push(Diagnostic::in_file(
+                    toml_path,
+                    format!("configuration without a model: there is no models/{layer}/{name}.sql"),
+                ));
+            }
+            continue;
+        };
+        for (what, value) in [("layer", layer), ("model", name)] {
+            if !is_identifier(value) {
+                diagnostics.push(Diagnostic::in_file(
+                    sql_path,
+                    format!(
+                        "{what} name `{value}` must be lowercase letters, digits and `_`, starting with a letter, so that SQL can name it unquoted"
+                    ),
+                ));
+            }
+        }
+        let config = toml_path
+            .and_then(|p| parse_model_config(p, &files[p], &mut diagnostics))
+            .unwrap_or_default();
+        let sql = files[*sql_path].clone();
+        if let Some(relations) = crate::sql::relations(sql_path, &sql, &mut diagnostics) {
+            parsed.push((
+                layer.clone(),
+                name.clone(),
+                sql_path.to_string(),
+                sql,
+                config,
+                relations,
+            ));
+        }
+    }
+    let model_ids: BTreeSet<String> = parsed.iter().map(|(l, n, ..)| format!("{l}.{n}")).collect();
+    for (layer, name, file, sql, config, relations) in parsed {
+        let mut inputs = BTreeSet::new();
+        for relation in relations {
+            match resolve(&relation, &topic_names, &model_ids) {
+                Ok(input) => {
+                    inputs.insert(input);
+                }
+                Err((message, suggestion)) => {
+                    let (line, column) = relation.line_column;
+                    diagnostics.push(Diagnostic {
+                        file: file.clone(),
+                        line,
+                        column,
+                        message,
+                        suggestion,
+                    });
+                }
+            }
+        }
+        let model = Model {
+            layer,
+            name,
+            file,
+            sql,
+            config,
+            inputs: inputs.into_iter().collect(),
+        };
+        models.insert(model.id(), model);
+    }
+
+    let order = match crate::dag::order(&models) {
+        Ok(order) => order,
+        Err(cycle) => {
+            let first = &models[&cycle[0]];
+            diagnostics.push(Diagnostic::in_file(
+                &first.file,
+                format!("models read each other in a cycle: {}", cycle.join(" → ")),
+            ));
+            Vec::new()
+        }
+    };
+    if diagnostics.is_empty() {
+        Ok(Project {
+            config,
+            topics,
+            models,
+            order,
+        })
+    } else {
+        diagnostics.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+        Err(diagnostics)
+    }
+}
+
+/// Whether `s` can be used unquoted as a SQL identifier.
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn resolve(
+    relation: &crate::sql::Relation,
+    topics: &BTreeSet<String>,
+    models: &BTreeSet<String>,
+) -> Result<Input, (String, Option<String>)> {
+    let everything = || {
+        topics
+            .iter()
+            .map(String::as_str)
+            .chain(models.iter().map(String::as_str))
+    };
+    match relation.parts.as_slice() {
+        [topic] if topics.contains(topic) => Ok(Input::Topic(topic.clone())),
+        [name] => {
+            let suffix = format!(".{name}");
+            let same_name: Vec<&str> = models
+                .iter()
+                .filter(|m| m.ends_with(&suffix))
+                .map(String::as_str)
+                .collect();
+            if same_name.is_empty() {
+                Err((
+                    format!("no topic or model `{name}`"),
+                    did_you_mean(name, everything()),
+                ))
+            } else {
+                let message = format!("no topic `{name}`; models are read by layer and name");
+                Err((
+                    message,
+                    Some(format!("did you mean `{}`?", same_name.join("` or `"))),
+                ))
+            }
+        }
+        [layer, model] => {
+            let id = format!("{layer}.{model}");
+            if models.contains(&id) {
+                Ok(Input::Model(id))
+            } else {
+                Err((format!("no model `{id}`"), did_you_mean(&id, everything())))
+            }
+        }
+        parts => Err((
+            format!(
+                "`{}`: name a topic (`orders`) or a model (`silver.orders`)",
+                parts.join(".")
+            ),
+            None,
+        )),
+    }
+}
+
+/// Parses a TOML file, reporting a syntax or shape error at its place.
+fn parse_toml<T: serde::de::DeserializeOwned>(
+    file: &str,
+    text: &str,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<T> {
+    match toml::from_str::<T>(text) {
+        Ok(value) => Some(value),
+        Err(e) => {
+            let offset = e.span().map_or(0, |s| s.start);
+            diagnostics.push(Diagnostic::at_byte(
+                file,
+                text,
+                offset,
+                e.message().trim().to_owned(),
+            ));
+            None
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopic {
+    #[serde(default = "one")]
+    partitions: Spanned<u32>,
+    key: Option<Spanned<String>>,
+    fsync: Option<Spanned<String>>,
+    retention: Option<Spanned<String>>,
+    #[serde(default)]
+    schema: IndexMap<String, Spanned<RawField>>,
+}
+
+fn one() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawField {
+    Type(String),
+    Detailed(RawFieldTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFieldTable {
+    #[serde(rename = "type")]
+    data_type: String,
+    #[serde(default = "yes")]
+    required: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn parse_topic(
+    name: &str,
+    file: &str,
+    text: &str,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<TopicSpec> {
+    let raw: RawTopic = parse_toml(file, text, diagnostics)?;
+    let before = diagnostics.len();
+    let at =
+        |span: Range<usize>, message: String| Diagnostic::at_byte(file, text, span.start, message);
+    if name.is_empty()
+        || name.len() > 249
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        diagnostics.push(Diagnostic::in_file(
+            file,
+            format!("topic name `{name}` (the file name) must be 1 to 249 ASCII letters, digits, `.`, `_` or `-`"),
+        ));
+    }
+    if *raw.partitions.get_ref() == 0 {
+        diagnostics.push(at(
+            raw.partitions.span(),
+            "a topic needs at least 1 partition".into(),
+        ));
+    }
+    let mut fields = Vec::new();
+    for (field, value) in &raw.schema {
+        let (type_name, required) = match value.get_ref() {
+            RawField::Type(t) => (t.as_str(), true),
+            RawField::Detailed(d) => (d.data_type.as_str(), d.required),
+        };
+        match type_name.parse::<FieldType>() {
+            Ok(data_type) => fields.push(Field {
+                name: field.clone(),
+                data_type,
+                required,
+            }),
+            Err(message) => {
+                diagnostics.push(at(value.span(), format!("field `{field}`: {message}")))
+            }
+        }
+    }
+    if let Some(key) = &raw.key
+        && !raw.schema.is_empty()
+        && !raw.schema.contains_key(key.get_ref())
+    {
+        diagnostics.push(
+            at(
+                key.span(),
+                format!("key field `{}` is not in the schema", key.get_ref()),
+            )
+            .with_suggestion(did_you_mean(
+                key.get_ref(),
+                raw.schema.keys().map(String::as_str),
+            )),
+        );
+    }
+    if let Some(fsync) = &raw.fsync
+        && fsync.get_ref() != "always"
+        && humantime::parse_duration(fsync.get_ref()).is_err()
+    {
+        diagnostics.push(at(
+            fsync.span(),
+            format!(
+                "fsync `{}` is neither \"always\" nor an interval like \"100ms\"",
+                fsync.get_ref()
+            ),
+        ));
+    }
+    let retention_ms = match &raw.retention {
+        None => None,
+        Some(r) => match humantime::parse_duration(r.get_ref()) {
+            Ok(d) => Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            Err(e) => {
+                diagnostics.push(at(
+                    r.span(),
+                    format!(
+                        "retention `{}` is not a duration like \"30d\": {e}",
+                        r.get_ref()
+                    ),
+                ));
+                None
+            }
+        },
+    };
+    (diagnostics.len() == before).then(|| TopicSpec {
+        name: name.to_owned(),
+        file: file.to_owned(),
+        partitions: *raw.partitions.get_ref(),
+        key: raw.key.map(Spanned::into_inner),
+        fsync: raw.fsync.map(Spanned::into_inner),
+        retention_ms,
+        fields,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModelConfig {
+    materialization: Option<Materialization>,
+    #[serde(default)]
+    key: Vec<String>,
+    #[serde(default)]
+    partition_by: Vec<String>,
+    event_time: Option<String>,
+    watermark: Option<Spanned<String>>,
+}
+
+fn parse_model_config(
+    file: &str,
+    text: &str,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<ModelConfig> {
+    let raw: RawModelConfig = parse_toml(file, text, diagnostics)?;
+    let watermark_ms = match &raw.watermark {
+        None => None,
+        Some(w) => match humantime::parse_duration(w.get_ref()) {
+            Ok(d) => Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            Err(e) => {
+                let message = format!(
+                    "watermark `{}` is not a duration like \"10s\": {e}",
+                    w.get_ref()
+                );
+                diagnostics.push(Diagnostic::at_byte(file, text, w.span().start, message));
+                return None;
+            }
+        },
+    };
+    Some(ModelConfig {
+        materialization: raw.materialization,
+        key: raw.key,
+        partition_by: raw.partition_by,
+        event_time: raw.event_time,
+        watermark_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use expect_test::expect;
+
+    use super::*;
+
+    fn files(list: &[(&str, &str)]) -> ProjectFiles {
+        list.iter()
+            .map(|(p, c)| ((*p).to_owned(), (*c).to_owned()))
+            .collect()
+    }
+
+    fn report(list: &[(&str, &str)]) -> String {
+        match load(&files(list)) {
+            Ok(project) => format!("ok: {}", project.order.join(" → ")),
+            Err(diagnostics) => diagnostics.iter().map(|d| format!("{d}\n")).collect(),
+        }
+    }
+
+    const ORDERS: &str = "partitions = 2\nkey = \"customer_id\"\n\n[schema]\ncustomer_id = \"string\"\nquantity = \"int\"\n";
+
+    #[test]
+    fn every_problem_is_reported_with_its_place() {
+        let got = report(&[
+            (
+                "kappa.toml",
+                "[project]\nname = \"x\"\n[servr]\nhttp = \"a\"\n",
+            ),
+            (
+                "topics/orders.toml",
+                "partitions = 0\nkey = \"custmer_id\"\nfsync = \"sometimes\"\n[schema]\ncustomer_id = \"strng\"\nqty = { type = \"int\", required = false }\n",
+            ),
+            ("topics/bad topic.toml", "partitions = 1\n"),
+            ("topics/broken.toml", "partitions = \n"),
+            ("models/silver/a.sql", "SELECT * FROM gold.b"),
+            (
+                "models/gold/b.sql",
+                "SELECT *\nFROM silver.a JOIN ordrs ON true",
+            ),
+            ("models/gold/c.sql", "SELECT * FROM silver.missing, c"),
+            ("models/gold/c.toml", "materialisation = \"append\"\n"),
+            ("models/gold/orphan.toml", "materialization = \"append\"\n"),
+            ("models/Gold/d.sql", "SELECT 1"),
+            ("models/gold/e.sql", "SELEC 1"),
+            ("models/gold/f.sql", "SELECT * FROM silver.x.y"),
+        ]);
+        expect![[r#"
+            kappa.toml:3:2: unknown field `servr`, expected `project` or `server`
+            models/Gold/d.sql:1:1: layer name `Gold` must be lowercase letters, digits and `_`, starting with a letter, so that SQL can name it unquoted
+            models/gold/b.sql:1:1: models read each other in a cycle: gold.b → silver.a → gold.b
+            models/gold/b.sql:2:20: no topic or model `ordrs`; did you mean `orders`?
+            models/gold/c.sql:1:15: no model `silver.missing`
+            models/gold/c.sql:1:31: no topic `c`; models are read by layer and name; did you mean `gold.c`?
+            models/gold/c.toml:1:1: unknown field `materialisation`, expected one of `materialization`, `key`, `partition_by`, `event_time`, `watermark`
+            models/gold/e.sql:1:1: SQL: Expected: an SQL statement, found: SELEC
+            models/gold/f.sql:1:15: `silver.x.y`: name a topic (`orders`) or a model (`silver.orders`)
+            models/gold/orphan.toml:1:1: configuration without a model: there is no models/gold/orphan.sql
+            topics/bad topic.toml:1:1: topic name `bad topic` (the file name) must be 1 to 249 ASCII letters, digits, `.`, `_` or `-`
+            topics/broken.toml:1:14: string values must be quoted, expected literal string
+            topics/orders.toml:1:14: a topic needs at least 1 partition
+            topics/orders.toml:2:7: key field `custmer_id` is not in the schema; did you mean `customer_id`?
+            topics/orders.toml:3:9: fsync `sometimes` is neither "always" nor an interval like "100ms"
+            topics/orders.toml:5:15: field `customer_id`: unknown type `strng`; types are: string, boolean, int, bigint, double, decimal(p,s), date, timestamp, json; did you mean `string`?
+        "#]]
+        .assert_eq(&got);
+    }
+
+    #[test]
+    fn models_resolve_to_topics_and_models_in_order() {
+        let got = report(&[
+            ("kappa.toml", ""),
+            ("topics/orders.toml", ORDERS),
+            (
+                "models/gold/by_customer.sql",
+                "SELECT customer_id, count(*) FROM silver.orders GROUP BY customer_id",
+            ),
+            (
+                "models/silver/orders.sql",
+                "WITH o AS (SELECT * FROM orders) SELECT * FROM o",
+            ),
+            (
+                "models/silver/orders.toml",
+                "materialization = \"append\"\nwatermark = \"10s\"\nevent_time = \"ts\"\n",
+            ),
+        ]);
+        expect!["ok: silver.orders → gold.by_customer"].assert_eq(&got);
+        let project = load(&files(&[
+            ("kappa.toml", ""),
+            ("topics/orders.toml", ORDERS),
+        ]))
+        .unwrap();
+        assert_eq!(project.topics["orders"].partitions, 2);
+    }
+
+    #[test]
+    fn a_model_named_without_its_layer_gets_a_hint() {
+        let got = report(&[
+            ("kappa.toml", ""),
+            ("topics/orders.toml", ORDERS),
+            ("models/silver/clean.sql", "SELECT * FROM orders"),
+            ("models/gold/g.sql", "SELECT * FROM clean"),
+        ]);
+        expect![[r#"
+            models/gold/g.sql:1:15: no topic `clean`; models are read by layer and name; did you mean `silver.clean`?
+        "#]]
+        .assert_eq(&got);
+        expect![[r#"
+            kappa.toml:1:1: no kappa.toml here: not a kappa project folder; `kappa init DIR` creates one
+        "#]]
+        .assert_eq(&report(&[]));
+    }
+}

@@ -1,0 +1,105 @@
+//! Reading a project folder from disk, and writing the example one.
+
+use std::path::Path;
+
+use anyhow::Context;
+use kappa_pipeline::{PROJECT_FILE, ProjectFiles};
+
+/// The files of a project folder that make up the project: `kappa.toml`, `topics/*.toml`,
+/// `models/*/*.{sql,toml}`. Other files are not read.
+pub fn read_files(dir: &Path) -> anyhow::Result<ProjectFiles> {
+    let mut files = ProjectFiles::new();
+    let mut add = |relative: String| -> anyhow::Result<()> {
+        let path = dir.join(&relative);
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        files.insert(relative, text);
+        Ok(())
+    };
+    if dir.join(PROJECT_FILE).is_file() {
+        add(PROJECT_FILE.to_owned())?;
+    }
+    for name in names_in(&dir.join("topics"))? {
+        if name.ends_with(".toml") {
+            add(format!("topics/{name}"))?;
+        }
+    }
+    for layer in names_in(&dir.join("models"))? {
+        if !dir.join("models").join(&layer).is_dir() {
+            continue;
+        }
+        for name in names_in(&dir.join("models").join(&layer))? {
+            if name.ends_with(".sql") || name.ends_with(".toml") {
+                add(format!("models/{layer}/{name}"))?;
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Entry names of a directory, sorted; none when it does not exist.
+fn names_in(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("list {}", dir.display())),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("list {}", dir.display()))?;
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Writes the example project into `dir` (created if needed). Refuses to touch a folder that
+/// already holds a `kappa.toml`, and never overwrites a file.
+pub fn scaffold(dir: &Path) -> anyhow::Result<Vec<String>> {
+    anyhow::ensure!(
+        !dir.join(PROJECT_FILE).exists(),
+        "{} already holds a kappa project ({PROJECT_FILE} exists)",
+        dir.display()
+    );
+    for (relative, _) in kappa_pipeline::scaffold::FILES {
+        let path = dir.join(relative);
+        anyhow::ensure!(
+            !path.exists(),
+            "{} exists; kappa init writes only new files",
+            path.display()
+        );
+    }
+    let mut written = Vec::new();
+    for (relative, contents) in kappa_pipeline::scaffold::FILES {
+        let path = dir.join(relative);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("create {}", parent.display()))?;
+        }
+        std::fs::write(&path, contents).with_context(|| format!("write {}", path.display()))?;
+        written.push((*relative).to_owned());
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scaffold_reads_back_as_a_clean_project() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("shop");
+        let written = scaffold(&target).unwrap();
+        assert!(written.contains(&"topics/orders.toml".to_owned()));
+        let files = read_files(&target).unwrap();
+        assert!(
+            !files.contains_key("data/orders.ndjson"),
+            "only project files are read"
+        );
+        let project = kappa_pipeline::load(&files).unwrap();
+        assert_eq!(project.models.len(), 2);
+        let again = scaffold(&target).unwrap_err().to_string();
+        assert!(again.contains("already holds a kappa project"), "{again}");
+    }
+}
