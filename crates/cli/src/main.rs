@@ -129,7 +129,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let global = cli.global;
     match cli.command {
         Command::Init(args) => project::init(args),
-        Command::Check(args) => project::check(&global, args),
+        Command::Check(args) => project::check(&global, args).await,
         Command::Up(args) => up(&global, args).await,
         Command::Topics(command) => topics::run(&global, command).await,
         Command::Produce(args) => produce::run(&global, args).await,

@@ -33,10 +33,9 @@ pub(crate) fn init(args: InitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn check(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
+pub(crate) async fn check(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
     let dir = kappa_server::config::project_dir(global.project.as_deref())?;
-    let files = kappa_server::project::read_files(&dir)?;
-    let result = kappa_pipeline::load(&files);
+    let result = kappa_server::project::check(&dir).await?;
     if args.json {
         let value = match &result {
             Ok(project) => serde_json::json!({

@@ -37,6 +37,24 @@ pub fn read_files(dir: &Path) -> anyhow::Result<ProjectFiles> {
     Ok(files)
 }
 
+/// Reads and validates the project in `dir`: its structure (kappa-pipeline), then every model
+/// planned against the schemas it reads (kappa-engine). All problems, or the project.
+pub async fn check(
+    dir: &Path,
+) -> anyhow::Result<Result<kappa_pipeline::Project, Vec<kappa_pipeline::Diagnostic>>> {
+    let files = read_files(dir)?;
+    let project = match kappa_pipeline::load(&files) {
+        Ok(project) => project,
+        Err(diagnostics) => return Ok(Err(diagnostics)),
+    };
+    let diagnostics = kappa_engine::check::check(&project).await;
+    Ok(if diagnostics.is_empty() {
+        Ok(project)
+    } else {
+        Err(diagnostics)
+    })
+}
+
 /// Entry names of a directory, sorted; none when it does not exist.
 fn names_in(dir: &Path) -> anyhow::Result<Vec<String>> {
     let entries = match std::fs::read_dir(dir) {

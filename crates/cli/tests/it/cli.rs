@@ -342,3 +342,34 @@ fn init_writes_a_project_that_checks_clean_and_check_reports_problems() {
     assert!(!again.status.success());
     assert!(stderr(&again).contains("already holds a kappa project"));
 }
+
+#[test]
+fn check_finds_unknown_columns_with_datafusion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    assert!(
+        Command::new(KAPPA)
+            .arg("init")
+            .arg(&dir)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    std::fs::write(
+        dir.join("models/gold/big.sql"),
+        "SELECT order_id\nFROM silver.orders\nWHERE qty > 3",
+    )
+    .unwrap();
+    let out = Command::new(KAPPA)
+        .arg("--project")
+        .arg(&dir)
+        .arg("check")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        stdout(&out),
+        "models/gold/big.sql:3:7: no column `qty`; columns are: customer_id, order_id, product_id, quantity, region, ts, unit_price; did you mean `quantity`?\n"
+    );
+}

@@ -1,0 +1,190 @@
+//! Semantic checks of a project: every model planned by DataFusion against the schemas of what
+//! it reads, so unknown columns, wrong types and unknown functions are found before anything
+//! runs.
+
+use std::sync::Arc;
+
+use datafusion::catalog::MemorySchemaProvider;
+use datafusion::datasource::empty::EmptyTable;
+use datafusion::error::DataFusionError;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::TableReference;
+use kappa_pipeline::diagnostic::did_you_mean;
+use kappa_pipeline::{Diagnostic, Project};
+
+use crate::schema::topic_schema;
+
+/// Plans every model in dependency order; returns what is wrong, located in its SQL file.
+pub async fn check(project: &Project) -> Vec<Diagnostic> {
+    let mut config = SessionConfig::new();
+    config.options_mut().sql_parser.collect_spans = true;
+    let ctx = SessionContext::new_with_config(config);
+    let mut diagnostics = Vec::new();
+    for topic in project.topics.values() {
+        let table = Arc::new(EmptyTable::new(topic_schema(topic)));
+        if let Err(e) = ctx.register_table(TableReference::bare(topic.name.as_str()), table) {
+            diagnostics.push(Diagnostic::in_file(
+                &topic.file,
+                format!("register topic: {e}"),
+            ));
+        }
+    }
+    let catalog = ctx.catalog("datafusion");
+    for model in &project.order {
+        let model = &project.models[model];
+        if let Some(catalog) = &catalog
+            && catalog.schema(&model.layer).is_none()
+        {
+            let _ = catalog.register_schema(&model.layer, Arc::new(MemorySchemaProvider::new()));
+        }
+        match ctx.state().create_logical_plan(&model.sql).await {
+            Ok(plan) => {
+                let schema = Arc::new(plan.schema().as_arrow().clone());
+                let name = TableReference::partial(model.layer.as_str(), model.name.as_str());
+                if let Err(e) = ctx.register_table(name, Arc::new(EmptyTable::new(schema))) {
+                    diagnostics.push(Diagnostic::in_file(
+                        &model.file,
+                        format!("register model: {e}"),
+                    ));
+                }
+            }
+            Err(e) => diagnostics.push(locate(&model.file, &model.sql, &e)),
+        }
+    }
+    diagnostics
+}
+
+/// A DataFusion planning error as a diagnostic at its place in the SQL.
+fn locate(file: &str, sql: &str, error: &DataFusionError) -> Diagnostic {
+    let (line, column) = error
+        .diagnostic()
+        .and_then(|d| d.span)
+        .map(|span| {
+            (
+                span.start.line.max(1) as usize,
+                span.start.column.max(1) as usize,
+            )
+        })
+        .unwrap_or((1, 1));
+    let root = error.find_root();
+    let (message, suggestion) = match root {
+        DataFusionError::SchemaError(e, _) => match e.as_ref() {
+            datafusion::common::SchemaError::FieldNotFound {
+                field,
+                valid_fields,
+            } => {
+                let names: Vec<&str> = valid_fields.iter().map(|c| c.name.as_str()).collect();
+                let mut unique = names.clone();
+                unique.sort_unstable();
+                unique.dedup();
+                (
+                    format!(
+                        "no column `{}`; columns are: {}",
+                        field.name,
+                        unique.join(", ")
+                    ),
+                    did_you_mean(&field.name, names.iter().copied()),
+                )
+            }
+            other => (other.to_string(), None),
+        },
+        other => (clean(&other.strip_backtrace()), None),
+    };
+    let (line, column) = if (line, column) == (1, 1) {
+        find_word(sql, &message).unwrap_or((1, 1))
+    } else {
+        (line, column)
+    };
+    Diagnostic {
+        file: file.to_owned(),
+        line,
+        column,
+        message,
+        suggestion,
+    }
+}
+
+/// DataFusion's messages start with the error kind ("Error during planning: "); keep the point.
+fn clean(message: &str) -> String {
+    let message = message.lines().next().unwrap_or(message);
+    for prefix in [
+        "Error during planning: ",
+        "This feature is not implemented: ",
+        "Execution error: ",
+    ] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            return rest.to_owned();
+        }
+    }
+    message.to_owned()
+}
+
+/// Where the first `name` in backquotes of `message` appears in `sql`, as a fallback position.
+fn find_word(sql: &str, message: &str) -> Option<(usize, usize)> {
+    let name = message.split('`').nth(1)?;
+    let at = sql.to_lowercase().find(&name.to_lowercase())?;
+    Some(kappa_pipeline::diagnostic::line_column(sql, at))
+}
+
+#[cfg(test)]
+mod tests {
+    use kappa_pipeline::ProjectFiles;
+
+    use super::*;
+
+    fn project(models: &[(&str, &str)]) -> Project {
+        let mut files = ProjectFiles::new();
+        files.insert("kappa.toml".into(), String::new());
+        files.insert(
+            "topics/orders.toml".into(),
+            "[schema]\norder_id = \"bigint\"\nquantity = \"int\"\nprice = \"decimal(10,2)\"\nregion = \"string\"\nts = \"timestamp\"\n".into(),
+        );
+        files.insert("topics/raw.toml".into(), "partitions = 1\n".into());
+        for (path, sql) in models {
+            files.insert((*path).into(), (*sql).into());
+        }
+        kappa_pipeline::load(&files).unwrap()
+    }
+
+    async fn report(models: &[(&str, &str)]) -> String {
+        check(&project(models))
+            .await
+            .iter()
+            .map(|d| format!("{d}\n"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn columns_types_and_functions_are_checked_downstream_too() {
+        let got = report(&[
+            (
+                "models/silver/orders.sql",
+                "SELECT order_id, quantity * price AS amount, region, ts FROM orders",
+            ),
+            (
+                "models/gold/by_region.sql",
+                "SELECT region, sum(amount) AS revenue FROM silver.orders GROUP BY region",
+            ),
+            (
+                "models/gold/bad_column.sql",
+                "SELECT region,\n       sum(qty) FROM orders GROUP BY region",
+            ),
+            (
+                "models/gold/bad_downstream.sql",
+                "SELECT price FROM silver.orders",
+            ),
+            (
+                "models/gold/bad_function.sql",
+                "SELECT frobnicate(region) FROM orders",
+            ),
+            ("models/gold/untyped.sql", "SELECT value FROM raw"),
+        ])
+        .await;
+        assert_eq!(
+            got,
+            "models/gold/bad_column.sql:2:12: no column `qty`; columns are: order_id, price, quantity, region, ts; did you mean `quantity`?\n\
+             models/gold/bad_downstream.sql:1:8: no column `price`; columns are: amount, order_id, region, ts\n\
+             models/gold/bad_function.sql:1:8: Invalid function 'frobnicate'.\n"
+        );
+    }
+}

@@ -1,0 +1,5 @@
+//! kappa's stream processor (being built): plans each model with DataFusion against the schemas
+//! of the topics and models it reads.
+
+pub mod check;
+pub mod schema;
