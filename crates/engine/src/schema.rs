@@ -5,6 +5,9 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use kappa_pipeline::{FieldType, TopicSpec};
 
+/// How Arrow spells the UTC zone of Iceberg's `timestamptz`.
+pub const UTC: &str = "+00:00";
+
 /// The column holding the raw JSON of each record of an untyped topic.
 pub const UNTYPED_VALUE_COLUMN: &str = "value";
 
@@ -18,7 +21,8 @@ pub fn arrow_type(t: FieldType) -> DataType {
         FieldType::Double => DataType::Float64,
         FieldType::Decimal { precision, scale } => DataType::Decimal128(precision, scale as i8),
         FieldType::Date => DataType::Date32,
-        FieldType::Timestamp => DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+        // Iceberg's timestamptz: microseconds, UTC, written "+00:00" in Arrow.
+        FieldType::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into())),
     }
 }
 

@@ -6,5 +6,6 @@ pub mod clock;
 pub mod data;
 pub mod fs;
 pub mod process;
+pub mod python;
 pub mod sim;
 pub mod storage;

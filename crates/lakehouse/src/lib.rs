@@ -1,0 +1,351 @@
+//! kappa's serving layer: every model's output is the Apache Iceberg table `layer.model`, in a
+//! SQL catalog on SQLite with a warehouse folder (both inside the data directory), written by
+//! commits that record which input offsets they cover.
+//!
+//! ```text
+//! <data>/catalog.db        the Iceberg SQL catalog (SQLite): namespaces, tables, metadata pointers
+//! <data>/warehouse/<layer>/<model>/{metadata,data}/…   Iceberg metadata and Parquet files
+//! ```
+//!
+//! A commit is one `fast_append` snapshot whose summary carries the writer's properties (the
+//! pipeline version and the consumed offsets, see the engine), so after any failure the table
+//! itself says what was committed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::Schema as ArrowSchema;
+use iceberg::arrow::{arrow_schema_to_schema_auto_assign_ids, schema_to_arrow_schema};
+use iceberg::spec::DataFileFormat;
+use iceberg::table::Table;
+use iceberg::transaction::{ApplyTransactionAction, Transaction};
+use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
+use iceberg::writer::file_writer::ParquetWriterBuilder;
+use iceberg::writer::file_writer::location_generator::{
+    DefaultFileNameGenerator, DefaultLocationGenerator,
+};
+use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
+use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
+use iceberg::{Catalog, CatalogBuilder, TableCreation, TableIdent};
+use iceberg_catalog_sql::{SqlBindStyle, SqlCatalog, SqlCatalogBuilder};
+use iceberg_storage_opendal::OpenDalStorageFactory;
+use parquet::file::properties::WriterProperties;
+
+/// The catalog's file inside the data directory.
+pub const CATALOG_FILE: &str = "catalog.db";
+/// The warehouse folder inside the data directory.
+pub const WAREHOUSE_DIR: &str = "warehouse";
+/// The catalog's name, as external engines see it.
+pub const CATALOG_NAME: &str = "kappa";
+
+/// What went wrong in the serving layer.
+#[derive(Debug, thiserror::Error)]
+pub enum LakehouseError {
+    #[error("{action}: {source}")]
+    Iceberg {
+        action: String,
+        /// Boxed: iceberg's error is large and this one travels through every `Result`.
+        #[source]
+        source: Box<iceberg::Error>,
+    },
+    #[error("{action}: {source}")]
+    Arrow {
+        action: String,
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+    #[error("{action} `{}`: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = LakehouseError> = std::result::Result<T, E>;
+
+trait Context<T> {
+    fn doing(self, action: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> Context<T> for iceberg::Result<T> {
+    fn doing(self, action: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| LakehouseError::Iceberg {
+            action: action(),
+            source: Box::new(source),
+        })
+    }
+}
+
+impl<T> Context<T> for std::result::Result<T, arrow::error::ArrowError> {
+    fn doing(self, action: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| LakehouseError::Arrow {
+            action: action(),
+            source,
+        })
+    }
+}
+
+/// The catalog and warehouse of one data directory.
+#[derive(Debug, Clone)]
+pub struct Lakehouse {
+    catalog: Arc<SqlCatalog>,
+    warehouse: PathBuf,
+}
+
+/// `layer.model` as an Iceberg table identifier.
+pub fn table_ident(layer: &str, model: &str) -> Result<TableIdent> {
+    TableIdent::from_strs([layer, model]).doing(|| format!("name the table {layer}.{model}"))
+}
+
+impl Lakehouse {
+    /// Opens (or creates) the catalog and warehouse of a data directory.
+    pub async fn open(data_dir: &Path) -> Result<Lakehouse> {
+        let warehouse = data_dir.join(WAREHOUSE_DIR);
+        std::fs::create_dir_all(&warehouse).map_err(|source| LakehouseError::Io {
+            action: "create the warehouse",
+            path: warehouse.clone(),
+            source,
+        })?;
+        let db = data_dir.join(CATALOG_FILE);
+        let catalog = SqlCatalogBuilder::default()
+            .uri(format!("sqlite:{}?mode=rwc", db.display()))
+            .warehouse_location(format!("file://{}", warehouse.display()))
+            .sql_bind_style(SqlBindStyle::QMark)
+            .with_storage_factory(Arc::new(OpenDalStorageFactory::Fs))
+            .load(CATALOG_NAME, HashMap::new())
+            .await
+            .doing(|| format!("open the Iceberg catalog {}", db.display()))?;
+        Ok(Lakehouse {
+            catalog: Arc::new(catalog),
+            warehouse,
+        })
+    }
+
+    pub fn catalog(&self) -> Arc<SqlCatalog> {
+        self.catalog.clone()
+    }
+
+    pub fn warehouse(&self) -> &Path {
+        &self.warehouse
+    }
+
+    /// The table `ident`, created with `schema` (field ids assigned) if it does not exist.
+    pub async fn ensure_table(&self, ident: &TableIdent, schema: &ArrowSchema) -> Result<Table> {
+        let namespace = ident.namespace().clone();
+        if !self
+            .catalog
+            .namespace_exists(&namespace)
+            .await
+            .doing(|| format!("look up namespace {namespace:?}"))?
+        {
+            self.catalog
+                .create_namespace(&namespace, HashMap::new())
+                .await
+                .doing(|| format!("create namespace {namespace:?}"))?;
+        }
+        if self
+            .catalog
+            .table_exists(ident)
+            .await
+            .doing(|| format!("look up table {ident}"))?
+        {
+            return self
+                .catalog
+                .load_table(ident)
+                .await
+                .doing(|| format!("load table {ident}"));
+        }
+        let schema = arrow_schema_to_schema_auto_assign_ids(schema)
+            .doing(|| format!("convert the schema of {ident}"))?;
+        let creation = TableCreation::builder()
+            .name(ident.name().to_owned())
+            .schema(schema)
+            .build();
+        self.catalog
+            .create_table(&namespace, creation)
+            .await
+            .doing(|| format!("create table {ident}"))
+    }
+
+    pub async fn load_table(&self, ident: &TableIdent) -> Result<Table> {
+        self.catalog
+            .load_table(ident)
+            .await
+            .doing(|| format!("load table {ident}"))
+    }
+
+    /// Writes `batches` as new Parquet data files and commits them in one snapshot whose summary
+    /// carries `properties`. Returns the table as committed.
+    pub async fn append(
+        &self,
+        table: &Table,
+        batches: &[RecordBatch],
+        properties: HashMap<String, String>,
+    ) -> Result<Table> {
+        let ident = table.identifier().clone();
+        let metadata = table.metadata();
+        let schema = metadata.current_schema().clone();
+        let arrow_schema =
+            Arc::new(schema_to_arrow_schema(&schema).doing(|| format!("schema of {ident}"))?);
+        let location =
+            DefaultLocationGenerator::new(metadata).doing(|| format!("locate files of {ident}"))?;
+        // Every attempt writes files of its own: a retried or abandoned commit never overwrites
+        // a file that another snapshot references.
+        let prefix = format!("kappa-{}", uuid::Uuid::new_v4().simple());
+        let names = DefaultFileNameGenerator::new(prefix, None, DataFileFormat::Parquet);
+        let parquet = ParquetWriterBuilder::new(WriterProperties::default(), schema);
+        let rolling = RollingFileWriterBuilder::new_with_default_file_size(
+            parquet,
+            table.file_io().clone(),
+            location,
+            names,
+        );
+        let mut writer = DataFileWriterBuilder::new(rolling)
+            .build(None)
+            .await
+            .doing(|| format!("open a writer for {ident}"))?;
+        for batch in batches {
+            // The table's own Arrow schema carries the Iceberg field ids the Parquet files need.
+            let batch = RecordBatch::try_new(arrow_schema.clone(), batch.columns().to_vec())
+                .doing(|| format!("match a batch to the schema of {ident}"))?;
+            writer
+                .write(batch)
+                .await
+                .doing(|| format!("write to {ident}"))?;
+        }
+        let files = writer
+            .close()
+            .await
+            .doing(|| format!("finish the files of {ident}"))?;
+        let tx = Transaction::new(table);
+        let action = tx
+            .fast_append()
+            .add_data_files(files)
+            .set_snapshot_properties(properties);
+        let tx = action
+            .apply(tx)
+            .doing(|| format!("prepare the commit to {ident}"))?;
+        tx.commit(self.catalog.as_ref())
+            .await
+            .doing(|| format!("commit to {ident}"))
+    }
+
+    /// The summary properties of the table's current snapshot: what its last commit recorded.
+    pub async fn last_commit(&self, ident: &TableIdent) -> Result<Option<HashMap<String, String>>> {
+        let table = self.load_table(ident).await?;
+        Ok(table
+            .metadata()
+            .current_snapshot()
+            .map(|s| s.summary().additional_properties.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Decimal128Array, Int64Array, StringArray, TimestampMicrosecondArray};
+    use arrow::datatypes::{DataType, Field, TimeUnit};
+    use futures::TryStreamExt;
+
+    use super::*;
+
+    fn schema() -> Arc<ArrowSchema> {
+        Arc::new(ArrowSchema::new(vec![
+            Field::new("order_id", DataType::Int64, false),
+            Field::new("region", DataType::Utf8, true),
+            Field::new("amount", DataType::Decimal128(10, 2), false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("+00:00".into())),
+                false,
+            ),
+        ]))
+    }
+
+    fn batch(ids: &[i64]) -> RecordBatch {
+        let n = ids.len();
+        RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(Int64Array::from(ids.to_vec())),
+                Arc::new(StringArray::from(
+                    (0..n)
+                        .map(|i| (i % 2 == 0).then_some("north"))
+                        .collect::<Vec<_>>(),
+                )),
+                Arc::new(
+                    Decimal128Array::from(
+                        ids.iter()
+                            .map(|i| i128::from(*i) * 1999)
+                            .collect::<Vec<_>>(),
+                    )
+                    .with_precision_and_scale(10, 2)
+                    .unwrap(),
+                ),
+                Arc::new(
+                    TimestampMicrosecondArray::from(
+                        ids.iter()
+                            .map(|i| 1_700_000_000_000_000 + i)
+                            .collect::<Vec<_>>(),
+                    )
+                    .with_timezone("+00:00"),
+                ),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn appends_commit_with_their_properties_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let lakehouse = Lakehouse::open(dir.path()).await.unwrap();
+        let ident = table_ident("silver", "orders").unwrap();
+        let table = lakehouse.ensure_table(&ident, &schema()).await.unwrap();
+        assert_eq!(lakehouse.last_commit(&ident).await.unwrap(), None);
+        let props = |o: &str| HashMap::from([("kappa.offsets".to_owned(), o.to_owned())]);
+        let table = lakehouse
+            .append(&table, &[batch(&[1, 2, 3])], props("orders:0=3"))
+            .await
+            .unwrap();
+        let table = lakehouse
+            .append(&table, &[batch(&[4]), batch(&[5, 6])], props("orders:0=6"))
+            .await
+            .unwrap();
+        assert_eq!(table.metadata().snapshots().count(), 2);
+        assert_eq!(
+            lakehouse.last_commit(&ident).await.unwrap().unwrap()["kappa.offsets"],
+            "orders:0=6"
+        );
+
+        // Reopened from the catalog file, the table reads back every row.
+        drop(lakehouse);
+        let lakehouse = Lakehouse::open(dir.path()).await.unwrap();
+        let table = lakehouse.ensure_table(&ident, &schema()).await.unwrap();
+        let batches: Vec<RecordBatch> = table
+            .scan()
+            .build()
+            .unwrap()
+            .to_arrow()
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let mut ids: Vec<i64> = batches
+            .iter()
+            .flat_map(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            })
+            .collect();
+        ids.sort();
+        assert_eq!(ids, vec![1, 2, 3, 4, 5, 6]);
+    }
+}

@@ -1,0 +1,109 @@
+//! Independent readers for the tests: pyiceberg and DuckDB, in a virtualenv the tests create
+//! themselves (under `target/`, once, then reused), so `cargo test` works on a fresh machine.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Exactly what the venv holds; changing it rebuilds the venv.
+pub const REQUIREMENTS: &[&str] = &[
+    "pyiceberg[sql-sqlite,pyarrow]==0.12.0",
+    "duckdb==1.4.4",
+    "duckdb-ext-iceberg==1.4.4.20260205",
+    "duckdb-ext-avro==1.4.4.20260205",
+];
+
+/// The workspace's `target/` directory, found from the running test binary.
+fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("a test binary has a path");
+    // target/<profile>/deps/<test binary>
+    exe.ancestors()
+        .nth(3)
+        .map_or_else(|| PathBuf::from("target"), Path::to_path_buf)
+}
+
+/// A Python interpreter with [`REQUIREMENTS`] installed, creating the venv when needed.
+/// Panics with the reason when it cannot (a test that needs a reader fails loudly).
+pub fn python() -> PathBuf {
+    let venv = target_dir().join("kappa-test-venv");
+    let python = venv.join("bin/python");
+    let marker = venv.join("kappa-requirements.txt");
+    let wanted = REQUIREMENTS.join("\n");
+    let lock_path = target_dir().join("kappa-test-venv.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .expect("open the venv lock");
+    lock.lock().expect("lock the venv");
+    if std::fs::read_to_string(&marker).ok().as_deref() != Some(wanted.as_str()) {
+        let _ = std::fs::remove_dir_all(&venv);
+        let system = std::env::var("KAPPA_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+        run(
+            Command::new(&system).args(["-m", "venv"]).arg(&venv),
+            "create the test venv",
+        );
+        run(
+            Command::new(&python)
+                .args(["-m", "pip", "install", "--quiet"])
+                .args(REQUIREMENTS),
+            "install pyiceberg and duckdb",
+        );
+        std::fs::write(&marker, &wanted).expect("write the venv marker");
+    }
+    python
+}
+
+fn run(command: &mut Command, what: &str) {
+    let out = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs a Python script with the test venv and returns its stdout; panics with its stderr if
+/// it fails.
+pub fn run_python(script: &str, args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A script reading one table of a kappa data directory with pyiceberg (through its SQL catalog)
+/// and with DuckDB (through the table's latest metadata file); prints one JSON object:
+/// `{"pyiceberg": [rows], "duckdb": [rows], "summary": {…}}`, rows sorted.
+pub const READ_TABLE_SCRIPT: &str = r#"
+import glob, json, os, site, sys
+import duckdb
+from pyiceberg.catalog.sql import SqlCatalog
+data, ident = sys.argv[1], sys.argv[2]
+catalog = SqlCatalog("kappa", uri=f"sqlite:///{data}/catalog.db", warehouse=f"file://{data}/warehouse")
+table = catalog.load_table(ident)
+def rows(arrow):
+    out = [{k: (str(v) if v is not None else None) for k, v in r.items()} for r in arrow.to_pylist()]
+    return sorted(out, key=lambda r: json.dumps(r, sort_keys=True))
+py = rows(table.scan().to_arrow())
+ext = [os.path.join(p, "duckdb_ext", "extensions") for p in site.getsitepackages() if os.path.isdir(os.path.join(p, "duckdb_ext"))][0]
+con = duckdb.connect()
+con.execute(f"SET extension_directory='{ext}'")
+con.execute("LOAD iceberg")
+metadata = table.metadata_location.removeprefix("file://")
+dd = rows(con.execute(f"SELECT * FROM iceberg_scan('{metadata}')").fetch_arrow_table())
+summary = dict(table.current_snapshot().summary.additional_properties) if table.current_snapshot() else {}
+print(json.dumps({"pyiceberg": py, "duckdb": dd, "summary": summary}))
+"#;
