@@ -2,4 +2,5 @@
 //! of the topics and models it reads.
 
 pub mod check;
+pub mod decode;
 pub mod schema;

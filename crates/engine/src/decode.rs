@@ -1,0 +1,500 @@
+//! JSON records in, Arrow batches out: each record is checked against its topic's schema, and a
+//! record that does not fit is set aside with the reason instead of stopping the pipeline.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayBuilder, ArrayRef, BooleanBuilder, Date32Builder, Decimal128Builder, Float64Builder,
+    Int32Builder, Int64Builder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder,
+};
+use arrow::compute::kernels::cast_utils::{Parser, string_to_timestamp_nanos};
+use arrow::datatypes::{Date32Type, SchemaRef};
+use kappa_pipeline::{Field, FieldType, TopicSpec};
+use serde_json::value::RawValue;
+
+use crate::schema::{UTC, topic_schema};
+
+/// A record that did not fit its topic's schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub partition: u32,
+    pub offset: u64,
+    pub reason: String,
+    pub raw: Vec<u8>,
+}
+
+/// Turns one topic's JSON records into batches of its schema.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    schema: SchemaRef,
+    fields: Vec<Field>,
+}
+
+/// Where a record comes from, and its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Raw<'a> {
+    pub partition: u32,
+    pub offset: u64,
+    pub value: &'a [u8],
+}
+
+impl Decoder {
+    pub fn new(topic: &TopicSpec) -> Decoder {
+        Decoder {
+            schema: topic_schema(topic),
+            fields: topic.fields.clone(),
+        }
+    }
+
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// Decodes records into one batch, in order; those that do not fit are returned apart.
+    pub fn decode<'a>(
+        &self,
+        records: impl IntoIterator<Item = Raw<'a>>,
+    ) -> (RecordBatch, Vec<Rejected>) {
+        let mut columns = Columns::new(&self.fields);
+        let mut rejected = Vec::new();
+        for raw in records {
+            if let Err(reason) = columns.push(&self.fields, raw.value) {
+                rejected.push(Rejected {
+                    partition: raw.partition,
+                    offset: raw.offset,
+                    reason,
+                    raw: raw.value.to_vec(),
+                });
+            }
+        }
+        let arrays = columns.finish();
+        let batch = if arrays.is_empty() {
+            RecordBatch::new_empty(self.schema.clone())
+        } else {
+            // The builders follow the schema's fields one for one; a mismatch is a bug here.
+            RecordBatch::try_new(self.schema.clone(), arrays)
+                .expect("builders match the topic schema")
+        };
+        (batch, rejected)
+    }
+}
+
+/// One builder per column; a record is either added to every column or to none.
+enum Columns {
+    /// An untyped topic: the JSON text of each record.
+    Untyped(StringBuilder),
+    Typed(Vec<Column>),
+}
+
+enum Column {
+    String(StringBuilder),
+    Boolean(BooleanBuilder),
+    Int(Int32Builder),
+    Bigint(Int64Builder),
+    Double(Float64Builder),
+    Decimal(Decimal128Builder),
+    Date(Date32Builder),
+    Timestamp(TimestampMicrosecondBuilder),
+}
+
+/// A field's value, parsed but not yet added (so a record can still be rejected whole).
+enum Value {
+    Null,
+    String(String),
+    Boolean(bool),
+    Int(i32),
+    Bigint(i64),
+    Double(f64),
+    Decimal(i128),
+    Date(i32),
+    Timestamp(i64),
+}
+
+impl Columns {
+    fn new(fields: &[Field]) -> Columns {
+        if fields.is_empty() {
+            return Columns::Untyped(StringBuilder::new());
+        }
+        Columns::Typed(
+            fields
+                .iter()
+                .map(|f| match f.data_type {
+                    FieldType::String | FieldType::Json => Column::String(StringBuilder::new()),
+                    FieldType::Boolean => Column::Boolean(BooleanBuilder::new()),
+                    FieldType::Int => Column::Int(Int32Builder::new()),
+                    FieldType::Bigint => Column::Bigint(Int64Builder::new()),
+                    FieldType::Double => Column::Double(Float64Builder::new()),
+                    FieldType::Decimal { precision, scale } => Column::Decimal(
+                        Decimal128Builder::new()
+                            .with_precision_and_scale(precision, scale as i8)
+                            .expect("precision and scale were validated with the topic"),
+                    ),
+                    FieldType::Date => Column::Date(Date32Builder::new()),
+                    FieldType::Timestamp => {
+                        Column::Timestamp(TimestampMicrosecondBuilder::new().with_timezone(UTC))
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    fn push(&mut self, fields: &[Field], json: &[u8]) -> Result<(), String> {
+        match self {
+            Columns::Untyped(builder) => {
+                let text = std::str::from_utf8(json).map_err(|_| "not UTF-8".to_owned())?;
+                serde_json::from_str::<&RawValue>(text)
+                    .map_err(|e| format!("invalid JSON: {e}"))?;
+                builder.append_value(text);
+                Ok(())
+            }
+            Columns::Typed(columns) => {
+                let object: HashMap<&str, &RawValue> =
+                    serde_json::from_slice(json).map_err(|e| {
+                        if e.is_data() {
+                            "not a JSON object".to_owned()
+                        } else {
+                            format!("invalid JSON: {e}")
+                        }
+                    })?;
+                let mut values = Vec::with_capacity(fields.len());
+                for field in fields {
+                    let raw = object
+                        .get(field.name.as_str())
+                        .map(|v| v.get())
+                        .filter(|v| *v != "null");
+                    let value = match raw {
+                        None if field.required => {
+                            return Err(format!(
+                                "required field `{}` is missing or null",
+                                field.name
+                            ));
+                        }
+                        None => Value::Null,
+                        Some(raw) => parse(field, raw)
+                            .map_err(|why| format!("field `{}`: {why}", field.name))?,
+                    };
+                    values.push(value);
+                }
+                for (column, value) in columns.iter_mut().zip(values) {
+                    column.append(value);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn finish(self) -> Vec<ArrayRef> {
+        match self {
+            Columns::Untyped(mut b) => vec![Arc::new(b.finish())],
+            Columns::Typed(columns) => columns.into_iter().map(Column::finish).collect(),
+        }
+    }
+}
+
+impl Column {
+    fn append(&mut self, value: Value) {
+        match (self, value) {
+            (Column::String(b), Value::String(v)) => b.append_value(v),
+            (Column::Boolean(b), Value::Boolean(v)) => b.append_value(v),
+            (Column::Int(b), Value::Int(v)) => b.append_value(v),
+            (Column::Bigint(b), Value::Bigint(v)) => b.append_value(v),
+            (Column::Double(b), Value::Double(v)) => b.append_value(v),
+            (Column::Decimal(b), Value::Decimal(v)) => b.append_value(v),
+            (Column::Date(b), Value::Date(v)) => b.append_value(v),
+            (Column::Timestamp(b), Value::Timestamp(v)) => b.append_value(v),
+            (column, _) => column.append_null(),
+        }
+    }
+
+    fn append_null(&mut self) {
+        match self {
+            Column::String(b) => b.append_null(),
+            Column::Boolean(b) => b.append_null(),
+            Column::Int(b) => b.append_null(),
+            Column::Bigint(b) => b.append_null(),
+            Column::Double(b) => b.append_null(),
+            Column::Decimal(b) => b.append_null(),
+            Column::Date(b) => b.append_null(),
+            Column::Timestamp(b) => b.append_null(),
+        }
+    }
+
+    fn finish(self) -> ArrayRef {
+        match self {
+            Column::String(mut b) => Arc::new(b.finish()),
+            Column::Boolean(mut b) => Arc::new(b.finish()),
+            Column::Int(mut b) => Arc::new(b.finish()),
+            Column::Bigint(mut b) => Arc::new(b.finish()),
+            Column::Double(mut b) => Arc::new(b.finish()),
+            Column::Decimal(mut b) => Arc::new(b.finish()),
+            Column::Date(mut b) => Arc::new(b.finish()),
+            Column::Timestamp(mut b) => ArrayBuilder::finish(&mut b),
+        }
+    }
+}
+
+/// Parses one field's raw JSON text as its declared type.
+fn parse(field: &Field, raw: &str) -> Result<Value, String> {
+    let string = || {
+        serde_json::from_str::<String>(raw)
+            .map_err(|_| format!("expected a string, found {}", shorten(raw)))
+    };
+    Ok(match field.data_type {
+        FieldType::String => Value::String(string()?),
+        FieldType::Json => Value::String(raw.to_owned()),
+        FieldType::Boolean => Value::Boolean(
+            serde_json::from_str(raw)
+                .map_err(|_| format!("expected true or false, found {}", shorten(raw)))?,
+        ),
+        FieldType::Int => Value::Int(
+            serde_json::from_str::<i64>(raw)
+                .ok()
+                .and_then(|v| i32::try_from(v).ok())
+                .ok_or_else(|| {
+                    format!("expected an int (32-bit integer), found {}", shorten(raw))
+                })?,
+        ),
+        FieldType::Bigint => {
+            Value::Bigint(serde_json::from_str::<i64>(raw).map_err(|_| {
+                format!("expected a bigint (64-bit integer), found {}", shorten(raw))
+            })?)
+        }
+        FieldType::Double => Value::Double(
+            serde_json::from_str::<f64>(raw)
+                .map_err(|_| format!("expected a number, found {}", shorten(raw)))?,
+        ),
+        FieldType::Decimal { precision, scale } => {
+            // Exact: from the number's text (or a string holding one), never through a float.
+            let text = if raw.starts_with('"') {
+                string()?
+            } else {
+                raw.to_owned()
+            };
+            Value::Decimal(parse_decimal(&text, precision, scale)?)
+        }
+        FieldType::Date => {
+            let text = string()?;
+            Value::Date(Date32Type::parse(&text).ok_or_else(|| {
+                format!(
+                    "expected a date like \"2026-11-25\", found {}",
+                    shorten(raw)
+                )
+            })?)
+        }
+        FieldType::Timestamp => {
+            if raw.starts_with('"') {
+                let text = string()?;
+                let nanos = string_to_timestamp_nanos(&text).map_err(|_| {
+                    format!(
+                        "expected an RFC 3339 time or epoch milliseconds, found {}",
+                        shorten(raw)
+                    )
+                })?;
+                Value::Timestamp(nanos.div_euclid(1000))
+            } else {
+                let millis = serde_json::from_str::<i64>(raw).map_err(|_| {
+                    format!(
+                        "expected an RFC 3339 time or epoch milliseconds, found {}",
+                        shorten(raw)
+                    )
+                })?;
+                Value::Timestamp(
+                    millis
+                        .checked_mul(1000)
+                        .ok_or_else(|| format!("timestamp {raw} is out of range"))?,
+                )
+            }
+        }
+    })
+}
+
+/// `19.99` with scale 2 → 1999. Rejects more fractional digits than the scale allows (no silent
+/// rounding) and values with more digits than the precision.
+fn parse_decimal(text: &str, precision: u8, scale: u8) -> Result<i128, String> {
+    let bad = || {
+        format!(
+            "expected a decimal({precision},{scale}), found {}",
+            shorten(text)
+        )
+    };
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (int_part, frac_part) = digits.split_once('.').unwrap_or((digits, ""));
+    if int_part.is_empty()
+        || !int_part.bytes().all(|b| b.is_ascii_digit())
+        || !frac_part.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    let frac_trimmed = frac_part.trim_end_matches('0');
+    if frac_trimmed.len() > scale as usize {
+        return Err(format!(
+            "{} has more than {scale} decimal places",
+            shorten(text)
+        ));
+    }
+    let int_trimmed = int_part.trim_start_matches('0');
+    if int_trimmed.len() + scale as usize > precision as usize {
+        return Err(format!(
+            "{} has more than {} digits before the point",
+            shorten(text),
+            precision - scale
+        ));
+    }
+    let mut value: i128 = 0;
+    for b in int_trimmed.bytes().chain(frac_trimmed.bytes()) {
+        value = value * 10 + i128::from(b - b'0');
+    }
+    for _ in frac_trimmed.len()..scale as usize {
+        value *= 10;
+    }
+    Ok(if negative { -value } else { value })
+}
+
+fn shorten(raw: &str) -> String {
+    const SHOWN_CHARS_MAX: usize = 40;
+    if raw.chars().count() <= SHOWN_CHARS_MAX {
+        raw.to_owned()
+    } else {
+        format!("{}…", raw.chars().take(SHOWN_CHARS_MAX).collect::<String>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::util::pretty::pretty_format_batches;
+    use expect_test::expect;
+    use kappa_pipeline::TopicSpec;
+
+    use super::*;
+
+    fn topic(schema: &[(&str, FieldType, bool)]) -> TopicSpec {
+        TopicSpec {
+            name: "t".into(),
+            file: "topics/t.toml".into(),
+            partitions: 1,
+            key: None,
+            fsync: None,
+            retention_ms: None,
+            fields: schema
+                .iter()
+                .map(|(n, t, r)| Field {
+                    name: (*n).into(),
+                    data_type: *t,
+                    required: *r,
+                })
+                .collect(),
+        }
+    }
+
+    fn run(decoder: &Decoder, lines: &[&str]) -> (String, Vec<String>) {
+        let raws = lines.iter().enumerate().map(|(i, l)| Raw {
+            partition: 0,
+            offset: i as u64,
+            value: l.as_bytes(),
+        });
+        let (batch, rejected) = decoder.decode(raws);
+        (
+            pretty_format_batches(&[batch]).unwrap().to_string(),
+            rejected
+                .iter()
+                .map(|r| format!("{}: {}", r.offset, r.reason))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn records_decode_and_misfits_are_set_aside_with_reasons() {
+        let decoder = Decoder::new(&topic(&[
+            ("id", FieldType::Bigint, true),
+            (
+                "price",
+                FieldType::Decimal {
+                    precision: 10,
+                    scale: 2,
+                },
+                true,
+            ),
+            ("qty", FieldType::Int, false),
+            ("ok", FieldType::Boolean, false),
+            ("day", FieldType::Date, false),
+            ("ts", FieldType::Timestamp, false),
+            ("extra", FieldType::Json, false),
+        ]));
+        let (table, rejected) = run(
+            &decoder,
+            &[
+                r#"{"id":1,"price":19.99,"qty":2,"ok":true,"day":"2026-11-25","ts":"2026-11-25T10:00:00.5Z","extra":{"a":[1]}}"#,
+                r#"{"id":2,"price":"0.1","ts":1700000000123,"unknown":"ignored"}"#,
+                r#"{"id":3,"price":19.999}"#,
+                r#"{"price":1}"#,
+                r#"{"id":"4","price":1}"#,
+                r#"{"id":5,"price":1,"qty":3000000000}"#,
+                r#"[1,2]"#,
+                r#"{"id":6,"price":1,"ts":"yesterday"}"#,
+                r#"{"id":7,"price":123456789.5}"#,
+                r#"{"id":8,"price":-0.50,"qty":null}"#,
+                "{oops",
+            ],
+        );
+        expect![[r#"
+            +----+-------+-----+------+------------+--------------------------+-----------+
+            | id | price | qty | ok   | day        | ts                       | extra     |
+            +----+-------+-----+------+------------+--------------------------+-----------+
+            | 1  | 19.99 | 2   | true | 2026-11-25 | 2026-11-25T10:00:00.500Z | {"a":[1]} |
+            | 2  | 0.10  |     |      |            | 2023-11-14T22:13:20.123Z |           |
+            | 8  | -0.50 |     |      |            |                          |           |
+            +----+-------+-----+------+------------+--------------------------+-----------+"#]]
+        .assert_eq(&table);
+        expect![[r#"
+            [
+                "2: field `price`: 19.999 has more than 2 decimal places",
+                "3: required field `id` is missing or null",
+                "4: field `id`: expected a bigint (64-bit integer), found \"4\"",
+                "5: field `qty`: expected an int (32-bit integer), found 3000000000",
+                "6: not a JSON object",
+                "7: field `ts`: expected an RFC 3339 time or epoch milliseconds, found \"yesterday\"",
+                "8: field `price`: 123456789.5 has more than 8 digits before the point",
+                "10: invalid JSON: key must be a string at line 1 column 2",
+            ]
+        "#]]
+        .assert_debug_eq(&rejected);
+    }
+
+    #[test]
+    fn untyped_topics_keep_the_json_text() {
+        let decoder = Decoder::new(&topic(&[]));
+        let (table, rejected) = run(&decoder, &[r#"{"any": "thing"}"#, "nope"]);
+        assert!(table.contains(r#"{"any": "thing"}"#), "{table}");
+        assert_eq!(rejected.len(), 1);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_decode_or_are_rejected_never_a_panic(
+            records in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80), 0..20)
+        ) {
+            let decoder = Decoder::new(&topic(&[
+                ("a", FieldType::Decimal { precision: 38, scale: 10 }, true),
+                ("b", FieldType::Timestamp, false),
+                ("c", FieldType::Date, false),
+            ]));
+            let raws = records.iter().enumerate().map(|(i, r)| Raw { partition: 0, offset: i as u64, value: r });
+            let (batch, rejected) = decoder.decode(raws);
+            proptest::prop_assert_eq!(batch.num_rows() + rejected.len(), records.len());
+        }
+    }
+
+    #[test]
+    fn decimals_are_exact() {
+        assert_eq!(parse_decimal("0", 4, 2), Ok(0));
+        assert_eq!(parse_decimal("00012.30", 4, 2), Ok(1230));
+        assert_eq!(parse_decimal("-7.5", 4, 2), Ok(-750));
+        assert!(parse_decimal("1e3", 10, 2).is_err());
+        assert!(parse_decimal(".5", 10, 2).is_err());
+        assert!(parse_decimal("123", 4, 2).is_err());
+    }
+}
