@@ -3,4 +3,6 @@
 
 pub mod check;
 pub mod decode;
+pub mod runner;
 pub mod schema;
+pub mod stateless;

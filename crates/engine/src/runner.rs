@@ -1,0 +1,463 @@
+//! Runs one model continuously: reads its topic from the committed offsets, decodes, computes,
+//! and commits the result to its Iceberg table together with the offsets it covers — so a
+//! restart at any moment resumes exactly where the last commit ended (exactly once).
+//!
+//! ```text
+//!   log partitions ──read from committed offsets──► decode ──► model ──► Iceberg append
+//!          ▲                     │ rejects                             snapshot summary:
+//!          │                     └──► dead_letters topic               kappa.offsets = {topic: {p: next}}
+//!          └──────────── after a crash: the table says where to resume ─┘
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use futures::FutureExt;
+use kappa_lakehouse::{Lakehouse, table_ident};
+use kappa_log::{Log, PartitionReader, Record, StartAt, Topic};
+use kappa_pipeline::{Input, Model, Project};
+
+use crate::decode::{Decoder, Raw, Rejected};
+use crate::stateless::StatelessModel;
+
+/// The topic where records that do not fit their topic's schema go, with the reason.
+pub const DEAD_LETTER_TOPIC: &str = "dead_letters";
+/// Snapshot property: the next offset of every input partition the table covers.
+pub const OFFSETS_PROPERTY: &str = "kappa.offsets";
+/// Snapshot property: the model version that wrote the snapshot.
+pub const VERSION_PROPERTY: &str = "kappa.version";
+/// Snapshot property: the dead-letter topic's end when the snapshot was written.
+pub const DEAD_LETTERS_PROPERTY: &str = "kappa.dead_letters_offset";
+/// Snapshot property: a fresh id per commit attempt, to recognise our own commit after an
+/// error whose outcome is unknown.
+pub const ATTEMPT_PROPERTY: &str = "kappa.attempt";
+
+/// While far behind, a commit covers up to this many input records.
+pub const COMMIT_RECORDS_MAX: usize = 262_144;
+/// While live, new records are committed within this long.
+pub const LIVE_COMMIT_INTERVAL_MS: u64 = 100;
+/// Bytes asked of the log per read.
+const READ_BYTES: usize = 1 << 20;
+/// After a failed commit, wait this long before trying again.
+const RETRY_DELAY_MS: u64 = 1000;
+
+/// The offsets a table covers: topic → partition → next offset.
+pub type Offsets = BTreeMap<String, BTreeMap<u32, u64>>;
+
+/// Why a model cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("model {model}: {reason}")]
+    Unsupported { model: String, reason: String },
+    #[error("model {model}: {source}")]
+    Log {
+        model: String,
+        #[source]
+        source: kappa_log::LogError,
+    },
+    #[error("model {model}: {source}")]
+    Lakehouse {
+        model: String,
+        #[source]
+        source: kappa_lakehouse::LakehouseError,
+    },
+    #[error("model {model}: {source}")]
+    Plan {
+        model: String,
+        #[source]
+        source: datafusion::error::DataFusionError,
+    },
+}
+
+/// A stable fingerprint of a model (its SQL and configuration), recorded with every commit.
+pub fn model_version(model: &Model) -> String {
+    // FNV-1a: stable across builds, which std's hasher does not promise.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let config = format!("{:?}", model.config);
+    for byte in model.sql.bytes().chain([0]).chain(config.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// Runs `model` until `stop` turns true. Errors of one commit are logged and retried; only a
+/// model that cannot run at all returns an error.
+pub async fn run_model(
+    log: Arc<Log>,
+    lakehouse: Lakehouse,
+    project: Arc<Project>,
+    model_id: String,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), RunnerError> {
+    let model = &project.models[&model_id];
+    let err_model = || model_id.clone();
+    let topic_name = match model.inputs.as_slice() {
+        [Input::Topic(topic)] => topic.clone(),
+        _ => {
+            return Err(RunnerError::Unsupported {
+                model: model_id,
+                reason: "only models reading one topic run yet".into(),
+            });
+        }
+    };
+    let spec = &project.topics[&topic_name];
+    let decoder = Decoder::new(spec);
+    let compute = StatelessModel::new(&model.sql, &topic_name, decoder.schema().clone())
+        .await
+        .map_err(|source| RunnerError::Plan {
+            model: err_model(),
+            source,
+        })?;
+    let topic = log.topic(&topic_name).map_err(|source| RunnerError::Log {
+        model: err_model(),
+        source,
+    })?;
+    let dead_letters = dead_letter_topic(&log).map_err(|source| RunnerError::Log {
+        model: err_model(),
+        source,
+    })?;
+    let ident =
+        table_ident(&model.layer, &model.name).map_err(|source| RunnerError::Lakehouse {
+            model: err_model(),
+            source,
+        })?;
+    let mut table = lakehouse
+        .ensure_table(&ident, compute.output_schema())
+        .await
+        .map_err(|source| RunnerError::Lakehouse {
+            model: err_model(),
+            source,
+        })?;
+    let version = model_version(model);
+
+    // Resume from what the table says it covers.
+    let last = table
+        .metadata()
+        .current_snapshot()
+        .map(|s| s.summary().additional_properties.clone());
+    let mut committed: Offsets = last
+        .as_ref()
+        .and_then(|p| p.get(OFFSETS_PROPERTY))
+        .and_then(|o| serde_json::from_str(o).ok())
+        .unwrap_or_default();
+    let dead_letters_from = last
+        .as_ref()
+        .and_then(|p| p.get(DEAD_LETTERS_PROPERTY))
+        .and_then(|o| o.parse::<u64>().ok())
+        .unwrap_or(0);
+    let mut already_dead = dead_letters_after(&dead_letters, dead_letters_from, &model_id);
+    let mut readers = Vec::new();
+    for partition in topic.partitions() {
+        let next = committed
+            .get(&topic_name)
+            .and_then(|p| p.get(&partition.id()))
+            .copied()
+            .unwrap_or(0);
+        let start = if next == 0 {
+            StartAt::Beginning
+        } else {
+            StartAt::Offset(next)
+        };
+        readers.push(partition.reader(start).map_err(|source| RunnerError::Log {
+            model: err_model(),
+            source,
+        })?);
+    }
+    tracing::info!(model = %model_id, offsets = ?committed.get(&topic_name), "model starts");
+
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        // Take what is there, up to a commit's worth; while live, wait a little for more.
+        let (raws, next) = read_some(&mut readers);
+        if raws.is_empty() {
+            wait_for_records(&topic, &readers, &mut stop).await;
+            continue;
+        }
+        let started = Instant::now();
+        let (batch, rejected) = decoder.decode(raws.iter().map(|(p, o, v)| Raw {
+            partition: *p,
+            offset: *o,
+            value: v,
+        }));
+        let outputs: Vec<RecordBatch> = match compute.run(batch).await {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                tracing::error!(model = %model_id, error = %e, "computing a micro-batch failed; retrying");
+                rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
+                sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
+                continue;
+            }
+        };
+        let fresh: Vec<&Rejected> = rejected
+            .iter()
+            .filter(|r| !already_dead.contains(&(topic_name.clone(), r.partition, r.offset)))
+            .collect();
+        if !fresh.is_empty() {
+            let records: Vec<Record> = fresh
+                .iter()
+                .map(|r| dead_letter(&model_id, &topic_name, r))
+                .collect();
+            if let Err(e) = dead_letters.append(records).await {
+                tracing::error!(model = %model_id, error = %e, "writing dead letters failed; retrying");
+                rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
+                sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
+                continue;
+            }
+        }
+        let mut target = committed.clone();
+        target.insert(topic_name.clone(), next);
+        if outputs.is_empty() && fresh.is_empty() {
+            // Nothing to write: the offsets are recorded with the next commit that has rows.
+            committed = target;
+            continue;
+        }
+        let attempt = uuid_like();
+        let mut properties = HashMap::from([
+            (
+                OFFSETS_PROPERTY.to_owned(),
+                serde_json::to_string(&target).unwrap_or_default(),
+            ),
+            (VERSION_PROPERTY.to_owned(), version.clone()),
+            (ATTEMPT_PROPERTY.to_owned(), attempt.clone()),
+        ]);
+        properties.insert(
+            DEAD_LETTERS_PROPERTY.to_owned(),
+            dead_letters
+                .partition(0)
+                .map(|p| p.offsets().visible_offset)
+                .unwrap_or(0)
+                .to_string(),
+        );
+        match lakehouse.append(&table, &outputs, properties).await {
+            Ok(updated) => {
+                table = updated;
+                committed = target;
+                already_dead.clear();
+                let rows: usize = outputs.iter().map(RecordBatch::num_rows).sum();
+                tracing::debug!(model = %model_id, rows, records = raws.len(), ms = started.elapsed().as_millis() as u64, "committed");
+            }
+            Err(e) => {
+                // The outcome is unknown: read the table to learn it, never retry blindly.
+                let landed = match lakehouse.load_table(&ident).await {
+                    Ok(reloaded) => {
+                        let ours = reloaded
+                            .metadata()
+                            .current_snapshot()
+                            .and_then(|s| {
+                                s.summary()
+                                    .additional_properties
+                                    .get(ATTEMPT_PROPERTY)
+                                    .cloned()
+                            })
+                            .is_some_and(|a| a == attempt);
+                        table = reloaded;
+                        ours
+                    }
+                    Err(_) => false,
+                };
+                if landed {
+                    committed = target;
+                    already_dead.clear();
+                    tracing::warn!(model = %model_id, error = %e, "commit reported an error but landed");
+                } else {
+                    tracing::error!(model = %model_id, error = %e, "commit failed; rereading from the committed offsets");
+                    for r in &fresh {
+                        already_dead.insert((topic_name.clone(), r.partition, r.offset));
+                    }
+                    rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
+                    sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
+                }
+            }
+        }
+    }
+}
+
+/// A record read from the log: partition, offset, value.
+type OwnedRecord = (u32, u64, Vec<u8>);
+
+/// Reads up to [`COMMIT_RECORDS_MAX`] records across the readers; returns them with the offsets
+/// after them.
+fn read_some(readers: &mut [PartitionReader]) -> (Vec<OwnedRecord>, BTreeMap<u32, u64>) {
+    let mut raws = Vec::new();
+    'outer: loop {
+        let mut progressed = false;
+        for reader in readers.iter_mut() {
+            match reader.read(READ_BYTES) {
+                Ok(Some(chunk)) => {
+                    progressed = true;
+                    for record in chunk.records() {
+                        match record {
+                            Ok(record) => raws.push((
+                                reader.partition(),
+                                record.offset,
+                                record.value.to_vec(),
+                            )),
+                            // A batch that passed its CRC but does not decode: corruption the log
+                            // reports; the record cannot be read, so it is logged, not guessed.
+                            Err(e) => {
+                                tracing::error!(error = %e, partition = reader.partition(), "unreadable record")
+                            }
+                        }
+                    }
+                    if raws.len() >= COMMIT_RECORDS_MAX {
+                        break 'outer;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, partition = reader.partition(), "reading the log failed")
+                }
+            }
+        }
+        if !progressed {
+            break;
+        }
+    }
+    let next = readers
+        .iter()
+        .map(|r| (r.partition(), r.next_offset()))
+        .collect();
+    (raws, next)
+}
+
+/// Waits until a partition has new records, for at most the live commit interval.
+async fn wait_for_records(
+    topic: &Topic,
+    readers: &[PartitionReader],
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) {
+    let mut watchers: Vec<_> = topic
+        .partitions()
+        .iter()
+        .map(|p| p.watch_visible())
+        .collect();
+    let behind = readers
+        .iter()
+        .zip(&watchers)
+        .any(|(r, w)| *w.borrow() > r.next_offset());
+    if behind {
+        return;
+    }
+    let changes = futures::future::select_all(watchers.iter_mut().map(|w| w.changed().boxed()));
+    tokio::select! {
+        _ = changes => tokio::time::sleep(Duration::from_millis(LIVE_COMMIT_INTERVAL_MS)).await,
+        _ = stop.changed() => {}
+        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+    }
+}
+
+/// Puts the readers back at the committed offsets, to read again after a failure.
+fn rewind(
+    readers: &mut Vec<PartitionReader>,
+    topic: &Topic,
+    committed: &Offsets,
+    topic_name: &str,
+    model: &str,
+) {
+    let mut fresh = Vec::new();
+    for partition in topic.partitions() {
+        let next = committed
+            .get(topic_name)
+            .and_then(|p| p.get(&partition.id()))
+            .copied()
+            .unwrap_or(0);
+        let start = if next == 0 {
+            StartAt::Beginning
+        } else {
+            StartAt::Offset(next)
+        };
+        match partition.reader(start) {
+            Ok(reader) => fresh.push(reader),
+            Err(e) => {
+                tracing::error!(model, error = %e, "repositioning a reader failed");
+                return;
+            }
+        }
+    }
+    *readers = fresh;
+}
+
+async fn sleep_or_stop(stop: &mut tokio::sync::watch::Receiver<bool>, ms: u64) {
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_millis(ms)) => {}
+        _ = stop.changed() => {}
+    }
+}
+
+/// The dead-letter topic, created on first use.
+pub fn dead_letter_topic(log: &Log) -> kappa_log::Result<Arc<Topic>> {
+    match log.topic(DEAD_LETTER_TOPIC) {
+        Ok(topic) => Ok(topic),
+        Err(kappa_log::LogError::UnknownTopic { .. }) => {
+            match log.create_topic(DEAD_LETTER_TOPIC, kappa_log::TopicConfig::default()) {
+                Ok(topic) => Ok(topic),
+                Err(kappa_log::LogError::TopicExists { .. }) => log.topic(DEAD_LETTER_TOPIC),
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn dead_letter(model: &str, topic: &str, rejected: &Rejected) -> Record {
+    let value = serde_json::json!({
+        "model": model,
+        "topic": topic,
+        "partition": rejected.partition,
+        "offset": rejected.offset,
+        "reason": rejected.reason,
+        "raw_base64": BASE64.encode(&rejected.raw),
+    });
+    Record::keyed(model.to_owned(), value.to_string())
+}
+
+/// The records this model already put in the dead-letter topic after `from`: a commit that
+/// failed after its dead letters were written must not write them twice.
+fn dead_letters_after(topic: &Topic, from: u64, model: &str) -> BTreeSet<(String, u32, u64)> {
+    let mut seen = BTreeSet::new();
+    let Ok(partition) = topic.partition(0) else {
+        return seen;
+    };
+    let start = if from == 0 {
+        StartAt::Beginning
+    } else {
+        StartAt::Offset(from)
+    };
+    let Ok(mut reader) = partition.reader(start) else {
+        return seen;
+    };
+    while let Ok(Some(chunk)) = reader.read(READ_BYTES) {
+        for record in chunk.records().flatten() {
+            let Ok(letter) = serde_json::from_slice::<serde_json::Value>(record.value) else {
+                continue;
+            };
+            if letter["model"] == model
+                && let (Some(topic), Some(p), Some(o)) = (
+                    letter["topic"].as_str(),
+                    letter["partition"].as_u64(),
+                    letter["offset"].as_u64(),
+                )
+            {
+                seen.insert((topic.to_owned(), p as u32, o));
+            }
+        }
+    }
+    seen
+}
+
+/// A unique id for a commit attempt.
+fn uuid_like() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{now:x}-{}-{n}", std::process::id())
+}

@@ -1,0 +1,157 @@
+//! Stateless models (projections, filters, scalar functions over one input) run on each
+//! micro-batch by DataFusion: the batch is the input table, the model's SQL the query.
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::datasource::MemTable;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::TableReference;
+
+/// The Arrow type Iceberg stores for a DataFusion result type: string views and large strings
+/// are plain strings.
+pub fn storable(data_type: &DataType) -> DataType {
+    match data_type {
+        DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+        DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
+        other => other.clone(),
+    }
+}
+
+/// `schema` with every type made [`storable`].
+pub fn storable_schema(schema: &Schema) -> SchemaRef {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| Field::new(f.name(), storable(f.data_type()), f.is_nullable()))
+        .collect();
+    Arc::new(Schema::new(fields))
+}
+
+/// Casts a result batch to the storable schema.
+pub fn to_storable(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(column, field)| {
+            if column.data_type() == field.data_type() {
+                Ok(column.clone())
+            } else {
+                cast(column, field.data_type())
+            }
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(schema.clone(), columns).map_err(DataFusionError::from)
+}
+
+/// Runs one stateless model over micro-batches of its input.
+pub struct StatelessModel {
+    ctx: SessionContext,
+    sql: String,
+    input: String,
+    input_schema: SchemaRef,
+    output_schema: SchemaRef,
+}
+
+impl std::fmt::Debug for StatelessModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatelessModel")
+            .field("sql", &self.sql)
+            .field("input", &self.input)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StatelessModel {
+    /// Plans `sql`, which reads the table `input` of `input_schema`.
+    pub async fn new(sql: &str, input: &str, input_schema: SchemaRef) -> Result<StatelessModel> {
+        let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
+        let name = TableReference::parse_str(input);
+        ctx.register_table(
+            name,
+            Arc::new(MemTable::try_new(input_schema.clone(), vec![vec![]])?),
+        )?;
+        let plan = ctx.state().create_logical_plan(sql).await?;
+        let output_schema = storable_schema(plan.schema().as_arrow());
+        Ok(StatelessModel {
+            ctx,
+            sql: sql.to_owned(),
+            input: input.to_owned(),
+            input_schema,
+            output_schema,
+        })
+    }
+
+    /// The schema of the model's table.
+    pub fn output_schema(&self) -> &SchemaRef {
+        &self.output_schema
+    }
+
+    /// The model's rows for one micro-batch of input.
+    pub async fn run(&self, batch: RecordBatch) -> Result<Vec<RecordBatch>> {
+        let name = TableReference::parse_str(&self.input);
+        self.ctx.deregister_table(name.clone())?;
+        self.ctx.register_table(
+            name,
+            Arc::new(MemTable::try_new(
+                self.input_schema.clone(),
+                vec![vec![batch]],
+            )?),
+        )?;
+        let batches = self.ctx.sql(&self.sql).await?.collect().await?;
+        batches
+            .iter()
+            .filter(|b| b.num_rows() > 0)
+            .map(|b| to_storable(b, &self.output_schema))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::util::pretty::pretty_format_batches;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn each_micro_batch_runs_through_the_model() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("region", DataType::Utf8, true),
+        ]));
+        let model = StatelessModel::new(
+            "SELECT id * 10 AS id10, upper(region) AS region FROM orders WHERE id % 2 = 1",
+            "orders",
+            schema.clone(),
+        )
+        .await
+        .unwrap();
+        let batch = |ids: Vec<i64>| {
+            let regions: Vec<Option<&str>> = ids
+                .iter()
+                .map(|i| (i % 3 != 0).then_some("north"))
+                .collect();
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(Int64Array::from(ids)),
+                    Arc::new(StringArray::from(regions)),
+                ],
+            )
+            .unwrap()
+        };
+        let first = model.run(batch(vec![1, 2, 3])).await.unwrap();
+        let second = model.run(batch(vec![4, 5])).await.unwrap();
+        let all: Vec<RecordBatch> = first.into_iter().chain(second).collect();
+        assert_eq!(all[0].schema().field(1).data_type(), &DataType::Utf8);
+        assert_eq!(
+            pretty_format_batches(&all).unwrap().to_string(),
+            "+------+--------+\n| id10 | region |\n+------+--------+\n| 10   | NORTH  |\n| 30   |        |\n| 50   | NORTH  |\n+------+--------+"
+        );
+    }
+}
