@@ -126,6 +126,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         http_addr: "127.0.0.1:0".parse()?,
         max_request_bytes: kappa_server::config::REQUEST_BYTES_MAX_DEFAULT,
         body_read_timeout_ms: kappa_server::config::BODY_READ_TIMEOUT_MS_DEFAULT,
+        project_dir: None,
     };
     let server = kappa_server::Server::start(config).await?;
     let base = format!("http://{}", server.http_addr());

@@ -14,6 +14,7 @@ mod consume;
 mod demo;
 mod produce;
 mod project;
+mod sql;
 mod topics;
 
 /// kappa: the Kappa Architecture as one binary — an infinite replayable log, versioned SQL
@@ -64,6 +65,8 @@ enum Command {
     Produce(produce::ProduceArgs),
     /// Print a topic's records as NDJSON.
     Consume(consume::ConsumeArgs),
+    /// Query the serving tables with SQL (`silver.orders`, or `orders` when unambiguous).
+    Sql(sql::SqlArgs),
     /// Run a self-contained demonstration and print its figures.
     Demo(demo::DemoArgs),
 }
@@ -134,6 +137,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topics(command) => topics::run(&global, command).await,
         Command::Produce(args) => produce::run(&global, args).await,
         Command::Consume(args) => consume::run(&global, args).await,
+        Command::Sql(args) => sql::run(&global, args).await,
         Command::Demo(args) => demo::run(args).await,
     }
 }

@@ -107,12 +107,22 @@ pub async fn run_model(
     };
     let spec = &project.topics[&topic_name];
     let decoder = Decoder::new(spec);
-    let compute = StatelessModel::new(&model.sql, &topic_name, decoder.schema().clone())
-        .await
-        .map_err(|source| RunnerError::Plan {
-            model: err_model(),
-            source,
-        })?;
+    let compute = match StatelessModel::new(&model.sql, &topic_name, decoder.schema().clone()).await
+    {
+        Ok(compute) => compute,
+        Err(datafusion::error::DataFusionError::NotImplemented(reason)) => {
+            return Err(RunnerError::Unsupported {
+                model: model_id,
+                reason: format!("{reason}; only row-by-row models run yet"),
+            });
+        }
+        Err(source) => {
+            return Err(RunnerError::Plan {
+                model: err_model(),
+                source,
+            });
+        }
+    };
     let topic = log.topic(&topic_name).map_err(|source| RunnerError::Log {
         model: err_model(),
         source,

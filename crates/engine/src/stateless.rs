@@ -6,8 +6,10 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::MemTable;
 use datafusion::error::{DataFusionError, Result};
+use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::TableReference;
 
@@ -48,6 +50,48 @@ pub fn to_storable(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatc
     RecordBatch::try_new(schema.clone(), columns).map_err(DataFusionError::from)
 }
 
+/// Whether a plan computes each output row from one input row alone (projections, filters,
+/// scalar functions), so that running it batch by batch gives what running it once gives.
+/// Otherwise, the reason.
+pub fn stateless_shape(plan: &LogicalPlan) -> std::result::Result<(), String> {
+    let mut problem = None;
+    let _ = plan.apply(|node| {
+        let allowed = matches!(
+            node,
+            LogicalPlan::Projection(_)
+                | LogicalPlan::Filter(_)
+                | LogicalPlan::TableScan(_)
+                | LogicalPlan::SubqueryAlias(_)
+        );
+        if !allowed {
+            problem = Some(format!(
+                "{} is not a stateless step",
+                node.display()
+                    .to_string()
+                    .split(':')
+                    .next()
+                    .unwrap_or("this step")
+            ));
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        let subquery = node.expressions().iter().any(|e| {
+            e.exists(|e| {
+                Ok(matches!(
+                    e,
+                    Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_)
+                ))
+            })
+            .unwrap_or(true)
+        });
+        if subquery {
+            problem = Some("a subquery reads more than the current row".to_owned());
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    problem.map_or(Ok(()), Err)
+}
+
 /// Runs one stateless model over micro-batches of its input.
 pub struct StatelessModel {
     ctx: SessionContext,
@@ -76,6 +120,9 @@ impl StatelessModel {
             Arc::new(MemTable::try_new(input_schema.clone(), vec![vec![]])?),
         )?;
         let plan = ctx.state().create_logical_plan(sql).await?;
+        if let Err(reason) = stateless_shape(&plan) {
+            return Err(DataFusionError::NotImplemented(reason));
+        }
         let output_schema = storable_schema(plan.schema().as_arrow());
         Ok(StatelessModel {
             ctx,
@@ -153,5 +200,34 @@ mod tests {
             pretty_format_batches(&all).unwrap().to_string(),
             "+------+--------+\n| id10 | region |\n+------+--------+\n| 10   | NORTH  |\n| 30   |        |\n| 50   | NORTH  |\n+------+--------+"
         );
+    }
+
+    #[tokio::test]
+    async fn only_row_by_row_queries_are_run_batch_by_batch() {
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+        for sql in [
+            "SELECT count(*) FROM orders",
+            "SELECT id, row_number() OVER (ORDER BY id) FROM orders",
+            "SELECT DISTINCT id FROM orders",
+            "SELECT id FROM orders ORDER BY id",
+            "SELECT id FROM orders LIMIT 3",
+            "SELECT id FROM orders WHERE id IN (SELECT id FROM orders WHERE id > 3)",
+        ] {
+            let err = StatelessModel::new(sql, "orders", schema.clone())
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("not a stateless step") || err.contains("subquery"),
+                "{sql}: {err}"
+            );
+        }
+        StatelessModel::new(
+            "SELECT id + 1 AS next FROM orders AS o WHERE o.id > 2",
+            "orders",
+            schema,
+        )
+        .await
+        .unwrap();
     }
 }

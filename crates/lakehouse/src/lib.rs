@@ -16,7 +16,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::Schema as ArrowSchema;
+use arrow::datatypes::{Schema as ArrowSchema, SchemaRef};
+use datafusion::catalog::{
+    CatalogProvider, MemoryCatalogProvider, MemorySchemaProvider, SchemaProvider,
+};
+use datafusion::prelude::{SessionConfig, SessionContext};
 use iceberg::arrow::{arrow_schema_to_schema_auto_assign_ids, schema_to_arrow_schema};
 use iceberg::spec::DataFileFormat;
 use iceberg::table::Table;
@@ -30,6 +34,7 @@ use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
 use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
 use iceberg::{Catalog, CatalogBuilder, TableCreation, TableIdent};
 use iceberg_catalog_sql::{SqlBindStyle, SqlCatalog, SqlCatalogBuilder};
+use iceberg_datafusion::IcebergCatalogProvider;
 use iceberg_storage_opendal::OpenDalStorageFactory;
 use parquet::file::properties::WriterProperties;
 
@@ -39,6 +44,12 @@ pub const CATALOG_FILE: &str = "catalog.db";
 pub const WAREHOUSE_DIR: &str = "warehouse";
 /// The catalog's name, as external engines see it.
 pub const CATALOG_NAME: &str = "kappa";
+/// The DataFusion schema holding every table whose name is unique, for unqualified queries.
+pub const UNQUALIFIED_SCHEMA: &str = "public";
+
+fn query_error(e: datafusion::error::DataFusionError) -> LakehouseError {
+    LakehouseError::Query(e.strip_backtrace())
+}
 
 /// What went wrong in the serving layer.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +67,8 @@ pub enum LakehouseError {
         #[source]
         source: arrow::error::ArrowError,
     },
+    #[error("{0}")]
+    Query(String),
     #[error("{action} `{}`: {source}", path.display())]
     Io {
         action: &'static str,
@@ -234,6 +247,52 @@ impl Lakehouse {
             .doing(|| format!("commit to {ident}"))
     }
 
+    /// Runs a SQL query over the tables' current snapshots. Tables are named `layer.model`, or
+    /// just `model` when no other layer has a model of that name.
+    /// The schema comes with the batches so an empty result still has its columns.
+    pub async fn query(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        let ctx = self.session().await?;
+        let frame = ctx.sql(sql).await.map_err(query_error)?;
+        let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+        let batches = frame.collect().await.map_err(query_error)?;
+        Ok((schema, batches))
+    }
+
+    /// A DataFusion session over the catalog as it is now.
+    pub async fn session(&self) -> Result<SessionContext> {
+        let config =
+            SessionConfig::new().with_default_catalog_and_schema(CATALOG_NAME, UNQUALIFIED_SCHEMA);
+        let ctx = SessionContext::new_with_config(config);
+        let iceberg = IcebergCatalogProvider::try_new(self.catalog.clone())
+            .await
+            .doing(|| "read the catalog".to_owned())?;
+        let catalog = MemoryCatalogProvider::new();
+        // Every table whose name is unique across layers is also reachable unqualified.
+        let unqualified = MemorySchemaProvider::new();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut tables = Vec::new();
+        for layer in iceberg.schema_names() {
+            let Some(schema) = iceberg.schema(&layer) else {
+                continue;
+            };
+            for name in schema.table_names() {
+                *seen.entry(name.clone()).or_default() += 1;
+                if let Ok(Some(table)) = schema.table(&name).await {
+                    tables.push((name, table));
+                }
+            }
+            let _ = catalog.register_schema(&layer, schema);
+        }
+        for (name, table) in tables {
+            if seen.get(&name) == Some(&1) {
+                let _ = unqualified.register_table(name, table);
+            }
+        }
+        let _ = catalog.register_schema(UNQUALIFIED_SCHEMA, Arc::new(unqualified));
+        ctx.register_catalog(CATALOG_NAME, Arc::new(catalog));
+        Ok(ctx)
+    }
+
     /// The summary properties of the table's current snapshot: what its last commit recorded.
     pub async fn last_commit(&self, ident: &TableIdent) -> Result<Option<HashMap<String, String>>> {
         let table = self.load_table(ident).await?;
@@ -347,5 +406,33 @@ mod tests {
             .collect();
         ids.sort();
         assert_eq!(ids, vec![1, 2, 3, 4, 5, 6]);
+
+        // SQL over the tables, qualified or not.
+        let out = lakehouse
+            .query("SELECT count(*) AS n, sum(amount) AS total FROM silver.orders")
+            .await
+            .unwrap()
+            .1;
+        let shown = arrow::util::pretty::pretty_format_batches(&out)
+            .unwrap()
+            .to_string();
+        assert!(shown.contains("| 6 | 419.79 |"), "{shown}");
+        let out = lakehouse
+            .query("SELECT count(*) FROM orders WHERE region IS NULL")
+            .await
+            .unwrap()
+            .1;
+        assert!(
+            arrow::util::pretty::pretty_format_batches(&out)
+                .unwrap()
+                .to_string()
+                .contains("| 2 ")
+        );
+        let err = lakehouse
+            .query("SELECT * FROM nope")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope"), "{err}");
     }
 }

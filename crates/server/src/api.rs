@@ -87,6 +87,129 @@ pub struct ProduceResponse {
     pub offsets: Vec<RecordPosition>,
 }
 
+/// `POST /v1/sql`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlRequest {
+    pub sql: String,
+}
+
+/// A query's result: the columns, then rows of JSON values in column order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SqlResponse {
+    pub columns: Vec<SqlColumn>,
+    pub rows: Vec<Vec<serde_json::Value>>,
+}
+
+/// One result column: its name and its Arrow type as Arrow prints it (`Int64`, `Utf8`,
+/// `Decimal128(10, 2)`, `Timestamp(µs, "+00:00")`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SqlColumn {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub data_type: String,
+}
+
+impl SqlResponse {
+    /// Converts a result to JSON values as arrow-json writes them (numbers for integers,
+    /// floats and decimals; RFC 3339 text for times; `null`). Column by column, so columns
+    /// that share a name (`SELECT a.id, b.id`) stay apart.
+    pub fn from_batches(
+        schema: &arrow::datatypes::Schema,
+        batches: &[arrow::array::RecordBatch],
+    ) -> Result<SqlResponse, String> {
+        let columns = schema
+            .fields()
+            .iter()
+            .map(|f| SqlColumn {
+                name: f.name().clone(),
+                data_type: f.data_type().to_string(),
+            })
+            .collect();
+        let mut rows = Vec::new();
+        for batch in batches {
+            let mut batch_rows: Vec<Vec<serde_json::Value>> =
+                vec![Vec::with_capacity(schema.fields().len()); batch.num_rows()];
+            for (index, field) in batch.schema().fields().iter().enumerate() {
+                let single =
+                    arrow::datatypes::Schema::new(vec![field.as_ref().clone().with_name("v")]);
+                let column = arrow::array::RecordBatch::try_new(
+                    std::sync::Arc::new(single),
+                    vec![batch.column(index).clone()],
+                )
+                .map_err(|e| e.to_string())?;
+                let mut writer = arrow::json::ArrayWriter::new(Vec::new());
+                writer.write(&column).map_err(|e| e.to_string())?;
+                writer.finish().map_err(|e| e.to_string())?;
+                let objects: Vec<serde_json::Map<String, serde_json::Value>> =
+                    serde_json::from_slice(&writer.into_inner()).map_err(|e| e.to_string())?;
+                // arrow-json leaves NULLs out of the object, and writes no objects at all
+                // for an empty batch.
+                for (row, object) in batch_rows
+                    .iter_mut()
+                    .zip(objects.into_iter().map(Some).chain(std::iter::repeat(None)))
+                {
+                    row.push(
+                        object
+                            .and_then(|mut o| o.remove("v"))
+                            .unwrap_or(serde_json::Value::Null),
+                    );
+                }
+            }
+            rows.extend(batch_rows);
+        }
+        Ok(SqlResponse { columns, rows })
+    }
+
+    /// The result as a text table for people.
+    pub fn to_table(&self) -> String {
+        let cell = |v: &serde_json::Value| match v {
+            serde_json::Value::Null => String::new(),
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let mut widths: Vec<usize> = self
+            .columns
+            .iter()
+            .map(|c| c.name.chars().count())
+            .collect();
+        for row in &self.rows {
+            for (w, v) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell(v).chars().count());
+            }
+        }
+        let line = |cells: Vec<String>| {
+            let padded: Vec<String> = cells
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            format!("| {} |\n", padded.join(" | "))
+        };
+        let rule = format!(
+            "+-{}-+\n",
+            widths
+                .iter()
+                .map(|w| "-".repeat(*w))
+                .collect::<Vec<_>>()
+                .join("-+-")
+        );
+        let mut out = rule.clone();
+        out.push_str(&line(self.columns.iter().map(|c| c.name.clone()).collect()));
+        out.push_str(&rule);
+        for row in &self.rows {
+            out.push_str(&line(row.iter().map(cell).collect()));
+        }
+        out.push_str(&rule);
+        out.push_str(&format!(
+            "{} row{}\n",
+            self.rows.len(),
+            if self.rows.len() == 1 { "" } else { "s" }
+        ));
+        out
+    }
+}
+
 /// `GET /v1/topics/{topic}/partitions/{p}/offsets`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OffsetsResponse {
@@ -302,6 +425,51 @@ mod tests {
         assert_eq!(
             format_timestamp(1_700_000_000_123),
             "2023-11-14T22:13:20.123Z"
+        );
+    }
+
+    #[test]
+    fn sql_results_keep_columns_apart_and_nulls_in_place() {
+        use arrow::array::{ArrayRef, Decimal128Array, Int64Array, StringArray};
+        use arrow::datatypes::{DataType, Field, Schema};
+        use serde_json::json;
+        use std::sync::Arc;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("id", DataType::Utf8, true),
+            Field::new("amount", DataType::Decimal128(10, 2), true),
+        ]));
+        let batch = arrow::array::RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(vec![Some(1), None])) as ArrayRef,
+                Arc::new(StringArray::from(vec![None, Some("b")])),
+                Arc::new(
+                    Decimal128Array::from(vec![Some(3998), Some(-5)])
+                        .with_precision_and_scale(10, 2)
+                        .unwrap(),
+                ),
+            ],
+        )
+        .unwrap();
+        let result = SqlResponse::from_batches(&schema, &[batch]).unwrap();
+        assert_eq!(
+            result.rows,
+            vec![
+                vec![json!(1), json!(null), json!(39.98)],
+                vec![json!(null), json!("b"), json!(-0.05)],
+            ]
+        );
+        assert_eq!(result.columns[2].data_type, "Decimal128(10, 2)");
+
+        // No rows: the columns are still there.
+        let empty = SqlResponse::from_batches(&schema, &[]).unwrap();
+        assert_eq!(empty.columns.len(), 3);
+        assert!(empty.rows.is_empty());
+        assert!(
+            empty.to_table().contains("| id | id | amount |"),
+            "{}",
+            empty.to_table()
         );
     }
 }

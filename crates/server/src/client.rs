@@ -279,6 +279,31 @@ impl Client {
         }
     }
 
+    /// Runs SQL over the serving tables.
+    pub async fn sql(&self, sql: &str) -> Result<crate::api::SqlResponse, ClientError> {
+        match self {
+            Client::Http { base, http } => {
+                let request = crate::api::SqlRequest {
+                    sql: sql.to_owned(),
+                };
+                decode(
+                    http.post(format!("{base}/v1/sql"))
+                        .json(&request)
+                        .send()
+                        .await,
+                )
+                .await
+            }
+            Client::Direct { log } => {
+                let data_dir = log.dir().parent().unwrap_or(log.dir()).to_path_buf();
+                let lakehouse = kappa_lakehouse::Lakehouse::open(&data_dir)
+                    .await
+                    .map_err(|e| ClientError::Service(ServiceError::Internal(e.to_string())))?;
+                Ok(service::sql(&lakehouse, sql).await?)
+            }
+        }
+    }
+
     /// Closes the data directory (direct clients); a no-op over HTTP.
     pub async fn close(self) -> anyhow::Result<()> {
         if let Client::Direct { log } = self {

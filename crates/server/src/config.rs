@@ -37,6 +37,8 @@ pub struct ServerConfig {
     pub max_request_bytes: usize,
     /// A body that takes longer to arrive is answered with 408 (slow or stalled clients).
     pub body_read_timeout_ms: u64,
+    /// The project folder whose topics and models `kappa up` runs, when it holds a kappa.toml.
+    pub project_dir: Option<PathBuf>,
 }
 
 /// Command-line choices that override the project file.
@@ -80,6 +82,10 @@ impl ServerConfig {
                 .or(file.server.max_request_bytes)
                 .unwrap_or(REQUEST_BYTES_MAX_DEFAULT),
             body_read_timeout_ms: BODY_READ_TIMEOUT_MS_DEFAULT,
+            project_dir: project
+                .join(PROJECT_FILE)
+                .is_file()
+                .then(|| project.clone()),
         })
     }
 

@@ -25,6 +25,7 @@ pub const NEXT_OFFSET_HEADER: &str = "kappa-next-offset";
 pub(crate) fn router(state: Arc<AppState>) -> axum::Router {
     axum::Router::new()
         .route("/v1/health", get(health))
+        .route("/v1/sql", post(sql))
         .route("/v1/topics", get(list_topics).post(create_topic))
         .route("/v1/topics/{topic}", get(describe_topic))
         .route("/v1/topics/{topic}/records", post(produce))
@@ -184,6 +185,20 @@ async fn not_found() -> ApiError {
 
 async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
     Json(state.health())
+}
+
+async fn sql(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request: crate::api::SqlRequest = serde_json::from_slice(&body?).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("invalid SQL request: {e}"),
+        )
+    })?;
+    Ok(Json(service::sql(&state.lakehouse, &request.sql).await?).into_response())
 }
 
 async fn list_topics(State(state): State<Arc<AppState>>) -> Response {

@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod http;
 pub mod ingest;
+pub mod pipelines;
 pub mod project;
 pub mod service;
 
@@ -50,6 +51,8 @@ pub struct AppState {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// KiB of request bodies that may be held in memory at once.
     pub ingest_budget: Arc<tokio::sync::Semaphore>,
+    /// The Iceberg tables.
+    pub lakehouse: kappa_lakehouse::Lakehouse,
 }
 
 impl AppState {
@@ -71,6 +74,7 @@ pub struct Server {
     listener: tokio::net::TcpListener,
     http_addr: SocketAddr,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
+    pipelines: Option<pipelines::Pipelines>,
 }
 
 impl Server {
@@ -84,6 +88,39 @@ impl Server {
         for event in log.recovery_events() {
             tracing::info!(?event, "recovery");
         }
+        let log = Arc::new(log);
+        let lakehouse = kappa_lakehouse::Lakehouse::open(&data_dir)
+            .await
+            .context("open the Iceberg catalog")?;
+        let pipelines = match &config.project_dir {
+            Some(dir) => {
+                let project = match project::check(dir).await? {
+                    Ok(project) => Arc::new(project),
+                    Err(diagnostics) => {
+                        let lines: Vec<String> =
+                            diagnostics.iter().map(ToString::to_string).collect();
+                        anyhow::bail!(
+                            "the project in {} has problems:\n{}",
+                            dir.display(),
+                            lines.join("\n")
+                        );
+                    }
+                };
+                let ensured = {
+                    let log = log.clone();
+                    let project = project.clone();
+                    tokio::task::spawn_blocking(move || pipelines::ensure_topics(&log, &project))
+                        .await
+                };
+                ensured.context("join topic creation")??;
+                Some(pipelines::Pipelines::start(
+                    log.clone(),
+                    lakehouse.clone(),
+                    project,
+                ))
+            }
+            None => None,
+        };
         let listener = tokio::net::TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("bind the HTTP API to {}", config.http_addr))?;
@@ -98,17 +135,19 @@ impl Server {
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let ingest_budget_kib = config::INGEST_BYTES_IN_FLIGHT_MAX / 1024;
         let state = Arc::new(AppState {
-            log: Arc::new(log),
+            log,
             config,
             data_dir,
             shutdown,
             ingest_budget: Arc::new(tokio::sync::Semaphore::new(ingest_budget_kib)),
+            lakehouse,
         });
         Ok(Server {
             state,
             listener,
             http_addr,
             shutdown_tx,
+            pipelines,
         })
     }
 
@@ -139,6 +178,9 @@ impl Server {
         let served = axum::serve(self.listener, router)
             .with_graceful_shutdown(signal)
             .await;
+        if let Some(pipelines) = self.pipelines {
+            pipelines.stop().await;
+        }
         let _ = std::fs::remove_file(self.state.data_dir.join(SERVER_FILE));
         let log = self.state.log.clone();
         let closed = tokio::task::spawn_blocking(move || log.close()).await;

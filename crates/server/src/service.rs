@@ -168,6 +168,18 @@ pub fn offsets(
     })
 }
 
+/// Runs SQL over the serving tables.
+pub async fn sql(
+    lakehouse: &kappa_lakehouse::Lakehouse,
+    sql: &str,
+) -> Result<crate::api::SqlResponse, ServiceError> {
+    let (schema, batches) = lakehouse.query(sql).await.map_err(|e| match e {
+        kappa_lakehouse::LakehouseError::Query(message) => ServiceError::BadRequest(message),
+        other => ServiceError::Internal(other.to_string()),
+    })?;
+    crate::api::SqlResponse::from_batches(&schema, &batches).map_err(ServiceError::Internal)
+}
+
 pub fn topics(log: &Log) -> Vec<TopicInfo> {
     log.topics().iter().map(|t| TopicInfo::of(t)).collect()
 }

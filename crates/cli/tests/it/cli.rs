@@ -373,3 +373,100 @@ fn check_finds_unknown_columns_with_datafusion() {
         "models/gold/big.sql:3:7: no column `qty`; columns are: customer_id, order_id, product_id, quantity, region, ts, unit_price; did you mean `quantity`?\n"
     );
 }
+
+#[test]
+fn up_runs_a_row_by_row_model_into_iceberg_and_sql_reads_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    assert!(
+        Command::new(KAPPA)
+            .arg("init")
+            .arg(&dir)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    std::fs::write(
+        dir.join("models/silver/amounts.sql"),
+        "SELECT order_id, region, quantity * unit_price AS amount FROM orders WHERE quantity > 0",
+    )
+    .unwrap();
+    let data = dir.join(".kappa");
+    let mut up = Command::new(KAPPA)
+        .args([
+            "--project",
+            dir.to_str().unwrap(),
+            "up",
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(up.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("kappa is up"), "{first}");
+    let with_project = |args: &[&str], stdin: Option<&[u8]>| kappa(&data, args, stdin);
+    let out = with_project(
+        &[
+            "produce",
+            "orders",
+            dir.join("data/orders.ndjson").to_str().unwrap(),
+            "--key",
+            "customer_id",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = with_project(&["produce", "orders"], Some(b"{\"order_id\":9}\n"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Visible within a moment: poll the SQL endpoint.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let rows = loop {
+        let out = with_project(
+            &[
+                "sql",
+                "SELECT order_id, amount FROM silver.amounts ORDER BY order_id",
+                "--json",
+            ],
+            None,
+        );
+        if out.status.success() {
+            let result: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+            if result["rows"].as_array().unwrap().len() == 5 {
+                break result["rows"].clone();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rows never arrived: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(rows[0], serde_json::json!([1, 39.98]));
+    let out = with_project(&["consume", "dead_letters"], None);
+    let letters: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 1, "{}", stdout(&out));
+    assert_eq!(
+        letters[0]["reason"],
+        "required field `customer_id` is missing or null"
+    );
+    rustix_term(&up);
+    assert!(up.wait().unwrap().success());
+}
+
+fn rustix_term(child: &std::process::Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+}

@@ -29,6 +29,7 @@ impl TestServer {
             http_addr: "127.0.0.1:0".parse().unwrap(),
             max_request_bytes: TEST_BODY_LIMIT,
             body_read_timeout_ms: TEST_BODY_TIMEOUT_MS,
+            project_dir: None,
         };
         let server = Server::start(config).await.unwrap();
         let base = format!("http://{}", server.http_addr());

@@ -1,0 +1,88 @@
+//! The project's pipelines inside `kappa up`: topics created as declared, one runner per model.
+
+use std::sync::Arc;
+
+use kappa_engine::runner::{RunnerError, run_model};
+use kappa_lakehouse::Lakehouse;
+use kappa_log::{FsyncPolicy, Log, TopicConfig};
+use kappa_pipeline::Project;
+use tokio::task::JoinHandle;
+
+/// Creates every topic the project declares that the log does not have yet. A topic that
+/// exists with another partition count is left as it is, with a warning: partitions are fixed.
+pub fn ensure_topics(log: &Log, project: &Project) -> anyhow::Result<()> {
+    for spec in project.topics.values() {
+        if let Ok(existing) = log.topic(&spec.name) {
+            if existing.partition_count() != spec.partitions {
+                tracing::warn!(
+                    topic = %spec.name,
+                    declared = spec.partitions,
+                    actual = existing.partition_count(),
+                    "topic exists with another partition count; partitions are fixed at creation"
+                );
+            }
+            continue;
+        }
+        let fsync = match &spec.fsync {
+            Some(policy) => policy
+                .parse::<FsyncPolicy>()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", spec.file))?,
+            None => FsyncPolicy::Always,
+        };
+        let config = TopicConfig {
+            partitions: spec.partitions,
+            fsync,
+            retention_ms: spec.retention_ms,
+            ..TopicConfig::default()
+        };
+        log.create_topic(&spec.name, config)?;
+        tracing::info!(topic = %spec.name, partitions = spec.partitions, "created topic from the project");
+    }
+    Ok(())
+}
+
+/// The running model runners.
+#[derive(Debug)]
+pub struct Pipelines {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<(String, JoinHandle<()>)>,
+}
+
+impl Pipelines {
+    /// Starts a runner for every model, in dependency order.
+    pub fn start(log: Arc<Log>, lakehouse: Lakehouse, project: Arc<Project>) -> Pipelines {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut tasks = Vec::new();
+        for model in &project.order {
+            let run = run_model(
+                log.clone(),
+                lakehouse.clone(),
+                project.clone(),
+                model.clone(),
+                stopped.clone(),
+            );
+            let name = model.clone();
+            let task = tokio::spawn(async move {
+                match run.await {
+                    Ok(()) => {}
+                    Err(e @ RunnerError::Unsupported { .. }) => {
+                        tracing::warn!(model = %name, "not running: {e}")
+                    }
+                    Err(e) => tracing::error!(model = %name, "stopped: {e}"),
+                }
+            });
+            tasks.push((model.clone(), task));
+        }
+        Pipelines { stop, tasks }
+    }
+
+    /// Stops every runner at its next step and waits for them.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for (model, task) in self.tasks {
+            if let Err(e) = task.await {
+                tracing::error!(%model, error = %e, "runner task failed");
+            }
+        }
+    }
+}
