@@ -38,6 +38,9 @@ use iceberg_datafusion::IcebergCatalogProvider;
 use iceberg_storage_opendal::OpenDalStorageFactory;
 use parquet::file::properties::WriterProperties;
 
+mod commit;
+mod state;
+
 /// The catalog's file inside the data directory.
 pub const CATALOG_FILE: &str = "catalog.db";
 /// The warehouse folder inside the data directory.
@@ -69,6 +72,12 @@ pub enum LakehouseError {
     },
     #[error("{0}")]
     Query(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Catalog(String),
+    #[error("commit to {0} conflicted: the table changed since it was read")]
+    Conflict(String),
     #[error("{action} `{}`: {source}", path.display())]
     Io {
         action: &'static str,
@@ -106,6 +115,8 @@ impl<T> Context<T> for std::result::Result<T, arrow::error::ArrowError> {
 #[derive(Debug, Clone)]
 pub struct Lakehouse {
     catalog: Arc<SqlCatalog>,
+    /// The catalog database again, for the pointer swaps of our own commits (`commit.rs`).
+    pointers: sqlx::SqlitePool,
     warehouse: PathBuf,
 }
 
@@ -132,8 +143,17 @@ impl Lakehouse {
             .load(CATALOG_NAME, HashMap::new())
             .await
             .doing(|| format!("open the Iceberg catalog {}", db.display()))?;
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&db)
+            .busy_timeout(std::time::Duration::from_secs(30));
+        let pointers = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .map_err(|e| LakehouseError::Catalog(format!("open {}: {e}", db.display())))?;
         Ok(Lakehouse {
             catalog: Arc::new(catalog),
+            pointers,
             warehouse,
         })
     }
@@ -200,15 +220,37 @@ impl Lakehouse {
         properties: HashMap<String, String>,
     ) -> Result<Table> {
         let ident = table.identifier().clone();
+        let files = self.write_data_files(table, batches, "").await?;
+        let tx = Transaction::new(table);
+        let action = tx
+            .fast_append()
+            .add_data_files(files)
+            .set_snapshot_properties(properties);
+        let tx = action
+            .apply(tx)
+            .doing(|| format!("prepare the commit to {ident}"))?;
+        tx.commit(self.catalog.as_ref())
+            .await
+            .doing(|| format!("commit to {ident}"))
+    }
+
+    /// Writes `batches` as new Parquet data files of `table` (not yet committed). Every call
+    /// writes files of its own: a retried or abandoned commit never overwrites a file another
+    /// snapshot references. `label` goes into the file names (e.g. a bucket number).
+    pub async fn write_data_files(
+        &self,
+        table: &Table,
+        batches: &[RecordBatch],
+        label: &str,
+    ) -> Result<Vec<iceberg::spec::DataFile>> {
+        let ident = table.identifier().clone();
         let metadata = table.metadata();
         let schema = metadata.current_schema().clone();
         let arrow_schema =
             Arc::new(schema_to_arrow_schema(&schema).doing(|| format!("schema of {ident}"))?);
         let location =
             DefaultLocationGenerator::new(metadata).doing(|| format!("locate files of {ident}"))?;
-        // Every attempt writes files of its own: a retried or abandoned commit never overwrites
-        // a file that another snapshot references.
-        let prefix = format!("kappa-{}", uuid::Uuid::new_v4().simple());
+        let prefix = format!("kappa-{label}{}", uuid::Uuid::new_v4().simple());
         let names = DefaultFileNameGenerator::new(prefix, None, DataFileFormat::Parquet);
         let parquet = ParquetWriterBuilder::new(WriterProperties::default(), schema);
         let rolling = RollingFileWriterBuilder::new_with_default_file_size(
@@ -230,21 +272,10 @@ impl Lakehouse {
                 .await
                 .doing(|| format!("write to {ident}"))?;
         }
-        let files = writer
+        writer
             .close()
             .await
-            .doing(|| format!("finish the files of {ident}"))?;
-        let tx = Transaction::new(table);
-        let action = tx
-            .fast_append()
-            .add_data_files(files)
-            .set_snapshot_properties(properties);
-        let tx = action
-            .apply(tx)
-            .doing(|| format!("prepare the commit to {ident}"))?;
-        tx.commit(self.catalog.as_ref())
-            .await
-            .doing(|| format!("commit to {ident}"))
+            .doing(|| format!("finish the files of {ident}"))
     }
 
     /// Runs a SQL query over the tables' current snapshots. Tables are named `layer.model`, or
