@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod decode;
+pub mod grouped;
 pub mod runner;
 pub mod schema;
 pub mod stateless;

@@ -22,6 +22,7 @@ use kappa_log::{Log, PartitionReader, Record, StartAt, Topic};
 use kappa_pipeline::{Input, Model, Project};
 
 use crate::decode::{Decoder, Raw, Rejected};
+use crate::grouped::{GroupedModel, NO_GROUP_BY};
 use crate::stateless::StatelessModel;
 
 /// The topic where records that do not fit their topic's schema go, with the reason.
@@ -73,6 +74,112 @@ pub enum RunnerError {
     },
 }
 
+/// A model's computation, by the shape of its query.
+enum Compute {
+    /// Row by row: each micro-batch's rows are appended.
+    Stateless {
+        model: StatelessModel,
+        pending: Vec<RecordBatch>,
+    },
+    /// GROUP BY: groups are updated in place (copy-on-write buckets).
+    Grouped(Box<GroupedModel>),
+}
+
+impl Compute {
+    /// Plans a model that reads `topic`, or says why it cannot run incrementally.
+    async fn plan(
+        sql: &str,
+        topic: &str,
+        schema: arrow::datatypes::SchemaRef,
+    ) -> Result<Compute, datafusion::error::DataFusionError> {
+        use datafusion::error::DataFusionError::NotImplemented;
+        match StatelessModel::new(sql, topic, schema.clone()).await {
+            Ok(model) => Ok(Compute::Stateless {
+                model,
+                pending: Vec::new(),
+            }),
+            Err(NotImplemented(row_by_row)) => match GroupedModel::new(sql, topic, schema).await {
+                Ok(model) => Ok(Compute::Grouped(Box::new(model))),
+                Err(NotImplemented(reason)) if reason == NO_GROUP_BY => Err(NotImplemented(
+                    format!("{row_by_row}; models run row by row or as one GROUP BY"),
+                )),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    fn output_schema(&self) -> &arrow::datatypes::SchemaRef {
+        match self {
+            Compute::Stateless { model, .. } => model.output_schema(),
+            Compute::Grouped(model) => model.output_schema(),
+        }
+    }
+
+    async fn push(&mut self, batch: RecordBatch) -> datafusion::error::Result<()> {
+        match self {
+            Compute::Stateless { model, pending } => {
+                pending.extend(model.run(batch).await?);
+                Ok(())
+            }
+            Compute::Grouped(model) => model.push(batch).await,
+        }
+    }
+
+    fn has_changes(&self) -> bool {
+        match self {
+            Compute::Stateless { pending, .. } => !pending.is_empty(),
+            Compute::Grouped(model) => model.has_changes(),
+        }
+    }
+
+    /// Commits what was computed since the last commit, with `properties`.
+    async fn commit(
+        &mut self,
+        lakehouse: &Lakehouse,
+        table: &kappa_lakehouse::Table,
+        properties: HashMap<String, String>,
+    ) -> kappa_lakehouse::Result<kappa_lakehouse::Table> {
+        match self {
+            Compute::Stateless { pending, .. } => {
+                let table = lakehouse.append(table, pending, properties).await?;
+                pending.clear();
+                Ok(table)
+            }
+            Compute::Grouped(model) => model.commit(lakehouse, table, properties).await,
+        }
+    }
+
+    /// The last commit, reported as failed, landed after all.
+    fn landed(&mut self) {
+        match self {
+            Compute::Stateless { pending, .. } => pending.clear(),
+            Compute::Grouped(model) => model.landed(),
+        }
+    }
+
+    /// Forgets everything not committed and takes the state the table's snapshot names.
+    async fn restore(
+        &mut self,
+        lakehouse: &Lakehouse,
+        table: &kappa_lakehouse::Table,
+    ) -> kappa_lakehouse::Result<()> {
+        match self {
+            Compute::Stateless { pending, .. } => {
+                pending.clear();
+                Ok(())
+            }
+            Compute::Grouped(model) => {
+                let properties = table
+                    .metadata()
+                    .current_snapshot()
+                    .map(|s| s.summary().additional_properties.clone());
+                model.restore(lakehouse, table, properties.as_ref()).await
+            }
+        }
+    }
+}
+
 /// A stable fingerprint of a model (its SQL and configuration), recorded with every commit.
 pub fn model_version(model: &Model) -> String {
     // FNV-1a: stable across builds, which std's hasher does not promise.
@@ -107,13 +214,12 @@ pub async fn run_model(
     };
     let spec = &project.topics[&topic_name];
     let decoder = Decoder::new(spec);
-    let compute = match StatelessModel::new(&model.sql, &topic_name, decoder.schema().clone()).await
-    {
+    let mut compute = match Compute::plan(&model.sql, &topic_name, decoder.schema().clone()).await {
         Ok(compute) => compute,
         Err(datafusion::error::DataFusionError::NotImplemented(reason)) => {
             return Err(RunnerError::Unsupported {
                 model: model_id,
-                reason: format!("{reason}; only row-by-row models run yet"),
+                reason,
             });
         }
         Err(source) => {
@@ -136,14 +242,36 @@ pub async fn run_model(
             model: err_model(),
             source,
         })?;
-    let mut table = lakehouse
-        .ensure_table(&ident, compute.output_schema())
-        .await
-        .map_err(|source| RunnerError::Lakehouse {
-            model: err_model(),
-            source,
-        })?;
     let version = model_version(model);
+    let lake_err = |source| RunnerError::Lakehouse {
+        model: model_id.clone(),
+        source,
+    };
+    // Cloned: a borrow of `compute` held across an await would need it to be `Sync`.
+    let output_schema = compute.output_schema().clone();
+    let mut table = lakehouse
+        .ensure_table(&ident, &output_schema)
+        .await
+        .map_err(lake_err)?;
+    let written_by = table.metadata().current_snapshot().and_then(|s| {
+        s.summary()
+            .additional_properties
+            .get(VERSION_PROPERTY)
+            .cloned()
+    });
+    if written_by.is_some_and(|v| v != version) || !lakehouse.schema_matches(&table, &output_schema)
+    {
+        // The model changed: its table is rebuilt from the start of the log.
+        tracing::warn!(model = %model_id, "the model changed since its table was written; rebuilding the table from the start of the log");
+        table = lakehouse
+            .replace_table(&ident, &output_schema)
+            .await
+            .map_err(lake_err)?;
+    }
+    compute
+        .restore(&lakehouse, &table)
+        .await
+        .map_err(lake_err)?;
 
     // Resume from what the table says it covers.
     let last = table
@@ -196,15 +324,13 @@ pub async fn run_model(
             offset: *o,
             value: v,
         }));
-        let outputs: Vec<RecordBatch> = match compute.run(batch).await {
-            Ok(outputs) => outputs,
-            Err(e) => {
-                tracing::error!(model = %model_id, error = %e, "computing a micro-batch failed; retrying");
-                rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
-                sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
-                continue;
-            }
-        };
+        if let Err(e) = compute.push(batch).await {
+            tracing::error!(model = %model_id, error = %e, "computing a micro-batch failed; retrying");
+            recover(&mut compute, &lakehouse, &table, &model_id).await;
+            rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
+            sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
+            continue;
+        }
         let fresh: Vec<&Rejected> = rejected
             .iter()
             .filter(|r| !already_dead.contains(&(topic_name.clone(), r.partition, r.offset)))
@@ -216,6 +342,7 @@ pub async fn run_model(
                 .collect();
             if let Err(e) = dead_letters.append(records).await {
                 tracing::error!(model = %model_id, error = %e, "writing dead letters failed; retrying");
+                recover(&mut compute, &lakehouse, &table, &model_id).await;
                 rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
                 sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
                 continue;
@@ -223,7 +350,7 @@ pub async fn run_model(
         }
         let mut target = committed.clone();
         target.insert(topic_name.clone(), next);
-        if outputs.is_empty() && fresh.is_empty() {
+        if !compute.has_changes() && fresh.is_empty() {
             // Nothing to write: the offsets are recorded with the next commit that has rows.
             committed = target;
             continue;
@@ -245,13 +372,12 @@ pub async fn run_model(
                 .unwrap_or(0)
                 .to_string(),
         );
-        match lakehouse.append(&table, &outputs, properties).await {
+        match compute.commit(&lakehouse, &table, properties).await {
             Ok(updated) => {
                 table = updated;
                 committed = target;
                 already_dead.clear();
-                let rows: usize = outputs.iter().map(RecordBatch::num_rows).sum();
-                tracing::debug!(model = %model_id, rows, records = raws.len(), ms = started.elapsed().as_millis() as u64, "committed");
+                tracing::debug!(model = %model_id, records = raws.len(), ms = started.elapsed().as_millis() as u64, "committed");
             }
             Err(e) => {
                 // The outcome is unknown: read the table to learn it, never retry blindly.
@@ -273,6 +399,7 @@ pub async fn run_model(
                     Err(_) => false,
                 };
                 if landed {
+                    compute.landed();
                     committed = target;
                     already_dead.clear();
                     tracing::warn!(model = %model_id, error = %e, "commit reported an error but landed");
@@ -281,11 +408,32 @@ pub async fn run_model(
                     for r in &fresh {
                         already_dead.insert((topic_name.clone(), r.partition, r.offset));
                     }
+                    recover(&mut compute, &lakehouse, &table, &model_id).await;
                     rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
                     sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
                 }
             }
         }
+    }
+}
+
+/// After a failure, puts the computation back to the table's last commit (the readers are
+/// rewound to the same point).
+async fn recover(
+    compute: &mut Compute,
+    lakehouse: &Lakehouse,
+    table: &kappa_lakehouse::Table,
+    model: &str,
+) {
+    let table = match lakehouse.load_table(table.identifier()).await {
+        Ok(table) => table,
+        Err(e) => {
+            tracing::error!(model, error = %e, "reloading the table failed");
+            table.clone()
+        }
+    };
+    if let Err(e) = compute.restore(lakehouse, &table).await {
+        tracing::error!(model, error = %e, "restoring the model's state failed");
     }
 }
 

@@ -13,12 +13,24 @@ use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::TableReference;
 
-/// The Arrow type Iceberg stores for a DataFusion result type: string views and large strings
-/// are plain strings.
+/// The Arrow type Iceberg stores for a DataFusion result type, so that what is written reads
+/// back as the same type: string views are strings, small integers are `int`, times are
+/// microseconds, zoned timestamps are UTC.
 pub fn storable(data_type: &DataType) -> DataType {
+    use arrow::datatypes::TimeUnit;
     match data_type {
         DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
         DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
+        DataType::Int8 | DataType::Int16 | DataType::UInt8 | DataType::UInt16 => DataType::Int32,
+        DataType::UInt32 => DataType::Int64,
+        DataType::UInt64 => DataType::Decimal128(20, 0),
+        DataType::Float16 => DataType::Float32,
+        DataType::Date64 => DataType::Date32,
+        DataType::Time32(_) | DataType::Time64(_) => DataType::Time64(TimeUnit::Microsecond),
+        DataType::Timestamp(_, zone) => DataType::Timestamp(
+            TimeUnit::Microsecond,
+            zone.as_ref().map(|_| "+00:00".into()),
+        ),
         other => other.clone(),
     }
 }
@@ -92,6 +104,11 @@ pub fn stateless_shape(plan: &LogicalPlan) -> std::result::Result<(), String> {
     problem.map_or(Ok(()), Err)
 }
 
+/// The DataFusion session models run in: one partition, since a micro-batch is one batch.
+pub fn session() -> SessionContext {
+    SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1))
+}
+
 /// Runs one stateless model over micro-batches of its input.
 pub struct StatelessModel {
     ctx: SessionContext,
@@ -113,7 +130,7 @@ impl std::fmt::Debug for StatelessModel {
 impl StatelessModel {
     /// Plans `sql`, which reads the table `input` of `input_schema`.
     pub async fn new(sql: &str, input: &str, input_schema: SchemaRef) -> Result<StatelessModel> {
-        let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
+        let ctx = session();
         let name = TableReference::parse_str(input);
         ctx.register_table(
             name,

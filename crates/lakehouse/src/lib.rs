@@ -23,7 +23,6 @@ use datafusion::catalog::{
 use datafusion::prelude::{SessionConfig, SessionContext};
 use iceberg::arrow::{arrow_schema_to_schema_auto_assign_ids, schema_to_arrow_schema};
 use iceberg::spec::DataFileFormat;
-use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
 use iceberg::writer::file_writer::ParquetWriterBuilder;
@@ -40,6 +39,8 @@ use parquet::file::properties::WriterProperties;
 
 mod commit;
 mod state;
+
+pub use iceberg::table::Table;
 
 /// The catalog's file inside the data directory.
 pub const CATALOG_FILE: &str = "catalog.db";
@@ -202,6 +203,41 @@ impl Lakehouse {
             .create_table(&namespace, creation)
             .await
             .doing(|| format!("create table {ident}"))
+    }
+
+    /// Whether `table` stores `schema`: the same column names, types and nullability as a table
+    /// created from `schema` would have.
+    pub fn schema_matches(&self, table: &Table, schema: &ArrowSchema) -> bool {
+        let Ok(stored) = schema_to_arrow_schema(table.metadata().current_schema()) else {
+            return false;
+        };
+        let Ok(schema) =
+            arrow_schema_to_schema_auto_assign_ids(schema).and_then(|s| schema_to_arrow_schema(&s))
+        else {
+            return false;
+        };
+        stored.fields().len() == schema.fields().len()
+            && stored.fields().iter().zip(schema.fields()).all(|(a, b)| {
+                a.name() == b.name()
+                    && a.data_type() == b.data_type()
+                    && a.is_nullable() == b.is_nullable()
+            })
+    }
+
+    /// Drops `ident` (its files stay in the warehouse) and creates it anew with `schema`.
+    pub async fn replace_table(&self, ident: &TableIdent, schema: &ArrowSchema) -> Result<Table> {
+        if self
+            .catalog
+            .table_exists(ident)
+            .await
+            .doing(|| format!("look up table {ident}"))?
+        {
+            self.catalog
+                .drop_table(ident)
+                .await
+                .doing(|| format!("drop table {ident}"))?;
+        }
+        self.ensure_table(ident, schema).await
     }
 
     pub async fn load_table(&self, ident: &TableIdent) -> Result<Table> {
