@@ -39,6 +39,19 @@ pub async fn check(project: &Project) -> Vec<Diagnostic> {
         }
         match ctx.state().create_logical_plan(&model.sql).await {
             Ok(plan) => {
+                // Valid SQL; can the engine run it incrementally?
+                if let Err(DataFusionError::NotImplemented(reason)) =
+                    crate::plan::plan_model(project, &model.id()).await
+                {
+                    let (line, column) = locate_construct(&model.sql, &reason);
+                    diagnostics.push(Diagnostic {
+                        file: model.file.clone(),
+                        line,
+                        column,
+                        message: format!("not incremental: {reason}"),
+                        suggestion: None,
+                    });
+                }
                 let schema = Arc::new(plan.schema().as_arrow().clone());
                 let name = TableReference::partial(model.layer.as_str(), model.name.as_str());
                 if let Err(e) = ctx.register_table(name, Arc::new(EmptyTable::new(schema))) {
@@ -102,6 +115,41 @@ fn locate(file: &str, sql: &str, error: &DataFusionError) -> Diagnostic {
         message,
         suggestion,
     }
+}
+
+/// Where the construct a shape error names starts in the SQL (its keyword), else 1:1.
+fn locate_construct(sql: &str, reason: &str) -> (usize, usize) {
+    const KEYWORDS: &[(&str, &str)] = &[
+        ("ORDER BY", "order by"),
+        ("LIMIT", "limit"),
+        ("window functions", " over"),
+        ("joins", "join"),
+        ("UNION", "union"),
+        ("ROLLUP", "group by"),
+        ("DISTINCT", "distinct"),
+        ("subquery", "(select"),
+        ("GROUP BY", "group by"),
+        ("several topics", "from"),
+    ];
+    let lower = sql.to_lowercase();
+    let named = reason
+        .strip_prefix("aggregate `")
+        .and_then(|r| r.split('`').next())
+        .map(|f| format!("{f}("));
+    let read = reason
+        .strip_prefix("reads ")
+        .and_then(|r| r.split(',').next())
+        .map(str::to_lowercase);
+    let found = named.or(read).and_then(|f| lower.find(&f)).or_else(|| {
+        KEYWORDS
+            .iter()
+            .filter(|(needle, _)| reason.contains(needle))
+            .find_map(|(_, keyword)| lower.find(keyword))
+            .map(|at| at + usize::from(lower[at..].starts_with([' ', '('])))
+    });
+    found.map_or((1, 1), |at| {
+        kappa_pipeline::diagnostic::line_column(sql, at)
+    })
 }
 
 /// DataFusion's messages start with the error kind ("Error during planning: "); keep the point.
@@ -186,5 +234,48 @@ mod tests {
              models/gold/bad_downstream.sql:1:8: no column `price`; columns are: amount, order_id, region, ts\n\
              models/gold/bad_function.sql:1:8: Invalid function 'frobnicate'.\n"
         );
+    }
+
+    #[tokio::test]
+    async fn what_cannot_run_incrementally_is_refused_with_the_nearest_form() {
+        let got = report(&[
+            (
+                "models/silver/orders.sql",
+                "SELECT order_id, quantity * price AS amount, region, ts FROM orders",
+            ),
+            (
+                "models/gold/sorted.sql",
+                "SELECT region, amount\nFROM silver.orders\nORDER BY amount",
+            ),
+            (
+                "models/gold/ranked.sql",
+                "SELECT region, rank() OVER (ORDER BY amount) AS r FROM silver.orders",
+            ),
+            (
+                "models/gold/both.sql",
+                "SELECT o.region FROM orders o JOIN raw r ON o.region = r.value",
+            ),
+            (
+                "models/gold/median.sql",
+                "SELECT region, median(amount) FROM silver.orders GROUP BY region",
+            ),
+            (
+                "models/gold/totals.sql",
+                "SELECT region, sum(amount) AS revenue FROM silver.orders GROUP BY region",
+            ),
+            (
+                "models/gold/twice.sql",
+                "SELECT count(*) AS regions FROM gold.totals",
+            ),
+        ])
+        .await;
+        expect_test::expect![[r#"
+            models/gold/both.sql:1:31: not incremental: the model reads several topics (orders, raw); joins are not supported yet — one model reads one topic, directly or through other models
+            models/gold/median.sql:1:16: not incremental: aggregate `median` is not incremental; supported: count, sum, min, max, avg, mean, bool_and, bool_or
+            models/gold/ranked.sql:1:23: not incremental: window functions (OVER …) are not incremental; for running totals use GROUP BY; a model runs row by row (projections, filters) or as one GROUP BY
+            models/gold/sorted.sql:3:1: not incremental: ORDER BY: a table's rows have no order; drop it and order when you query the table; a model runs row by row (projections, filters) or as one GROUP BY
+            models/gold/twice.sql:1:33: not incremental: reads gold.totals, whose rows are groups that change; a GROUP BY over another model's groups is not incremental yet — group the rows gold.totals reads instead
+        "#]]
+        .assert_eq(&got);
     }
 }

@@ -148,8 +148,16 @@ pub fn grouped_shape(plan: &LogicalPlan) -> std::result::Result<&Aggregate, Stri
             LogicalPlan::Filter(f) => node = &f.input,
             LogicalPlan::SubqueryAlias(a) => node = &a.input,
             LogicalPlan::Aggregate(aggregate) => {
-                stateless_shape(&aggregate.input)
-                    .map_err(|e| format!("below the GROUP BY: {e}"))?;
+                if let Err(e) = stateless_shape(&aggregate.input) {
+                    return Err(match grouping_view(&aggregate.input) {
+                        Some(view) => format!(
+                            "reads {view}, whose rows are groups that change; a GROUP BY over \
+                             another model's groups is not incremental yet — group the rows \
+                             {view} reads instead"
+                        ),
+                        None => format!("below the GROUP BY: {e}"),
+                    });
+                }
                 for e in &aggregate.group_expr {
                     if matches!(e, Expr::GroupingSet(_)) {
                         return Err("GROUPING SETS, CUBE and ROLLUP are not incremental; \
@@ -209,6 +217,16 @@ impl GroupedModel {
         let plan = state
             .analyzer()
             .execute_and_check(plan, state.config_options(), |_, _| {})?;
+        GroupedModel::from_plan(ctx, input_slot, plan)
+    }
+
+    /// A model from its analyzed `plan`, whose input is `input_slot` in `ctx`.
+    pub fn from_plan(
+        ctx: SessionContext,
+        input_slot: Arc<MemTable>,
+        plan: LogicalPlan,
+    ) -> Result<GroupedModel> {
+        let state = ctx.state();
         let aggregate = grouped_shape(&plan)
             .map_err(DataFusionError::NotImplemented)?
             .clone();
@@ -624,6 +642,24 @@ impl GroupedModel {
         }
         Ok(())
     }
+}
+
+/// The name of a model read by `plan` that itself aggregates, if any.
+fn grouping_view(plan: &LogicalPlan) -> Option<String> {
+    let mut found = None;
+    let _ = plan.apply(|node| {
+        if let LogicalPlan::SubqueryAlias(alias) = node
+            && alias
+                .input
+                .exists(|n| Ok(matches!(n, LogicalPlan::Aggregate(_))))
+                .unwrap_or(false)
+        {
+            found = Some(alias.alias.to_string());
+            return Ok(datafusion::common::tree_node::TreeNodeRecursion::Stop);
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
+    found
 }
 
 /// The plan's columns as `kappa_aggregate.c{i}`, renamed back to what they were called.

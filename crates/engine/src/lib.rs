@@ -4,6 +4,7 @@
 pub mod check;
 pub mod decode;
 pub mod grouped;
+pub mod plan;
 pub mod runner;
 pub mod schema;
 pub mod stateless;

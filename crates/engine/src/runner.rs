@@ -19,10 +19,11 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use futures::FutureExt;
 use kappa_lakehouse::{Lakehouse, table_ident};
 use kappa_log::{Log, PartitionReader, Record, StartAt, Topic};
-use kappa_pipeline::{Input, Model, Project};
+use kappa_pipeline::{Model, Project};
 
 use crate::decode::{Decoder, Raw, Rejected};
-use crate::grouped::{GroupedModel, NO_GROUP_BY};
+use crate::grouped::GroupedModel;
+use crate::plan::{Shape, plan_model};
 use crate::stateless::StatelessModel;
 
 /// The topic where records that do not fit their topic's schema go, with the reason.
@@ -78,7 +79,7 @@ pub enum RunnerError {
 enum Compute {
     /// Row by row: each micro-batch's rows are appended.
     Stateless {
-        model: StatelessModel,
+        model: Box<StatelessModel>,
         pending: Vec<RecordBatch>,
     },
     /// GROUP BY: groups are updated in place (copy-on-write buckets).
@@ -86,27 +87,28 @@ enum Compute {
 }
 
 impl Compute {
-    /// Plans a model that reads `topic`, or says why it cannot run incrementally.
+    /// Plans a model, or says why it cannot run incrementally.
     async fn plan(
-        sql: &str,
-        topic: &str,
-        schema: arrow::datatypes::SchemaRef,
-    ) -> Result<Compute, datafusion::error::DataFusionError> {
-        use datafusion::error::DataFusionError::NotImplemented;
-        match StatelessModel::new(sql, topic, schema.clone()).await {
-            Ok(model) => Ok(Compute::Stateless {
-                model,
+        project: &Project,
+        model_id: &str,
+    ) -> Result<(String, Compute), datafusion::error::DataFusionError> {
+        let planned = plan_model(project, model_id).await?;
+        let compute = match planned.shape {
+            Shape::RowByRow => Compute::Stateless {
+                model: Box::new(StatelessModel::from_plan(
+                    planned.ctx,
+                    planned.slot,
+                    planned.plan,
+                )?),
                 pending: Vec::new(),
-            }),
-            Err(NotImplemented(row_by_row)) => match GroupedModel::new(sql, topic, schema).await {
-                Ok(model) => Ok(Compute::Grouped(Box::new(model))),
-                Err(NotImplemented(reason)) if reason == NO_GROUP_BY => Err(NotImplemented(
-                    format!("{row_by_row}; models run row by row or as one GROUP BY"),
-                )),
-                Err(e) => Err(e),
             },
-            Err(e) => Err(e),
-        }
+            Shape::Grouped => Compute::Grouped(Box::new(GroupedModel::from_plan(
+                planned.ctx,
+                planned.slot,
+                planned.plan,
+            )?)),
+        };
+        Ok((planned.topic, compute))
     }
 
     fn output_schema(&self) -> &arrow::datatypes::SchemaRef {
@@ -203,19 +205,8 @@ pub async fn run_model(
 ) -> Result<(), RunnerError> {
     let model = &project.models[&model_id];
     let err_model = || model_id.clone();
-    let topic_name = match model.inputs.as_slice() {
-        [Input::Topic(topic)] => topic.clone(),
-        _ => {
-            return Err(RunnerError::Unsupported {
-                model: model_id,
-                reason: "only models reading one topic run yet".into(),
-            });
-        }
-    };
-    let spec = &project.topics[&topic_name];
-    let decoder = Decoder::new(spec);
-    let mut compute = match Compute::plan(&model.sql, &topic_name, decoder.schema().clone()).await {
-        Ok(compute) => compute,
+    let (topic_name, mut compute) = match Compute::plan(&project, &model_id).await {
+        Ok(planned) => planned,
         Err(datafusion::error::DataFusionError::NotImplemented(reason)) => {
             return Err(RunnerError::Unsupported {
                 model: model_id,
@@ -229,6 +220,9 @@ pub async fn run_model(
             });
         }
     };
+    let decoder = Decoder::new(&project.topics[&topic_name]);
+    // A record that does not fit its topic's schema is reported once, by one model.
+    let reports_rejects = rejects_reporter(&project, &topic_name).as_deref() == Some(&model_id);
     let topic = log.topic(&topic_name).map_err(|source| RunnerError::Log {
         model: err_model(),
         source,
@@ -333,6 +327,7 @@ pub async fn run_model(
         }
         let fresh: Vec<&Rejected> = rejected
             .iter()
+            .filter(|_| reports_rejects)
             .filter(|r| !already_dead.contains(&(topic_name.clone(), r.partition, r.offset)))
             .collect();
         if !fresh.is_empty() {
@@ -547,6 +542,16 @@ async fn sleep_or_stop(stop: &mut tokio::sync::watch::Receiver<bool>, ms: u64) {
         () = tokio::time::sleep(Duration::from_millis(ms)) => {}
         _ = stop.changed() => {}
     }
+}
+
+/// The model that reports the records of `topic` that do not fit its schema: the first model,
+/// in dependency order, whose rows come from `topic`. Every other model skips them silently.
+pub fn rejects_reporter(project: &Project, topic: &str) -> Option<String> {
+    project
+        .order
+        .iter()
+        .find(|id| crate::plan::source_topics(project, id).contains(topic))
+        .cloned()
 }
 
 /// The dead-letter topic, created on first use.

@@ -68,22 +68,8 @@ pub fn to_storable(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatc
 pub fn stateless_shape(plan: &LogicalPlan) -> std::result::Result<(), String> {
     let mut problem = None;
     let _ = plan.apply(|node| {
-        let allowed = matches!(
-            node,
-            LogicalPlan::Projection(_)
-                | LogicalPlan::Filter(_)
-                | LogicalPlan::TableScan(_)
-                | LogicalPlan::SubqueryAlias(_)
-        );
-        if !allowed {
-            problem = Some(format!(
-                "{} is not a stateless step",
-                node.display()
-                    .to_string()
-                    .split(':')
-                    .next()
-                    .unwrap_or("this step")
-            ));
+        if let Some(reason) = not_row_by_row(node) {
+            problem = Some(reason);
             return Ok(TreeNodeRecursion::Stop);
         }
         let subquery = node.expressions().iter().any(|e| {
@@ -104,25 +90,61 @@ pub fn stateless_shape(plan: &LogicalPlan) -> std::result::Result<(), String> {
     problem.map_or(Ok(()), Err)
 }
 
+/// Why a plan step is not row by row, with the nearest form that is; `None` if it is.
+fn not_row_by_row(node: &LogicalPlan) -> Option<String> {
+    Some(match node {
+        LogicalPlan::Projection(_)
+        | LogicalPlan::Filter(_)
+        | LogicalPlan::TableScan(_)
+        | LogicalPlan::SubqueryAlias(_)
+        | LogicalPlan::Unnest(_) => return None,
+        LogicalPlan::Sort(_) => "ORDER BY: a table's rows have no order; drop it and order \
+                                 when you query the table"
+            .into(),
+        LogicalPlan::Limit(_) => "LIMIT over an endless stream has no stable answer; select \
+                                  rows with WHERE, or summarise them with GROUP BY"
+            .into(),
+        LogicalPlan::Window(_) => "window functions (OVER …) are not incremental; for \
+                                   running totals use GROUP BY"
+            .into(),
+        LogicalPlan::Join(_) => "joins are not supported yet".into(),
+        LogicalPlan::Union(_) => "UNION is not supported yet; write one model per input".into(),
+        LogicalPlan::Aggregate(_) | LogicalPlan::Distinct(_) => {
+            "GROUP BY and DISTINCT keep state; they are not a row-by-row step".into()
+        }
+        LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => {
+            "a model reads a topic or another model, not constant rows".into()
+        }
+        other => format!(
+            "{} is not incremental",
+            other
+                .display()
+                .to_string()
+                .split(':')
+                .next()
+                .unwrap_or("this step")
+        ),
+    })
+}
+
 /// The DataFusion session models run in: one partition, since a micro-batch is one batch.
 pub fn session() -> SessionContext {
     SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1))
 }
 
-/// Runs one stateless model over micro-batches of its input.
+/// Runs one stateless model over micro-batches of its input: the plan is made once, each
+/// micro-batch is put in the input's slot and the plan executed over it.
 pub struct StatelessModel {
     ctx: SessionContext,
-    sql: String,
-    input: String,
-    input_schema: SchemaRef,
+    slot: Arc<MemTable>,
+    plan: LogicalPlan,
     output_schema: SchemaRef,
 }
 
 impl std::fmt::Debug for StatelessModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StatelessModel")
-            .field("sql", &self.sql)
-            .field("input", &self.input)
+            .field("output_schema", &self.output_schema)
             .finish_non_exhaustive()
     }
 }
@@ -131,21 +153,30 @@ impl StatelessModel {
     /// Plans `sql`, which reads the table `input` of `input_schema`.
     pub async fn new(sql: &str, input: &str, input_schema: SchemaRef) -> Result<StatelessModel> {
         let ctx = session();
-        let name = TableReference::parse_str(input);
-        ctx.register_table(
-            name,
-            Arc::new(MemTable::try_new(input_schema.clone(), vec![vec![]])?),
-        )?;
-        let plan = ctx.state().create_logical_plan(sql).await?;
+        let slot = Arc::new(MemTable::try_new(input_schema, vec![vec![]])?);
+        ctx.register_table(TableReference::parse_str(input), slot.clone())?;
+        let state = ctx.state();
+        let plan = state.create_logical_plan(sql).await?;
+        let plan = state
+            .analyzer()
+            .execute_and_check(plan, state.config_options(), |_, _| {})?;
+        StatelessModel::from_plan(ctx, slot, plan)
+    }
+
+    /// A model from its analyzed `plan`, whose input is `slot` in `ctx`.
+    pub fn from_plan(
+        ctx: SessionContext,
+        slot: Arc<MemTable>,
+        plan: LogicalPlan,
+    ) -> Result<StatelessModel> {
         if let Err(reason) = stateless_shape(&plan) {
             return Err(DataFusionError::NotImplemented(reason));
         }
         let output_schema = storable_schema(plan.schema().as_arrow());
         Ok(StatelessModel {
             ctx,
-            sql: sql.to_owned(),
-            input: input.to_owned(),
-            input_schema,
+            slot,
+            plan,
             output_schema,
         })
     }
@@ -157,17 +188,11 @@ impl StatelessModel {
 
     /// The model's rows for one micro-batch of input.
     pub async fn run(&self, batch: RecordBatch) -> Result<Vec<RecordBatch>> {
-        let name = TableReference::parse_str(&self.input);
-        self.ctx.deregister_table(name.clone())?;
-        self.ctx.register_table(
-            name,
-            Arc::new(MemTable::try_new(
-                self.input_schema.clone(),
-                vec![vec![batch]],
-            )?),
-        )?;
-        let batches = self.ctx.sql(&self.sql).await?.collect().await?;
-        batches
+        *self.slot.batches[0].write().await = vec![batch];
+        let frame = datafusion::prelude::DataFrame::new(self.ctx.state(), self.plan.clone());
+        let batches = frame.collect().await;
+        self.slot.batches[0].write().await.clear();
+        batches?
             .iter()
             .filter(|b| b.num_rows() > 0)
             .map(|b| to_storable(b, &self.output_schema))
@@ -222,22 +247,38 @@ mod tests {
     #[tokio::test]
     async fn only_row_by_row_queries_are_run_batch_by_batch() {
         let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
-        for sql in [
-            "SELECT count(*) FROM orders",
-            "SELECT id, row_number() OVER (ORDER BY id) FROM orders",
-            "SELECT DISTINCT id FROM orders",
-            "SELECT id FROM orders ORDER BY id",
-            "SELECT id FROM orders LIMIT 3",
-            "SELECT id FROM orders WHERE id IN (SELECT id FROM orders WHERE id > 3)",
+        for (sql, reason) in [
+            (
+                "SELECT count(*) FROM orders",
+                "GROUP BY and DISTINCT keep state",
+            ),
+            (
+                "SELECT id, row_number() OVER (ORDER BY id) FROM orders",
+                "window functions",
+            ),
+            (
+                "SELECT DISTINCT id FROM orders",
+                "GROUP BY and DISTINCT keep state",
+            ),
+            (
+                "SELECT id FROM orders ORDER BY id",
+                "ORDER BY: a table's rows have no order",
+            ),
+            (
+                "SELECT id FROM orders LIMIT 3",
+                "LIMIT over an endless stream",
+            ),
+            (
+                "SELECT id FROM orders WHERE id IN (SELECT id FROM orders WHERE id > 3)",
+                "subquery",
+            ),
+            ("SELECT 1 AS one", "not constant rows"),
         ] {
             let err = StatelessModel::new(sql, "orders", schema.clone())
                 .await
                 .unwrap_err()
                 .to_string();
-            assert!(
-                err.contains("not a stateless step") || err.contains("subquery"),
-                "{sql}: {err}"
-            );
+            assert!(err.contains(reason), "{sql}: {err}");
         }
         StatelessModel::new(
             "SELECT id + 1 AS next FROM orders AS o WHERE o.id > 2",

@@ -176,10 +176,18 @@ impl Lakehouse {
             .await
             .doing(|| format!("look up namespace {namespace:?}"))?
         {
-            self.catalog
+            // Another model may create it at the same moment: that is success too.
+            match self
+                .catalog
                 .create_namespace(&namespace, HashMap::new())
                 .await
-                .doing(|| format!("create namespace {namespace:?}"))?;
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == iceberg::ErrorKind::NamespaceAlreadyExists => {}
+                Err(e) => {
+                    return Err(e).doing(|| format!("create namespace {namespace:?}"));
+                }
+            }
         }
         if self
             .catalog
@@ -199,10 +207,14 @@ impl Lakehouse {
             .name(ident.name().to_owned())
             .schema(schema)
             .build();
-        self.catalog
-            .create_table(&namespace, creation)
-            .await
-            .doing(|| format!("create table {ident}"))
+        match self.catalog.create_table(&namespace, creation).await {
+            Err(e) if e.kind() == iceberg::ErrorKind::TableAlreadyExists => self
+                .catalog
+                .load_table(ident)
+                .await
+                .doing(|| format!("load table {ident}")),
+            other => other.doing(|| format!("create table {ident}")),
+        }
     }
 
     /// Whether `table` stores `schema`: the same column names, types and nullability as a table

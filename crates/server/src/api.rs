@@ -111,9 +111,10 @@ pub struct SqlColumn {
 }
 
 impl SqlResponse {
-    /// Converts a result to JSON values as arrow-json writes them (numbers for integers,
-    /// floats and decimals; RFC 3339 text for times; `null`). Column by column, so columns
-    /// that share a name (`SELECT a.id, b.id`) stay apart.
+    /// Converts a result to JSON values as arrow-json writes them (numbers for integers and
+    /// floats; RFC 3339 text for times; `null`), except decimals, which are text so that no
+    /// digit is lost to a JSON reader's floats. Column by column, so columns that share a name
+    /// (`SELECT a.id, b.id`) stay apart.
     pub fn from_batches(
         schema: &arrow::datatypes::Schema,
         batches: &[arrow::array::RecordBatch],
@@ -131,13 +132,21 @@ impl SqlResponse {
             let mut batch_rows: Vec<Vec<serde_json::Value>> =
                 vec![Vec::with_capacity(schema.fields().len()); batch.num_rows()];
             for (index, field) in batch.schema().fields().iter().enumerate() {
-                let single =
-                    arrow::datatypes::Schema::new(vec![field.as_ref().clone().with_name("v")]);
-                let column = arrow::array::RecordBatch::try_new(
-                    std::sync::Arc::new(single),
-                    vec![batch.column(index).clone()],
-                )
-                .map_err(|e| e.to_string())?;
+                let mut values = batch.column(index).clone();
+                let mut field = field.as_ref().clone().with_name("v");
+                if matches!(
+                    field.data_type(),
+                    arrow::datatypes::DataType::Decimal128(..)
+                        | arrow::datatypes::DataType::Decimal256(..)
+                ) {
+                    values = arrow::compute::cast(&values, &arrow::datatypes::DataType::Utf8)
+                        .map_err(|e| e.to_string())?;
+                    field = field.with_data_type(arrow::datatypes::DataType::Utf8);
+                }
+                let single = arrow::datatypes::Schema::new(vec![field]);
+                let column =
+                    arrow::array::RecordBatch::try_new(std::sync::Arc::new(single), vec![values])
+                        .map_err(|e| e.to_string())?;
                 let mut writer = arrow::json::ArrayWriter::new(Vec::new());
                 writer.write(&column).map_err(|e| e.to_string())?;
                 writer.finish().map_err(|e| e.to_string())?;
@@ -456,8 +465,8 @@ mod tests {
         assert_eq!(
             result.rows,
             vec![
-                vec![json!(1), json!(null), json!(39.98)],
-                vec![json!(null), json!("b"), json!(-0.05)],
+                vec![json!(1), json!(null), json!("39.98")],
+                vec![json!(null), json!("b"), json!("-0.05")],
             ]
         );
         assert_eq!(result.columns[2].data_type, "Decimal128(10, 2)");

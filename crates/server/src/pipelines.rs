@@ -41,6 +41,9 @@ pub fn ensure_topics(log: &Log, project: &Project) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long a failed runner waits before it starts again.
+const RESTART_DELAY_MS: u64 = 2000;
+
 /// The running model runners.
 #[derive(Debug)]
 pub struct Pipelines {
@@ -54,21 +57,37 @@ impl Pipelines {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
         for model in &project.order {
-            let run = run_model(
-                log.clone(),
-                lakehouse.clone(),
-                project.clone(),
-                model.clone(),
-                stopped.clone(),
-            );
+            let (log, lakehouse, project) = (log.clone(), lakehouse.clone(), project.clone());
+            let mut stopped = stopped.clone();
             let name = model.clone();
             let task = tokio::spawn(async move {
-                match run.await {
-                    Ok(()) => {}
-                    Err(e @ RunnerError::Unsupported { .. }) => {
-                        tracing::warn!(model = %name, "not running: {e}")
+                // A runner that fails (its table or the log unavailable) starts again from its
+                // last commit after a pause; only a model that cannot run at all gives up.
+                loop {
+                    let run = run_model(
+                        log.clone(),
+                        lakehouse.clone(),
+                        project.clone(),
+                        name.clone(),
+                        stopped.clone(),
+                    );
+                    match run.await {
+                        Ok(()) => return,
+                        Err(e @ RunnerError::Unsupported { .. }) => {
+                            tracing::warn!(model = %name, "not running: {e}");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::error!(model = %name, "stopped: {e}; restarting in {RESTART_DELAY_MS} ms")
+                        }
                     }
-                    Err(e) => tracing::error!(model = %name, "stopped: {e}"),
+                    tokio::select! {
+                        () = tokio::time::sleep(std::time::Duration::from_millis(RESTART_DELAY_MS)) => {}
+                        _ = stopped.changed() => {}
+                    }
+                    if *stopped.borrow() {
+                        return;
+                    }
                 }
             });
             tasks.push((model.clone(), task));

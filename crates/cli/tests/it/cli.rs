@@ -370,12 +370,12 @@ fn check_finds_unknown_columns_with_datafusion() {
     assert!(!out.status.success());
     assert_eq!(
         stdout(&out),
-        "models/gold/big.sql:3:7: no column `qty`; columns are: customer_id, order_id, product_id, quantity, region, ts, unit_price; did you mean `quantity`?\n"
+        "models/gold/big.sql:3:7: no column `qty`; columns are: amount, customer_id, order_id, product_id, quantity, region, ts, unit_price; did you mean `quantity`?\n"
     );
 }
 
 #[test]
-fn up_runs_a_row_by_row_model_into_iceberg_and_sql_reads_it() {
+fn up_runs_models_into_iceberg_and_sql_reads_them() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("shop");
     assert!(
@@ -449,13 +449,48 @@ fn up_runs_a_row_by_row_model_into_iceberg_and_sql_reads_it() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
-    assert_eq!(rows[0], serde_json::json!([1, 39.98]));
-    let out = with_project(&["consume", "dead_letters"], None);
-    let letters: Vec<serde_json::Value> = stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(letters.len(), 1, "{}", stdout(&out));
+    assert_eq!(rows[0], serde_json::json!([1, "39.98"]));
+    // The example's gold model (a GROUP BY over silver.orders, itself a model) upserts.
+    let gold = loop {
+        let out = with_project(
+            &[
+                "sql",
+                "SELECT region, orders, revenue FROM gold.revenue_by_region ORDER BY region",
+                "--json",
+            ],
+            None,
+        );
+        let result: serde_json::Value =
+            serde_json::from_str(&stdout(&out)).unwrap_or(serde_json::Value::Null);
+        if result["rows"].as_array().is_some_and(|r| r.len() == 3)
+            || std::time::Instant::now() > deadline
+        {
+            break result["rows"].clone();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(
+        gold,
+        serde_json::json!([
+            ["north", 2, "51.23"],
+            ["south", 1, "19.99"],
+            ["west", 2, "9.00"]
+        ])
+    );
+    // The bad record is reported once, by the first model that reads `orders`, though three
+    // models read it.
+    let letters = loop {
+        let out = with_project(&["consume", "dead_letters"], None);
+        let letters: Vec<serde_json::Value> = stdout(&out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if !letters.is_empty() || std::time::Instant::now() > deadline {
+            break letters;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(
         letters[0]["reason"],
         "required field `customer_id` is missing or null"

@@ -1,7 +1,12 @@
--- One clean row per order: the first event of each order_id wins, later duplicates are dropped.
-SELECT order_id, customer_id, product_id, region, quantity, unit_price, ts
-FROM (
-    SELECT *, ROW_NUMBER() OVER (PARTITION BY order_id ORDER BY ts) AS rn
-    FROM orders
-)
-WHERE rn = 1
+-- Clean order lines: the amount computed once, empty orders dropped.
+SELECT
+    order_id,
+    customer_id,
+    product_id,
+    region,
+    quantity,
+    unit_price,
+    quantity * unit_price AS amount,
+    ts
+FROM orders
+WHERE quantity > 0

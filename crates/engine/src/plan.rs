@@ -1,0 +1,206 @@
+//! From a model to the plan the engine runs: the model's SQL planned by DataFusion over its
+//! source topic, with every model it reads inlined as a view, then sorted by shape.
+//!
+//! ```text
+//!  gold.revenue ──reads──► silver.orders ──reads──► topic orders
+//!        └─ planned as: gold's SQL over (silver's SQL over the micro-batch slot of `orders`)
+//! ```
+//!
+//! Inlining means a model that reads another recomputes it from the log, in the same runner,
+//! with the same exactly-once commit; no model waits for another's table.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use datafusion::catalog::MemorySchemaProvider;
+use datafusion::common::tree_node::TreeNode;
+use datafusion::datasource::{MemTable, ViewTable};
+use datafusion::error::{DataFusionError, Result};
+use datafusion::logical_expr::{Distinct, LogicalPlan, LogicalPlanBuilder};
+use datafusion::prelude::{SessionContext, col};
+use datafusion::sql::TableReference;
+use kappa_pipeline::{Input, Project};
+
+use crate::grouped::{NO_GROUP_BY, grouped_shape};
+use crate::schema::topic_schema;
+use crate::stateless::{session, stateless_shape};
+
+/// How a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Each output row from one input row: appended batch by batch.
+    RowByRow,
+    /// One GROUP BY (or DISTINCT) with row-by-row steps around it: upserted in place.
+    Grouped,
+}
+
+/// A model planned over the micro-batch slot of its source topic.
+pub struct PlannedModel {
+    pub ctx: SessionContext,
+    /// The topic every row of the model comes from.
+    pub topic: String,
+    /// The table the topic's micro-batches are put in.
+    pub slot: Arc<MemTable>,
+    /// The analyzed plan (views inlined, types coerced).
+    pub plan: LogicalPlan,
+    pub shape: Shape,
+}
+
+impl std::fmt::Debug for PlannedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlannedModel")
+            .field("topic", &self.topic)
+            .field("shape", &self.shape)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The topics a model's rows come from, through the models it reads.
+pub fn source_topics(project: &Project, model_id: &str) -> BTreeSet<String> {
+    let mut topics = BTreeSet::new();
+    let mut pending = vec![model_id.to_owned()];
+    let mut seen = BTreeSet::new();
+    while let Some(id) = pending.pop() {
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        let Some(model) = project.models.get(&id) else {
+            continue;
+        };
+        for input in &model.inputs {
+            match input {
+                Input::Topic(t) => {
+                    topics.insert(t.clone());
+                }
+                Input::Model(m) => pending.push(m.clone()),
+            }
+        }
+    }
+    topics
+}
+
+/// Plans `model_id`. `NotImplemented` errors say why the model cannot run incrementally.
+pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedModel> {
+    let model = project
+        .models
+        .get(model_id)
+        .ok_or_else(|| DataFusionError::Plan(format!("no model `{model_id}`")))?;
+    let topics = source_topics(project, model_id);
+    let topic = match topics.iter().collect::<Vec<_>>().as_slice() {
+        [one] => (*one).clone(),
+        [] => {
+            return Err(DataFusionError::NotImplemented(
+                "the model reads no topic".into(),
+            ));
+        }
+        many => {
+            return Err(DataFusionError::NotImplemented(format!(
+                "the model reads several topics ({}); joins are not supported yet — \
+                 one model reads one topic, directly or through other models",
+                many.iter()
+                    .map(|t| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    };
+    let spec = project
+        .topics
+        .get(&topic)
+        .ok_or_else(|| DataFusionError::Plan(format!("no topic `{topic}`")))?;
+    let ctx = session();
+    let slot = Arc::new(MemTable::try_new(topic_schema(spec), vec![vec![]])?);
+    ctx.register_table(TableReference::bare(topic.as_str()), slot.clone())?;
+    // Upstream models become views, in dependency order.
+    let upstream: BTreeSet<&String> = project
+        .order
+        .iter()
+        .filter(|id| id.as_str() != model_id && reads_transitively(project, model_id, id.as_str()))
+        .collect();
+    for id in project.order.iter().filter(|id| upstream.contains(id)) {
+        let upstream_model = &project.models[id];
+        let plan = ctx.state().create_logical_plan(&upstream_model.sql).await?;
+        register_schema(&ctx, &upstream_model.layer);
+        ctx.register_table(
+            TableReference::partial(upstream_model.layer.as_str(), upstream_model.name.as_str()),
+            Arc::new(ViewTable::new(plan, Some(upstream_model.sql.clone()))),
+        )?;
+    }
+    let state = ctx.state();
+    let plan = state.create_logical_plan(&model.sql).await?;
+    let plan = state
+        .analyzer()
+        .execute_and_check(plan, state.config_options(), |_, _| {})?;
+    let plan = distinct_as_group_by(plan)?;
+    let shape = shape_of(&plan).map_err(DataFusionError::NotImplemented)?;
+    Ok(PlannedModel {
+        ctx,
+        topic,
+        slot,
+        plan,
+        shape,
+    })
+}
+
+fn register_schema(ctx: &SessionContext, layer: &str) {
+    if let Some(catalog) = ctx.catalog("datafusion")
+        && catalog.schema(layer).is_none()
+    {
+        let _ = catalog.register_schema(layer, Arc::new(MemorySchemaProvider::new()));
+    }
+}
+
+/// Whether `model_id` reads `other`, directly or through other models.
+fn reads_transitively(project: &Project, model_id: &str, other: &str) -> bool {
+    let mut pending = vec![model_id];
+    let mut seen = BTreeSet::new();
+    while let Some(id) = pending.pop() {
+        if !seen.insert(id) {
+            continue;
+        }
+        let Some(model) = project.models.get(id) else {
+            continue;
+        };
+        for input in &model.inputs {
+            if let Input::Model(m) = input {
+                if m == other {
+                    return true;
+                }
+                pending.push(m);
+            }
+        }
+    }
+    false
+}
+
+/// `SELECT DISTINCT …` is a GROUP BY of every column with no aggregates.
+fn distinct_as_group_by(plan: LogicalPlan) -> Result<LogicalPlan> {
+    Ok(plan
+        .transform_up(|node| match node {
+            LogicalPlan::Distinct(Distinct::All(input)) => {
+                let columns: Vec<_> = input.schema().columns().into_iter().map(col).collect();
+                let grouped = LogicalPlanBuilder::from(input.as_ref().clone())
+                    .aggregate(columns, Vec::<datafusion::logical_expr::Expr>::new())?
+                    .build()?;
+                Ok(datafusion::common::tree_node::Transformed::yes(grouped))
+            }
+            other => Ok(datafusion::common::tree_node::Transformed::no(other)),
+        })?
+        .data)
+}
+
+/// How an analyzed plan runs, or why it cannot run incrementally (with the nearest form
+/// that can).
+pub fn shape_of(plan: &LogicalPlan) -> std::result::Result<Shape, String> {
+    let row_by_row = match stateless_shape(plan) {
+        Ok(()) => return Ok(Shape::RowByRow),
+        Err(reason) => reason,
+    };
+    match grouped_shape(plan) {
+        Ok(_) => Ok(Shape::Grouped),
+        Err(reason) if reason == NO_GROUP_BY => Err(format!(
+            "{row_by_row}; a model runs row by row (projections, filters) or as one GROUP BY"
+        )),
+        Err(reason) => Err(reason),
+    }
+}
