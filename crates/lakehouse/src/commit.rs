@@ -1,11 +1,12 @@
 //! The commits iceberg-rust 0.10 has no action for, built from its public spec types: an
-//! overwrite snapshot that removes some data files and adds others (copy-on-write), in one
-//! atomic step.
+//! overwrite snapshot that removes some data files and adds others (copy-on-write), and an
+//! append that may add nothing (a checkpoint of operator state), each in one atomic step.
 //!
 //! ```text
-//!  new Parquet files ─┐
-//!  current manifests ─┴─► one data manifest: EXISTING (kept) · DELETED (removed) · ADDED (new)
-//!                          └─► manifest list ─► snapshot (operation overwrite, our properties)
+//!  new Parquet files ──────────────┐
+//!  manifests holding removed files ┴─► one new data manifest: EXISTING (kept) · DELETED
+//!  other manifests ─── carried as they are ─┐   (removed) · ADDED (new)
+//!                                           └─► manifest list ─► snapshot (our properties)
 //!                               └─► metadata vN+1.json ─► catalog pointer swapped if still vN
 //! ```
 //!
@@ -34,8 +35,6 @@ struct Counts {
     added_records: u64,
     deleted_files: u64,
     deleted_records: u64,
-    total_files: u64,
-    total_records: u64,
 }
 
 impl Lakehouse {
@@ -49,6 +48,31 @@ impl Lakehouse {
         remove: &BTreeSet<String>,
         add: Vec<DataFile>,
         properties: HashMap<String, String>,
+    ) -> Result<Table> {
+        self.commit_files(table, remove, add, properties, Operation::Overwrite)
+            .await
+    }
+
+    /// Commits one append snapshot to `table` adding `add` — possibly nothing, to record
+    /// `properties` (offsets, a state checkpoint) with the table. Same failure rules as
+    /// [`Lakehouse::overwrite`].
+    pub async fn append_files(
+        &self,
+        table: &Table,
+        add: Vec<DataFile>,
+        properties: HashMap<String, String>,
+    ) -> Result<Table> {
+        self.commit_files(table, &BTreeSet::new(), add, properties, Operation::Append)
+            .await
+    }
+
+    async fn commit_files(
+        &self,
+        table: &Table,
+        remove: &BTreeSet<String>,
+        add: Vec<DataFile>,
+        properties: HashMap<String, String>,
+        operation: Operation,
     ) -> Result<Table> {
         let ident = table.identifier().clone();
         let metadata = table.metadata();
@@ -90,8 +114,15 @@ impl Lakehouse {
             let list = ManifestList::parse_with_version(&bytes, metadata.format_version())
                 .doing(|| format!("parse the manifest list of {ident}"))?;
             for manifest_file in list.entries() {
-                if manifest_file.content != ManifestContentType::Data {
-                    // Delete files (kappa writes none) stay as they are.
+                let live = manifest_file.added_files_count.unwrap_or(1)
+                    + manifest_file.existing_files_count.unwrap_or(1);
+                if live == 0 {
+                    // Only entries deleted by an earlier snapshot: nothing to list any more.
+                    continue;
+                }
+                if manifest_file.content != ManifestContentType::Data || remove.is_empty() {
+                    // Delete files (kappa writes none) and manifests untouched by this commit
+                    // stay as they are.
                     carried.push(manifest_file.clone());
                     continue;
                 }
@@ -99,6 +130,14 @@ impl Lakehouse {
                     .load_manifest(file_io)
                     .await
                     .doing(|| format!("read a manifest of {ident}"))?;
+                if !manifest
+                    .entries()
+                    .iter()
+                    .any(|e| e.is_alive() && remove.contains(e.file_path()))
+                {
+                    carried.push(manifest_file.clone());
+                    continue;
+                }
                 for entry in manifest.entries() {
                     if entry.status() == ManifestStatus::Deleted {
                         continue;
@@ -121,8 +160,6 @@ impl Lakehouse {
                             .add_delete_file(file, data_sequence, file_sequence)
                             .doing(|| format!("mark a file of {ident} deleted"))?;
                     } else {
-                        counts.total_files += 1;
-                        counts.total_records += file.record_count();
                         writer
                             .add_existing_file(file, entry_snapshot, data_sequence, file_sequence)
                             .doing(|| format!("keep a file of {ident}"))?;
@@ -138,8 +175,6 @@ impl Lakehouse {
             }
             counts.added_files += 1;
             counts.added_records += file.record_count();
-            counts.total_files += 1;
-            counts.total_records += file.record_count();
             writer
                 .add_file(file, sequence)
                 .doing(|| format!("add a file to {ident}"))?;
@@ -169,14 +204,26 @@ impl Lakehouse {
             .await
             .doing(|| format!("write the manifest list of {ident}"))?;
 
+        // Totals carry on from the parent's summary, as Iceberg writers keep them.
+        let previous = |key: &str| -> u64 {
+            metadata
+                .current_snapshot()
+                .and_then(|s| s.summary().additional_properties.get(key).cloned())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        let total_files = (previous("total-data-files") + counts.added_files)
+            .saturating_sub(counts.deleted_files);
+        let total_records = (previous("total-records") + counts.added_records)
+            .saturating_sub(counts.deleted_records);
         let mut summary = properties;
         for (key, value) in [
             ("added-data-files", counts.added_files),
             ("added-records", counts.added_records),
             ("deleted-data-files", counts.deleted_files),
             ("deleted-records", counts.deleted_records),
-            ("total-data-files", counts.total_files),
-            ("total-records", counts.total_records),
+            ("total-data-files", total_files),
+            ("total-records", total_records),
         ] {
             summary.insert(key.to_owned(), value.to_string());
         }
@@ -187,7 +234,7 @@ impl Lakehouse {
             .with_timestamp_ms(chrono_now_ms())
             .with_manifest_list(list_path)
             .with_summary(Summary {
-                operation: Operation::Overwrite,
+                operation,
                 additional_properties: summary,
             })
             .with_schema_id(metadata.current_schema_id())

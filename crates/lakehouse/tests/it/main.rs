@@ -136,6 +136,38 @@ async fn overwrites_replace_files_for_every_reader() {
         .unwrap_err();
     assert!(stale.to_string().contains("conflicted"), "{stale}");
 
+    // Appends: one that adds nothing (a checkpoint of properties), one that adds a file; the
+    // manifests of earlier snapshots are carried, not rewritten.
+    let third = lakehouse
+        .append_files(
+            &second,
+            vec![],
+            HashMap::from([("kappa.offsets".to_owned(), "3".to_owned())]),
+        )
+        .await
+        .unwrap();
+    let west = lakehouse
+        .write_data_files(&third, &[batch(&["west"], &[2])], "")
+        .await
+        .unwrap();
+    let fourth = lakehouse
+        .append_files(
+            &third,
+            west,
+            HashMap::from([("kappa.offsets".to_owned(), "4".to_owned())]),
+        )
+        .await
+        .unwrap();
+    let summary = &fourth
+        .metadata()
+        .current_snapshot()
+        .unwrap()
+        .summary()
+        .additional_properties;
+    assert_eq!(summary["total-records"], "4");
+    assert_eq!(summary["total-data-files"], "3");
+    let second = fourth;
+
     // State files round-trip.
     let state = batch(&["north"], &[3]);
     let location = lakehouse
@@ -156,7 +188,7 @@ async fn overwrites_replace_files_for_every_reader() {
         arrow::util::pretty::pretty_format_batches(&ours)
             .unwrap()
             .to_string(),
-        "+--------+-------+\n| region | total |\n+--------+-------+\n| east   | 7     |\n| north  | 3     |\n| south  | 5     |\n+--------+-------+"
+        "+--------+-------+\n| region | total |\n+--------+-------+\n| east   | 7     |\n| north  | 3     |\n| south  | 5     |\n| west   | 2     |\n+--------+-------+"
     );
     let data = dir.path().to_str().unwrap().to_owned();
     let out =
@@ -168,8 +200,9 @@ async fn overwrites_replace_files_for_every_reader() {
         {"region": "east", "total": "7"},
         {"region": "north", "total": "3"},
         {"region": "south", "total": "5"},
+        {"region": "west", "total": "2"},
     ]);
     assert_eq!(read["pyiceberg"], expected, "{out}");
     assert_eq!(read["duckdb"], expected, "{out}");
-    assert_eq!(read["summary"]["kappa.offsets"], "2");
+    assert_eq!(read["summary"]["kappa.offsets"], "4");
 }
