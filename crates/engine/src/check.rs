@@ -19,6 +19,7 @@ pub async fn check(project: &Project) -> Vec<Diagnostic> {
     let mut config = SessionConfig::new();
     config.options_mut().sql_parser.collect_spans = true;
     let ctx = SessionContext::new_with_config(config);
+    crate::functions::register(&ctx);
     let mut diagnostics = Vec::new();
     for topic in project.topics.values() {
         let table = Arc::new(EmptyTable::new(topic_schema(topic)));
@@ -40,17 +41,24 @@ pub async fn check(project: &Project) -> Vec<Diagnostic> {
         match ctx.state().create_logical_plan(&model.sql).await {
             Ok(plan) => {
                 // Valid SQL; can the engine run it incrementally?
-                if let Err(DataFusionError::NotImplemented(reason)) =
-                    crate::plan::plan_model(project, &model.id()).await
-                {
-                    let (line, column) = locate_construct(&model.sql, &reason);
-                    diagnostics.push(Diagnostic {
-                        file: model.file.clone(),
-                        line,
-                        column,
-                        message: format!("not incremental: {reason}"),
-                        suggestion: None,
-                    });
+                match crate::plan::plan_model(project, &model.id()).await {
+                    Err(DataFusionError::NotImplemented(reason)) => {
+                        let (line, column) = locate_construct(&model.sql, &reason);
+                        diagnostics.push(Diagnostic {
+                            file: model.file.clone(),
+                            line,
+                            column,
+                            message: format!("not incremental: {reason}"),
+                            suggestion: None,
+                        });
+                    }
+                    Err(DataFusionError::Configuration(reason)) => {
+                        diagnostics.push(Diagnostic::in_file(
+                            &model.file.replace(".sql", ".toml"),
+                            reason,
+                        ));
+                    }
+                    _ => {}
                 }
                 let schema = Arc::new(plan.schema().as_arrow().clone());
                 let name = TableReference::partial(model.layer.as_str(), model.name.as_str());
@@ -267,14 +275,38 @@ mod tests {
                 "models/gold/twice.sql",
                 "SELECT count(*) AS regions FROM gold.totals",
             ),
+            (
+                "models/gold/appended.sql",
+                "SELECT region, count(*) AS n FROM orders GROUP BY region",
+            ),
+            (
+                "models/gold/appended.toml",
+                "materialization = \"append\"\n",
+            ),
+            (
+                "models/gold/untimed.sql",
+                "SELECT region, count(*) AS n FROM orders GROUP BY region",
+            ),
+            ("models/gold/untimed.toml", "event_time = \"region\"\n"),
+            (
+                "models/gold/per_minute.sql",
+                "SELECT date_bin(INTERVAL '1 minute', ts) AS w, count(*) AS n FROM orders \
+                 GROUP BY date_bin(INTERVAL '1 minute', ts)",
+            ),
+            (
+                "models/gold/per_minute.toml",
+                "event_time = \"ts\"\nwatermark = \"5s\"\n",
+            ),
         ])
         .await;
         expect_test::expect![[r#"
+            models/gold/appended.sql:1:42: not incremental: materialization = "append", but a GROUP BY without a window over the event time updates its rows; use "upsert", or group by a window such as date_bin(INTERVAL '1 minute', <event_time>)
             models/gold/both.sql:1:31: not incremental: the model reads several topics (orders, raw); joins are not supported yet — one model reads one topic, directly or through other models
             models/gold/median.sql:1:16: not incremental: aggregate `median` is not incremental; supported: count, sum, min, max, avg, mean, bool_and, bool_or
             models/gold/ranked.sql:1:23: not incremental: window functions (OVER …) are not incremental; for running totals use GROUP BY; a model runs row by row (projections, filters) or as one GROUP BY
             models/gold/sorted.sql:3:1: not incremental: ORDER BY: a table's rows have no order; drop it and order when you query the table; a model runs row by row (projections, filters) or as one GROUP BY
             models/gold/twice.sql:1:33: not incremental: reads gold.totals, whose rows are groups that change; a GROUP BY over another model's groups is not incremental yet — group the rows gold.totals reads instead
+            models/gold/untimed.toml:1:1: event_time `region` of topic `orders` is not a timestamp
         "#]]
         .assert_eq(&got);
     }

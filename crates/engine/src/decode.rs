@@ -56,16 +56,28 @@ impl Decoder {
         &self,
         records: impl IntoIterator<Item = Raw<'a>>,
     ) -> (RecordBatch, Vec<Rejected>) {
+        let (batch, rejected, _) = self.decode_positioned(records);
+        (batch, rejected)
+    }
+
+    /// [`Decoder::decode`], also returning where each row of the batch comes from
+    /// (partition, offset).
+    pub fn decode_positioned<'a>(
+        &self,
+        records: impl IntoIterator<Item = Raw<'a>>,
+    ) -> (RecordBatch, Vec<Rejected>, Vec<(u32, u64)>) {
         let mut columns = Columns::new(&self.fields);
         let mut rejected = Vec::new();
+        let mut positions = Vec::new();
         for raw in records {
-            if let Err(reason) = columns.push(&self.fields, raw.value) {
-                rejected.push(Rejected {
+            match columns.push(&self.fields, raw.value) {
+                Ok(()) => positions.push((raw.partition, raw.offset)),
+                Err(reason) => rejected.push(Rejected {
                     partition: raw.partition,
                     offset: raw.offset,
                     reason,
                     raw: raw.value.to_vec(),
-                });
+                }),
             }
         }
         let arrays = columns.finish();
@@ -76,7 +88,7 @@ impl Decoder {
             RecordBatch::try_new(self.schema.clone(), arrays)
                 .expect("builders match the topic schema")
         };
-        (batch, rejected)
+        (batch, rejected, positions)
     }
 }
 

@@ -19,11 +19,12 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{Distinct, LogicalPlan, LogicalPlanBuilder};
 use datafusion::prelude::{SessionContext, col};
 use datafusion::sql::TableReference;
-use kappa_pipeline::{Input, Project};
+use kappa_pipeline::{Input, Materialization, Project};
 
-use crate::grouped::{NO_GROUP_BY, grouped_shape};
+use crate::aggregate::{NO_GROUP_BY, aggregate_shape};
 use crate::schema::topic_schema;
 use crate::stateless::{session, stateless_shape};
+use crate::windowed::window_key;
 
 /// How a model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +33,18 @@ pub enum Shape {
     RowByRow,
     /// One GROUP BY (or DISTINCT) with row-by-row steps around it: upserted in place.
     Grouped,
+    /// One GROUP BY with a window over event time: appended when windows close.
+    Windowed,
+}
+
+/// The event time of a model's rows: a timestamp field of its source topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventTime {
+    pub column: String,
+    /// Its index in the topic's schema.
+    pub index: usize,
+    /// How far the watermark trails the latest event, in milliseconds.
+    pub delay_ms: u64,
 }
 
 /// A model planned over the micro-batch slot of its source topic.
@@ -44,6 +57,8 @@ pub struct PlannedModel {
     /// The analyzed plan (views inlined, types coerced).
     pub plan: LogicalPlan,
     pub shape: Shape,
+    /// Declared by the model or the models it reads (the nearest declaration wins).
+    pub event_time: Option<EventTime>,
 }
 
 impl std::fmt::Debug for PlannedModel {
@@ -132,14 +147,84 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         .analyzer()
         .execute_and_check(plan, state.config_options(), |_, _| {})?;
     let plan = distinct_as_group_by(plan)?;
-    let shape = shape_of(&plan).map_err(DataFusionError::NotImplemented)?;
+    let mut shape = shape_of(&plan).map_err(DataFusionError::NotImplemented)?;
+    let event_time = event_time_of(project, model_id, spec)?;
+    if shape == Shape::Grouped {
+        let windowed = match (&event_time, model.config.materialization) {
+            (Some(et), materialization) if materialization != Some(Materialization::Upsert) => {
+                let aggregate = aggregate_shape(&plan).map_err(DataFusionError::NotImplemented)?;
+                window_key(aggregate, &et.column)
+                    .map_err(DataFusionError::NotImplemented)?
+                    .is_some()
+            }
+            _ => false,
+        };
+        if windowed {
+            shape = Shape::Windowed;
+        } else if model.config.materialization == Some(Materialization::Append) {
+            return Err(DataFusionError::NotImplemented(
+                "materialization = \"append\", but a GROUP BY without a window over the event \
+                 time updates its rows; use \"upsert\", or group by a window such as \
+                 date_bin(INTERVAL '1 minute', <event_time>)"
+                    .into(),
+            ));
+        }
+    }
     Ok(PlannedModel {
         ctx,
         topic,
         slot,
         plan,
         shape,
+        event_time,
     })
+}
+
+/// The event time declared by `model_id` or, failing that, the nearest model it reads.
+fn event_time_of(
+    project: &Project,
+    model_id: &str,
+    topic: &kappa_pipeline::TopicSpec,
+) -> Result<Option<EventTime>> {
+    let mut pending = std::collections::VecDeque::from([model_id.to_owned()]);
+    let mut seen = BTreeSet::new();
+    while let Some(id) = pending.pop_front() {
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        let Some(model) = project.models.get(&id) else {
+            continue;
+        };
+        if let Some(column) = &model.config.event_time {
+            let schema = topic_schema(topic);
+            let index = schema.index_of(column).map_err(|_| {
+                DataFusionError::Configuration(format!(
+                    "event_time `{column}` is not a field of topic `{}`",
+                    topic.name
+                ))
+            })?;
+            if !matches!(
+                schema.field(index).data_type(),
+                arrow::datatypes::DataType::Timestamp(..)
+            ) {
+                return Err(DataFusionError::Configuration(format!(
+                    "event_time `{column}` of topic `{}` is not a timestamp",
+                    topic.name
+                )));
+            }
+            return Ok(Some(EventTime {
+                column: column.clone(),
+                index,
+                delay_ms: model.config.watermark_ms.unwrap_or(0),
+            }));
+        }
+        for input in &model.inputs {
+            if let Input::Model(m) = input {
+                pending.push_back(m.clone());
+            }
+        }
+    }
+    Ok(None)
 }
 
 fn register_schema(ctx: &SessionContext, layer: &str) {
@@ -196,7 +281,7 @@ pub fn shape_of(plan: &LogicalPlan) -> std::result::Result<Shape, String> {
         Ok(()) => return Ok(Shape::RowByRow),
         Err(reason) => reason,
     };
-    match grouped_shape(plan) {
+    match aggregate_shape(plan) {
         Ok(_) => Ok(Shape::Grouped),
         Err(reason) if reason == NO_GROUP_BY => Err(format!(
             "{row_by_row}; a model runs row by row (projections, filters) or as one GROUP BY"

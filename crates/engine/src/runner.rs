@@ -25,6 +25,7 @@ use crate::decode::{Decoder, Raw, Rejected};
 use crate::grouped::GroupedModel;
 use crate::plan::{Shape, plan_model};
 use crate::stateless::StatelessModel;
+use crate::windowed::{Late, WindowedModel};
 
 /// The topic where records that do not fit their topic's schema go, with the reason.
 pub const DEAD_LETTER_TOPIC: &str = "dead_letters";
@@ -84,6 +85,8 @@ enum Compute {
     },
     /// GROUP BY: groups are updated in place (copy-on-write buckets).
     Grouped(Box<GroupedModel>),
+    /// GROUP BY a window over event time: windows are appended when they close.
+    Windowed(Box<WindowedModel>),
 }
 
 impl Compute {
@@ -107,6 +110,27 @@ impl Compute {
                 planned.slot,
                 planned.plan,
             )?)),
+            Shape::Windowed => {
+                let event_time = planned.event_time.ok_or_else(|| {
+                    datafusion::error::DataFusionError::Internal(
+                        "a windowed model without event time".into(),
+                    )
+                })?;
+                let model = WindowedModel::from_plan(
+                    planned.ctx,
+                    planned.slot,
+                    planned.plan,
+                    &event_time.column,
+                    event_time.index,
+                    event_time.delay_ms,
+                )?
+                .ok_or_else(|| {
+                    datafusion::error::DataFusionError::Internal(
+                        "a windowed model without a window".into(),
+                    )
+                })?;
+                Compute::Windowed(Box::new(model))
+            }
         };
         Ok((planned.topic, compute))
     }
@@ -115,16 +139,30 @@ impl Compute {
         match self {
             Compute::Stateless { model, .. } => model.output_schema(),
             Compute::Grouped(model) => model.output_schema(),
+            Compute::Windowed(model) => model.output_schema(),
         }
     }
 
-    async fn push(&mut self, batch: RecordBatch) -> datafusion::error::Result<()> {
+    /// Computes one micro-batch (`positions`: where each row comes from); returns the rows
+    /// set aside (late events).
+    async fn push(
+        &mut self,
+        batch: RecordBatch,
+        positions: &[(u32, u64)],
+    ) -> datafusion::error::Result<Vec<Late>> {
         match self {
             Compute::Stateless { model, pending } => {
                 pending.extend(model.run(batch).await?);
-                Ok(())
+                Ok(Vec::new())
             }
-            Compute::Grouped(model) => model.push(batch).await,
+            Compute::Grouped(model) => {
+                model.push(batch).await?;
+                Ok(Vec::new())
+            }
+            Compute::Windowed(model) => {
+                let partitions: Vec<u32> = positions.iter().map(|(p, _)| *p).collect();
+                model.push(batch, &partitions).await
+            }
         }
     }
 
@@ -132,6 +170,7 @@ impl Compute {
         match self {
             Compute::Stateless { pending, .. } => !pending.is_empty(),
             Compute::Grouped(model) => model.has_changes(),
+            Compute::Windowed(model) => model.has_changes(),
         }
     }
 
@@ -149,6 +188,7 @@ impl Compute {
                 Ok(table)
             }
             Compute::Grouped(model) => model.commit(lakehouse, table, properties).await,
+            Compute::Windowed(model) => model.commit(lakehouse, table, properties).await,
         }
     }
 
@@ -157,6 +197,7 @@ impl Compute {
         match self {
             Compute::Stateless { pending, .. } => pending.clear(),
             Compute::Grouped(model) => model.landed(),
+            Compute::Windowed(model) => model.landed(),
         }
     }
 
@@ -172,6 +213,13 @@ impl Compute {
                 Ok(())
             }
             Compute::Grouped(model) => {
+                let properties = table
+                    .metadata()
+                    .current_snapshot()
+                    .map(|s| s.summary().additional_properties.clone());
+                model.restore(lakehouse, table, properties.as_ref()).await
+            }
+            Compute::Windowed(model) => {
                 let properties = table
                     .metadata()
                     .current_snapshot()
@@ -227,6 +275,9 @@ pub async fn run_model(
         model: err_model(),
         source,
     })?;
+    if let Compute::Windowed(model) = &mut compute {
+        model.set_partitions(topic.partition_count());
+    }
     let dead_letters = dead_letter_topic(&log).map_err(|source| RunnerError::Log {
         model: err_model(),
         source,
@@ -313,21 +364,44 @@ pub async fn run_model(
             continue;
         }
         let started = Instant::now();
-        let (batch, rejected) = decoder.decode(raws.iter().map(|(p, o, v)| Raw {
-            partition: *p,
-            offset: *o,
-            value: v,
-        }));
-        if let Err(e) = compute.push(batch).await {
-            tracing::error!(model = %model_id, error = %e, "computing a micro-batch failed; retrying");
-            recover(&mut compute, &lakehouse, &table, &model_id).await;
-            rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
-            sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
-            continue;
+        let (batch, mut rejected, positions) =
+            decoder.decode_positioned(raws.iter().map(|(p, o, v)| Raw {
+                partition: *p,
+                offset: *o,
+                value: v,
+            }));
+        if !reports_rejects {
+            rejected.clear();
+        }
+        match compute.push(batch, &positions).await {
+            Ok(late) => {
+                if !late.is_empty() {
+                    let raw_at: HashMap<(u32, u64), &Vec<u8>> =
+                        raws.iter().map(|(p, o, v)| ((*p, *o), v)).collect();
+                    for l in late {
+                        let (partition, offset) = positions[l.row];
+                        rejected.push(Rejected {
+                            partition,
+                            offset,
+                            reason: l.reason,
+                            raw: raw_at
+                                .get(&(partition, offset))
+                                .map(|v| v.to_vec())
+                                .unwrap_or_default(),
+                        });
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(model = %model_id, error = %e, "computing a micro-batch failed; retrying");
+                recover(&mut compute, &lakehouse, &table, &model_id).await;
+                rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
+                sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
+                continue;
+            }
         }
         let fresh: Vec<&Rejected> = rejected
             .iter()
-            .filter(|_| reports_rejects)
             .filter(|r| !already_dead.contains(&(topic_name.clone(), r.partition, r.offset)))
             .collect();
         if !fresh.is_empty() {

@@ -129,7 +129,9 @@ fn not_row_by_row(node: &LogicalPlan) -> Option<String> {
 
 /// The DataFusion session models run in: one partition, since a micro-batch is one batch.
 pub fn session() -> SessionContext {
-    SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1))
+    let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
+    crate::functions::register(&ctx);
+    ctx
 }
 
 /// Runs one stateless model over micro-batches of its input: the plan is made once, each

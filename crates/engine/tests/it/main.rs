@@ -16,15 +16,34 @@ use kappa_lakehouse::{Lakehouse, table_ident};
 use kappa_log::{Log, Record, StartAt, TopicConfig};
 use kappa_pipeline::{Project, ProjectFiles};
 
-fn project(model_sql: &str) -> Arc<Project> {
+fn project(model_sql: &str, model_toml: &str) -> Arc<Project> {
     let mut files = ProjectFiles::new();
     files.insert("kappa.toml".into(), String::new());
     files.insert(
         "topics/orders.toml".into(),
-        "partitions = 2\nkey = \"customer\"\n[schema]\nid = \"bigint\"\ncustomer = \"string\"\nqty = \"int\"\nprice = \"decimal(8,2)\"\n".into(),
+        "partitions = 2\nkey = \"customer\"\n[schema]\nid = \"bigint\"\ncustomer = \"string\"\nqty = \"int\"\nprice = \"decimal(8,2)\"\nts = { type = \"timestamp\", required = false }\n".into(),
     );
     files.insert("models/silver/orders.sql".into(), model_sql.into());
+    if !model_toml.is_empty() {
+        files.insert("models/silver/orders.toml".into(), model_toml.into());
+    }
     Arc::new(kappa_pipeline::load(&files).unwrap())
+}
+
+/// 2026-01-05T10:00:00Z, in seconds.
+const BASE_SECONDS: u64 = 1_767_607_200;
+
+/// Order `id`'s event time in µs: one second apart, some 4 s out of order, a few 5 minutes
+/// late.
+fn event_time(id: u64) -> i64 {
+    let mut ts = (BASE_SECONDS + id) as i64 * 1_000_000;
+    if id % 7 == 3 {
+        ts -= 4_000_000;
+    }
+    if id % 97 == 50 {
+        ts -= 300_000_000;
+    }
+    ts
 }
 
 fn order(id: u64) -> Record {
@@ -40,11 +59,12 @@ fn order(id: u64) -> Record {
     Record::keyed(
         format!("c{}", id % 5),
         format!(
-            "{{\"id\":{id},\"customer\":\"c{}\",\"qty\":{},\"price\":{}.{:02}}}",
+            "{{\"id\":{id},\"customer\":\"c{}\",\"qty\":{},\"price\":{}.{:02},\"ts\":{}}}",
             id % 5,
             id % 4,
             id % 50,
-            id % 100
+            id % 100,
+            event_time(id) / 1000
         ),
     )
 }
@@ -70,7 +90,9 @@ async fn table_rows(lakehouse: &Lakehouse) -> (Vec<RecordBatch>, usize) {
 
 async fn sorted(batches: &[RecordBatch]) -> String {
     let ctx = datafusion::prelude::SessionContext::new();
-    let schema = batches.first().map(|b| b.schema()).unwrap();
+    let Some(schema) = batches.first().map(|b| b.schema()) else {
+        return String::new();
+    };
     ctx.register_table(
         "t",
         Arc::new(
@@ -93,6 +115,19 @@ fn all_input(
     topic: &kappa_log::Topic,
     project: &Project,
 ) -> (RecordBatch, Vec<kappa_engine::decode::Rejected>) {
+    let (batch, rejected, _) = all_input_positioned(topic, project);
+    (batch, rejected)
+}
+
+/// [`all_input`] with the (partition, offset) of every row.
+fn all_input_positioned(
+    topic: &kappa_log::Topic,
+    project: &Project,
+) -> (
+    RecordBatch,
+    Vec<kappa_engine::decode::Rejected>,
+    Vec<(u32, u64)>,
+) {
     let decoder = kappa_engine::decode::Decoder::new(&project.topics["orders"]);
     let mut all = Vec::new();
     for p in 0..topic.partition_count() {
@@ -108,7 +143,7 @@ fn all_input(
             }
         }
     }
-    decoder.decode(all.iter().map(|(p, o, v)| kappa_engine::decode::Raw {
+    decoder.decode_positioned(all.iter().map(|(p, o, v)| kappa_engine::decode::Raw {
         partition: *p,
         offset: *o,
         value: v,
@@ -118,6 +153,7 @@ fn all_input(
 /// The oracle: the model's SQL run once by DataFusion over every valid record.
 async fn batch_query(sql: &str, input: RecordBatch) -> Vec<RecordBatch> {
     let ctx = datafusion::prelude::SessionContext::new();
+    kappa_engine::functions::register(&ctx);
     ctx.register_table(
         "orders",
         Arc::new(
@@ -135,6 +171,20 @@ async fn run_through_restarts(
     dir: &std::path::Path,
     sql: &str,
 ) -> (Arc<Log>, Lakehouse, Arc<kappa_log::Topic>, Arc<Project>) {
+    run_with_oracle(dir, sql, "", |input, _| batch_query(sql, input)).await
+}
+
+/// [`run_through_restarts`] for a model with configuration `toml`, compared with `oracle`.
+async fn run_with_oracle<F, Fut>(
+    dir: &std::path::Path,
+    sql: &str,
+    toml: &str,
+    oracle: F,
+) -> (Arc<Log>, Lakehouse, Arc<kappa_log::Topic>, Arc<Project>)
+where
+    F: FnOnce(RecordBatch, Vec<(u32, u64)>) -> Fut,
+    Fut: std::future::Future<Output = Vec<RecordBatch>>,
+{
     let log = Arc::new(Log::open(dir.join("log")).unwrap());
     let topic = log
         .create_topic(
@@ -146,7 +196,7 @@ async fn run_through_restarts(
         )
         .unwrap();
     let lakehouse = Lakehouse::open(dir).await.unwrap();
-    let project = project(sql);
+    let project = project(sql, toml);
     let mut next = 0u64;
     for life in 0..3 {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -167,8 +217,9 @@ async fn run_through_restarts(
         runner.await.unwrap().unwrap();
     }
     // A last life catches up with everything: the table converges to the oracle.
-    let (input, _) = all_input(&topic, &project);
-    let expected = sorted(&batch_query(sql, input).await).await;
+    let (input, _, positions) = all_input_positioned(&topic, &project);
+    let expected = sorted(&oracle(input, positions).await).await;
+    assert!(!expected.is_empty(), "the oracle has rows to compare");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let runner = tokio::spawn(run_model(
         log.clone(),
@@ -215,7 +266,11 @@ fn assert_dead_letters_once(log: &Log, rejected: usize) {
                 v["partition"].as_u64().unwrap(),
                 v["offset"].as_u64().unwrap(),
             ));
-            assert!(v["reason"].as_str().unwrap().contains("field `qty`"), "{v}");
+            let reason = v["reason"].as_str().unwrap();
+            assert!(
+                reason.contains("field `qty`") || reason.starts_with("late: "),
+                "{v}"
+            );
         }
     }
     let unique: std::collections::BTreeSet<_> = letters.iter().collect();
@@ -296,4 +351,97 @@ async fn a_global_aggregate_is_one_row() {
     let sql = "SELECT count(*) AS n, sum(qty) AS q, count(DISTINCT customer) AS customers \
                FROM orders";
     run_through_restarts(dir.path(), sql).await;
+}
+
+/// Tumbling and hopping windows: appended once when the watermark passes them, late events
+/// dead-lettered, and the table equal to the batch query over the events that were not late,
+/// restricted to the windows closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_close_once_and_late_events_are_dead_lettered() {
+    for (name, sql, size_us) in [
+        (
+            "tumbling",
+            "SELECT date_bin(INTERVAL '1 minute', ts) AS window_start, customer, \
+                    count(*) AS n, sum(qty * price) AS revenue \
+             FROM orders WHERE qty > 0 \
+             GROUP BY date_bin(INTERVAL '1 minute', ts), customer",
+            60_000_000i64,
+        ),
+        (
+            "hopping",
+            "SELECT window_start, count(*) AS n, max(price) AS top \
+             FROM (SELECT unnest(hop(ts, INTERVAL '30 seconds', INTERVAL '2 minutes')) \
+                          AS window_start, price FROM orders) \
+             GROUP BY window_start",
+            120_000_000,
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let delay_us = 10_000_000;
+        let sql_owned = sql.to_owned();
+        let (log, _, topic, project) = run_with_oracle(
+            dir.path(),
+            sql,
+            "event_time = \"ts\"\nwatermark = \"10s\"\n",
+            |input, positions| async move {
+                // The oracle: events that were not late, in windows the watermark has passed.
+                let (kept, _, watermark) = lateness(&input, &positions, delay_us);
+                let out = batch_query(&sql_owned, kept).await;
+                let ctx = datafusion::prelude::SessionContext::new();
+                ctx.register_batch("out", arrow::compute::concat_batches(&out[0].schema(), &out).unwrap())
+                    .unwrap();
+                ctx.sql(&format!(
+                    "SELECT * FROM out WHERE CAST(arrow_cast(window_start, 'Timestamp(Microsecond, None)') \
+                     AS BIGINT) + {size_us} <= {watermark}"
+                ))
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap()
+            },
+        )
+        .await;
+        let (input, rejected, positions) = all_input_positioned(&topic, &project);
+        let (_, late, _) = lateness(&input, &positions, delay_us);
+        assert!(late > 0, "{name}: the data has late events");
+        assert_dead_letters_once(&log, rejected.len() + late);
+    }
+}
+
+/// Splits decoded input (in log order per partition) into the events that are not late and
+/// counts those that are; also returns the final watermark (µs). The rule: late when older
+/// than the partition's latest event so far minus the delay.
+fn lateness(
+    input: &RecordBatch,
+    positions: &[(u32, u64)],
+    delay_us: i64,
+) -> (RecordBatch, usize, i64) {
+    use arrow::array::AsArray;
+    let ts = arrow::compute::cast(
+        input.column_by_name("ts").unwrap(),
+        &arrow::datatypes::DataType::Int64,
+    )
+    .unwrap();
+    let ts = ts.as_primitive::<arrow::datatypes::Int64Type>();
+    let mut seen: std::collections::BTreeMap<u32, i64> = Default::default();
+    let mut order: Vec<usize> = (0..input.num_rows()).collect();
+    order.sort_by_key(|&i| positions[i]);
+    let mut keep = vec![true; input.num_rows()];
+    let mut late = 0;
+    for i in order {
+        let p = positions[i].0;
+        let t = ts.value(i);
+        let max = seen.entry(p).or_insert(i64::MIN);
+        if *max != i64::MIN && t < *max - delay_us {
+            keep[i] = false;
+            late += 1;
+        } else {
+            *max = (*max).max(t);
+        }
+    }
+    let watermark = seen.values().min().unwrap() - delay_us;
+    let kept = arrow::compute::filter_record_batch(input, &arrow::array::BooleanArray::from(keep))
+        .unwrap();
+    (kept, late, watermark)
 }

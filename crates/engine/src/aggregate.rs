@@ -1,0 +1,538 @@
+//! What every aggregating model shares: the plan split at its Aggregate, DataFusion's own
+//! accumulators per group, and sets of groups that can be updated, evaluated, saved and loaded.
+//!
+//! ```text
+//!  micro-batch ─► input plan (row by row) ─► group keys (arrow-row) ─┐
+//!                                         └► aggregate arguments ────┴► GroupSet accumulators
+//!  GroupSet ─► evaluate ─► upper plan (HAVING, projection) ─► rows of the model's table
+//!          └─► state arrays (DataFusion's partial-aggregate state) ─► state file
+//! ```
+//!
+//! Using DataFusion's `GroupsAccumulator`s means a group's value is computed exactly as a batch
+//! query computes it; their intermediate state is the same arrays DataFusion exchanges between
+//! partial and final aggregation, which is what the state files hold.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, BooleanArray, RecordBatch, UInt32Array};
+use arrow::compute::take;
+use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
+use arrow::row::{RowConverter, Rows, SortField};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, DFSchema};
+use datafusion::datasource::{MemTable, provider_as_source};
+use datafusion::error::{DataFusionError, Result};
+use datafusion::logical_expr::{
+    Aggregate, EmitTo, Expr, GroupsAccumulator, LogicalPlan, LogicalPlanBuilder,
+};
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr, create_physical_expr};
+use datafusion::physical_planner::create_aggregate_expr_and_maybe_filter;
+use datafusion::prelude::{DataFrame, SessionContext};
+
+use crate::stateless::{stateless_shape, storable_schema, to_storable};
+
+/// Aggregate functions whose intermediate state merges exactly, so that incremental results
+/// equal a batch query's.
+pub const MERGEABLE: &[&str] = &[
+    "count", "sum", "min", "max", "avg", "mean", "bool_and", "bool_or",
+];
+
+/// [`aggregate_shape`]'s reason for a plan without any aggregation.
+pub const NO_GROUP_BY: &str = "the query has no GROUP BY";
+
+/// Splits a plan at its one Aggregate: the part above must be row by row (projection, HAVING
+/// filter, aliases), the part below too. Returns the Aggregate, or why the plan is not that.
+pub fn aggregate_shape(plan: &LogicalPlan) -> std::result::Result<&Aggregate, String> {
+    let has_aggregate = plan
+        .exists(|n| Ok(matches!(n, LogicalPlan::Aggregate(_))))
+        .unwrap_or(false);
+    if !has_aggregate {
+        return Err(NO_GROUP_BY.to_owned());
+    }
+    let mut node = plan;
+    loop {
+        match node {
+            LogicalPlan::Projection(p) => node = &p.input,
+            LogicalPlan::Filter(f) => node = &f.input,
+            LogicalPlan::SubqueryAlias(a) => node = &a.input,
+            LogicalPlan::Aggregate(aggregate) => {
+                if let Err(e) = stateless_shape(&aggregate.input) {
+                    return Err(match grouping_view(&aggregate.input) {
+                        Some(view) => format!(
+                            "reads {view}, whose rows are groups that change; a GROUP BY over \
+                             another model's groups is not incremental yet — group the rows \
+                             {view} reads instead"
+                        ),
+                        None => format!("below the GROUP BY: {e}"),
+                    });
+                }
+                for e in &aggregate.group_expr {
+                    if matches!(e, Expr::GroupingSet(_)) {
+                        return Err("GROUPING SETS, CUBE and ROLLUP are not incremental; \
+                                    write one model per grouping"
+                            .into());
+                    }
+                }
+                for e in &aggregate.aggr_expr {
+                    let mut inner = e;
+                    while let Expr::Alias(a) = inner {
+                        inner = &a.expr;
+                    }
+                    let Expr::AggregateFunction(f) = inner else {
+                        return Err(format!("`{e}` is not an aggregate function"));
+                    };
+                    let name = f.func.name().to_lowercase();
+                    if !MERGEABLE.contains(&name.as_str()) {
+                        return Err(format!(
+                            "aggregate `{name}` is not incremental; supported: {}",
+                            MERGEABLE.join(", ")
+                        ));
+                    }
+                    if !f.params.order_by.is_empty() {
+                        return Err(format!("`{name}(… ORDER BY …)` is not incremental"));
+                    }
+                    if f.params.distinct && name != "count" {
+                        return Err(format!(
+                            "`{name}(DISTINCT …)` is not incremental; count(DISTINCT …) is"
+                        ));
+                    }
+                }
+                return Ok(aggregate);
+            }
+            other => {
+                let step = other.display().to_string();
+                let step = step.split(':').next().unwrap_or("this step").to_owned();
+                return Err(format!(
+                    "{step} above a GROUP BY is not incremental; only projections and \
+                     HAVING filters may follow it"
+                ));
+            }
+        }
+    }
+}
+
+/// The name of a model read by `plan` that itself aggregates, if any.
+fn grouping_view(plan: &LogicalPlan) -> Option<String> {
+    let mut found = None;
+    let _ = plan.apply(|node| {
+        if let LogicalPlan::SubqueryAlias(alias) = node
+            && alias
+                .input
+                .exists(|n| Ok(matches!(n, LogicalPlan::Aggregate(_))))
+                .unwrap_or(false)
+        {
+            found = Some(alias.alias.to_string());
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+/// One aggregate of the model and the filter (`FILTER (WHERE …)`) on its rows.
+pub(crate) struct Aggregator {
+    pub expr: Arc<AggregateFunctionExpr>,
+    pub filter: Option<Arc<dyn PhysicalExpr>>,
+}
+
+impl Aggregator {
+    pub fn accumulator(&self) -> Result<Box<dyn GroupsAccumulator>> {
+        if self.expr.groups_accumulator_supported() {
+            self.expr.create_groups_accumulator()
+        } else {
+            let expr = self.expr.clone();
+            Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
+                expr.create_accumulator()
+            })))
+        }
+    }
+}
+
+/// The values of every aggregate's arguments (and filter) for the rows of one batch.
+pub(crate) type Arguments = Vec<(Vec<ArrayRef>, Option<ArrayRef>)>;
+
+/// A model's plan split at its Aggregate, and what is needed to run each part.
+pub(crate) struct AggregatePlan {
+    ctx: SessionContext,
+    input_slot: Arc<MemTable>,
+    input_plan: LogicalPlan,
+    /// The Aggregate node as planned (logical), for finding window keys.
+    pub aggregate: Aggregate,
+    /// No GROUP BY: one group, keyed by a constant.
+    global: bool,
+    group_exprs: Vec<Arc<dyn PhysicalExpr>>,
+    pub aggregators: Vec<Aggregator>,
+    aggregate_slot: Arc<MemTable>,
+    aggregate_schema: SchemaRef,
+    upper_plan: LogicalPlan,
+    pub output_schema: SchemaRef,
+    pub state_schema: SchemaRef,
+    pub converter: RowConverter,
+    pub key_count: usize,
+}
+
+impl AggregatePlan {
+    /// Splits the analyzed `plan`, whose input is `input_slot` in `ctx`.
+    pub fn new(
+        ctx: SessionContext,
+        input_slot: Arc<MemTable>,
+        plan: LogicalPlan,
+    ) -> Result<AggregatePlan> {
+        let state = ctx.state();
+        let aggregate = aggregate_shape(&plan)
+            .map_err(DataFusionError::NotImplemented)?
+            .clone();
+        let input_plan = aggregate.input.as_ref().clone();
+        let input_df_schema = input_plan.schema().clone();
+        let physical_input = input_df_schema.as_arrow();
+        let props = state.execution_props();
+        let group_exprs = aggregate
+            .group_expr
+            .iter()
+            .map(|e| create_physical_expr(e, &input_df_schema, props))
+            .collect::<Result<Vec<_>>>()?;
+        let aggregators = aggregate
+            .aggr_expr
+            .iter()
+            .map(|e| {
+                let (expr, filter, _) = create_aggregate_expr_and_maybe_filter(
+                    e,
+                    &input_df_schema,
+                    physical_input,
+                    props,
+                )?;
+                Ok(Aggregator { expr, filter })
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        // The aggregate's output becomes a table of its own, re-qualified so that the plan
+        // above reads it exactly as it read the Aggregate.
+        let aggregate_df_schema = aggregate.schema.clone();
+        let aggregate_schema = Arc::new(Schema::new(
+            aggregate_df_schema
+                .fields()
+                .iter()
+                .enumerate()
+                .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), true))
+                .collect::<Vec<_>>(),
+        ));
+        let aggregate_slot = Arc::new(MemTable::try_new(aggregate_schema.clone(), vec![vec![]])?);
+        let replacement = LogicalPlanBuilder::scan(
+            "kappa_aggregate",
+            provider_as_source(aggregate_slot.clone()),
+            None,
+        )?
+        .project(requalify(&aggregate_df_schema))?
+        .build()?;
+        let upper_plan = plan
+            .transform_up(|node| {
+                Ok(if matches!(node, LogicalPlan::Aggregate(_)) {
+                    Transformed::yes(replacement.clone())
+                } else {
+                    Transformed::no(node)
+                })
+            })?
+            .data;
+        let output_schema = storable_schema(upper_plan.schema().as_arrow());
+
+        let global = group_exprs.is_empty();
+        let key_types: Vec<DataType> = if global {
+            vec![DataType::Boolean]
+        } else {
+            aggregate_df_schema
+                .fields()
+                .iter()
+                .take(group_exprs.len())
+                .map(|f| f.data_type().clone())
+                .collect()
+        };
+        let converter = RowConverter::new(key_types.iter().cloned().map(SortField::new).collect())?;
+        let mut state_fields: Vec<FieldRef> = key_types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Arc::new(Field::new(format!("k{i}"), t.clone(), true)))
+            .collect();
+        for (j, a) in aggregators.iter().enumerate() {
+            for (m, f) in a.expr.state_fields()?.iter().enumerate() {
+                state_fields.push(Arc::new(
+                    f.as_ref()
+                        .clone()
+                        .with_name(format!("a{j}_{m}"))
+                        .with_nullable(true),
+                ));
+            }
+        }
+        Ok(AggregatePlan {
+            ctx,
+            input_slot,
+            input_plan,
+            aggregate,
+            global,
+            group_exprs,
+            aggregators,
+            aggregate_slot,
+            aggregate_schema,
+            upper_plan,
+            output_schema,
+            state_schema: Arc::new(Schema::new(state_fields)),
+            converter,
+            key_count: key_types.len(),
+        })
+    }
+
+    /// The rows of one micro-batch as the Aggregate sees them (after the plan below it).
+    pub async fn input(&mut self, batch: RecordBatch) -> Result<Vec<RecordBatch>> {
+        if batch.num_rows() == 0 {
+            return Ok(Vec::new());
+        }
+        *self.input_slot.batches[0].write().await = vec![batch];
+        let frame = DataFrame::new(self.ctx.state(), self.input_plan.clone());
+        let batches = frame.collect().await;
+        self.input_slot.batches[0].write().await.clear();
+        batches
+    }
+
+    /// The group keys of a batch of the Aggregate's input: the key columns and their rows.
+    pub fn keys(&self, batch: &RecordBatch) -> Result<(Vec<ArrayRef>, Rows)> {
+        let n = batch.num_rows();
+        let keys: Vec<ArrayRef> = if self.global {
+            vec![Arc::new(BooleanArray::from(vec![true; n]))]
+        } else {
+            self.group_exprs
+                .iter()
+                .map(|e| e.evaluate(batch)?.into_array(n))
+                .collect::<Result<_>>()?
+        };
+        let rows = self.converter.convert_columns(&keys)?;
+        Ok((keys, rows))
+    }
+
+    /// Every aggregate's argument values (and filter) for a batch of the Aggregate's input.
+    pub fn arguments(&self, batch: &RecordBatch) -> Result<Arguments> {
+        let n = batch.num_rows();
+        self.aggregators
+            .iter()
+            .map(|a| {
+                let values = a
+                    .expr
+                    .expressions()
+                    .iter()
+                    .map(|e| e.evaluate(batch)?.into_array(n))
+                    .collect::<Result<Vec<_>>>()?;
+                let filter = match &a.filter {
+                    Some(f) => Some(f.evaluate(batch)?.into_array(n)?),
+                    None => None,
+                };
+                Ok((values, filter))
+            })
+            .collect()
+    }
+
+    /// A set with no groups.
+    pub fn empty_set(&self) -> Result<GroupSet> {
+        Ok(GroupSet {
+            index: HashMap::new(),
+            keys: self.converter.empty_rows(0, 0),
+            accumulators: self
+                .aggregators
+                .iter()
+                .map(Aggregator::accumulator)
+                .collect::<Result<_>>()?,
+            dirty: false,
+        })
+    }
+
+    /// The rows of the model's table for a batch of aggregate values (the upper plan over
+    /// them). `&mut`: the future must be `Send`, and accumulators are not `Sync`.
+    pub async fn output(&mut self, values: RecordBatch) -> Result<Vec<RecordBatch>> {
+        if values.num_rows() == 0 {
+            return Ok(Vec::new());
+        }
+        *self.aggregate_slot.batches[0].write().await = vec![values];
+        let frame = DataFrame::new(self.ctx.state(), self.upper_plan.clone());
+        let batches = frame.collect().await;
+        self.aggregate_slot.batches[0].write().await.clear();
+        batches?
+            .iter()
+            .filter(|b| b.num_rows() > 0)
+            .map(|b| to_storable(b, &self.output_schema))
+            .collect()
+    }
+}
+
+/// Groups and their accumulators.
+pub(crate) struct GroupSet {
+    index: HashMap<Box<[u8]>, usize>,
+    keys: Rows,
+    accumulators: Vec<Box<dyn GroupsAccumulator>>,
+    /// Changed since it was last saved.
+    pub dirty: bool,
+}
+
+impl GroupSet {
+    pub fn len(&self) -> usize {
+        self.keys.num_rows()
+    }
+
+    /// Folds the rows `members` of a batch (whose keys are `rows`, arguments `arguments`) into
+    /// this set's groups. `members` lists every row of the batch when `whole`.
+    pub fn update(
+        &mut self,
+        rows: &Rows,
+        members: &[u32],
+        whole: bool,
+        arguments: &Arguments,
+    ) -> Result<()> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        let mut groups = Vec::with_capacity(members.len());
+        for &i in members {
+            let row = rows.row(i as usize);
+            let group = match self.index.get(row.as_ref()) {
+                Some(g) => *g,
+                None => {
+                    let g = self.keys.num_rows();
+                    self.keys.push(row);
+                    self.index.insert(row.as_ref().into(), g);
+                    g
+                }
+            };
+            groups.push(group);
+        }
+        let total = self.len();
+        let indices = UInt32Array::from(members.to_vec());
+        for ((values, filter), accumulator) in arguments.iter().zip(self.accumulators.iter_mut()) {
+            let values: Vec<ArrayRef> = if whole {
+                values.clone()
+            } else {
+                values
+                    .iter()
+                    .map(|v| take(v, &indices, None))
+                    .collect::<std::result::Result<_, _>>()?
+            };
+            let filter = match filter {
+                Some(f) if whole => Some(f.clone()),
+                Some(f) => Some(take(f, &indices, None)?),
+                None => None,
+            };
+            let filter = filter
+                .as_ref()
+                .map(|f| {
+                    f.as_any()
+                        .downcast_ref::<BooleanArray>()
+                        .cloned()
+                        .ok_or_else(|| {
+                            DataFusionError::Internal("a FILTER that is not boolean".into())
+                        })
+                })
+                .transpose()?;
+            accumulator.update_batch(&values, &groups, filter.as_ref(), total)?;
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// The set's state (one batch of the plan's state schema) and its evaluated aggregate
+    /// values (one batch of the Aggregate's output). With `keep`, the accumulators go on as
+    /// they were; without, the set is left empty.
+    pub fn evaluate(
+        &mut self,
+        plan: &AggregatePlan,
+        keep: bool,
+    ) -> Result<(RecordBatch, RecordBatch)> {
+        let keys = plan.converter.convert_rows(self.keys.iter())?;
+        let n = self.len();
+        let all: Vec<usize> = (0..n).collect();
+        let mut state_columns = keys.clone();
+        let mut value_columns = if plan.global { Vec::new() } else { keys };
+        for (j, aggregator) in plan.aggregators.iter().enumerate() {
+            // `state` hands the accumulator's groups over; a fresh accumulator takes them back
+            // when the set goes on, another is evaluated.
+            let state = self.accumulators[j].state(EmitTo::All)?;
+            if keep {
+                let mut kept = aggregator.accumulator()?;
+                kept.merge_batch(&state, &all, None, n)?;
+                self.accumulators[j] = kept;
+            }
+            let mut evaluated = aggregator.accumulator()?;
+            evaluated.merge_batch(&state, &all, None, n)?;
+            value_columns.push(evaluated.evaluate(EmitTo::All)?);
+            state_columns.extend(state);
+        }
+        if !keep {
+            *self = plan.empty_set()?;
+        }
+        let state = RecordBatch::try_new(plan.state_schema.clone(), state_columns)?;
+        let values = RecordBatch::try_new(plan.aggregate_schema.clone(), value_columns)?;
+        Ok((state, values))
+    }
+
+    /// Merges saved state (a batch of the plan's state schema, or the rows `members` of it)
+    /// into this set.
+    pub fn load(
+        &mut self,
+        plan: &AggregatePlan,
+        batch: &RecordBatch,
+        members: Option<&[u32]>,
+    ) -> Result<()> {
+        if batch.schema().fields().len() != plan.state_schema.fields().len() {
+            return Err(DataFusionError::Execution(format!(
+                "a state file with {} columns; this model's state has {}",
+                batch.schema().fields().len(),
+                plan.state_schema.fields().len()
+            )));
+        }
+        let batch = match members {
+            Some(rows) => {
+                let indices = UInt32Array::from(rows.to_vec());
+                let columns = batch
+                    .columns()
+                    .iter()
+                    .map(|c| take(c, &indices, None))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                RecordBatch::try_new(batch.schema(), columns)?
+            }
+            None => batch.clone(),
+        };
+        let rows = plan
+            .converter
+            .convert_columns(&batch.columns()[..plan.key_count])?;
+        let mut groups = Vec::with_capacity(batch.num_rows());
+        for row in rows.iter() {
+            let g = match self.index.get(row.as_ref()) {
+                Some(g) => *g,
+                None => {
+                    let g = self.keys.num_rows();
+                    self.keys.push(row);
+                    self.index.insert(row.as_ref().into(), g);
+                    g
+                }
+            };
+            groups.push(g);
+        }
+        let total = self.len();
+        let mut column = plan.key_count;
+        for (j, a) in plan.aggregators.iter().enumerate() {
+            let width = a.expr.state_fields()?.len();
+            let state = &batch.columns()[column..column + width];
+            self.accumulators[j].merge_batch(state, &groups, None, total)?;
+            column += width;
+        }
+        Ok(())
+    }
+}
+
+/// The plan's columns as `kappa_aggregate.c{i}`, renamed back to what they were called.
+fn requalify(schema: &DFSchema) -> Vec<Expr> {
+    schema
+        .iter()
+        .enumerate()
+        .map(|(i, (qualifier, field))| {
+            Expr::Column(Column::new(Some("kappa_aggregate"), format!("c{i}")))
+                .alias_qualified(qualifier.cloned(), field.name())
+        })
+        .collect()
+}

@@ -1,0 +1,496 @@
+//! Event-time windows: a GROUP BY whose keys include a window of the event-time column —
+//! tumbling (`date_bin(INTERVAL '1 minute', ts)`, `date_trunc('hour', ts)`) or hopping
+//! (`unnest(hop(ts, slide, size))`) — appended once per window when the watermark passes its
+//! end.
+//!
+//! ```text
+//!  partition p: max event time seen m_p          watermark W = min over partitions (m_p) − delay
+//!  a record with ts < m_p − delay (m_p before it) ─► dead letters, reason `late`
+//!  every other record ─► its window(s) [start, start + size) ─► accumulators of that window
+//!  a window with start + size ≤ W is closed: evaluated, appended, forgotten
+//! ```
+//!
+//! Lateness is decided per partition from that partition's records alone, so it does not depend
+//! on how partitions interleave: live, replayed or restarted, the same records are late, and a
+//! record that is not late never belongs to a closed window (its ts ≥ m_p − delay ≥ W).
+//!
+//! State is bounded by the open windows: those ending after W. A partition that has never had
+//! a record holds the watermark back (no window closes until every partition has data).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
+use arrow::compute::{cast, filter_record_batch};
+use arrow::datatypes::{DataType, SchemaRef, TimeUnit, TimestampMicrosecondType};
+use datafusion::common::{Column, ScalarValue};
+use datafusion::datasource::MemTable;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::prelude::SessionContext;
+use kappa_lakehouse::{Lakehouse, LakehouseError, Table};
+
+use crate::aggregate::{AggregatePlan, GroupSet};
+use crate::functions::interval_micros;
+use crate::grouped::df;
+
+/// Snapshot property: the state file of the open windows.
+pub const WINDOWS_PROPERTY: &str = "kappa.windows";
+/// Snapshot property: the greatest event time seen per partition, `{partition: µs}`.
+pub const WATERMARKS_PROPERTY: &str = "kappa.watermarks";
+
+/// Which group key is the window, and how long windows last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowKey {
+    /// Index among the GROUP BY keys.
+    pub key: usize,
+    /// Window length in microseconds.
+    pub size: i64,
+}
+
+/// A record set aside by the windowed model: its row in the pushed batch and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Late {
+    pub row: usize,
+    pub reason: String,
+}
+
+/// One windowed GROUP BY model.
+pub struct WindowedModel {
+    plan: AggregatePlan,
+    window: WindowKey,
+    /// The event-time column of the source topic and its index there.
+    event_time: String,
+    event_time_index: usize,
+    delay: i64,
+    partitions: u32,
+    /// Greatest event time seen per partition (µs).
+    seen: BTreeMap<u32, i64>,
+    windows: BTreeMap<i64, GroupSet>,
+    /// Rows of windows closed since the last commit.
+    closed: Vec<RecordBatch>,
+    dirty: bool,
+}
+
+impl std::fmt::Debug for WindowedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WindowedModel")
+            .field("window", &self.window)
+            .field("open_windows", &self.windows.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a group key is made of, as far as windows care.
+enum Traced {
+    /// A column of the source topic.
+    Source(String),
+    /// A tumbling window start over a traced instant.
+    Tumble {
+        size: i64,
+        of: Box<Traced>,
+    },
+    /// The list of hopping window starts over a traced instant.
+    HopList {
+        size: i64,
+        of: Box<Traced>,
+    },
+    /// One element of an unnested list.
+    Unnested(Box<Traced>),
+    Other,
+}
+
+/// The window among `aggregate`'s group keys over the source column `event_time`, if any.
+/// Errors when a key is a window over another column, or there are two windows.
+pub fn window_key(
+    aggregate: &datafusion::logical_expr::Aggregate,
+    event_time: &str,
+) -> std::result::Result<Option<WindowKey>, String> {
+    let mut found = None;
+    for (i, e) in aggregate.group_expr.iter().enumerate() {
+        let (size, of) = match trace(e, &aggregate.input) {
+            Traced::Tumble { size, of } => (size, of),
+            Traced::Unnested(inner) => match *inner {
+                Traced::HopList { size, of } => (size, of),
+                _ => continue,
+            },
+            _ => continue,
+        };
+        match *of {
+            Traced::Source(column) if column == event_time => {}
+            Traced::Source(column) => {
+                return Err(format!(
+                    "the window is over `{column}`, but the event time is `{event_time}`"
+                ));
+            }
+            _ => continue,
+        }
+        if found.is_some() {
+            return Err("a GROUP BY has at most one window".into());
+        }
+        found = Some(WindowKey { key: i, size });
+    }
+    Ok(found)
+}
+
+fn trace(expr: &Expr, plan: &LogicalPlan) -> Traced {
+    match expr {
+        Expr::Alias(a) => trace(&a.expr, plan),
+        Expr::Cast(c) if matches!(c.data_type, DataType::Timestamp(..)) => trace(&c.expr, plan),
+        Expr::Column(c) => trace_column(c, plan),
+        Expr::ScalarFunction(f) => {
+            let name = f.func.name();
+            let args = &f.args;
+            match (name, args.as_slice()) {
+                (
+                    "date_bin",
+                    [
+                        Expr::Literal(ScalarValue::IntervalMonthDayNano(Some(i)), _),
+                        ts,
+                        ..,
+                    ],
+                ) => match interval_micros(*i) {
+                    Some(size) if size > 0 => Traced::Tumble {
+                        size,
+                        of: Box::new(trace(ts, plan)),
+                    },
+                    _ => Traced::Other,
+                },
+                ("date_trunc", [Expr::Literal(unit, _), ts]) => {
+                    let unit = match unit {
+                        ScalarValue::Utf8(Some(u))
+                        | ScalarValue::Utf8View(Some(u))
+                        | ScalarValue::LargeUtf8(Some(u)) => u.to_lowercase(),
+                        _ => return Traced::Other,
+                    };
+                    let size: i64 = match unit.as_str() {
+                        "second" => 1_000_000,
+                        "minute" => 60_000_000,
+                        "hour" => 3_600_000_000,
+                        "day" => 86_400_000_000,
+                        "week" => 7 * 86_400_000_000,
+                        _ => return Traced::Other,
+                    };
+                    Traced::Tumble {
+                        size,
+                        of: Box::new(trace(ts, plan)),
+                    }
+                }
+                (
+                    "hop",
+                    [
+                        ts,
+                        Expr::Literal(ScalarValue::IntervalMonthDayNano(Some(_)), _),
+                        Expr::Literal(ScalarValue::IntervalMonthDayNano(Some(size)), _),
+                    ],
+                ) => match interval_micros(*size) {
+                    Some(size) if size > 0 => Traced::HopList {
+                        size,
+                        of: Box::new(trace(ts, plan)),
+                    },
+                    _ => Traced::Other,
+                },
+                _ => Traced::Other,
+            }
+        }
+        _ => Traced::Other,
+    }
+}
+
+/// Follows a column down to what defines it.
+fn trace_column(column: &Column, plan: &LogicalPlan) -> Traced {
+    match plan {
+        LogicalPlan::Projection(p) => match p.schema.index_of_column(column) {
+            Ok(i) => trace(&p.expr[i], &p.input),
+            Err(_) => Traced::Other,
+        },
+        LogicalPlan::Filter(f) => trace_column(column, &f.input),
+        LogicalPlan::SubqueryAlias(a) => match a.schema.index_of_column(column) {
+            Ok(i) => {
+                let (qualifier, field) = a.input.schema().qualified_field(i);
+                trace_column(&Column::from((qualifier, field)), &a.input)
+            }
+            Err(_) => Traced::Other,
+        },
+        LogicalPlan::Unnest(u) => {
+            let Ok(i) = u.schema.index_of_column(column) else {
+                return Traced::Other;
+            };
+            let Some(&j) = u.dependency_indices.get(i) else {
+                return Traced::Other;
+            };
+            let (qualifier, field) = u.input.schema().qualified_field(j);
+            let inner = trace_column(&Column::from((qualifier, field)), &u.input);
+            if u.list_type_columns.iter().any(|(index, _)| *index == j) {
+                Traced::Unnested(Box::new(inner))
+            } else {
+                inner
+            }
+        }
+        LogicalPlan::TableScan(_) => Traced::Source(column.name.clone()),
+        _ => Traced::Other,
+    }
+}
+
+impl WindowedModel {
+    /// A windowed model from its analyzed `plan` (input `input_slot` in `ctx`) whose window is
+    /// over the source column `event_time` (at `event_time_index` in the topic's schema), with
+    /// watermarks `delay_ms` behind the latest event. `None` when no GROUP BY key is a window.
+    pub fn from_plan(
+        ctx: SessionContext,
+        input_slot: Arc<MemTable>,
+        plan: LogicalPlan,
+        event_time: &str,
+        event_time_index: usize,
+        delay_ms: u64,
+    ) -> Result<Option<WindowedModel>> {
+        let plan = AggregatePlan::new(ctx, input_slot, plan)?;
+        let window =
+            window_key(&plan.aggregate, event_time).map_err(DataFusionError::NotImplemented)?;
+        let Some(window) = window else {
+            return Ok(None);
+        };
+        Ok(Some(WindowedModel {
+            plan,
+            window,
+            event_time: event_time.to_owned(),
+            event_time_index,
+            delay: i64::try_from(delay_ms)
+                .unwrap_or(i64::MAX / 1000)
+                .saturating_mul(1000),
+            partitions: 1,
+            seen: BTreeMap::new(),
+            windows: BTreeMap::new(),
+            closed: Vec::new(),
+            dirty: false,
+        }))
+    }
+
+    /// The schema of the model's table.
+    pub fn output_schema(&self) -> &SchemaRef {
+        &self.plan.output_schema
+    }
+
+    /// How many partitions the source topic has (all of them move the watermark).
+    pub fn set_partitions(&mut self, partitions: u32) {
+        self.partitions = partitions.max(1);
+    }
+
+    /// The watermark: every partition's latest event time, the least of them, minus the delay.
+    pub fn watermark(&self) -> Option<i64> {
+        if self.seen.len() < self.partitions as usize {
+            return None;
+        }
+        self.seen
+            .values()
+            .min()
+            .map(|m| m.saturating_sub(self.delay))
+    }
+
+    /// Folds one micro-batch (rows from the partitions `partitions`, in log order per
+    /// partition) into its windows; returns the rows set aside as late. Windows the watermark
+    /// has passed are closed.
+    pub async fn push(&mut self, batch: RecordBatch, partitions: &[u32]) -> Result<Vec<Late>> {
+        let n = batch.num_rows();
+        let times = cast(
+            batch.column(self.event_time_index),
+            &DataType::Timestamp(TimeUnit::Microsecond, None),
+        )?;
+        let times = times.as_primitive::<TimestampMicrosecondType>();
+        let mut keep = Vec::with_capacity(n);
+        let mut late = Vec::new();
+        for (row, partition) in partitions.iter().enumerate().take(n) {
+            if times.is_null(row) {
+                late.push(Late {
+                    row,
+                    reason: format!("no event time: `{}` is null", self.event_time),
+                });
+                keep.push(false);
+                continue;
+            }
+            let ts = times.value(row);
+            let seen = self.seen.entry(*partition).or_insert(i64::MIN);
+            let mark = seen.saturating_sub(self.delay);
+            if *seen != i64::MIN && ts < mark {
+                late.push(Late {
+                    row,
+                    reason: format!(
+                        "late: event time {} is behind partition {partition}'s watermark {}",
+                        micros_text(ts),
+                        micros_text(mark)
+                    ),
+                });
+                keep.push(false);
+                continue;
+            }
+            *seen = (*seen).max(ts);
+            keep.push(true);
+        }
+        let batch = filter_record_batch(&batch, &BooleanArray::from(keep))?;
+        for batch in self.plan.input(batch).await? {
+            self.fold(&batch)?;
+        }
+        self.dirty = true;
+        self.close_windows().await?;
+        Ok(late)
+    }
+
+    fn fold(&mut self, batch: &RecordBatch) -> Result<()> {
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        let (keys, rows) = self.plan.keys(batch)?;
+        let starts = window_starts(&keys[self.window.key])?;
+        let arguments = self.plan.arguments(batch)?;
+        let mut members: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+        for (i, start) in starts.iter().enumerate() {
+            let Some(start) = start else {
+                continue;
+            };
+            let i = u32::try_from(i)
+                .map_err(|_| DataFusionError::Execution("a micro-batch over 4G rows".into()))?;
+            members.entry(*start).or_default().push(i);
+        }
+        for (start, rows_of_window) in members {
+            let set = match self.windows.entry(start) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => e.insert(self.plan.empty_set()?),
+            };
+            set.update(
+                &rows,
+                &rows_of_window,
+                rows_of_window.len() == n,
+                &arguments,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Evaluates and forgets every window the watermark has passed.
+    async fn close_windows(&mut self) -> Result<()> {
+        let Some(watermark) = self.watermark() else {
+            return Ok(());
+        };
+        let ready: Vec<i64> = self
+            .windows
+            .keys()
+            .copied()
+            .take_while(|start| start.saturating_add(self.window.size) <= watermark)
+            .collect();
+        for start in ready {
+            if let Some(mut set) = self.windows.remove(&start) {
+                let (_, values) = set.evaluate(&self.plan, false)?;
+                let rows = self.plan.output(values).await?;
+                self.closed.extend(rows);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a commit has something to write.
+    pub fn has_changes(&self) -> bool {
+        self.dirty || !self.closed.is_empty()
+    }
+
+    /// Appends the rows of the windows closed since the last commit and saves the open windows
+    /// and watermarks, in one snapshot with `properties`. On error the outcome is unknown: the
+    /// caller reads the table and calls [`WindowedModel::landed`] or [`WindowedModel::restore`].
+    pub async fn commit(
+        &mut self,
+        lakehouse: &Lakehouse,
+        table: &Table,
+        mut properties: HashMap<String, String>,
+    ) -> Result<Table, LakehouseError> {
+        let files = if self.closed.is_empty() {
+            Vec::new()
+        } else {
+            lakehouse.write_data_files(table, &self.closed, "").await?
+        };
+        let mut states = Vec::new();
+        for set in self.windows.values_mut() {
+            let (state, _) = set.evaluate(&self.plan, true).map_err(df)?;
+            states.push(state);
+        }
+        if !states.is_empty() {
+            let location = lakehouse
+                .write_state(table, "windows", &self.plan.state_schema, &states)
+                .await?;
+            properties.insert(WINDOWS_PROPERTY.to_owned(), location);
+        }
+        properties.insert(
+            WATERMARKS_PROPERTY.to_owned(),
+            serde_json::to_string(&self.seen).unwrap_or_default(),
+        );
+        let table = lakehouse.append_files(table, files, properties).await?;
+        self.landed();
+        Ok(table)
+    }
+
+    /// The last commit landed.
+    pub fn landed(&mut self) {
+        self.closed.clear();
+        self.dirty = false;
+        for set in self.windows.values_mut() {
+            set.dirty = false;
+        }
+    }
+
+    /// Takes the open windows and watermarks the table's current snapshot (`properties`)
+    /// names, dropping everything not committed.
+    pub async fn restore(
+        &mut self,
+        lakehouse: &Lakehouse,
+        table: &Table,
+        properties: Option<&HashMap<String, String>>,
+    ) -> Result<(), LakehouseError> {
+        self.closed.clear();
+        self.windows.clear();
+        self.dirty = false;
+        self.seen = properties
+            .and_then(|p| p.get(WATERMARKS_PROPERTY))
+            .map(|w| serde_json::from_str(w))
+            .transpose()
+            .map_err(|e| LakehouseError::Query(format!("{WATERMARKS_PROPERTY}: {e}")))?
+            .unwrap_or_default();
+        let Some(location) = properties.and_then(|p| p.get(WINDOWS_PROPERTY)) else {
+            return Ok(());
+        };
+        for batch in lakehouse.read_state(table, location).await? {
+            let starts = window_starts(batch.column(self.window.key)).map_err(df)?;
+            let mut members: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+            for (i, start) in starts.iter().enumerate() {
+                if let (Some(start), Ok(i)) = (start, u32::try_from(i)) {
+                    members.entry(*start).or_default().push(i);
+                }
+            }
+            for (start, rows) in members {
+                let set = match self.windows.entry(start) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(self.plan.empty_set().map_err(df)?)
+                    }
+                };
+                set.load(&self.plan, &batch, Some(&rows)).map_err(df)?;
+                set.dirty = false;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The window start of each row, in microseconds.
+fn window_starts(column: &arrow::array::ArrayRef) -> Result<Vec<Option<i64>>> {
+    let micros = cast(column, &DataType::Timestamp(TimeUnit::Microsecond, None))?;
+    let micros = micros.as_primitive::<TimestampMicrosecondType>();
+    Ok((0..micros.len())
+        .map(|i| (!micros.is_null(i)).then(|| micros.value(i)))
+        .collect())
+}
+
+fn micros_text(us: i64) -> String {
+    arrow::temporal_conversions::timestamp_us_to_datetime(us).map_or_else(
+        || format!("{us} µs"),
+        |t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+    )
+}
