@@ -10,4 +10,5 @@ pub mod plan;
 pub mod runner;
 pub mod schema;
 pub mod stateless;
+pub mod watermark;
 pub mod windowed;

@@ -25,7 +25,8 @@ use crate::decode::{Decoder, Raw, Rejected};
 use crate::grouped::GroupedModel;
 use crate::plan::{Shape, plan_model};
 use crate::stateless::StatelessModel;
-use crate::windowed::{Late, WindowedModel};
+use crate::watermark::{WATERMARKS_PROPERTY, Watermarks};
+use crate::windowed::WindowedModel;
 
 /// The topic where records that do not fit their topic's schema go, with the reason.
 pub const DEAD_LETTER_TOPIC: &str = "dead_letters";
@@ -94,8 +95,10 @@ impl Compute {
     async fn plan(
         project: &Project,
         model_id: &str,
-    ) -> Result<(String, Compute), datafusion::error::DataFusionError> {
+    ) -> Result<(String, Compute, Option<crate::plan::EventTime>), datafusion::error::DataFusionError>
+    {
         let planned = plan_model(project, model_id).await?;
+        let event_time = planned.event_time.clone();
         let compute = match planned.shape {
             Shape::RowByRow => Compute::Stateless {
                 model: Box::new(StatelessModel::from_plan(
@@ -121,8 +124,6 @@ impl Compute {
                     planned.slot,
                     planned.plan,
                     &event_time.column,
-                    event_time.index,
-                    event_time.delay_ms,
                 )?
                 .ok_or_else(|| {
                     datafusion::error::DataFusionError::Internal(
@@ -132,7 +133,7 @@ impl Compute {
                 Compute::Windowed(Box::new(model))
             }
         };
-        Ok((planned.topic, compute))
+        Ok((planned.topic, compute, event_time))
     }
 
     fn output_schema(&self) -> &arrow::datatypes::SchemaRef {
@@ -143,26 +144,24 @@ impl Compute {
         }
     }
 
-    /// Computes one micro-batch (`positions`: where each row comes from); returns the rows
-    /// set aside (late events).
+    /// Whether the model needs event time (a watermark) at its source.
+    fn uses_event_time(&self) -> bool {
+        matches!(self, Compute::Windowed(_))
+    }
+
+    /// Computes one micro-batch of records that are not late.
     async fn push(
         &mut self,
         batch: RecordBatch,
-        positions: &[(u32, u64)],
-    ) -> datafusion::error::Result<Vec<Late>> {
+        watermark: Option<i64>,
+    ) -> datafusion::error::Result<()> {
         match self {
             Compute::Stateless { model, pending } => {
                 pending.extend(model.run(batch).await?);
-                Ok(Vec::new())
+                Ok(())
             }
-            Compute::Grouped(model) => {
-                model.push(batch).await?;
-                Ok(Vec::new())
-            }
-            Compute::Windowed(model) => {
-                let partitions: Vec<u32> = positions.iter().map(|(p, _)| *p).collect();
-                model.push(batch, &partitions).await
-            }
+            Compute::Grouped(model) => model.push(batch).await,
+            Compute::Windowed(model) => model.push(batch, watermark).await,
         }
     }
 
@@ -253,7 +252,7 @@ pub async fn run_model(
 ) -> Result<(), RunnerError> {
     let model = &project.models[&model_id];
     let err_model = || model_id.clone();
-    let (topic_name, mut compute) = match Compute::plan(&project, &model_id).await {
+    let (topic_name, mut compute, event_time) = match Compute::plan(&project, &model_id).await {
         Ok(planned) => planned,
         Err(datafusion::error::DataFusionError::NotImplemented(reason)) => {
             return Err(RunnerError::Unsupported {
@@ -275,9 +274,16 @@ pub async fn run_model(
         model: err_model(),
         source,
     })?;
-    if let Compute::Windowed(model) = &mut compute {
-        model.set_partitions(topic.partition_count());
-    }
+    // Event time at the source: late records set aside, the watermark advanced.
+    let mut marks = match (&event_time, compute.uses_event_time()) {
+        (Some(et), true) => Some(Watermarks::new(
+            &et.column,
+            et.index,
+            et.delay_ms,
+            topic.partition_count(),
+        )),
+        _ => None,
+    };
     let dead_letters = dead_letter_topic(&log).map_err(|source| RunnerError::Log {
         model: err_model(),
         source,
@@ -317,6 +323,8 @@ pub async fn run_model(
         .restore(&lakehouse, &table)
         .await
         .map_err(lake_err)?;
+    restore_marks(&mut marks, &table)
+        .map_err(|reason| lake_err(kappa_lakehouse::LakehouseError::Query(reason)))?;
 
     // Resume from what the table says it covers.
     let last = table
@@ -373,28 +381,39 @@ pub async fn run_model(
         if !reports_rejects {
             rejected.clear();
         }
-        match compute.push(batch, &positions).await {
-            Ok(late) => {
-                if !late.is_empty() {
-                    let raw_at: HashMap<(u32, u64), &Vec<u8>> =
-                        raws.iter().map(|(p, o, v)| ((*p, *o), v)).collect();
-                    for l in late {
-                        let (partition, offset) = positions[l.row];
-                        rejected.push(Rejected {
-                            partition,
-                            offset,
-                            reason: l.reason,
-                            raw: raw_at
-                                .get(&(partition, offset))
-                                .map(|v| v.to_vec())
-                                .unwrap_or_default(),
-                        });
+        let pushed = match &mut marks {
+            None => compute.push(batch, None).await,
+            Some(marks) => {
+                let partitions: Vec<u32> = positions.iter().map(|(p, _)| *p).collect();
+                match marks.apply(&batch, &partitions) {
+                    Ok((kept, _, late)) => {
+                        if !late.is_empty() {
+                            let raw_at: HashMap<(u32, u64), &Vec<u8>> =
+                                raws.iter().map(|(p, o, v)| ((*p, *o), v)).collect();
+                            for l in late {
+                                let (partition, offset) = positions[l.row];
+                                rejected.push(Rejected {
+                                    partition,
+                                    offset,
+                                    reason: l.reason,
+                                    raw: raw_at
+                                        .get(&(partition, offset))
+                                        .map(|v| v.to_vec())
+                                        .unwrap_or_default(),
+                                });
+                            }
+                        }
+                        compute.push(kept, marks.watermark()).await
                     }
+                    Err(e) => Err(e),
                 }
             }
+        };
+        match pushed {
+            Ok(()) => {}
             Err(e) => {
                 tracing::error!(model = %model_id, error = %e, "computing a micro-batch failed; retrying");
-                recover(&mut compute, &lakehouse, &table, &model_id).await;
+                recover(&mut compute, &mut marks, &lakehouse, &table, &model_id).await;
                 rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
                 sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
                 continue;
@@ -411,7 +430,7 @@ pub async fn run_model(
                 .collect();
             if let Err(e) = dead_letters.append(records).await {
                 tracing::error!(model = %model_id, error = %e, "writing dead letters failed; retrying");
-                recover(&mut compute, &lakehouse, &table, &model_id).await;
+                recover(&mut compute, &mut marks, &lakehouse, &table, &model_id).await;
                 rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
                 sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
                 continue;
@@ -433,6 +452,9 @@ pub async fn run_model(
             (VERSION_PROPERTY.to_owned(), version.clone()),
             (ATTEMPT_PROPERTY.to_owned(), attempt.clone()),
         ]);
+        if let Some(marks) = &marks {
+            properties.insert(WATERMARKS_PROPERTY.to_owned(), marks.save());
+        }
         properties.insert(
             DEAD_LETTERS_PROPERTY.to_owned(),
             dead_letters
@@ -477,7 +499,7 @@ pub async fn run_model(
                     for r in &fresh {
                         already_dead.insert((topic_name.clone(), r.partition, r.offset));
                     }
-                    recover(&mut compute, &lakehouse, &table, &model_id).await;
+                    recover(&mut compute, &mut marks, &lakehouse, &table, &model_id).await;
                     rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
                     sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
                 }
@@ -490,6 +512,7 @@ pub async fn run_model(
 /// rewound to the same point).
 async fn recover(
     compute: &mut Compute,
+    marks: &mut Option<Watermarks>,
     lakehouse: &Lakehouse,
     table: &kappa_lakehouse::Table,
     model: &str,
@@ -504,6 +527,26 @@ async fn recover(
     if let Err(e) = compute.restore(lakehouse, &table).await {
         tracing::error!(model, error = %e, "restoring the model's state failed");
     }
+    if let Err(e) = restore_marks(marks, &table) {
+        tracing::error!(model, error = %e, "restoring the watermarks failed");
+    }
+}
+
+/// Puts the watermarks back to what the table's current snapshot saved.
+fn restore_marks(
+    marks: &mut Option<Watermarks>,
+    table: &kappa_lakehouse::Table,
+) -> Result<(), String> {
+    let Some(marks) = marks else {
+        return Ok(());
+    };
+    let saved = table.metadata().current_snapshot().and_then(|s| {
+        s.summary()
+            .additional_properties
+            .get(WATERMARKS_PROPERTY)
+            .cloned()
+    });
+    marks.load(saved.as_deref())
 }
 
 /// A record read from the log: partition, offset, value.

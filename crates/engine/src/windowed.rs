@@ -4,24 +4,18 @@
 //! end.
 //!
 //! ```text
-//!  partition p: max event time seen m_p          watermark W = min over partitions (m_p) − delay
-//!  a record with ts < m_p − delay (m_p before it) ─► dead letters, reason `late`
-//!  every other record ─► its window(s) [start, start + size) ─► accumulators of that window
-//!  a window with start + size ≤ W is closed: evaluated, appended, forgotten
+//!  records that are not late (see `watermark`) ─► their window(s) [start, start + size)
+//!                                                 ─► accumulators of that window
+//!  a window with start + size ≤ watermark is closed: evaluated, appended, forgotten
 //! ```
 //!
-//! Lateness is decided per partition from that partition's records alone, so it does not depend
-//! on how partitions interleave: live, replayed or restarted, the same records are late, and a
-//! record that is not late never belongs to a closed window (its ts ≥ m_p − delay ≥ W).
-//!
-//! State is bounded by the open windows: those ending after W. A partition that has never had
-//! a record holds the watermark back (no window closes until every partition has data).
+//! State is bounded by the open windows: those ending after the watermark.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
-use arrow::compute::{cast, filter_record_batch};
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::compute::cast;
 use arrow::datatypes::{DataType, SchemaRef, TimeUnit, TimestampMicrosecondType};
 use datafusion::common::{Column, ScalarValue};
 use datafusion::datasource::MemTable;
@@ -36,8 +30,6 @@ use crate::grouped::df;
 
 /// Snapshot property: the state file of the open windows.
 pub const WINDOWS_PROPERTY: &str = "kappa.windows";
-/// Snapshot property: the greatest event time seen per partition, `{partition: µs}`.
-pub const WATERMARKS_PROPERTY: &str = "kappa.watermarks";
 
 /// Which group key is the window, and how long windows last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,24 +40,10 @@ pub struct WindowKey {
     pub size: i64,
 }
 
-/// A record set aside by the windowed model: its row in the pushed batch and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Late {
-    pub row: usize,
-    pub reason: String,
-}
-
 /// One windowed GROUP BY model.
 pub struct WindowedModel {
     plan: AggregatePlan,
     window: WindowKey,
-    /// The event-time column of the source topic and its index there.
-    event_time: String,
-    event_time_index: usize,
-    delay: i64,
-    partitions: u32,
-    /// Greatest event time seen per partition (µs).
-    seen: BTreeMap<u32, i64>,
     windows: BTreeMap<i64, GroupSet>,
     /// Rows of windows closed since the last commit.
     closed: Vec<RecordBatch>,
@@ -234,15 +212,12 @@ fn trace_column(column: &Column, plan: &LogicalPlan) -> Traced {
 
 impl WindowedModel {
     /// A windowed model from its analyzed `plan` (input `input_slot` in `ctx`) whose window is
-    /// over the source column `event_time` (at `event_time_index` in the topic's schema), with
-    /// watermarks `delay_ms` behind the latest event. `None` when no GROUP BY key is a window.
+    /// over the source column `event_time`. `None` when no GROUP BY key is a window.
     pub fn from_plan(
         ctx: SessionContext,
         input_slot: Arc<MemTable>,
         plan: LogicalPlan,
         event_time: &str,
-        event_time_index: usize,
-        delay_ms: u64,
     ) -> Result<Option<WindowedModel>> {
         let plan = AggregatePlan::new(ctx, input_slot, plan)?;
         let window =
@@ -253,13 +228,6 @@ impl WindowedModel {
         Ok(Some(WindowedModel {
             plan,
             window,
-            event_time: event_time.to_owned(),
-            event_time_index,
-            delay: i64::try_from(delay_ms)
-                .unwrap_or(i64::MAX / 1000)
-                .saturating_mul(1000),
-            partitions: 1,
-            seen: BTreeMap::new(),
             windows: BTreeMap::new(),
             closed: Vec::new(),
             dirty: false,
@@ -271,68 +239,17 @@ impl WindowedModel {
         &self.plan.output_schema
     }
 
-    /// How many partitions the source topic has (all of them move the watermark).
-    pub fn set_partitions(&mut self, partitions: u32) {
-        self.partitions = partitions.max(1);
-    }
-
-    /// The watermark: every partition's latest event time, the least of them, minus the delay.
-    pub fn watermark(&self) -> Option<i64> {
-        if self.seen.len() < self.partitions as usize {
-            return None;
-        }
-        self.seen
-            .values()
-            .min()
-            .map(|m| m.saturating_sub(self.delay))
-    }
-
-    /// Folds one micro-batch (rows from the partitions `partitions`, in log order per
-    /// partition) into its windows; returns the rows set aside as late. Windows the watermark
-    /// has passed are closed.
-    pub async fn push(&mut self, batch: RecordBatch, partitions: &[u32]) -> Result<Vec<Late>> {
-        let n = batch.num_rows();
-        let times = cast(
-            batch.column(self.event_time_index),
-            &DataType::Timestamp(TimeUnit::Microsecond, None),
-        )?;
-        let times = times.as_primitive::<TimestampMicrosecondType>();
-        let mut keep = Vec::with_capacity(n);
-        let mut late = Vec::new();
-        for (row, partition) in partitions.iter().enumerate().take(n) {
-            if times.is_null(row) {
-                late.push(Late {
-                    row,
-                    reason: format!("no event time: `{}` is null", self.event_time),
-                });
-                keep.push(false);
-                continue;
-            }
-            let ts = times.value(row);
-            let seen = self.seen.entry(*partition).or_insert(i64::MIN);
-            let mark = seen.saturating_sub(self.delay);
-            if *seen != i64::MIN && ts < mark {
-                late.push(Late {
-                    row,
-                    reason: format!(
-                        "late: event time {} is behind partition {partition}'s watermark {}",
-                        micros_text(ts),
-                        micros_text(mark)
-                    ),
-                });
-                keep.push(false);
-                continue;
-            }
-            *seen = (*seen).max(ts);
-            keep.push(true);
-        }
-        let batch = filter_record_batch(&batch, &BooleanArray::from(keep))?;
+    /// Folds one micro-batch of records that are not late into their windows, then closes the
+    /// windows `watermark` has passed.
+    pub async fn push(&mut self, batch: RecordBatch, watermark: Option<i64>) -> Result<()> {
         for batch in self.plan.input(batch).await? {
             self.fold(&batch)?;
         }
         self.dirty = true;
-        self.close_windows().await?;
-        Ok(late)
+        if let Some(watermark) = watermark {
+            self.close_windows(watermark).await?;
+        }
+        Ok(())
     }
 
     fn fold(&mut self, batch: &RecordBatch) -> Result<()> {
@@ -368,10 +285,7 @@ impl WindowedModel {
     }
 
     /// Evaluates and forgets every window the watermark has passed.
-    async fn close_windows(&mut self) -> Result<()> {
-        let Some(watermark) = self.watermark() else {
-            return Ok(());
-        };
+    async fn close_windows(&mut self, watermark: i64) -> Result<()> {
         let ready: Vec<i64> = self
             .windows
             .keys()
@@ -393,8 +307,8 @@ impl WindowedModel {
         self.dirty || !self.closed.is_empty()
     }
 
-    /// Appends the rows of the windows closed since the last commit and saves the open windows
-    /// and watermarks, in one snapshot with `properties`. On error the outcome is unknown: the
+    /// Appends the rows of the windows closed since the last commit and saves the open windows,
+    /// in one snapshot with `properties`. On error the outcome is unknown: the
     /// caller reads the table and calls [`WindowedModel::landed`] or [`WindowedModel::restore`].
     pub async fn commit(
         &mut self,
@@ -418,10 +332,6 @@ impl WindowedModel {
                 .await?;
             properties.insert(WINDOWS_PROPERTY.to_owned(), location);
         }
-        properties.insert(
-            WATERMARKS_PROPERTY.to_owned(),
-            serde_json::to_string(&self.seen).unwrap_or_default(),
-        );
         let table = lakehouse.append_files(table, files, properties).await?;
         self.landed();
         Ok(table)
@@ -436,8 +346,8 @@ impl WindowedModel {
         }
     }
 
-    /// Takes the open windows and watermarks the table's current snapshot (`properties`)
-    /// names, dropping everything not committed.
+    /// Takes the open windows the table's current snapshot (`properties`) names, dropping
+    /// everything not committed.
     pub async fn restore(
         &mut self,
         lakehouse: &Lakehouse,
@@ -447,12 +357,6 @@ impl WindowedModel {
         self.closed.clear();
         self.windows.clear();
         self.dirty = false;
-        self.seen = properties
-            .and_then(|p| p.get(WATERMARKS_PROPERTY))
-            .map(|w| serde_json::from_str(w))
-            .transpose()
-            .map_err(|e| LakehouseError::Query(format!("{WATERMARKS_PROPERTY}: {e}")))?
-            .unwrap_or_default();
         let Some(location) = properties.and_then(|p| p.get(WINDOWS_PROPERTY)) else {
             return Ok(());
         };
@@ -486,11 +390,4 @@ fn window_starts(column: &arrow::array::ArrayRef) -> Result<Vec<Option<i64>>> {
     Ok((0..micros.len())
         .map(|i| (!micros.is_null(i)).then(|| micros.value(i)))
         .collect())
-}
-
-fn micros_text(us: i64) -> String {
-    arrow::temporal_conversions::timestamp_us_to_datetime(us).map_or_else(
-        || format!("{us} µs"),
-        |t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
-    )
 }
