@@ -210,22 +210,8 @@ impl AggregatePlan {
         // The aggregate's output becomes a table of its own, re-qualified so that the plan
         // above reads it exactly as it read the Aggregate.
         let aggregate_df_schema = aggregate.schema.clone();
-        let aggregate_schema = Arc::new(Schema::new(
-            aggregate_df_schema
-                .fields()
-                .iter()
-                .enumerate()
-                .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), true))
-                .collect::<Vec<_>>(),
-        ));
-        let aggregate_slot = Arc::new(MemTable::try_new(aggregate_schema.clone(), vec![vec![]])?);
-        let replacement = LogicalPlanBuilder::scan(
-            "kappa_aggregate",
-            provider_as_source(aggregate_slot.clone()),
-            None,
-        )?
-        .project(requalify(&aggregate_df_schema))?
-        .build()?;
+        let (aggregate_slot, aggregate_schema, replacement) =
+            slot_for("kappa_aggregate", &aggregate_df_schema)?;
         let upper_plan = plan
             .transform_up(|node| {
                 Ok(if matches!(node, LogicalPlan::Aggregate(_)) {
@@ -525,14 +511,52 @@ impl GroupSet {
     }
 }
 
-/// The plan's columns as `kappa_aggregate.c{i}`, renamed back to what they were called.
-fn requalify(schema: &DFSchema) -> Vec<Expr> {
-    schema
+/// A slot that stands in for a plan node of schema `schema`: the table batches are put in, its
+/// schema, and the plan that reads it back with the node's column names
+/// and qualifiers, so the plan above the node reads the slot exactly as it read the node.
+pub(crate) fn slot_for(
+    name: &str,
+    schema: &DFSchema,
+) -> Result<(Arc<MemTable>, SchemaRef, LogicalPlan)> {
+    // A column keeps its name in the slot unless another column shares it (`o.id`, `p.id`),
+    // so that lineage through the slot still sees source names.
+    let names: Vec<String> = schema
+        .fields()
         .iter()
         .enumerate()
-        .map(|(i, (qualifier, field))| {
-            Expr::Column(Column::new(Some("kappa_aggregate"), format!("c{i}")))
+        .map(|(i, f)| {
+            let shared = schema
+                .fields()
+                .iter()
+                .filter(|g| g.name() == f.name())
+                .count()
+                > 1;
+            if shared {
+                format!("c{i}")
+            } else {
+                f.name().clone()
+            }
+        })
+        .collect();
+    let slot_schema = Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .zip(&names)
+            .map(|(f, name)| Field::new(name, f.data_type().clone(), true))
+            .collect::<Vec<_>>(),
+    ));
+    let slot = Arc::new(MemTable::try_new(slot_schema.clone(), vec![vec![]])?);
+    let renamed: Vec<Expr> = schema
+        .iter()
+        .zip(&names)
+        .map(|((qualifier, field), slot_name)| {
+            Expr::Column(Column::new(Some(name), slot_name))
                 .alias_qualified(qualifier.cloned(), field.name())
         })
-        .collect()
+        .collect();
+    let plan = LogicalPlanBuilder::scan(name, provider_as_source(slot.clone()), None)?
+        .project(renamed)?
+        .build()?;
+    Ok((slot, slot_schema, plan))
 }

@@ -4,6 +4,7 @@
 pub mod aggregate;
 pub mod check;
 pub mod decode;
+pub mod dedup;
 pub mod functions;
 pub mod grouped;
 pub mod plan;

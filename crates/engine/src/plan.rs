@@ -21,7 +21,8 @@ use datafusion::prelude::{SessionContext, col};
 use datafusion::sql::TableReference;
 use kappa_pipeline::{Input, Materialization, Project};
 
-use crate::aggregate::{NO_GROUP_BY, aggregate_shape};
+use crate::aggregate::{NO_GROUP_BY, aggregate_shape, slot_for};
+use crate::dedup::{DEFAULT_HORIZON_MS, DedupMatch, find_dedup, replace_dedup};
 use crate::schema::topic_schema;
 use crate::stateless::{session, stateless_shape};
 use crate::windowed::window_key;
@@ -45,6 +46,8 @@ pub struct EventTime {
     pub index: usize,
     /// How far the watermark trails the latest event, in milliseconds.
     pub delay_ms: u64,
+    /// The model whose configuration declares it.
+    pub declared_by: String,
 }
 
 /// A model planned over the micro-batch slot of its source topic.
@@ -59,6 +62,33 @@ pub struct PlannedModel {
     pub shape: Shape,
     /// Declared by the model or the models it reads (the nearest declaration wins).
     pub event_time: Option<EventTime>,
+    /// A deduplication between the source and `plan`, whose output `plan` reads.
+    pub dedup: Option<DedupPlan>,
+}
+
+/// A deduplication found in a model.
+#[derive(Debug)]
+pub struct DedupPlan {
+    pub found: DedupMatch,
+    /// The table the deduplicated rows are put in for the rest of the plan.
+    pub output_slot: Arc<MemTable>,
+    pub output_schema: arrow::datatypes::SchemaRef,
+    pub horizon_ms: u64,
+}
+
+impl PlannedModel {
+    /// Whether the model needs event time at its source (windows, deduplication).
+    pub fn uses_event_time(&self) -> bool {
+        self.shape == Shape::Windowed || self.dedup.is_some()
+    }
+
+    /// The table the rest of the plan reads: the dedup's output, or the source.
+    pub fn input_slot(&self) -> Arc<MemTable> {
+        match &self.dedup {
+            Some(d) => d.output_slot.clone(),
+            None => self.slot.clone(),
+        }
+    }
 }
 
 impl std::fmt::Debug for PlannedModel {
@@ -147,8 +177,32 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         .analyzer()
         .execute_and_check(plan, state.config_options(), |_, _| {})?;
     let plan = distinct_as_group_by(plan)?;
-    let mut shape = shape_of(&plan).map_err(DataFusionError::NotImplemented)?;
     let event_time = event_time_of(project, model_id, spec)?;
+    let (plan, dedup) = match find_dedup(&plan).map_err(DataFusionError::NotImplemented)? {
+        None => (plan, None),
+        Some(found) => {
+            if event_time.is_none() {
+                return Err(DataFusionError::NotImplemented(format!(
+                    "deduplication needs the event time: set event_time (and watermark) in {}",
+                    model.file.replace(".sql", ".toml")
+                )));
+            }
+            let (output_slot, output_schema, scan) =
+                slot_for("kappa_dedup", found.filter.schema())?;
+            let rest = replace_dedup(plan, &found, &scan)?;
+            let horizon_ms = dedup_horizon_of(project, model_id).unwrap_or(DEFAULT_HORIZON_MS);
+            (
+                rest,
+                Some(DedupPlan {
+                    found,
+                    output_slot,
+                    output_schema,
+                    horizon_ms,
+                }),
+            )
+        }
+    };
+    let mut shape = shape_of(&plan).map_err(DataFusionError::NotImplemented)?;
     if shape == Shape::Grouped {
         let windowed = match (&event_time, model.config.materialization) {
             (Some(et), materialization) if materialization != Some(Materialization::Upsert) => {
@@ -177,7 +231,29 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         plan,
         shape,
         event_time,
+        dedup,
     })
+}
+
+/// The dedup horizon declared by `model_id` or the nearest model it reads.
+fn dedup_horizon_of(project: &Project, model_id: &str) -> Option<u64> {
+    let mut pending = std::collections::VecDeque::from([model_id.to_owned()]);
+    let mut seen = BTreeSet::new();
+    while let Some(id) = pending.pop_front() {
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        let model = project.models.get(&id)?;
+        if let Some(horizon) = model.config.dedup_horizon_ms {
+            return Some(horizon);
+        }
+        for input in &model.inputs {
+            if let Input::Model(m) = input {
+                pending.push_back(m.clone());
+            }
+        }
+    }
+    None
 }
 
 /// The event time declared by `model_id` or, failing that, the nearest model it reads.
@@ -216,6 +292,7 @@ fn event_time_of(
                 column: column.clone(),
                 index,
                 delay_ms: model.config.watermark_ms.unwrap_or(0),
+                declared_by: id.clone(),
             }));
         }
         for input in &model.inputs {

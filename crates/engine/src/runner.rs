@@ -22,6 +22,7 @@ use kappa_log::{Log, PartitionReader, Record, StartAt, Topic};
 use kappa_pipeline::{Model, Project};
 
 use crate::decode::{Decoder, Raw, Rejected};
+use crate::dedup::Dedup;
 use crate::grouped::GroupedModel;
 use crate::plan::{Shape, plan_model};
 use crate::stateless::StatelessModel;
@@ -90,27 +91,46 @@ enum Compute {
     Windowed(Box<WindowedModel>),
 }
 
+/// A model ready to run: its source topic, an optional dedup stage, and its computation.
+struct Planned {
+    topic: String,
+    compute: Compute,
+    event_time: Option<crate::plan::EventTime>,
+    dedup: Option<Dedup>,
+}
+
 impl Compute {
     /// Plans a model, or says why it cannot run incrementally.
     async fn plan(
         project: &Project,
         model_id: &str,
-    ) -> Result<(String, Compute, Option<crate::plan::EventTime>), datafusion::error::DataFusionError>
-    {
+    ) -> Result<Planned, datafusion::error::DataFusionError> {
         let planned = plan_model(project, model_id).await?;
         let event_time = planned.event_time.clone();
+        let input_slot = planned.input_slot();
+        let dedup = match (&planned.dedup, &event_time) {
+            (Some(d), Some(et)) => Some(Dedup::new(
+                planned.ctx.clone(),
+                planned.slot.clone(),
+                &d.found,
+                &et.column,
+                d.horizon_ms,
+                d.output_schema.clone(),
+            )?),
+            _ => None,
+        };
         let compute = match planned.shape {
             Shape::RowByRow => Compute::Stateless {
                 model: Box::new(StatelessModel::from_plan(
                     planned.ctx,
-                    planned.slot,
+                    input_slot.clone(),
                     planned.plan,
                 )?),
                 pending: Vec::new(),
             },
             Shape::Grouped => Compute::Grouped(Box::new(GroupedModel::from_plan(
                 planned.ctx,
-                planned.slot,
+                input_slot.clone(),
                 planned.plan,
             )?)),
             Shape::Windowed => {
@@ -121,7 +141,7 @@ impl Compute {
                 })?;
                 let model = WindowedModel::from_plan(
                     planned.ctx,
-                    planned.slot,
+                    input_slot.clone(),
                     planned.plan,
                     &event_time.column,
                 )?
@@ -133,7 +153,12 @@ impl Compute {
                 Compute::Windowed(Box::new(model))
             }
         };
-        Ok((planned.topic, compute, event_time))
+        Ok(Planned {
+            topic: planned.topic,
+            compute,
+            event_time,
+            dedup,
+        })
     }
 
     fn output_schema(&self) -> &arrow::datatypes::SchemaRef {
@@ -182,7 +207,14 @@ impl Compute {
     ) -> kappa_lakehouse::Result<kappa_lakehouse::Table> {
         match self {
             Compute::Stateless { pending, .. } => {
-                let table = lakehouse.append(table, pending, properties).await?;
+                let table = if pending.is_empty() {
+                    // Nothing to add, but offsets or state to record.
+                    lakehouse
+                        .append_files(table, Vec::new(), properties)
+                        .await?
+                } else {
+                    lakehouse.append(table, pending, properties).await?
+                };
                 pending.clear();
                 Ok(table)
             }
@@ -252,7 +284,12 @@ pub async fn run_model(
 ) -> Result<(), RunnerError> {
     let model = &project.models[&model_id];
     let err_model = || model_id.clone();
-    let (topic_name, mut compute, event_time) = match Compute::plan(&project, &model_id).await {
+    let Planned {
+        topic: topic_name,
+        mut compute,
+        event_time,
+        mut dedup,
+    } = match Compute::plan(&project, &model_id).await {
         Ok(planned) => planned,
         Err(datafusion::error::DataFusionError::NotImplemented(reason)) => {
             return Err(RunnerError::Unsupported {
@@ -274,8 +311,16 @@ pub async fn run_model(
         model: err_model(),
         source,
     })?;
+    // Late records are reported by the model that declares the event time, if it uses it;
+    // otherwise by each model that does.
+    let reports_late = match &event_time {
+        Some(et) if et.declared_by != model_id => !plan_model(&project, &et.declared_by)
+            .await
+            .is_ok_and(|p| p.uses_event_time()),
+        _ => true,
+    };
     // Event time at the source: late records set aside, the watermark advanced.
-    let mut marks = match (&event_time, compute.uses_event_time()) {
+    let mut marks = match (&event_time, compute.uses_event_time() || dedup.is_some()) {
         (Some(et), true) => Some(Watermarks::new(
             &et.column,
             et.index,
@@ -325,6 +370,16 @@ pub async fn run_model(
         .map_err(lake_err)?;
     restore_marks(&mut marks, &table)
         .map_err(|reason| lake_err(kappa_lakehouse::LakehouseError::Query(reason)))?;
+    if let Some(dedup) = &mut dedup {
+        let properties = table
+            .metadata()
+            .current_snapshot()
+            .map(|s| s.summary().additional_properties.clone());
+        dedup
+            .restore(&lakehouse, &table, properties.as_ref())
+            .await
+            .map_err(lake_err)?;
+    }
 
     // Resume from what the table says it covers.
     let last = table
@@ -383,25 +438,28 @@ pub async fn run_model(
         }
         let pushed = match &mut marks {
             None => compute.push(batch, None).await,
+            Some(marks) if dedup.is_some() => {
+                let partitions: Vec<u32> = positions.iter().map(|(p, _)| *p).collect();
+                match marks.apply(&batch, &partitions) {
+                    Ok((kept, _, late)) => {
+                        if reports_late {
+                            set_aside(&mut rejected, late, &positions, &raws);
+                        }
+                        let watermark = marks.watermark();
+                        match dedup_push(&mut dedup, kept, watermark).await {
+                            Ok(rows) => compute.push(rows, watermark).await,
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             Some(marks) => {
                 let partitions: Vec<u32> = positions.iter().map(|(p, _)| *p).collect();
                 match marks.apply(&batch, &partitions) {
                     Ok((kept, _, late)) => {
-                        if !late.is_empty() {
-                            let raw_at: HashMap<(u32, u64), &Vec<u8>> =
-                                raws.iter().map(|(p, o, v)| ((*p, *o), v)).collect();
-                            for l in late {
-                                let (partition, offset) = positions[l.row];
-                                rejected.push(Rejected {
-                                    partition,
-                                    offset,
-                                    reason: l.reason,
-                                    raw: raw_at
-                                        .get(&(partition, offset))
-                                        .map(|v| v.to_vec())
-                                        .unwrap_or_default(),
-                                });
-                            }
+                        if reports_late {
+                            set_aside(&mut rejected, late, &positions, &raws);
                         }
                         compute.push(kept, marks.watermark()).await
                     }
@@ -413,7 +471,15 @@ pub async fn run_model(
             Ok(()) => {}
             Err(e) => {
                 tracing::error!(model = %model_id, error = %e, "computing a micro-batch failed; retrying");
-                recover(&mut compute, &mut marks, &lakehouse, &table, &model_id).await;
+                recover(
+                    &mut compute,
+                    &mut dedup,
+                    &mut marks,
+                    &lakehouse,
+                    &table,
+                    &model_id,
+                )
+                .await;
                 rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
                 sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
                 continue;
@@ -430,7 +496,15 @@ pub async fn run_model(
                 .collect();
             if let Err(e) = dead_letters.append(records).await {
                 tracing::error!(model = %model_id, error = %e, "writing dead letters failed; retrying");
-                recover(&mut compute, &mut marks, &lakehouse, &table, &model_id).await;
+                recover(
+                    &mut compute,
+                    &mut dedup,
+                    &mut marks,
+                    &lakehouse,
+                    &table,
+                    &model_id,
+                )
+                .await;
                 rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
                 sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
                 continue;
@@ -438,7 +512,8 @@ pub async fn run_model(
         }
         let mut target = committed.clone();
         target.insert(topic_name.clone(), next);
-        if !compute.has_changes() && fresh.is_empty() {
+        let dedup_changed = dedup.as_ref().is_some_and(Dedup::has_changes);
+        if !compute.has_changes() && !dedup_changed && fresh.is_empty() {
             // Nothing to write: the offsets are recorded with the next commit that has rows.
             committed = target;
             continue;
@@ -463,8 +538,33 @@ pub async fn run_model(
                 .unwrap_or(0)
                 .to_string(),
         );
+        if let Some(stage) = &mut dedup {
+            match stage.checkpoint(&lakehouse, &table).await {
+                Ok((key, value)) => {
+                    properties.insert(key, value);
+                }
+                Err(e) => {
+                    tracing::error!(model = %model_id, error = %e, "saving the dedup state failed; retrying");
+                    recover(
+                        &mut compute,
+                        &mut dedup,
+                        &mut marks,
+                        &lakehouse,
+                        &table,
+                        &model_id,
+                    )
+                    .await;
+                    rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
+                    sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
+                    continue;
+                }
+            }
+        }
         match compute.commit(&lakehouse, &table, properties).await {
             Ok(updated) => {
+                if let Some(dedup) = &mut dedup {
+                    dedup.landed();
+                }
                 table = updated;
                 committed = target;
                 already_dead.clear();
@@ -491,6 +591,9 @@ pub async fn run_model(
                 };
                 if landed {
                     compute.landed();
+                    if let Some(dedup) = &mut dedup {
+                        dedup.landed();
+                    }
                     committed = target;
                     already_dead.clear();
                     tracing::warn!(model = %model_id, error = %e, "commit reported an error but landed");
@@ -499,7 +602,15 @@ pub async fn run_model(
                     for r in &fresh {
                         already_dead.insert((topic_name.clone(), r.partition, r.offset));
                     }
-                    recover(&mut compute, &mut marks, &lakehouse, &table, &model_id).await;
+                    recover(
+                        &mut compute,
+                        &mut dedup,
+                        &mut marks,
+                        &lakehouse,
+                        &table,
+                        &model_id,
+                    )
+                    .await;
                     rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
                     sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
                 }
@@ -512,6 +623,7 @@ pub async fn run_model(
 /// rewound to the same point).
 async fn recover(
     compute: &mut Compute,
+    dedup: &mut Option<Dedup>,
     marks: &mut Option<Watermarks>,
     lakehouse: &Lakehouse,
     table: &kappa_lakehouse::Table,
@@ -527,9 +639,60 @@ async fn recover(
     if let Err(e) = compute.restore(lakehouse, &table).await {
         tracing::error!(model, error = %e, "restoring the model's state failed");
     }
+    if let Some(dedup) = dedup {
+        let properties = table
+            .metadata()
+            .current_snapshot()
+            .map(|s| s.summary().additional_properties.clone());
+        if let Err(e) = dedup.restore(lakehouse, &table, properties.as_ref()).await {
+            tracing::error!(model, error = %e, "restoring the dedup state failed");
+        }
+    }
     if let Err(e) = restore_marks(marks, &table) {
         tracing::error!(model, error = %e, "restoring the watermarks failed");
     }
+}
+
+/// Adds the records the source set aside (late, no event time) to the rejects.
+fn set_aside(
+    rejected: &mut Vec<Rejected>,
+    late: Vec<crate::watermark::Late>,
+    positions: &[(u32, u64)],
+    raws: &[OwnedRecord],
+) {
+    if late.is_empty() {
+        return;
+    }
+    let raw_at: HashMap<(u32, u64), &Vec<u8>> =
+        raws.iter().map(|(p, o, v)| ((*p, *o), v)).collect();
+    for l in late {
+        let (partition, offset) = positions[l.row];
+        rejected.push(Rejected {
+            partition,
+            offset,
+            reason: l.reason,
+            raw: raw_at
+                .get(&(partition, offset))
+                .map(|v| v.to_vec())
+                .unwrap_or_default(),
+        });
+    }
+}
+
+/// Runs the dedup stage: the rows it decides, as one batch for the model.
+async fn dedup_push(
+    dedup: &mut Option<Dedup>,
+    batch: RecordBatch,
+    watermark: Option<i64>,
+) -> datafusion::error::Result<RecordBatch> {
+    let Some(dedup) = dedup else {
+        return Ok(batch);
+    };
+    let rows = dedup.push(batch, watermark).await?;
+    Ok(arrow::compute::concat_batches(
+        dedup.output_schema(),
+        &rows,
+    )?)
 }
 
 /// Puts the watermarks back to what the table's current snapshot saved.

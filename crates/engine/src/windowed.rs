@@ -391,3 +391,12 @@ fn window_starts(column: &arrow::array::ArrayRef) -> Result<Vec<Option<i64>>> {
         .map(|i| (!micros.is_null(i)).then(|| micros.value(i)))
         .collect())
 }
+
+/// The source column `expr` is, traced through the plan below it (renames, projections,
+/// filters), if it is one.
+pub(crate) fn source_column(expr: &Expr, plan: &LogicalPlan) -> Option<String> {
+    match trace(expr, plan) {
+        Traced::Source(column) => Some(column),
+        _ => None,
+    }
+}

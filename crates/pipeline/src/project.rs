@@ -89,6 +89,8 @@ pub struct ModelConfig {
     pub event_time: Option<String>,
     /// How late an event may arrive before its window closes without it.
     pub watermark_ms: Option<u64>,
+    /// How long (in event time) a deduplicated key is remembered, to drop later duplicates.
+    pub dedup_horizon_ms: Option<u64>,
 }
 
 /// What a model reads.
@@ -499,6 +501,7 @@ struct RawModelConfig {
     partition_by: Vec<String>,
     event_time: Option<String>,
     watermark: Option<Spanned<String>>,
+    dedup_horizon: Option<Spanned<String>>,
 }
 
 fn parse_model_config(
@@ -507,26 +510,31 @@ fn parse_model_config(
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Option<ModelConfig> {
     let raw: RawModelConfig = parse_toml(file, text, diagnostics)?;
-    let watermark_ms = match &raw.watermark {
-        None => None,
+    let duration = |key: &str,
+                    value: &Option<Spanned<String>>,
+                    diagnostics: &mut Vec<Diagnostic>| match value {
+        None => Ok(None),
         Some(w) => match humantime::parse_duration(w.get_ref()) {
-            Ok(d) => Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            Ok(d) => Ok(Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))),
             Err(e) => {
                 let message = format!(
-                    "watermark `{}` is not a duration like \"10s\": {e}",
+                    "{key} `{}` is not a duration like \"10s\": {e}",
                     w.get_ref()
                 );
                 diagnostics.push(Diagnostic::at_byte(file, text, w.span().start, message));
-                return None;
+                Err(())
             }
         },
     };
+    let watermark_ms = duration("watermark", &raw.watermark, diagnostics).ok()?;
+    let dedup_horizon_ms = duration("dedup_horizon", &raw.dedup_horizon, diagnostics).ok()?;
     Some(ModelConfig {
         materialization: raw.materialization,
         key: raw.key,
         partition_by: raw.partition_by,
         event_time: raw.event_time,
         watermark_ms,
+        dedup_horizon_ms,
     })
 }
 
@@ -583,7 +591,7 @@ mod tests {
             models/gold/b.sql:2:20: no topic or model `ordrs`; did you mean `orders`?
             models/gold/c.sql:1:15: no model `silver.missing`
             models/gold/c.sql:1:31: no topic `c`; models are read by layer and name; did you mean `gold.c`?
-            models/gold/c.toml:1:1: unknown field `materialisation`, expected one of `materialization`, `key`, `partition_by`, `event_time`, `watermark`
+            models/gold/c.toml:1:1: unknown field `materialisation`, expected one of `materialization`, `key`, `partition_by`, `event_time`, `watermark`, `dedup_horizon`
             models/gold/e.sql:1:1: SQL: Expected: an SQL statement, found: SELEC
             models/gold/f.sql:1:15: `silver.x.y`: name a topic (`orders`) or a model (`silver.orders`)
             models/gold/orphan.toml:1:1: configuration without a model: there is no models/gold/orphan.sql

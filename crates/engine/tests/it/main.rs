@@ -69,6 +69,25 @@ fn order(id: u64) -> Record {
     )
 }
 
+/// The records sent at step `id`: order `id`, and for some steps a second copy of order
+/// `id − 2` — redelivered with an event time 1 s earlier than the first copy and another price,
+/// so that only the earliest copy is right.
+fn orders(id: u64) -> Vec<Record> {
+    let mut out = vec![order(id)];
+    if id % 13 == 4 && (id - 2) % 10 != 7 {
+        let original = id - 2;
+        out.push(Record::keyed(
+            format!("c{}", original % 5),
+            format!(
+                "{{\"id\":{original},\"customer\":\"c{}\",\"qty\":1,\"price\":0.01,\"ts\":{}}}",
+                original % 5,
+                event_time(original) / 1000 - 1000
+            ),
+        ));
+    }
+    out
+}
+
 async fn table_rows(lakehouse: &Lakehouse) -> (Vec<RecordBatch>, usize) {
     let table = lakehouse
         .load_table(&table_ident("silver", "orders").unwrap())
@@ -93,6 +112,7 @@ async fn sorted(batches: &[RecordBatch]) -> String {
     let Some(schema) = batches.first().map(|b| b.schema()) else {
         return String::new();
     };
+    let schema_width = schema.fields().len();
     ctx.register_table(
         "t",
         Arc::new(
@@ -101,7 +121,13 @@ async fn sorted(batches: &[RecordBatch]) -> String {
     )
     .unwrap();
     let out = ctx
-        .sql("SELECT * FROM t ORDER BY 1, 2")
+        .sql(&format!(
+            "SELECT * FROM t ORDER BY {}",
+            (1..=schema_width)
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
         .await
         .unwrap()
         .collect()
@@ -208,7 +234,7 @@ where
             stop_rx,
         ));
         for _ in 0..4 {
-            let burst: Vec<Record> = (next..next + 50).map(order).collect();
+            let burst: Vec<Record> = (next..next + 50).flat_map(orders).collect();
             topic.append(burst).await.unwrap();
             next += 50;
             tokio::time::sleep(Duration::from_millis(30 + life * 20)).await;
@@ -444,4 +470,51 @@ fn lateness(
     let kept = arrow::compute::filter_record_batch(input, &arrow::array::BooleanArray::from(keep))
         .unwrap();
     (kept, late, watermark)
+}
+
+/// Deduplication: the earliest copy of each order, once the watermark makes it final — alone,
+/// and feeding a GROUP BY — equal to the batch query over the events that were not late,
+/// restricted to the rows the watermark has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_are_dropped_keeping_the_earliest_copy() {
+    let dedup = "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY ts) AS rn \
+                 FROM orders) WHERE rn = 1";
+    for (name, sql, oracle) in [
+        (
+            "alone",
+            format!("SELECT id, customer, price, ts FROM ({dedup})"),
+            format!("SELECT id, customer, price, ts FROM ({dedup}) WHERE {{decided}}"),
+        ),
+        (
+            "then grouped",
+            format!(
+                "SELECT customer, count(*) AS n, sum(price) AS total FROM ({dedup}) \
+                 GROUP BY customer"
+            ),
+            format!(
+                "SELECT customer, count(*) AS n, sum(price) AS total FROM ({dedup}) \
+                 WHERE {{decided}} GROUP BY customer"
+            ),
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let delay_us = 10_000_000;
+        let (log, _, topic, project) = run_with_oracle(
+            dir.path(),
+            &sql,
+            "event_time = \"ts\"\nwatermark = \"10s\"\n",
+            |input, positions| async move {
+                let (kept, _, watermark) = lateness(&input, &positions, delay_us);
+                let decided = format!(
+                    "CAST(arrow_cast(ts, 'Timestamp(Microsecond, None)') AS BIGINT) < {watermark}"
+                );
+                batch_query(&oracle.replace("{decided}", &decided), kept).await
+            },
+        )
+        .await;
+        let (input, rejected, positions) = all_input_positioned(&topic, &project);
+        let (_, late, _) = lateness(&input, &positions, delay_us);
+        assert!(late > 0, "{name}: the data has late events");
+        assert_dead_letters_once(&log, rejected.len() + late);
+    }
 }

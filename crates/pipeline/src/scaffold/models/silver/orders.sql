@@ -1,4 +1,5 @@
--- Clean order lines: the amount computed once, empty orders dropped.
+-- One clean row per order: the earliest event of each order_id wins, redelivered copies are
+-- dropped, and empty orders are left out.
 SELECT
     order_id,
     customer_id,
@@ -8,5 +9,8 @@ SELECT
     unit_price,
     quantity * unit_price AS amount,
     ts
-FROM orders
-WHERE quantity > 0
+FROM (
+    SELECT *, ROW_NUMBER() OVER (PARTITION BY order_id ORDER BY ts) AS rn
+    FROM orders
+)
+WHERE rn = 1 AND quantity > 0

@@ -1,0 +1,673 @@
+//! Deduplication: the `ROW_NUMBER() OVER (PARTITION BY key ORDER BY event_time) = 1` pattern,
+//! the earliest row of each key, emitted once the watermark makes it final.
+//!
+//! ```text
+//!  row (key k, event time t) ─► k decided already?  yes ─► dropped (a later duplicate)
+//!                                 └ no ─► candidate for k: the earliest t so far (ties: first seen)
+//!  watermark W > t of k's candidate ─► emitted, k decided (remembered until W − horizon)
+//! ```
+//!
+//! Why waiting for the watermark is exact: a record that is not late has ts ≥ W, so once W has
+//! passed a candidate's t no later record of its key can be earlier — the batch query would pick
+//! the same row. The output is append-only, so any model shape can run over it (a GROUP BY over
+//! deduplicated rows, windows over them).
+//!
+//! State: the undecided candidates (rows whose event time the watermark has not passed yet) and
+//! the decided keys of the last `dedup_horizon` of event time (default 24 h). A duplicate that
+//! arrives after its key was forgotten is emitted again: the horizon is how far apart in event
+//! time two copies may be and still be recognised. Checkpoints write the candidates whole (they
+//! are few) and the decisions as deltas, folded into a new base every
+//! [`DELTAS_BEFORE_COMPACTION`] commits.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, UInt64Array};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType};
+use arrow::row::{OwnedRow, RowConverter, SortField};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, ScalarValue};
+use datafusion::datasource::MemTable;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan, Operator, Window};
+use datafusion::physical_expr::{PhysicalExpr, create_physical_expr};
+use datafusion::prelude::{DataFrame, SessionContext};
+use kappa_lakehouse::{Lakehouse, LakehouseError, Table};
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::slot_for;
+use crate::grouped::df;
+use crate::stateless::stateless_shape;
+
+/// Snapshot property: the dedup state files (`{"candidates", "base", "deltas"}`).
+pub const DEDUP_PROPERTY: &str = "kappa.dedup";
+/// How long a decided key is remembered when the model does not say.
+pub const DEFAULT_HORIZON_MS: u64 = 24 * 3600 * 1000;
+/// Decision deltas kept before they are folded into one base file.
+pub const DELTAS_BEFORE_COMPACTION: usize = 16;
+
+/// The dedup pattern found in a plan.
+#[derive(Debug, Clone)]
+pub struct DedupMatch {
+    /// The `… WHERE rn = 1` filter: its output is the deduplicated rows.
+    pub filter: LogicalPlan,
+    /// The window computing the row number.
+    pub window: Window,
+}
+
+/// The files of the dedup state in the table's current snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupFiles {
+    pub candidates: Option<String>,
+    pub base: Option<String>,
+    pub deltas: Vec<String>,
+}
+
+/// Finds the one dedup pattern in `plan`, if any; errors when a `ROW_NUMBER` is used in
+/// another way.
+pub fn find_dedup(plan: &LogicalPlan) -> std::result::Result<Option<DedupMatch>, String> {
+    let mut found: Vec<DedupMatch> = Vec::new();
+    let _ = plan.apply(|node| {
+        if let LogicalPlan::Filter(filter) = node
+            && let Some(window) = row_number_filter(&filter.predicate, &filter.input)
+        {
+            found.push(DedupMatch {
+                filter: node.clone(),
+                window,
+            });
+            return Ok(TreeNodeRecursion::Jump);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => Err("a model deduplicates at most once".into()),
+    }
+}
+
+/// The row-number window a `rn = 1` (or `rn <= 1`, `rn < 2`) conjunct of `predicate` tests.
+fn row_number_filter(predicate: &Expr, input: &LogicalPlan) -> Option<Window> {
+    let mut conjuncts = Vec::new();
+    split_and(predicate, &mut conjuncts);
+    conjuncts.into_iter().find_map(|c| {
+        let Expr::BinaryExpr(b) = c else {
+            return None;
+        };
+        let (column, op, value) = match (strip(&b.left), strip(&b.right)) {
+            (Expr::Column(c), Expr::Literal(v, _)) => (c, b.op, v),
+            (Expr::Literal(v, _), Expr::Column(c)) => (c, flip(b.op)?, v),
+            _ => return None,
+        };
+        let first = matches!(
+            (op, integer(value)?),
+            (Operator::Eq, 1) | (Operator::LtEq, 1) | (Operator::Lt, 2)
+        );
+        if !first {
+            return None;
+        }
+        row_number_window(column, input)
+    })
+}
+
+fn split_and<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
+    match e {
+        Expr::BinaryExpr(b) if b.op == Operator::And => {
+            split_and(&b.left, out);
+            split_and(&b.right, out);
+        }
+        other => out.push(other),
+    }
+}
+
+fn strip(e: &Expr) -> &Expr {
+    match e {
+        Expr::Cast(c) => strip(&c.expr),
+        Expr::TryCast(c) => strip(&c.expr),
+        Expr::Alias(a) => strip(&a.expr),
+        other => other,
+    }
+}
+
+fn flip(op: Operator) -> Option<Operator> {
+    Some(match op {
+        Operator::Eq => Operator::Eq,
+        Operator::Gt => Operator::Lt,
+        Operator::GtEq => Operator::LtEq,
+        _ => return None,
+    })
+}
+
+fn integer(v: &ScalarValue) -> Option<i64> {
+    match v {
+        ScalarValue::Int8(Some(x)) => Some(i64::from(*x)),
+        ScalarValue::Int16(Some(x)) => Some(i64::from(*x)),
+        ScalarValue::Int32(Some(x)) => Some(i64::from(*x)),
+        ScalarValue::Int64(Some(x)) => Some(*x),
+        ScalarValue::UInt8(Some(x)) => Some(i64::from(*x)),
+        ScalarValue::UInt16(Some(x)) => Some(i64::from(*x)),
+        ScalarValue::UInt32(Some(x)) => Some(i64::from(*x)),
+        ScalarValue::UInt64(Some(x)) => i64::try_from(*x).ok(),
+        _ => None,
+    }
+}
+
+/// Follows `column` down to a Window whose one expression is `row_number()`.
+fn row_number_window(column: &Column, plan: &LogicalPlan) -> Option<Window> {
+    match plan {
+        LogicalPlan::Projection(p) => {
+            let i = p.schema.index_of_column(column).ok()?;
+            match strip(&p.expr[i]) {
+                Expr::Column(c) => row_number_window(c, &p.input),
+                _ => None,
+            }
+        }
+        LogicalPlan::SubqueryAlias(a) => {
+            let i = a.schema.index_of_column(column).ok()?;
+            let (qualifier, field) = a.input.schema().qualified_field(i);
+            row_number_window(&Column::from((qualifier, field)), &a.input)
+        }
+        LogicalPlan::Filter(f) => row_number_window(column, &f.input),
+        LogicalPlan::Window(w) => {
+            let i = w.schema.index_of_column(column).ok()?;
+            let inputs = w.input.schema().fields().len();
+            let Expr::WindowFunction(f) = strip(w.window_expr.get(i.checked_sub(inputs)?)?) else {
+                return None;
+            };
+            (f.fun.name() == "row_number").then(|| w.clone())
+        }
+        _ => None,
+    }
+}
+
+/// Checks the window of a dedup: one `row_number()`, partitioned, ordered ascending by one
+/// expression over a row-by-row input. Returns the partition and order expressions.
+fn dedup_window(window: &Window) -> std::result::Result<(Vec<Expr>, Expr), String> {
+    let [expr] = window.window_expr.as_slice() else {
+        return Err(
+            "deduplication needs the ROW_NUMBER() alone in its SELECT; compute other \
+                    window functions elsewhere"
+                .into(),
+        );
+    };
+    let Expr::WindowFunction(f) = strip(expr) else {
+        return Err("not a window function".into());
+    };
+    let params = &f.params;
+    if params.partition_by.is_empty() {
+        return Err(
+            "ROW_NUMBER() without PARTITION BY keeps one row in all; deduplicate with \
+                    PARTITION BY the key"
+                .into(),
+        );
+    }
+    let [order] = params.order_by.as_slice() else {
+        return Err("deduplication orders by the event time alone: \
+                    ROW_NUMBER() OVER (PARTITION BY key ORDER BY event_time)"
+            .into());
+    };
+    if !order.asc {
+        return Err(
+            "keeping the latest row per key (ORDER BY … DESC) changes rows as data \
+                    arrives; only the earliest (ORDER BY event_time) is supported"
+                .into(),
+        );
+    }
+    stateless_shape(&window.input).map_err(|e| format!("below the ROW_NUMBER(): {e}"))?;
+    Ok((params.partition_by.clone(), order.expr.clone()))
+}
+
+/// Replaces the dedup's filter in `plan` by `replacement`.
+pub fn replace_dedup(
+    plan: LogicalPlan,
+    found: &DedupMatch,
+    replacement: &LogicalPlan,
+) -> Result<LogicalPlan> {
+    Ok(plan
+        .transform_down(|node| {
+            Ok(if node == found.filter {
+                Transformed::new(replacement.clone(), true, TreeNodeRecursion::Jump)
+            } else {
+                Transformed::no(node)
+            })
+        })?
+        .data)
+}
+
+struct Candidate {
+    t: i64,
+    row: OwnedRow,
+}
+
+/// The dedup stage of a model: source rows in, the earliest row per key out once final.
+pub struct Dedup {
+    ctx: SessionContext,
+    input_slot: Arc<MemTable>,
+    input_plan: LogicalPlan,
+    key_exprs: Vec<Arc<dyn PhysicalExpr>>,
+    order_expr: Arc<dyn PhysicalExpr>,
+    keys: RowConverter,
+    key_types: Vec<DataType>,
+    rows: RowConverter,
+    input_schema: SchemaRef,
+    window_slot: Arc<MemTable>,
+    window_schema: SchemaRef,
+    output_plan: LogicalPlan,
+    output_schema: SchemaRef,
+    horizon: i64,
+    candidates: HashMap<Box<[u8]>, Candidate>,
+    decided: HashMap<Box<[u8]>, i64>,
+    expiry: BTreeMap<i64, Vec<Box<[u8]>>>,
+    new_decisions: Vec<(Box<[u8]>, i64)>,
+    committed: DedupFiles,
+    pending: Option<DedupFiles>,
+}
+
+impl std::fmt::Debug for Dedup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dedup")
+            .field("candidates", &self.candidates.len())
+            .field("decided", &self.decided.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dedup {
+    /// The dedup `found` in a plan whose source is `input_slot` in `ctx`; the order expression
+    /// must be the event-time column `event_time` of the source. Output batches are of
+    /// `output_schema` (the slot the rest of the plan reads).
+    pub fn new(
+        ctx: SessionContext,
+        input_slot: Arc<MemTable>,
+        found: &DedupMatch,
+        event_time: &str,
+        horizon_ms: u64,
+        output_schema: SchemaRef,
+    ) -> Result<Dedup> {
+        let (partition_by, order_by) =
+            dedup_window(&found.window).map_err(DataFusionError::NotImplemented)?;
+        let window = &found.window;
+        match crate::windowed::source_column(&order_by, &window.input) {
+            Some(c) if c == event_time => {}
+            _ => {
+                return Err(DataFusionError::NotImplemented(format!(
+                    "deduplication orders by the event time `{event_time}`: \
+                     ROW_NUMBER() OVER (PARTITION BY key ORDER BY {event_time})"
+                )));
+            }
+        }
+        let state = ctx.state();
+        let input_schema = window.input.schema().clone();
+        let props = state.execution_props();
+        let key_exprs = partition_by
+            .iter()
+            .map(|e| create_physical_expr(e, &input_schema, props))
+            .collect::<Result<Vec<_>>>()?;
+        let order_expr = create_physical_expr(&order_by, &input_schema, props)?;
+        let key_types = partition_by
+            .iter()
+            .map(|e| e.get_type(&input_schema))
+            .collect::<Result<Vec<_>>>()?;
+        let keys = RowConverter::new(key_types.iter().cloned().map(SortField::new).collect())?;
+        let arrow_input = Arc::new(input_schema.as_arrow().clone());
+        let rows = RowConverter::new(
+            arrow_input
+                .fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?;
+        let (window_slot, window_schema, window_scan) =
+            slot_for("kappa_row_number", &window.schema)?;
+        let target = LogicalPlan::Window(window.clone());
+        let output_plan = found
+            .filter
+            .clone()
+            .transform_down(|node| {
+                Ok(if node == target {
+                    Transformed::new(window_scan.clone(), true, TreeNodeRecursion::Jump)
+                } else {
+                    Transformed::no(node)
+                })
+            })?
+            .data;
+        Ok(Dedup {
+            ctx,
+            input_slot,
+            input_plan: window.input.as_ref().clone(),
+            key_exprs,
+            order_expr,
+            keys,
+            key_types,
+            rows,
+            input_schema: arrow_input,
+            window_slot,
+            window_schema,
+            output_plan,
+            output_schema,
+            horizon: i64::try_from(horizon_ms)
+                .unwrap_or(i64::MAX / 1000)
+                .saturating_mul(1000),
+            candidates: HashMap::new(),
+            decided: HashMap::new(),
+            expiry: BTreeMap::new(),
+            new_decisions: Vec::new(),
+            committed: DedupFiles::default(),
+            pending: None,
+        })
+    }
+
+    /// Takes one micro-batch of source records that are not late; returns the rows decided
+    /// now that `watermark` has advanced (rows of the dedup's output).
+    pub async fn push(
+        &mut self,
+        batch: RecordBatch,
+        watermark: Option<i64>,
+    ) -> Result<Vec<RecordBatch>> {
+        if batch.num_rows() > 0 {
+            *self.input_slot.batches[0].write().await = vec![batch];
+            let frame = DataFrame::new(self.ctx.state(), self.input_plan.clone());
+            let batches = frame.collect().await;
+            self.input_slot.batches[0].write().await.clear();
+            for batch in batches? {
+                self.offer(&batch)?;
+            }
+        }
+        let Some(watermark) = watermark else {
+            return Ok(Vec::new());
+        };
+        self.expire(watermark);
+        self.emit(watermark).await
+    }
+
+    fn offer(&mut self, batch: &RecordBatch) -> Result<()> {
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        let keys: Vec<ArrayRef> = self
+            .key_exprs
+            .iter()
+            .map(|e| e.evaluate(batch)?.into_array(n))
+            .collect::<Result<_>>()?;
+        let key_rows = self.keys.convert_columns(&keys)?;
+        let times = micros(&self.order_expr.evaluate(batch)?.into_array(n)?)?;
+        let rows = self.rows.convert_columns(batch.columns())?;
+        for (i, time) in times.iter().enumerate() {
+            // Rows without event time never reach here (the source sets them aside).
+            let &Some(t) = time else {
+                continue;
+            };
+            let key = key_rows.row(i);
+            if self.decided.contains_key(key.as_ref()) {
+                continue;
+            }
+            match self.candidates.get_mut(key.as_ref()) {
+                Some(c) if t < c.t => {
+                    c.t = t;
+                    c.row = rows.row(i).owned();
+                }
+                Some(_) => {}
+                None => {
+                    self.candidates.insert(
+                        key.as_ref().into(),
+                        Candidate {
+                            t,
+                            row: rows.row(i).owned(),
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn expire(&mut self, watermark: i64) {
+        let limit = watermark.saturating_sub(self.horizon);
+        while let Some(entry) = self.expiry.first_entry() {
+            if *entry.key() >= limit {
+                break;
+            }
+            let (t, keys) = entry.remove_entry();
+            for key in keys {
+                if self.decided.get(&key) == Some(&t) {
+                    self.decided.remove(&key);
+                }
+            }
+        }
+    }
+
+    async fn emit(&mut self, watermark: i64) -> Result<Vec<RecordBatch>> {
+        let ready: Vec<Box<[u8]>> = self
+            .candidates
+            .iter()
+            .filter(|(_, c)| c.t < watermark)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if ready.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut chosen = Vec::with_capacity(ready.len());
+        for key in ready {
+            if let Some(c) = self.candidates.remove(&key) {
+                self.decided.insert(key.clone(), c.t);
+                self.expiry.entry(c.t).or_default().push(key.clone());
+                self.new_decisions.push((key, c.t));
+                chosen.push(c.row);
+            }
+        }
+        let mut columns = self.rows.convert_rows(chosen.iter().map(|r| r.row()))?;
+        columns.push(Arc::new(UInt64Array::from(vec![1u64; chosen.len()])));
+        let columns = columns
+            .into_iter()
+            .zip(self.window_schema.fields())
+            .map(|(c, f)| {
+                if c.data_type() == f.data_type() {
+                    Ok(c)
+                } else {
+                    cast(&c, f.data_type())
+                }
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let batch = RecordBatch::try_new(self.window_schema.clone(), columns)?;
+        *self.window_slot.batches[0].write().await = vec![batch];
+        let frame = DataFrame::new(self.ctx.state(), self.output_plan.clone());
+        let out = frame.collect().await;
+        self.window_slot.batches[0].write().await.clear();
+        out?.iter()
+            .map(|b| crate::stateless::to_storable(b, &self.output_schema))
+            .collect()
+    }
+
+    /// The schema of the rows it emits.
+    pub fn output_schema(&self) -> &SchemaRef {
+        &self.output_schema
+    }
+
+    /// Whether the state changed since the last checkpoint.
+    pub fn has_changes(&self) -> bool {
+        !self.new_decisions.is_empty() || !self.candidates.is_empty()
+    }
+
+    fn candidates_schema(&self) -> SchemaRef {
+        let mut fields: Vec<Field> = self
+            .input_schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect();
+        fields.push(Field::new("kappa_t", DataType::Int64, false));
+        Arc::new(Schema::new(fields))
+    }
+
+    fn decisions_schema(&self) -> SchemaRef {
+        let mut fields: Vec<Field> = self
+            .key_types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Field::new(format!("k{i}"), t.clone(), true))
+            .collect();
+        fields.push(Field::new("kappa_t", DataType::Int64, false));
+        Arc::new(Schema::new(fields))
+    }
+
+    fn decisions_batch<'a>(
+        &self,
+        decisions: impl Iterator<Item = (&'a Box<[u8]>, i64)>,
+    ) -> Result<RecordBatch> {
+        let (keys, times): (Vec<&Box<[u8]>>, Vec<i64>) = decisions.unzip();
+        let parser = self.keys.parser();
+        let mut columns = self
+            .keys
+            .convert_rows(keys.iter().map(|k| parser.parse(k)))?;
+        columns.push(Arc::new(Int64Array::from(times)));
+        Ok(RecordBatch::try_new(self.decisions_schema(), columns)?)
+    }
+
+    /// Writes the state as files of `table` and returns the property naming them, to commit
+    /// with the model's next snapshot.
+    pub async fn checkpoint(
+        &mut self,
+        lakehouse: &Lakehouse,
+        table: &Table,
+    ) -> Result<(String, String), LakehouseError> {
+        let mut files = self.committed.clone();
+        files.candidates = if self.candidates.is_empty() {
+            None
+        } else {
+            let chosen: Vec<&Candidate> = self.candidates.values().collect();
+            let mut columns = self
+                .rows
+                .convert_rows(chosen.iter().map(|c| c.row.row()))
+                .map_err(|e| df(e.into()))?;
+            columns.push(Arc::new(Int64Array::from(
+                chosen.iter().map(|c| c.t).collect::<Vec<_>>(),
+            )));
+            let batch = RecordBatch::try_new(self.candidates_schema(), columns)
+                .map_err(|e| df(e.into()))?;
+            Some(
+                lakehouse
+                    .write_state(table, "candidates", &self.candidates_schema(), &[batch])
+                    .await?,
+            )
+        };
+        if files.deltas.len() >= DELTAS_BEFORE_COMPACTION {
+            let batch = self
+                .decisions_batch(self.decided.iter().map(|(k, t)| (k, *t)))
+                .map_err(df)?;
+            files.base = Some(
+                lakehouse
+                    .write_state(table, "decided", &self.decisions_schema(), &[batch])
+                    .await?,
+            );
+            files.deltas.clear();
+        } else if !self.new_decisions.is_empty() {
+            let batch = self
+                .decisions_batch(self.new_decisions.iter().map(|(k, t)| (k, *t)))
+                .map_err(df)?;
+            files.deltas.push(
+                lakehouse
+                    .write_state(table, "decided-delta", &self.decisions_schema(), &[batch])
+                    .await?,
+            );
+        }
+        let property = serde_json::to_string(&files).unwrap_or_default();
+        self.pending = Some(files);
+        Ok((DEDUP_PROPERTY.to_owned(), property))
+    }
+
+    /// The checkpoint was committed.
+    pub fn landed(&mut self) {
+        if let Some(files) = self.pending.take() {
+            self.committed = files;
+        }
+        self.new_decisions.clear();
+    }
+
+    /// Takes the state the table's current snapshot (`properties`) names.
+    pub async fn restore(
+        &mut self,
+        lakehouse: &Lakehouse,
+        table: &Table,
+        properties: Option<&HashMap<String, String>>,
+    ) -> Result<(), LakehouseError> {
+        self.candidates.clear();
+        self.decided.clear();
+        self.expiry.clear();
+        self.new_decisions.clear();
+        self.pending = None;
+        self.committed = properties
+            .and_then(|p| p.get(DEDUP_PROPERTY))
+            .map(|f| serde_json::from_str(f))
+            .transpose()
+            .map_err(|e| LakehouseError::Query(format!("{DEDUP_PROPERTY}: {e}")))?
+            .unwrap_or_default();
+        let files = self.committed.clone();
+        for location in files.base.iter().chain(&files.deltas) {
+            for batch in lakehouse.read_state(table, location).await? {
+                let key_count = self.key_types.len();
+                let rows = self
+                    .keys
+                    .convert_columns(&batch.columns()[..key_count])
+                    .map_err(|e| df(e.into()))?;
+                let times = batch
+                    .column(key_count)
+                    .as_primitive::<arrow::datatypes::Int64Type>();
+                for (i, row) in rows.iter().enumerate() {
+                    let t = times.value(i);
+                    let key: Box<[u8]> = row.as_ref().into();
+                    let previous = self.decided.insert(key.clone(), t);
+                    if previous.is_none_or(|p| p != t) {
+                        self.expiry.entry(t).or_default().push(key);
+                    }
+                }
+            }
+        }
+        if let Some(location) = &files.candidates {
+            for batch in lakehouse.read_state(table, location).await? {
+                let width = self.input_schema.fields().len();
+                let rows = self
+                    .rows
+                    .convert_columns(&batch.columns()[..width])
+                    .map_err(|e| df(e.into()))?;
+                let times = batch
+                    .column(width)
+                    .as_primitive::<arrow::datatypes::Int64Type>();
+                let n = batch.num_rows();
+                let keys: Vec<ArrayRef> = {
+                    let input = RecordBatch::try_new(
+                        self.input_schema.clone(),
+                        batch.columns()[..width].to_vec(),
+                    )
+                    .map_err(|e| df(e.into()))?;
+                    self.key_exprs
+                        .iter()
+                        .map(|e| e.evaluate(&input)?.into_array(n))
+                        .collect::<Result<_>>()
+                        .map_err(df)?
+                };
+                let key_rows = self.keys.convert_columns(&keys).map_err(|e| df(e.into()))?;
+                for i in 0..n {
+                    self.candidates.insert(
+                        key_rows.row(i).as_ref().into(),
+                        Candidate {
+                            t: times.value(i),
+                            row: rows.row(i).owned(),
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A timestamp column as microseconds.
+fn micros(column: &ArrayRef) -> Result<Vec<Option<i64>>> {
+    let micros = cast(column, &DataType::Timestamp(TimeUnit::Microsecond, None))?;
+    let micros = micros.as_primitive::<TimestampMicrosecondType>();
+    Ok((0..micros.len())
+        .map(|i| (!micros.is_null(i)).then(|| micros.value(i)))
+        .collect())
+}
