@@ -191,14 +191,19 @@ impl AggregatePlan {
         let group_exprs = aggregate
             .group_expr
             .iter()
-            .map(|e| create_physical_expr(e, &input_df_schema, props))
+            .map(|e| physical_expr(e, &input_df_schema, props))
             .collect::<Result<Vec<_>>>()?;
         let aggregators = aggregate
             .aggr_expr
             .iter()
             .map(|e| {
+                // The aggregate's arguments and filter are simplified as a batch query's are.
+                let e = e
+                    .clone()
+                    .map_children(|child| Ok(Transformed::yes(simplify(child, &input_df_schema)?)))?
+                    .data;
                 let (expr, filter, _) = create_aggregate_expr_and_maybe_filter(
-                    e,
+                    &e,
                     &input_df_schema,
                     physical_input,
                     props,
@@ -559,4 +564,21 @@ pub(crate) fn slot_for(
         .project(renamed)?
         .build()?;
     Ok((slot, slot_schema, plan))
+}
+
+/// Simplifies an expression as DataFusion's optimizer does before it runs one: some functions
+/// (`coalesce`, `nvl`, …) only exist in simplified form at execution.
+pub fn simplify(expr: Expr, schema: &datafusion::common::DFSchemaRef) -> Result<Expr> {
+    let context =
+        datafusion::logical_expr::simplify::SimplifyContext::default().with_schema(schema.clone());
+    datafusion::optimizer::simplify_expressions::ExprSimplifier::new(context).simplify(expr)
+}
+
+/// The physical form of an expression over `schema`, simplified first.
+pub fn physical_expr(
+    expr: &Expr,
+    schema: &datafusion::common::DFSchemaRef,
+    props: &datafusion::execution::context::ExecutionProps,
+) -> Result<Arc<dyn PhysicalExpr>> {
+    create_physical_expr(&simplify(expr.clone(), schema)?, schema, props)
 }

@@ -131,13 +131,14 @@ fn locate_construct(sql: &str, reason: &str) -> (usize, usize) {
         ("ORDER BY", "order by"),
         ("LIMIT", "limit"),
         ("window functions", " over"),
-        ("joins", "join"),
+        ("two streams", "join"),
+        ("join would", "join"),
         ("UNION", "union"),
         ("ROLLUP", "group by"),
         ("DISTINCT", "distinct"),
         ("subquery", "(select"),
         ("GROUP BY", "group by"),
-        ("several topics", "from"),
+        ("reads only tables", "from"),
     ];
     let lower = sql.to_lowercase();
     let named = reason
@@ -196,6 +197,10 @@ mod tests {
             "[schema]\norder_id = \"bigint\"\nquantity = \"int\"\nprice = \"decimal(10,2)\"\nregion = \"string\"\nts = \"timestamp\"\n".into(),
         );
         files.insert("topics/raw.toml".into(), "partitions = 1\n".into());
+        files.insert(
+            "topics/regions.toml".into(),
+            "kind = \"table\"\nkey = \"region\"\n[schema]\nregion = \"string\"\nmanager = \"string\"\n".into(),
+        );
         for (path, sql) in models {
             files.insert((*path).into(), (*sql).into());
         }
@@ -264,6 +269,16 @@ mod tests {
                 "SELECT o.region FROM orders o JOIN raw r ON o.region = r.value",
             ),
             (
+                "models/gold/looked_up.sql",
+                "SELECT o.order_id, r.manager FROM silver.orders o LEFT JOIN regions r \
+                 ON o.region = r.region",
+            ),
+            (
+                "models/gold/every_region.sql",
+                "SELECT o.order_id, r.manager FROM silver.orders o\nRIGHT JOIN regions r \
+                 ON o.region = r.region",
+            ),
+            (
                 "models/gold/median.sql",
                 "SELECT region, median(amount) FROM silver.orders GROUP BY region",
             ),
@@ -301,7 +316,8 @@ mod tests {
         .await;
         expect_test::expect![[r#"
             models/gold/appended.sql:1:42: not incremental: materialization = "append", but a GROUP BY without a window over the event time updates its rows; use "upsert", or group by a window such as date_bin(INTERVAL '1 minute', <event_time>)
-            models/gold/both.sql:1:31: not incremental: the model reads several topics (orders, raw); joins are not supported yet — one model reads one topic, directly or through other models
+            models/gold/both.sql:1:31: not incremental: the model reads several streams (orders, raw); joining two streams is not supported yet — declare the side that holds the current state of something as kind = "table" in its topics/<name>.toml, and it becomes a dimension looked up by each event
+            models/gold/every_region.sql:2:7: not incremental: a right join would produce rows of the dimension that no event looked up; use JOIN or LEFT JOIN from the stream to the dimension; a model runs row by row (projections, filters) or as one GROUP BY
             models/gold/median.sql:1:16: not incremental: aggregate `median` is not incremental; supported: count, sum, min, max, avg, mean, bool_and, bool_or
             models/gold/ranked.sql:1:23: not incremental: window functions (OVER …) are not incremental; for running totals use GROUP BY; a model runs row by row (projections, filters) or as one GROUP BY
             models/gold/sorted.sql:3:1: not incremental: ORDER BY: a table's rows have no order; drop it and order when you query the table; a model runs row by row (projections, filters) or as one GROUP BY

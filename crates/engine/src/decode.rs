@@ -391,6 +391,7 @@ mod tests {
             key: None,
             fsync: None,
             retention_ms: None,
+            kind: Default::default(),
             fields: schema
                 .iter()
                 .map(|(n, t, r)| Field {

@@ -31,7 +31,9 @@ use datafusion::common::{Column, ScalarValue};
 use datafusion::datasource::MemTable;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan, Operator, Window};
-use datafusion::physical_expr::{PhysicalExpr, create_physical_expr};
+use datafusion::physical_expr::PhysicalExpr;
+
+use crate::aggregate::physical_expr;
 use datafusion::prelude::{DataFrame, SessionContext};
 use kappa_lakehouse::{Lakehouse, LakehouseError, Table};
 use serde::{Deserialize, Serialize};
@@ -302,9 +304,9 @@ impl Dedup {
         let props = state.execution_props();
         let key_exprs = partition_by
             .iter()
-            .map(|e| create_physical_expr(e, &input_schema, props))
+            .map(|e| physical_expr(e, &input_schema, props))
             .collect::<Result<Vec<_>>>()?;
-        let order_expr = create_physical_expr(&order_by, &input_schema, props)?;
+        let order_expr = physical_expr(&order_by, &input_schema, props)?;
         let key_types = partition_by
             .iter()
             .map(|e| e.get_type(&input_schema))

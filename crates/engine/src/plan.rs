@@ -19,10 +19,11 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{Distinct, LogicalPlan, LogicalPlanBuilder};
 use datafusion::prelude::{SessionContext, col};
 use datafusion::sql::TableReference;
-use kappa_pipeline::{Input, Materialization, Project};
+use kappa_pipeline::{Input, Materialization, Project, TopicKind};
 
 use crate::aggregate::{NO_GROUP_BY, aggregate_shape, slot_for};
 use crate::dedup::{DEFAULT_HORIZON_MS, DedupMatch, find_dedup, replace_dedup};
+use crate::dimension::DimensionTable;
 use crate::schema::topic_schema;
 use crate::stateless::{session, stateless_shape};
 use crate::windowed::window_key;
@@ -55,6 +56,8 @@ pub struct PlannedModel {
     pub ctx: SessionContext,
     /// The topic every row of the model comes from.
     pub topic: String,
+    /// The topics of kind "table" it joins, each with the table its current rows are put in.
+    pub dimensions: Vec<(String, Arc<DimensionTable>)>,
     /// The table the topic's micro-batches are put in.
     pub slot: Arc<MemTable>,
     /// The analyzed plan (views inlined, types coerced).
@@ -124,6 +127,38 @@ pub fn source_topics(project: &Project, model_id: &str) -> BTreeSet<String> {
     topics
 }
 
+/// Sorts the topics a model reads into its one stream and the tables (dimensions) it looks
+/// up. A model that reads only one table reads its records as a stream.
+fn stream_and_tables(
+    project: &Project,
+    topics: &BTreeSet<String>,
+) -> Result<(String, Vec<String>)> {
+    let is_table = |t: &String| {
+        project
+            .topics
+            .get(t)
+            .is_some_and(|spec| spec.kind == TopicKind::Table)
+    };
+    let (tables, streams): (Vec<String>, Vec<String>) = topics.iter().cloned().partition(is_table);
+    match (streams.as_slice(), tables.as_slice()) {
+        ([one], _) => Ok((one.clone(), tables)),
+        ([], [one]) => Ok((one.clone(), Vec::new())),
+        ([], []) => Err(DataFusionError::NotImplemented(
+            "the model reads no topic".into(),
+        )),
+        ([], many) => Err(DataFusionError::NotImplemented(format!(
+            "the model reads only tables ({}); join them to a stream, which drives the lookups",
+            many.join(", ")
+        ))),
+        (many, _) => Err(DataFusionError::NotImplemented(format!(
+            "the model reads several streams ({}); joining two streams is not supported yet — \
+             declare the side that holds the current state of something as kind = \"table\" \
+             in its topics/<name>.toml, and it becomes a dimension looked up by each event",
+            many.join(", ")
+        ))),
+    }
+}
+
 /// Plans `model_id`. `NotImplemented` errors say why the model cannot run incrementally.
 pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedModel> {
     let model = project
@@ -131,24 +166,7 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         .get(model_id)
         .ok_or_else(|| DataFusionError::Plan(format!("no model `{model_id}`")))?;
     let topics = source_topics(project, model_id);
-    let topic = match topics.iter().collect::<Vec<_>>().as_slice() {
-        [one] => (*one).clone(),
-        [] => {
-            return Err(DataFusionError::NotImplemented(
-                "the model reads no topic".into(),
-            ));
-        }
-        many => {
-            return Err(DataFusionError::NotImplemented(format!(
-                "the model reads several topics ({}); joins are not supported yet — \
-                 one model reads one topic, directly or through other models",
-                many.iter()
-                    .map(|t| t.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
-    };
+    let (topic, tables) = stream_and_tables(project, &topics)?;
     let spec = project
         .topics
         .get(&topic)
@@ -156,6 +174,16 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
     let ctx = session();
     let slot = Arc::new(MemTable::try_new(topic_schema(spec), vec![vec![]])?);
     ctx.register_table(TableReference::bare(topic.as_str()), slot.clone())?;
+    let mut dimensions = Vec::new();
+    for name in tables {
+        let table_spec = project
+            .topics
+            .get(&name)
+            .ok_or_else(|| DataFusionError::Plan(format!("no topic `{name}`")))?;
+        let table = Arc::new(DimensionTable::new(topic_schema(table_spec))?);
+        ctx.register_table(TableReference::bare(name.as_str()), table.clone())?;
+        dimensions.push((name, table));
+    }
     // Upstream models become views, in dependency order.
     let upstream: BTreeSet<&String> = project
         .order
@@ -227,6 +255,7 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
     Ok(PlannedModel {
         ctx,
         topic,
+        dimensions,
         slot,
         plan,
         shape,

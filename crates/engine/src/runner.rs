@@ -23,6 +23,7 @@ use kappa_pipeline::{Model, Project};
 
 use crate::decode::{Decoder, Raw, Rejected};
 use crate::dedup::Dedup;
+use crate::dimension::Dimension;
 use crate::grouped::GroupedModel;
 use crate::plan::{Shape, plan_model};
 use crate::stateless::StatelessModel;
@@ -94,6 +95,7 @@ enum Compute {
 /// A model ready to run: its source topic, an optional dedup stage, and its computation.
 struct Planned {
     topic: String,
+    dimensions: Vec<(String, Arc<crate::dimension::DimensionTable>)>,
     compute: Compute,
     event_time: Option<crate::plan::EventTime>,
     dedup: Option<Dedup>,
@@ -107,6 +109,7 @@ impl Compute {
     ) -> Result<Planned, datafusion::error::DataFusionError> {
         let planned = plan_model(project, model_id).await?;
         let event_time = planned.event_time.clone();
+        let dimensions = planned.dimensions.clone();
         let input_slot = planned.input_slot();
         let dedup = match (&planned.dedup, &event_time) {
             (Some(d), Some(et)) => Some(Dedup::new(
@@ -155,6 +158,7 @@ impl Compute {
         };
         Ok(Planned {
             topic: planned.topic,
+            dimensions,
             compute,
             event_time,
             dedup,
@@ -286,6 +290,7 @@ pub async fn run_model(
     let err_model = || model_id.clone();
     let Planned {
         topic: topic_name,
+        dimensions,
         mut compute,
         event_time,
         mut dedup,
@@ -311,6 +316,22 @@ pub async fn run_model(
         model: err_model(),
         source,
     })?;
+    let mut dims = Vec::new();
+    for (name, table) in dimensions {
+        let dim_topic = log.topic(&name).map_err(|source| RunnerError::Log {
+            model: err_model(),
+            source,
+        })?;
+        let dimension =
+            Dimension::new(dim_topic, &project.topics[&name], table).map_err(|reason| {
+                RunnerError::Unsupported {
+                    model: err_model(),
+                    reason,
+                }
+            })?;
+        let reports = rejects_reporter(&project, &name).as_deref() == Some(&model_id);
+        dims.push((dimension, reports));
+    }
     // Late records are reported by the model that declares the event time, if it uses it;
     // otherwise by each model that does.
     let reports_late = match &event_time {
@@ -414,11 +435,25 @@ pub async fn run_model(
             source,
         })?);
     }
+    reset_dimensions(&mut dims, &committed, &model_id).await;
     tracing::info!(model = %model_id, offsets = ?committed.get(&topic_name), "model starts");
+    // Records of dimensions that do not fit their schema, until the commit that passes them.
+    let mut dim_rejected: Vec<(String, Rejected)> = Vec::new();
 
     loop {
         if *stop.borrow() {
             return Ok(());
+        }
+        // Dimensions first: every event is looked up in what its dimensions hold by now.
+        for (dimension, reports) in &mut dims {
+            let rejected = dimension.catch_up().await;
+            if *reports {
+                dim_rejected.extend(
+                    rejected
+                        .into_iter()
+                        .map(|r| (dimension.topic_name.clone(), r)),
+                );
+            }
         }
         // Take what is there, up to a commit's worth; while live, wait a little for more.
         let (raws, next) = read_some(&mut readers);
@@ -481,18 +516,22 @@ pub async fn run_model(
                 )
                 .await;
                 rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
+                reset_dimensions(&mut dims, &committed, &model_id).await;
+                dim_rejected.clear();
                 sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
                 continue;
             }
         }
-        let fresh: Vec<&Rejected> = rejected
+        let fresh: Vec<(&str, &Rejected)> = rejected
             .iter()
-            .filter(|r| !already_dead.contains(&(topic_name.clone(), r.partition, r.offset)))
+            .map(|r| (topic_name.as_str(), r))
+            .chain(dim_rejected.iter().map(|(t, r)| (t.as_str(), r)))
+            .filter(|(t, r)| !already_dead.contains(&((*t).to_owned(), r.partition, r.offset)))
             .collect();
         if !fresh.is_empty() {
             let records: Vec<Record> = fresh
                 .iter()
-                .map(|r| dead_letter(&model_id, &topic_name, r))
+                .map(|(t, r)| dead_letter(&model_id, t, r))
                 .collect();
             if let Err(e) = dead_letters.append(records).await {
                 tracing::error!(model = %model_id, error = %e, "writing dead letters failed; retrying");
@@ -506,16 +545,22 @@ pub async fn run_model(
                 )
                 .await;
                 rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
+                reset_dimensions(&mut dims, &committed, &model_id).await;
+                dim_rejected.clear();
                 sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
                 continue;
             }
         }
         let mut target = committed.clone();
         target.insert(topic_name.clone(), next);
+        for (dimension, _) in &dims {
+            target.insert(dimension.topic_name.clone(), dimension.next_offsets());
+        }
         let dedup_changed = dedup.as_ref().is_some_and(Dedup::has_changes);
         if !compute.has_changes() && !dedup_changed && fresh.is_empty() {
             // Nothing to write: the offsets are recorded with the next commit that has rows.
             committed = target;
+            dim_rejected.clear();
             continue;
         }
         let attempt = uuid_like();
@@ -555,6 +600,10 @@ pub async fn run_model(
                     )
                     .await;
                     rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
+                    reset_dimensions(&mut dims, &committed, &model_id).await;
+                    dim_rejected.clear();
+                    reset_dimensions(&mut dims, &committed, &model_id).await;
+                    dim_rejected.clear();
                     sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
                     continue;
                 }
@@ -567,6 +616,7 @@ pub async fn run_model(
                 }
                 table = updated;
                 committed = target;
+                dim_rejected.clear();
                 already_dead.clear();
                 tracing::debug!(model = %model_id, records = raws.len(), ms = started.elapsed().as_millis() as u64, "committed");
             }
@@ -595,12 +645,13 @@ pub async fn run_model(
                         dedup.landed();
                     }
                     committed = target;
+                    dim_rejected.clear();
                     already_dead.clear();
                     tracing::warn!(model = %model_id, error = %e, "commit reported an error but landed");
                 } else {
                     tracing::error!(model = %model_id, error = %e, "commit failed; rereading from the committed offsets");
-                    for r in &fresh {
-                        already_dead.insert((topic_name.clone(), r.partition, r.offset));
+                    for (t, r) in &fresh {
+                        already_dead.insert(((*t).to_owned(), r.partition, r.offset));
                     }
                     recover(
                         &mut compute,
@@ -612,9 +663,22 @@ pub async fn run_model(
                     )
                     .await;
                     rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
+                    reset_dimensions(&mut dims, &committed, &model_id).await;
+                    dim_rejected.clear();
+                    reset_dimensions(&mut dims, &committed, &model_id).await;
+                    dim_rejected.clear();
                     sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
                 }
             }
+        }
+    }
+}
+
+/// Rebuilds every dimension to the offsets `committed` names.
+async fn reset_dimensions(dims: &mut [(Dimension, bool)], committed: &Offsets, model: &str) {
+    for (dimension, _) in dims.iter_mut() {
+        if let Err(e) = dimension.reset(committed.get(&dimension.topic_name)).await {
+            tracing::error!(model, topic = %dimension.topic_name, error = %e, "rebuilding a dimension failed");
         }
     }
 }

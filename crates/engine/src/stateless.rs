@@ -107,7 +107,7 @@ fn not_row_by_row(node: &LogicalPlan) -> Option<String> {
         LogicalPlan::Window(_) => "window functions (OVER …) are not incremental; for \
                                    running totals use GROUP BY"
             .into(),
-        LogicalPlan::Join(_) => "joins are not supported yet".into(),
+        LogicalPlan::Join(join) => return crate::dimension::lookup_join_problem(join),
         LogicalPlan::Union(_) => "UNION is not supported yet; write one model per input".into(),
         LogicalPlan::Aggregate(_) | LogicalPlan::Distinct(_) => {
             "GROUP BY and DISTINCT keep state; they are not a row-by-row step".into()

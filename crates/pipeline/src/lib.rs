@@ -26,6 +26,6 @@ mod sql;
 pub use diagnostic::Diagnostic;
 pub use project::{
     Input, Materialization, Model, ModelConfig, PROJECT_FILE, Project, ProjectConfig, ProjectFiles,
-    ProjectSection, ServerSection, TopicSpec, load,
+    ProjectSection, ServerSection, TopicKind, TopicSpec, load,
 };
 pub use schema::{Field, FieldType};

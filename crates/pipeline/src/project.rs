@@ -64,6 +64,20 @@ pub struct TopicSpec {
     pub retention_ms: Option<u64>,
     /// The declared fields, in file order; empty for an untyped topic (JSON access only).
     pub fields: Vec<Field>,
+    /// How models read the topic.
+    pub kind: TopicKind,
+}
+
+/// How models read a topic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TopicKind {
+    /// Every record is an event.
+    #[default]
+    Stream,
+    /// A changelog: the latest record per key is the current row. Joined to a stream, it is a
+    /// dimension looked up by each event.
+    Table,
 }
 
 /// How a model's table is written.
@@ -365,6 +379,7 @@ struct RawTopic {
     key: Option<Spanned<String>>,
     fsync: Option<Spanned<String>>,
     retention: Option<Spanned<String>>,
+    kind: Option<Spanned<TopicKind>>,
     #[serde(default)]
     schema: IndexMap<String, Spanned<RawField>>,
 }
@@ -452,6 +467,21 @@ fn parse_topic(
             )),
         );
     }
+    let kind = raw.kind.as_ref().map(|k| *k.get_ref()).unwrap_or_default();
+    let kind_span = raw.kind.as_ref().map_or(0..0, Spanned::span);
+    if kind == TopicKind::Table && raw.key.is_none() {
+        diagnostics.push(at(
+            kind_span.clone(),
+            "a topic of kind \"table\" needs a `key`: the field whose latest record is the row"
+                .into(),
+        ));
+    }
+    if kind == TopicKind::Table && raw.schema.is_empty() {
+        diagnostics.push(at(
+            kind_span,
+            "a topic of kind \"table\" needs a [schema], so its key can be read".into(),
+        ));
+    }
     if let Some(fsync) = &raw.fsync
         && fsync.get_ref() != "always"
         && humantime::parse_duration(fsync.get_ref()).is_err()
@@ -488,6 +518,7 @@ fn parse_topic(
         fsync: raw.fsync.map(Spanned::into_inner),
         retention_ms,
         fields,
+        kind,
     })
 }
 

@@ -1,5 +1,6 @@
 //! The example project `kappa init` writes: a shop's orders and products, cleaned in silver,
-//! summed into revenue per region and day in gold.
+//! summed into revenue per region and day, and per product category (looked up in the
+//! products table) and day, in gold.
 
 /// Every file of the example project: path relative to the project folder, and contents.
 pub const FILES: &[(&str, &str)] = &[
@@ -31,6 +32,10 @@ pub const FILES: &[(&str, &str)] = &[
         include_str!("scaffold/models/gold/revenue_by_region.toml"),
     ),
     (
+        "models/gold/revenue_by_category.sql",
+        include_str!("scaffold/models/gold/revenue_by_category.sql"),
+    ),
+    (
         "data/orders.ndjson",
         include_str!("scaffold/data/orders.ndjson"),
     ),
@@ -54,7 +59,11 @@ mod tests {
         let project = load(&files).unwrap_or_else(|d| panic!("{d:#?}"));
         assert_eq!(
             project.order,
-            vec!["silver.orders", "gold.revenue_by_region"]
+            vec![
+                "silver.orders",
+                "gold.revenue_by_category",
+                "gold.revenue_by_region"
+            ]
         );
         assert_eq!(project.topics["orders"].fields.len(), 8);
     }

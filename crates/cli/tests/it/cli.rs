@@ -322,7 +322,7 @@ fn init_writes_a_project_that_checks_clean_and_check_reports_problems() {
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     assert_eq!(
         stdout(&out),
-        "ok: 2 topics, 2 models in order silver.orders, gold.revenue_by_region\n"
+        "ok: 2 topics, 3 models in order silver.orders, gold.revenue_by_category, gold.revenue_by_region\n"
     );
 
     std::fs::write(dir.join("models/gold/x.sql"), "SELECT *\nFROM silver.ordrs").unwrap();
@@ -414,6 +414,17 @@ fn up_runs_models_into_iceberg_and_sql_reads_them() {
     let out = with_project(
         &[
             "produce",
+            "products",
+            dir.join("data/products.ndjson").to_str().unwrap(),
+            "--key",
+            "product_id",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = with_project(
+        &[
+            "produce",
             "orders",
             dir.join("data/orders.ndjson").to_str().unwrap(),
             "--key",
@@ -478,6 +489,38 @@ fn up_runs_models_into_iceberg_and_sql_reads_them() {
             ["north", 2, "51.23"],
             ["south", 1, "19.99"],
             ["west", 2, "24.49"]
+        ])
+    );
+    // The same orders per product category, each looked up in the products table.
+    let by_category = loop {
+        let out = with_project(
+            &[
+                "sql",
+                "SELECT category, day, orders, revenue, tax FROM gold.revenue_by_category \
+                 ORDER BY category, day",
+                "--json",
+            ],
+            None,
+        );
+        let result: serde_json::Value =
+            serde_json::from_str(&stdout(&out)).unwrap_or(serde_json::Value::Null);
+        let orders: i64 = result["rows"]
+            .as_array()
+            .map(|rows| rows.iter().map(|r| r[2].as_i64().unwrap_or(0)).sum())
+            .unwrap_or(0);
+        if orders == 6 || std::time::Instant::now() > deadline {
+            break result["rows"].clone();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    // books: orders 1 and 6 on the 5th, 4 on the 6th; kitchen: 2; toys: 3 and 5 (tax 7 % / 19 %).
+    assert_eq!(
+        by_category,
+        serde_json::json!([
+            ["books", "2026-01-05T00:00:00Z", 2, "59.97", "4.19790"],
+            ["books", "2026-01-06T00:00:00Z", 1, "19.99", "1.39930"],
+            ["kitchen", "2026-01-05T00:00:00Z", 1, "4.50", "0.85500"],
+            ["toys", "2026-01-05T00:00:00Z", 2, "18.00", "3.42000"]
         ])
     );
     // The bad record is reported once, by the first model that reads `orders`, though three

@@ -23,6 +23,10 @@ fn project(model_sql: &str, model_toml: &str) -> Arc<Project> {
         "topics/orders.toml".into(),
         "partitions = 2\nkey = \"customer\"\n[schema]\nid = \"bigint\"\ncustomer = \"string\"\nqty = \"int\"\nprice = \"decimal(8,2)\"\nts = { type = \"timestamp\", required = false }\n".into(),
     );
+    files.insert(
+        "topics/customers.toml".into(),
+        "kind = \"table\"\nkey = \"customer\"\n[schema]\ncustomer = \"string\"\ntier = \"string\"\ndiscount = \"decimal(3,2)\"\n".into(),
+    );
     files.insert("models/silver/orders.sql".into(), model_sql.into());
     if !model_toml.is_empty() {
         files.insert("models/silver/orders.toml".into(), model_toml.into());
@@ -211,6 +215,11 @@ where
     F: FnOnce(RecordBatch, Vec<(u32, u64)>) -> Fut,
     Fut: std::future::Future<Output = Vec<RecordBatch>>,
 {
+    // `RUST_LOG=kappa_engine=debug` shows what the runner does.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let log = Arc::new(Log::open(dir.join("log")).unwrap());
     let topic = log
         .create_topic(
@@ -516,5 +525,95 @@ async fn duplicates_are_dropped_keeping_the_earliest_copy() {
         let (_, late, _) = lateness(&input, &positions, delay_us);
         assert!(late > 0, "{name}: the data has late events");
         assert_dead_letters_once(&log, rejected.len() + late);
+    }
+}
+
+/// Stream ⋈ dimension: each order looks its customer up in the latest record per key of the
+/// `customers` table topic, loaded before the orders are processed; equal to the batch query
+/// with `customers` as its latest rows, for an inner and a left join, across restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_look_up_their_customer_in_a_dimension() {
+    for (name, sql) in [
+        (
+            "inner",
+            "SELECT o.id, o.customer, c.tier, o.qty * o.price * (1 - c.discount) AS net \
+             FROM orders o JOIN customers c ON o.customer = c.customer WHERE o.qty > 0",
+        ),
+        (
+            "left, then grouped",
+            "SELECT coalesce(c.tier, 'none') AS tier, count(*) AS n, sum(o.price) AS total \
+             FROM orders o LEFT JOIN customers c ON o.customer = c.customer \
+             GROUP BY coalesce(c.tier, 'none')",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        // The dimension: c1 changes tier (the latest record wins), c4 is unknown, one record
+        // does not fit the schema.
+        let customers = [
+            r#"{"customer":"c0","tier":"gold","discount":0.10}"#,
+            r#"{"customer":"c1","tier":"silver","discount":0.05}"#,
+            r#"{"customer":"c2","tier":"bronze","discount":0}"#,
+            r#"{"customer":"c3","tier":"silver","discount":0.05}"#,
+            r#"{"customer":"c1","tier":"gold","discount":0.10}"#,
+            r#"{"customer":"c9","tier":"gold","discount":"lots"}"#,
+        ];
+        {
+            let log = Log::open(dir.path().join("log")).unwrap();
+            let topic = log
+                .create_topic(
+                    "customers",
+                    TopicConfig {
+                        partitions: 2,
+                        ..TopicConfig::default()
+                    },
+                )
+                .unwrap();
+            for c in customers {
+                let key: serde_json::Value = serde_json::from_str(c).unwrap();
+                let key = key["customer"].as_str().unwrap().to_owned();
+                topic.append(vec![Record::keyed(key, c)]).await.unwrap();
+            }
+        }
+        let sql_owned = sql.to_owned();
+        let (log, _, topic, project) =
+            run_with_oracle(dir.path(), sql, "", |input, _| async move {
+                let ctx = datafusion::prelude::SessionContext::new();
+                ctx.register_batch("orders", input).unwrap();
+                // The dimension's latest row per key.
+                ctx.sql(
+                    "CREATE VIEW customers AS SELECT customer, tier, \
+                     CAST(discount AS DECIMAL(3,2)) AS discount FROM (VALUES \
+                     ('c0', 'gold', 0.10), ('c1', 'gold', 0.10), ('c2', 'bronze', 0), \
+                     ('c3', 'silver', 0.05)) AS t(customer, tier, discount)",
+                )
+                .await
+                .unwrap();
+                ctx.sql(&sql_owned).await.unwrap().collect().await.unwrap()
+            })
+            .await;
+        let (_, rejected) = all_input(&topic, &project);
+        // The bad customer record is a dead letter too, once.
+        let dead = log.topic(DEAD_LETTER_TOPIC).unwrap();
+        let mut reader = dead
+            .partition(0)
+            .unwrap()
+            .reader(StartAt::Beginning)
+            .unwrap();
+        let mut from_customers = 0;
+        let mut from_orders = 0;
+        while let Some(chunk) = reader.read(1 << 20).unwrap() {
+            for r in chunk.records() {
+                let v: serde_json::Value = serde_json::from_slice(r.unwrap().value).unwrap();
+                match v["topic"].as_str().unwrap() {
+                    "customers" => {
+                        assert!(v["reason"].as_str().unwrap().contains("discount"), "{v}");
+                        from_customers += 1;
+                    }
+                    _ => from_orders += 1,
+                }
+            }
+        }
+        assert_eq!(from_customers, 1, "{name}");
+        assert_eq!(from_orders, rejected.len(), "{name}");
     }
 }

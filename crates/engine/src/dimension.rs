@@ -1,0 +1,329 @@
+//! Stream ⋈ dimension: a topic of kind `"table"` is read as a table — the latest record per
+//! key is its current row — and a model that joins it to a stream looks each event up in the
+//! rows the dimension has when the event is processed (a lookup join).
+//!
+//! ```text
+//!  products (kind = "table") ──latest per key──► DimensionTable ─┐
+//!  orders   (stream)         ──micro-batch────► slot ───────────┴─► JOIN ─► rest of the model
+//! ```
+//!
+//! Before each micro-batch of the stream, every dimension is caught up to the end of its
+//! topic; its next offsets are committed with the model's, so after a restart the dimension is
+//! rebuilt to exactly the rows the last commit saw. While the stream replays history, the
+//! dimension is therefore at its latest state: replayed events see today's product catalogue,
+//! as the same SQL run once over the log does.
+
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{Array, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, SchemaRef};
+use datafusion::catalog::Session;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::datasource::{MemTable, TableProvider, TableType, source_as_provider};
+use datafusion::error::Result;
+use datafusion::logical_expr::{Expr, Join, JoinType, LogicalPlan};
+use datafusion::physical_plan::ExecutionPlan;
+use kappa_log::{PartitionReader, StartAt, Topic};
+use kappa_pipeline::TopicSpec;
+
+use crate::decode::{Decoder, Raw, Rejected};
+use crate::schema::topic_schema;
+
+/// The current rows of a dimension, as a DataFusion table. Its own type, so that a plan can
+/// tell a dimension's scan from the stream's.
+#[derive(Debug)]
+pub struct DimensionTable {
+    rows: MemTable,
+}
+
+impl DimensionTable {
+    pub fn new(schema: SchemaRef) -> Result<DimensionTable> {
+        Ok(DimensionTable {
+            rows: MemTable::try_new(schema, vec![vec![]])?,
+        })
+    }
+
+    /// Replaces the rows.
+    async fn set(&self, batch: RecordBatch) {
+        *self.rows.batches[0].write().await = vec![batch];
+    }
+}
+
+#[async_trait::async_trait]
+impl TableProvider for DimensionTable {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.rows.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.rows.scan(state, projection, filters, limit).await
+    }
+}
+
+/// Whether every table `plan` reads is a dimension (and it reads at least one).
+pub fn reads_only_dimensions(plan: &LogicalPlan) -> bool {
+    let mut dimensions = 0;
+    let mut others = 0;
+    let _ = plan.apply(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            if source_as_provider(&scan.source)
+                .is_ok_and(|p| p.as_any().downcast_ref::<DimensionTable>().is_some())
+            {
+                dimensions += 1;
+            } else {
+                others += 1;
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    dimensions > 0 && others == 0
+}
+
+/// Why a join is not a lookup of a stream in dimensions, with the nearest form that is;
+/// `None` if it is one.
+pub fn lookup_join_problem(join: &Join) -> Option<String> {
+    let left_dimension = reads_only_dimensions(&join.left);
+    let right_dimension = reads_only_dimensions(&join.right);
+    let stream_kept = match (left_dimension, right_dimension) {
+        (true, true) => {
+            return Some(
+                "this join reads only tables (topics of kind \"table\"); join them to a stream, \
+                 which drives the lookups"
+                    .into(),
+            );
+        }
+        (false, false) => {
+            return Some(
+                "joining two streams is not supported yet; declare the side that holds the \
+                 current state of something (products, customers) as kind = \"table\" in its \
+                 topics/<name>.toml, and it becomes a dimension looked up by each event"
+                    .into(),
+            );
+        }
+        (false, true) => matches!(
+            join.join_type,
+            JoinType::Inner | JoinType::Left | JoinType::LeftSemi | JoinType::LeftAnti
+        ),
+        (true, false) => matches!(
+            join.join_type,
+            JoinType::Inner | JoinType::Right | JoinType::RightSemi | JoinType::RightAnti
+        ),
+    };
+    (!stream_kept).then(|| {
+        format!(
+            "a {} join would produce rows of the dimension that no event looked up; use JOIN \
+             or LEFT JOIN from the stream to the dimension",
+            join.join_type.to_string().to_lowercase()
+        )
+    })
+}
+
+/// One dimension of a running model: its topic read to the end, the latest record per key.
+pub struct Dimension {
+    pub topic_name: String,
+    topic: Arc<Topic>,
+    decoder: Decoder,
+    key_index: usize,
+    table: Arc<DimensionTable>,
+    /// Key (as text) → the latest record's value.
+    latest: BTreeMap<String, Vec<u8>>,
+    readers: Vec<PartitionReader>,
+}
+
+impl std::fmt::Debug for Dimension {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dimension")
+            .field("topic", &self.topic_name)
+            .field("rows", &self.latest.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How much of a partition one read takes.
+const READ_BYTES: usize = 1 << 20;
+
+impl Dimension {
+    /// A dimension over `topic`, declared by `spec`, whose rows go to `table`. Empty until
+    /// [`Dimension::reset`] or [`Dimension::catch_up`].
+    pub fn new(
+        topic: Arc<Topic>,
+        spec: &TopicSpec,
+        table: Arc<DimensionTable>,
+    ) -> std::result::Result<Dimension, String> {
+        let key = spec
+            .key
+            .as_deref()
+            .ok_or_else(|| format!("topic `{}` of kind \"table\" has no key", spec.name))?;
+        let key_index = topic_schema(spec)
+            .index_of(key)
+            .map_err(|_| format!("key `{key}` is not a field of topic `{}`", spec.name))?;
+        Ok(Dimension {
+            topic_name: spec.name.clone(),
+            topic,
+            decoder: Decoder::new(spec),
+            key_index,
+            table,
+            latest: BTreeMap::new(),
+            readers: Vec::new(),
+        })
+    }
+
+    /// Rebuilds the rows from the start of the topic up to `upto` (the next offset of each
+    /// partition; a partition not named contributes nothing), and positions the readers there.
+    pub async fn reset(&mut self, upto: Option<&BTreeMap<u32, u64>>) -> kappa_log::Result<()> {
+        self.latest.clear();
+        let mut readers = Vec::new();
+        let topic = self.topic.clone();
+        for partition in topic.partitions() {
+            let target = upto
+                .and_then(|u| u.get(&partition.id()))
+                .copied()
+                .unwrap_or(0);
+            if target > 0 {
+                let mut reader = partition.reader(StartAt::Beginning)?;
+                let mut raws = Vec::new();
+                while reader.next_offset() < target {
+                    let Some(chunk) = reader.read(READ_BYTES)? else {
+                        break;
+                    };
+                    for record in chunk.records().flatten() {
+                        if record.offset < target {
+                            raws.push((partition.id(), record.offset, record.value.to_vec()));
+                        }
+                    }
+                }
+                // Records that did not fit were reported before the commit that passed them.
+                let _ = self.apply(&raws);
+            }
+            readers.push(partition.reader(if target == 0 {
+                StartAt::Beginning
+            } else {
+                StartAt::Offset(target)
+            })?);
+        }
+        self.readers = readers;
+        self.refresh().await;
+        Ok(())
+    }
+
+    /// Reads what the topic has past the readers and applies it; returns the records that do
+    /// not fit the topic's schema or have no key.
+    pub async fn catch_up(&mut self) -> Vec<Rejected> {
+        let mut raws = Vec::new();
+        for reader in &mut self.readers {
+            loop {
+                match reader.read(READ_BYTES) {
+                    Ok(Some(chunk)) => {
+                        for record in chunk.records() {
+                            match record {
+                                Ok(record) => raws.push((
+                                    reader.partition(),
+                                    record.offset,
+                                    record.value.to_vec(),
+                                )),
+                                Err(e) => {
+                                    tracing::error!(error = %e, topic = %self.topic_name, "unreadable record")
+                                }
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, topic = %self.topic_name, "reading a dimension failed");
+                        break;
+                    }
+                }
+            }
+        }
+        if raws.is_empty() {
+            return Vec::new();
+        }
+        let rejected = self.apply(&raws);
+        self.refresh().await;
+        rejected
+    }
+
+    /// The next offset of every partition.
+    pub fn next_offsets(&self) -> BTreeMap<u32, u64> {
+        self.readers
+            .iter()
+            .map(|r| (r.partition(), r.next_offset()))
+            .collect()
+    }
+
+    /// The number of current rows.
+    pub fn len(&self) -> usize {
+        self.latest.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.latest.is_empty()
+    }
+
+    /// Folds records, in log order, into the latest row per key.
+    fn apply(&mut self, raws: &[(u32, u64, Vec<u8>)]) -> Vec<Rejected> {
+        let (batch, mut rejected, positions) =
+            self.decoder
+                .decode_positioned(raws.iter().map(|(p, o, v)| Raw {
+                    partition: *p,
+                    offset: *o,
+                    value: v,
+                }));
+        let keys = match cast(batch.column(self.key_index), &DataType::Utf8) {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::error!(error = %e, topic = %self.topic_name, "reading dimension keys failed");
+                return rejected;
+            }
+        };
+        let keys = keys.as_any().downcast_ref::<arrow::array::StringArray>();
+        let value_at: HashMap<(u32, u64), &Vec<u8>> =
+            raws.iter().map(|(p, o, v)| ((*p, *o), v)).collect();
+        for (row, position) in positions.iter().enumerate() {
+            let Some(value) = value_at.get(position) else {
+                continue;
+            };
+            match keys.filter(|k| !k.is_null(row)).map(|k| k.value(row)) {
+                Some(key) => {
+                    self.latest.insert(key.to_owned(), value.to_vec());
+                }
+                None => rejected.push(Rejected {
+                    partition: position.0,
+                    offset: position.1,
+                    reason: "the key field is null: a table's record needs a key".into(),
+                    raw: value.to_vec(),
+                }),
+            }
+        }
+        rejected
+    }
+
+    /// Puts the current rows into the table.
+    async fn refresh(&self) {
+        let (batch, _, _) = self
+            .decoder
+            .decode_positioned(self.latest.values().map(|v| Raw {
+                partition: 0,
+                offset: 0,
+                value: v,
+            }));
+        self.table.set(batch).await;
+    }
+}
