@@ -15,6 +15,7 @@ mod demo;
 mod produce;
 mod project;
 mod sql;
+mod status;
 mod topics;
 
 /// kappa: the Kappa Architecture as one binary — an infinite replayable log, versioned SQL
@@ -67,6 +68,8 @@ enum Command {
     Consume(consume::ConsumeArgs),
     /// Query the serving tables with SQL (`silver.orders`, or `orders` when unambiguous).
     Sql(sql::SqlArgs),
+    /// Every model: state, rows, lag, dead letters; and the dead letters by reason.
+    Status(status::StatusArgs),
     /// Run a self-contained demonstration and print its figures.
     Demo(demo::DemoArgs),
 }
@@ -138,6 +141,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Produce(args) => produce::run(&global, args).await,
         Command::Consume(args) => consume::run(&global, args).await,
         Command::Sql(args) => sql::run(&global, args).await,
+        Command::Status(args) => status::run(&global, args).await,
         Command::Demo(args) => demo::run(args).await,
     }
 }
@@ -149,6 +153,13 @@ impl Global {
             data_dir: self.data_dir.clone(),
             ..Default::default()
         }
+    }
+
+    /// The project folder, when there is one (it holds `kappa.toml`).
+    fn project_dir(&self) -> Option<std::path::PathBuf> {
+        kappa_server::ServerConfig::resolve(&self.overrides())
+            .ok()
+            .and_then(|c| c.project_dir)
     }
 
     /// Connects to a running server for the data directory, or opens the directory.

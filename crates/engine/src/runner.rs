@@ -46,6 +46,9 @@ pub const ATTEMPT_PROPERTY: &str = "kappa.attempt";
 pub const COMMIT_RECORDS_MAX: usize = 262_144;
 /// While live, new records are committed within this long.
 pub const LIVE_COMMIT_INTERVAL_MS: u64 = 100;
+
+/// How long progress over records that add no rows waits before it is committed anyway.
+pub const PROGRESS_COMMIT_INTERVAL_MS: u64 = 1000;
 /// Bytes asked of the log per read.
 const READ_BYTES: usize = 1 << 20;
 /// After a failed commit, wait this long before trying again.
@@ -439,6 +442,10 @@ pub async fn run_model(
     tracing::info!(model = %model_id, offsets = ?committed.get(&topic_name), "model starts");
     // Records of dimensions that do not fit their schema, until the commit that passes them.
     let mut dim_rejected: Vec<(String, Rejected)> = Vec::new();
+    // The offsets the table records, and when it last did: progress over records that add
+    // no rows (skipped, filtered out) is committed after a while, so the table's lag is true.
+    let mut table_offsets = committed.clone();
+    let mut last_commit = Instant::now();
 
     loop {
         if *stop.borrow() {
@@ -457,7 +464,13 @@ pub async fn run_model(
         }
         // Take what is there, up to a commit's worth; while live, wait a little for more.
         let (raws, next) = read_some(&mut readers);
-        if raws.is_empty() {
+        let progress_due = || {
+            let mut at = committed.clone();
+            at.insert(topic_name.clone(), next.clone());
+            at != table_offsets
+                && last_commit.elapsed() >= Duration::from_millis(PROGRESS_COMMIT_INTERVAL_MS)
+        };
+        if raws.is_empty() && !progress_due() {
             wait_for_records(&topic, &readers, &mut stop).await;
             continue;
         }
@@ -472,6 +485,7 @@ pub async fn run_model(
             rejected.clear();
         }
         let pushed = match &mut marks {
+            _ if raws.is_empty() => Ok(()),
             None => compute.push(batch, None).await,
             Some(marks) if dedup.is_some() => {
                 let partitions: Vec<u32> = positions.iter().map(|(p, _)| *p).collect();
@@ -557,8 +571,13 @@ pub async fn run_model(
             target.insert(dimension.topic_name.clone(), dimension.next_offsets());
         }
         let dedup_changed = dedup.as_ref().is_some_and(Dedup::has_changes);
-        if !compute.has_changes() && !dedup_changed && fresh.is_empty() {
-            // Nothing to write: the offsets are recorded with the next commit that has rows.
+        if !compute.has_changes()
+            && !dedup_changed
+            && fresh.is_empty()
+            && (target == table_offsets
+                || last_commit.elapsed() < Duration::from_millis(PROGRESS_COMMIT_INTERVAL_MS))
+        {
+            // Nothing to write: the offsets are recorded with the next commit.
             committed = target;
             dim_rejected.clear();
             continue;
@@ -615,6 +634,8 @@ pub async fn run_model(
                     dedup.landed();
                 }
                 table = updated;
+                table_offsets = target.clone();
+                last_commit = Instant::now();
                 committed = target;
                 dim_rejected.clear();
                 already_dead.clear();
@@ -644,6 +665,8 @@ pub async fn run_model(
                     if let Some(dedup) = &mut dedup {
                         dedup.landed();
                     }
+                    table_offsets = target.clone();
+                    last_commit = Instant::now();
                     committed = target;
                     dim_rejected.clear();
                     already_dead.clear();

@@ -482,3 +482,89 @@ mod tests {
         );
     }
 }
+
+/// `GET /v1/status`: every model of the project, and the dead letters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub models: Vec<ModelStatus>,
+    /// Dead letters per model and input topic.
+    pub dead_letters: Vec<DeadLetterCount>,
+}
+
+/// One model's state, as its runner and its table tell it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelStatus {
+    /// `layer.name`.
+    pub model: String,
+    /// `running`, `restarting` (after an error, `detail` says which), `not running` (the model
+    /// cannot run; `detail` says why) or `stopped` (no `kappa up` runs it).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// The version of the project's model (a hash of its SQL and configuration).
+    pub version: String,
+    /// The version that wrote the table's last commit; differs while a change is rebuilding it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table_version: Option<String>,
+    /// Rows in the table's current snapshot; absent when there is no table yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u64>,
+    /// When the last commit was made (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_commit: Option<String>,
+    /// Records of its input topics not covered by the last commit.
+    pub lag_records: u64,
+    /// Records of its inputs this model sent to the dead-letter topic.
+    pub dead_letters: u64,
+}
+
+/// Dead letters one model reported for one topic.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetterCount {
+    pub model: String,
+    pub topic: String,
+    pub count: u64,
+    /// The reason of the latest one.
+    pub last_reason: String,
+}
+
+impl StatusResponse {
+    /// The human form `kappa status` prints.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let width = self
+            .models
+            .iter()
+            .map(|m| m.model.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        out.push_str(&format!(
+            "{:<width$}  {:<11}  {:>10}  {:>8}  {:>12}  LAST COMMIT\n",
+            "MODEL", "STATE", "ROWS", "LAG", "DEAD LETTERS"
+        ));
+        for m in &self.models {
+            out.push_str(&format!(
+                "{:<width$}  {:<11}  {:>10}  {:>8}  {:>12}  {}\n",
+                m.model,
+                m.state,
+                m.rows.map_or_else(|| "-".to_owned(), |r| r.to_string()),
+                m.lag_records,
+                m.dead_letters,
+                m.last_commit.as_deref().unwrap_or("-"),
+            ));
+            if let Some(detail) = &m.detail {
+                out.push_str(&format!("{:<width$}  ↳ {detail}\n", ""));
+            }
+        }
+        let total: u64 = self.dead_letters.iter().map(|d| d.count).sum();
+        out.push_str(&format!("\ndead letters: {total}\n"));
+        for d in &self.dead_letters {
+            out.push_str(&format!(
+                "  {} from {}: {} (latest: {})\n",
+                d.model, d.topic, d.count, d.last_reason
+            ));
+        }
+        out
+    }
+}

@@ -304,6 +304,24 @@ impl Client {
         }
     }
 
+    /// Every model's state and the dead letters. A direct client reports on `project` (the
+    /// models it declares) from the tables and the log; a server on the project it runs.
+    pub async fn status(
+        &self,
+        project: Option<&kappa_pipeline::Project>,
+    ) -> Result<crate::api::StatusResponse, ClientError> {
+        match self {
+            Client::Http { .. } => self.get_json("/v1/status").await,
+            Client::Direct { log } => {
+                let data_dir = log.dir().parent().unwrap_or(log.dir()).to_path_buf();
+                let lakehouse = kappa_lakehouse::Lakehouse::open(&data_dir)
+                    .await
+                    .map_err(|e| ClientError::Service(ServiceError::Internal(e.to_string())))?;
+                Ok(service::status(log, &lakehouse, project, None).await?)
+            }
+        }
+    }
+
     /// Closes the data directory (direct clients); a no-op over HTTP.
     pub async fn close(self) -> anyhow::Result<()> {
         if let Client::Direct { log } = self {

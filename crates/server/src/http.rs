@@ -26,6 +26,7 @@ pub(crate) fn router(state: Arc<AppState>) -> axum::Router {
     axum::Router::new()
         .route("/v1/health", get(health))
         .route("/v1/sql", post(sql))
+        .route("/v1/status", get(status))
         .route("/v1/topics", get(list_topics).post(create_topic))
         .route("/v1/topics/{topic}", get(describe_topic))
         .route("/v1/topics/{topic}/records", post(produce))
@@ -185,6 +186,19 @@ async fn not_found() -> ApiError {
 
 async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
     Json(state.health())
+}
+
+async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    Ok(Json(
+        service::status(
+            &state.log,
+            &state.lakehouse,
+            state.project.as_deref(),
+            state.runners.as_ref(),
+        )
+        .await?,
+    )
+    .into_response())
 }
 
 async fn sql(

@@ -53,6 +53,10 @@ pub struct AppState {
     pub ingest_budget: Arc<tokio::sync::Semaphore>,
     /// The Iceberg tables.
     pub lakehouse: kappa_lakehouse::Lakehouse,
+    /// The project `kappa up` runs, if any.
+    pub project: Option<Arc<kappa_pipeline::Project>>,
+    /// Its runners' states.
+    pub runners: Option<pipelines::RunnerStates>,
 }
 
 impl AppState {
@@ -92,6 +96,7 @@ impl Server {
         let lakehouse = kappa_lakehouse::Lakehouse::open(&data_dir)
             .await
             .context("open the Iceberg catalog")?;
+        let mut running_project = None;
         let pipelines = match &config.project_dir {
             Some(dir) => {
                 let project = match project::check(dir).await? {
@@ -113,6 +118,7 @@ impl Server {
                         .await
                 };
                 ensured.context("join topic creation")??;
+                running_project = Some(project.clone());
                 Some(pipelines::Pipelines::start(
                     log.clone(),
                     lakehouse.clone(),
@@ -141,6 +147,8 @@ impl Server {
             shutdown,
             ingest_budget: Arc::new(tokio::sync::Semaphore::new(ingest_budget_kib)),
             lakehouse,
+            runners: pipelines.as_ref().map(pipelines::Pipelines::states),
+            project: running_project,
         });
         Ok(Server {
             state,

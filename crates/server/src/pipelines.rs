@@ -1,5 +1,6 @@
 //! The project's pipelines inside `kappa up`: topics created as declared, one runner per model.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kappa_engine::runner::{RunnerError, run_model};
@@ -44,11 +45,41 @@ pub fn ensure_topics(log: &Log, project: &Project) -> anyhow::Result<()> {
 /// How long a failed runner waits before it starts again.
 const RESTART_DELAY_MS: u64 = 2000;
 
+/// What a model's runner is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunnerState {
+    Running,
+    /// Stopped by this error; starts again from its last commit after a pause.
+    Restarting(String),
+    /// The model cannot run; the reason.
+    NotRunning(String),
+}
+
+/// The state of every runner, by model.
+#[derive(Debug, Clone, Default)]
+pub struct RunnerStates(Arc<std::sync::Mutex<BTreeMap<String, RunnerState>>>);
+
+impl RunnerStates {
+    pub fn get(&self, model: &str) -> Option<RunnerState> {
+        self.0
+            .lock()
+            .map(|states| states.get(model).cloned())
+            .unwrap_or(None)
+    }
+
+    fn set(&self, model: &str, state: RunnerState) {
+        if let Ok(mut states) = self.0.lock() {
+            states.insert(model.to_owned(), state);
+        }
+    }
+}
+
 /// The running model runners.
 #[derive(Debug)]
 pub struct Pipelines {
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<(String, JoinHandle<()>)>,
+    states: RunnerStates,
 }
 
 impl Pipelines {
@@ -56,7 +87,9 @@ impl Pipelines {
     pub fn start(log: Arc<Log>, lakehouse: Lakehouse, project: Arc<Project>) -> Pipelines {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
+        let states = RunnerStates::default();
         for model in &project.order {
+            let states = states.clone();
             let (log, lakehouse, project) = (log.clone(), lakehouse.clone(), project.clone());
             let mut stopped = stopped.clone();
             let name = model.clone();
@@ -64,6 +97,7 @@ impl Pipelines {
                 // A runner that fails (its table or the log unavailable) starts again from its
                 // last commit after a pause; only a model that cannot run at all gives up.
                 loop {
+                    states.set(&name, RunnerState::Running);
                     let run = run_model(
                         log.clone(),
                         lakehouse.clone(),
@@ -75,9 +109,11 @@ impl Pipelines {
                         Ok(()) => return,
                         Err(e @ RunnerError::Unsupported { .. }) => {
                             tracing::warn!(model = %name, "not running: {e}");
+                            states.set(&name, RunnerState::NotRunning(e.to_string()));
                             return;
                         }
                         Err(e) => {
+                            states.set(&name, RunnerState::Restarting(e.to_string()));
                             tracing::error!(model = %name, "stopped: {e}; restarting in {RESTART_DELAY_MS} ms")
                         }
                     }
@@ -92,7 +128,16 @@ impl Pipelines {
             });
             tasks.push((model.clone(), task));
         }
-        Pipelines { stop, tasks }
+        Pipelines {
+            stop,
+            tasks,
+            states,
+        }
+    }
+
+    /// What every runner is doing.
+    pub fn states(&self) -> RunnerStates {
+        self.states.clone()
     }
 
     /// Stops every runner at its next step and waits for them.

@@ -201,3 +201,134 @@ pub async fn create_topic(
     .await
     .map_err(|e| ServiceError::Internal(e.to_string()))?
 }
+
+/// Every model's state, table and lag, and the dead letters. `runners` is what a running
+/// `kappa up` knows of its runners; without it every model is `stopped`.
+pub async fn status(
+    log: &Arc<Log>,
+    lakehouse: &kappa_lakehouse::Lakehouse,
+    project: Option<&kappa_pipeline::Project>,
+    runners: Option<&crate::pipelines::RunnerStates>,
+) -> Result<crate::api::StatusResponse, ServiceError> {
+    use kappa_engine::runner::{OFFSETS_PROPERTY, Offsets, VERSION_PROPERTY, model_version};
+
+    let dead_letters = {
+        let log = log.clone();
+        tokio::task::spawn_blocking(move || dead_letter_counts(&log))
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))?
+    };
+    let mut models = Vec::new();
+    let ids: Vec<&String> = project
+        .map(|p| p.order.iter().collect())
+        .unwrap_or_default();
+    for id in ids {
+        let Some(project) = project else { break };
+        let model = &project.models[id];
+        let snapshot = match kappa_lakehouse::table_ident(&model.layer, &model.name) {
+            Ok(ident) => lakehouse.load_table(&ident).await.ok().and_then(|table| {
+                table
+                    .metadata()
+                    .current_snapshot()
+                    .map(|s| (s.summary().additional_properties.clone(), s.timestamp_ms()))
+            }),
+            Err(_) => None,
+        };
+        let committed: Offsets = snapshot
+            .as_ref()
+            .and_then(|(p, _)| p.get(OFFSETS_PROPERTY))
+            .and_then(|o| serde_json::from_str(o).ok())
+            .unwrap_or_default();
+        let mut lag_records = 0;
+        for topic_name in kappa_engine::plan::source_topics(project, id) {
+            let Ok(topic) = log.topic(&topic_name) else {
+                continue;
+            };
+            for partition in topic.partitions() {
+                let offsets = partition.offsets();
+                let done = committed
+                    .get(&topic_name)
+                    .and_then(|p| p.get(&partition.id()))
+                    .copied()
+                    .unwrap_or(offsets.start_offset);
+                lag_records += offsets.visible_offset.saturating_sub(done);
+            }
+        }
+        let (state, detail) = match runners.and_then(|r| r.get(id)) {
+            None => ("stopped".to_owned(), None),
+            Some(crate::pipelines::RunnerState::Running) => ("running".to_owned(), None),
+            Some(crate::pipelines::RunnerState::Restarting(e)) => {
+                ("restarting".to_owned(), Some(e))
+            }
+            Some(crate::pipelines::RunnerState::NotRunning(e)) => {
+                ("not running".to_owned(), Some(e))
+            }
+        };
+        let rows = snapshot
+            .as_ref()
+            .and_then(|(p, _)| p.get("total-records"))
+            .and_then(|n| n.parse().ok())
+            .or(snapshot.as_ref().map(|_| 0));
+        models.push(crate::api::ModelStatus {
+            model: id.clone(),
+            state,
+            detail,
+            version: model_version(model),
+            table_version: snapshot
+                .as_ref()
+                .and_then(|(p, _)| p.get(VERSION_PROPERTY).cloned()),
+            rows,
+            last_commit: snapshot
+                .as_ref()
+                .map(|(_, ms)| crate::api::format_timestamp(*ms)),
+            lag_records,
+            dead_letters: dead_letters
+                .iter()
+                .filter(|d| &d.model == id)
+                .map(|d| d.count)
+                .sum(),
+        });
+    }
+    Ok(crate::api::StatusResponse {
+        models,
+        dead_letters,
+    })
+}
+
+/// Counts the dead-letter topic's records per model and topic.
+fn dead_letter_counts(log: &Log) -> Vec<crate::api::DeadLetterCount> {
+    let mut counts: std::collections::BTreeMap<(String, String), (u64, String)> =
+        Default::default();
+    let Ok(topic) = log.topic(kappa_engine::runner::DEAD_LETTER_TOPIC) else {
+        return Vec::new();
+    };
+    for partition in topic.partitions() {
+        let Ok(mut reader) = partition.reader(StartAt::Beginning) else {
+            continue;
+        };
+        while let Ok(Some(chunk)) = reader.read(1 << 20) {
+            for record in chunk.records().flatten() {
+                let Ok(letter) = serde_json::from_slice::<serde_json::Value>(record.value) else {
+                    continue;
+                };
+                let text = |k: &str| letter[k].as_str().unwrap_or("?").to_owned();
+                let entry = counts
+                    .entry((text("model"), text("topic")))
+                    .or_insert((0, String::new()));
+                entry.0 += 1;
+                entry.1 = text("reason");
+            }
+        }
+    }
+    counts
+        .into_iter()
+        .map(
+            |((model, topic), (count, last_reason))| crate::api::DeadLetterCount {
+                model,
+                topic,
+                count,
+                last_reason,
+            },
+        )
+        .collect()
+}

@@ -550,8 +550,55 @@ fn up_runs_models_into_iceberg_and_sql_reads_them() {
         ],
         "{letters:?}"
     );
+    // `kappa status` counts them per model, with every model's state, rows and lag.
+    let project_dir = dir.to_str().unwrap().to_owned();
+    let status = |expect_state: &str| loop {
+        let out = with_project(&["--project", &project_dir, "status", "--json"], None);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        let models = status["models"].as_array().unwrap().clone();
+        let settled = models
+            .iter()
+            .all(|m| m["state"] == expect_state && m["lag_records"] == 0);
+        if settled || std::time::Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let running = status("running");
+    let models: Vec<(&str, &str, u64, u64)> = running["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["model"].as_str().unwrap(),
+                m["state"].as_str().unwrap(),
+                m["lag_records"].as_u64().unwrap(),
+                m["dead_letters"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        models,
+        [
+            ("silver.orders", "running", 0, 2),
+            ("gold.revenue_by_category", "running", 0, 0),
+            ("gold.revenue_by_region", "running", 0, 0),
+            ("silver.amounts", "running", 0, 0),
+        ],
+        "{running}"
+    );
+    assert_eq!(running["models"][3]["rows"], 11);
+    let text = stdout(&with_project(&["status"], None));
+    assert!(text.starts_with("MODEL "), "{text}");
+    assert!(text.contains("dead letters: 2"), "{text}");
     rustix_term(&up);
     assert!(up.wait().unwrap().success());
+    // Without a server, the tables and the log tell the same, with every model stopped.
+    let stopped = status("stopped");
+    assert_eq!(stopped["models"][3]["rows"], 11, "{stopped}");
+    assert_eq!(stopped["dead_letters"], running["dead_letters"]);
 }
 
 fn rustix_term(child: &std::process::Child) {
