@@ -13,6 +13,10 @@
 //! partial and final aggregation, which is what the state files hold.
 
 use std::collections::HashMap;
+
+/// Row-encoded keys to values, hashed with foldhash: much faster than the standard SipHash on
+/// short keys, and seeded at random per map as the standard one is.
+pub type KeyMap<V> = HashMap<Box<[u8]>, V, foldhash::fast::RandomState>;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, BooleanArray, RecordBatch, UInt32Array};
@@ -324,7 +328,7 @@ impl AggregatePlan {
     /// A set with no groups.
     pub fn empty_set(&self) -> Result<GroupSet> {
         Ok(GroupSet {
-            index: HashMap::new(),
+            index: KeyMap::default(),
             keys: self.converter.empty_rows(0, 0),
             accumulators: self
                 .aggregators
@@ -355,7 +359,7 @@ impl AggregatePlan {
 
 /// Groups and their accumulators.
 pub(crate) struct GroupSet {
-    index: HashMap<Box<[u8]>, usize>,
+    index: KeyMap<usize>,
     keys: Rows,
     accumulators: Vec<Box<dyn GroupsAccumulator>>,
     /// Changed since it was last saved.

@@ -1,7 +1,6 @@
 //! JSON records in, Arrow batches out: each record is checked against its topic's schema, and a
 //! record that does not fit is set aside with the reason instead of stopping the pipeline.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -161,20 +160,20 @@ impl Columns {
                 Ok(())
             }
             Columns::Typed(columns) => {
-                let object: HashMap<&str, &RawValue> =
-                    serde_json::from_slice(json).map_err(|e| {
-                        if e.is_data() {
-                            "not a JSON object".to_owned()
-                        } else {
-                            format!("invalid JSON: {e}")
-                        }
-                    })?;
+                let mut deserializer = serde_json::Deserializer::from_slice(json);
+                let object =
+                    serde::Deserializer::deserialize_map(&mut deserializer, FieldValues { fields })
+                        .and_then(|object| deserializer.end().map(|()| object))
+                        .map_err(|e| {
+                            if e.is_data() {
+                                "not a JSON object".to_owned()
+                            } else {
+                                format!("invalid JSON: {e}")
+                            }
+                        })?;
                 let mut values = Vec::with_capacity(fields.len());
-                for field in fields {
-                    let raw = object
-                        .get(field.name.as_str())
-                        .map(|v| v.get())
-                        .filter(|v| *v != "null");
+                for (field, raw) in fields.iter().zip(object) {
+                    let raw = raw.map(RawValue::get).filter(|v| *v != "null");
                     let value = match raw {
                         None if field.required => {
                             return Err(format!(
@@ -247,6 +246,34 @@ impl Column {
 }
 
 /// Parses one field's raw JSON text as its declared type.
+/// Reads a JSON object into the raw values of `fields`, in their order, by matching each key
+/// against the field names (a topic has few): no map is built per record. Other keys are
+/// skipped; of a key given twice, the last value counts.
+struct FieldValues<'f> {
+    fields: &'f [Field],
+}
+
+impl<'de> serde::de::Visitor<'de> for FieldValues<'_> {
+    type Value = Vec<Option<&'de RawValue>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut values = vec![None; self.fields.len()];
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match self.fields.iter().position(|f| f.name == key) {
+                Some(i) => values[i] = Some(map.next_value::<&'de RawValue>()?),
+                None => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(values)
+    }
+}
+
 fn parse(field: &Field, raw: &str) -> Result<Value, String> {
     let string = || {
         serde_json::from_str::<String>(raw)

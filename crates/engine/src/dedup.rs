@@ -33,7 +33,7 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan, Operator, Window};
 use datafusion::physical_expr::PhysicalExpr;
 
-use crate::aggregate::physical_expr;
+use crate::aggregate::{KeyMap, physical_expr};
 use datafusion::prelude::{DataFrame, SessionContext};
 use kappa_lakehouse::{Lakehouse, LakehouseError, Table};
 use serde::{Deserialize, Serialize};
@@ -258,8 +258,8 @@ pub struct Dedup {
     output_plan: LogicalPlan,
     output_schema: SchemaRef,
     horizon: i64,
-    candidates: HashMap<Box<[u8]>, Candidate>,
-    decided: HashMap<Box<[u8]>, i64>,
+    candidates: KeyMap<Candidate>,
+    decided: KeyMap<i64>,
     expiry: BTreeMap<i64, Vec<Box<[u8]>>>,
     new_decisions: Vec<(Box<[u8]>, i64)>,
     committed: DedupFiles,
@@ -351,8 +351,8 @@ impl Dedup {
             horizon: i64::try_from(horizon_ms)
                 .unwrap_or(i64::MAX / 1000)
                 .saturating_mul(1000),
-            candidates: HashMap::new(),
-            decided: HashMap::new(),
+            candidates: KeyMap::default(),
+            decided: KeyMap::default(),
             expiry: BTreeMap::new(),
             new_decisions: Vec::new(),
             committed: DedupFiles::default(),

@@ -30,6 +30,7 @@ use kappa_log::{PartitionReader, StartAt, Topic};
 use kappa_pipeline::TopicSpec;
 
 use crate::decode::{Decoder, Raw, Rejected};
+use crate::runner::collect_records;
 use crate::schema::topic_schema;
 
 /// The current rows of a dimension, as a DataFusion table. Its own type, so that a plan can
@@ -230,20 +231,7 @@ impl Dimension {
         for reader in &mut self.readers {
             loop {
                 match reader.read(READ_BYTES) {
-                    Ok(Some(chunk)) => {
-                        for record in chunk.records() {
-                            match record {
-                                Ok(record) => raws.push((
-                                    reader.partition(),
-                                    record.offset,
-                                    record.value.to_vec(),
-                                )),
-                                Err(e) => {
-                                    tracing::error!(error = %e, topic = %self.topic_name, "unreadable record")
-                                }
-                            }
-                        }
-                    }
+                    Ok(Some(chunk)) => collect_records(&chunk, reader.partition(), &mut raws),
                     Ok(None) => break,
                     Err(e) => {
                         tracing::error!(error = %e, topic = %self.topic_name, "reading a dimension failed");

@@ -800,7 +800,22 @@ fn restore_marks(
 }
 
 /// A record read from the log: partition, offset, value.
-type OwnedRecord = (u32, u64, Vec<u8>);
+pub(crate) type OwnedRecord = (u32, u64, Vec<u8>);
+
+/// Appends a chunk's records to `raws`. A record in a batch that passed its CRC but does not
+/// decode is corruption the log reports; it cannot be read, so it is logged, not guessed.
+pub(crate) fn collect_records(
+    chunk: &kappa_log::RecordChunk,
+    partition: u32,
+    raws: &mut Vec<OwnedRecord>,
+) {
+    for record in chunk.records() {
+        match record {
+            Ok(record) => raws.push((partition, record.offset, record.value.to_vec())),
+            Err(e) => tracing::error!(error = %e, partition, "unreadable record"),
+        }
+    }
+}
 
 /// Reads up to [`COMMIT_RECORDS_MAX`] records across the readers; returns them with the offsets
 /// after them.
@@ -812,20 +827,7 @@ fn read_some(readers: &mut [PartitionReader]) -> (Vec<OwnedRecord>, BTreeMap<u32
             match reader.read(READ_BYTES) {
                 Ok(Some(chunk)) => {
                     progressed = true;
-                    for record in chunk.records() {
-                        match record {
-                            Ok(record) => raws.push((
-                                reader.partition(),
-                                record.offset,
-                                record.value.to_vec(),
-                            )),
-                            // A batch that passed its CRC but does not decode: corruption the log
-                            // reports; the record cannot be read, so it is logged, not guessed.
-                            Err(e) => {
-                                tracing::error!(error = %e, partition = reader.partition(), "unreadable record")
-                            }
-                        }
-                    }
+                    collect_records(&chunk, reader.partition(), &mut raws);
                     if raws.len() >= COMMIT_RECORDS_MAX {
                         break 'outer;
                     }

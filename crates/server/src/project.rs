@@ -116,7 +116,7 @@ mod tests {
             "only project files are read"
         );
         let project = kappa_pipeline::load(&files).unwrap();
-        assert_eq!(project.models.len(), 2);
+        assert_eq!(project.models.len(), 3);
         let again = scaffold(&target).unwrap_err().to_string();
         assert!(again.contains("already holds a kappa project"), "{again}");
     }
