@@ -6,9 +6,13 @@
 //!                          vs writing + fsyncing a plain file of the same size
 //! kappa-bench log-replay   sequential replay of a ≥ 2 GiB topic from offset 0,
 //!                          vs reading a plain file of the same size
+//! kappa-bench pipelines    replay of five reference pipelines over ≥ 10 M order events,
+//!                          vs DuckDB running the same SQL over the same events as NDJSON
 //! ```
 //!
 //! Run with `cargo run --release -p kappa-bench -- log-append` (see docs/benchmarks.md).
+
+mod pipelines;
 
 use std::fs::File;
 use std::io::Write;
@@ -63,6 +67,18 @@ enum Command {
         #[arg(long, default_value_t = 2048)]
         mib: u64,
     },
+    /// Replay throughput of the reference pipelines Q1–Q5, next to DuckDB.
+    Pipelines {
+        /// Generated order events (redelivered copies come on top).
+        #[arg(long, default_value_t = 10_000_000)]
+        events: u64,
+        /// A Python with the `duckdb` package.
+        #[arg(long, default_value = "target/bench-venv/bin/python")]
+        python: PathBuf,
+        /// Only these queries, e.g. `Q1,Q3`.
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// The plain-file write reference alone, run by `log-append` in a child process so that
     /// its buffer does not count in the benchmark's peak RSS. Prints MB/s.
     #[command(hide = true)]
@@ -84,6 +100,12 @@ fn main() -> anyhow::Result<()> {
         Command::LogReplay { mib } => {
             replay(&work, mib << 20).and_then(|r| Ok(serde_json::to_value(r)?))
         }
+        Command::Pipelines {
+            events,
+            python,
+            only,
+        } => pipelines::run(&work, events, &python, only.as_deref())
+            .and_then(|r| Ok(serde_json::to_value(r)?)),
         Command::RawWrite { distinct } => raw_write_fsync(&work.join("raw-write"), distinct)
             .and_then(|r| Ok(serde_json::to_value(r)?)),
     };
