@@ -599,6 +599,48 @@ fn up_runs_models_into_iceberg_and_sql_reads_them() {
     let stopped = status("stopped");
     assert_eq!(stopped["models"][3]["rows"], 11, "{stopped}");
     assert_eq!(stopped["dead_letters"], running["dead_letters"]);
+    // Independent readers (pyiceberg and DuckDB) read every table from the warehouse and get
+    // the rows `kappa sql` gets.
+    for model in [
+        "silver.orders",
+        "silver.amounts",
+        "gold.revenue_by_category",
+        "gold.revenue_by_region",
+    ] {
+        let out = kappa_testkit::python::run_python(
+            kappa_testkit::python::READ_TABLE_SCRIPT,
+            &[data.to_str().unwrap(), model],
+        );
+        let read: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(read["pyiceberg"], read["duckdb"], "{model}: {out}");
+        let ours = with_project(&["sql", &format!("SELECT * FROM {model}"), "--json"], None);
+        let ours: serde_json::Value = serde_json::from_str(&stdout(&ours)).unwrap();
+        let ours = ours["rows"].as_array().unwrap();
+        let theirs = read["pyiceberg"].as_array().unwrap();
+        assert_eq!(theirs.len(), ours.len(), "{model}: {out}");
+        if model == "gold.revenue_by_region" {
+            let mut regions: Vec<(String, String, String)> = theirs
+                .iter()
+                .map(|r| {
+                    (
+                        r["region"].as_str().unwrap().to_owned(),
+                        r["orders"].as_str().unwrap().to_owned(),
+                        r["revenue"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect();
+            regions.sort();
+            assert_eq!(
+                regions,
+                [
+                    ("east".into(), "1".into(), "6.75".into()),
+                    ("north".into(), "2".into(), "51.23".into()),
+                    ("south".into(), "1".into(), "19.99".into()),
+                    ("west".into(), "2".into(), "24.49".into()),
+                ]
+            );
+        }
+    }
 }
 
 fn rustix_term(child: &std::process::Child) {
