@@ -7,6 +7,7 @@
 
 mod cli;
 mod crash;
+mod processing_crash;
 
 use std::path::Path;
 use std::process::{Command, Output};
