@@ -78,7 +78,10 @@ fn produce(data: &Path, project: &Path, topic: &str, key: &str, body: &str) {
 
 /// Starts `kappa up`, waits until every model has committed everything, and returns every
 /// table's rows (sorted) and the dead letters' (topic, partition, offset, reason).
-fn settle(data: &Path, project: &Path) -> (Vec<Vec<String>>, Vec<(String, u64, u64, String)>) {
+/// A dead letter: topic, partition, offset, reason.
+type Letter = (String, u64, u64, String);
+
+fn settle(data: &Path, project: &Path) -> (Vec<Vec<String>>, Vec<Letter>) {
     let up = KappaProcess::start(
         KAPPA.as_ref(),
         data,
@@ -127,7 +130,7 @@ fn settle(data: &Path, project: &Path) -> (Vec<Vec<String>>, Vec<(String, u64, u
         })
         .collect();
     let out = kappa(data, &["consume", "dead_letters", "--from-beginning"], None);
-    let mut letters: Vec<(String, u64, u64, String)> = stdout(&out)
+    let mut letters: Vec<Letter> = stdout(&out)
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
