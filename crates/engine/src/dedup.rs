@@ -599,12 +599,7 @@ impl Dedup {
         self.expiry.clear();
         self.new_decisions.clear();
         self.pending = None;
-        self.committed = properties
-            .and_then(|p| p.get(DEDUP_PROPERTY))
-            .map(|f| serde_json::from_str(f))
-            .transpose()
-            .map_err(|e| LakehouseError::Query(format!("{DEDUP_PROPERTY}: {e}")))?
-            .unwrap_or_default();
+        self.committed = crate::summary_json(properties, DEDUP_PROPERTY)?;
         let files = self.committed.clone();
         for location in files.base.iter().chain(&files.deltas) {
             for batch in lakehouse.read_state(table, location).await? {

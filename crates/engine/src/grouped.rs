@@ -214,12 +214,7 @@ impl GroupedModel {
         properties: Option<&HashMap<String, String>>,
     ) -> Result<(), LakehouseError> {
         self.pending.clear();
-        self.committed = properties
-            .and_then(|p| p.get(BUCKETS_PROPERTY))
-            .map(|b| serde_json::from_str(b))
-            .transpose()
-            .map_err(|e| LakehouseError::Query(format!("{BUCKETS_PROPERTY}: {e}")))?
-            .unwrap_or_default();
+        self.committed = crate::summary_json(properties, BUCKETS_PROPERTY)?;
         for b in 0..GROUP_BUCKETS {
             self.buckets[b] = self.plan.empty_set().map_err(df)?;
         }

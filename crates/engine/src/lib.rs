@@ -14,3 +14,17 @@ pub mod schema;
 pub mod stateless;
 pub mod watermark;
 pub mod windowed;
+
+/// The JSON value a snapshot summary (`properties`) holds under `key`, or the default when
+/// there is no snapshot or no such key; a value that does not parse is an error naming `key`.
+pub(crate) fn summary_json<T: serde::de::DeserializeOwned + Default>(
+    properties: Option<&std::collections::HashMap<String, String>>,
+    key: &str,
+) -> Result<T, kappa_lakehouse::LakehouseError> {
+    properties
+        .and_then(|p| p.get(key))
+        .map(|v| serde_json::from_str(v))
+        .transpose()
+        .map_err(|e| kappa_lakehouse::LakehouseError::Query(format!("{key}: {e}")))
+        .map(Option::unwrap_or_default)
+}

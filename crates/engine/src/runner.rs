@@ -447,6 +447,26 @@ pub async fn run_model(
     let mut table_offsets = committed.clone();
     let mut last_commit = Instant::now();
 
+    // After a failure: the state back to the last commit, the readers and dimensions back to
+    // its offsets, and a pause before reading again.
+    macro_rules! start_over {
+        () => {{
+            recover(
+                &mut compute,
+                &mut dedup,
+                &mut marks,
+                &lakehouse,
+                &table,
+                &model_id,
+            )
+            .await;
+            rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
+            reset_dimensions(&mut dims, &committed, &model_id).await;
+            dim_rejected.clear();
+            sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
+        }};
+    }
+
     loop {
         if *stop.borrow() {
             return Ok(());
@@ -520,19 +540,7 @@ pub async fn run_model(
             Ok(()) => {}
             Err(e) => {
                 tracing::error!(model = %model_id, error = %e, "computing a micro-batch failed; retrying");
-                recover(
-                    &mut compute,
-                    &mut dedup,
-                    &mut marks,
-                    &lakehouse,
-                    &table,
-                    &model_id,
-                )
-                .await;
-                rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
-                reset_dimensions(&mut dims, &committed, &model_id).await;
-                dim_rejected.clear();
-                sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
+                start_over!();
                 continue;
             }
         }
@@ -549,19 +557,7 @@ pub async fn run_model(
                 .collect();
             if let Err(e) = dead_letters.append(records).await {
                 tracing::error!(model = %model_id, error = %e, "writing dead letters failed; retrying");
-                recover(
-                    &mut compute,
-                    &mut dedup,
-                    &mut marks,
-                    &lakehouse,
-                    &table,
-                    &model_id,
-                )
-                .await;
-                rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
-                reset_dimensions(&mut dims, &committed, &model_id).await;
-                dim_rejected.clear();
-                sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
+                start_over!();
                 continue;
             }
         }
@@ -609,21 +605,7 @@ pub async fn run_model(
                 }
                 Err(e) => {
                     tracing::error!(model = %model_id, error = %e, "saving the dedup state failed; retrying");
-                    recover(
-                        &mut compute,
-                        &mut dedup,
-                        &mut marks,
-                        &lakehouse,
-                        &table,
-                        &model_id,
-                    )
-                    .await;
-                    rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
-                    reset_dimensions(&mut dims, &committed, &model_id).await;
-                    dim_rejected.clear();
-                    reset_dimensions(&mut dims, &committed, &model_id).await;
-                    dim_rejected.clear();
-                    sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
+                    start_over!();
                     continue;
                 }
             }
@@ -676,21 +658,7 @@ pub async fn run_model(
                     for (t, r) in &fresh {
                         already_dead.insert(((*t).to_owned(), r.partition, r.offset));
                     }
-                    recover(
-                        &mut compute,
-                        &mut dedup,
-                        &mut marks,
-                        &lakehouse,
-                        &table,
-                        &model_id,
-                    )
-                    .await;
-                    rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
-                    reset_dimensions(&mut dims, &committed, &model_id).await;
-                    dim_rejected.clear();
-                    reset_dimensions(&mut dims, &committed, &model_id).await;
-                    dim_rejected.clear();
-                    sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
+                    start_over!();
                 }
             }
         }
