@@ -78,16 +78,33 @@ fn produce(data: &Path, project: &Path, topic: &str, key: &str, body: &str) {
 
 /// Starts `kappa up`, waits until every model has committed everything, and returns every
 /// table's rows (sorted) and the dead letters' (topic, partition, offset, reason).
-/// A dead letter: topic, partition, offset, reason.
-type Letter = (String, u64, u64, String);
-
-fn settle(data: &Path, project: &Path) -> (Vec<Vec<String>>, Vec<Letter>) {
-    let up = KappaProcess::start(
+fn start(data: &Path, project: &Path) -> KappaProcess {
+    KappaProcess::start(
         KAPPA.as_ref(),
         data,
         &["--project", project.to_str().unwrap()],
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// A data directory with the project's topics (a first `kappa up` creates them) and products.
+fn prepare(data: &Path, project: &Path, products: &str) {
+    start(data, project).terminate().unwrap();
+    produce(data, project, "products", "product_id", products);
+}
+
+/// Appends the orders of chunk `chunk`.
+fn produce_chunk(data: &Path, project: &Path, chunk: u64) {
+    let per_chunk = ORDERS / CHUNKS;
+    let body = orders(chunk * per_chunk, (chunk + 1) * per_chunk);
+    produce(data, project, "orders", "customer_id", &body);
+}
+
+/// A dead letter: topic, partition, offset, reason.
+type Letter = (String, u64, u64, String);
+
+fn settle(data: &Path, project: &Path) -> (Vec<Vec<String>>, Vec<Letter>) {
+    let up = start(data, project);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let out = kappa(
@@ -172,29 +189,10 @@ async fn kill_9_during_processing_ends_with_a_clean_runs_tables() {
 
     // Crashing run: orders arrive in chunks, `kappa up` is killed at a random moment of each.
     let crashed = tmp.path().join("crashed");
-    let first = KappaProcess::start(
-        KAPPA.as_ref(),
-        &crashed,
-        &["--project", project.to_str().unwrap()],
-    )
-    .unwrap();
-    first.terminate().unwrap();
-    produce(&crashed, &project, "products", "product_id", &products);
-    let per_chunk = ORDERS / CHUNKS;
+    prepare(&crashed, &project, &products);
     for chunk in 0..CHUNKS {
-        produce(
-            &crashed,
-            &project,
-            "orders",
-            "customer_id",
-            &orders(chunk * per_chunk, (chunk + 1) * per_chunk),
-        );
-        let up = KappaProcess::start(
-            KAPPA.as_ref(),
-            &crashed,
-            &["--project", project.to_str().unwrap()],
-        )
-        .unwrap();
+        produce_chunk(&crashed, &project, chunk);
+        let up = start(&crashed, &project);
         std::thread::sleep(Duration::from_millis(rng.random_range(20..400)));
         up.kill9().unwrap();
     }
@@ -202,22 +200,9 @@ async fn kill_9_during_processing_ends_with_a_clean_runs_tables() {
 
     // Clean run: the same records, one `kappa up` that is never killed.
     let clean = tmp.path().join("clean");
-    let first = KappaProcess::start(
-        KAPPA.as_ref(),
-        &clean,
-        &["--project", project.to_str().unwrap()],
-    )
-    .unwrap();
-    first.terminate().unwrap();
-    produce(&clean, &project, "products", "product_id", &products);
+    prepare(&clean, &project, &products);
     for chunk in 0..CHUNKS {
-        produce(
-            &clean,
-            &project,
-            "orders",
-            "customer_id",
-            &orders(chunk * per_chunk, (chunk + 1) * per_chunk),
-        );
+        produce_chunk(&clean, &project, chunk);
     }
     let (clean_tables, clean_letters) = settle(&clean, &project);
 
