@@ -100,6 +100,23 @@ fn produce_chunk(data: &Path, project: &Path, chunk: u64) {
     produce(data, project, "orders", "customer_id", &body);
 }
 
+/// Every model's records not yet covered by its table's last commit (read without a server).
+fn lags(data: &Path, project: &Path) -> Vec<u64> {
+    let out = kappa(
+        data,
+        &["--project", project.to_str().unwrap(), "status", "--json"],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    status["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["lag_records"].as_u64().unwrap())
+        .collect()
+}
+
 /// A dead letter: topic, partition, offset, reason.
 type Letter = (String, u64, u64, String);
 
@@ -187,15 +204,29 @@ async fn kill_9_during_processing_ends_with_a_clean_runs_tables() {
     .unwrap();
     let products = std::fs::read_to_string(project.join("data/products.ndjson")).unwrap();
 
-    // Crashing run: orders arrive in chunks, `kappa up` is killed at a random moment of each.
+    // Crashing run: orders arrive in chunks; `kappa up` is killed during each, at 20–340 ms.
     let crashed = tmp.path().join("crashed");
     prepare(&crashed, &project, &products);
+    let mut mid_processing = 0;
     for chunk in 0..CHUNKS {
         produce_chunk(&crashed, &project, chunk);
         let up = start(&crashed, &project);
-        std::thread::sleep(Duration::from_millis(rng.random_range(20..400)));
+        // Spread over the phases: the first kills land during start-up or the first commits,
+        // the later ones mid-stream or after catching up; the jitter comes from the seed.
+        let delay = 20 + chunk * 40 + rng.random_range(0..40);
+        std::thread::sleep(Duration::from_millis(delay));
         up.kill9().unwrap();
+        // Where the kill landed: what each model had committed by then.
+        let lags = lags(&crashed, &project);
+        eprintln!("kill {chunk}: records not yet committed per model {lags:?}");
+        if lags.iter().any(|&lag| lag > 0) {
+            mid_processing += 1;
+        }
     }
+    assert!(
+        mid_processing > 0,
+        "no kill landed before the models caught up (seed {seed})"
+    );
     let (tables, letters) = settle(&crashed, &project);
 
     // Clean run: the same records, one `kappa up` that is never killed.
