@@ -30,7 +30,7 @@ use kappa_log::{PartitionReader, StartAt, Topic};
 use kappa_pipeline::TopicSpec;
 
 use crate::decode::{Decoder, Raw, Rejected};
-use crate::runner::collect_records;
+use crate::runner::{READ_BYTES, collect_records};
 use crate::schema::topic_schema;
 
 /// The current rows of a dimension, as a DataFusion table. Its own type, so that a plan can
@@ -157,9 +157,6 @@ impl std::fmt::Debug for Dimension {
     }
 }
 
-/// How much of a partition one read takes.
-const READ_BYTES: usize = 1 << 20;
-
 impl Dimension {
     /// A dimension over `topic`, declared by `spec`, whose rows go to `table`. Empty until
     /// [`Dimension::reset`] or [`Dimension::catch_up`].
@@ -254,15 +251,6 @@ impl Dimension {
             .iter()
             .map(|r| (r.partition(), r.next_offset()))
             .collect()
-    }
-
-    /// The number of current rows.
-    pub fn len(&self) -> usize {
-        self.latest.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.latest.is_empty()
     }
 
     /// Folds records, in log order, into the latest row per key.

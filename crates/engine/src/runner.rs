@@ -50,7 +50,7 @@ pub const LIVE_COMMIT_INTERVAL_MS: u64 = 100;
 /// How long progress over records that add no rows waits before it is committed anyway.
 pub const PROGRESS_COMMIT_INTERVAL_MS: u64 = 1000;
 /// Bytes asked of the log per read.
-const READ_BYTES: usize = 1 << 20;
+pub(crate) const READ_BYTES: usize = 1 << 20;
 /// After a failed commit, wait this long before trying again.
 const RETRY_DELAY_MS: u64 = 1000;
 
@@ -507,7 +507,8 @@ pub async fn run_model(
         let pushed = match &mut marks {
             _ if raws.is_empty() => Ok(()),
             None => compute.push(batch, None).await,
-            Some(marks) if dedup.is_some() => {
+            // The dedup stage (when there is one) sits between the source and the model.
+            Some(marks) => {
                 let partitions: Vec<u32> = positions.iter().map(|(p, _)| *p).collect();
                 match marks.apply(&batch, &partitions) {
                     Ok((kept, _, late)) => {
@@ -519,18 +520,6 @@ pub async fn run_model(
                             Ok(rows) => compute.push(rows, watermark).await,
                             Err(e) => Err(e),
                         }
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            Some(marks) => {
-                let partitions: Vec<u32> = positions.iter().map(|(p, _)| *p).collect();
-                match marks.apply(&batch, &partitions) {
-                    Ok((kept, _, late)) => {
-                        if reports_late {
-                            set_aside(&mut rejected, late, &positions, &raws);
-                        }
-                        compute.push(kept, marks.watermark()).await
                     }
                     Err(e) => Err(e),
                 }

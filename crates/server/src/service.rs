@@ -210,8 +210,6 @@ pub async fn status(
     project: Option<&kappa_pipeline::Project>,
     runners: Option<&crate::pipelines::RunnerStates>,
 ) -> Result<crate::api::StatusResponse, ServiceError> {
-    use kappa_engine::runner::{OFFSETS_PROPERTY, Offsets, VERSION_PROPERTY, model_version};
-
     let dead_letters = {
         let log = log.clone();
         tokio::task::spawn_blocking(move || dead_letter_counts(&log))
@@ -219,80 +217,89 @@ pub async fn status(
             .map_err(|e| ServiceError::Internal(e.to_string()))?
     };
     let mut models = Vec::new();
-    let ids: Vec<&String> = project
-        .map(|p| p.order.iter().collect())
-        .unwrap_or_default();
-    for id in ids {
-        let Some(project) = project else { break };
-        let model = &project.models[id];
-        let snapshot = match kappa_lakehouse::table_ident(&model.layer, &model.name) {
-            Ok(ident) => lakehouse.load_table(&ident).await.ok().and_then(|table| {
-                table
-                    .metadata()
-                    .current_snapshot()
-                    .map(|s| (s.summary().additional_properties.clone(), s.timestamp_ms()))
-            }),
-            Err(_) => None,
-        };
-        let committed: Offsets = snapshot
-            .as_ref()
-            .and_then(|(p, _)| p.get(OFFSETS_PROPERTY))
-            .and_then(|o| serde_json::from_str(o).ok())
-            .unwrap_or_default();
-        let mut lag_records = 0;
-        for topic_name in kappa_engine::plan::source_topics(project, id) {
-            let Ok(topic) = log.topic(&topic_name) else {
-                continue;
-            };
-            for partition in topic.partitions() {
-                let offsets = partition.offsets();
-                let done = committed
-                    .get(&topic_name)
-                    .and_then(|p| p.get(&partition.id()))
-                    .copied()
-                    .unwrap_or(offsets.start_offset);
-                lag_records += offsets.visible_offset.saturating_sub(done);
-            }
+    // Without a project there are no models to report, only the dead letters.
+    if let Some(project) = project {
+        for id in &project.order {
+            models.push(model_status(log, lakehouse, project, id, runners, &dead_letters).await);
         }
-        let (state, detail) = match runners.and_then(|r| r.get(id)) {
-            None => ("stopped".to_owned(), None),
-            Some(crate::pipelines::RunnerState::Running) => ("running".to_owned(), None),
-            Some(crate::pipelines::RunnerState::Restarting(e)) => {
-                ("restarting".to_owned(), Some(e))
-            }
-            Some(crate::pipelines::RunnerState::NotRunning(e)) => {
-                ("not running".to_owned(), Some(e))
-            }
-        };
-        let rows = snapshot
-            .as_ref()
-            .and_then(|(p, _)| p.get("total-records"))
-            .and_then(|n| n.parse().ok())
-            .or(snapshot.as_ref().map(|_| 0));
-        models.push(crate::api::ModelStatus {
-            model: id.clone(),
-            state,
-            detail,
-            version: model_version(model),
-            table_version: snapshot
-                .as_ref()
-                .and_then(|(p, _)| p.get(VERSION_PROPERTY).cloned()),
-            rows,
-            last_commit: snapshot
-                .as_ref()
-                .map(|(_, ms)| crate::api::format_timestamp(*ms)),
-            lag_records,
-            dead_letters: dead_letters
-                .iter()
-                .filter(|d| &d.model == id)
-                .map(|d| d.count)
-                .sum(),
-        });
     }
     Ok(crate::api::StatusResponse {
         models,
         dead_letters,
     })
+}
+
+/// One model's status: its runner's state, its table's last commit, its lag and dead letters.
+async fn model_status(
+    log: &Log,
+    lakehouse: &kappa_lakehouse::Lakehouse,
+    project: &kappa_pipeline::Project,
+    id: &str,
+    runners: Option<&crate::pipelines::RunnerStates>,
+    dead_letters: &[crate::api::DeadLetterCount],
+) -> crate::api::ModelStatus {
+    use kappa_engine::runner::{OFFSETS_PROPERTY, Offsets, VERSION_PROPERTY, model_version};
+
+    let model = &project.models[id];
+    let snapshot = match kappa_lakehouse::table_ident(&model.layer, &model.name) {
+        Ok(ident) => lakehouse.load_table(&ident).await.ok().and_then(|table| {
+            table
+                .metadata()
+                .current_snapshot()
+                .map(|s| (s.summary().additional_properties.clone(), s.timestamp_ms()))
+        }),
+        Err(_) => None,
+    };
+    let committed: Offsets = snapshot
+        .as_ref()
+        .and_then(|(p, _)| p.get(OFFSETS_PROPERTY))
+        .and_then(|o| serde_json::from_str(o).ok())
+        .unwrap_or_default();
+    let mut lag_records = 0;
+    for topic_name in kappa_engine::plan::source_topics(project, id) {
+        let Ok(topic) = log.topic(&topic_name) else {
+            continue;
+        };
+        for partition in topic.partitions() {
+            let offsets = partition.offsets();
+            let done = committed
+                .get(&topic_name)
+                .and_then(|p| p.get(&partition.id()))
+                .copied()
+                .unwrap_or(offsets.start_offset);
+            lag_records += offsets.visible_offset.saturating_sub(done);
+        }
+    }
+    let (state, detail) = match runners.and_then(|r| r.get(id)) {
+        None => ("stopped".to_owned(), None),
+        Some(crate::pipelines::RunnerState::Running) => ("running".to_owned(), None),
+        Some(crate::pipelines::RunnerState::Restarting(e)) => ("restarting".to_owned(), Some(e)),
+        Some(crate::pipelines::RunnerState::NotRunning(e)) => ("not running".to_owned(), Some(e)),
+    };
+    let rows = snapshot
+        .as_ref()
+        .and_then(|(p, _)| p.get("total-records"))
+        .and_then(|n| n.parse().ok())
+        .or(snapshot.as_ref().map(|_| 0));
+    crate::api::ModelStatus {
+        model: id.to_owned(),
+        state,
+        detail,
+        version: model_version(model),
+        table_version: snapshot
+            .as_ref()
+            .and_then(|(p, _)| p.get(VERSION_PROPERTY).cloned()),
+        rows,
+        last_commit: snapshot
+            .as_ref()
+            .map(|(_, ms)| crate::api::format_timestamp(*ms)),
+        lag_records,
+        dead_letters: dead_letters
+            .iter()
+            .filter(|d| d.model == id)
+            .map(|d| d.count)
+            .sum(),
+    }
 }
 
 /// Counts the dead-letter topic's records per model and topic.
