@@ -198,6 +198,11 @@ mod tests {
         );
         files.insert("topics/raw.toml".into(), "partitions = 1\n".into());
         files.insert(
+            "topics/payments.toml".into(),
+            "[schema]\norder_id = \"bigint\"\namount = \"decimal(10,2)\"\nts = \"timestamp\"\n"
+                .into(),
+        );
+        files.insert(
             "topics/regions.toml".into(),
             "kind = \"table\"\nkey = \"region\"\n[schema]\nregion = \"string\"\nmanager = \"string\"\n".into(),
         );
@@ -269,6 +274,26 @@ mod tests {
                 "SELECT o.region FROM orders o JOIN raw r ON o.region = r.value",
             ),
             (
+                "models/gold/paid.sql",
+                "SELECT o.order_id, p.amount FROM orders o JOIN payments p\n\
+                 ON p.order_id = o.order_id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'",
+            ),
+            (
+                "models/gold/paid_per_region.sql",
+                "SELECT o.region, count(*) AS n FROM orders o JOIN payments p ON \
+                 p.order_id = o.order_id AND o.ts <= p.ts AND p.ts < o.ts + INTERVAL '1 day' \
+                 GROUP BY o.region",
+            ),
+            (
+                "models/gold/unbounded.sql",
+                "SELECT o.order_id, p.amount FROM orders o\nJOIN payments p ON p.order_id = o.order_id",
+            ),
+            (
+                "models/gold/unpaid.sql",
+                "SELECT o.order_id, p.amount FROM orders o LEFT JOIN payments p\n\
+                 ON p.order_id = o.order_id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'",
+            ),
+            (
                 "models/gold/looked_up.sql",
                 "SELECT o.order_id, r.manager FROM silver.orders o LEFT JOIN regions r \
                  ON o.region = r.region",
@@ -316,12 +341,14 @@ mod tests {
         .await;
         expect_test::expect![[r#"
             models/gold/appended.sql:1:42: not incremental: materialization = "append", but a GROUP BY without a window over the event time updates its rows; use "upsert", or group by a window such as date_bin(INTERVAL '1 minute', <event_time>)
-            models/gold/both.sql:1:31: not incremental: the model reads several streams (orders, raw); joining two streams is not supported yet — declare the side that holds the current state of something as kind = "table" in its topics/<name>.toml, and it becomes a dimension looked up by each event
+            models/gold/both.sql:1:31: not incremental: joining two streams needs a time bound in its ON clause that keeps the state finite, such as ON p.order_id = o.id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'; or declare the side that holds the current state of something as kind = "table" in its topics/<name>.toml, and it becomes a dimension looked up by each event
             models/gold/every_region.sql:2:7: not incremental: a right join would produce rows of the dimension that no event looked up; use JOIN or LEFT JOIN from the stream to the dimension; a model runs row by row (projections, filters) or as one GROUP BY
             models/gold/median.sql:1:16: not incremental: aggregate `median` is not incremental; supported: count, sum, min, max, avg, mean, bool_and, bool_or
             models/gold/ranked.sql:1:23: not incremental: window functions (OVER …) are not incremental; for running totals use GROUP BY; a model runs row by row (projections, filters) or as one GROUP BY
             models/gold/sorted.sql:3:1: not incremental: ORDER BY: a table's rows have no order; drop it and order when you query the table; a model runs row by row (projections, filters) or as one GROUP BY
             models/gold/twice.sql:1:33: not incremental: reads gold.totals, whose rows are groups that change; a GROUP BY over another model's groups is not incremental yet — group the rows gold.totals reads instead
+            models/gold/unbounded.sql:2:1: not incremental: joining two streams needs a time bound in its ON clause that keeps the state finite, such as ON p.order_id = o.id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'; or declare the side that holds the current state of something as kind = "table" in its topics/<name>.toml, and it becomes a dimension looked up by each event
+            models/gold/unpaid.sql:1:48: not incremental: a left join of two streams would have to wait until no partner can come to emit an unmatched row; that is not supported yet — use JOIN (inner) with a time bound, ON p.order_id = o.id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'
             models/gold/untimed.toml:1:1: event_time `region` of topic `orders` is not a timestamp
         "#]]
         .assert_eq(&got);

@@ -112,8 +112,10 @@ pub fn lookup_join_problem(join: &Join) -> Option<String> {
         }
         (false, false) => {
             return Some(
-                "joining two streams is not supported yet; declare the side that holds the \
-                 current state of something (products, customers) as kind = \"table\" in its \
+                "both sides of this join read streams; two streams join only as one join of \
+                 two different topics with a time bound in ON (p.ts BETWEEN o.ts AND o.ts + \
+                 INTERVAL '1 hour'); or declare the side that holds the current state of \
+                 something (products, customers) as kind = \"table\" in its \
                  topics/<name>.toml, and it becomes a dimension looked up by each event"
                     .into(),
             );

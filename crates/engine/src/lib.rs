@@ -12,6 +12,7 @@ pub mod plan;
 pub mod runner;
 pub mod schema;
 pub mod stateless;
+pub mod stream_join;
 pub mod watermark;
 pub mod windowed;
 

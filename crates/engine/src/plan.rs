@@ -26,6 +26,7 @@ use crate::dedup::{DEFAULT_HORIZON_MS, DedupMatch, find_dedup, replace_dedup};
 use crate::dimension::DimensionTable;
 use crate::schema::topic_schema;
 use crate::stateless::{session, stateless_shape};
+use crate::stream_join::{StreamJoinMatch, find_stream_join, replace_join};
 use crate::windowed::window_key;
 
 /// How a model runs.
@@ -54,7 +55,7 @@ pub struct EventTime {
 /// A model planned over the micro-batch slot of its source topic.
 pub struct PlannedModel {
     pub ctx: SessionContext,
-    /// The topic every row of the model comes from.
+    /// The topic every row of the model comes from (the left side of a join of two streams).
     pub topic: String,
     /// The topics of kind "table" it joins, each with the table its current rows are put in.
     pub dimensions: Vec<(String, Arc<DimensionTable>)>,
@@ -67,6 +68,21 @@ pub struct PlannedModel {
     pub event_time: Option<EventTime>,
     /// A deduplication between the source and `plan`, whose output `plan` reads.
     pub dedup: Option<DedupPlan>,
+    /// A join of `topic` with a second stream, whose output `plan` reads.
+    pub join: Option<StreamJoinPlan>,
+}
+
+/// A join of two streams found in a model.
+#[derive(Debug)]
+pub struct StreamJoinPlan {
+    pub found: StreamJoinMatch,
+    /// The table the right topic's micro-batches are put in.
+    pub right_slot: Arc<MemTable>,
+    /// The right topic's event time (the left one's is the model's `event_time`).
+    pub right_event_time: EventTime,
+    /// The table the joined rows are put in for the rest of the plan.
+    pub output_slot: Arc<MemTable>,
+    pub output_schema: arrow::datatypes::SchemaRef,
 }
 
 /// A deduplication found in a model.
@@ -82,14 +98,15 @@ pub struct DedupPlan {
 impl PlannedModel {
     /// Whether the model needs event time at its source (windows, deduplication).
     pub fn uses_event_time(&self) -> bool {
-        self.shape == Shape::Windowed || self.dedup.is_some()
+        self.shape == Shape::Windowed || self.dedup.is_some() || self.join.is_some()
     }
 
-    /// The table the rest of the plan reads: the dedup's output, or the source.
+    /// The table the rest of the plan reads: the dedup's or the join's output, or the source.
     pub fn input_slot(&self) -> Arc<MemTable> {
-        match &self.dedup {
-            Some(d) => d.output_slot.clone(),
-            None => self.slot.clone(),
+        match (&self.dedup, &self.join) {
+            (Some(d), _) => d.output_slot.clone(),
+            (None, Some(j)) => j.output_slot.clone(),
+            (None, None) => self.slot.clone(),
         }
     }
 }
@@ -127,12 +144,12 @@ pub fn source_topics(project: &Project, model_id: &str) -> BTreeSet<String> {
     topics
 }
 
-/// Sorts the topics a model reads into its one stream and the tables (dimensions) it looks
-/// up. A model that reads only one table reads its records as a stream.
+/// Sorts the topics a model reads into its streams (one, or two it joins) and the tables
+/// (dimensions) it looks up. A model that reads only one table reads its records as a stream.
 fn stream_and_tables(
     project: &Project,
     topics: &BTreeSet<String>,
-) -> Result<(String, Vec<String>)> {
+) -> Result<(Vec<String>, Vec<String>)> {
     let is_table = |t: &String| {
         project
             .topics
@@ -141,8 +158,8 @@ fn stream_and_tables(
     };
     let (tables, streams): (Vec<String>, Vec<String>) = topics.iter().cloned().partition(is_table);
     match (streams.as_slice(), tables.as_slice()) {
-        ([one], _) => Ok((one.clone(), tables)),
-        ([], [one]) => Ok((one.clone(), Vec::new())),
+        ([_] | [_, _], _) => Ok((streams, tables)),
+        ([], [one]) => Ok((vec![one.clone()], Vec::new())),
         ([], []) => Err(DataFusionError::NotImplemented(
             "the model reads no topic".into(),
         )),
@@ -151,9 +168,11 @@ fn stream_and_tables(
             many.join(", ")
         ))),
         (many, _) => Err(DataFusionError::NotImplemented(format!(
-            "the model reads several streams ({}); joining two streams is not supported yet — \
-             declare the side that holds the current state of something as kind = \"table\" \
-             in its topics/<name>.toml, and it becomes a dimension looked up by each event",
+            "the model reads {} streams ({}); a model joins at most two streams — write one \
+             model per join, or declare the sides that hold the current state of something as \
+             kind = \"table\" in their topics/<name>.toml, and they become dimensions looked \
+             up by each event",
+            many.len(),
             many.join(", ")
         ))),
     }
@@ -166,14 +185,18 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         .get(model_id)
         .ok_or_else(|| DataFusionError::Plan(format!("no model `{model_id}`")))?;
     let topics = source_topics(project, model_id);
-    let (topic, tables) = stream_and_tables(project, &topics)?;
-    let spec = project
-        .topics
-        .get(&topic)
-        .ok_or_else(|| DataFusionError::Plan(format!("no topic `{topic}`")))?;
+    let (streams, tables) = stream_and_tables(project, &topics)?;
     let ctx = session();
-    let slot = Arc::new(MemTable::try_new(topic_schema(spec), vec![vec![]])?);
-    ctx.register_table(TableReference::bare(topic.as_str()), slot.clone())?;
+    let mut slots = Vec::new();
+    for name in &streams {
+        let spec = project
+            .topics
+            .get(name)
+            .ok_or_else(|| DataFusionError::Plan(format!("no topic `{name}`")))?;
+        let slot = Arc::new(MemTable::try_new(topic_schema(spec), vec![vec![]])?);
+        ctx.register_table(TableReference::bare(name.as_str()), slot.clone())?;
+        slots.push((name.clone(), slot));
+    }
     let mut dimensions = Vec::new();
     for name in tables {
         let table_spec = project
@@ -205,9 +228,41 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         .analyzer()
         .execute_and_check(plan, state.config_options(), |_, _| {})?;
     let plan = distinct_as_group_by(plan)?;
-    let event_time = event_time_of(project, model_id, spec)?;
+    let (plan, join) = match slots.len() {
+        1 => (plan, None),
+        _ => {
+            let (rest, join) = plan_stream_join(project, model_id, &plan, &streams, &slots)?;
+            (rest, Some(join))
+        }
+    };
+    let (topic, slot) = match &join {
+        Some(j) => slots
+            .iter()
+            .find(|(name, _)| *name == j.found.left_topic)
+            .cloned(),
+        None => slots.first().cloned(),
+    }
+    .ok_or_else(|| DataFusionError::Internal("a model without a stream".into()))?;
+    let spec = project
+        .topics
+        .get(&topic)
+        .ok_or_else(|| DataFusionError::Plan(format!("no topic `{topic}`")))?;
+    let event_time = match &join {
+        Some(j) => Some(join_event_time(
+            project,
+            model_id,
+            spec,
+            &j.found.left_time,
+        )?),
+        None => event_time_of(project, model_id, spec)?,
+    };
     let (plan, dedup) = match find_dedup(&plan).map_err(DataFusionError::NotImplemented)? {
         None => (plan, None),
+        Some(_) if join.is_some() => {
+            return Err(DataFusionError::NotImplemented(
+                "deduplication and a join of two streams in one model are not supported yet".into(),
+            ));
+        }
         Some(found) => {
             if event_time.is_none() {
                 return Err(DataFusionError::NotImplemented(format!(
@@ -241,7 +296,14 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
             }
             _ => false,
         };
-        if windowed {
+        if windowed && join.is_some() {
+            return Err(DataFusionError::NotImplemented(
+                "windows over a join of two streams are not supported yet (a pair is produced \
+                 when its second row arrives, up to the time bound after the first); group the \
+                 joined rows by their keys instead"
+                    .into(),
+            ));
+        } else if windowed {
             shape = Shape::Windowed;
         } else if model.config.materialization == Some(Materialization::Append) {
             return Err(DataFusionError::NotImplemented(
@@ -261,6 +323,103 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         shape,
         event_time,
         dedup,
+        join,
+    })
+}
+
+/// Finds the join of the model's two streams and replaces it by the slot its pairs are put in.
+fn plan_stream_join(
+    project: &Project,
+    model_id: &str,
+    plan: &LogicalPlan,
+    streams: &[String],
+    slots: &[(String, Arc<MemTable>)],
+) -> Result<(LogicalPlan, StreamJoinPlan)> {
+    let found = find_stream_join(plan, streams)
+        .map_err(DataFusionError::NotImplemented)?
+        .ok_or_else(|| {
+            DataFusionError::NotImplemented(format!(
+                "the model reads two streams ({}) but does not join them; a join of two \
+                 streams needs a time bound in its ON clause, such as ON p.order_id = o.id \
+                 AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'",
+                streams.join(", ")
+            ))
+        })?;
+    let right_slot = slots
+        .iter()
+        .find(|(name, _)| *name == found.right_topic)
+        .map(|(_, slot)| slot.clone())
+        .ok_or_else(|| DataFusionError::Internal("the join's right topic has no slot".into()))?;
+    let right_spec = project
+        .topics
+        .get(&found.right_topic)
+        .ok_or_else(|| DataFusionError::Plan(format!("no topic `{}`", found.right_topic)))?;
+    let right_event_time = join_event_time(project, model_id, right_spec, &found.right_time)?;
+    let (output_slot, output_schema, scan) = slot_for("kappa_join", found.node.schema())?;
+    let rest = replace_join(plan.clone(), &found, &scan)?;
+    Ok((
+        rest,
+        StreamJoinPlan {
+            found,
+            right_slot,
+            right_event_time,
+            output_slot,
+            output_schema,
+        },
+    ))
+}
+
+/// A joined topic's event time: the field its time bound compares; the watermark delay is the
+/// nearest declared one; it is declared by the model whose own SQL reads the topic.
+fn join_event_time(
+    project: &Project,
+    model_id: &str,
+    topic: &kappa_pipeline::TopicSpec,
+    column: &str,
+) -> Result<EventTime> {
+    let schema = topic_schema(topic);
+    let index = schema.index_of(column).map_err(|_| {
+        DataFusionError::NotImplemented(format!(
+            "the join's time bound compares `{column}`, which is not a field of topic `{}`",
+            topic.name
+        ))
+    })?;
+    if !matches!(
+        schema.field(index).data_type(),
+        arrow::datatypes::DataType::Timestamp(..)
+    ) {
+        return Err(DataFusionError::NotImplemented(format!(
+            "the join's time bound compares `{column}` of topic `{}`, which is not a timestamp",
+            topic.name
+        )));
+    }
+    let mut delay_ms = None;
+    let mut declared_by = None;
+    let mut pending = std::collections::VecDeque::from([model_id.to_owned()]);
+    let mut seen = BTreeSet::new();
+    while let Some(id) = pending.pop_front() {
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        let Some(model) = project.models.get(&id) else {
+            continue;
+        };
+        delay_ms = delay_ms.or(model.config.watermark_ms);
+        for input in &model.inputs {
+            match input {
+                Input::Topic(t) if *t == topic.name => {
+                    declared_by.get_or_insert_with(|| id.clone());
+                }
+                Input::Topic(_) => {}
+                Input::Model(m) => pending.push_back(m.clone()),
+            }
+        }
+    }
+    Ok(EventTime {
+        column: column.to_owned(),
+        index,
+        delay_ms: delay_ms.unwrap_or(0),
+        declared_by: declared_by.unwrap_or_else(|| model_id.to_owned()),
     })
 }
 

@@ -27,6 +27,7 @@ use crate::dimension::Dimension;
 use crate::grouped::GroupedModel;
 use crate::plan::{Shape, plan_model};
 use crate::stateless::StatelessModel;
+use crate::stream_join::StreamJoin;
 use crate::watermark::{WATERMARKS_PROPERTY, Watermarks};
 use crate::windowed::WindowedModel;
 
@@ -95,13 +96,16 @@ enum Compute {
     Windowed(Box<WindowedModel>),
 }
 
-/// A model ready to run: its source topic, an optional dedup stage, and its computation.
+/// A model ready to run: its source topics, an optional dedup or join stage, and its
+/// computation.
 struct Planned {
-    topic: String,
+    /// The stream topics it reads (two when it joins them, the left side first), each with its
+    /// event time.
+    sources: Vec<(String, Option<crate::plan::EventTime>)>,
     dimensions: Vec<(String, Arc<crate::dimension::DimensionTable>)>,
     compute: Compute,
-    event_time: Option<crate::plan::EventTime>,
     dedup: Option<Dedup>,
+    join: Option<StreamJoin>,
 }
 
 impl Compute {
@@ -114,6 +118,23 @@ impl Compute {
         let event_time = planned.event_time.clone();
         let dimensions = planned.dimensions.clone();
         let input_slot = planned.input_slot();
+        let mut sources = vec![(planned.topic.clone(), event_time.clone())];
+        let join = match &planned.join {
+            Some(j) => {
+                sources.push((
+                    j.found.right_topic.clone(),
+                    Some(j.right_event_time.clone()),
+                ));
+                Some(StreamJoin::new(
+                    planned.ctx.clone(),
+                    &j.found,
+                    planned.slot.clone(),
+                    j.right_slot.clone(),
+                    j.output_schema.clone(),
+                )?)
+            }
+            None => None,
+        };
         let dedup = match (&planned.dedup, &event_time) {
             (Some(d), Some(et)) => Some(Dedup::new(
                 planned.ctx.clone(),
@@ -160,11 +181,11 @@ impl Compute {
             }
         };
         Ok(Planned {
-            topic: planned.topic,
+            sources,
             dimensions,
             compute,
-            event_time,
             dedup,
+            join,
         })
     }
 
@@ -292,11 +313,11 @@ pub async fn run_model(
     let model = &project.models[&model_id];
     let err_model = || model_id.clone();
     let Planned {
-        topic: topic_name,
+        sources: source_plans,
         dimensions,
         mut compute,
-        event_time,
         mut dedup,
+        mut join,
     } = match Compute::plan(&project, &model_id).await {
         Ok(planned) => planned,
         Err(datafusion::error::DataFusionError::NotImplemented(reason)) => {
@@ -312,13 +333,42 @@ pub async fn run_model(
             });
         }
     };
-    let decoder = Decoder::new(&project.topics[&topic_name]);
-    // A record that does not fit its topic's schema is reported once, by one model.
-    let reports_rejects = rejects_reporter(&project, &topic_name).as_deref() == Some(&model_id);
-    let topic = log.topic(&topic_name).map_err(|source| RunnerError::Log {
-        model: err_model(),
-        source,
-    })?;
+    let needs_event_time = compute.uses_event_time() || dedup.is_some() || join.is_some();
+    let mut sources = Vec::with_capacity(source_plans.len());
+    for (name, event_time) in source_plans {
+        let topic = log.topic(&name).map_err(|source| RunnerError::Log {
+            model: err_model(),
+            source,
+        })?;
+        // Late records are reported by the model that declares the event time, if it uses
+        // it; otherwise by each model that does.
+        let reports_late = match &event_time {
+            Some(et) if et.declared_by != model_id => !plan_model(&project, &et.declared_by)
+                .await
+                .is_ok_and(|p| p.uses_event_time()),
+            _ => true,
+        };
+        // Event time at the source: late records set aside, the watermark advanced.
+        let marks = match (&event_time, needs_event_time) {
+            (Some(et), true) => Some(Watermarks::new(
+                &et.column,
+                et.index,
+                et.delay_ms,
+                topic.partition_count(),
+            )),
+            _ => None,
+        };
+        sources.push(Source {
+            decoder: Decoder::new(&project.topics[&name]),
+            // A record that does not fit its topic's schema is reported once, by one model.
+            reports_rejects: rejects_reporter(&project, &name).as_deref() == Some(&model_id),
+            reports_late,
+            marks,
+            readers: Vec::new(),
+            topic,
+            name,
+        });
+    }
     let mut dims = Vec::new();
     for (name, table) in dimensions {
         let dim_topic = log.topic(&name).map_err(|source| RunnerError::Log {
@@ -335,24 +385,6 @@ pub async fn run_model(
         let reports = rejects_reporter(&project, &name).as_deref() == Some(&model_id);
         dims.push((dimension, reports));
     }
-    // Late records are reported by the model that declares the event time, if it uses it;
-    // otherwise by each model that does.
-    let reports_late = match &event_time {
-        Some(et) if et.declared_by != model_id => !plan_model(&project, &et.declared_by)
-            .await
-            .is_ok_and(|p| p.uses_event_time()),
-        _ => true,
-    };
-    // Event time at the source: late records set aside, the watermark advanced.
-    let mut marks = match (&event_time, compute.uses_event_time() || dedup.is_some()) {
-        (Some(et), true) => Some(Watermarks::new(
-            &et.column,
-            et.index,
-            et.delay_ms,
-            topic.partition_count(),
-        )),
-        _ => None,
-    };
     let dead_letters = dead_letter_topic(&log).map_err(|source| RunnerError::Log {
         model: err_model(),
         source,
@@ -388,64 +420,58 @@ pub async fn run_model(
             .await
             .map_err(lake_err)?;
     }
+    let properties = table
+        .metadata()
+        .current_snapshot()
+        .map(|s| s.summary().additional_properties.clone());
     compute
         .restore(&lakehouse, &table)
         .await
         .map_err(lake_err)?;
-    restore_marks(&mut marks, &table)
+    restore_marks(&mut sources, properties.as_ref())
         .map_err(|reason| lake_err(kappa_lakehouse::LakehouseError::Query(reason)))?;
     if let Some(dedup) = &mut dedup {
-        let properties = table
-            .metadata()
-            .current_snapshot()
-            .map(|s| s.summary().additional_properties.clone());
         dedup
             .restore(&lakehouse, &table, properties.as_ref())
             .await
             .map_err(lake_err)?;
     }
+    if let Some(join) = &mut join {
+        join.restore(&lakehouse, &table, properties.as_ref())
+            .await
+            .map_err(lake_err)?;
+    }
 
     // Resume from what the table says it covers.
-    let last = table
-        .metadata()
-        .current_snapshot()
-        .map(|s| s.summary().additional_properties.clone());
-    let mut committed: Offsets = last
+    let mut committed: Offsets = properties
         .as_ref()
         .and_then(|p| p.get(OFFSETS_PROPERTY))
         .and_then(|o| serde_json::from_str(o).ok())
         .unwrap_or_default();
-    let dead_letters_from = last
+    let dead_letters_from = properties
         .as_ref()
         .and_then(|p| p.get(DEAD_LETTERS_PROPERTY))
         .and_then(|o| o.parse::<u64>().ok())
         .unwrap_or(0);
     let mut already_dead = dead_letters_after(&dead_letters, dead_letters_from, &model_id);
-    let mut readers = Vec::new();
-    for partition in topic.partitions() {
-        let next = committed
-            .get(&topic_name)
-            .and_then(|p| p.get(&partition.id()))
-            .copied()
-            .unwrap_or(0);
-        let start = if next == 0 {
-            StartAt::Beginning
-        } else {
-            StartAt::Offset(next)
-        };
-        readers.push(partition.reader(start).map_err(|source| RunnerError::Log {
-            model: err_model(),
-            source,
-        })?);
+    for source in &mut sources {
+        source
+            .rewind(&committed)
+            .map_err(|source| RunnerError::Log {
+                model: err_model(),
+                source,
+            })?;
     }
     reset_dimensions(&mut dims, &committed, &model_id).await;
-    tracing::info!(model = %model_id, offsets = ?committed.get(&topic_name), "model starts");
+    tracing::info!(model = %model_id, offsets = ?committed, "model starts");
     // Records of dimensions that do not fit their schema, until the commit that passes them.
     let mut dim_rejected: Vec<(String, Rejected)> = Vec::new();
     // The offsets the table records, and when it last did: progress over records that add
     // no rows (skipped, filtered out) is committed after a while, so the table's lag is true.
     let mut table_offsets = committed.clone();
     let mut last_commit = Instant::now();
+    // While far behind, each source's share of a commit's records.
+    let share = COMMIT_RECORDS_MAX / sources.len().max(1);
 
     // After a failure: the state back to the last commit, the readers and dimensions back to
     // its offsets, and a pause before reading again.
@@ -454,13 +480,18 @@ pub async fn run_model(
             recover(
                 &mut compute,
                 &mut dedup,
-                &mut marks,
+                &mut join,
+                &mut sources,
                 &lakehouse,
                 &table,
                 &model_id,
             )
             .await;
-            rewind(&mut readers, &topic, &committed, &topic_name, &model_id);
+            for source in &mut sources {
+                if let Err(e) = source.rewind(&committed) {
+                    tracing::error!(model = %model_id, error = %e, "repositioning a reader failed");
+                }
+            }
             reset_dimensions(&mut dims, &committed, &model_id).await;
             dim_rejected.clear();
             sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
@@ -483,60 +514,53 @@ pub async fn run_model(
             }
         }
         // Take what is there, up to a commit's worth; while live, wait a little for more.
-        let (raws, next) = read_some(&mut readers);
-        let progress_due = || {
-            let mut at = committed.clone();
-            at.insert(topic_name.clone(), next.clone());
-            at != table_offsets
-                && last_commit.elapsed() >= Duration::from_millis(PROGRESS_COMMIT_INTERVAL_MS)
-        };
-        if raws.is_empty() && !progress_due() {
-            wait_for_records(&topic, &readers, &mut stop).await;
+        let reads: Vec<(Vec<OwnedRecord>, BTreeMap<u32, u64>)> = sources
+            .iter_mut()
+            .map(|s| read_some(&mut s.readers, share))
+            .collect();
+        let records: usize = reads.iter().map(|(raws, _)| raws.len()).sum();
+        let mut target = committed.clone();
+        for (source, (_, next)) in sources.iter().zip(&reads) {
+            target.insert(source.name.clone(), next.clone());
+        }
+        let progress_due = target != table_offsets
+            && last_commit.elapsed() >= Duration::from_millis(PROGRESS_COMMIT_INTERVAL_MS);
+        if records == 0 && !progress_due {
+            wait_for_records(&sources, &mut stop).await;
             continue;
         }
         let started = Instant::now();
-        let (batch, mut rejected, positions) =
-            decoder.decode_positioned(raws.iter().map(|(p, o, v)| Raw {
-                partition: *p,
-                offset: *o,
-                value: v,
-            }));
-        if !reports_rejects {
-            rejected.clear();
-        }
-        let pushed = match &mut marks {
-            _ if raws.is_empty() => Ok(()),
-            None => compute.push(batch, None).await,
-            // The dedup stage (when there is one) sits between the source and the model.
-            Some(marks) => {
-                let partitions: Vec<u32> = positions.iter().map(|(p, _)| *p).collect();
-                match marks.apply(&batch, &partitions) {
-                    Ok((kept, _, late)) => {
-                        if reports_late {
-                            set_aside(&mut rejected, late, &positions, &raws);
-                        }
-                        let watermark = marks.watermark();
-                        match dedup_push(&mut dedup, kept, watermark).await {
-                            Ok(rows) => compute.push(rows, watermark).await,
-                            Err(e) => Err(e),
-                        }
-                    }
-                    Err(e) => Err(e),
+        let mut rejected: Vec<(String, Rejected)> = Vec::new();
+        let mut kept = Vec::with_capacity(sources.len());
+        let mut watermarks = Vec::with_capacity(sources.len());
+        let mut failed = None;
+        for (source, (raws, _)) in sources.iter_mut().zip(&reads) {
+            match source.take(raws) {
+                Ok((batch, rejects)) => {
+                    kept.push(batch);
+                    rejected.extend(rejects.into_iter().map(|r| (source.name.clone(), r)));
+                    watermarks.push(source.marks.as_ref().and_then(Watermarks::watermark));
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
                 }
             }
+        }
+        let pushed = match failed {
+            Some(e) => Err(e),
+            None if records == 0 => Ok(()),
+            None => push_stages(&mut compute, &mut dedup, &mut join, kept, &watermarks).await,
         };
-        match pushed {
-            Ok(()) => {}
-            Err(e) => {
-                tracing::error!(model = %model_id, error = %e, "computing a micro-batch failed; retrying");
-                start_over!();
-                continue;
-            }
+        if let Err(e) = pushed {
+            tracing::error!(model = %model_id, error = %e, "computing a micro-batch failed; retrying");
+            start_over!();
+            continue;
         }
         let fresh: Vec<(&str, &Rejected)> = rejected
             .iter()
-            .map(|r| (topic_name.as_str(), r))
-            .chain(dim_rejected.iter().map(|(t, r)| (t.as_str(), r)))
+            .chain(dim_rejected.iter())
+            .map(|(t, r)| (t.as_str(), r))
             .filter(|(t, r)| !already_dead.contains(&((*t).to_owned(), r.partition, r.offset)))
             .collect();
         if !fresh.is_empty() {
@@ -550,14 +574,13 @@ pub async fn run_model(
                 continue;
             }
         }
-        let mut target = committed.clone();
-        target.insert(topic_name.clone(), next);
         for (dimension, _) in &dims {
             target.insert(dimension.topic_name.clone(), dimension.next_offsets());
         }
-        let dedup_changed = dedup.as_ref().is_some_and(Dedup::has_changes);
+        let state_changed = dedup.as_ref().is_some_and(Dedup::has_changes)
+            || join.as_ref().is_some_and(StreamJoin::has_changes);
         if !compute.has_changes()
-            && !dedup_changed
+            && !state_changed
             && fresh.is_empty()
             && (target == table_offsets
                 || last_commit.elapsed() < Duration::from_millis(PROGRESS_COMMIT_INTERVAL_MS))
@@ -576,8 +599,15 @@ pub async fn run_model(
             (VERSION_PROPERTY.to_owned(), version.clone()),
             (ATTEMPT_PROPERTY.to_owned(), attempt.clone()),
         ]);
-        if let Some(marks) = &marks {
-            properties.insert(WATERMARKS_PROPERTY.to_owned(), marks.save());
+        let marks: serde_json::Map<String, serde_json::Value> = sources
+            .iter()
+            .filter_map(|s| s.marks.as_ref().map(|m| (s.name.clone(), m.save())))
+            .collect();
+        if !marks.is_empty() {
+            properties.insert(
+                WATERMARKS_PROPERTY.to_owned(),
+                serde_json::Value::Object(marks).to_string(),
+            );
         }
         properties.insert(
             DEAD_LETTERS_PROPERTY.to_owned(),
@@ -587,30 +617,27 @@ pub async fn run_model(
                 .unwrap_or(0)
                 .to_string(),
         );
-        if let Some(stage) = &mut dedup {
-            match stage.checkpoint(&lakehouse, &table).await {
-                Ok((key, value)) => {
-                    properties.insert(key, value);
-                }
-                Err(e) => {
-                    tracing::error!(model = %model_id, error = %e, "saving the dedup state failed; retrying");
-                    start_over!();
-                    continue;
-                }
+        let saved = match (&mut dedup, &mut join) {
+            (Some(stage), _) => Some(stage.checkpoint(&lakehouse, &table).await),
+            (None, Some(stage)) => Some(stage.checkpoint(&lakehouse, &table).await),
+            (None, None) => None,
+        };
+        match saved {
+            Some(Ok((key, value))) => {
+                properties.insert(key, value);
             }
+            Some(Err(e)) => {
+                tracing::error!(model = %model_id, error = %e, "saving the operator state failed; retrying");
+                start_over!();
+                continue;
+            }
+            None => {}
         }
-        match compute.commit(&lakehouse, &table, properties).await {
+        let landed = match compute.commit(&lakehouse, &table, properties).await {
             Ok(updated) => {
-                if let Some(dedup) = &mut dedup {
-                    dedup.landed();
-                }
                 table = updated;
-                table_offsets = target.clone();
-                last_commit = Instant::now();
-                committed = target;
-                dim_rejected.clear();
-                already_dead.clear();
-                tracing::debug!(model = %model_id, records = raws.len(), ms = started.elapsed().as_millis() as u64, "committed");
+                tracing::debug!(model = %model_id, records, ms = started.elapsed().as_millis() as u64, "committed");
+                true
             }
             Err(e) => {
                 // The outcome is unknown: read the table to learn it, never retry blindly.
@@ -633,14 +660,6 @@ pub async fn run_model(
                 };
                 if landed {
                     compute.landed();
-                    if let Some(dedup) = &mut dedup {
-                        dedup.landed();
-                    }
-                    table_offsets = target.clone();
-                    last_commit = Instant::now();
-                    committed = target;
-                    dim_rejected.clear();
-                    already_dead.clear();
                     tracing::warn!(model = %model_id, error = %e, "commit reported an error but landed");
                 } else {
                     tracing::error!(model = %model_id, error = %e, "commit failed; rereading from the committed offsets");
@@ -649,9 +668,117 @@ pub async fn run_model(
                     }
                     start_over!();
                 }
+                landed
             }
+        };
+        if landed {
+            if let Some(dedup) = &mut dedup {
+                dedup.landed();
+            }
+            if let Some(join) = &mut join {
+                join.landed();
+            }
+            table_offsets = target.clone();
+            last_commit = Instant::now();
+            committed = target;
+            dim_rejected.clear();
+            already_dead.clear();
         }
     }
+}
+
+/// A stream topic a model reads: its readers, decoder and event-time progress.
+struct Source {
+    name: String,
+    topic: Arc<Topic>,
+    decoder: Decoder,
+    readers: Vec<PartitionReader>,
+    marks: Option<Watermarks>,
+    /// Whether this model reports the topic's records that do not fit its schema.
+    reports_rejects: bool,
+    /// Whether this model reports the topic's late records.
+    reports_late: bool,
+}
+
+impl Source {
+    /// Decodes records read from the topic and sets the late ones aside: the rows that go on,
+    /// and the records this model reports.
+    fn take(
+        &mut self,
+        raws: &[OwnedRecord],
+    ) -> datafusion::error::Result<(RecordBatch, Vec<Rejected>)> {
+        let (batch, mut rejected, positions) =
+            self.decoder
+                .decode_positioned(raws.iter().map(|(p, o, v)| Raw {
+                    partition: *p,
+                    offset: *o,
+                    value: v,
+                }));
+        if !self.reports_rejects {
+            rejected.clear();
+        }
+        let Some(marks) = &mut self.marks else {
+            return Ok((batch, rejected));
+        };
+        if raws.is_empty() {
+            return Ok((batch, rejected));
+        }
+        let partitions: Vec<u32> = positions.iter().map(|(p, _)| *p).collect();
+        let (kept, _, late) = marks.apply(&batch, &partitions)?;
+        if self.reports_late {
+            set_aside(&mut rejected, late, &positions, raws);
+        }
+        Ok((kept, rejected))
+    }
+
+    /// Puts the readers at the offsets `committed` names for this topic.
+    fn rewind(&mut self, committed: &Offsets) -> kappa_log::Result<()> {
+        let mut fresh = Vec::new();
+        for partition in self.topic.partitions() {
+            let next = committed
+                .get(&self.name)
+                .and_then(|p| p.get(&partition.id()))
+                .copied()
+                .unwrap_or(0);
+            let start = if next == 0 {
+                StartAt::Beginning
+            } else {
+                StartAt::Offset(next)
+            };
+            fresh.push(partition.reader(start)?);
+        }
+        self.readers = fresh;
+        Ok(())
+    }
+}
+
+/// Runs one micro-batch (one batch per source) through the model's stages: the dedup or the
+/// join when there is one, then the computation.
+async fn push_stages(
+    compute: &mut Compute,
+    dedup: &mut Option<Dedup>,
+    join: &mut Option<StreamJoin>,
+    mut batches: Vec<RecordBatch>,
+    watermarks: &[Option<i64>],
+) -> datafusion::error::Result<()> {
+    let first = watermarks.first().copied().flatten();
+    if let Some(join) = join {
+        let (Some(right), Some(left)) = (batches.pop(), batches.pop()) else {
+            return Err(datafusion::error::DataFusionError::Internal(
+                "a join of two streams without two sources".into(),
+            ));
+        };
+        let second = watermarks.get(1).copied().flatten();
+        let rows = join.push(left, right, first, second).await?;
+        // The pairs' watermark: the lesser of the two.
+        let watermark = first.zip(second).map(|(a, b)| a.min(b));
+        return compute.push(rows, watermark).await;
+    }
+    let Some(batch) = batches.pop() else {
+        return Ok(());
+    };
+    let rows = dedup_push(dedup, batch, first).await?;
+    compute.push(rows, first).await
 }
 
 /// Rebuilds every dimension to the offsets `committed` names.
@@ -668,7 +795,8 @@ async fn reset_dimensions(dims: &mut [(Dimension, bool)], committed: &Offsets, m
 async fn recover(
     compute: &mut Compute,
     dedup: &mut Option<Dedup>,
-    marks: &mut Option<Watermarks>,
+    join: &mut Option<StreamJoin>,
+    sources: &mut [Source],
     lakehouse: &Lakehouse,
     table: &kappa_lakehouse::Table,
     model: &str,
@@ -683,16 +811,21 @@ async fn recover(
     if let Err(e) = compute.restore(lakehouse, &table).await {
         tracing::error!(model, error = %e, "restoring the model's state failed");
     }
-    if let Some(dedup) = dedup {
-        let properties = table
-            .metadata()
-            .current_snapshot()
-            .map(|s| s.summary().additional_properties.clone());
-        if let Err(e) = dedup.restore(lakehouse, &table, properties.as_ref()).await {
-            tracing::error!(model, error = %e, "restoring the dedup state failed");
-        }
+    let properties = table
+        .metadata()
+        .current_snapshot()
+        .map(|s| s.summary().additional_properties.clone());
+    if let Some(dedup) = dedup
+        && let Err(e) = dedup.restore(lakehouse, &table, properties.as_ref()).await
+    {
+        tracing::error!(model, error = %e, "restoring the dedup state failed");
     }
-    if let Err(e) = restore_marks(marks, &table) {
+    if let Some(join) = join
+        && let Err(e) = join.restore(lakehouse, &table, properties.as_ref()).await
+    {
+        tracing::error!(model, error = %e, "restoring the join state failed");
+    }
+    if let Err(e) = restore_marks(sources, properties.as_ref()) {
         tracing::error!(model, error = %e, "restoring the watermarks failed");
     }
 }
@@ -739,21 +872,20 @@ async fn dedup_push(
     )?)
 }
 
-/// Puts the watermarks back to what the table's current snapshot saved.
+/// Puts every source's watermarks back to what the table's current snapshot (`properties`)
+/// saved.
 fn restore_marks(
-    marks: &mut Option<Watermarks>,
-    table: &kappa_lakehouse::Table,
+    sources: &mut [Source],
+    properties: Option<&HashMap<String, String>>,
 ) -> Result<(), String> {
-    let Some(marks) = marks else {
-        return Ok(());
-    };
-    let saved = table.metadata().current_snapshot().and_then(|s| {
-        s.summary()
-            .additional_properties
-            .get(WATERMARKS_PROPERTY)
-            .cloned()
-    });
-    marks.load(saved.as_deref())
+    let saved: BTreeMap<String, serde_json::Value> =
+        crate::summary_json(properties, WATERMARKS_PROPERTY).map_err(|e| e.to_string())?;
+    for source in sources {
+        if let Some(marks) = &mut source.marks {
+            marks.load(saved.get(&source.name))?;
+        }
+    }
+    Ok(())
 }
 
 /// A record read from the log: partition, offset, value.
@@ -774,9 +906,12 @@ pub(crate) fn collect_records(
     }
 }
 
-/// Reads up to [`COMMIT_RECORDS_MAX`] records across the readers; returns them with the offsets
+/// Reads about `max` records across the readers (whole chunks); returns them with the offsets
 /// after them.
-fn read_some(readers: &mut [PartitionReader]) -> (Vec<OwnedRecord>, BTreeMap<u32, u64>) {
+fn read_some(
+    readers: &mut [PartitionReader],
+    max: usize,
+) -> (Vec<OwnedRecord>, BTreeMap<u32, u64>) {
     let mut raws = Vec::new();
     'outer: loop {
         let mut progressed = false;
@@ -785,7 +920,7 @@ fn read_some(readers: &mut [PartitionReader]) -> (Vec<OwnedRecord>, BTreeMap<u32
                 Ok(Some(chunk)) => {
                     progressed = true;
                     collect_records(&chunk, reader.partition(), &mut raws);
-                    if raws.len() >= COMMIT_RECORDS_MAX {
+                    if raws.len() >= max {
                         break 'outer;
                     }
                 }
@@ -806,21 +941,17 @@ fn read_some(readers: &mut [PartitionReader]) -> (Vec<OwnedRecord>, BTreeMap<u32
     (raws, next)
 }
 
-/// Waits until a partition has new records, for at most the live commit interval.
-async fn wait_for_records(
-    topic: &Topic,
-    readers: &[PartitionReader],
-    stop: &mut tokio::sync::watch::Receiver<bool>,
-) {
-    let mut watchers: Vec<_> = topic
-        .partitions()
-        .iter()
-        .map(|p| p.watch_visible())
-        .collect();
-    let behind = readers
-        .iter()
-        .zip(&watchers)
-        .any(|(r, w)| *w.borrow() > r.next_offset());
+/// Waits until a partition of a source has new records, for at most the live commit interval.
+async fn wait_for_records(sources: &[Source], stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let mut watchers = Vec::new();
+    let mut behind = false;
+    for source in sources {
+        for (partition, reader) in source.topic.partitions().iter().zip(&source.readers) {
+            let watcher = partition.watch_visible();
+            behind |= *watcher.borrow() > reader.next_offset();
+            watchers.push(watcher);
+        }
+    }
     if behind {
         return;
     }
@@ -830,37 +961,6 @@ async fn wait_for_records(
         _ = stop.changed() => {}
         () = tokio::time::sleep(Duration::from_secs(1)) => {}
     }
-}
-
-/// Puts the readers back at the committed offsets, to read again after a failure.
-fn rewind(
-    readers: &mut Vec<PartitionReader>,
-    topic: &Topic,
-    committed: &Offsets,
-    topic_name: &str,
-    model: &str,
-) {
-    let mut fresh = Vec::new();
-    for partition in topic.partitions() {
-        let next = committed
-            .get(topic_name)
-            .and_then(|p| p.get(&partition.id()))
-            .copied()
-            .unwrap_or(0);
-        let start = if next == 0 {
-            StartAt::Beginning
-        } else {
-            StartAt::Offset(next)
-        };
-        match partition.reader(start) {
-            Ok(reader) => fresh.push(reader),
-            Err(e) => {
-                tracing::error!(model, error = %e, "repositioning a reader failed");
-                return;
-            }
-        }
-    }
-    *readers = fresh;
 }
 
 async fn sleep_or_stop(stop: &mut tokio::sync::watch::Receiver<bool>, ms: u64) {

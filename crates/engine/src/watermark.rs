@@ -17,8 +17,10 @@ use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
 use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, TimeUnit, TimestampMicrosecondType};
 use datafusion::error::Result;
+use serde::Deserialize;
 
-/// Snapshot property: the greatest event time seen per partition, `{partition: µs}`.
+/// Snapshot property: the greatest event time seen per partition of each source topic,
+/// `{topic: {partition: µs}}`.
 pub const WATERMARKS_PROPERTY: &str = "kappa.watermarks";
 
 /// A record set aside at the source: its row in the pushed batch and why.
@@ -114,15 +116,15 @@ impl Watermarks {
     }
 
     /// The per-partition event times, for a snapshot property.
-    pub fn save(&self) -> String {
-        serde_json::to_string(&self.seen).unwrap_or_default()
+    pub fn save(&self) -> serde_json::Value {
+        serde_json::to_value(&self.seen).unwrap_or_default()
     }
 
     /// Takes the per-partition event times a snapshot saved (none: start over).
-    pub fn load(&mut self, saved: Option<&str>) -> std::result::Result<(), String> {
+    pub fn load(&mut self, saved: Option<&serde_json::Value>) -> std::result::Result<(), String> {
         self.seen = match saved {
-            Some(text) => {
-                serde_json::from_str(text).map_err(|e| format!("{WATERMARKS_PROPERTY}: {e}"))?
+            Some(value) => {
+                BTreeMap::deserialize(value).map_err(|e| format!("{WATERMARKS_PROPERTY}: {e}"))?
             }
             None => BTreeMap::new(),
         };

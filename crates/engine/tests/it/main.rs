@@ -24,6 +24,10 @@ fn project(model_sql: &str, model_toml: &str) -> Arc<Project> {
         "partitions = 2\nkey = \"customer\"\n[schema]\nid = \"bigint\"\ncustomer = \"string\"\nqty = \"int\"\nprice = \"decimal(8,2)\"\nts = { type = \"timestamp\", required = false }\n".into(),
     );
     files.insert(
+        "topics/payments.toml".into(),
+        "partitions = 2\nkey = \"order_id\"\n[schema]\norder_id = \"bigint\"\namount = \"decimal(8,2)\"\nts = { type = \"timestamp\", required = false }\n".into(),
+    );
+    files.insert(
         "topics/customers.toml".into(),
         "kind = \"table\"\nkey = \"customer\"\n[schema]\ncustomer = \"string\"\ntier = \"string\"\ndiscount = \"decimal(3,2)\"\n".into(),
     );
@@ -87,6 +91,44 @@ fn orders(id: u64) -> Vec<Record> {
                 original % 5,
                 event_time(original) / 1000 - 1000
             ),
+        ));
+    }
+    out
+}
+
+/// The payments sent at step `step`, for the order of step `step − 40`: most orders are paid
+/// 45–48 s after it (one in eleven twice), so that a bound of 47 s keeps some and drops others;
+/// a few payments are 10 minutes late, one in fifty does not fit the schema.
+fn payments(step: u64) -> Vec<Record> {
+    let Some(id) = step.checked_sub(40) else {
+        return Vec::new();
+    };
+    if id % 3 == 0 {
+        return Vec::new();
+    }
+    let key = format!("{id}");
+    if id % 50 == 25 {
+        return vec![Record::keyed(
+            key,
+            format!("{{\"order_id\":{id},\"amount\":\"free\"}}"),
+        )];
+    }
+    let mut ts = (BASE_SECONDS + id + 45 + id % 4) as i64 * 1000;
+    if id % 89 == 20 {
+        ts -= 600_000;
+    }
+    let mut out = vec![Record::keyed(
+        key.clone(),
+        format!(
+            "{{\"order_id\":{id},\"amount\":{}.{:02},\"ts\":{ts}}}",
+            id % 40,
+            id % 100
+        ),
+    )];
+    if id % 11 == 1 {
+        out.push(Record::keyed(
+            key,
+            format!("{{\"order_id\":{id},\"amount\":1.00,\"ts\":{}}}", ts + 1000),
         ));
     }
     out
@@ -158,7 +200,7 @@ fn all_input_positioned(
     Vec<kappa_engine::decode::Rejected>,
     Vec<(u32, u64)>,
 ) {
-    let decoder = kappa_engine::decode::Decoder::new(&project.topics["orders"]);
+    let decoder = kappa_engine::decode::Decoder::new(&project.topics[topic.name()]);
     let mut all = Vec::new();
     for p in 0..topic.partition_count() {
         let mut reader = topic
@@ -201,7 +243,7 @@ async fn run_through_restarts(
     dir: &std::path::Path,
     sql: &str,
 ) -> (Arc<Log>, Lakehouse, Arc<kappa_log::Topic>, Arc<Project>) {
-    run_with_oracle(dir, sql, "", |input, _| batch_query(sql, input)).await
+    run_with_oracle(dir, sql, "", |input, _, _| batch_query(sql, input)).await
 }
 
 /// [`run_through_restarts`] for a model with configuration `toml`, compared with `oracle`.
@@ -212,7 +254,7 @@ async fn run_with_oracle<F, Fut>(
     oracle: F,
 ) -> (Arc<Log>, Lakehouse, Arc<kappa_log::Topic>, Arc<Project>)
 where
-    F: FnOnce(RecordBatch, Vec<(u32, u64)>) -> Fut,
+    F: FnOnce(RecordBatch, Vec<(u32, u64)>, Arc<Log>) -> Fut,
     Fut: std::future::Future<Output = Vec<RecordBatch>>,
 {
     // `RUST_LOG=kappa_engine=debug` shows what the runner does.
@@ -224,6 +266,15 @@ where
     let topic = log
         .create_topic(
             "orders",
+            TopicConfig {
+                partitions: 2,
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
+    let payment_topic = log
+        .create_topic(
+            "payments",
             TopicConfig {
                 partitions: 2,
                 ..TopicConfig::default()
@@ -245,15 +296,18 @@ where
         for _ in 0..4 {
             let burst: Vec<Record> = (next..next + 50).flat_map(orders).collect();
             topic.append(burst).await.unwrap();
+            let burst: Vec<Record> = (next..next + 50).flat_map(payments).collect();
+            payment_topic.append(burst).await.unwrap();
             next += 50;
             tokio::time::sleep(Duration::from_millis(30 + life * 20)).await;
         }
-        stop_tx.send(true).unwrap();
+        // A runner that ended early says why below.
+        let _ = stop_tx.send(true);
         runner.await.unwrap().unwrap();
     }
     // A last life catches up with everything: the table converges to the oracle.
     let (input, _, positions) = all_input_positioned(&topic, &project);
-    let expected = sorted(&oracle(input, positions).await).await;
+    let expected = sorted(&oracle(input, positions, log.clone()).await).await;
     assert!(!expected.is_empty(), "the oracle has rows to compare");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let runner = tokio::spawn(run_model(
@@ -280,7 +334,8 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop_tx.send(true).unwrap();
+    // A runner that ended early says why below.
+    let _ = stop_tx.send(true);
     runner.await.unwrap().unwrap();
     (log, lakehouse, topic, project)
 }
@@ -418,7 +473,7 @@ async fn windows_close_once_and_late_events_are_dead_lettered() {
             dir.path(),
             sql,
             "event_time = \"ts\"\nwatermark = \"10s\"\n",
-            |input, positions| async move {
+            |input, positions, _| async move {
                 // The oracle: events that were not late, in windows the watermark has passed.
                 let (kept, _, watermark) = lateness(&input, &positions, delay_us);
                 let out = batch_query(&sql_owned, kept).await;
@@ -512,7 +567,7 @@ async fn duplicates_are_dropped_keeping_the_earliest_copy() {
             dir.path(),
             &sql,
             "event_time = \"ts\"\nwatermark = \"10s\"\n",
-            |input, positions| async move {
+            |input, positions, _| async move {
                 let (kept, _, watermark) = lateness(&input, &positions, delay_us);
                 let decided = format!(
                     "CAST(arrow_cast(ts, 'Timestamp(Microsecond, None)') AS BIGINT) < {watermark}"
@@ -576,7 +631,7 @@ async fn orders_look_up_their_customer_in_a_dimension() {
         }
         let sql_owned = sql.to_owned();
         let (log, _, topic, project) =
-            run_with_oracle(dir.path(), sql, "", |input, _| async move {
+            run_with_oracle(dir.path(), sql, "", |input, _, _| async move {
                 let ctx = datafusion::prelude::SessionContext::new();
                 ctx.register_batch("orders", input).unwrap();
                 // The dimension's latest row per key.
@@ -615,5 +670,117 @@ async fn orders_look_up_their_customer_in_a_dimension() {
         }
         assert_eq!(from_customers, 1, "{name}");
         assert_eq!(from_orders, rejected.len(), "{name}");
+    }
+}
+
+/// Stream ⋈ stream within a time bound: orders meet the payments made 0–47 s after them —
+/// alone and feeding a GROUP BY — equal to the batch join over the records of both topics that
+/// were not late, across restarts; each side keeps only the rows the bound still needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_meet_their_payments_within_a_time_bound() {
+    let on = "ON p.order_id = o.id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '47 seconds'";
+    for (name, sql) in [
+        (
+            "pairs",
+            format!(
+                "SELECT o.id, o.customer, p.amount, p.ts AS paid_at \
+                 FROM orders o JOIN payments p {on} WHERE o.qty > 0"
+            ),
+        ),
+        (
+            "then grouped",
+            format!(
+                "SELECT o.customer, count(*) AS payments, sum(p.amount) AS paid \
+                 FROM orders o JOIN payments p {on} GROUP BY o.customer"
+            ),
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let delay_us = 10_000_000;
+        let sql_owned = sql.clone();
+        let (log, lakehouse, topic, project) = run_with_oracle(
+            dir.path(),
+            &sql,
+            "watermark = \"10s\"\n",
+            |input, positions, log| async move {
+                let (orders, _, _) = lateness(&input, &positions, delay_us);
+                let project = project(&sql_owned, "");
+                let (paid, _, paid_at) =
+                    all_input_positioned(&log.topic("payments").unwrap(), &project);
+                let (paid, _, _) = lateness(&paid, &paid_at, delay_us);
+                let ctx = datafusion::prelude::SessionContext::new();
+                ctx.register_batch("orders", orders).unwrap();
+                ctx.register_batch("payments", paid).unwrap();
+                ctx.sql(&sql_owned).await.unwrap().collect().await.unwrap()
+            },
+        )
+        .await;
+        // Dead letters: bad and late records of both topics, each once.
+        let (input, rejected, positions) = all_input_positioned(&topic, &project);
+        let (_, late, _) = lateness(&input, &positions, delay_us);
+        let (paid, paid_rejected, paid_at) =
+            all_input_positioned(&log.topic("payments").unwrap(), &project);
+        let (_, paid_late, _) = lateness(&paid, &paid_at, delay_us);
+        assert!(
+            late > 0 && paid_late > 0 && !paid_rejected.is_empty(),
+            "{name}"
+        );
+        let dead = log.topic(DEAD_LETTER_TOPIC).unwrap();
+        let mut reader = dead
+            .partition(0)
+            .unwrap()
+            .reader(StartAt::Beginning)
+            .unwrap();
+        let mut letters = std::collections::BTreeSet::new();
+        let mut count = 0;
+        while let Some(chunk) = reader.read(1 << 20).unwrap() {
+            for r in chunk.records() {
+                let v: serde_json::Value = serde_json::from_slice(r.unwrap().value).unwrap();
+                letters.insert((
+                    v["topic"].as_str().unwrap().to_owned(),
+                    v["partition"].as_u64().unwrap(),
+                    v["offset"].as_u64().unwrap(),
+                ));
+                count += 1;
+            }
+        }
+        assert_eq!(
+            count,
+            letters.len(),
+            "{name}: a dead letter was written twice"
+        );
+        assert_eq!(
+            count,
+            rejected.len() + late + paid_rejected.len() + paid_late,
+            "{name}"
+        );
+        // The state is bounded by the time bound and the watermark, not by the stream.
+        let table = lakehouse
+            .load_table(&table_ident("silver", "orders").unwrap())
+            .await
+            .unwrap();
+        let files: serde_json::Value = serde_json::from_str(
+            &table
+                .metadata()
+                .current_snapshot()
+                .unwrap()
+                .summary()
+                .additional_properties[kappa_engine::stream_join::JOIN_PROPERTY],
+        )
+        .unwrap();
+        for side in ["left", "right"] {
+            let location = files[side].as_str().unwrap();
+            let rows: usize = lakehouse
+                .read_state(&table, location)
+                .await
+                .unwrap()
+                .iter()
+                .map(RecordBatch::num_rows)
+                .sum();
+            assert!(
+                rows > 0 && rows < 150,
+                "{name}: the {side} side keeps {rows} rows"
+            );
+        }
     }
 }
