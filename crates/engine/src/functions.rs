@@ -26,9 +26,18 @@ use datafusion::logical_expr::{
 };
 use datafusion::prelude::SessionContext;
 
-/// Registers kappa's functions in a session.
+/// Registers kappa's functions in a session: `hop`, and the JSON functions of
+/// `datafusion-functions-json` (`json_get_str(value, 'customer', 'id')`, `json_get_int`,
+/// `json_get_float`, `json_get_bool`, `json_get_json`, `json_length`, `json_contains`, …) for
+/// untyped topics, whose one `value` column is the record's JSON text.
 pub fn register(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::from(Hop::new()));
+    let state = ctx.state_ref();
+    let mut state = state.write();
+    if let Err(e) = datafusion_functions_json::register_all(&mut *state) {
+        // Only a name clash with an existing function can fail here; the rest still works.
+        tracing::warn!(error = %e, "registering the JSON functions failed");
+    }
 }
 
 /// Microseconds of an interval with no months (a month has no fixed length).

@@ -7,6 +7,7 @@
 
 mod cli;
 mod crash;
+mod golden;
 mod processing_crash;
 
 use std::path::Path;

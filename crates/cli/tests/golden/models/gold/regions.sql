@@ -1,0 +1,2 @@
+-- DISTINCT
+SELECT DISTINCT region FROM orders
