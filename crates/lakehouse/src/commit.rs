@@ -28,6 +28,28 @@ use iceberg::{MetadataLocation, TableIdent};
 
 use crate::{Context, Lakehouse, LakehouseError, Result};
 
+/// Snapshots kept in a table's metadata (the newest ones): time travel reaches this far back.
+pub const SNAPSHOTS_KEPT: usize = 32;
+/// Data manifests a snapshot may list before a commit folds them into one.
+pub const MANIFESTS_MAX: usize = 8;
+/// Files of one size tier that an append table merges into one.
+pub const TIER_FILES: usize = 8;
+/// Size tiers of data files that are merged: under 1 MiB, 8 MiB and 64 MiB; larger files stay.
+const TIER_BOUNDS: [u64; 3] = [1 << 20, 8 << 20, 64 << 20];
+/// Every this many commits, files no kept snapshot uses are removed.
+pub const CLEANUP_EVERY: i64 = 64;
+/// How old an unreferenced file must be before it is removed: a query that planned on an
+/// expired snapshot has this long to read its files.
+pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A live manifest entry carried into a rewritten manifest.
+struct Kept {
+    file: DataFile,
+    snapshot: i64,
+    data_sequence: i64,
+    file_sequence: Option<i64>,
+}
+
 /// Counts for the snapshot summary, named as the Iceberg spec suggests.
 #[derive(Default)]
 struct Counts {
@@ -104,6 +126,8 @@ impl Lakehouse {
         .build_v2_data();
         let mut counts = Counts::default();
         let mut carried = Vec::new();
+        // The live entries of the manifests this commit rewrites.
+        let mut rewritten = Vec::new();
         if let Some(current) = metadata.current_snapshot() {
             let bytes = file_io
                 .new_input(current.manifest_list())
@@ -113,14 +137,25 @@ impl Lakehouse {
                 .doing(|| format!("read the manifest list of {ident}"))?;
             let list = ManifestList::parse_with_version(&bytes, metadata.format_version())
                 .doing(|| format!("parse the manifest list of {ident}"))?;
+            let live = |m: &iceberg::spec::ManifestFile| {
+                m.added_files_count.unwrap_or(1) + m.existing_files_count.unwrap_or(1) > 0
+            };
+            // Every commit adds a manifest; past a few, they are folded into this one, so that
+            // planning a scan reads a bounded number of manifests.
+            let merge = list
+                .entries()
+                .iter()
+                .filter(|m| m.content == ManifestContentType::Data && live(m))
+                .count()
+                >= MANIFESTS_MAX;
             for manifest_file in list.entries() {
-                let live = manifest_file.added_files_count.unwrap_or(1)
-                    + manifest_file.existing_files_count.unwrap_or(1);
-                if live == 0 {
+                if !live(manifest_file) {
                     // Only entries deleted by an earlier snapshot: nothing to list any more.
                     continue;
                 }
-                if manifest_file.content != ManifestContentType::Data || remove.is_empty() {
+                if manifest_file.content != ManifestContentType::Data
+                    || (remove.is_empty() && !merge)
+                {
                     // Delete files (kappa writes none) and manifests untouched by this commit
                     // stay as they are.
                     carried.push(manifest_file.clone());
@@ -130,10 +165,11 @@ impl Lakehouse {
                     .load_manifest(file_io)
                     .await
                     .doing(|| format!("read a manifest of {ident}"))?;
-                if !manifest
-                    .entries()
-                    .iter()
-                    .any(|e| e.is_alive() && remove.contains(e.file_path()))
+                if !merge
+                    && !manifest
+                        .entries()
+                        .iter()
+                        .any(|e| e.is_alive() && remove.contains(e.file_path()))
                 {
                     carried.push(manifest_file.clone());
                     continue;
@@ -151,20 +187,45 @@ impl Lakehouse {
                             entry.file_path()
                         )));
                     };
-                    let file_sequence = entry.file_sequence_number;
-                    let file = entry.data_file().clone();
-                    if remove.contains(file.file_path()) {
-                        counts.deleted_files += 1;
-                        counts.deleted_records += file.record_count();
-                        writer
-                            .add_delete_file(file, data_sequence, file_sequence)
-                            .doing(|| format!("mark a file of {ident} deleted"))?;
-                    } else {
-                        writer
-                            .add_existing_file(file, entry_snapshot, data_sequence, file_sequence)
-                            .doing(|| format!("keep a file of {ident}"))?;
-                    }
+                    rewritten.push(Kept {
+                        file: entry.data_file().clone(),
+                        snapshot: entry_snapshot,
+                        data_sequence,
+                        file_sequence: entry.file_sequence_number,
+                    });
                 }
+            }
+        }
+        // An append table's small files are merged as their manifests are: any size tier
+        // holding TIER_FILES files becomes one file of the next tier.
+        let mut add = add;
+        let mut operation = operation;
+        let mut compacted = BTreeSet::new();
+        if operation == Operation::Append {
+            let merged = self.compact(table, &rewritten, remove).await?;
+            if !merged.0.is_empty() {
+                compacted = merged.0;
+                add.extend(merged.1);
+                operation = Operation::Overwrite;
+            }
+        }
+        for kept in rewritten {
+            let path = kept.file.file_path().to_owned();
+            if remove.contains(&path) || compacted.contains(&path) {
+                counts.deleted_files += 1;
+                counts.deleted_records += kept.file.record_count();
+                writer
+                    .add_delete_file(kept.file, kept.data_sequence, kept.file_sequence)
+                    .doing(|| format!("mark a file of {ident} deleted"))?;
+            } else {
+                writer
+                    .add_existing_file(
+                        kept.file,
+                        kept.snapshot,
+                        kept.data_sequence,
+                        kept.file_sequence,
+                    )
+                    .doing(|| format!("keep a file of {ident}"))?;
             }
         }
         for file in add {
@@ -239,11 +300,25 @@ impl Lakehouse {
             })
             .with_schema_id(metadata.current_schema_id())
             .build();
+        // Only the newest snapshots stay in the metadata, so that it does not grow with every
+        // commit; the files only expired snapshots used are removed by `remove_orphans`.
+        let mut by_age: Vec<(i64, i64)> = metadata
+            .snapshots()
+            .map(|s| (s.sequence_number(), s.snapshot_id()))
+            .collect();
+        by_age.sort_unstable();
+        let expired: Vec<i64> = by_age
+            .iter()
+            .rev()
+            .skip(SNAPSHOTS_KEPT - 1)
+            .map(|(_, id)| *id)
+            .collect();
         let updated = TableMetadataBuilder::new_from_metadata(
             metadata.clone(),
             Some(current_location.clone()),
         )
         .set_branch_snapshot(snapshot, iceberg::spec::MAIN_BRANCH)
+        .map(|b| b.remove_snapshots(&expired))
         .and_then(TableMetadataBuilder::build)
         .doing(|| format!("build the new metadata of {ident}"))?
         .metadata;
@@ -256,7 +331,142 @@ impl Lakehouse {
             .doing(|| format!("write the new metadata of {ident}"))?;
         self.swap_pointer(&ident, &current_location, &next_location.to_string())
             .await?;
-        self.load_table(&ident).await
+        let committed = self.load_table(&ident).await?;
+        if sequence % CLEANUP_EVERY == 0 {
+            // Committed already: a failed clean-up only leaves files for the next one.
+            if let Err(e) = self.remove_orphans(&committed, ORPHAN_GRACE).await {
+                tracing::warn!(table = %ident, error = %e, "removing unreferenced files failed");
+            }
+        }
+        Ok(committed)
+    }
+
+    /// Merges the small files among `live` (those not in `remove`): each size tier with
+    /// [`TIER_FILES`] files or more is read and written again as one file. Returns the paths
+    /// merged and the files written.
+    async fn compact(
+        &self,
+        table: &Table,
+        live: &[Kept],
+        remove: &BTreeSet<String>,
+    ) -> Result<(BTreeSet<String>, Vec<DataFile>)> {
+        let ident = table.identifier();
+        let mut merged = BTreeSet::new();
+        let mut written = Vec::new();
+        for (tier, bound) in TIER_BOUNDS.iter().enumerate() {
+            let lower = if tier == 0 { 0 } else { TIER_BOUNDS[tier - 1] };
+            let files: Vec<&DataFile> = live
+                .iter()
+                .map(|k| &k.file)
+                .filter(|f| !remove.contains(f.file_path()))
+                .filter(|f| (lower..*bound).contains(&f.file_size_in_bytes()))
+                .collect();
+            if files.len() < TIER_FILES {
+                continue;
+            }
+            let mut batches = Vec::new();
+            for file in &files {
+                let bytes = table
+                    .file_io()
+                    .new_input(file.file_path())
+                    .doing(|| format!("open {}", file.file_path()))?
+                    .read()
+                    .await
+                    .doing(|| format!("read {}", file.file_path()))?;
+                let reader =
+                    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+                        .and_then(|builder| builder.build())
+                        .map_err(|e| {
+                            LakehouseError::Query(format!("read {}: {e}", file.file_path()))
+                        })?;
+                for batch in reader {
+                    batches.push(batch.map_err(|e| {
+                        LakehouseError::Query(format!("read {}: {e}", file.file_path()))
+                    })?);
+                }
+            }
+            tracing::debug!(table = %ident, files = files.len(), tier, "merging small files");
+            written.extend(self.write_data_files(table, &batches, "merged-").await?);
+            merged.extend(files.iter().map(|f| f.file_path().to_owned()));
+        }
+        Ok((merged, written))
+    }
+
+    /// Removes the files of `table` that none of its snapshots uses any more (data files
+    /// replaced, manifests and lists of expired snapshots, old metadata, state files no
+    /// snapshot names), if they are older than `grace` ([`ORPHAN_GRACE`] after commits).
+    /// Local warehouses only. Returns how many files it removed.
+    pub async fn remove_orphans(&self, table: &Table, grace: std::time::Duration) -> Result<usize> {
+        let metadata = table.metadata();
+        let Some(root) = local_path(metadata.location()) else {
+            return Ok(0);
+        };
+        let file_io = table.file_io();
+        let mut used: BTreeSet<String> = BTreeSet::new();
+        let mut summaries = String::new();
+        if let Ok(current) = table.metadata_location_result() {
+            used.insert(normalized(current));
+        }
+        for log in metadata.metadata_log() {
+            used.insert(normalized(&log.metadata_file));
+        }
+        let mut manifests_seen = BTreeSet::new();
+        for snapshot in metadata.snapshots() {
+            used.insert(normalized(snapshot.manifest_list()));
+            for value in snapshot.summary().additional_properties.values() {
+                summaries.push_str(value);
+                summaries.push('\n');
+            }
+            let bytes = file_io
+                .new_input(snapshot.manifest_list())
+                .doing(|| format!("open {}", snapshot.manifest_list()))?
+                .read()
+                .await
+                .doing(|| format!("read {}", snapshot.manifest_list()))?;
+            let list = ManifestList::parse_with_version(&bytes, metadata.format_version())
+                .doing(|| format!("parse {}", snapshot.manifest_list()))?;
+            for manifest_file in list.entries() {
+                used.insert(normalized(&manifest_file.manifest_path));
+                if !manifests_seen.insert(manifest_file.manifest_path.clone()) {
+                    continue;
+                }
+                let manifest = manifest_file
+                    .load_manifest(file_io)
+                    .await
+                    .doing(|| format!("read {}", manifest_file.manifest_path))?;
+                for entry in manifest.entries() {
+                    used.insert(normalized(entry.file_path()));
+                }
+            }
+        }
+        let now = std::time::SystemTime::now();
+        let mut removed = 0;
+        let mut pending = vec![root];
+        while let Some(dir) = pending.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let Ok(meta) = entry.metadata() else { continue };
+                if meta.is_dir() {
+                    pending.push(path);
+                    continue;
+                }
+                let text = path.to_string_lossy().into_owned();
+                let old = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| now.duration_since(m).ok())
+                    .is_some_and(|age| age >= grace);
+                let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                let named = file_name.is_some_and(|n| summaries.contains(&n));
+                if old && !used.contains(&text) && !named && std::fs::remove_file(&path).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// A snapshot id not used in `table`, positive as the spec asks.
@@ -291,6 +501,19 @@ impl Lakehouse {
         }
         Ok(())
     }
+}
+
+/// The local directory of a `file:` location (or a plain path); none for object stores.
+fn local_path(location: &str) -> Option<std::path::PathBuf> {
+    if let Some(path) = location.strip_prefix("file://") {
+        return Some(path.into());
+    }
+    (!location.contains("://")).then(|| location.into())
+}
+
+/// A file location as a local path's text, to compare with what a directory listing gives.
+fn normalized(location: &str) -> String {
+    local_path(location).map_or_else(|| location.to_owned(), |p| p.to_string_lossy().into_owned())
 }
 
 fn chrono_now_ms() -> i64 {

@@ -23,7 +23,6 @@ use datafusion::catalog::{
 use datafusion::prelude::{SessionConfig, SessionContext};
 use iceberg::arrow::{arrow_schema_to_schema_auto_assign_ids, schema_to_arrow_schema};
 use iceberg::spec::DataFileFormat;
-use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
 use iceberg::writer::file_writer::ParquetWriterBuilder;
 use iceberg::writer::file_writer::location_generator::{
@@ -37,7 +36,7 @@ use iceberg_datafusion::IcebergCatalogProvider;
 use iceberg_storage_opendal::OpenDalStorageFactory;
 use parquet::file::properties::WriterProperties;
 
-mod commit;
+pub mod commit;
 mod state;
 
 pub use iceberg::table::Table;
@@ -267,19 +266,8 @@ impl Lakehouse {
         batches: &[RecordBatch],
         properties: HashMap<String, String>,
     ) -> Result<Table> {
-        let ident = table.identifier().clone();
         let files = self.write_data_files(table, batches, "").await?;
-        let tx = Transaction::new(table);
-        let action = tx
-            .fast_append()
-            .add_data_files(files)
-            .set_snapshot_properties(properties);
-        let tx = action
-            .apply(tx)
-            .doing(|| format!("prepare the commit to {ident}"))?;
-        tx.commit(self.catalog.as_ref())
-            .await
-            .doing(|| format!("commit to {ident}"))
+        self.append_files(table, files, properties).await
     }
 
     /// Writes `batches` as new Parquet data files of `table` (not yet committed). Every call

@@ -206,3 +206,88 @@ async fn overwrites_replace_files_for_every_reader() {
     assert_eq!(read["duckdb"], expected, "{out}");
     assert_eq!(read["summary"]["kappa.offsets"], "4");
 }
+
+/// A live table commits often; its metadata, manifests and files stay bounded: old snapshots
+/// expire, manifests fold into one, small files merge by size tier, and files nothing uses
+/// any more are removed — while every reader still sees every row.
+#[tokio::test]
+async fn many_small_appends_stay_a_small_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("region", DataType::Utf8, true),
+    ]));
+    let lakehouse = Lakehouse::open(dir.path()).await.unwrap();
+    let ident = table_ident("silver", "live").unwrap();
+    let mut table = lakehouse.ensure_table(&ident, &schema).await.unwrap();
+    let commits: i64 = 150;
+    for commit in 0..commits {
+        let ids: Vec<i64> = (commit * 10..commit * 10 + 10).collect();
+        let regions: Vec<Option<&str>> = ids
+            .iter()
+            .map(|i| (i % 3 != 0).then_some("north"))
+            .collect();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(ids)),
+                Arc::new(StringArray::from(regions)),
+            ],
+        )
+        .unwrap();
+        let props = HashMap::from([("kappa.offsets".to_owned(), format!("{commit}"))]);
+        table = lakehouse.append(&table, &[batch], props).await.unwrap();
+    }
+    let metadata = table.metadata();
+    assert!(metadata.snapshots().count() <= kappa_lakehouse::commit::SNAPSHOTS_KEPT);
+    let current = metadata.current_snapshot().unwrap();
+    let summary = &current.summary().additional_properties;
+    assert_eq!(summary["kappa.offsets"], format!("{}", commits - 1));
+    assert_eq!(summary["total-records"], (commits * 10).to_string());
+    let files: usize = summary["total-data-files"].parse().unwrap();
+    assert!(
+        files < 2 * kappa_lakehouse::commit::TIER_FILES,
+        "{files} data files"
+    );
+
+    // Files of expired snapshots go; the table reads the same, here and elsewhere.
+    let before = count_files(dir.path());
+    let removed = lakehouse
+        .remove_orphans(&table, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(removed > 0 && count_files(dir.path()) == before - removed);
+    let (_, batches) = lakehouse
+        .query(
+            "SELECT count(*) AS n, count(DISTINCT id) AS ids, count(region) AS r FROM silver.live",
+        )
+        .await
+        .unwrap();
+    let row = arrow::util::pretty::pretty_format_batches(&batches)
+        .unwrap()
+        .to_string();
+    assert!(row.contains("| 1500 | 1500 | 1000 |"), "{row}");
+    let data = dir.path().to_str().unwrap().to_owned();
+    let out =
+        tokio::task::spawn_blocking(move || run_python(READ_TABLE_SCRIPT, &[&data, "silver.live"]))
+            .await
+            .unwrap();
+    let read: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(read["pyiceberg"].as_array().unwrap().len(), 1500, "{out}");
+    assert_eq!(read["duckdb"].as_array().unwrap().len(), 1500, "{out}");
+}
+
+fn count_files(dir: &std::path::Path) -> usize {
+    let mut n = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                pending.push(e.path());
+            } else {
+                n += 1;
+            }
+        }
+    }
+    n
+}
