@@ -12,6 +12,7 @@
 //!
 //! Run with `cargo run --release -p kappa-bench -- log-append` (see docs/benchmarks.md).
 
+mod latency;
 mod pipelines;
 
 use std::fs::File;
@@ -79,6 +80,18 @@ enum Command {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Commit cadence and live event → visible latency of a row-by-row and a GROUP BY model.
+    LiveLatency {
+        /// Events in the log before the models start (the catch-up phase).
+        #[arg(long, default_value_t = 1_000_000)]
+        backlog: u64,
+        /// Live events per second.
+        #[arg(long, default_value_t = 5_000)]
+        rate: u64,
+        /// Live seconds measured (after a 2 s warm-up).
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
+    },
     /// The plain-file write reference alone, run by `log-append` in a child process so that
     /// its buffer does not count in the benchmark's peak RSS. Prints MB/s.
     #[command(hide = true)]
@@ -106,6 +119,11 @@ fn main() -> anyhow::Result<()> {
             only,
         } => pipelines::run(&work, events, &python, only.as_deref())
             .and_then(|r| Ok(serde_json::to_value(r)?)),
+        Command::LiveLatency {
+            backlog,
+            rate,
+            seconds,
+        } => latency::run(&work, backlog, rate, seconds).and_then(|r| Ok(serde_json::to_value(r)?)),
         Command::RawWrite { distinct } => raw_write_fsync(&work.join("raw-write"), distinct)
             .and_then(|r| Ok(serde_json::to_value(r)?)),
     };

@@ -45,7 +45,7 @@ pub const ATTEMPT_PROPERTY: &str = "kappa.attempt";
 
 /// While far behind, a commit covers up to this many input records.
 pub const COMMIT_RECORDS_MAX: usize = 262_144;
-/// While live, new records are committed within this long.
+/// While live, commits are this far apart, and a new record is committed within this long.
 pub const LIVE_COMMIT_INTERVAL_MS: u64 = 100;
 
 /// How long progress over records that add no rows waits before it is committed anyway.
@@ -472,6 +472,10 @@ pub async fn run_model(
     let mut last_commit = Instant::now();
     // While far behind, each source's share of a commit's records.
     let share = COMMIT_RECORDS_MAX / sources.len().max(1);
+    // Whether the last read took a full share: far behind, commits follow each other with as
+    // many records as they may hold; live, they are LIVE_COMMIT_INTERVAL_MS apart and hold
+    // what arrived meanwhile.
+    let mut far_behind = true;
 
     // After a failure: the state back to the last commit, the readers and dimensions back to
     // its offsets, and a pause before reading again.
@@ -513,12 +517,21 @@ pub async fn run_model(
                 );
             }
         }
+        if !far_behind {
+            let since = last_commit.elapsed();
+            let interval = Duration::from_millis(LIVE_COMMIT_INTERVAL_MS);
+            if since < interval {
+                sleep_or_stop(&mut stop, (interval - since).as_millis() as u64).await;
+                continue;
+            }
+        }
         // Take what is there, up to a commit's worth; while live, wait a little for more.
         let reads: Vec<(Vec<OwnedRecord>, BTreeMap<u32, u64>)> = sources
             .iter_mut()
             .map(|s| read_some(&mut s.readers, share))
             .collect();
         let records: usize = reads.iter().map(|(raws, _)| raws.len()).sum();
+        far_behind = records >= share;
         let mut target = committed.clone();
         for (source, (_, next)) in sources.iter().zip(&reads) {
             target.insert(source.name.clone(), next.clone());
