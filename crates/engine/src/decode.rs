@@ -110,9 +110,10 @@ enum Column {
 }
 
 /// A field's value, parsed but not yet added (so a record can still be rejected whole).
-enum Value {
+enum Value<'a> {
     Null,
-    String(String),
+    /// Borrowed from the record when the JSON string has no escapes.
+    String(std::borrow::Cow<'a, str>),
     Boolean(bool),
     Int(i32),
     Bigint(i64),
@@ -204,7 +205,7 @@ impl Columns {
 }
 
 impl Column {
-    fn append(&mut self, value: Value) {
+    fn append(&mut self, value: Value<'_>) {
         match (self, value) {
             (Column::String(b), Value::String(v)) => b.append_value(v),
             (Column::Boolean(b), Value::Boolean(v)) => b.append_value(v),
@@ -262,8 +263,18 @@ impl<'de> serde::de::Visitor<'de> for FieldValues<'_> {
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut values = vec![None; self.fields.len()];
+        // Records usually list the fields in the schema's order: the one after the last match
+        // is tried first.
+        let mut next = 0;
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            match self.fields.iter().position(|f| f.name == key) {
+            let found = match self.fields.get(next) {
+                Some(f) if f.name == key => Some(next),
+                _ => self.fields.iter().position(|f| f.name == key),
+            };
+            if let Some(i) = found {
+                next = i + 1;
+            }
+            match found {
                 Some(i) => values[i] = Some(map.next_value::<&'de RawValue>()?),
                 None => {
                     map.next_value::<serde::de::IgnoredAny>()?;
@@ -274,31 +285,33 @@ impl<'de> serde::de::Visitor<'de> for FieldValues<'_> {
     }
 }
 
-fn parse(field: &Field, raw: &str) -> Result<Value, String> {
-    let string = || {
+fn parse<'a>(field: &Field, raw: &'a str) -> Result<Value<'a>, String> {
+    let string = || -> Result<std::borrow::Cow<'a, str>, String> {
+        // `raw` is valid JSON: a string without escapes is its text between the quotes.
+        if raw.len() >= 2 && raw.starts_with('"') && raw.ends_with('"') && !raw.contains('\\') {
+            return Ok(std::borrow::Cow::Borrowed(&raw[1..raw.len() - 1]));
+        }
         serde_json::from_str::<String>(raw)
+            .map(std::borrow::Cow::Owned)
             .map_err(|_| format!("expected a string, found {}", shorten(raw)))
     };
     Ok(match field.data_type {
         FieldType::String => Value::String(string()?),
-        FieldType::Json => Value::String(raw.to_owned()),
+        FieldType::Json => Value::String(std::borrow::Cow::Borrowed(raw)),
         FieldType::Boolean => Value::Boolean(
             serde_json::from_str(raw)
                 .map_err(|_| format!("expected true or false, found {}", shorten(raw)))?,
         ),
         FieldType::Int => Value::Int(
-            serde_json::from_str::<i64>(raw)
-                .ok()
+            integer(raw)
                 .and_then(|v| i32::try_from(v).ok())
                 .ok_or_else(|| {
                     format!("expected an int (32-bit integer), found {}", shorten(raw))
                 })?,
         ),
-        FieldType::Bigint => {
-            Value::Bigint(serde_json::from_str::<i64>(raw).map_err(|_| {
-                format!("expected a bigint (64-bit integer), found {}", shorten(raw))
-            })?)
-        }
+        FieldType::Bigint => Value::Bigint(integer(raw).ok_or_else(|| {
+            format!("expected a bigint (64-bit integer), found {}", shorten(raw))
+        })?),
         FieldType::Double => Value::Double(
             serde_json::from_str::<f64>(raw)
                 .map_err(|_| format!("expected a number, found {}", shorten(raw)))?,
@@ -308,7 +321,7 @@ fn parse(field: &Field, raw: &str) -> Result<Value, String> {
             let text = if raw.starts_with('"') {
                 string()?
             } else {
-                raw.to_owned()
+                std::borrow::Cow::Borrowed(raw)
             };
             Value::Decimal(parse_decimal(&text, precision, scale)?)
         }
@@ -332,7 +345,7 @@ fn parse(field: &Field, raw: &str) -> Result<Value, String> {
                 })?;
                 Value::Timestamp(nanos.div_euclid(1000))
             } else {
-                let millis = serde_json::from_str::<i64>(raw).map_err(|_| {
+                let millis = integer(raw).ok_or_else(|| {
                     format!(
                         "expected an RFC 3339 time or epoch milliseconds, found {}",
                         shorten(raw)
@@ -346,6 +359,12 @@ fn parse(field: &Field, raw: &str) -> Result<Value, String> {
             }
         }
     })
+}
+
+/// A JSON integer (`raw` is valid JSON, so `str::parse` sees no `+` and no leading zeros);
+/// none for anything else, fractions and exponents included.
+fn integer(raw: &str) -> Option<i64> {
+    raw.parse::<i64>().ok()
 }
 
 /// `19.99` with scale 2 → 1999. Rejects more fractional digits than the scale allows (no silent
@@ -499,6 +518,41 @@ mod tests {
                 "7: field `ts`: expected an RFC 3339 time or epoch milliseconds, found \"yesterday\"",
                 "8: field `price`: 123456789.5 has more than 8 digits before the point",
                 "10: invalid JSON: key must be a string at line 1 column 2",
+            ]
+        "#]]
+        .assert_debug_eq(&rejected);
+    }
+
+    #[test]
+    fn spacing_escapes_and_key_order_do_not_matter() {
+        let decoder = Decoder::new(&topic(&[
+            ("id", FieldType::Bigint, true),
+            ("name", FieldType::String, true),
+            ("ts", FieldType::Timestamp, false),
+        ]));
+        let (table, rejected) = run(
+            &decoder,
+            &[
+                "{ \"id\" : 1 ,\n \"name\" : \"plain\" , \"ts\" : 1700000000000 }",
+                r#"{"name":"tab\there \"quoted\" \u00e9","id":-2}"#,
+                r#"{"ts":"2026-11-25T10:00:00Z","name":"","id":3,"name":"last wins"}"#,
+                r#"{"id":4.0,"name":"x"}"#,
+                r#"{"id":5,"name":7}"#,
+            ],
+        );
+        expect![[r#"
+            +----+---------------------+----------------------+
+            | id | name                | ts                   |
+            +----+---------------------+----------------------+
+            | 1  | plain               | 2023-11-14T22:13:20Z |
+            | -2 | tab	here "quoted" é |                      |
+            | 3  | last wins           | 2026-11-25T10:00:00Z |
+            +----+---------------------+----------------------+"#]]
+        .assert_eq(&table);
+        expect![[r#"
+            [
+                "3: field `id`: expected a bigint (64-bit integer), found 4.0",
+                "4: field `name`: expected a string, found 7",
             ]
         "#]]
         .assert_debug_eq(&rejected);
