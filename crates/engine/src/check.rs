@@ -61,6 +61,28 @@ pub async fn check(project: &Project) -> Vec<Diagnostic> {
                     _ => {}
                 }
                 let schema = Arc::new(plan.schema().as_arrow().clone());
+                let stored = crate::stateless::storable_schema(&schema);
+                for field in stored.fields() {
+                    if kappa_lakehouse::Lakehouse::unstorable(field).is_some() {
+                        let (line, column) =
+                            find_word(&model.sql, &format!("`{}`", field.name())).unwrap_or((1, 1));
+                        diagnostics.push(Diagnostic {
+                            file: model.file.clone(),
+                            line,
+                            column,
+                            message: format!(
+                                "column `{}` is of type {}, which an Iceberg table cannot store",
+                                field.name(),
+                                field.data_type()
+                            ),
+                            suggestion: Some(
+                                "make it a number, e.g. date_part('epoch', p.ts) - \
+                                 date_part('epoch', o.ts) for seconds, or a string"
+                                    .into(),
+                            ),
+                        });
+                    }
+                }
                 let name = TableReference::partial(model.layer.as_str(), model.name.as_str());
                 if let Err(e) = ctx.register_table(name, Arc::new(EmptyTable::new(schema))) {
                     diagnostics.push(Diagnostic::in_file(
@@ -285,6 +307,11 @@ mod tests {
                  GROUP BY o.region",
             ),
             (
+                "models/gold/waits.sql",
+                "SELECT o.order_id,\n       p.ts - o.ts AS waited FROM orders o JOIN payments p\n\
+                 ON p.order_id = o.order_id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'",
+            ),
+            (
                 "models/gold/unbounded.sql",
                 "SELECT o.order_id, p.amount FROM orders o\nJOIN payments p ON p.order_id = o.order_id",
             ),
@@ -350,6 +377,7 @@ mod tests {
             models/gold/unbounded.sql:2:1: not incremental: joining two streams needs a time bound in its ON clause that keeps the state finite, such as ON p.order_id = o.id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'; or declare the side that holds the current state of something as kind = "table" in its topics/<name>.toml, and it becomes a dimension looked up by each event
             models/gold/unpaid.sql:1:48: not incremental: a left join of two streams would have to wait until no partner can come to emit an unmatched row; that is not supported yet — use JOIN (inner) with a time bound, ON p.order_id = o.id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'
             models/gold/untimed.toml:1:1: event_time `region` of topic `orders` is not a timestamp
+            models/gold/waits.sql:2:23: column `waited` is of type Duration(µs), which an Iceberg table cannot store; make it a number, e.g. date_part('epoch', p.ts) - date_part('epoch', o.ts) for seconds, or a string
         "#]]
         .assert_eq(&got);
     }

@@ -216,6 +216,15 @@ impl Lakehouse {
         }
     }
 
+    /// Why an Iceberg table cannot hold a column of `field`'s type, if it cannot (durations
+    /// and intervals, for instance, have no Iceberg type).
+    pub fn unstorable(field: &arrow::datatypes::Field) -> Option<String> {
+        let schema = ArrowSchema::new(vec![field.clone()]);
+        arrow_schema_to_schema_auto_assign_ids(&schema)
+            .err()
+            .map(|e| e.message().to_owned())
+    }
+
     /// Whether `table` stores `schema`: the same column names, types and nullability as a table
     /// created from `schema` would have.
     pub fn schema_matches(&self, table: &Table, schema: &ArrowSchema) -> bool {
