@@ -34,8 +34,9 @@ pub const SNAPSHOTS_KEPT: usize = 32;
 pub const MANIFESTS_MAX: usize = 8;
 /// Files of one size tier that an append table merges into one.
 pub const TIER_FILES: usize = 8;
-/// Size tiers of data files that are merged: under 1 MiB, 8 MiB and 64 MiB; larger files stay.
-const TIER_BOUNDS: [u64; 3] = [1 << 20, 8 << 20, 64 << 20];
+/// Size tiers of data files that are merged: under 1 MiB and under 8 MiB; larger files stay.
+/// A merge reads its files into memory, so the largest tier bounds it (8 × 8 MiB of Parquet).
+const TIER_BOUNDS: [u64; 2] = [1 << 20, 8 << 20];
 /// Every this many commits, files no kept snapshot uses are removed.
 pub const CLEANUP_EVERY: i64 = 64;
 /// How old an unreferenced file must be before it is removed: a query that planned on an
