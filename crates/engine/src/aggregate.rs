@@ -570,6 +570,24 @@ pub(crate) fn slot_for(
     Ok((slot, slot_schema, plan))
 }
 
+/// `plan` with the node `target` replaced by `replacement` (the first time it is met).
+pub(crate) fn replace_node(
+    plan: LogicalPlan,
+    target: &LogicalPlan,
+    replacement: &LogicalPlan,
+) -> Result<LogicalPlan> {
+    use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+    Ok(plan
+        .transform_down(|node| {
+            Ok(if node == *target {
+                Transformed::new(replacement.clone(), true, TreeNodeRecursion::Jump)
+            } else {
+                Transformed::no(node)
+            })
+        })?
+        .data)
+}
+
 /// Simplifies an expression as DataFusion's optimizer does before it runs one: some functions
 /// (`coalesce`, `nvl`, …) only exist in simplified form at execution.
 pub fn simplify(expr: Expr, schema: &datafusion::common::DFSchemaRef) -> Result<Expr> {

@@ -316,6 +316,11 @@ mod tests {
                 "SELECT o.order_id, p.amount FROM orders o\nJOIN payments p ON p.order_id = o.order_id",
             ),
             (
+                "models/gold/same_day.sql",
+                "SELECT o.order_id, p.amount FROM orders o\nJOIN payments p ON p.order_id = o.order_id \
+                 AND CAST(p.ts AS DATE) BETWEEN CAST(o.ts AS DATE) AND CAST(o.ts AS DATE) + 1",
+            ),
+            (
                 "models/gold/unpaid.sql",
                 "SELECT o.order_id, p.amount FROM orders o LEFT JOIN payments p\n\
                  ON p.order_id = o.order_id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'",
@@ -372,6 +377,7 @@ mod tests {
             models/gold/every_region.sql:2:7: not incremental: a right join would produce rows of the dimension that no event looked up; use JOIN or LEFT JOIN from the stream to the dimension; a model runs row by row (projections, filters) or as one GROUP BY
             models/gold/median.sql:1:16: not incremental: aggregate `median` is not incremental; supported: count, sum, min, max, avg, mean, bool_and, bool_or
             models/gold/ranked.sql:1:23: not incremental: window functions (OVER …) are not incremental; for running totals use GROUP BY; a model runs row by row (projections, filters) or as one GROUP BY
+            models/gold/same_day.sql:2:1: not incremental: joining two streams needs a time bound in its ON clause that keeps the state finite, such as ON p.order_id = o.id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'; or declare the side that holds the current state of something as kind = "table" in its topics/<name>.toml, and it becomes a dimension looked up by each event
             models/gold/sorted.sql:3:1: not incremental: ORDER BY: a table's rows have no order; drop it and order when you query the table; a model runs row by row (projections, filters) or as one GROUP BY
             models/gold/twice.sql:1:33: not incremental: reads gold.totals, whose rows are groups that change; a GROUP BY over another model's groups is not incremental yet — group the rows gold.totals reads instead
             models/gold/unbounded.sql:2:1: not incremental: joining two streams needs a time bound in its ON clause that keeps the state finite, such as ON p.order_id = o.id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'; or declare the side that holds the current state of something as kind = "table" in its topics/<name>.toml, and it becomes a dimension looked up by each event

@@ -226,15 +226,7 @@ pub fn replace_dedup(
     found: &DedupMatch,
     replacement: &LogicalPlan,
 ) -> Result<LogicalPlan> {
-    Ok(plan
-        .transform_down(|node| {
-            Ok(if node == found.filter {
-                Transformed::new(replacement.clone(), true, TreeNodeRecursion::Jump)
-            } else {
-                Transformed::no(node)
-            })
-        })?
-        .data)
+    crate::aggregate::replace_node(plan, &found.filter, replacement)
 }
 
 struct Candidate {

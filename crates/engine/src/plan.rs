@@ -377,22 +377,8 @@ fn join_event_time(
     topic: &kappa_pipeline::TopicSpec,
     column: &str,
 ) -> Result<EventTime> {
-    let schema = topic_schema(topic);
-    let index = schema.index_of(column).map_err(|_| {
-        DataFusionError::NotImplemented(format!(
-            "the join's time bound compares `{column}`, which is not a field of topic `{}`",
-            topic.name
-        ))
-    })?;
-    if !matches!(
-        schema.field(index).data_type(),
-        arrow::datatypes::DataType::Timestamp(..)
-    ) {
-        return Err(DataFusionError::NotImplemented(format!(
-            "the join's time bound compares `{column}` of topic `{}`, which is not a timestamp",
-            topic.name
-        )));
-    }
+    let index = timestamp_field(topic, column)
+        .map_err(|why| DataFusionError::NotImplemented(format!("the join's time bound: {why}")))?;
     let mut delay_ms = None;
     let mut declared_by = None;
     let mut pending = std::collections::VecDeque::from([model_id.to_owned()]);
@@ -444,6 +430,25 @@ fn dedup_horizon_of(project: &Project, model_id: &str) -> Option<u64> {
     None
 }
 
+/// The index of `column` in `topic`'s schema if it is a timestamp field; else why not
+/// ("`x` is not a field of topic `t`").
+fn timestamp_field(
+    topic: &kappa_pipeline::TopicSpec,
+    column: &str,
+) -> std::result::Result<usize, String> {
+    let schema = topic_schema(topic);
+    let index = schema
+        .index_of(column)
+        .map_err(|_| format!("`{column}` is not a field of topic `{}`", topic.name))?;
+    match schema.field(index).data_type() {
+        arrow::datatypes::DataType::Timestamp(..) => Ok(index),
+        _ => Err(format!(
+            "`{column}` of topic `{}` is not a timestamp",
+            topic.name
+        )),
+    }
+}
+
 /// The event time declared by `model_id` or, failing that, the nearest model it reads.
 fn event_time_of(
     project: &Project,
@@ -460,22 +465,8 @@ fn event_time_of(
             continue;
         };
         if let Some(column) = &model.config.event_time {
-            let schema = topic_schema(topic);
-            let index = schema.index_of(column).map_err(|_| {
-                DataFusionError::Configuration(format!(
-                    "event_time `{column}` is not a field of topic `{}`",
-                    topic.name
-                ))
-            })?;
-            if !matches!(
-                schema.field(index).data_type(),
-                arrow::datatypes::DataType::Timestamp(..)
-            ) {
-                return Err(DataFusionError::Configuration(format!(
-                    "event_time `{column}` of topic `{}` is not a timestamp",
-                    topic.name
-                )));
-            }
+            let index = timestamp_field(topic, column)
+                .map_err(|why| DataFusionError::Configuration(format!("event_time {why}")))?;
             return Ok(Some(EventTime {
                 column: column.clone(),
                 index,

@@ -481,16 +481,33 @@ pub async fn run_model(
     // its offsets, and a pause before reading again.
     macro_rules! start_over {
         () => {{
-            recover(
-                &mut compute,
-                &mut dedup,
-                &mut join,
-                &mut sources,
-                &lakehouse,
-                &table,
-                &model_id,
-            )
-            .await;
+            // Until the state is back to a commit, nothing is read.
+            loop {
+                match recover(
+                    &mut compute,
+                    &mut dedup,
+                    &mut join,
+                    &mut sources,
+                    &lakehouse,
+                    &table,
+                )
+                .await
+                {
+                    Ok(reloaded) => {
+                        table = reloaded;
+                        committed = committed_offsets(&table);
+                        table_offsets = committed.clone();
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(model = %model_id, error = %e, "recovering failed; retrying");
+                        sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
+                        if *stop.borrow() {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
             for source in &mut sources {
                 if let Err(e) = source.rewind(&committed) {
                     tracing::error!(model = %model_id, error = %e, "repositioning a reader failed");
@@ -521,7 +538,9 @@ pub async fn run_model(
             let since = last_commit.elapsed();
             let interval = Duration::from_millis(LIVE_COMMIT_INTERVAL_MS);
             if since < interval {
-                sleep_or_stop(&mut stop, (interval - since).as_millis() as u64).await;
+                // Rounded up: a sleep of 0 ms would spin.
+                let wait = (interval - since).as_micros().div_ceil(1000) as u64;
+                sleep_or_stop(&mut stop, wait).await;
                 continue;
             }
         }
@@ -531,7 +550,7 @@ pub async fn run_model(
             .map(|s| read_some(&mut s.readers, share))
             .collect();
         let records: usize = reads.iter().map(|(raws, _)| raws.len()).sum();
-        far_behind = records >= share;
+        far_behind = reads.iter().any(|(raws, _)| raws.len() >= share);
         let mut target = committed.clone();
         for (source, (_, next)) in sources.iter().zip(&reads) {
             target.insert(source.name.clone(), next.clone());
@@ -585,6 +604,10 @@ pub async fn run_model(
                 tracing::error!(model = %model_id, error = %e, "writing dead letters failed; retrying");
                 start_over!();
                 continue;
+            }
+            // In the topic now: a retry of this batch must not write them again.
+            for (t, r) in &fresh {
+                already_dead.insert(((*t).to_owned(), r.partition, r.offset));
             }
         }
         for (dimension, _) in &dims {
@@ -676,9 +699,6 @@ pub async fn run_model(
                     tracing::warn!(model = %model_id, error = %e, "commit reported an error but landed");
                 } else {
                     tracing::error!(model = %model_id, error = %e, "commit failed; rereading from the committed offsets");
-                    for (t, r) in &fresh {
-                        already_dead.insert(((*t).to_owned(), r.partition, r.offset));
-                    }
                     start_over!();
                 }
                 landed
@@ -695,7 +715,13 @@ pub async fn run_model(
             last_commit = Instant::now();
             committed = target;
             dim_rejected.clear();
-            already_dead.clear();
+            // Records the commit passed are never read again.
+            already_dead.retain(|(t, p, o)| {
+                committed
+                    .get(t)
+                    .and_then(|next| next.get(p))
+                    .is_none_or(|next| o >= next)
+            });
         }
     }
 }
@@ -803,8 +829,9 @@ async fn reset_dimensions(dims: &mut [(Dimension, bool)], committed: &Offsets, m
     }
 }
 
-/// After a failure, puts the computation back to the table's last commit (the readers are
-/// rewound to the same point).
+/// After a failure, puts the computation back to the table's last commit, read again from the
+/// catalog (the failed commit may have landed after all). Returns that table, or why the
+/// state could not be restored — then nothing may be read until a retry succeeds.
 async fn recover(
     compute: &mut Compute,
     dedup: &mut Option<Dedup>,
@@ -812,35 +839,48 @@ async fn recover(
     sources: &mut [Source],
     lakehouse: &Lakehouse,
     table: &kappa_lakehouse::Table,
-    model: &str,
-) {
-    let table = match lakehouse.load_table(table.identifier()).await {
-        Ok(table) => table,
-        Err(e) => {
-            tracing::error!(model, error = %e, "reloading the table failed");
-            table.clone()
-        }
-    };
-    if let Err(e) = compute.restore(lakehouse, &table).await {
-        tracing::error!(model, error = %e, "restoring the model's state failed");
-    }
+) -> Result<kappa_lakehouse::Table, String> {
+    let table = lakehouse
+        .load_table(table.identifier())
+        .await
+        .map_err(|e| format!("reloading the table failed: {e}"))?;
+    compute
+        .restore(lakehouse, &table)
+        .await
+        .map_err(|e| format!("restoring the model's state failed: {e}"))?;
     let properties = table
         .metadata()
         .current_snapshot()
         .map(|s| s.summary().additional_properties.clone());
-    if let Some(dedup) = dedup
-        && let Err(e) = dedup.restore(lakehouse, &table, properties.as_ref()).await
-    {
-        tracing::error!(model, error = %e, "restoring the dedup state failed");
+    if let Some(dedup) = dedup {
+        dedup
+            .restore(lakehouse, &table, properties.as_ref())
+            .await
+            .map_err(|e| format!("restoring the dedup state failed: {e}"))?;
     }
-    if let Some(join) = join
-        && let Err(e) = join.restore(lakehouse, &table, properties.as_ref()).await
-    {
-        tracing::error!(model, error = %e, "restoring the join state failed");
+    if let Some(join) = join {
+        join.restore(lakehouse, &table, properties.as_ref())
+            .await
+            .map_err(|e| format!("restoring the join state failed: {e}"))?;
     }
-    if let Err(e) = restore_marks(sources, properties.as_ref()) {
-        tracing::error!(model, error = %e, "restoring the watermarks failed");
-    }
+    restore_marks(sources, properties.as_ref())
+        .map_err(|e| format!("restoring the watermarks failed: {e}"))?;
+    Ok(table)
+}
+
+/// The offsets a table's current snapshot covers.
+fn committed_offsets(table: &kappa_lakehouse::Table) -> Offsets {
+    table
+        .metadata()
+        .current_snapshot()
+        .and_then(|s| {
+            s.summary()
+                .additional_properties
+                .get(OFFSETS_PROPERTY)
+                .cloned()
+        })
+        .and_then(|o| serde_json::from_str(&o).ok())
+        .unwrap_or_default()
 }
 
 /// Adds the records the source set aside (late, no event time) to the rejects.
@@ -891,8 +931,15 @@ fn restore_marks(
     sources: &mut [Source],
     properties: Option<&HashMap<String, String>>,
 ) -> Result<(), String> {
-    let saved: BTreeMap<String, serde_json::Value> =
+    let mut saved: BTreeMap<String, serde_json::Value> =
         crate::summary_json(properties, WATERMARKS_PROPERTY).map_err(|e| e.to_string())?;
+    // Tables written before models read two topics saved one topic's `{partition: µs}`.
+    if !saved.is_empty() && saved.keys().all(|k| k.parse::<u32>().is_ok()) {
+        let legacy = serde_json::Value::Object(std::mem::take(&mut saved).into_iter().collect());
+        if let Some(first) = sources.first() {
+            saved.insert(first.name.clone(), legacy);
+        }
+    }
     for source in sources {
         if let Some(marks) = &mut source.marks {
             marks.load(saved.get(&source.name))?;

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
 use arrow::compute::{cast, concat_batches, filter_record_batch};
 use arrow::datatypes::{DataType, SchemaRef, TimeUnit, TimestampMicrosecondType};
-use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, ScalarValue};
 use datafusion::datasource::MemTable;
 use datafusion::error::Result;
@@ -286,9 +286,16 @@ fn split_and<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
 
 /// An expression as `column + constant` (µs), or a constant alone.
 fn linear(e: &Expr) -> Option<(Option<Column>, i64)> {
+    // A cast keeps the instant only to a timestamp at least as fine as the µs we store.
+    let keeps_time = |t: &DataType| {
+        matches!(
+            t,
+            DataType::Timestamp(TimeUnit::Microsecond | TimeUnit::Nanosecond, _)
+        )
+    };
     match e {
-        Expr::Cast(c) => linear(&c.expr),
-        Expr::TryCast(c) => linear(&c.expr),
+        Expr::Cast(c) if keeps_time(&c.data_type) => linear(&c.expr),
+        Expr::TryCast(c) if keeps_time(&c.data_type) => linear(&c.expr),
         Expr::Alias(a) => linear(&a.expr),
         Expr::Column(c) => Some((Some(c.clone()), 0)),
         Expr::Literal(v, _) => duration_us(v).map(|us| (None, us)),
@@ -333,15 +340,7 @@ pub fn replace_join(
     found: &StreamJoinMatch,
     replacement: &LogicalPlan,
 ) -> Result<LogicalPlan> {
-    Ok(plan
-        .transform_down(|node| {
-            Ok(if node == found.node {
-                Transformed::new(replacement.clone(), true, TreeNodeRecursion::Jump)
-            } else {
-                Transformed::no(node)
-            })
-        })?
-        .data)
+    crate::aggregate::replace_node(plan, &found.node, replacement)
 }
 
 /// The buffer files of the join state in the table's current snapshot.
@@ -396,7 +395,7 @@ impl Side {
         self.source.batches[0].write().await.clear();
         let out = out?
             .iter()
-            .map(|b| conform(b, &self.schema))
+            .map(|b| crate::stateless::to_storable(b, &self.schema))
             .collect::<Result<Vec<_>>>()?;
         Ok(concat_batches(&self.schema, &out)?)
     }
@@ -417,23 +416,6 @@ impl Side {
         self.buffer = filter_record_batch(&self.buffer, &mask)?;
         Ok(true)
     }
-}
-
-/// A batch with `schema`'s field names and types (same columns in the same order).
-fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
-    let columns = batch
-        .columns()
-        .iter()
-        .zip(schema.fields())
-        .map(|(c, f)| {
-            if c.data_type() == f.data_type() {
-                Ok(c.clone())
-            } else {
-                cast(c, f.data_type())
-            }
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
 /// The join stage of a model: the two topics' rows in, the joined pairs out.
@@ -557,7 +539,7 @@ impl StreamJoin {
         self.left.slot.batches[0].write().await.clear();
         self.right.slot.batches[0].write().await.clear();
         out?.iter()
-            .map(|b| conform(b, &self.output_schema))
+            .map(|b| crate::stateless::to_storable(b, &self.output_schema))
             .collect()
     }
 
@@ -616,7 +598,7 @@ impl StreamJoin {
                     let batches = lakehouse.read_state(table, location).await?;
                     let batches = batches
                         .iter()
-                        .map(|b| conform(b, &side.schema))
+                        .map(|b| crate::stateless::to_storable(b, &side.schema))
                         .collect::<Result<Vec<_>>>()
                         .map_err(df)?;
                     concat_batches(&side.schema, &batches).map_err(|e| df(e.into()))?

@@ -30,13 +30,16 @@ use crate::{Context, Lakehouse, LakehouseError, Result};
 
 /// Snapshots kept in a table's metadata (the newest ones): time travel reaches this far back.
 pub const SNAPSHOTS_KEPT: usize = 32;
+/// How long a snapshot stays after the next one replaced it (ms).
+pub const SNAPSHOT_REPLACED_MIN_MS: i64 = 10_000;
 /// Data manifests a snapshot may list before a commit folds them into one.
 pub const MANIFESTS_MAX: usize = 8;
 /// Files of one size tier that an append table merges into one.
 pub const TIER_FILES: usize = 8;
 /// Size tiers of data files that are merged: under 1 MiB and under 8 MiB; larger files stay.
-/// A merge reads its files into memory, so the largest tier bounds it (8 × 8 MiB of Parquet).
 const TIER_BOUNDS: [u64; 2] = [1 << 20, 8 << 20];
+/// A merge reads its files into memory: at most this many bytes of Parquet at once.
+const MERGE_BYTES_MAX: u64 = 64 << 20;
 /// Every this many commits, files no kept snapshot uses are removed.
 pub const CLEANUP_EVERY: i64 = 64;
 /// How old an unreferenced file must be before it is removed: a query that planned on an
@@ -302,17 +305,21 @@ impl Lakehouse {
             .with_schema_id(metadata.current_schema_id())
             .build();
         // Only the newest snapshots stay in the metadata, so that it does not grow with every
-        // commit; the files only expired snapshots used are removed by `remove_orphans`.
-        let mut by_age: Vec<(i64, i64)> = metadata
+        // commit; the files only expired snapshots used are removed by `remove_orphans`. A
+        // snapshot stays while the one after it is younger than SNAPSHOT_REPLACED_MIN_MS (10 s),
+        // so a query planned on it has that long to read its files.
+        let mut by_age: Vec<(i64, i64, i64)> = metadata
             .snapshots()
-            .map(|s| (s.sequence_number(), s.snapshot_id()))
+            .map(|s| (s.sequence_number(), s.timestamp_ms(), s.snapshot_id()))
             .collect();
         by_age.sort_unstable();
+        let now = chrono_now_ms();
+        let newest_kept = by_age.len().saturating_sub(SNAPSHOTS_KEPT - 1);
         let expired: Vec<i64> = by_age
-            .iter()
-            .rev()
-            .skip(SNAPSHOTS_KEPT - 1)
-            .map(|(_, id)| *id)
+            .windows(2)
+            .take(newest_kept)
+            .filter(|pair| now - pair[1].1 >= self.replaced_snapshot_ms)
+            .map(|pair| pair[0].2)
             .collect();
         let updated = TableMetadataBuilder::new_from_metadata(
             metadata.clone(),
@@ -356,11 +363,17 @@ impl Lakehouse {
         let mut written = Vec::new();
         for (tier, bound) in TIER_BOUNDS.iter().enumerate() {
             let lower = if tier == 0 { 0 } else { TIER_BOUNDS[tier - 1] };
+            // All of the tier's files, as many as fit in one merge's memory.
+            let mut bytes = 0;
             let files: Vec<&DataFile> = live
                 .iter()
                 .map(|k| &k.file)
                 .filter(|f| !remove.contains(f.file_path()))
                 .filter(|f| (lower..*bound).contains(&f.file_size_in_bytes()))
+                .take_while(|f| {
+                    bytes += f.file_size_in_bytes();
+                    bytes <= MERGE_BYTES_MAX
+                })
                 .collect();
             if files.len() < TIER_FILES {
                 continue;

@@ -118,6 +118,8 @@ pub struct Lakehouse {
     /// The catalog database again, for the pointer swaps of our own commits (`commit.rs`).
     pointers: sqlx::SqlitePool,
     warehouse: PathBuf,
+    /// How long a snapshot stays after the next one replaced it (ms).
+    replaced_snapshot_ms: i64,
 }
 
 /// `layer.model` as an Iceberg table identifier.
@@ -155,7 +157,15 @@ impl Lakehouse {
             catalog: Arc::new(catalog),
             pointers,
             warehouse,
+            replaced_snapshot_ms: commit::SNAPSHOT_REPLACED_MIN_MS,
         })
+    }
+
+    /// Keeps a replaced snapshot `ms` milliseconds instead of
+    /// [`commit::SNAPSHOT_REPLACED_MIN_MS`] (tests of expiry).
+    pub fn with_replaced_snapshot_ms(mut self, ms: i64) -> Lakehouse {
+        self.replaced_snapshot_ms = ms;
+        self
     }
 
     pub fn catalog(&self) -> Arc<SqlCatalog> {

@@ -217,7 +217,11 @@ async fn many_small_appends_stay_a_small_table() {
         Field::new("id", DataType::Int64, false),
         Field::new("region", DataType::Utf8, true),
     ]));
-    let lakehouse = Lakehouse::open(dir.path()).await.unwrap();
+    // Replaced snapshots expire at once here (10 s after they were replaced by default).
+    let lakehouse = Lakehouse::open(dir.path())
+        .await
+        .unwrap()
+        .with_replaced_snapshot_ms(0);
     let ident = table_ident("silver", "live").unwrap();
     let mut table = lakehouse.ensure_table(&ident, &schema).await.unwrap();
     let commits: i64 = 150;
