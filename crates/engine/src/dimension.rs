@@ -257,13 +257,7 @@ impl Dimension {
 
     /// Folds records, in log order, into the latest row per key.
     fn apply(&mut self, raws: &[(u32, u64, Vec<u8>)]) -> Vec<Rejected> {
-        let (batch, mut rejected, positions) =
-            self.decoder
-                .decode_positioned(raws.iter().map(|(p, o, v)| Raw {
-                    partition: *p,
-                    offset: *o,
-                    value: v,
-                }));
+        let (batch, mut rejected, positions) = self.decoder.decode_owned(raws);
         let keys = match cast(batch.column(self.key_index), &DataType::Utf8) {
             Ok(keys) => keys,
             Err(e) => {

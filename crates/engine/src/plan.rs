@@ -19,7 +19,7 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{Distinct, LogicalPlan, LogicalPlanBuilder};
 use datafusion::prelude::{SessionContext, col};
 use datafusion::sql::TableReference;
-use kappa_pipeline::{Input, Materialization, Project, TopicKind};
+use kappa_pipeline::{Input, Materialization, Model, Project, TopicKind};
 
 use crate::aggregate::{NO_GROUP_BY, aggregate_shape, slot_for};
 use crate::dedup::{DEFAULT_HORIZON_MS, DedupMatch, find_dedup, replace_dedup};
@@ -381,24 +381,10 @@ fn join_event_time(
         .map_err(|why| DataFusionError::NotImplemented(format!("the join's time bound: {why}")))?;
     let mut delay_ms = None;
     let mut declared_by = None;
-    let mut pending = std::collections::VecDeque::from([model_id.to_owned()]);
-    let mut seen = BTreeSet::new();
-    while let Some(id) = pending.pop_front() {
-        if !seen.insert(id.clone()) {
-            continue;
-        }
-        let Some(model) = project.models.get(&id) else {
-            continue;
-        };
+    for (id, model) in nearest_first(project, model_id) {
         delay_ms = delay_ms.or(model.config.watermark_ms);
-        for input in &model.inputs {
-            match input {
-                Input::Topic(t) if *t == topic.name => {
-                    declared_by.get_or_insert_with(|| id.clone());
-                }
-                Input::Topic(_) => {}
-                Input::Model(m) => pending.push_back(m.clone()),
-            }
+        if model.inputs.contains(&Input::Topic(topic.name.clone())) {
+            declared_by.get_or_insert(id);
         }
     }
     Ok(EventTime {
@@ -411,23 +397,31 @@ fn join_event_time(
 
 /// The dedup horizon declared by `model_id` or the nearest model it reads.
 fn dedup_horizon_of(project: &Project, model_id: &str) -> Option<u64> {
+    nearest_first(project, model_id)
+        .into_iter()
+        .find_map(|(_, model)| model.config.dedup_horizon_ms)
+}
+
+/// `model_id` and the models it reads, directly or not, nearest first (breadth first).
+fn nearest_first<'p>(project: &'p Project, model_id: &str) -> Vec<(String, &'p Model)> {
+    let mut out = Vec::new();
     let mut pending = std::collections::VecDeque::from([model_id.to_owned()]);
     let mut seen = BTreeSet::new();
     while let Some(id) = pending.pop_front() {
         if !seen.insert(id.clone()) {
             continue;
         }
-        let model = project.models.get(&id)?;
-        if let Some(horizon) = model.config.dedup_horizon_ms {
-            return Some(horizon);
-        }
+        let Some(model) = project.models.get(&id) else {
+            continue;
+        };
         for input in &model.inputs {
             if let Input::Model(m) = input {
                 pending.push_back(m.clone());
             }
         }
+        out.push((id, model));
     }
-    None
+    out
 }
 
 /// The index of `column` in `topic`'s schema if it is a timestamp field; else why not
@@ -455,15 +449,7 @@ fn event_time_of(
     model_id: &str,
     topic: &kappa_pipeline::TopicSpec,
 ) -> Result<Option<EventTime>> {
-    let mut pending = std::collections::VecDeque::from([model_id.to_owned()]);
-    let mut seen = BTreeSet::new();
-    while let Some(id) = pending.pop_front() {
-        if !seen.insert(id.clone()) {
-            continue;
-        }
-        let Some(model) = project.models.get(&id) else {
-            continue;
-        };
+    for (id, model) in nearest_first(project, model_id) {
         if let Some(column) = &model.config.event_time {
             let index = timestamp_field(topic, column)
                 .map_err(|why| DataFusionError::Configuration(format!("event_time {why}")))?;
@@ -471,13 +457,8 @@ fn event_time_of(
                 column: column.clone(),
                 index,
                 delay_ms: model.config.watermark_ms.unwrap_or(0),
-                declared_by: id.clone(),
+                declared_by: id,
             }));
-        }
-        for input in &model.inputs {
-            if let Input::Model(m) = input {
-                pending.push_back(m.clone());
-            }
         }
     }
     Ok(None)

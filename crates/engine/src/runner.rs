@@ -21,7 +21,7 @@ use kappa_lakehouse::{Lakehouse, table_ident};
 use kappa_log::{Log, PartitionReader, Record, StartAt, Topic};
 use kappa_pipeline::{Model, Project};
 
-use crate::decode::{Decoder, Raw, Rejected};
+use crate::decode::{Decoder, Rejected};
 use crate::dedup::Dedup;
 use crate::dimension::Dimension;
 use crate::grouped::GroupedModel;
@@ -746,13 +746,7 @@ impl Source {
         &mut self,
         raws: &[OwnedRecord],
     ) -> datafusion::error::Result<(RecordBatch, Vec<Rejected>)> {
-        let (batch, mut rejected, positions) =
-            self.decoder
-                .decode_positioned(raws.iter().map(|(p, o, v)| Raw {
-                    partition: *p,
-                    offset: *o,
-                    value: v,
-                }));
+        let (batch, mut rejected, positions) = self.decoder.decode_owned(raws);
         if !self.reports_rejects {
             rejected.clear();
         }

@@ -340,28 +340,36 @@ where
     (log, lakehouse, topic, project)
 }
 
-/// Every bad record is in the dead-letter topic exactly once.
-fn assert_dead_letters_once(log: &Log, rejected: usize) {
+/// Every record of the dead-letter topic, as JSON.
+fn dead_letters(log: &Log) -> Vec<serde_json::Value> {
     let dead = log.topic(DEAD_LETTER_TOPIC).unwrap();
-    let mut letters = Vec::new();
     let mut reader = dead
         .partition(0)
         .unwrap()
         .reader(StartAt::Beginning)
         .unwrap();
+    let mut letters = Vec::new();
     while let Some(chunk) = reader.read(1 << 20).unwrap() {
         for r in chunk.records() {
-            let v: serde_json::Value = serde_json::from_slice(r.unwrap().value).unwrap();
-            letters.push((
-                v["partition"].as_u64().unwrap(),
-                v["offset"].as_u64().unwrap(),
-            ));
-            let reason = v["reason"].as_str().unwrap();
-            assert!(
-                reason.contains("field `qty`") || reason.starts_with("late: "),
-                "{v}"
-            );
+            letters.push(serde_json::from_slice(r.unwrap().value).unwrap());
         }
+    }
+    letters
+}
+
+/// Every bad record is in the dead-letter topic exactly once.
+fn assert_dead_letters_once(log: &Log, rejected: usize) {
+    let mut letters = Vec::new();
+    for v in dead_letters(log) {
+        letters.push((
+            v["partition"].as_u64().unwrap(),
+            v["offset"].as_u64().unwrap(),
+        ));
+        let reason = v["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("field `qty`") || reason.starts_with("late: "),
+            "{v}"
+        );
     }
     let unique: std::collections::BTreeSet<_> = letters.iter().collect();
     assert_eq!(
@@ -648,24 +656,15 @@ async fn orders_look_up_their_customer_in_a_dimension() {
             .await;
         let (_, rejected) = all_input(&topic, &project);
         // The bad customer record is a dead letter too, once.
-        let dead = log.topic(DEAD_LETTER_TOPIC).unwrap();
-        let mut reader = dead
-            .partition(0)
-            .unwrap()
-            .reader(StartAt::Beginning)
-            .unwrap();
         let mut from_customers = 0;
         let mut from_orders = 0;
-        while let Some(chunk) = reader.read(1 << 20).unwrap() {
-            for r in chunk.records() {
-                let v: serde_json::Value = serde_json::from_slice(r.unwrap().value).unwrap();
-                match v["topic"].as_str().unwrap() {
-                    "customers" => {
-                        assert!(v["reason"].as_str().unwrap().contains("discount"), "{v}");
-                        from_customers += 1;
-                    }
-                    _ => from_orders += 1,
+        for v in dead_letters(&log) {
+            match v["topic"].as_str().unwrap() {
+                "customers" => {
+                    assert!(v["reason"].as_str().unwrap().contains("discount"), "{v}");
+                    from_customers += 1;
                 }
+                _ => from_orders += 1,
             }
         }
         assert_eq!(from_customers, 1, "{name}");
@@ -725,25 +724,18 @@ async fn orders_meet_their_payments_within_a_time_bound() {
             late > 0 && paid_late > 0 && !paid_rejected.is_empty(),
             "{name}"
         );
-        let dead = log.topic(DEAD_LETTER_TOPIC).unwrap();
-        let mut reader = dead
-            .partition(0)
-            .unwrap()
-            .reader(StartAt::Beginning)
-            .unwrap();
-        let mut letters = std::collections::BTreeSet::new();
-        let mut count = 0;
-        while let Some(chunk) = reader.read(1 << 20).unwrap() {
-            for r in chunk.records() {
-                let v: serde_json::Value = serde_json::from_slice(r.unwrap().value).unwrap();
-                letters.insert((
+        let all = dead_letters(&log);
+        let count = all.len();
+        let letters: std::collections::BTreeSet<_> = all
+            .iter()
+            .map(|v| {
+                (
                     v["topic"].as_str().unwrap().to_owned(),
                     v["partition"].as_u64().unwrap(),
                     v["offset"].as_u64().unwrap(),
-                ));
-                count += 1;
-            }
-        }
+                )
+            })
+            .collect();
         assert_eq!(
             count,
             letters.len(),
