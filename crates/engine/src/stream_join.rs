@@ -15,8 +15,9 @@
 //! event time at or after its topic's watermark (see `watermark`). A left row can still meet a
 //! future right row only if `l.t + hi ≥ W_right`, a right row a future left row only if
 //! `r.t − lo ≥ W_left`; rows past that are dropped. The state is therefore about
-//! `(hi − lo + watermark delay) × event rate` rows per side. Buffers are checkpointed whole
-//! with every commit that changed them (`kappa.join`).
+//! `(hi − lo + watermark delay) × event rate` rows per side. Each commit checkpoints the rows
+//! added since the last one as a delta; every 16 deltas the whole buffer becomes a new base
+//! (`kappa.join`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,7 +37,8 @@ use serde::{Deserialize, Serialize};
 use crate::aggregate::slot_for;
 use crate::grouped::df;
 
-/// Snapshot property: the buffer files of both sides (`{"left", "right"}`).
+/// Snapshot property: the buffer files of both sides
+/// (`{"left": {"base", "deltas"}, "right": …}`).
 pub const JOIN_PROPERTY: &str = "kappa.join";
 
 /// The bound on event times a join's ON clause sets: `lo ≤ right − left ≤ hi` (µs).
@@ -346,8 +348,18 @@ pub fn replace_join(
 /// The buffer files of the join state in the table's current snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinFiles {
-    pub left: Option<String>,
-    pub right: Option<String>,
+    pub left: SideFiles,
+    pub right: SideFiles,
+}
+
+/// One side's buffer as files: a base (the whole buffer when it was written) and the rows added
+/// since, one delta per commit. Rows expired since the base are dropped again after a restore
+/// (the join condition never pairs them with a record that is not late, so they only cost
+/// memory until then).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SideFiles {
+    pub base: Option<String>,
+    pub deltas: Vec<String>,
 }
 
 /// One side of the join: its topic's rows through the side's row-by-row steps, and the rows
@@ -359,6 +371,8 @@ struct Side {
     schema: SchemaRef,
     time: usize,
     buffer: RecordBatch,
+    /// Rows added since the last checkpoint that landed.
+    fresh: Vec<RecordBatch>,
 }
 
 impl Side {
@@ -376,6 +390,7 @@ impl Side {
                 plan: plan.clone(),
                 slot,
                 buffer: RecordBatch::new_empty(schema.clone()),
+                fresh: Vec::new(),
                 schema,
                 time,
             },
@@ -510,11 +525,13 @@ impl StreamJoin {
         }
         if new_left.num_rows() > 0 {
             self.left.buffer = concat_batches(&self.left.schema, [&self.left.buffer, &new_left])?;
+            self.left.fresh.push(new_left);
             self.changed = true;
         }
         if new_right.num_rows() > 0 {
             self.right.buffer =
                 concat_batches(&self.right.schema, [&self.right.buffer, &new_right])?;
+            self.right.fresh.push(new_right);
             self.changed = true;
         }
         // A left row meets future right rows (t ≥ W_right) while l + hi ≥ W_right; a right row
@@ -562,8 +579,15 @@ impl StreamJoin {
     ) -> std::result::Result<(String, String), LakehouseError> {
         let mut files = self.committed.clone();
         if self.changed {
-            files.left = save(lakehouse, table, &self.left, "join-left").await?;
-            files.right = save(lakehouse, table, &self.right, "join-right").await?;
+            save(lakehouse, table, &self.left, "join-left", &mut files.left).await?;
+            save(
+                lakehouse,
+                table,
+                &self.right,
+                "join-right",
+                &mut files.right,
+            )
+            .await?;
         }
         let property = serde_json::to_string(&files).unwrap_or_default();
         self.pending = Some(files);
@@ -576,6 +600,8 @@ impl StreamJoin {
             self.committed = files;
         }
         self.changed = false;
+        self.left.fresh.clear();
+        self.right.fresh.clear();
     }
 
     /// Takes the buffers the table's current snapshot (`properties`) names.
@@ -588,46 +614,58 @@ impl StreamJoin {
         self.pending = None;
         self.changed = false;
         self.committed = crate::summary_json(properties, JOIN_PROPERTY)?;
-        for (side, file) in [
+        for (side, files) in [
             (&mut self.left, &self.committed.left),
             (&mut self.right, &self.committed.right),
         ] {
-            side.buffer = match file {
-                None => RecordBatch::new_empty(side.schema.clone()),
-                Some(location) => {
-                    let batches = lakehouse.read_state(table, location).await?;
-                    let batches = batches
-                        .iter()
-                        .map(|b| crate::stateless::to_storable(b, &side.schema))
-                        .collect::<Result<Vec<_>>>()
-                        .map_err(df)?;
-                    concat_batches(&side.schema, &batches).map_err(|e| df(e.into()))?
+            side.fresh.clear();
+            let mut batches = Vec::new();
+            for location in files.base.iter().chain(&files.deltas) {
+                for batch in lakehouse.read_state(table, location).await? {
+                    batches.push(crate::stateless::to_storable(&batch, &side.schema).map_err(df)?);
                 }
-            };
+            }
+            side.buffer = concat_batches(&side.schema, &batches).map_err(|e| df(e.into()))?;
         }
         Ok(())
     }
 }
 
-/// Writes a side's buffer as a state file of `table`; none when it is empty.
+/// Records a side's new rows in `files`: a delta file of the rows added since the last
+/// checkpoint, or — every [`crate::dedup::DELTAS_BEFORE_COMPACTION`] deltas — a new base of the
+/// whole (expired) buffer.
 async fn save(
     lakehouse: &Lakehouse,
     table: &Table,
     side: &Side,
     label: &str,
-) -> std::result::Result<Option<String>, LakehouseError> {
-    if side.buffer.num_rows() == 0 {
-        return Ok(None);
+    files: &mut SideFiles,
+) -> std::result::Result<(), LakehouseError> {
+    if files.deltas.len() >= crate::dedup::DELTAS_BEFORE_COMPACTION {
+        files.base = if side.buffer.num_rows() == 0 {
+            None
+        } else {
+            Some(
+                lakehouse
+                    .write_state(
+                        table,
+                        label,
+                        &side.schema,
+                        std::slice::from_ref(&side.buffer),
+                    )
+                    .await?,
+            )
+        };
+        files.deltas.clear();
+    } else if !side.fresh.is_empty() {
+        let delta = format!("{label}-delta");
+        files.deltas.push(
+            lakehouse
+                .write_state(table, &delta, &side.schema, &side.fresh)
+                .await?,
+        );
     }
-    lakehouse
-        .write_state(
-            table,
-            label,
-            &side.schema,
-            std::slice::from_ref(&side.buffer),
-        )
-        .await
-        .map(Some)
+    Ok(())
 }
 
 #[cfg(test)]
