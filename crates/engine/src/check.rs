@@ -83,6 +83,14 @@ pub async fn check(project: &Project) -> Vec<Diagnostic> {
                         });
                     }
                 }
+                if let Some(why) =
+                    kappa_lakehouse::partition_problem(&stored, &model.config.partition_by)
+                {
+                    diagnostics.push(Diagnostic::in_file(
+                        &model.file.replace(".sql", ".toml"),
+                        why,
+                    ));
+                }
                 let name = TableReference::partial(model.layer.as_str(), model.name.as_str());
                 if let Err(e) = ctx.register_table(name, Arc::new(EmptyTable::new(schema))) {
                     diagnostics.push(Diagnostic::in_file(
@@ -316,6 +324,14 @@ mod tests {
                 "SELECT o.order_id, p.amount FROM orders o\nJOIN payments p ON p.order_id = o.order_id",
             ),
             (
+                "models/gold/partitioned.sql",
+                "SELECT order_id, region, ts FROM orders",
+            ),
+            (
+                "models/gold/partitioned.toml",
+                "partition_by = [\"region\", \"week(ts)\"]\n",
+            ),
+            (
                 "models/gold/same_day.sql",
                 "SELECT o.order_id, p.amount FROM orders o\nJOIN payments p ON p.order_id = o.order_id \
                  AND CAST(p.ts AS DATE) BETWEEN CAST(o.ts AS DATE) AND CAST(o.ts AS DATE) + 1",
@@ -376,6 +392,7 @@ mod tests {
             models/gold/both.sql:1:31: not incremental: joining two streams needs a time bound in its ON clause that keeps the state finite, such as ON p.order_id = o.id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'; or declare the side that holds the current state of something as kind = "table" in its topics/<name>.toml, and it becomes a dimension looked up by each event
             models/gold/every_region.sql:2:7: not incremental: a right join would produce rows of the dimension that no event looked up; use JOIN or LEFT JOIN from the stream to the dimension; a model runs row by row (projections, filters) or as one GROUP BY
             models/gold/median.sql:1:16: not incremental: aggregate `median` is not incremental; supported: count, sum, min, max, avg, mean, bool_and, bool_or
+            models/gold/partitioned.toml:1:1: partition_by `week(ts)`: expected a column, year(c), month(c), day(c), hour(c), bucket(N, c) or truncate(N, c)
             models/gold/ranked.sql:1:23: not incremental: window functions (OVER …) are not incremental; for running totals use GROUP BY; a model runs row by row (projections, filters) or as one GROUP BY
             models/gold/same_day.sql:2:1: not incremental: joining two streams needs a time bound in its ON clause that keeps the state finite, such as ON p.order_id = o.id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'; or declare the side that holds the current state of something as kind = "table" in its topics/<name>.toml, and it becomes a dimension looked up by each event
             models/gold/sorted.sql:3:1: not incremental: ORDER BY: a table's rows have no order; drop it and order when you query the table; a model runs row by row (projections, filters) or as one GROUP BY

@@ -401,8 +401,9 @@ pub async fn run_model(
     };
     // Cloned: a borrow of `compute` held across an await would need it to be `Sync`.
     let output_schema = compute.output_schema().clone();
+    let partition_by = &model.config.partition_by;
     let mut table = lakehouse
-        .ensure_table(&ident, &output_schema)
+        .ensure_partitioned_table(&ident, &output_schema, partition_by)
         .await
         .map_err(lake_err)?;
     let written_by = table.metadata().current_snapshot().and_then(|s| {
@@ -416,7 +417,7 @@ pub async fn run_model(
         // The model changed: its table is rebuilt from the start of the log.
         tracing::warn!(model = %model_id, "the model changed since its table was written; rebuilding the table from the start of the log");
         table = lakehouse
-            .replace_table(&ident, &output_schema)
+            .replace_table(&ident, &output_schema, partition_by)
             .await
             .map_err(lake_err)?;
     }

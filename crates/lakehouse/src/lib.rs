@@ -122,6 +122,79 @@ pub struct Lakehouse {
     replaced_snapshot_ms: i64,
 }
 
+/// The partition spec `partition_by` asks for, over an Iceberg `schema`. Each entry is a column
+/// (identity), `year(col)`, `month(col)`, `day(col)`, `hour(col)`, `bucket(N, col)` or
+/// `truncate(N, col)`; otherwise, why not.
+pub fn partition_spec(
+    schema: &iceberg::spec::Schema,
+    partition_by: &[String],
+) -> std::result::Result<iceberg::spec::UnboundPartitionSpec, String> {
+    use iceberg::spec::Transform;
+    let mut builder = iceberg::spec::UnboundPartitionSpec::builder();
+    for entry in partition_by {
+        let entry = entry.trim();
+        let (transform, column) = match entry.split_once('(') {
+            None => (Transform::Identity, entry),
+            Some((name, rest)) => {
+                let inside = rest
+                    .strip_suffix(')')
+                    .ok_or_else(|| format!("partition_by `{entry}`: a `)` is missing"))?;
+                let args: Vec<&str> = inside.split(',').map(str::trim).collect();
+                let width = || {
+                    args.first()
+                        .and_then(|n| n.parse::<u32>().ok())
+                        .ok_or_else(|| {
+                            format!("partition_by `{entry}`: expected {name}(N, column)")
+                        })
+                };
+                match (name.trim().to_lowercase().as_str(), args.as_slice()) {
+                    ("year", [c]) => (Transform::Year, *c),
+                    ("month", [c]) => (Transform::Month, *c),
+                    ("day", [c]) => (Transform::Day, *c),
+                    ("hour", [c]) => (Transform::Hour, *c),
+                    ("bucket", [_, c]) => (Transform::Bucket(width()?), *c),
+                    ("truncate", [_, c]) => (Transform::Truncate(width()?), *c),
+                    _ => {
+                        return Err(format!(
+                            "partition_by `{entry}`: expected a column, year(c), month(c), day(c), \
+                             hour(c), bucket(N, c) or truncate(N, c)"
+                        ));
+                    }
+                }
+            }
+        };
+        let field = schema
+            .field_by_name(column)
+            .ok_or_else(|| format!("partition_by `{entry}`: the table has no column `{column}`"))?;
+        if transform.result_type(&field.field_type).is_err() {
+            return Err(format!(
+                "partition_by `{entry}`: {transform} does not apply to `{column}` ({})",
+                field.field_type
+            ));
+        }
+        let name = match transform {
+            Transform::Identity => column.to_owned(),
+            other => format!(
+                "{column}_{}",
+                other.to_string().split('[').next().unwrap_or("part")
+            ),
+        };
+        builder = builder
+            .add_partition_field(field.id, name, transform)
+            .map_err(|e| format!("partition_by `{entry}`: {}", e.message()))?;
+    }
+    Ok(builder.build())
+}
+
+/// Why `partition_by` cannot partition a table of `schema` (Arrow), if it cannot.
+pub fn partition_problem(schema: &ArrowSchema, partition_by: &[String]) -> Option<String> {
+    if partition_by.is_empty() {
+        return None;
+    }
+    let schema = arrow_schema_to_schema_auto_assign_ids(schema).ok()?;
+    partition_spec(&schema, partition_by).err()
+}
+
 /// `layer.model` as an Iceberg table identifier.
 pub fn table_ident(layer: &str, model: &str) -> Result<TableIdent> {
     TableIdent::from_strs([layer, model]).doing(|| format!("name the table {layer}.{model}"))
@@ -178,6 +251,17 @@ impl Lakehouse {
 
     /// The table `ident`, created with `schema` (field ids assigned) if it does not exist.
     pub async fn ensure_table(&self, ident: &TableIdent, schema: &ArrowSchema) -> Result<Table> {
+        self.ensure_partitioned_table(ident, schema, &[]).await
+    }
+
+    /// [`Lakehouse::ensure_table`], partitioned by `partition_by` when the table is created
+    /// (see [`partition_spec`]).
+    pub async fn ensure_partitioned_table(
+        &self,
+        ident: &TableIdent,
+        schema: &ArrowSchema,
+        partition_by: &[String],
+    ) -> Result<Table> {
         let namespace = ident.namespace().clone();
         if !self
             .catalog
@@ -212,9 +296,12 @@ impl Lakehouse {
         }
         let schema = arrow_schema_to_schema_auto_assign_ids(schema)
             .doing(|| format!("convert the schema of {ident}"))?;
+        let spec = partition_spec(&schema, partition_by)
+            .map_err(|why| LakehouseError::Unsupported(format!("{ident}: {why}")))?;
         let creation = TableCreation::builder()
             .name(ident.name().to_owned())
             .schema(schema)
+            .partition_spec(spec)
             .build();
         match self.catalog.create_table(&namespace, creation).await {
             Err(e) if e.kind() == iceberg::ErrorKind::TableAlreadyExists => self
@@ -255,7 +342,12 @@ impl Lakehouse {
     }
 
     /// Drops `ident` (its files stay in the warehouse) and creates it anew with `schema`.
-    pub async fn replace_table(&self, ident: &TableIdent, schema: &ArrowSchema) -> Result<Table> {
+    pub async fn replace_table(
+        &self,
+        ident: &TableIdent,
+        schema: &ArrowSchema,
+        partition_by: &[String],
+    ) -> Result<Table> {
         if self
             .catalog
             .table_exists(ident)
@@ -267,7 +359,8 @@ impl Lakehouse {
                 .await
                 .doing(|| format!("drop table {ident}"))?;
         }
-        self.ensure_table(ident, schema).await
+        self.ensure_partitioned_table(ident, schema, partition_by)
+            .await
     }
 
     pub async fn load_table(&self, ident: &TableIdent) -> Result<Table> {
@@ -314,21 +407,47 @@ impl Lakehouse {
             location,
             names,
         );
-        let mut writer = DataFileWriterBuilder::new(rolling)
-            .build(None)
-            .await
-            .doing(|| format!("open a writer for {ident}"))?;
-        for batch in batches {
-            // The table's own Arrow schema carries the Iceberg field ids the Parquet files need.
-            let batch = RecordBatch::try_new(arrow_schema.clone(), batch.columns().to_vec())
-                .doing(|| format!("match a batch to the schema of {ident}"))?;
-            writer
-                .write(batch)
+        let builder = DataFileWriterBuilder::new(rolling);
+        let spec = metadata.default_partition_spec().clone();
+        // The table's own Arrow schema carries the Iceberg field ids the Parquet files need.
+        let with_ids = |batch: &RecordBatch| {
+            RecordBatch::try_new(arrow_schema.clone(), batch.columns().to_vec())
+                .doing(|| format!("match a batch to the schema of {ident}"))
+        };
+        if spec.is_unpartitioned() {
+            let mut writer = builder
+                .build(None)
                 .await
-                .doing(|| format!("write to {ident}"))?;
+                .doing(|| format!("open a writer for {ident}"))?;
+            for batch in batches {
+                writer
+                    .write(with_ids(batch)?)
+                    .await
+                    .doing(|| format!("write to {ident}"))?;
+            }
+            return writer
+                .close()
+                .await
+                .doing(|| format!("finish the files of {ident}"));
         }
-        writer
-            .close()
+        // Partitioned: each batch split by the partition spec, one file (or more) per partition.
+        let splitter = iceberg::arrow::RecordBatchPartitionSplitter::try_new_with_computed_values(
+            metadata.current_schema().clone(),
+            spec,
+        )
+        .doing(|| format!("partition the rows of {ident}"))?;
+        let mut writer = iceberg::writer::partitioning::fanout_writer::FanoutWriter::new(builder);
+        for batch in batches {
+            let parts = splitter
+                .split(&with_ids(batch)?)
+                .doing(|| format!("partition the rows of {ident}"))?;
+            for (key, part) in parts {
+                iceberg::writer::partitioning::PartitioningWriter::write(&mut writer, key, part)
+                    .await
+                    .doing(|| format!("write to {ident}"))?;
+            }
+        }
+        iceberg::writer::partitioning::PartitioningWriter::close(writer)
             .await
             .doing(|| format!("finish the files of {ident}"))
     }

@@ -501,6 +501,19 @@ async fn assert_golden(data: &Path, mode: &str) {
         "{mode}: every table equals its batch query: {}",
         compared.join(", ")
     );
+    // The models that ask for partitioning got it.
+    for id in &project.order {
+        let model = &project.models[id];
+        let ident = kappa_lakehouse::table_ident(&model.layer, &model.name).unwrap();
+        let table = lakehouse.load_table(&ident).await.unwrap();
+        let spec = table.metadata().default_partition_spec();
+        assert_eq!(
+            spec.fields().len(),
+            model.config.partition_by.len(),
+            "{id}: partitioned by {:?}",
+            model.config.partition_by
+        );
+    }
 
     let letters = dead_letters(data);
     let unique: BTreeSet<_> = letters.iter().map(|(m, t, p, o, _)| (m, t, p, o)).collect();
