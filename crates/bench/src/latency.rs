@@ -266,15 +266,12 @@ async fn run_async(work: &Path, backlog: u64, rate: u64, seconds: f64) -> anyhow
     let mut query_ms = Vec::new();
     loop {
         tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
-        let asked = Instant::now();
-        let (_, batches) = lakehouse
-            .query(&format!(
-                "SELECT order_id FROM silver.rows WHERE order_id >= {lowest_unseen}"
-            ))
-            .await
-            .context("query silver.rows")?;
-        let now = Instant::now();
-        query_ms.push(now.duration_since(asked).as_secs_f64() * 1000.0);
+        let (batches, now) = timed_query(
+            &lakehouse,
+            &format!("SELECT order_id FROM silver.rows WHERE order_id >= {lowest_unseen}"),
+            &mut query_ms,
+        )
+        .await?;
         // Taken after the query: every event it returned was handed to the log before.
         let sent_at = sent_times(&sent);
         for batch in &batches {
@@ -297,13 +294,12 @@ async fn run_async(work: &Path, backlog: u64, rate: u64, seconds: f64) -> anyhow
         {
             lowest_unseen += 1;
         }
-        let asked = Instant::now();
-        let (_, batches) = lakehouse
-            .query("SELECT lane, max_id FROM gold.lanes")
-            .await
-            .context("query gold.lanes")?;
-        let now = Instant::now();
-        query_ms.push(now.duration_since(asked).as_secs_f64() * 1000.0);
+        let (batches, now) = timed_query(
+            &lakehouse,
+            "SELECT lane, max_id FROM gold.lanes",
+            &mut query_ms,
+        )
+        .await?;
         let sent_at = sent_times(&sent);
         for batch in &batches {
             let lanes = batch
@@ -394,6 +390,22 @@ async fn run_async(work: &Path, backlog: u64, rate: u64, seconds: f64) -> anyhow
         },
         peak_rss_bytes: crate::peak_rss_bytes(),
     })
+}
+
+/// Runs a reader's query; returns its rows and when they came back, and records how long it took.
+async fn timed_query(
+    lakehouse: &Lakehouse,
+    sql: &str,
+    query_ms: &mut Vec<f64>,
+) -> anyhow::Result<(Vec<arrow::array::RecordBatch>, Instant)> {
+    let asked = Instant::now();
+    let (_, batches) = lakehouse
+        .query(sql)
+        .await
+        .with_context(|| format!("query: {sql}"))?;
+    let now = Instant::now();
+    query_ms.push(now.duration_since(asked).as_secs_f64() * 1000.0);
+    Ok((batches, now))
 }
 
 /// When each live event was handed to the log, so far.

@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
@@ -29,13 +29,15 @@ use kappa_testkit::process::KappaProcess;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::{KAPPA, kappa, stderr, stdout};
+use crate::{KAPPA, kappa, stderr};
 
 const PROJECT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden");
 /// The watermark delay every model of the project declares.
 const DELAY_US: i64 = 10_000_000;
 const ORDERS: u64 = 2400;
 const BURSTS: u64 = 8;
+/// How long `kappa up` may take to catch up with everything before a test fails.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(180);
 /// 2026-01-05T08:00:00Z, in seconds.
 const BASE_SECONDS: i64 = 1_767_600_000;
 
@@ -212,31 +214,10 @@ fn produce_burst(data: &Path, burst: u64) {
     produce(data, "clicks", None, &clicks(from / 4, to / 4));
 }
 
-/// Waits until every model runs and has committed everything in the log.
-fn wait_caught_up(data: &Path, models: usize) {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let out = kappa(data, &["--project", PROJECT, "status", "--json"], None);
-        let status: serde_json::Value =
-            serde_json::from_str(&stdout(&out)).unwrap_or(serde_json::Value::Null);
-        let done = status["models"].as_array().is_some_and(|all| {
-            all.len() == models
-                && all
-                    .iter()
-                    .all(|m| m["lag_records"] == 0 && m["state"] == "running")
-        });
-        if done {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never caught up: {status}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 /// Runs `kappa up` until it has caught up, then stops it.
 fn settle(data: &Path, models: usize) {
     let up = start(data);
-    wait_caught_up(data, models);
+    crate::wait_caught_up(data, PROJECT, models, CATCH_UP_TIMEOUT);
     assert!(up.terminate().unwrap().success());
 }
 
@@ -573,7 +554,7 @@ async fn golden_live_equals_the_batch_queries() {
         produce_burst(&data, burst);
         std::thread::sleep(Duration::from_millis(150));
     }
-    wait_caught_up(&data, models);
+    crate::wait_caught_up(&data, PROJECT, models, CATCH_UP_TIMEOUT);
     assert!(up.terminate().unwrap().success());
     assert_golden(&data, "live").await;
 }
@@ -613,13 +594,9 @@ async fn golden_under_kill_9_equals_the_batch_queries() {
         std::thread::sleep(Duration::from_millis(delay));
         up.kill9().unwrap();
         // Where the kill landed: the records each model had not committed yet.
-        let out = kappa(&data, &["--project", PROJECT, "status", "--json"], None);
-        let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-        let behind = status["models"]
-            .as_array()
-            .unwrap()
+        let behind = crate::lags(&data, PROJECT)
             .iter()
-            .filter(|m| m["lag_records"].as_u64().unwrap() > 0)
+            .filter(|&&lag| lag > 0)
             .count();
         eprintln!(
             "kill {burst} at {delay} ms: {behind} of {models} models had records not yet committed"

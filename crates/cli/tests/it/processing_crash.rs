@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kappa_testkit::process::KappaProcess;
 use rand::rngs::StdRng;
@@ -100,49 +100,17 @@ fn produce_chunk(data: &Path, project: &Path, chunk: u64) {
     produce(data, project, "orders", "customer_id", &body);
 }
 
-/// Every model's records not yet covered by its table's last commit (read without a server).
-fn lags(data: &Path, project: &Path) -> Vec<u64> {
-    let out = kappa(
-        data,
-        &["--project", project.to_str().unwrap(), "status", "--json"],
-        None,
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    status["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["lag_records"].as_u64().unwrap())
-        .collect()
-}
-
 /// A dead letter: topic, partition, offset, reason.
 type Letter = (String, u64, u64, String);
 
 fn settle(data: &Path, project: &Path) -> (Vec<Vec<String>>, Vec<Letter>) {
     let up = start(data, project);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = kappa(
-            data,
-            &["--project", project.to_str().unwrap(), "status", "--json"],
-            None,
-        );
-        let status: serde_json::Value =
-            serde_json::from_str(&stdout(&out)).unwrap_or(serde_json::Value::Null);
-        let done = status["models"].as_array().is_some_and(|models| {
-            models.len() == MODELS.len()
-                && models
-                    .iter()
-                    .all(|m| m["lag_records"] == 0 && m["state"] == "running")
-        });
-        if done {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never caught up: {status}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    crate::wait_caught_up(
+        data,
+        project.to_str().unwrap(),
+        MODELS.len(),
+        Duration::from_secs(60),
+    );
     let tables = MODELS
         .iter()
         .map(|model| {
@@ -217,7 +185,7 @@ async fn kill_9_during_processing_ends_with_a_clean_runs_tables() {
         std::thread::sleep(Duration::from_millis(delay));
         up.kill9().unwrap();
         // Where the kill landed: what each model had committed by then.
-        let lags = lags(&crashed, &project);
+        let lags = crate::lags(&crashed, project.to_str().unwrap());
         eprintln!("kill {chunk}: records not yet committed per model {lags:?}");
         if lags.iter().any(|&lag| lag > 0) {
             mid_processing += 1;
