@@ -17,7 +17,7 @@
 //! arrives after its key was forgotten is emitted again: the horizon is how far apart in event
 //! time two copies may be and still be recognised. Checkpoints write the candidates whole (they
 //! are few) and the decisions as deltas, folded into a new base every
-//! [`DELTAS_BEFORE_COMPACTION`] commits.
+//! [`crate::deltas::DELTAS_BEFORE_COMPACTION`] commits.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -46,8 +46,6 @@ use crate::stateless::stateless_shape;
 pub const DEDUP_PROPERTY: &str = "kappa.dedup";
 /// How long a decided key is remembered when the model does not say.
 pub const DEFAULT_HORIZON_MS: u64 = 24 * 3600 * 1000;
-/// Decision deltas kept before they are folded into one base file.
-pub const DELTAS_BEFORE_COMPACTION: usize = 16;
 
 /// The dedup pattern found in a plan.
 #[derive(Debug, Clone)]
@@ -62,8 +60,9 @@ pub struct DedupMatch {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DedupFiles {
     pub candidates: Option<String>,
-    pub base: Option<String>,
-    pub deltas: Vec<String>,
+    /// The decided keys (`base` and `deltas` in the property).
+    #[serde(flatten)]
+    pub decided: crate::deltas::DeltaFiles,
 }
 
 /// Finds the one dedup pattern in `plan`, if any; errors when a `ROW_NUMBER` is used in
@@ -546,26 +545,25 @@ impl Dedup {
                     .await?,
             )
         };
-        if files.deltas.len() >= DELTAS_BEFORE_COMPACTION {
-            let batch = self
-                .decisions_batch(self.decided.iter().map(|(k, t)| (k, *t)))
-                .map_err(df)?;
-            files.base = Some(
-                lakehouse
-                    .write_state(table, "decided", &self.decisions_schema(), &[batch])
-                    .await?,
-            );
-            files.deltas.clear();
-        } else if !self.new_decisions.is_empty() {
-            let batch = self
-                .decisions_batch(self.new_decisions.iter().map(|(k, t)| (k, *t)))
-                .map_err(df)?;
-            files.deltas.push(
-                lakehouse
-                    .write_state(table, "decided-delta", &self.decisions_schema(), &[batch])
-                    .await?,
-            );
-        }
+        let schema = self.decisions_schema();
+        files
+            .decided
+            .record(
+                lakehouse,
+                table,
+                "decided",
+                &schema,
+                || {
+                    self.decisions_batch(self.decided.iter().map(|(k, t)| (k, *t)))
+                        .map_err(df)
+                },
+                || {
+                    self.decisions_batch(self.new_decisions.iter().map(|(k, t)| (k, *t)))
+                        .map(|b| vec![b])
+                        .map_err(df)
+                },
+            )
+            .await?;
         let property = serde_json::to_string(&files).unwrap_or_default();
         self.pending = Some(files);
         Ok((DEDUP_PROPERTY.to_owned(), property))
@@ -593,7 +591,7 @@ impl Dedup {
         self.pending = None;
         self.committed = crate::summary_json(properties, DEDUP_PROPERTY)?;
         let files = self.committed.clone();
-        for location in files.base.iter().chain(&files.deltas) {
+        for location in files.decided.locations() {
             for batch in lakehouse.read_state(table, location).await? {
                 let key_count = self.key_types.len();
                 let rows = self

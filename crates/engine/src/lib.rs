@@ -5,6 +5,7 @@ pub mod aggregate;
 pub mod check;
 pub mod decode;
 pub mod dedup;
+pub mod deltas;
 pub mod dimension;
 pub mod functions;
 pub mod grouped;

@@ -35,6 +35,7 @@ use kappa_lakehouse::{Lakehouse, LakehouseError, Table};
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::slot_for;
+use crate::deltas::DeltaFiles;
 use crate::grouped::df;
 
 /// Snapshot property: the buffer files of both sides
@@ -345,21 +346,14 @@ pub fn replace_join(
     crate::aggregate::replace_node(plan, &found.node, replacement)
 }
 
-/// The buffer files of the join state in the table's current snapshot.
+/// The buffer files of the join state in the table's current snapshot: per side, a base (the
+/// whole buffer when it was written) and the rows added since. Rows expired since the base
+/// are dropped again after a restore (the join condition never pairs them with a record that
+/// is not late, so they only cost memory until then).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinFiles {
-    pub left: SideFiles,
-    pub right: SideFiles,
-}
-
-/// One side's buffer as files: a base (the whole buffer when it was written) and the rows added
-/// since, one delta per commit. Rows expired since the base are dropped again after a restore
-/// (the join condition never pairs them with a record that is not late, so they only cost
-/// memory until then).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SideFiles {
-    pub base: Option<String>,
-    pub deltas: Vec<String>,
+    pub left: DeltaFiles,
+    pub right: DeltaFiles,
 }
 
 /// One side of the join: its topic's rows through the side's row-by-row steps, and the rows
@@ -620,7 +614,7 @@ impl StreamJoin {
         ] {
             side.fresh.clear();
             let mut batches = Vec::new();
-            for location in files.base.iter().chain(&files.deltas) {
+            for location in files.locations() {
                 for batch in lakehouse.read_state(table, location).await? {
                     batches.push(crate::stateless::to_storable(&batch, &side.schema).map_err(df)?);
                 }
@@ -631,41 +625,24 @@ impl StreamJoin {
     }
 }
 
-/// Records a side's new rows in `files`: a delta file of the rows added since the last
-/// checkpoint, or — every [`crate::dedup::DELTAS_BEFORE_COMPACTION`] deltas — a new base of the
-/// whole (expired) buffer.
+/// Records a side's new rows in `files` (see [`DeltaFiles::record`]).
 async fn save(
     lakehouse: &Lakehouse,
     table: &Table,
     side: &Side,
     label: &str,
-    files: &mut SideFiles,
+    files: &mut DeltaFiles,
 ) -> std::result::Result<(), LakehouseError> {
-    if files.deltas.len() >= crate::dedup::DELTAS_BEFORE_COMPACTION {
-        files.base = if side.buffer.num_rows() == 0 {
-            None
-        } else {
-            Some(
-                lakehouse
-                    .write_state(
-                        table,
-                        label,
-                        &side.schema,
-                        std::slice::from_ref(&side.buffer),
-                    )
-                    .await?,
-            )
-        };
-        files.deltas.clear();
-    } else if !side.fresh.is_empty() {
-        let delta = format!("{label}-delta");
-        files.deltas.push(
-            lakehouse
-                .write_state(table, &delta, &side.schema, &side.fresh)
-                .await?,
-        );
-    }
-    Ok(())
+    files
+        .record(
+            lakehouse,
+            table,
+            label,
+            &side.schema,
+            || Ok(side.buffer.clone()),
+            || Ok(side.fresh.clone()),
+        )
+        .await
 }
 
 #[cfg(test)]
