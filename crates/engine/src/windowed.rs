@@ -9,9 +9,12 @@
 //!  a window with start + size ≤ watermark is closed: evaluated, appended, forgotten
 //! ```
 //!
-//! State is bounded by the open windows: those ending after the watermark.
+//! State is bounded by the open windows: those ending after the watermark. All open windows'
+//! groups live in one set keyed by (window start, other keys), so a micro-batch spanning
+//! thousands of windows (a replay) is one update of DataFusion's accumulators, not one per
+//! window; closing windows splits the set once per watermark advance that passes a window end.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
@@ -44,7 +47,10 @@ pub struct WindowKey {
 pub struct WindowedModel {
     plan: AggregatePlan,
     window: WindowKey,
-    windows: BTreeMap<i64, GroupSet>,
+    /// The groups of every open window.
+    open: GroupSet,
+    /// The starts of the open windows.
+    starts: BTreeSet<i64>,
     /// Rows of windows closed since the last commit.
     closed: Vec<RecordBatch>,
     dirty: bool,
@@ -54,7 +60,7 @@ impl std::fmt::Debug for WindowedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WindowedModel")
             .field("window", &self.window)
-            .field("open_windows", &self.windows.len())
+            .field("open_windows", &self.starts.len())
             .finish_non_exhaustive()
     }
 }
@@ -225,10 +231,12 @@ impl WindowedModel {
         let Some(window) = window else {
             return Ok(None);
         };
+        let open = plan.empty_set()?;
         Ok(Some(WindowedModel {
             plan,
             window,
-            windows: BTreeMap::new(),
+            open,
+            starts: BTreeSet::new(),
             closed: Vec::new(),
             dirty: false,
         }))
@@ -260,49 +268,53 @@ impl WindowedModel {
         let (keys, rows) = self.plan.keys(batch)?;
         let starts = window_starts(&keys[self.window.key])?;
         let arguments = self.plan.arguments(batch)?;
-        let mut members: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+        let mut members = Vec::with_capacity(n);
+        let mut last = None;
         for (i, start) in starts.iter().enumerate() {
-            let Some(start) = start else {
+            let Some(start) = *start else {
                 continue;
             };
-            let i = u32::try_from(i)
-                .map_err(|_| DataFusionError::Execution("a micro-batch over 4G rows".into()))?;
-            members.entry(*start).or_default().push(i);
+            if last != Some(start) {
+                self.starts.insert(start);
+                last = Some(start);
+            }
+            members
+                .push(u32::try_from(i).map_err(|_| {
+                    DataFusionError::Execution("a micro-batch over 4G rows".into())
+                })?);
         }
-        for (start, rows_of_window) in members {
-            let set = match self.windows.entry(start) {
-                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::btree_map::Entry::Vacant(e) => e.insert(self.plan.empty_set()?),
-            };
-            set.update(
-                &rows,
-                &rows_of_window,
-                rows_of_window.len() == n,
-                &arguments,
-            )?;
-        }
-        Ok(())
+        self.open
+            .update(&rows, &members, members.len() == n, &arguments)
     }
 
-    /// Evaluates and forgets every window the watermark has passed.
+    /// Evaluates and forgets every window the watermark has passed: the open set is split in
+    /// two, once, whatever the number of windows closing.
     async fn close_windows(&mut self, watermark: i64) -> Result<()> {
-        let ready: Vec<i64> = self
-            .windows
-            .keys()
-            .copied()
-            .take_while(|start| start.saturating_add(self.window.size) <= watermark)
-            .collect();
-        // Every closed window's values go through the plan above the aggregate at once: one
-        // query per micro-batch, not one per window (a year of 1-minute windows is 525,600).
-        let mut values = Vec::with_capacity(ready.len());
-        for start in ready {
-            if let Some(mut set) = self.windows.remove(&start) {
-                values.push(set.evaluate(&self.plan, false)?.1);
+        let size = self.window.size;
+        let closes = |start: i64| start.saturating_add(size) <= watermark;
+        if !self.starts.first().is_some_and(|s| closes(*s)) {
+            return Ok(());
+        }
+        let (state, values) = self.open.evaluate(&self.plan, false)?;
+        let starts = window_starts(state.column(self.window.key))?;
+        let (mut closed, mut open) = (Vec::new(), Vec::new());
+        for (i, start) in starts.iter().enumerate() {
+            let i = u32::try_from(i)
+                .map_err(|_| DataFusionError::Execution("over 4G open groups".into()))?;
+            match start {
+                Some(start) if !closes(*start) => open.push(i),
+                _ => closed.push(i),
             }
         }
-        if let Some(first) = values.first() {
-            let all = arrow::compute::concat_batches(&first.schema(), &values)?;
-            let rows = self.plan.output(all).await?;
+        if !open.is_empty() {
+            self.open.load(&self.plan, &state, Some(&open))?;
+        }
+        self.starts.retain(|start| !closes(*start));
+        // Every closed window's values go through the plan above the aggregate at once: one
+        // query per micro-batch, not one per window (a year of 1-minute windows is 525,600).
+        if !closed.is_empty() {
+            let values = take_rows(&values, &closed)?;
+            let rows = self.plan.output(values).await?;
             self.closed.extend(rows);
         }
         Ok(())
@@ -327,14 +339,10 @@ impl WindowedModel {
         } else {
             lakehouse.write_data_files(table, &self.closed, "").await?
         };
-        let mut states = Vec::new();
-        for set in self.windows.values_mut() {
-            let (state, _) = set.evaluate(&self.plan, true).map_err(df)?;
-            states.push(state);
-        }
-        if !states.is_empty() {
+        if self.open.len() > 0 {
+            let (state, _) = self.open.evaluate(&self.plan, true).map_err(df)?;
             let location = lakehouse
-                .write_state(table, "windows", &self.plan.state_schema, &states)
+                .write_state(table, "windows", &self.plan.state_schema, &[state])
                 .await?;
             properties.insert(WINDOWS_PROPERTY.to_owned(), location);
         }
@@ -347,9 +355,7 @@ impl WindowedModel {
     pub fn landed(&mut self) {
         self.closed.clear();
         self.dirty = false;
-        for set in self.windows.values_mut() {
-            set.dirty = false;
-        }
+        self.open.dirty = false;
     }
 
     /// Takes the open windows the table's current snapshot (`properties`) names, dropping
@@ -361,32 +367,31 @@ impl WindowedModel {
         properties: Option<&HashMap<String, String>>,
     ) -> Result<(), LakehouseError> {
         self.closed.clear();
-        self.windows.clear();
+        self.open = self.plan.empty_set().map_err(df)?;
+        self.starts.clear();
         self.dirty = false;
         let Some(location) = properties.and_then(|p| p.get(WINDOWS_PROPERTY)) else {
             return Ok(());
         };
         for batch in lakehouse.read_state(table, location).await? {
             let starts = window_starts(batch.column(self.window.key)).map_err(df)?;
-            let mut members: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
-            for (i, start) in starts.iter().enumerate() {
-                if let (Some(start), Ok(i)) = (start, u32::try_from(i)) {
-                    members.entry(*start).or_default().push(i);
-                }
-            }
-            for (start, rows) in members {
-                let set = match self.windows.entry(start) {
-                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::btree_map::Entry::Vacant(e) => {
-                        e.insert(self.plan.empty_set().map_err(df)?)
-                    }
-                };
-                set.load(&self.plan, &batch, Some(&rows)).map_err(df)?;
-                set.dirty = false;
-            }
+            self.starts.extend(starts.into_iter().flatten());
+            self.open.load(&self.plan, &batch, None).map_err(df)?;
         }
+        self.open.dirty = false;
         Ok(())
     }
+}
+
+/// The rows `indices` of `batch`.
+fn take_rows(batch: &RecordBatch, indices: &[u32]) -> Result<RecordBatch> {
+    let indices = arrow::array::UInt32Array::from(indices.to_vec());
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|c| arrow::compute::take(c, &indices, None))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }
 
 /// The window start of each row, in microseconds.
