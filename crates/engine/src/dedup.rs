@@ -15,7 +15,12 @@
 //! State: the undecided candidates (rows whose event time the watermark has not passed yet) and
 //! the decided keys of the last `dedup_horizon` of event time (default 24 h). A duplicate that
 //! arrives after its key was forgotten is emitted again: the horizon is how far apart in event
-//! time two copies may be and still be recognised. Checkpoints write the candidates whole (they
+//! time two copies may be and still be recognised (a decided key is forgotten once the whole
+//! 1/64-of-the-horizon slice of event time it falls in is older than `W − horizon`: it is
+//! remembered for at least the horizon, at most 1/64 longer). A candidate is a reference to
+//! its row in the micro-batch it came in, which is kept while any candidate points into it
+//! (and gathered into one batch when few rows of many batches are still needed); emitting
+//! gathers the chosen rows column by column. Checkpoints write the candidates whole (they
 //! are few) and the decisions as deltas, folded into a new base every
 //! [`crate::deltas::DELTAS_BEFORE_COMPACTION`] commits.
 
@@ -25,7 +30,7 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, UInt64Array};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType};
-use arrow::row::{OwnedRow, RowConverter, SortField};
+use arrow::row::{RowConverter, SortField};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, ScalarValue};
 use datafusion::datasource::MemTable;
@@ -33,7 +38,7 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan, Operator, Window};
 use datafusion::physical_expr::PhysicalExpr;
 
-use crate::aggregate::{KeyMap, physical_expr};
+use crate::aggregate::physical_expr;
 use datafusion::prelude::{DataFrame, SessionContext};
 use kappa_lakehouse::{Lakehouse, LakehouseError, Table};
 use serde::{Deserialize, Serialize};
@@ -228,10 +233,28 @@ pub fn replace_dedup(
     crate::aggregate::replace_node(plan, &found.filter, replacement)
 }
 
+/// The earliest row of an undecided key so far: its event time and where it is.
+#[derive(Debug, Clone, Copy)]
 struct Candidate {
     t: i64,
-    row: OwnedRow,
+    batch: u64,
+    row: u32,
 }
+
+/// A micro-batch candidates point into, and how many do.
+struct Held {
+    batch: RecordBatch,
+    live: usize,
+}
+
+/// Row-encoded keys, shared by the maps and lists that name them (one allocation per key).
+type Key = Arc<[u8]>;
+type SharedKeyMap<V> = HashMap<Key, V, foldhash::fast::RandomState>;
+
+/// Held rows beyond this (and beyond twice the candidates) are gathered into one batch.
+const HELD_ROWS_SLACK: usize = 1 << 16;
+/// Decided keys expire in slices of this fraction of the horizon.
+const EXPIRY_SLICES: i64 = 64;
 
 /// The dedup stage of a model: source rows in, the earliest row per key out once final.
 pub struct Dedup {
@@ -242,17 +265,20 @@ pub struct Dedup {
     order_expr: Arc<dyn PhysicalExpr>,
     keys: RowConverter,
     key_types: Vec<DataType>,
-    rows: RowConverter,
     input_schema: SchemaRef,
     window_slot: Arc<MemTable>,
     window_schema: SchemaRef,
     output_plan: LogicalPlan,
     output_schema: SchemaRef,
     horizon: i64,
-    candidates: KeyMap<Candidate>,
-    decided: KeyMap<i64>,
-    expiry: BTreeMap<i64, Vec<Box<[u8]>>>,
-    new_decisions: Vec<(Box<[u8]>, i64)>,
+    candidates: SharedKeyMap<Candidate>,
+    /// The batches candidates point into, by number.
+    held: BTreeMap<u64, Held>,
+    next_batch: u64,
+    decided: SharedKeyMap<i64>,
+    /// Decided keys by expiry slice (event time ÷ slice width).
+    expiry: BTreeMap<i64, Vec<(Key, i64)>>,
+    new_decisions: Vec<(Key, i64)>,
     committed: DedupFiles,
     pending: Option<DedupFiles>,
 }
@@ -304,13 +330,6 @@ impl Dedup {
             .collect::<Result<Vec<_>>>()?;
         let keys = RowConverter::new(key_types.iter().cloned().map(SortField::new).collect())?;
         let arrow_input = Arc::new(input_schema.as_arrow().clone());
-        let rows = RowConverter::new(
-            arrow_input
-                .fields()
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect(),
-        )?;
         let (window_slot, window_schema, window_scan) =
             slot_for("kappa_row_number", &window.schema)?;
         let target = LogicalPlan::Window(window.clone());
@@ -333,7 +352,6 @@ impl Dedup {
             order_expr,
             keys,
             key_types,
-            rows,
             input_schema: arrow_input,
             window_slot,
             window_schema,
@@ -342,8 +360,10 @@ impl Dedup {
             horizon: i64::try_from(horizon_ms)
                 .unwrap_or(i64::MAX / 1000)
                 .saturating_mul(1000),
-            candidates: KeyMap::default(),
-            decided: KeyMap::default(),
+            candidates: SharedKeyMap::default(),
+            held: BTreeMap::new(),
+            next_batch: 0,
+            decided: SharedKeyMap::default(),
             expiry: BTreeMap::new(),
             new_decisions: Vec::new(),
             committed: DedupFiles::default(),
@@ -386,7 +406,9 @@ impl Dedup {
             .collect::<Result<_>>()?;
         let key_rows = self.keys.convert_columns(&keys)?;
         let times = micros(&self.order_expr.evaluate(batch)?.into_array(n)?)?;
-        let rows = self.rows.convert_columns(batch.columns())?;
+        let id = self.next_batch;
+        self.next_batch += 1;
+        let mut live = 0;
         for (i, time) in times.iter().enumerate() {
             // Rows without event time never reach here (the source sets them aside).
             let &Some(t) = time else {
@@ -396,34 +418,48 @@ impl Dedup {
             if self.decided.contains_key(key.as_ref()) {
                 continue;
             }
+            let row = u32::try_from(i)
+                .map_err(|_| DataFusionError::Execution("a micro-batch over 4G rows".into()))?;
+            let here = Candidate { t, batch: id, row };
             match self.candidates.get_mut(key.as_ref()) {
                 Some(c) if t < c.t => {
-                    c.t = t;
-                    c.row = rows.row(i).owned();
+                    let before = std::mem::replace(c, here);
+                    live += 1;
+                    if before.batch == id {
+                        live -= 1;
+                    } else if let Some(h) = self.held.get_mut(&before.batch) {
+                        h.live -= 1;
+                    }
                 }
                 Some(_) => {}
                 None => {
-                    self.candidates.insert(
-                        key.as_ref().into(),
-                        Candidate {
-                            t,
-                            row: rows.row(i).owned(),
-                        },
-                    );
+                    self.candidates.insert(key.as_ref().into(), here);
+                    live += 1;
                 }
             }
         }
+        if live > 0 {
+            self.held.insert(
+                id,
+                Held {
+                    batch: batch.clone(),
+                    live,
+                },
+            );
+        }
+        self.held.retain(|_, h| h.live > 0);
         Ok(())
     }
 
     fn expire(&mut self, watermark: i64) {
         let limit = watermark.saturating_sub(self.horizon);
+        let width = self.slice_width();
         while let Some(entry) = self.expiry.first_entry() {
-            if *entry.key() >= limit {
+            // The slice's end (exclusive) has to be at or before the limit.
+            if entry.key().saturating_add(1).saturating_mul(width) > limit {
                 break;
             }
-            let (t, keys) = entry.remove_entry();
-            for key in keys {
+            for (key, t) in entry.remove() {
                 if self.decided.get(&key) == Some(&t) {
                     self.decided.remove(&key);
                 }
@@ -431,8 +467,76 @@ impl Dedup {
         }
     }
 
+    fn slice_width(&self) -> i64 {
+        (self.horizon / EXPIRY_SLICES).max(1)
+    }
+
+    /// Remembers `key` as decided at event time `t`.
+    fn decide(&mut self, key: Key, t: i64) {
+        let slice = t.div_euclid(self.slice_width());
+        if self.decided.insert(key.clone(), t) != Some(t) {
+            self.expiry.entry(slice).or_default().push((key, t));
+        }
+    }
+
+    /// The rows of `chosen` (in that order), as a batch of the dedup's input.
+    fn gather(&self, chosen: &[Candidate]) -> Result<Vec<ArrayRef>> {
+        let mut position = HashMap::new();
+        let mut batches = Vec::new();
+        let mut indices = Vec::with_capacity(chosen.len());
+        for c in chosen {
+            let at = *position.entry(c.batch).or_insert_with(|| {
+                batches.push(c.batch);
+                batches.len() - 1
+            });
+            indices.push((at, c.row as usize));
+        }
+        let held: Vec<&RecordBatch> = batches
+            .iter()
+            .map(|b| {
+                self.held.get(b).map(|h| &h.batch).ok_or_else(|| {
+                    DataFusionError::Internal(format!("a candidate in a released batch {b}"))
+                })
+            })
+            .collect::<Result<_>>()?;
+        (0..self.input_schema.fields().len())
+            .map(|j| {
+                let arrays: Vec<&dyn Array> = held.iter().map(|b| b.column(j).as_ref()).collect();
+                Ok(arrow::compute::interleave(&arrays, &indices)?)
+            })
+            .collect()
+    }
+
+    /// Gathers the candidates into one batch when the batches they point into hold many more
+    /// rows than they need.
+    fn compact_held(&mut self) -> Result<()> {
+        let held_rows: usize = self.held.values().map(|h| h.batch.num_rows()).sum();
+        if held_rows <= HELD_ROWS_SLACK + 2 * self.candidates.len() {
+            return Ok(());
+        }
+        let chosen: Vec<Candidate> = self.candidates.values().copied().collect();
+        let columns = self.gather(&chosen)?;
+        let batch = RecordBatch::try_new(self.input_schema.clone(), columns)?;
+        let id = self.next_batch;
+        self.next_batch += 1;
+        for (row, c) in self.candidates.values_mut().enumerate() {
+            c.batch = id;
+            c.row = u32::try_from(row)
+                .map_err(|_| DataFusionError::Execution("over 4G candidates".into()))?;
+        }
+        self.held.clear();
+        self.held.insert(
+            id,
+            Held {
+                batch,
+                live: chosen.len(),
+            },
+        );
+        Ok(())
+    }
+
     async fn emit(&mut self, watermark: i64) -> Result<Vec<RecordBatch>> {
-        let ready: Vec<Box<[u8]>> = self
+        let ready: Vec<Key> = self
             .candidates
             .iter()
             .filter(|(_, c)| c.t < watermark)
@@ -444,13 +548,21 @@ impl Dedup {
         let mut chosen = Vec::with_capacity(ready.len());
         for key in ready {
             if let Some(c) = self.candidates.remove(&key) {
-                self.decided.insert(key.clone(), c.t);
-                self.expiry.entry(c.t).or_default().push(key.clone());
+                self.decide(key.clone(), c.t);
                 self.new_decisions.push((key, c.t));
-                chosen.push(c.row);
+                chosen.push(c);
             }
         }
-        let mut columns = self.rows.convert_rows(chosen.iter().map(|r| r.row()))?;
+        // In arrival order: the output does not depend on the hash map's order.
+        chosen.sort_unstable_by_key(|c| (c.batch, c.row));
+        let mut columns = self.gather(&chosen)?;
+        for c in &chosen {
+            if let Some(h) = self.held.get_mut(&c.batch) {
+                h.live -= 1;
+            }
+        }
+        self.held.retain(|_, h| h.live > 0);
+        self.compact_held()?;
         columns.push(Arc::new(UInt64Array::from(vec![1u64; chosen.len()])));
         let columns = columns
             .into_iter()
@@ -507,9 +619,9 @@ impl Dedup {
 
     fn decisions_batch<'a>(
         &self,
-        decisions: impl Iterator<Item = (&'a Box<[u8]>, i64)>,
+        decisions: impl Iterator<Item = (&'a Key, i64)>,
     ) -> Result<RecordBatch> {
-        let (keys, times): (Vec<&Box<[u8]>>, Vec<i64>) = decisions.unzip();
+        let (keys, times): (Vec<&Key>, Vec<i64>) = decisions.unzip();
         let parser = self.keys.parser();
         let mut columns = self
             .keys
@@ -529,11 +641,8 @@ impl Dedup {
         files.candidates = if self.candidates.is_empty() {
             None
         } else {
-            let chosen: Vec<&Candidate> = self.candidates.values().collect();
-            let mut columns = self
-                .rows
-                .convert_rows(chosen.iter().map(|c| c.row.row()))
-                .map_err(|e| df(e.into()))?;
+            let chosen: Vec<Candidate> = self.candidates.values().copied().collect();
+            let mut columns = self.gather(&chosen).map_err(df)?;
             columns.push(Arc::new(Int64Array::from(
                 chosen.iter().map(|c| c.t).collect::<Vec<_>>(),
             )));
@@ -585,6 +694,7 @@ impl Dedup {
         properties: Option<&HashMap<String, String>>,
     ) -> Result<(), LakehouseError> {
         self.candidates.clear();
+        self.held.clear();
         self.decided.clear();
         self.expiry.clear();
         self.new_decisions.clear();
@@ -602,48 +712,50 @@ impl Dedup {
                     .column(key_count)
                     .as_primitive::<arrow::datatypes::Int64Type>();
                 for (i, row) in rows.iter().enumerate() {
-                    let t = times.value(i);
-                    let key: Box<[u8]> = row.as_ref().into();
-                    let previous = self.decided.insert(key.clone(), t);
-                    if previous.is_none_or(|p| p != t) {
-                        self.expiry.entry(t).or_default().push(key);
-                    }
+                    self.decide(row.as_ref().into(), times.value(i));
                 }
             }
         }
         if let Some(location) = &files.candidates {
             for batch in lakehouse.read_state(table, location).await? {
                 let width = self.input_schema.fields().len();
-                let rows = self
-                    .rows
-                    .convert_columns(&batch.columns()[..width])
-                    .map_err(|e| df(e.into()))?;
                 let times = batch
                     .column(width)
                     .as_primitive::<arrow::datatypes::Int64Type>();
                 let n = batch.num_rows();
-                let keys: Vec<ArrayRef> = {
-                    let input = RecordBatch::try_new(
-                        self.input_schema.clone(),
-                        batch.columns()[..width].to_vec(),
-                    )
-                    .map_err(|e| df(e.into()))?;
-                    self.key_exprs
-                        .iter()
-                        .map(|e| e.evaluate(&input)?.into_array(n))
-                        .collect::<Result<_>>()
-                        .map_err(df)?
-                };
+                let input = RecordBatch::try_new(
+                    self.input_schema.clone(),
+                    batch.columns()[..width].to_vec(),
+                )
+                .map_err(|e| df(e.into()))?;
+                let keys: Vec<ArrayRef> = self
+                    .key_exprs
+                    .iter()
+                    .map(|e| e.evaluate(&input)?.into_array(n))
+                    .collect::<Result<_>>()
+                    .map_err(df)?;
                 let key_rows = self.keys.convert_columns(&keys).map_err(|e| df(e.into()))?;
+                let id = self.next_batch;
+                self.next_batch += 1;
                 for i in 0..n {
+                    let row = u32::try_from(i)
+                        .map_err(|_| df(DataFusionError::Execution("over 4G candidates".into())))?;
                     self.candidates.insert(
                         key_rows.row(i).as_ref().into(),
                         Candidate {
                             t: times.value(i),
-                            row: rows.row(i).owned(),
+                            batch: id,
+                            row,
                         },
                     );
                 }
+                self.held.insert(
+                    id,
+                    Held {
+                        batch: input,
+                        live: n,
+                    },
+                );
             }
         }
         Ok(())
