@@ -28,6 +28,9 @@ pub struct Rejected {
 pub struct Decoder {
     schema: SchemaRef,
     fields: Vec<Field>,
+    /// Whether flat records take the hand-written scanner (off only to test it against the
+    /// full parser).
+    fast: bool,
 }
 
 /// Where a record comes from, and its bytes.
@@ -43,6 +46,7 @@ impl Decoder {
         Decoder {
             schema: topic_schema(topic),
             fields: topic.fields.clone(),
+            fast: true,
         }
     }
 
@@ -80,8 +84,13 @@ impl Decoder {
         let mut columns = Columns::new(&self.fields);
         let mut rejected = Vec::new();
         let mut positions = Vec::new();
+        let mut scratch = Scratch {
+            fast: self.fast,
+            raws: Vec::with_capacity(self.fields.len()),
+            values: Vec::with_capacity(self.fields.len()),
+        };
         for raw in records {
-            match columns.push(&self.fields, raw.value) {
+            match columns.push(&self.fields, raw.value, &mut scratch) {
                 Ok(()) => positions.push((raw.partition, raw.offset)),
                 Err(reason) => rejected.push(Rejected {
                     partition: raw.partition,
@@ -119,6 +128,14 @@ enum Column {
     Decimal(Decimal128Builder),
     Date(Date32Builder),
     Timestamp(TimestampMicrosecondBuilder),
+}
+
+/// Buffers reused from record to record (all records of one call share the lifetime `'a`).
+struct Scratch<'a> {
+    fast: bool,
+    /// Each field's raw JSON text, in field order.
+    raws: Vec<Option<&'a str>>,
+    values: Vec<Value<'a>>,
 }
 
 /// A field's value, parsed but not yet added (so a record can still be rejected whole).
@@ -163,7 +180,12 @@ impl Columns {
         )
     }
 
-    fn push(&mut self, fields: &[Field], json: &[u8]) -> Result<(), String> {
+    fn push<'a>(
+        &mut self,
+        fields: &[Field],
+        json: &'a [u8],
+        scratch: &mut Scratch<'a>,
+    ) -> Result<(), String> {
         match self {
             Columns::Untyped(builder) => {
                 let text = std::str::from_utf8(json).map_err(|_| "not UTF-8".to_owned())?;
@@ -173,20 +195,33 @@ impl Columns {
                 Ok(())
             }
             Columns::Typed(columns) => {
-                let mut deserializer = serde_json::Deserializer::from_slice(json);
-                let object =
-                    serde::Deserializer::deserialize_map(&mut deserializer, FieldValues { fields })
-                        .and_then(|object| deserializer.end().map(|()| object))
-                        .map_err(|e| {
-                            if e.is_data() {
-                                "not a JSON object".to_owned()
-                            } else {
-                                format!("invalid JSON: {e}")
-                            }
-                        })?;
-                let mut values = Vec::with_capacity(fields.len());
-                for (field, raw) in fields.iter().zip(object) {
-                    let raw = raw.map(RawValue::get).filter(|v| *v != "null");
+                let raws = &mut scratch.raws;
+                let flat = scratch.fast
+                    && std::str::from_utf8(json)
+                        .ok()
+                        .and_then(|text| scan_flat(text, fields, raws))
+                        .is_some();
+                if !flat {
+                    let mut deserializer = serde_json::Deserializer::from_slice(json);
+                    let object = serde::Deserializer::deserialize_map(
+                        &mut deserializer,
+                        FieldValues { fields },
+                    )
+                    .and_then(|object| deserializer.end().map(|()| object))
+                    .map_err(|e| {
+                        if e.is_data() {
+                            "not a JSON object".to_owned()
+                        } else {
+                            format!("invalid JSON: {e}")
+                        }
+                    })?;
+                    raws.clear();
+                    raws.extend(object.into_iter().map(|raw| raw.map(RawValue::get)));
+                }
+                let values = &mut scratch.values;
+                values.clear();
+                for (field, raw) in fields.iter().zip(raws.iter()) {
+                    let raw = raw.filter(|v| *v != "null");
                     let value = match raw {
                         None if field.required => {
                             return Err(format!(
@@ -200,7 +235,7 @@ impl Columns {
                     };
                     values.push(value);
                 }
-                for (column, value) in columns.iter_mut().zip(values) {
+                for (column, value) in columns.iter_mut().zip(values.drain(..)) {
                     column.append(value);
                 }
                 Ok(())
@@ -258,7 +293,6 @@ impl Column {
     }
 }
 
-/// Parses one field's raw JSON text as its declared type.
 /// Reads a JSON object into the raw values of `fields`, in their order, by matching each key
 /// against the field names (a topic has few): no map is built per record. Other keys are
 /// skipped; of a key given twice, the last value counts.
@@ -297,6 +331,125 @@ impl<'de> serde::de::Visitor<'de> for FieldValues<'_> {
     }
 }
 
+/// The fast path for the common record: a JSON object of scalars, with no escapes in keys or
+/// string values. Puts the raw text of each field's value (the last, if a key repeats) in
+/// `raws`, in field order. `None` for anything else — nested values, escapes, anything invalid
+/// — which the full parser then reads, accepting or rejecting it with its reason: this path
+/// only ever accepts what the full parser accepts, with the same values (tested).
+fn scan_flat<'a>(text: &'a str, fields: &[Field], raws: &mut Vec<Option<&'a str>>) -> Option<()> {
+    raws.clear();
+    raws.resize(fields.len(), None);
+    let b = text.as_bytes();
+    let mut i = skip_space(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_space(b, i + 1);
+    if b.get(i) == Some(&b'}') {
+        i += 1;
+    } else {
+        // Records usually list the fields in the schema's order: the one after the last match
+        // is tried first.
+        let mut next = 0;
+        loop {
+            if b.get(i) != Some(&b'"') {
+                return None;
+            }
+            let key_end = plain_string_end(b, i + 1)?;
+            // Every index sliced at is that of an ASCII byte (or the end): a char boundary.
+            let key = &text[i + 1..key_end];
+            i = skip_space(b, key_end + 1);
+            if b.get(i) != Some(&b':') {
+                return None;
+            }
+            let start = skip_space(b, i + 1);
+            i = scalar_end(b, start)?;
+            let found = match fields.get(next) {
+                Some(f) if f.name == key => Some(next),
+                _ => fields.iter().position(|f| f.name == key),
+            };
+            if let Some(k) = found {
+                raws[k] = Some(&text[start..i]);
+                next = k + 1;
+            }
+            i = skip_space(b, i);
+            match b.get(i) {
+                Some(b',') => i = skip_space(b, i + 1),
+                Some(b'}') => {
+                    i += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    (skip_space(b, i) == b.len()).then_some(())
+}
+
+/// The index after JSON whitespace from `i`.
+fn skip_space(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// The index of the closing quote of a string whose text starts at `i`, if it has no escape
+/// and no control character.
+fn plain_string_end(b: &[u8], i: usize) -> Option<usize> {
+    let length = b
+        .get(i..)?
+        .iter()
+        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+    (b[i + length] == b'"').then_some(i + length)
+}
+
+/// The index after the scalar (plain string, number, `true`, `false`, `null`) at `i`.
+fn scalar_end(b: &[u8], i: usize) -> Option<usize> {
+    let digits = |mut j: usize| {
+        while b.get(j).is_some_and(u8::is_ascii_digit) {
+            j += 1;
+        }
+        j
+    };
+    let rest = b.get(i..)?;
+    match rest.first()? {
+        b'"' => plain_string_end(b, i + 1).map(|end| end + 1),
+        b't' if rest.starts_with(b"true") => Some(i + 4),
+        b'f' if rest.starts_with(b"false") => Some(i + 5),
+        b'n' if rest.starts_with(b"null") => Some(i + 4),
+        b'-' | b'0'..=b'9' => {
+            let mut j = i + usize::from(rest[0] == b'-');
+            j = match b.get(j)? {
+                b'0' => j + 1,
+                b'1'..=b'9' => digits(j + 1),
+                _ => return None,
+            };
+            if b.get(j) == Some(&b'.') {
+                let end = digits(j + 1);
+                if end == j + 1 {
+                    return None;
+                }
+                j = end;
+            }
+            if matches!(b.get(j), Some(b'e' | b'E')) {
+                j += 1;
+                if matches!(b.get(j), Some(b'+' | b'-')) {
+                    j += 1;
+                }
+                let end = digits(j);
+                if end == j {
+                    return None;
+                }
+                j = end;
+            }
+            Some(j)
+        }
+        _ => None,
+    }
+}
+
+/// Parses one field's raw JSON text as its declared type.
 fn parse<'a>(field: &Field, raw: &'a str) -> Result<Value<'a>, String> {
     let string = || -> Result<std::borrow::Cow<'a, str>, String> {
         // `raw` is valid JSON: a string without escapes is its text between the quotes.
@@ -349,13 +502,18 @@ fn parse<'a>(field: &Field, raw: &'a str) -> Result<Value<'a>, String> {
         FieldType::Timestamp => {
             if raw.starts_with('"') {
                 let text = string()?;
-                let nanos = string_to_timestamp_nanos(&text).map_err(|_| {
-                    format!(
-                        "expected an RFC 3339 time or epoch milliseconds, found {}",
-                        shorten(raw)
-                    )
-                })?;
-                Value::Timestamp(nanos.div_euclid(1000))
+                match utc_micros(&text) {
+                    Some(micros) => Value::Timestamp(micros),
+                    None => {
+                        let nanos = string_to_timestamp_nanos(&text).map_err(|_| {
+                            format!(
+                                "expected an RFC 3339 time or epoch milliseconds, found {}",
+                                shorten(raw)
+                            )
+                        })?;
+                        Value::Timestamp(nanos.div_euclid(1000))
+                    }
+                }
             } else {
                 let millis = integer(raw).ok_or_else(|| {
                     format!(
@@ -371,6 +529,62 @@ fn parse<'a>(field: &Field, raw: &'a str) -> Result<Value<'a>, String> {
             }
         }
     })
+}
+
+/// The fast path for the most common time form, `YYYY-MM-DDTHH:MM:SS[.fraction]Z` with a year
+/// in 1900–2199, in microseconds (a fraction finer than that truncated, as arrow's parser's
+/// nanoseconds are). `None` for every other form (offsets, spaces, other years, invalid
+/// dates), which arrow's parser then reads; where this accepts, it agrees with it (tested).
+fn utc_micros(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' {
+        return None;
+    }
+    if b[16] != b':' || *b.last()? != b'Z' {
+        return None;
+    }
+    let number = |from: usize, to: usize| -> Option<i64> {
+        b[from..to].iter().try_fold(0i64, |n, c| {
+            c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0'))
+        })
+    };
+    let (year, month, day) = (number(0, 4)?, number(5, 7)?, number(8, 10)?);
+    let (hour, minute, second) = (number(11, 13)?, number(14, 16)?, number(17, 19)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if !(1900..2200).contains(&year) || day < 1 || day > month_days {
+        return None;
+    }
+    if hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let mut nanos = 0;
+    match &b[19..b.len() - 1] {
+        [] => {}
+        [b'.', fraction @ ..] if (1..=9).contains(&fraction.len()) => {
+            nanos = number(20, 20 + fraction.len())? * 10i64.pow(9 - fraction.len() as u32);
+        }
+        _ => return None,
+    }
+    // Days from 1970-01-01 to the date (the proleptic Gregorian calendar's civil-day count).
+    let (y, m) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let day_of_year = (153 * m + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second;
+    Some(seconds * 1_000_000 + nanos / 1000)
 }
 
 /// A JSON integer (`raw` is valid JSON, so `str::parse` sees no `+` and no leading zeros);
@@ -591,6 +805,149 @@ mod tests {
             let raws = records.iter().enumerate().map(|(i, r)| Raw { partition: 0, offset: i as u64, value: r });
             let (batch, rejected) = decoder.decode(raws);
             proptest::prop_assert_eq!(batch.num_rows() + rejected.len(), records.len());
+        }
+    }
+
+    /// One JSON value of many kinds, valid and not, as text.
+    fn any_value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any::<i64>().prop_map(|v| v.to_string()),
+            (-5i64..5).prop_map(|v| v.to_string()),
+            any::<i32>().prop_map(|v| format!("{v}.{:02}", v.unsigned_abs() % 100)),
+            any::<f64>().prop_map(|v| v.to_string()),
+            Just("1e3".to_owned()),
+            Just("-0".to_owned()),
+            Just("01".to_owned()),
+            Just("1.".to_owned()),
+            Just("-".to_owned()),
+            Just("2E-2".to_owned()),
+            Just("true".to_owned()),
+            Just("false".to_owned()),
+            Just("null".to_owned()),
+            Just("nul".to_owned()),
+            Just("{\"a\":[1,{\"b\":null}]}".to_owned()),
+            Just("[]".to_owned()),
+            "[a-z0-9 é]{0,8}".prop_map(|v| format!("\"{v}\"")),
+            Just("\"tab\\there\"".to_owned()),
+            Just("\"\\u00e9\\\"\"".to_owned()),
+            Just("\"a\tb\"".to_owned()),
+            (
+                1890i32..2210,
+                0u32..14,
+                0u32..33,
+                0u32..25,
+                0u32..61,
+                0usize..11
+            )
+                .prop_map(|(y, mo, d, h, mi, f)| {
+                    let fraction = if f == 0 {
+                        String::new()
+                    } else {
+                        format!(".{}", "123456789012".get(..f).unwrap_or(""))
+                    };
+                    format!(
+                        "\"{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{:02}{fraction}Z\"",
+                        mi % 60
+                    )
+                }),
+            Just("\"2026-11-25T10:00:00+01:00\"".to_owned()),
+            Just("\"2026-11-25 10:00:00Z\"".to_owned()),
+            Just("\"2026-11-25\"".to_owned()),
+            Just("1700000000123".to_owned()),
+        ]
+    }
+
+    /// A record: mostly objects of the test schema's keys (and others), in any order, with
+    /// any spacing; sometimes cut short or with a byte changed.
+    fn any_record() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let key = prop_oneof![
+            Just("id"),
+            Just("name"),
+            Just("qty"),
+            Just("price"),
+            Just("ok"),
+            Just("ts"),
+            Just("day"),
+            Just("x"),
+            Just("extra"),
+            Just("other"),
+            Just("i\\u0064"),
+        ];
+        let space = prop_oneof![Just(""), Just(" "), Just("\n\t "), Just("\u{a0}")];
+        (
+            proptest::collection::vec((key, any_value(), space.clone()), 0..10),
+            space,
+            0u8..10,
+            any::<usize>(),
+            any::<u8>(),
+        )
+            .prop_map(|(members, space, damage, at, byte)| {
+                let body: Vec<String> = members
+                    .iter()
+                    .map(|(k, v, sp)| format!("{sp}\"{k}\"{sp}:{sp}{v}{sp}"))
+                    .collect();
+                let mut record = format!("{space}{{{}}}{space}", body.join(",")).into_bytes();
+                match damage {
+                    0 if !record.is_empty() => record.truncate(at % record.len()),
+                    1 if !record.is_empty() => {
+                        let i = at % record.len();
+                        record[i] = byte;
+                    }
+                    _ => {}
+                }
+                record
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+        /// The flat-record scanner and the time fast path decide exactly as the full parser
+        /// does: the same rows, the same rejections with the same reasons.
+        #[test]
+        fn the_fast_path_decodes_exactly_as_the_full_parser(
+            records in proptest::collection::vec(any_record(), 1..30)
+        ) {
+            let fields = [
+                ("id", FieldType::Bigint, true),
+                ("name", FieldType::String, false),
+                ("qty", FieldType::Int, false),
+                ("price", FieldType::Decimal { precision: 10, scale: 2 }, false),
+                ("ok", FieldType::Boolean, false),
+                ("ts", FieldType::Timestamp, false),
+                ("day", FieldType::Date, false),
+                ("x", FieldType::Double, false),
+                ("extra", FieldType::Json, false),
+            ];
+            let fast = Decoder::new(&topic(&fields));
+            let full = Decoder { fast: false, ..fast.clone() };
+            let raws = || records.iter().enumerate().map(|(i, r)| Raw { partition: 0, offset: i as u64, value: r });
+            let (fast_batch, fast_rejected) = fast.decode(raws());
+            let (full_batch, full_rejected) = full.decode(raws());
+            proptest::prop_assert_eq!(fast_batch, full_batch);
+            proptest::prop_assert_eq!(fast_rejected, full_rejected);
+        }
+
+        #[test]
+        fn the_time_fast_path_agrees_with_arrows_parser(
+            y in 1890i64..2210, mo in 0u32..14, d in 0u32..33, h in 0u32..25, mi in 0u32..61,
+            sec in 0u32..61, digits in 0usize..11, fraction in proptest::prelude::any::<u64>()
+        ) {
+            let fraction = if digits == 0 {
+                String::new()
+            } else {
+                format!(".{:0>width$}", fraction % 10u64.pow(digits as u32), width = digits)
+            };
+            let text = format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{sec:02}{fraction}Z");
+            let arrow = string_to_timestamp_nanos(&text).ok().map(|n| n.div_euclid(1000));
+            match utc_micros(&text) {
+                Some(micros) => proptest::prop_assert_eq!(Some(micros), arrow, "{}", text),
+                None => proptest::prop_assert!(
+                    arrow.is_none() || !(1900..2200).contains(&y) || digits > 9 || sec > 59,
+                    "the fast path refused {} which arrow reads", text
+                ),
+            }
         }
     }
 
