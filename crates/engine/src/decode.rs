@@ -54,18 +54,6 @@ impl Decoder {
         &self.schema
     }
 
-    /// [`Decoder::decode_positioned`] over records read from the log: (partition, offset, bytes).
-    pub fn decode_owned(
-        &self,
-        records: &[(u32, u64, Vec<u8>)],
-    ) -> (RecordBatch, Vec<Rejected>, Vec<(u32, u64)>) {
-        self.decode_positioned(records.iter().map(|(p, o, v)| Raw {
-            partition: *p,
-            offset: *o,
-            value: v,
-        }))
-    }
-
     /// Decodes records into one batch, in order; those that do not fit are returned apart.
     pub fn decode<'a>(
         &self,

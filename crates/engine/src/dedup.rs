@@ -241,6 +241,13 @@ struct Candidate {
     row: u32,
 }
 
+/// Where a key stands: undecided with its earliest row so far, or decided at an event time.
+#[derive(Debug, Clone, Copy)]
+enum KeyState {
+    Candidate(Candidate),
+    Decided(i64),
+}
+
 /// A micro-batch candidates point into, and how many do.
 struct Held {
     batch: RecordBatch,
@@ -271,11 +278,15 @@ pub struct Dedup {
     output_plan: LogicalPlan,
     output_schema: SchemaRef,
     horizon: i64,
-    candidates: SharedKeyMap<Candidate>,
+    /// Every key remembered, undecided or decided: one hash lookup per row offered.
+    states: SharedKeyMap<KeyState>,
+    /// The undecided keys (each once).
+    undecided: Vec<Key>,
     /// The batches candidates point into, by number.
     held: BTreeMap<u64, Held>,
     next_batch: u64,
-    decided: SharedKeyMap<i64>,
+    /// [`HELD_ROWS_SLACK`]; tests lower it to gather on every emit.
+    held_slack: usize,
     /// Decided keys by expiry slice (event time ÷ slice width).
     expiry: BTreeMap<i64, Vec<(Key, i64)>>,
     new_decisions: Vec<(Key, i64)>,
@@ -286,8 +297,8 @@ pub struct Dedup {
 impl std::fmt::Debug for Dedup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dedup")
-            .field("candidates", &self.candidates.len())
-            .field("decided", &self.decided.len())
+            .field("candidates", &self.undecided.len())
+            .field("keys", &self.states.len())
             .finish_non_exhaustive()
     }
 }
@@ -360,10 +371,11 @@ impl Dedup {
             horizon: i64::try_from(horizon_ms)
                 .unwrap_or(i64::MAX / 1000)
                 .saturating_mul(1000),
-            candidates: SharedKeyMap::default(),
+            states: SharedKeyMap::default(),
+            undecided: Vec::new(),
             held: BTreeMap::new(),
             next_batch: 0,
-            decided: SharedKeyMap::default(),
+            held_slack: HELD_ROWS_SLACK,
             expiry: BTreeMap::new(),
             new_decisions: Vec::new(),
             committed: DedupFiles::default(),
@@ -415,14 +427,12 @@ impl Dedup {
                 continue;
             };
             let key = key_rows.row(i);
-            if self.decided.contains_key(key.as_ref()) {
-                continue;
-            }
             let row = u32::try_from(i)
                 .map_err(|_| DataFusionError::Execution("a micro-batch over 4G rows".into()))?;
             let here = Candidate { t, batch: id, row };
-            match self.candidates.get_mut(key.as_ref()) {
-                Some(c) if t < c.t => {
+            match self.states.get_mut(key.as_ref()) {
+                Some(KeyState::Decided(_)) => {}
+                Some(KeyState::Candidate(c)) if t < c.t => {
                     let before = std::mem::replace(c, here);
                     live += 1;
                     if before.batch == id {
@@ -431,9 +441,11 @@ impl Dedup {
                         h.live -= 1;
                     }
                 }
-                Some(_) => {}
+                Some(KeyState::Candidate(_)) => {}
                 None => {
-                    self.candidates.insert(key.as_ref().into(), here);
+                    let key: Key = key.as_ref().into();
+                    self.states.insert(key.clone(), KeyState::Candidate(here));
+                    self.undecided.push(key);
                     live += 1;
                 }
             }
@@ -460,8 +472,10 @@ impl Dedup {
                 break;
             }
             for (key, t) in entry.remove() {
-                if self.decided.get(&key) == Some(&t) {
-                    self.decided.remove(&key);
+                if let std::collections::hash_map::Entry::Occupied(e) = self.states.entry(key)
+                    && matches!(e.get(), KeyState::Decided(d) if *d == t)
+                {
+                    e.remove();
                 }
             }
         }
@@ -474,21 +488,30 @@ impl Dedup {
     /// Remembers `key` as decided at event time `t`.
     fn decide(&mut self, key: Key, t: i64) {
         let slice = t.div_euclid(self.slice_width());
-        if self.decided.insert(key.clone(), t) != Some(t) {
+        let before = self.states.insert(key.clone(), KeyState::Decided(t));
+        if !matches!(before, Some(KeyState::Decided(d)) if d == t) {
             self.expiry.entry(slice).or_default().push((key, t));
         }
     }
 
     /// The rows of `chosen` (in that order), as a batch of the dedup's input.
     fn gather(&self, chosen: &[Candidate]) -> Result<Vec<ArrayRef>> {
-        let mut position = HashMap::new();
+        let mut position: HashMap<u64, usize, foldhash::fast::RandomState> = HashMap::default();
         let mut batches = Vec::new();
         let mut indices = Vec::with_capacity(chosen.len());
+        let mut last: Option<(u64, usize)> = None;
         for c in chosen {
-            let at = *position.entry(c.batch).or_insert_with(|| {
-                batches.push(c.batch);
-                batches.len() - 1
-            });
+            let at = match last {
+                Some((batch, at)) if batch == c.batch => at,
+                _ => {
+                    let at = *position.entry(c.batch).or_insert_with(|| {
+                        batches.push(c.batch);
+                        batches.len() - 1
+                    });
+                    last = Some((c.batch, at));
+                    at
+                }
+            };
             indices.push((at, c.row as usize));
         }
         let held: Vec<&RecordBatch> = batches
@@ -507,22 +530,39 @@ impl Dedup {
             .collect()
     }
 
+    /// The undecided keys' candidates, in the order of `undecided`.
+    fn candidates(&self) -> Vec<Candidate> {
+        self.undecided
+            .iter()
+            .filter_map(|key| match self.states.get(key) {
+                Some(KeyState::Candidate(c)) => Some(*c),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Gathers the candidates into one batch when the batches they point into hold many more
     /// rows than they need.
     fn compact_held(&mut self) -> Result<()> {
         let held_rows: usize = self.held.values().map(|h| h.batch.num_rows()).sum();
-        if held_rows <= HELD_ROWS_SLACK + 2 * self.candidates.len() {
+        if held_rows <= self.held_slack + 2 * self.undecided.len() {
             return Ok(());
         }
-        let chosen: Vec<Candidate> = self.candidates.values().copied().collect();
+        let chosen = self.candidates();
         let columns = self.gather(&chosen)?;
         let batch = RecordBatch::try_new(self.input_schema.clone(), columns)?;
         let id = self.next_batch;
         self.next_batch += 1;
-        for (row, c) in self.candidates.values_mut().enumerate() {
-            c.batch = id;
-            c.row = u32::try_from(row)
-                .map_err(|_| DataFusionError::Execution("over 4G candidates".into()))?;
+        // The same walk as `candidates()`: row r of the new batch is its r-th candidate.
+        let mut row = 0u32;
+        for key in &self.undecided {
+            if let Some(KeyState::Candidate(c)) = self.states.get_mut(key) {
+                c.batch = id;
+                c.row = row;
+                row = row
+                    .checked_add(1)
+                    .ok_or_else(|| DataFusionError::Execution("over 4G candidates".into()))?;
+            }
         }
         self.held.clear();
         self.held.insert(
@@ -536,22 +576,30 @@ impl Dedup {
     }
 
     async fn emit(&mut self, watermark: i64) -> Result<Vec<RecordBatch>> {
-        let ready: Vec<Key> = self
-            .candidates
-            .iter()
-            .filter(|(_, c)| c.t < watermark)
-            .map(|(k, _)| k.clone())
-            .collect();
-        if ready.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut chosen = Vec::with_capacity(ready.len());
-        for key in ready {
-            if let Some(c) = self.candidates.remove(&key) {
-                self.decide(key.clone(), c.t);
-                self.new_decisions.push((key, c.t));
-                chosen.push(c);
+        let mut chosen = Vec::new();
+        let mut waiting = Vec::with_capacity(self.undecided.len());
+        for key in std::mem::take(&mut self.undecided) {
+            let Some(state) = self.states.get_mut(&key) else {
+                continue;
+            };
+            match *state {
+                KeyState::Candidate(c) if c.t < watermark => {
+                    *state = KeyState::Decided(c.t);
+                    let slice = c.t.div_euclid(self.slice_width());
+                    self.expiry
+                        .entry(slice)
+                        .or_default()
+                        .push((key.clone(), c.t));
+                    self.new_decisions.push((key, c.t));
+                    chosen.push(c);
+                }
+                KeyState::Candidate(_) => waiting.push(key),
+                KeyState::Decided(_) => {}
             }
+        }
+        self.undecided = waiting;
+        if chosen.is_empty() {
+            return Ok(Vec::new());
         }
         // In arrival order: the output does not depend on the hash map's order.
         chosen.sort_unstable_by_key(|c| (c.batch, c.row));
@@ -592,7 +640,7 @@ impl Dedup {
 
     /// Whether the state changed since the last checkpoint.
     pub fn has_changes(&self) -> bool {
-        !self.new_decisions.is_empty() || !self.candidates.is_empty()
+        !self.new_decisions.is_empty() || !self.undecided.is_empty()
     }
 
     fn candidates_schema(&self) -> SchemaRef {
@@ -638,10 +686,10 @@ impl Dedup {
         table: &Table,
     ) -> Result<(String, String), LakehouseError> {
         let mut files = self.committed.clone();
-        files.candidates = if self.candidates.is_empty() {
+        files.candidates = if self.undecided.is_empty() {
             None
         } else {
-            let chosen: Vec<Candidate> = self.candidates.values().copied().collect();
+            let chosen = self.candidates();
             let mut columns = self.gather(&chosen).map_err(df)?;
             columns.push(Arc::new(Int64Array::from(
                 chosen.iter().map(|c| c.t).collect::<Vec<_>>(),
@@ -663,8 +711,11 @@ impl Dedup {
                 "decided",
                 &schema,
                 || {
-                    self.decisions_batch(self.decided.iter().map(|(k, t)| (k, *t)))
-                        .map_err(df)
+                    self.decisions_batch(self.states.iter().filter_map(|(k, s)| match s {
+                        KeyState::Decided(t) => Some((k, *t)),
+                        KeyState::Candidate(_) => None,
+                    }))
+                    .map_err(df)
                 },
                 || {
                     self.decisions_batch(self.new_decisions.iter().map(|(k, t)| (k, *t)))
@@ -693,9 +744,9 @@ impl Dedup {
         table: &Table,
         properties: Option<&HashMap<String, String>>,
     ) -> Result<(), LakehouseError> {
-        self.candidates.clear();
+        self.states.clear();
+        self.undecided.clear();
         self.held.clear();
-        self.decided.clear();
         self.expiry.clear();
         self.new_decisions.clear();
         self.pending = None;
@@ -737,25 +788,34 @@ impl Dedup {
                 let key_rows = self.keys.convert_columns(&keys).map_err(|e| df(e.into()))?;
                 let id = self.next_batch;
                 self.next_batch += 1;
+                let mut live = 0;
                 for i in 0..n {
                     let row = u32::try_from(i)
                         .map_err(|_| df(DataFusionError::Execution("over 4G candidates".into())))?;
-                    self.candidates.insert(
-                        key_rows.row(i).as_ref().into(),
-                        Candidate {
-                            t: times.value(i),
-                            batch: id,
-                            row,
-                        },
-                    );
+                    let key: Key = key_rows.row(i).as_ref().into();
+                    let candidate = Candidate {
+                        t: times.value(i),
+                        batch: id,
+                        row,
+                    };
+                    let before = self
+                        .states
+                        .insert(key.clone(), KeyState::Candidate(candidate));
+                    match before {
+                        Some(KeyState::Candidate(c)) if c.batch == id => {}
+                        Some(KeyState::Candidate(c)) => {
+                            if let Some(h) = self.held.get_mut(&c.batch) {
+                                h.live -= 1;
+                            }
+                            live += 1;
+                        }
+                        _ => {
+                            self.undecided.push(key);
+                            live += 1;
+                        }
+                    }
                 }
-                self.held.insert(
-                    id,
-                    Held {
-                        batch: input,
-                        live: n,
-                    },
-                );
+                self.held.insert(id, Held { batch: input, live });
             }
         }
         Ok(())
@@ -769,4 +829,189 @@ fn micros(column: &ArrayRef) -> Result<Vec<Option<i64>>> {
     Ok((0..micros.len())
         .map(|i| (!micros.is_null(i)).then(|| micros.value(i)))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use arrow::array::{Int64Array, StringArray, TimestampMicrosecondArray};
+    use kappa_pipeline::ProjectFiles;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A dedup over `orders(id, v, ts)` keeping the earliest row per id, with `horizon_ms`.
+    async fn dedup(horizon_ms: u64) -> Dedup {
+        let mut files = ProjectFiles::new();
+        files.insert("kappa.toml".into(), String::new());
+        files.insert(
+            "topics/orders.toml".into(),
+            "[schema]\nid = \"bigint\"\nv = \"string\"\nts = \"timestamp\"\n".into(),
+        );
+        files.insert(
+            "models/silver/d.sql".into(),
+            "SELECT id, v, ts FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY id ORDER BY ts) \
+             AS rn FROM orders) WHERE rn = 1"
+                .into(),
+        );
+        files.insert(
+            "models/silver/d.toml".into(),
+            "event_time = \"ts\"\nwatermark = \"0s\"\n".into(),
+        );
+        let project = kappa_pipeline::load(&files).expect("the project loads");
+        let planned = crate::plan::plan_model(&project, "silver.d")
+            .await
+            .expect("the model plans");
+        let found = planned.dedup.expect("the model deduplicates");
+        Dedup::new(
+            planned.ctx,
+            planned.slot,
+            &found.found,
+            "ts",
+            horizon_ms,
+            found.output_schema,
+        )
+        .expect("the dedup builds")
+    }
+
+    fn batch(rows: &[(i64, i64)], first: usize) -> RecordBatch {
+        let schema = crate::schema::topic_schema(&kappa_pipeline::TopicSpec {
+            name: "orders".into(),
+            file: "topics/orders.toml".into(),
+            partitions: 1,
+            key: None,
+            fsync: None,
+            retention_ms: None,
+            kind: Default::default(),
+            fields: ["id", "v", "ts"]
+                .iter()
+                .zip([
+                    kappa_pipeline::FieldType::Bigint,
+                    kappa_pipeline::FieldType::String,
+                    kappa_pipeline::FieldType::Timestamp,
+                ])
+                .map(|(name, data_type)| kappa_pipeline::Field {
+                    name: (*name).into(),
+                    data_type,
+                    required: false,
+                })
+                .collect(),
+        });
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(StringArray::from_iter_values(
+                    (first..first + rows.len()).map(|i| format!("row {i}")),
+                )),
+                Arc::new(
+                    TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.1))
+                        .with_timezone(crate::schema::UTC),
+                ),
+            ],
+        )
+        .expect("columns match the schema")
+    }
+
+    /// Every emitted (id, v, ts), feeding `batches` with a watermark `lag` behind the latest
+    /// time seen (never back), gathering held rows on every emit when `gather`.
+    async fn run(
+        batches: &[Vec<(i64, i64)>],
+        lag: i64,
+        gather: bool,
+        horizon_ms: u64,
+    ) -> BTreeSet<String> {
+        let mut d = dedup(horizon_ms).await;
+        if gather {
+            d.held_slack = 0;
+        }
+        let (mut seen, mut first) = (i64::MIN, 0);
+        let mut out = BTreeSet::new();
+        for rows in batches {
+            // Rows older than the watermark are late: the source sets them aside.
+            let watermark = seen.saturating_sub(lag);
+            let kept: Vec<(i64, i64)> = rows.iter().copied().filter(|r| r.1 >= watermark).collect();
+            seen = kept.iter().map(|r| r.1).fold(seen, i64::max);
+            let input = batch(&kept, first);
+            first += kept.len();
+            let emitted = d
+                .push(input, Some(seen.saturating_sub(lag)))
+                .await
+                .expect("a batch dedups");
+            for b in emitted {
+                let text = arrow::util::pretty::pretty_format_batches(&[b])
+                    .unwrap()
+                    .to_string();
+                for line in text
+                    .lines()
+                    .filter(|l| l.starts_with("| ") && !l.contains(" id "))
+                {
+                    assert!(out.insert(line.to_owned()), "emitted twice: {line}");
+                }
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(40))]
+        /// Candidates gathered out of their batches on every emit give the same rows as
+        /// candidates left in place: no row lost, moved to another key, or emitted twice.
+        #[test]
+        fn the_earliest_row_per_key_comes_out_once_whether_held_rows_are_gathered_or_not(
+            batches in proptest::collection::vec(
+                proptest::collection::vec((0i64..40, 0i64..5_000), 0..60), 1..12),
+            lag in 0i64..2_000,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            // A horizon of 1 ms forgets keys within the run; one of an hour never does.
+            let (in_place, gathered, remembered) = runtime.block_on(async {
+                (
+                    run(&batches, lag, false, 1).await,
+                    run(&batches, lag, true, 1).await,
+                    run(&batches, lag, true, 3_600_000).await,
+                )
+            });
+            prop_assert_eq!(in_place, gathered);
+            // Never forgetting, the output is the batch answer: per id, the earliest of the
+            // rows that were not late (the first to arrive on a tie), once the final
+            // watermark has passed it.
+            let (mut seen, mut arrival) = (i64::MIN, 0usize);
+            let mut earliest: BTreeMap<i64, (i64, usize)> = BTreeMap::new();
+            for rows in &batches {
+                let watermark = seen.saturating_sub(lag);
+                for &(id, t) in rows.iter().filter(|r| r.1 >= watermark) {
+                    let e = earliest.entry(id).or_insert((t, arrival));
+                    if t < e.0 {
+                        *e = (t, arrival);
+                    }
+                    arrival += 1;
+                    seen = seen.max(t);
+                }
+            }
+            let last = seen.saturating_sub(lag);
+            let expected: BTreeSet<String> = earliest
+                .iter()
+                .filter(|(_, (t, _))| *t < last)
+                .map(|(id, (t, i))| (*id, *t, *i))
+                .map(|(id, t, i)| {
+                    let ts = arrow::array::TimestampMicrosecondArray::from(vec![t])
+                        .with_timezone(crate::schema::UTC);
+                    let ts = arrow::util::display::ArrayFormatter::try_new(&ts, &Default::default())
+                        .unwrap()
+                        .value(0)
+                        .to_string();
+                    (id, format!("row {i}"), ts)
+                })
+                // The dedup's rows still carry the row number, 1.
+                .map(|(id, v, ts)| format!("{id} {v} {ts} 1"))
+                .collect();
+            let remembered: BTreeSet<String> = remembered
+                .iter()
+                .map(|l| l.split('|').map(str::trim).filter(|c| !c.is_empty()).collect::<Vec<_>>().join(" "))
+                .collect();
+            prop_assert_eq!(remembered, expected);
+        }
+    }
 }

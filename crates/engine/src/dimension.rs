@@ -198,17 +198,18 @@ impl Dimension {
                 .unwrap_or(0);
             if target > 0 {
                 let mut reader = partition.reader(StartAt::Beginning)?;
-                let mut raws = Vec::new();
+                let mut chunks = Vec::new();
                 while reader.next_offset() < target {
                     let Some(chunk) = reader.read(READ_BYTES)? else {
                         break;
                     };
-                    for record in chunk.records().flatten() {
-                        if record.offset < target {
-                            raws.push((partition.id(), record.offset, record.value.to_vec()));
-                        }
-                    }
+                    chunks.push(chunk);
                 }
+                let mut raws = Vec::new();
+                for chunk in &chunks {
+                    collect_records(chunk, partition.id(), &mut raws);
+                }
+                raws.retain(|r| r.offset < target);
                 // Records that did not fit were reported before the commit that passed them.
                 let _ = self.apply(&raws);
             }
@@ -226,11 +227,11 @@ impl Dimension {
     /// Reads what the topic has past the readers and applies it; returns the records that do
     /// not fit the topic's schema or have no key.
     pub async fn catch_up(&mut self) -> Vec<Rejected> {
-        let mut raws = Vec::new();
+        let mut chunks = Vec::new();
         for reader in &mut self.readers {
             loop {
                 match reader.read(READ_BYTES) {
-                    Ok(Some(chunk)) => collect_records(&chunk, reader.partition(), &mut raws),
+                    Ok(Some(chunk)) => chunks.push((reader.partition(), chunk)),
                     Ok(None) => break,
                     Err(e) => {
                         tracing::error!(error = %e, topic = %self.topic_name, "reading a dimension failed");
@@ -238,6 +239,10 @@ impl Dimension {
                     }
                 }
             }
+        }
+        let mut raws = Vec::new();
+        for (partition, chunk) in &chunks {
+            collect_records(chunk, *partition, &mut raws);
         }
         if raws.is_empty() {
             return Vec::new();
@@ -256,8 +261,8 @@ impl Dimension {
     }
 
     /// Folds records, in log order, into the latest row per key.
-    fn apply(&mut self, raws: &[(u32, u64, Vec<u8>)]) -> Vec<Rejected> {
-        let (batch, mut rejected, positions) = self.decoder.decode_owned(raws);
+    fn apply(&mut self, raws: &[Raw<'_>]) -> Vec<Rejected> {
+        let (batch, mut rejected, positions) = self.decoder.decode_positioned(raws.iter().copied());
         let keys = match cast(batch.column(self.key_index), &DataType::Utf8) {
             Ok(keys) => keys,
             Err(e) => {
@@ -266,8 +271,10 @@ impl Dimension {
             }
         };
         let keys = keys.as_any().downcast_ref::<arrow::array::StringArray>();
-        let value_at: HashMap<(u32, u64), &Vec<u8>> =
-            raws.iter().map(|(p, o, v)| ((*p, *o), v)).collect();
+        let value_at: HashMap<(u32, u64), &[u8]> = raws
+            .iter()
+            .map(|r| ((r.partition, r.offset), r.value))
+            .collect();
         for (row, position) in positions.iter().enumerate() {
             let Some(value) = value_at.get(position) else {
                 continue;

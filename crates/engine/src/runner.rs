@@ -21,7 +21,7 @@ use kappa_lakehouse::{Lakehouse, table_ident};
 use kappa_log::{Log, PartitionReader, Record, StartAt, Topic};
 use kappa_pipeline::{Model, Project};
 
-use crate::decode::{Decoder, Rejected};
+use crate::decode::{Decoder, Raw, Rejected};
 use crate::dedup::Dedup;
 use crate::dimension::Dimension;
 use crate::grouped::GroupedModel;
@@ -546,14 +546,14 @@ pub async fn run_model(
             }
         }
         // Take what is there, up to a commit's worth; while live, wait a little for more.
-        let reads: Vec<(Vec<OwnedRecord>, BTreeMap<u32, u64>)> = sources
+        let reads: Vec<Read> = sources
             .iter_mut()
             .map(|s| read_some(&mut s.readers, share))
             .collect();
-        let records: usize = reads.iter().map(|(raws, _)| raws.len()).sum();
-        far_behind = reads.iter().any(|(raws, _)| raws.len() >= share);
+        let records: usize = reads.iter().map(|r| r.records).sum();
+        far_behind = reads.iter().any(|r| r.records >= share);
         let mut target = committed.clone();
-        for (source, (_, next)) in sources.iter().zip(&reads) {
+        for (source, Read { next, .. }) in sources.iter().zip(&reads) {
             target.insert(source.name.clone(), next.clone());
         }
         let progress_due = target != table_offsets
@@ -567,8 +567,12 @@ pub async fn run_model(
         let mut kept = Vec::with_capacity(sources.len());
         let mut watermarks = Vec::with_capacity(sources.len());
         let mut failed = None;
-        for (source, (raws, _)) in sources.iter_mut().zip(&reads) {
-            match source.take(raws) {
+        for (source, read) in sources.iter_mut().zip(&reads) {
+            let mut raws = Vec::with_capacity(read.records);
+            for (partition, chunk) in &read.chunks {
+                collect_records(chunk, *partition, &mut raws);
+            }
+            match source.take(&raws) {
                 Ok((batch, rejects)) => {
                     kept.push(batch);
                     rejected.extend(rejects.into_iter().map(|r| (source.name.clone(), r)));
@@ -745,9 +749,9 @@ impl Source {
     /// and the records this model reports.
     fn take(
         &mut self,
-        raws: &[OwnedRecord],
+        raws: &[Raw<'_>],
     ) -> datafusion::error::Result<(RecordBatch, Vec<Rejected>)> {
-        let (batch, mut rejected, positions) = self.decoder.decode_owned(raws);
+        let (batch, mut rejected, positions) = self.decoder.decode_positioned(raws.iter().copied());
         if !self.reports_rejects {
             rejected.clear();
         }
@@ -883,13 +887,15 @@ fn set_aside(
     rejected: &mut Vec<Rejected>,
     late: Vec<crate::watermark::Late>,
     positions: &[(u32, u64)],
-    raws: &[OwnedRecord],
+    raws: &[Raw<'_>],
 ) {
     if late.is_empty() {
         return;
     }
-    let raw_at: HashMap<(u32, u64), &Vec<u8>> =
-        raws.iter().map(|(p, o, v)| ((*p, *o), v)).collect();
+    let raw_at: HashMap<(u32, u64), &[u8]> = raws
+        .iter()
+        .map(|r| ((r.partition, r.offset), r.value))
+        .collect();
     for l in late {
         let (partition, offset) = positions[l.row];
         rejected.push(Rejected {
@@ -943,19 +949,29 @@ fn restore_marks(
     Ok(())
 }
 
-/// A record read from the log: partition, offset, value.
-pub(crate) type OwnedRecord = (u32, u64, Vec<u8>);
+/// Chunks read from a topic's partitions (each with its partition), and what they hold.
+struct Read {
+    chunks: Vec<(u32, kappa_log::RecordChunk)>,
+    records: usize,
+    /// The offset after what was read, per partition.
+    next: BTreeMap<u32, u64>,
+}
 
-/// Appends a chunk's records to `raws`. A record in a batch that passed its CRC but does not
-/// decode is corruption the log reports; it cannot be read, so it is logged, not guessed.
-pub(crate) fn collect_records(
-    chunk: &kappa_log::RecordChunk,
+/// Appends a chunk's records to `raws` (borrowing their bytes from the chunk: no copy). A
+/// record in a batch that passed its CRC but does not decode is corruption the log reports; it
+/// cannot be read, so it is logged, not guessed.
+pub(crate) fn collect_records<'a>(
+    chunk: &'a kappa_log::RecordChunk,
     partition: u32,
-    raws: &mut Vec<OwnedRecord>,
+    raws: &mut Vec<Raw<'a>>,
 ) {
     for record in chunk.records() {
         match record {
-            Ok(record) => raws.push((partition, record.offset, record.value.to_vec())),
+            Ok(record) => raws.push(Raw {
+                partition,
+                offset: record.offset,
+                value: record.value,
+            }),
             Err(e) => tracing::error!(error = %e, partition, "unreadable record"),
         }
     }
@@ -963,19 +979,18 @@ pub(crate) fn collect_records(
 
 /// Reads about `max` records across the readers (whole chunks); returns them with the offsets
 /// after them.
-fn read_some(
-    readers: &mut [PartitionReader],
-    max: usize,
-) -> (Vec<OwnedRecord>, BTreeMap<u32, u64>) {
-    let mut raws = Vec::new();
+fn read_some(readers: &mut [PartitionReader], max: usize) -> Read {
+    let mut chunks = Vec::new();
+    let mut records = 0;
     'outer: loop {
         let mut progressed = false;
         for reader in readers.iter_mut() {
             match reader.read(READ_BYTES) {
                 Ok(Some(chunk)) => {
                     progressed = true;
-                    collect_records(&chunk, reader.partition(), &mut raws);
-                    if raws.len() >= max {
+                    records += usize::try_from(chunk.record_count()).unwrap_or(usize::MAX);
+                    chunks.push((reader.partition(), chunk));
+                    if records >= max {
                         break 'outer;
                     }
                 }
@@ -993,7 +1008,11 @@ fn read_some(
         .iter()
         .map(|r| (r.partition(), r.next_offset()))
         .collect();
-    (raws, next)
+    Read {
+        chunks,
+        records,
+        next,
+    }
 }
 
 /// Waits until a partition of a source has new records, for at most the live commit interval.
