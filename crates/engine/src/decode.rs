@@ -69,17 +69,28 @@ impl Decoder {
         &self,
         records: impl IntoIterator<Item = Raw<'a>>,
     ) -> (RecordBatch, Vec<Rejected>, Vec<(u32, u64)>) {
+        let records: Vec<Raw<'a>> = records.into_iter().collect();
+        let (batch, rejected, rows) = self.decode_indexed(&records);
+        let positions = rows
+            .iter()
+            .map(|&i| (records[i].partition, records[i].offset))
+            .collect();
+        (batch, rejected, positions)
+    }
+
+    /// [`Decoder::decode`], also returning the index in `records` of each row of the batch.
+    pub fn decode_indexed(&self, records: &[Raw<'_>]) -> (RecordBatch, Vec<Rejected>, Vec<usize>) {
         let mut columns = Columns::new(&self.fields);
         let mut rejected = Vec::new();
-        let mut positions = Vec::new();
+        let mut rows = Vec::with_capacity(records.len());
         let mut scratch = Scratch {
             fast: self.fast,
             raws: Vec::with_capacity(self.fields.len()),
             values: Vec::with_capacity(self.fields.len()),
         };
-        for raw in records {
+        for (i, raw) in records.iter().enumerate() {
             match columns.push(&self.fields, raw.value, &mut scratch) {
-                Ok(()) => positions.push((raw.partition, raw.offset)),
+                Ok(()) => rows.push(i),
                 Err(reason) => rejected.push(Rejected {
                     partition: raw.partition,
                     offset: raw.offset,
@@ -96,7 +107,7 @@ impl Decoder {
             RecordBatch::try_new(self.schema.clone(), arrays)
                 .expect("builders match the topic schema")
         };
-        (batch, rejected, positions)
+        (batch, rejected, rows)
     }
 }
 

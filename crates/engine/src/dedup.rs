@@ -254,8 +254,60 @@ struct Held {
     live: usize,
 }
 
-/// Row-encoded keys, shared by the maps and lists that name them (one allocation per key).
-type Key = Arc<[u8]>;
+/// A row-encoded key, held inline when short (an integer or a short string key: no allocation,
+/// and the hash table compares it without following a pointer), shared otherwise.
+#[derive(Clone)]
+enum Key {
+    Inline { len: u8, bytes: [u8; KEY_INLINE] },
+    Shared(Arc<[u8]>),
+}
+
+/// The longest key held inline (a 24-byte `Key`).
+const KEY_INLINE: usize = 22;
+
+impl Key {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Key::Shared(bytes) => bytes,
+        }
+    }
+}
+
+impl From<&[u8]> for Key {
+    fn from(key: &[u8]) -> Key {
+        match u8::try_from(key.len()) {
+            Ok(len) if key.len() <= KEY_INLINE => {
+                let mut bytes = [0; KEY_INLINE];
+                bytes[..key.len()].copy_from_slice(key);
+                Key::Inline { len, bytes }
+            }
+            _ => Key::Shared(key.into()),
+        }
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Key {}
+
+/// Hashes as its bytes do, so that the maps can be searched with a `&[u8]`.
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_slice().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
 type SharedKeyMap<V> = HashMap<Key, V, foldhash::fast::RandomState>;
 
 /// Held rows beyond this (and beyond twice the candidates) are gathered into one batch.
@@ -673,7 +725,7 @@ impl Dedup {
         let parser = self.keys.parser();
         let mut columns = self
             .keys
-            .convert_rows(keys.iter().map(|k| parser.parse(k)))?;
+            .convert_rows(keys.iter().map(|k| parser.parse(k.as_slice())))?;
         columns.push(Arc::new(Int64Array::from(times)));
         Ok(RecordBatch::try_new(self.decisions_schema(), columns)?)
     }

@@ -14,7 +14,7 @@
 //! as the same SQL run once over the log does.
 
 use std::any::Any;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, RecordBatch};
@@ -262,7 +262,7 @@ impl Dimension {
 
     /// Folds records, in log order, into the latest row per key.
     fn apply(&mut self, raws: &[Raw<'_>]) -> Vec<Rejected> {
-        let (batch, mut rejected, positions) = self.decoder.decode_positioned(raws.iter().copied());
+        let (batch, mut rejected, rows) = self.decoder.decode_indexed(raws);
         let keys = match cast(batch.column(self.key_index), &DataType::Utf8) {
             Ok(keys) => keys,
             Err(e) => {
@@ -271,21 +271,19 @@ impl Dimension {
             }
         };
         let keys = keys.as_any().downcast_ref::<arrow::array::StringArray>();
-        let value_at: HashMap<(u32, u64), &[u8]> = raws
-            .iter()
-            .map(|r| ((r.partition, r.offset), r.value))
-            .collect();
-        for (row, position) in positions.iter().enumerate() {
-            let Some(value) = value_at.get(position) else {
-                continue;
-            };
+        for (row, &i) in rows.iter().enumerate() {
+            let Raw {
+                partition,
+                offset,
+                value,
+            } = raws[i];
             match keys.filter(|k| !k.is_null(row)).map(|k| k.value(row)) {
                 Some(key) => {
                     self.latest.insert(key.to_owned(), value.to_vec());
                 }
                 None => rejected.push(Rejected {
-                    partition: position.0,
-                    offset: position.1,
+                    partition,
+                    offset,
                     reason: "the key field is null: a table's record needs a key".into(),
                     raw: value.to_vec(),
                 }),

@@ -751,7 +751,7 @@ impl Source {
         &mut self,
         raws: &[Raw<'_>],
     ) -> datafusion::error::Result<(RecordBatch, Vec<Rejected>)> {
-        let (batch, mut rejected, positions) = self.decoder.decode_positioned(raws.iter().copied());
+        let (batch, mut rejected, rows) = self.decoder.decode_indexed(raws);
         if !self.reports_rejects {
             rejected.clear();
         }
@@ -761,10 +761,10 @@ impl Source {
         if raws.is_empty() {
             return Ok((batch, rejected));
         }
-        let partitions: Vec<u32> = positions.iter().map(|(p, _)| *p).collect();
+        let partitions: Vec<u32> = rows.iter().map(|&i| raws[i].partition).collect();
         let (kept, _, late) = marks.apply(&batch, &partitions)?;
         if self.reports_late {
-            set_aside(&mut rejected, late, &positions, raws);
+            set_aside(&mut rejected, late, &rows, raws);
         }
         Ok((kept, rejected))
     }
@@ -886,26 +886,17 @@ fn committed_offsets(table: &kappa_lakehouse::Table) -> Offsets {
 fn set_aside(
     rejected: &mut Vec<Rejected>,
     late: Vec<crate::watermark::Late>,
-    positions: &[(u32, u64)],
+    rows: &[usize],
     raws: &[Raw<'_>],
 ) {
-    if late.is_empty() {
-        return;
-    }
-    let raw_at: HashMap<(u32, u64), &[u8]> = raws
-        .iter()
-        .map(|r| ((r.partition, r.offset), r.value))
-        .collect();
     for l in late {
-        let (partition, offset) = positions[l.row];
+        // `rows` maps the decoded batch's rows to `raws`, which they were decoded from.
+        let raw = raws[rows[l.row]];
         rejected.push(Rejected {
-            partition,
-            offset,
+            partition: raw.partition,
+            offset: raw.offset,
             reason: l.reason,
-            raw: raw_at
-                .get(&(partition, offset))
-                .map(|v| v.to_vec())
-                .unwrap_or_default(),
+            raw: raw.value.to_vec(),
         });
     }
 }
