@@ -12,6 +12,7 @@
 //!
 //! Run with `cargo run --release -p kappa-bench -- log-append` (see docs/benchmarks.md).
 
+mod decode;
 mod latency;
 mod pipelines;
 
@@ -80,6 +81,12 @@ enum Command {
         #[arg(long)]
         only: Option<String>,
     },
+    /// JSON records → Arrow batches: the engine's decoder next to arrow-json on the same bytes.
+    Decode {
+        /// Generated order records.
+        #[arg(long, default_value_t = 2_000_000)]
+        records: u64,
+    },
     /// Commit cadence and live event → visible latency of a row-by-row and a GROUP BY model.
     LiveLatency {
         /// Events in the log before the models start (the catch-up phase).
@@ -119,6 +126,9 @@ fn main() -> anyhow::Result<()> {
             only,
         } => pipelines::run(&work, events, &python, only.as_deref())
             .and_then(|r| Ok(serde_json::to_value(r)?)),
+        Command::Decode { records } => {
+            decode::run(records).and_then(|r| Ok(serde_json::to_value(r)?))
+        }
         Command::LiveLatency {
             backlog,
             rate,

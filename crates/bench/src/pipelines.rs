@@ -107,7 +107,7 @@ fn queries() -> Vec<Query> {
     ]
 }
 
-const ORDERS_TOML: &str = "partitions = 4\nkey = \"customer_id\"\n[schema]\norder_id = \"bigint\"\n\
+pub(crate) const ORDERS_TOML: &str = "partitions = 4\nkey = \"customer_id\"\n[schema]\norder_id = \"bigint\"\n\
     customer_id = \"string\"\nproduct_id = \"string\"\nregion = \"string\"\nquantity = \"int\"\n\
     unit_price = \"decimal(10,2)\"\nts = \"timestamp\"\n";
 const PRODUCTS_TOML: &str = "kind = \"table\"\nkey = \"product_id\"\n[schema]\n\
@@ -250,18 +250,39 @@ pub fn run(
     })
 }
 
+/// Order `i` of `events`: its customer and its JSON text. Order `i` is at
+/// `YEAR_START + i · year / events`, one in ten 2 s earlier (out of order).
+pub(crate) fn order_line(rng: &mut Rng, i: u64, events: u64) -> (String, String) {
+    let mut ts = YEAR_START_MS + (i128::from(i) * i128::from(YEAR_MS) / i128::from(events)) as i64;
+    if i % 10 == 3 {
+        ts -= 2000;
+    }
+    let customer = format!("c{}", rng.below(CUSTOMERS));
+    let line = format!(
+        "{{\"order_id\":{i},\"customer_id\":\"{customer}\",\"product_id\":\"p{}\",\
+         \"region\":\"{}\",\"quantity\":{},\"unit_price\":{}.{:02},\"ts\":\"{}\"}}",
+        rng.below(PRODUCTS),
+        REGIONS[rng.below(REGIONS.len() as u64) as usize],
+        1 + rng.below(5),
+        1 + rng.below(200),
+        rng.below(100),
+        rfc3339(ts)
+    );
+    (customer, line)
+}
+
 /// A small deterministic generator (xorshift64*).
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
@@ -310,22 +331,7 @@ async fn fill(
     let mut batch = Vec::with_capacity(APPEND_RECORDS);
     let mut recent: Vec<(String, String)> = Vec::new();
     for i in 0..events {
-        let mut ts =
-            YEAR_START_MS + (i128::from(i) * i128::from(YEAR_MS) / i128::from(events)) as i64;
-        if i % 10 == 3 {
-            ts -= 2000;
-        }
-        let customer = format!("c{}", rng.below(CUSTOMERS));
-        let line = format!(
-            "{{\"order_id\":{i},\"customer_id\":\"{customer}\",\"product_id\":\"p{}\",\
-             \"region\":\"{}\",\"quantity\":{},\"unit_price\":{}.{:02},\"ts\":\"{}\"}}",
-            rng.below(PRODUCTS),
-            REGIONS[rng.below(REGIONS.len() as u64) as usize],
-            1 + rng.below(5),
-            1 + rng.below(200),
-            rng.below(100),
-            rfc3339(ts)
-        );
+        let (customer, line) = order_line(&mut rng, i, events);
         recent.push((customer.clone(), line.clone()));
         if recent.len() > 4 {
             recent.remove(0);
