@@ -2,7 +2,7 @@
 //! accumulators per group, and sets of groups that can be updated, evaluated, saved and loaded.
 //!
 //! ```text
-//!  micro-batch ─► input plan (row by row) ─► group keys (arrow-row) ─┐
+//!  micro-batch ─► input plan (row by row) ─► group keys ──────────────┐
 //!                                         └► aggregate arguments ────┴► GroupSet accumulators
 //!  GroupSet ─► evaluate ─► upper plan (HAVING, projection) ─► rows of the model's table
 //!          └─► state arrays (DataFusion's partial-aggregate state) ─► state file
@@ -10,7 +10,9 @@
 //!
 //! Using DataFusion's `GroupsAccumulator`s means a group's value is computed exactly as a batch
 //! query computes it; their intermediate state is the same arrays DataFusion exchanges between
-//! partial and final aggregation, which is what the state files hold.
+//! partial and final aggregation, which is what the state files hold. Group keys are interned by
+//! DataFusion's own `GroupValues` (the vectorized hash table its hash aggregate uses, specialized
+//! for one string or primitive key).
 
 use std::collections::HashMap;
 
@@ -32,6 +34,8 @@ use datafusion::logical_expr::{
 };
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr, create_physical_expr};
+use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group_values};
+use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use datafusion::physical_planner::create_aggregate_expr_and_maybe_filter;
 use datafusion::prelude::{DataFrame, SessionContext};
 
@@ -173,7 +177,10 @@ pub(crate) struct AggregatePlan {
     upper_plan: LogicalPlan,
     pub output_schema: SchemaRef,
     pub state_schema: SchemaRef,
+    /// Row encoding of the group keys (for hashing keys into buckets).
     pub converter: RowConverter,
+    /// The group keys' columns.
+    key_schema: SchemaRef,
     pub key_count: usize,
 }
 
@@ -273,6 +280,13 @@ impl AggregatePlan {
             output_schema,
             state_schema: Arc::new(Schema::new(state_fields)),
             converter,
+            key_schema: Arc::new(Schema::new(
+                key_types
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| Field::new(format!("k{i}"), t.clone(), true))
+                    .collect::<Vec<_>>(),
+            )),
             key_count: key_types.len(),
         })
     }
@@ -289,19 +303,21 @@ impl AggregatePlan {
         batches
     }
 
-    /// The group keys of a batch of the Aggregate's input: the key columns and their rows.
-    pub fn keys(&self, batch: &RecordBatch) -> Result<(Vec<ArrayRef>, Rows)> {
+    /// The group key columns of a batch of the Aggregate's input.
+    pub fn keys(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
         let n = batch.num_rows();
-        let keys: Vec<ArrayRef> = if self.global {
-            vec![Arc::new(BooleanArray::from(vec![true; n]))]
-        } else {
-            self.group_exprs
-                .iter()
-                .map(|e| e.evaluate(batch)?.into_array(n))
-                .collect::<Result<_>>()?
-        };
-        let rows = self.converter.convert_columns(&keys)?;
-        Ok((keys, rows))
+        if self.global {
+            return Ok(vec![Arc::new(BooleanArray::from(vec![true; n]))]);
+        }
+        self.group_exprs
+            .iter()
+            .map(|e| e.evaluate(batch)?.into_array(n))
+            .collect()
+    }
+
+    /// The keys' rows in the row encoding.
+    pub fn rows(&self, keys: &[ArrayRef]) -> Result<Rows> {
+        Ok(self.converter.convert_columns(keys)?)
     }
 
     /// Every aggregate's argument values (and filter) for a batch of the Aggregate's input.
@@ -328,8 +344,7 @@ impl AggregatePlan {
     /// A set with no groups.
     pub fn empty_set(&self) -> Result<GroupSet> {
         Ok(GroupSet {
-            index: KeyMap::default(),
-            keys: self.converter.empty_rows(0, 0),
+            values: new_group_values(self.key_schema.clone(), &GroupOrdering::None)?,
             accumulators: self
                 .aggregators
                 .iter()
@@ -359,8 +374,8 @@ impl AggregatePlan {
 
 /// Groups and their accumulators.
 pub(crate) struct GroupSet {
-    index: KeyMap<usize>,
-    keys: Rows,
+    /// The keys, each interned as a group number.
+    values: Box<dyn GroupValues>,
     accumulators: Vec<Box<dyn GroupsAccumulator>>,
     /// Changed since it was last saved.
     pub dirty: bool,
@@ -368,14 +383,14 @@ pub(crate) struct GroupSet {
 
 impl GroupSet {
     pub fn len(&self) -> usize {
-        self.keys.num_rows()
+        self.values.len()
     }
 
-    /// Folds the rows `members` of a batch (whose keys are `rows`, arguments `arguments`) into
-    /// this set's groups. `members` lists every row of the batch when `whole`.
+    /// Folds the rows `members` of a batch (whose key columns are `keys`, arguments
+    /// `arguments`) into this set's groups. `members` lists every row of the batch when `whole`.
     pub fn update(
         &mut self,
-        rows: &Rows,
+        keys: &[ArrayRef],
         members: &[u32],
         whole: bool,
         arguments: &Arguments,
@@ -383,22 +398,18 @@ impl GroupSet {
         if members.is_empty() {
             return Ok(());
         }
+        let indices = UInt32Array::from(members.to_vec());
         let mut groups = Vec::with_capacity(members.len());
-        for &i in members {
-            let row = rows.row(i as usize);
-            let group = match self.index.get(row.as_ref()) {
-                Some(g) => *g,
-                None => {
-                    let g = self.keys.num_rows();
-                    self.keys.push(row);
-                    self.index.insert(row.as_ref().into(), g);
-                    g
-                }
-            };
-            groups.push(group);
+        if whole {
+            self.values.intern(keys, &mut groups)?;
+        } else {
+            let taken = keys
+                .iter()
+                .map(|k| take(k, &indices, None))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            self.values.intern(&taken, &mut groups)?;
         }
         let total = self.len();
-        let indices = UInt32Array::from(members.to_vec());
         for ((values, filter), accumulator) in arguments.iter().zip(self.accumulators.iter_mut()) {
             let values: Vec<ArrayRef> = if whole {
                 values.clone()
@@ -438,8 +449,15 @@ impl GroupSet {
         plan: &AggregatePlan,
         keep: bool,
     ) -> Result<(RecordBatch, RecordBatch)> {
-        let keys = plan.converter.convert_rows(self.keys.iter())?;
         let n = self.len();
+        // `emit` hands the keys over; interned again in the same order into a fresh table (an
+        // emptied one is not to be reused), they keep their numbers.
+        let keys = self.values.emit(EmitTo::All)?;
+        if keep {
+            self.values = new_group_values(plan.key_schema.clone(), &GroupOrdering::None)?;
+            let mut groups = Vec::with_capacity(n);
+            self.values.intern(&keys, &mut groups)?;
+        }
         let all: Vec<usize> = (0..n).collect();
         let mut state_columns = keys.clone();
         let mut value_columns = if plan.global { Vec::new() } else { keys };
@@ -492,22 +510,9 @@ impl GroupSet {
             }
             None => batch.clone(),
         };
-        let rows = plan
-            .converter
-            .convert_columns(&batch.columns()[..plan.key_count])?;
         let mut groups = Vec::with_capacity(batch.num_rows());
-        for row in rows.iter() {
-            let g = match self.index.get(row.as_ref()) {
-                Some(g) => *g,
-                None => {
-                    let g = self.keys.num_rows();
-                    self.keys.push(row);
-                    self.index.insert(row.as_ref().into(), g);
-                    g
-                }
-            };
-            groups.push(g);
-        }
+        self.values
+            .intern(&batch.columns()[..plan.key_count], &mut groups)?;
         let total = self.len();
         let mut column = plan.key_count;
         for (j, a) in plan.aggregators.iter().enumerate() {

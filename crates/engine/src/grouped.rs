@@ -120,7 +120,8 @@ impl GroupedModel {
             if n == 0 {
                 continue;
             }
-            let (_, rows) = self.plan.keys(&batch)?;
+            let keys = self.plan.keys(&batch)?;
+            let rows = self.plan.rows(&keys)?;
             let arguments = self.plan.arguments(&batch)?;
             let mut members: Vec<Vec<u32>> = vec![Vec::new(); GROUP_BUCKETS];
             for (i, row) in rows.iter().enumerate() {
@@ -130,7 +131,7 @@ impl GroupedModel {
             }
             for (b, rows_of_bucket) in members.iter().enumerate() {
                 self.buckets[b].update(
-                    &rows,
+                    &keys,
                     rows_of_bucket,
                     rows_of_bucket.len() == n,
                     &arguments,

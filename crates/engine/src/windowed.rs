@@ -265,7 +265,7 @@ impl WindowedModel {
         if n == 0 {
             return Ok(());
         }
-        let (keys, rows) = self.plan.keys(batch)?;
+        let keys = self.plan.keys(batch)?;
         let starts = window_starts(&keys[self.window.key])?;
         let arguments = self.plan.arguments(batch)?;
         let mut members = Vec::with_capacity(n);
@@ -284,7 +284,7 @@ impl WindowedModel {
                 })?);
         }
         self.open
-            .update(&rows, &members, members.len() == n, &arguments)
+            .update(&keys, &members, members.len() == n, &arguments)
     }
 
     /// Evaluates and forgets every window the watermark has passed: the open set is split in
