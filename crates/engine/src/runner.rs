@@ -75,6 +75,9 @@ pub enum RunnerError {
         #[source]
         source: kappa_lakehouse::LakehouseError,
     },
+    /// The runner panicked: a bug; it is restarted from its last commit.
+    #[error("model {model}: panicked: {reason}")]
+    Panicked { model: String, reason: String },
     #[error("model {model}: {source}")]
     Plan {
         model: String,

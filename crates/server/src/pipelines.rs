@@ -98,14 +98,24 @@ impl Pipelines {
                 // last commit after a pause; only a model that cannot run at all gives up.
                 loop {
                     states.set(&name, RunnerState::Running);
-                    let run = run_model(
+                    // Each attempt is a task of its own: a panic (a bug, in kappa or a library)
+                    // ends the attempt, is reported and restarted like any failure, instead of
+                    // leaving the model silently stopped.
+                    let run = tokio::spawn(run_model(
                         log.clone(),
                         lakehouse.clone(),
                         project.clone(),
                         name.clone(),
                         stopped.clone(),
-                    );
-                    match run.await {
+                    ));
+                    let outcome = match run.await {
+                        Ok(outcome) => outcome,
+                        Err(e) => Err(RunnerError::Panicked {
+                            model: name.clone(),
+                            reason: panic_message(e),
+                        }),
+                    };
+                    match outcome {
                         Ok(()) => return,
                         Err(e @ RunnerError::Unsupported { .. }) => {
                             tracing::warn!(model = %name, "not running: {e}");
@@ -148,5 +158,17 @@ impl Pipelines {
                 tracing::error!(%model, error = %e, "runner task failed");
             }
         }
+    }
+}
+
+/// What a runner task that did not finish says about why.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned()),
+        Err(e) => e.to_string(),
     }
 }
