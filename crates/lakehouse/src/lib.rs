@@ -7,6 +7,11 @@
 //! <data>/warehouse/<layer>/<model>/{metadata,data}/…   Iceberg metadata and Parquet files
 //! ```
 //!
+//! The warehouse can be an S3 bucket instead (`[lakehouse] warehouse = "s3://bucket/prefix"`
+//! in `kappa.toml`, see [`WarehouseConfig`]); the catalog stays in the data directory, and
+//! `kappa up` records the warehouse there (`<data>/lakehouse.json`) so that every command on
+//! the data directory finds it.
+//!
 //! A commit is one `fast_append` snapshot whose summary carries the writer's properties (the
 //! pipeline version and the consumed offsets, see the engine), so after any failure the table
 //! itself says what was committed.
@@ -45,6 +50,8 @@ pub use iceberg::table::Table;
 pub const CATALOG_FILE: &str = "catalog.db";
 /// The warehouse folder inside the data directory.
 pub const WAREHOUSE_DIR: &str = "warehouse";
+/// Where `kappa up` records the data directory's warehouse configuration.
+pub const WAREHOUSE_CONFIG_FILE: &str = "lakehouse.json";
 /// The catalog's name, as external engines see it.
 pub const CATALOG_NAME: &str = "kappa";
 /// The DataFusion schema holding every table whose name is unique, for unqualified queries.
@@ -111,13 +118,75 @@ impl<T> Context<T> for std::result::Result<T, arrow::error::ArrowError> {
     }
 }
 
+/// Where the tables' files go: the data directory's warehouse folder (the default), or an
+/// object store. `properties` go to the catalog and its file IO: for S3, `s3.endpoint`,
+/// `s3.region`, `s3.path-style-access`, … (iceberg-rust's names). Credentials are best left
+/// to the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, or the AWS config files),
+/// which the S3 client reads: nothing secret needs to be in the project or the data directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WarehouseConfig {
+    /// `s3://bucket/prefix`; `None` for the data directory's `warehouse/` folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warehouse: Option<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl WarehouseConfig {
+    /// What is wrong with it, if anything: an unsupported location.
+    pub fn problem(&self) -> Option<String> {
+        let location = self.warehouse.as_deref()?;
+        match location.split_once("://") {
+            Some(("s3" | "s3a", rest)) if !rest.trim_matches('/').is_empty() => None,
+            Some(("file", rest)) if rest.starts_with('/') => None,
+            _ => Some(format!(
+                "warehouse `{location}`: expected s3://bucket[/prefix] or file:///absolute/path"
+            )),
+        }
+    }
+
+    /// The configuration `kappa up` recorded in `data_dir`, or the default.
+    pub fn recorded(data_dir: &Path) -> Result<WarehouseConfig> {
+        let path = data_dir.join(WAREHOUSE_CONFIG_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                LakehouseError::Catalog(format!(
+                    "{}: not a warehouse configuration: {e}",
+                    path.display()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(WarehouseConfig::default()),
+            Err(source) => Err(LakehouseError::Io {
+                action: "read the warehouse configuration",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// Records it in `data_dir` for every later command (written whole, then renamed).
+    pub fn record(&self, data_dir: &Path) -> Result<()> {
+        let path = data_dir.join(WAREHOUSE_CONFIG_FILE);
+        let partial = data_dir.join(format!("{WAREHOUSE_CONFIG_FILE}.partial"));
+        let text = serde_json::to_vec_pretty(self).unwrap_or_default();
+        std::fs::write(&partial, text)
+            .and_then(|()| std::fs::rename(&partial, &path))
+            .map_err(|source| LakehouseError::Io {
+                action: "record the warehouse configuration",
+                path,
+                source,
+            })
+    }
+}
+
 /// The catalog and warehouse of one data directory.
 #[derive(Debug, Clone)]
 pub struct Lakehouse {
     catalog: Arc<SqlCatalog>,
     /// The catalog database again, for the pointer swaps of our own commits (`commit.rs`).
     pointers: sqlx::SqlitePool,
-    warehouse: PathBuf,
+    /// The warehouse's location (`file:///…` or `s3://…`).
+    warehouse: String,
     /// How long a snapshot stays after the next one replaced it (ms).
     replaced_snapshot_ms: i64,
 }
@@ -201,21 +270,50 @@ pub fn table_ident(layer: &str, model: &str) -> Result<TableIdent> {
 }
 
 impl Lakehouse {
-    /// Opens (or creates) the catalog and warehouse of a data directory.
+    /// Opens (or creates) the catalog and warehouse of a data directory, with the warehouse
+    /// configuration recorded there (see [`WarehouseConfig::recorded`]).
     pub async fn open(data_dir: &Path) -> Result<Lakehouse> {
-        let warehouse = data_dir.join(WAREHOUSE_DIR);
-        std::fs::create_dir_all(&warehouse).map_err(|source| LakehouseError::Io {
-            action: "create the warehouse",
-            path: warehouse.clone(),
-            source,
-        })?;
+        Lakehouse::open_with(data_dir, &WarehouseConfig::recorded(data_dir)?).await
+    }
+
+    /// Opens (or creates) the catalog of a data directory with the warehouse `config`.
+    pub async fn open_with(data_dir: &Path, config: &WarehouseConfig) -> Result<Lakehouse> {
+        if let Some(problem) = config.problem() {
+            return Err(LakehouseError::Catalog(problem));
+        }
+        let (warehouse, storage) = match &config.warehouse {
+            Some(location) if !location.starts_with("file://") => (
+                location.trim_end_matches('/').to_owned(),
+                OpenDalStorageFactory::S3 {
+                    customized_credential_load: None,
+                },
+            ),
+            configured => {
+                let folder = match configured {
+                    Some(location) => PathBuf::from(location.trim_start_matches("file://")),
+                    None => data_dir.join(WAREHOUSE_DIR),
+                };
+                std::fs::create_dir_all(&folder).map_err(|source| LakehouseError::Io {
+                    action: "create the warehouse",
+                    path: folder.clone(),
+                    source,
+                })?;
+                (
+                    format!("file://{}", folder.display()),
+                    OpenDalStorageFactory::Fs,
+                )
+            }
+        };
         let db = data_dir.join(CATALOG_FILE);
         let catalog = SqlCatalogBuilder::default()
             .uri(format!("sqlite:{}?mode=rwc", db.display()))
-            .warehouse_location(format!("file://{}", warehouse.display()))
+            .warehouse_location(warehouse.clone())
             .sql_bind_style(SqlBindStyle::QMark)
-            .with_storage_factory(Arc::new(OpenDalStorageFactory::Fs))
-            .load(CATALOG_NAME, HashMap::new())
+            .with_storage_factory(Arc::new(storage))
+            .load(
+                CATALOG_NAME,
+                config.properties.clone().into_iter().collect(),
+            )
             .await
             .doing(|| format!("open the Iceberg catalog {}", db.display()))?;
         let options = sqlx::sqlite::SqliteConnectOptions::new()
@@ -245,7 +343,8 @@ impl Lakehouse {
         self.catalog.clone()
     }
 
-    pub fn warehouse(&self) -> &Path {
+    /// The warehouse's location (`file:///…` or `s3://…`).
+    pub fn warehouse(&self) -> &str {
         &self.warehouse
     }
 

@@ -31,6 +31,20 @@ pub struct ProjectConfig {
     pub project: ProjectSection,
     #[serde(default)]
     pub server: ServerSection,
+    #[serde(default)]
+    pub lakehouse: LakehouseSection,
+}
+
+/// Where the serving tables' files go (the catalog stays in the data directory).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LakehouseSection {
+    /// `s3://bucket/prefix`; by default the data directory's `warehouse/` folder.
+    pub warehouse: Option<String>,
+    /// Passed to the catalog and its file IO: `s3.endpoint`, `s3.region`,
+    /// `s3.path-style-access`, … Credentials come from the environment.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -616,7 +630,7 @@ mod tests {
             ("models/gold/f.sql", "SELECT * FROM silver.x.y"),
         ]);
         expect![[r#"
-            kappa.toml:3:2: unknown field `servr`, expected `project` or `server`
+            kappa.toml:3:2: unknown field `servr`, expected one of `project`, `server`, `lakehouse`
             models/Gold/d.sql:1:1: layer name `Gold` must be lowercase letters, digits and `_`, starting with a letter, so that SQL can name it unquoted
             models/gold/b.sql:1:1: models read each other in a cycle: gold.b → silver.a → gold.b
             models/gold/b.sql:2:20: no topic or model `ordrs`; did you mean `orders`?

@@ -93,24 +93,43 @@ impl Server {
             tracing::info!(?event, "recovery");
         }
         let log = Arc::new(log);
-        let lakehouse = kappa_lakehouse::Lakehouse::open(&data_dir)
+        let project = match &config.project_dir {
+            Some(dir) => match project::check(dir).await? {
+                Ok(project) => Some(Arc::new(project)),
+                Err(diagnostics) => {
+                    let lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
+                    anyhow::bail!(
+                        "the project in {} has problems:\n{}",
+                        dir.display(),
+                        lines.join("\n")
+                    );
+                }
+            },
+            None => None,
+        };
+        // The project says where the warehouse is; it is recorded in the data directory for
+        // the commands that work on it without a project or a server.
+        let warehouse = match &project {
+            Some(project) => {
+                let section = &project.config.lakehouse;
+                let warehouse = kappa_lakehouse::WarehouseConfig {
+                    warehouse: section.warehouse.clone(),
+                    properties: section.properties.clone(),
+                };
+                if let Some(problem) = warehouse.problem() {
+                    anyhow::bail!("kappa.toml [lakehouse]: {problem}");
+                }
+                warehouse.record(&data_dir)?;
+                warehouse
+            }
+            None => kappa_lakehouse::WarehouseConfig::recorded(&data_dir)?,
+        };
+        let lakehouse = kappa_lakehouse::Lakehouse::open_with(&data_dir, &warehouse)
             .await
             .context("open the Iceberg catalog")?;
         let mut running_project = None;
-        let pipelines = match &config.project_dir {
-            Some(dir) => {
-                let project = match project::check(dir).await? {
-                    Ok(project) => Arc::new(project),
-                    Err(diagnostics) => {
-                        let lines: Vec<String> =
-                            diagnostics.iter().map(ToString::to_string).collect();
-                        anyhow::bail!(
-                            "the project in {} has problems:\n{}",
-                            dir.display(),
-                            lines.join("\n")
-                        );
-                    }
-                };
+        let pipelines = match project {
+            Some(project) => {
                 let ensured = {
                     let log = log.clone();
                     let project = project.clone();

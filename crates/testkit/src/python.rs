@@ -10,6 +10,8 @@ pub const REQUIREMENTS: &[&str] = &[
     "duckdb==1.4.4",
     "duckdb-ext-iceberg==1.4.4.20260205",
     "duckdb-ext-avro==1.4.4.20260205",
+    // An S3-compatible server on loopback for the object-store warehouse.
+    "moto[server]==5.2.5",
 ];
 
 /// The workspace's `target/` directory, found from the running test binary.
@@ -50,7 +52,7 @@ pub fn python() -> PathBuf {
             Command::new(&python)
                 .args(["-m", "pip", "install", "--quiet"])
                 .args(REQUIREMENTS),
-            "install pyiceberg and duckdb",
+            "install pyiceberg, duckdb and moto",
         );
         std::fs::write(&marker, &wanted).expect("write the venv marker");
     }
@@ -107,3 +109,71 @@ dd = rows(con.execute(f"SELECT * FROM iceberg_scan('{metadata}')").fetch_arrow_t
 summary = dict(table.current_snapshot().summary.additional_properties) if table.current_snapshot() else {}
 print(json.dumps({"pyiceberg": py, "duckdb": dd, "summary": summary}))
 "#;
+
+/// An S3-compatible server (moto) on 127.0.0.1 for as long as it lives, with one bucket.
+#[derive(Debug)]
+pub struct S3Server {
+    child: std::process::Child,
+    pub endpoint: String,
+    pub bucket: String,
+}
+
+impl S3Server {
+    /// Starts moto on a free loopback port and creates `bucket` in it.
+    pub fn start(bucket: &str) -> S3Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let child = Command::new(python())
+            .args(["-c", "from moto.server import main; main()"])
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start moto");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let server = S3Server {
+            child,
+            endpoint,
+            bucket: bucket.to_owned(),
+        };
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "moto did not listen on port {port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        run_python(
+            "import sys, boto3\n\
+             boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
+                 aws_access_key_id='kappa', aws_secret_access_key='kappa')\\\n\
+                 .create_bucket(Bucket=sys.argv[2])",
+            &[&server.endpoint, bucket],
+        );
+        server
+    }
+
+    /// The catalog and file IO properties that reach it (iceberg-rust's and pyiceberg's names).
+    pub fn properties(&self) -> Vec<(String, String)> {
+        [
+            ("s3.endpoint", self.endpoint.as_str()),
+            ("s3.region", "us-east-1"),
+            ("s3.path-style-access", "true"),
+            ("s3.access-key-id", "kappa"),
+            ("s3.secret-access-key", "kappa"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

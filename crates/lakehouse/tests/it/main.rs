@@ -8,7 +8,7 @@ use arrow::array::{
     Decimal128Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
 };
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-use kappa_lakehouse::{Lakehouse, table_ident};
+use kappa_lakehouse::{Lakehouse, WarehouseConfig, table_ident};
 use kappa_testkit::python::{READ_TABLE_SCRIPT, run_python};
 
 #[tokio::test]
@@ -385,4 +385,149 @@ async fn partitioned_tables_split_rows_by_partition() {
     assert!(
         kappa_lakehouse::partition_problem(&schema, &["bucket(8, order_id)".to_owned()]).is_none()
     );
+}
+
+/// The warehouse on an object store: an S3-compatible server on loopback (moto) holds the
+/// Parquet, metadata and state files; the catalog stays in the data directory. Our reads and
+/// pyiceberg's (through the same SQLite catalog and the bucket) see both commits, and the
+/// configuration recorded in the data directory is what a later `open` uses.
+#[tokio::test]
+async fn an_s3_warehouse_holds_the_tables_and_pyiceberg_reads_them() {
+    let s3 = tokio::task::spawn_blocking(|| kappa_testkit::python::S3Server::start("lake"))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = WarehouseConfig {
+        warehouse: Some(format!("s3://{}/warehouse", s3.bucket)),
+        properties: s3.properties().into_iter().collect(),
+    };
+    config.record(dir.path()).unwrap();
+    let lakehouse = Lakehouse::open(dir.path()).await.unwrap();
+    assert_eq!(lakehouse.warehouse(), "s3://lake/warehouse");
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("region", DataType::Utf8, false),
+        Field::new("total", DataType::Int64, false),
+    ]));
+    let batch = |regions: &[&str], totals: &[i64]| {
+        RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(regions.to_vec())),
+                Arc::new(Int64Array::from(totals.to_vec())),
+            ],
+        )
+        .unwrap()
+    };
+    let ident = table_ident("gold", "totals").unwrap();
+    let table = lakehouse.ensure_table(&ident, &schema).await.unwrap();
+    let first = lakehouse
+        .write_data_files(&table, &[batch(&["north", "south"], &[1, 5])], "b0-")
+        .await
+        .unwrap();
+    let first_path = first[0].file_path().to_owned();
+    assert!(
+        first_path.starts_with("s3://lake/warehouse/gold/totals/data/"),
+        "{first_path}"
+    );
+    let table = lakehouse
+        .overwrite(
+            &table,
+            &Default::default(),
+            first,
+            HashMap::from([("kappa.offsets".to_owned(), "1".to_owned())]),
+        )
+        .await
+        .unwrap();
+    // Copy-on-write through our commit layer: the file replaced by one with new totals.
+    let replaced = [first_path].into();
+    let files = lakehouse
+        .write_data_files(
+            &table,
+            &[batch(&["north", "south", "east"], &[3, 5, 7])],
+            "b0-",
+        )
+        .await
+        .unwrap();
+    lakehouse
+        .overwrite(
+            &table,
+            &replaced,
+            files,
+            HashMap::from([("kappa.offsets".to_owned(), "2".to_owned())]),
+        )
+        .await
+        .unwrap();
+
+    let (_, batches) = lakehouse
+        .query("SELECT region, total FROM gold.totals ORDER BY region")
+        .await
+        .unwrap();
+    let ours = arrow::util::pretty::pretty_format_batches(&batches)
+        .unwrap()
+        .to_string();
+    assert!(ours.contains("| east   | 7     |"), "{ours}");
+    assert_eq!(batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 3);
+
+    let data = dir.path().to_str().unwrap().to_owned();
+    let mut args = vec![data, "gold.totals".to_owned()];
+    args.extend(s3.properties().into_iter().map(|(k, v)| format!("{k}={v}")));
+    let out = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_python(
+            r#"
+import json, sys
+from pyiceberg.catalog.sql import SqlCatalog
+data, ident = sys.argv[1], sys.argv[2]
+props = dict(a.split("=", 1) for a in sys.argv[3:])
+catalog = SqlCatalog("kappa", uri=f"sqlite:///{data}/catalog.db", **props)
+table = catalog.load_table(ident)
+rows = sorted(table.scan().to_arrow().to_pylist(), key=lambda r: r["region"])
+print(json.dumps({"rows": rows, "location": table.metadata_location,
+    "offsets": table.current_snapshot().summary.additional_properties["kappa.offsets"]}))
+"#,
+            &args,
+        )
+    })
+    .await
+    .unwrap();
+    let read: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        read["rows"],
+        serde_json::json!([
+            {"region": "east", "total": 7},
+            {"region": "north", "total": 3},
+            {"region": "south", "total": 5},
+        ]),
+        "{out}"
+    );
+    assert!(
+        read["location"]
+            .as_str()
+            .unwrap()
+            .starts_with("s3://lake/warehouse/gold/totals/metadata/"),
+        "{out}"
+    );
+    assert_eq!(read["offsets"], "2");
+    // Nothing of the table is in the data directory but the catalog.
+    assert!(!dir.path().join("warehouse").exists());
+}
+
+#[test]
+fn only_s3_and_absolute_file_warehouses_are_accepted() {
+    let problem = |w: &str| {
+        WarehouseConfig {
+            warehouse: Some(w.to_owned()),
+            properties: Default::default(),
+        }
+        .problem()
+    };
+    assert_eq!(problem("s3://bucket/prefix"), None);
+    assert_eq!(problem("file:///var/lake"), None);
+    assert!(
+        problem("gs://bucket")
+            .unwrap()
+            .contains("expected s3://bucket")
+    );
+    assert!(problem("s3://").is_some());
+    assert!(problem("warehouse").is_some());
 }
