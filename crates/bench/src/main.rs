@@ -8,6 +8,8 @@
 //!                          vs reading a plain file of the same size
 //! kappa-bench pipelines    replay of five reference pipelines over ≥ 10 M order events,
 //!                          vs DuckDB running the same SQL over the same events as NDJSON
+//! kappa-bench decode       JSON records -> Arrow batches, vs arrow-json on the same bytes
+//! kappa-bench live-latency commit cadence and live event -> visible latency
 //! ```
 //!
 //! Run with `cargo run --release -p kappa-bench -- log-append` (see docs/benchmarks.md).
