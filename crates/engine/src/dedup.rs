@@ -237,7 +237,8 @@ pub fn replace_dedup(
 #[derive(Debug, Clone, Copy)]
 struct Candidate {
     t: i64,
-    batch: u64,
+    /// The micro-batch's number (they wrap after 4 G batches; a candidate lives a few).
+    batch: u32,
     row: u32,
 }
 
@@ -289,7 +290,15 @@ impl From<&[u8]> for Key {
 
 impl PartialEq for Key {
     fn eq(&self, other: &Key) -> bool {
-        self.as_slice() == other.as_slice()
+        // A key is inline exactly when it is short, and inline bytes past `len` are zero: two
+        // keys are equal when their representations are (a fixed-size compare, no `memcmp`).
+        match (self, other) {
+            (Key::Inline { len: a, bytes: x }, Key::Inline { len: b, bytes: y }) => {
+                a == b && x == y
+            }
+            (Key::Shared(x), Key::Shared(y)) => x == y,
+            _ => false,
+        }
     }
 }
 
@@ -335,8 +344,8 @@ pub struct Dedup {
     /// The undecided keys (each once).
     undecided: Vec<Key>,
     /// The batches candidates point into, by number.
-    held: BTreeMap<u64, Held>,
-    next_batch: u64,
+    held: BTreeMap<u32, Held>,
+    next_batch: u32,
     /// [`HELD_ROWS_SLACK`]; tests lower it to gather on every emit.
     held_slack: usize,
     /// Decided keys by expiry slice (event time ÷ slice width).
@@ -471,8 +480,10 @@ impl Dedup {
         let key_rows = self.keys.convert_columns(&keys)?;
         let times = micros(&self.order_expr.evaluate(batch)?.into_array(n)?)?;
         let id = self.next_batch;
-        self.next_batch += 1;
+        self.next_batch = self.next_batch.wrapping_add(1);
         let mut live = 0;
+        // Room for every row's key being new: no rehash in the middle of the batch.
+        self.states.reserve(n);
         for (i, time) in times.iter().enumerate() {
             // Rows without event time never reach here (the source sets them aside).
             let &Some(t) = time else {
@@ -482,23 +493,39 @@ impl Dedup {
             let row = u32::try_from(i)
                 .map_err(|_| DataFusionError::Execution("a micro-batch over 4G rows".into()))?;
             let here = Candidate { t, batch: id, row };
-            match self.states.get_mut(key.as_ref()) {
-                Some(KeyState::Decided(_)) => {}
-                Some(KeyState::Candidate(c)) if t < c.t => {
-                    let before = std::mem::replace(c, here);
-                    live += 1;
-                    if before.batch == id {
-                        live -= 1;
-                    } else if let Some(h) = self.held.get_mut(&before.batch) {
-                        h.live -= 1;
+            // A short key costs nothing to own: one probe finds or inserts it. A long one is
+            // looked up first, so that only a new key allocates.
+            let state = if key.as_ref().len() <= KEY_INLINE {
+                match self.states.entry(Key::from(key.as_ref())) {
+                    std::collections::hash_map::Entry::Occupied(e) => Some(e.into_mut()),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        self.undecided.push(e.key().clone());
+                        e.insert(KeyState::Candidate(here));
+                        live += 1;
+                        None
                     }
                 }
-                Some(KeyState::Candidate(_)) => {}
-                None => {
-                    let key: Key = key.as_ref().into();
-                    self.states.insert(key.clone(), KeyState::Candidate(here));
-                    self.undecided.push(key);
-                    live += 1;
+            } else {
+                match self.states.get_mut(key.as_ref()) {
+                    Some(state) => Some(state),
+                    None => {
+                        let key: Key = key.as_ref().into();
+                        self.states.insert(key.clone(), KeyState::Candidate(here));
+                        self.undecided.push(key);
+                        live += 1;
+                        None
+                    }
+                }
+            };
+            if let Some(KeyState::Candidate(c)) = state
+                && t < c.t
+            {
+                let before = std::mem::replace(c, here);
+                live += 1;
+                if before.batch == id {
+                    live -= 1;
+                } else if let Some(h) = self.held.get_mut(&before.batch) {
+                    h.live -= 1;
                 }
             }
         }
@@ -516,11 +543,9 @@ impl Dedup {
     }
 
     fn expire(&mut self, watermark: i64) {
-        let limit = watermark.saturating_sub(self.horizon);
-        let width = self.slice_width();
+        let (width, limit) = (self.slice_width(), self.forget_before(watermark));
         while let Some(entry) = self.expiry.first_entry() {
-            // The slice's end (exclusive) has to be at or before the limit.
-            if entry.key().saturating_add(1).saturating_mul(width) > limit {
+            if !slice_expired(*entry.key(), width, limit) {
                 break;
             }
             for (key, t) in entry.remove() {
@@ -537,6 +562,11 @@ impl Dedup {
         (self.horizon / EXPIRY_SLICES).max(1)
     }
 
+    /// The event time before which decided keys are forgotten at `watermark`.
+    fn forget_before(&self, watermark: i64) -> i64 {
+        watermark.saturating_sub(self.horizon)
+    }
+
     /// Remembers `key` as decided at event time `t`.
     fn decide(&mut self, key: Key, t: i64) {
         let slice = t.div_euclid(self.slice_width());
@@ -548,10 +578,10 @@ impl Dedup {
 
     /// The rows of `chosen` (in that order), as a batch of the dedup's input.
     fn gather(&self, chosen: &[Candidate]) -> Result<Vec<ArrayRef>> {
-        let mut position: HashMap<u64, usize, foldhash::fast::RandomState> = HashMap::default();
+        let mut position: HashMap<u32, usize, foldhash::fast::RandomState> = HashMap::default();
         let mut batches = Vec::new();
         let mut indices = Vec::with_capacity(chosen.len());
-        let mut last: Option<(u64, usize)> = None;
+        let mut last: Option<(u32, usize)> = None;
         for c in chosen {
             let at = match last {
                 Some((batch, at)) if batch == c.batch => at,
@@ -604,7 +634,7 @@ impl Dedup {
         let columns = self.gather(&chosen)?;
         let batch = RecordBatch::try_new(self.input_schema.clone(), columns)?;
         let id = self.next_batch;
-        self.next_batch += 1;
+        self.next_batch = self.next_batch.wrapping_add(1);
         // The same walk as `candidates()`: row r of the new batch is its r-th candidate.
         let mut row = 0u32;
         for key in &self.undecided {
@@ -630,20 +660,29 @@ impl Dedup {
     async fn emit(&mut self, watermark: i64) -> Result<Vec<RecordBatch>> {
         let mut chosen = Vec::new();
         let mut waiting = Vec::with_capacity(self.undecided.len());
+        let (width, limit) = (self.slice_width(), self.forget_before(watermark));
         for key in std::mem::take(&mut self.undecided) {
-            let Some(state) = self.states.get_mut(&key) else {
+            let std::collections::hash_map::Entry::Occupied(mut entry) =
+                self.states.entry(key.clone())
+            else {
                 continue;
             };
-            match *state {
+            match *entry.get() {
                 KeyState::Candidate(c) if c.t < watermark => {
-                    *state = KeyState::Decided(c.t);
-                    let slice = c.t.div_euclid(self.slice_width());
-                    self.expiry
-                        .entry(slice)
-                        .or_default()
-                        .push((key.clone(), c.t));
-                    self.new_decisions.push((key, c.t));
                     chosen.push(c);
+                    let slice = c.t.div_euclid(width);
+                    if slice_expired(slice, width, limit) {
+                        // Already past the horizon (a replay's micro-batch spans days): the
+                        // key is forgotten at once, as `expire` would forget it next.
+                        entry.remove();
+                    } else {
+                        *entry.get_mut() = KeyState::Decided(c.t);
+                        self.expiry
+                            .entry(slice)
+                            .or_default()
+                            .push((key.clone(), c.t));
+                        self.new_decisions.push((key, c.t));
+                    }
                 }
                 KeyState::Candidate(_) => waiting.push(key),
                 KeyState::Decided(_) => {}
@@ -839,7 +878,7 @@ impl Dedup {
                     .map_err(df)?;
                 let key_rows = self.keys.convert_columns(&keys).map_err(|e| df(e.into()))?;
                 let id = self.next_batch;
-                self.next_batch += 1;
+                self.next_batch = self.next_batch.wrapping_add(1);
                 let mut live = 0;
                 for i in 0..n {
                     let row = u32::try_from(i)
@@ -872,6 +911,12 @@ impl Dedup {
         }
         Ok(())
     }
+}
+
+/// Whether the keys decided at event times in `slice` (of `width` µs) are forgotten once
+/// decided keys before `limit` are: the slice's end (exclusive) is at or before `limit`.
+fn slice_expired(slice: i64, width: i64, limit: i64) -> bool {
+    slice.saturating_add(1).saturating_mul(width) <= limit
 }
 
 /// A timestamp column as microseconds.
@@ -1004,6 +1049,24 @@ mod tests {
             }
         }
         out
+    }
+
+    proptest! {
+        /// Short keys are inline, long ones shared; either way two keys are equal exactly
+        /// when their bytes are, and a map finds a key by its bytes.
+        #[test]
+        fn keys_compare_and_hash_as_their_bytes(
+            a in proptest::collection::vec(0u8..3, 0..40),
+            b in proptest::collection::vec(0u8..3, 0..40),
+        ) {
+            let (x, y) = (Key::from(a.as_slice()), Key::from(b.as_slice()));
+            prop_assert_eq!(x == y, a == b);
+            prop_assert_eq!(x.as_slice(), a.as_slice());
+            let mut map = SharedKeyMap::default();
+            map.insert(x, 1);
+            prop_assert_eq!(map.get(a.as_slice()), Some(&1));
+            prop_assert_eq!(map.contains_key(b.as_slice()), a == b);
+        }
     }
 
     proptest! {
