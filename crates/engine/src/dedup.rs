@@ -319,6 +319,23 @@ impl std::borrow::Borrow<[u8]> for Key {
 
 type SharedKeyMap<V> = HashMap<Key, V, foldhash::fast::RandomState>;
 
+/// Key tables by hash: a micro-batch's rows are offered (and its decisions forgotten) one shard
+/// at a time, so the table being probed is a 64th of the keys — in cache, where one table of a
+/// replay's 262 K keys per micro-batch cost two memory misses per probe.
+const SHARDS: usize = 64;
+
+/// One shard of the keys.
+#[derive(Default)]
+struct Shard {
+    /// Every key remembered, undecided or decided: one probe per row offered.
+    states: SharedKeyMap<KeyState>,
+    /// The undecided keys (each once), in the order they became candidates.
+    undecided: Vec<Key>,
+    /// Keys removed since the table was last rebuilt (removals leave tombstones that lengthen
+    /// probes until then).
+    removed: usize,
+}
+
 /// Held rows beyond this (and beyond twice the candidates) are gathered into one batch.
 const HELD_ROWS_SLACK: usize = 1 << 16;
 /// Decided keys expire in slices of this fraction of the horizon.
@@ -339,10 +356,10 @@ pub struct Dedup {
     output_plan: LogicalPlan,
     output_schema: SchemaRef,
     horizon: i64,
-    /// Every key remembered, undecided or decided: one hash lookup per row offered.
-    states: SharedKeyMap<KeyState>,
-    /// The undecided keys (each once).
-    undecided: Vec<Key>,
+    /// Every key remembered, undecided or decided, in shards by hash.
+    shards: Vec<Shard>,
+    /// Picks a key's shard (fixed: shards are not saved, only consistent in one process).
+    shard_hasher: foldhash::fast::FixedState,
     /// The batches candidates point into, by number.
     held: BTreeMap<u32, Held>,
     next_batch: u32,
@@ -358,8 +375,14 @@ pub struct Dedup {
 impl std::fmt::Debug for Dedup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dedup")
-            .field("candidates", &self.undecided.len())
-            .field("keys", &self.states.len())
+            .field(
+                "candidates",
+                &self.shards.iter().map(|s| s.undecided.len()).sum::<usize>(),
+            )
+            .field(
+                "keys",
+                &self.shards.iter().map(|s| s.states.len()).sum::<usize>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -432,8 +455,8 @@ impl Dedup {
             horizon: i64::try_from(horizon_ms)
                 .unwrap_or(i64::MAX / 1000)
                 .saturating_mul(1000),
-            states: SharedKeyMap::default(),
-            undecided: Vec::new(),
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            shard_hasher: foldhash::fast::FixedState::with_seed(0x6b61_7070_615f_6464),
             held: BTreeMap::new(),
             next_batch: 0,
             held_slack: HELD_ROWS_SLACK,
@@ -481,51 +504,72 @@ impl Dedup {
         let times = micros(&self.order_expr.evaluate(batch)?.into_array(n)?)?;
         let id = self.next_batch;
         self.next_batch = self.next_batch.wrapping_add(1);
-        let mut live = 0;
-        // Room for every row's key being new: no rehash in the middle of the batch.
-        self.states.reserve(n);
+        // The rows by shard, each shard's in batch order (a key's rows are in one shard, so
+        // the first of equal times still wins).
+        let mut by_shard: Vec<Vec<u32>> = vec![Vec::new(); SHARDS];
         for (i, time) in times.iter().enumerate() {
             // Rows without event time never reach here (the source sets them aside).
-            let &Some(t) = time else {
+            if time.is_none() {
                 continue;
-            };
-            let key = key_rows.row(i);
+            }
             let row = u32::try_from(i)
                 .map_err(|_| DataFusionError::Execution("a micro-batch over 4G rows".into()))?;
-            let here = Candidate { t, batch: id, row };
-            // A short key costs nothing to own: one probe finds or inserts it. A long one is
-            // looked up first, so that only a new key allocates.
-            let state = if key.as_ref().len() <= KEY_INLINE {
-                match self.states.entry(Key::from(key.as_ref())) {
-                    std::collections::hash_map::Entry::Occupied(e) => Some(e.into_mut()),
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        self.undecided.push(e.key().clone());
-                        e.insert(KeyState::Candidate(here));
-                        live += 1;
-                        None
+            by_shard[self.shard_of(key_rows.row(i).as_ref())].push(row);
+        }
+        let mut live = 0;
+        let held = &mut self.held;
+        for (shard, rows) in self.shards.iter_mut().zip(&by_shard) {
+            if rows.is_empty() {
+                continue;
+            }
+            // Rebuilt once as many keys were removed as remain: amortized O(1) per removal.
+            if shard.removed > shard.states.len() + 64 {
+                shard.states.shrink_to(0);
+                shard.removed = 0;
+            }
+            // Room for every row's key being new: no rehash in the middle.
+            shard.states.reserve(rows.len());
+            for &row in rows {
+                let i = row as usize;
+                let Some(t) = times[i] else {
+                    continue;
+                };
+                let key = key_rows.row(i);
+                let here = Candidate { t, batch: id, row };
+                // A short key costs nothing to own: one probe finds or inserts it. A long one
+                // is looked up first, so that only a new key allocates.
+                let state = if key.as_ref().len() <= KEY_INLINE {
+                    match shard.states.entry(Key::from(key.as_ref())) {
+                        std::collections::hash_map::Entry::Occupied(e) => Some(e.into_mut()),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            shard.undecided.push(e.key().clone());
+                            e.insert(KeyState::Candidate(here));
+                            live += 1;
+                            None
+                        }
                     }
-                }
-            } else {
-                match self.states.get_mut(key.as_ref()) {
-                    Some(state) => Some(state),
-                    None => {
-                        let key: Key = key.as_ref().into();
-                        self.states.insert(key.clone(), KeyState::Candidate(here));
-                        self.undecided.push(key);
-                        live += 1;
-                        None
+                } else {
+                    match shard.states.get_mut(key.as_ref()) {
+                        Some(state) => Some(state),
+                        None => {
+                            let key: Key = key.as_ref().into();
+                            shard.states.insert(key.clone(), KeyState::Candidate(here));
+                            shard.undecided.push(key);
+                            live += 1;
+                            None
+                        }
                     }
-                }
-            };
-            if let Some(KeyState::Candidate(c)) = state
-                && t < c.t
-            {
-                let before = std::mem::replace(c, here);
-                live += 1;
-                if before.batch == id {
-                    live -= 1;
-                } else if let Some(h) = self.held.get_mut(&before.batch) {
-                    h.live -= 1;
+                };
+                if let Some(KeyState::Candidate(c)) = state
+                    && t < c.t
+                {
+                    let before = std::mem::replace(c, here);
+                    live += 1;
+                    if before.batch == id {
+                        live -= 1;
+                    } else if let Some(h) = held.get_mut(&before.batch) {
+                        h.live -= 1;
+                    }
                 }
             }
         }
@@ -544,18 +588,32 @@ impl Dedup {
 
     fn expire(&mut self, watermark: i64) {
         let (width, limit) = (self.slice_width(), self.forget_before(watermark));
+        let mut by_shard: Vec<Vec<(Key, i64)>> = vec![Vec::new(); SHARDS];
         while let Some(entry) = self.expiry.first_entry() {
             if !slice_expired(*entry.key(), width, limit) {
                 break;
             }
             for (key, t) in entry.remove() {
-                if let std::collections::hash_map::Entry::Occupied(e) = self.states.entry(key)
+                by_shard[self.shard_of(key.as_slice())].push((key, t));
+            }
+        }
+        for (shard, expired) in self.shards.iter_mut().zip(by_shard) {
+            for (key, t) in expired {
+                if let std::collections::hash_map::Entry::Occupied(e) = shard.states.entry(key)
                     && matches!(e.get(), KeyState::Decided(d) if *d == t)
                 {
                     e.remove();
+                    shard.removed += 1;
                 }
             }
         }
+    }
+
+    /// The shard `key` belongs to.
+    fn shard_of(&self, key: &[u8]) -> usize {
+        use std::hash::BuildHasher;
+        // The top bits: the maps use their own (random) hasher's bits.
+        (self.shard_hasher.hash_one(key) >> (64 - SHARDS.trailing_zeros())) as usize
     }
 
     fn slice_width(&self) -> i64 {
@@ -570,7 +628,10 @@ impl Dedup {
     /// Remembers `key` as decided at event time `t`.
     fn decide(&mut self, key: Key, t: i64) {
         let slice = t.div_euclid(self.slice_width());
-        let before = self.states.insert(key.clone(), KeyState::Decided(t));
+        let shard = self.shard_of(key.as_slice());
+        let before = self.shards[shard]
+            .states
+            .insert(key.clone(), KeyState::Decided(t));
         if !matches!(before, Some(KeyState::Decided(d)) if d == t) {
             self.expiry.entry(slice).or_default().push((key, t));
         }
@@ -614,20 +675,30 @@ impl Dedup {
 
     /// The undecided keys' candidates, in the order of `undecided`.
     fn candidates(&self) -> Vec<Candidate> {
-        self.undecided
+        self.shards
             .iter()
-            .filter_map(|key| match self.states.get(key) {
-                Some(KeyState::Candidate(c)) => Some(*c),
-                _ => None,
+            .flat_map(|shard| {
+                shard
+                    .undecided
+                    .iter()
+                    .filter_map(|key| match shard.states.get(key) {
+                        Some(KeyState::Candidate(c)) => Some(*c),
+                        _ => None,
+                    })
             })
             .collect()
+    }
+
+    /// How many keys are undecided.
+    fn undecided_count(&self) -> usize {
+        self.shards.iter().map(|s| s.undecided.len()).sum()
     }
 
     /// Gathers the candidates into one batch when the batches they point into hold many more
     /// rows than they need.
     fn compact_held(&mut self) -> Result<()> {
         let held_rows: usize = self.held.values().map(|h| h.batch.num_rows()).sum();
-        if held_rows <= self.held_slack + 2 * self.undecided.len() {
+        if held_rows <= self.held_slack + 2 * self.undecided_count() {
             return Ok(());
         }
         let chosen = self.candidates();
@@ -637,13 +708,15 @@ impl Dedup {
         self.next_batch = self.next_batch.wrapping_add(1);
         // The same walk as `candidates()`: row r of the new batch is its r-th candidate.
         let mut row = 0u32;
-        for key in &self.undecided {
-            if let Some(KeyState::Candidate(c)) = self.states.get_mut(key) {
-                c.batch = id;
-                c.row = row;
-                row = row
-                    .checked_add(1)
-                    .ok_or_else(|| DataFusionError::Execution("over 4G candidates".into()))?;
+        for shard in &mut self.shards {
+            for key in &shard.undecided {
+                if let Some(KeyState::Candidate(c)) = shard.states.get_mut(key) {
+                    c.batch = id;
+                    c.row = row;
+                    row = row
+                        .checked_add(1)
+                        .ok_or_else(|| DataFusionError::Execution("over 4G candidates".into()))?;
+                }
             }
         }
         self.held.clear();
@@ -659,36 +732,39 @@ impl Dedup {
 
     async fn emit(&mut self, watermark: i64) -> Result<Vec<RecordBatch>> {
         let mut chosen = Vec::new();
-        let mut waiting = Vec::with_capacity(self.undecided.len());
         let (width, limit) = (self.slice_width(), self.forget_before(watermark));
-        for key in std::mem::take(&mut self.undecided) {
-            let std::collections::hash_map::Entry::Occupied(mut entry) =
-                self.states.entry(key.clone())
-            else {
-                continue;
-            };
-            match *entry.get() {
-                KeyState::Candidate(c) if c.t < watermark => {
-                    chosen.push(c);
-                    let slice = c.t.div_euclid(width);
-                    if slice_expired(slice, width, limit) {
-                        // Already past the horizon (a replay's micro-batch spans days): the
-                        // key is forgotten at once, as `expire` would forget it next.
-                        entry.remove();
-                    } else {
-                        *entry.get_mut() = KeyState::Decided(c.t);
-                        self.expiry
-                            .entry(slice)
-                            .or_default()
-                            .push((key.clone(), c.t));
-                        self.new_decisions.push((key, c.t));
+        for shard in &mut self.shards {
+            let mut waiting = Vec::new();
+            for key in std::mem::take(&mut shard.undecided) {
+                let std::collections::hash_map::Entry::Occupied(mut entry) =
+                    shard.states.entry(key.clone())
+                else {
+                    continue;
+                };
+                match *entry.get() {
+                    KeyState::Candidate(c) if c.t < watermark => {
+                        chosen.push(c);
+                        let slice = c.t.div_euclid(width);
+                        if slice_expired(slice, width, limit) {
+                            // Already past the horizon (a replay's micro-batch spans days):
+                            // the key is forgotten at once, as `expire` would forget it next.
+                            entry.remove();
+                            shard.removed += 1;
+                        } else {
+                            *entry.get_mut() = KeyState::Decided(c.t);
+                            self.expiry
+                                .entry(slice)
+                                .or_default()
+                                .push((key.clone(), c.t));
+                            self.new_decisions.push((key, c.t));
+                        }
                     }
+                    KeyState::Candidate(_) => waiting.push(key),
+                    KeyState::Decided(_) => {}
                 }
-                KeyState::Candidate(_) => waiting.push(key),
-                KeyState::Decided(_) => {}
             }
+            shard.undecided = waiting;
         }
-        self.undecided = waiting;
         if chosen.is_empty() {
             return Ok(Vec::new());
         }
@@ -731,7 +807,7 @@ impl Dedup {
 
     /// Whether the state changed since the last checkpoint.
     pub fn has_changes(&self) -> bool {
-        !self.new_decisions.is_empty() || !self.undecided.is_empty()
+        !self.new_decisions.is_empty() || self.undecided_count() > 0
     }
 
     fn candidates_schema(&self) -> SchemaRef {
@@ -777,7 +853,7 @@ impl Dedup {
         table: &Table,
     ) -> Result<(String, String), LakehouseError> {
         let mut files = self.committed.clone();
-        files.candidates = if self.undecided.is_empty() {
+        files.candidates = if self.undecided_count() == 0 {
             None
         } else {
             let chosen = self.candidates();
@@ -802,9 +878,11 @@ impl Dedup {
                 "decided",
                 &schema,
                 || {
-                    self.decisions_batch(self.states.iter().filter_map(|(k, s)| match s {
-                        KeyState::Decided(t) => Some((k, *t)),
-                        KeyState::Candidate(_) => None,
+                    self.decisions_batch(self.shards.iter().flat_map(|shard| {
+                        shard.states.iter().filter_map(|(k, s)| match s {
+                            KeyState::Decided(t) => Some((k, *t)),
+                            KeyState::Candidate(_) => None,
+                        })
                     }))
                     .map_err(df)
                 },
@@ -835,8 +913,9 @@ impl Dedup {
         table: &Table,
         properties: Option<&HashMap<String, String>>,
     ) -> Result<(), LakehouseError> {
-        self.states.clear();
-        self.undecided.clear();
+        for shard in &mut self.shards {
+            *shard = Shard::default();
+        }
         self.held.clear();
         self.expiry.clear();
         self.new_decisions.clear();
@@ -889,7 +968,9 @@ impl Dedup {
                         batch: id,
                         row,
                     };
-                    let before = self
+                    let shard = self.shard_of(key.as_slice());
+                    let shard = &mut self.shards[shard];
+                    let before = shard
                         .states
                         .insert(key.clone(), KeyState::Candidate(candidate));
                     match before {
@@ -901,7 +982,7 @@ impl Dedup {
                             live += 1;
                         }
                         _ => {
-                            self.undecided.push(key);
+                            shard.undecided.push(key);
                             live += 1;
                         }
                     }
