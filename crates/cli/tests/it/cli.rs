@@ -649,3 +649,105 @@ fn rustix_term(child: &std::process::Child) {
         .arg(child.id().to_string())
         .status();
 }
+
+/// `[lakehouse]` in `kappa.toml` puts the tables on S3 (moto on loopback): `kappa up` writes
+/// them there, `kappa sql` reads them through the server and, once it is gone, straight from
+/// the data directory (which recorded the warehouse), and no table file is in the data
+/// directory.
+#[test]
+fn a_warehouse_on_s3_from_kappa_toml_serves_kappa_sql() {
+    let s3 = kappa_testkit::python::S3Server::start("shop-lake");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    assert!(
+        Command::new(KAPPA)
+            .arg("init")
+            .arg(&dir)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    let mut config = std::fs::read_to_string(dir.join("kappa.toml")).unwrap();
+    config
+        .push_str("\n[lakehouse]\nwarehouse = \"s3://shop-lake/tables\"\n[lakehouse.properties]\n");
+    for (key, value) in s3.properties() {
+        config.push_str(&format!("\"{key}\" = \"{value}\"\n"));
+    }
+    std::fs::write(dir.join("kappa.toml"), config).unwrap();
+    std::fs::write(
+        dir.join("models/silver/amounts.sql"),
+        "SELECT order_id, quantity * unit_price AS amount FROM orders WHERE quantity > 0",
+    )
+    .unwrap();
+    let data = dir.join(".kappa");
+    std::fs::create_dir_all(&data).unwrap();
+    let up =
+        KappaProcess::start(KAPPA.as_ref(), &data, &["--project", dir.to_str().unwrap()]).unwrap();
+    let out = kappa(
+        &data,
+        &[
+            "produce",
+            "orders",
+            dir.join("data/orders.ndjson").to_str().unwrap(),
+            "--key",
+            "customer_id",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let models = walk_sql(&dir.join("models"));
+    crate::wait_caught_up(
+        &data,
+        dir.to_str().unwrap(),
+        models,
+        std::time::Duration::from_secs(60),
+    );
+    let query = [
+        "sql",
+        "SELECT count(*) AS n, sum(amount) AS total FROM silver.amounts",
+        "--json",
+    ];
+    let out = kappa(&data, &query, None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let through_server =
+        serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()["rows"].clone();
+    assert!(
+        through_server[0][0].as_i64().unwrap() > 0,
+        "{through_server}"
+    );
+    up.terminate().unwrap();
+    let out = kappa(&data, &query, None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let direct: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(direct["rows"], through_server);
+    assert!(data.join("lakehouse.json").exists());
+    assert!(
+        !data.join("warehouse").exists(),
+        "table files in the data directory"
+    );
+    let listed = kappa_testkit::python::run_python(
+        "import sys, boto3\n\
+         s3 = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
+             aws_access_key_id='kappa', aws_secret_access_key='kappa')\n\
+         keys = [o['Key'] for o in s3.list_objects_v2(Bucket='shop-lake').get('Contents', [])]\n\
+         print(sum(1 for k in keys if k.startswith('tables/silver/amounts/data/')))",
+        &[&s3.endpoint],
+    );
+    assert!(listed.trim().parse::<usize>().unwrap() > 0, "{listed}");
+}
+
+/// The number of `.sql` files under `dir` (a project's models).
+fn walk_sql(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            if p.is_dir() {
+                walk_sql(&p)
+            } else {
+                usize::from(p.extension().is_some_and(|x| x == "sql"))
+            }
+        })
+        .sum()
+}
