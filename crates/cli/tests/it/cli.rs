@@ -347,15 +347,7 @@ fn init_writes_a_project_that_checks_clean_and_check_reports_problems() {
 fn check_finds_unknown_columns_with_datafusion() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("shop");
-    assert!(
-        Command::new(KAPPA)
-            .arg("init")
-            .arg(&dir)
-            .output()
-            .unwrap()
-            .status
-            .success()
-    );
+    init(&dir);
     std::fs::write(
         dir.join("models/gold/big.sql"),
         "SELECT order_id\nFROM silver.orders\nWHERE qty > 3",
@@ -378,15 +370,7 @@ fn check_finds_unknown_columns_with_datafusion() {
 fn up_runs_models_into_iceberg_and_sql_reads_them() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("shop");
-    assert!(
-        Command::new(KAPPA)
-            .arg("init")
-            .arg(&dir)
-            .output()
-            .unwrap()
-            .status
-            .success()
-    );
+    init(&dir);
     std::fs::write(
         dir.join("models/silver/amounts.sql"),
         "SELECT order_id, region, quantity * unit_price AS amount FROM orders WHERE quantity > 0",
@@ -659,15 +643,7 @@ fn a_warehouse_on_s3_from_kappa_toml_serves_kappa_sql() {
     let s3 = kappa_testkit::python::S3Server::start("shop-lake");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("shop");
-    assert!(
-        Command::new(KAPPA)
-            .arg("init")
-            .arg(&dir)
-            .output()
-            .unwrap()
-            .status
-            .success()
-    );
+    init(&dir);
     let mut config = std::fs::read_to_string(dir.join("kappa.toml")).unwrap();
     config
         .push_str("\n[lakehouse]\nwarehouse = \"s3://shop-lake/tables\"\n[lakehouse.properties]\n");
@@ -750,4 +726,10 @@ fn walk_sql(dir: &std::path::Path) -> usize {
             }
         })
         .sum()
+}
+
+/// `kappa init DIR`, which must succeed.
+fn init(dir: &std::path::Path) {
+    let out = Command::new(KAPPA).arg("init").arg(dir).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
 }

@@ -68,20 +68,7 @@ async fn pyiceberg_and_duckdb_read_what_we_commit() {
 #[tokio::test]
 async fn overwrites_replace_files_for_every_reader() {
     let dir = tempfile::tempdir().unwrap();
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("region", DataType::Utf8, false),
-        Field::new("total", DataType::Int64, false),
-    ]));
-    let batch = |regions: &[&str], totals: &[i64]| {
-        RecordBatch::try_new(
-            schema.clone(),
-            vec![
-                Arc::new(StringArray::from(regions.to_vec())),
-                Arc::new(Int64Array::from(totals.to_vec())),
-            ],
-        )
-        .unwrap()
-    };
+    let (schema, batch) = region_totals();
     let lakehouse = Lakehouse::open(dir.path()).await.unwrap();
     let ident = table_ident("gold", "totals").unwrap();
     let table = lakehouse.ensure_table(&ident, &schema).await.unwrap();
@@ -404,20 +391,7 @@ async fn an_s3_warehouse_holds_the_tables_and_pyiceberg_reads_them() {
     config.record(dir.path()).unwrap();
     let lakehouse = Lakehouse::open(dir.path()).await.unwrap();
     assert_eq!(lakehouse.warehouse(), "s3://lake/warehouse");
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("region", DataType::Utf8, false),
-        Field::new("total", DataType::Int64, false),
-    ]));
-    let batch = |regions: &[&str], totals: &[i64]| {
-        RecordBatch::try_new(
-            schema.clone(),
-            vec![
-                Arc::new(StringArray::from(regions.to_vec())),
-                Arc::new(Int64Array::from(totals.to_vec())),
-            ],
-        )
-        .unwrap()
-    };
+    let (schema, batch) = region_totals();
     let ident = table_ident("gold", "totals").unwrap();
     let table = lakehouse.ensure_table(&ident, &schema).await.unwrap();
     let first = lakehouse
@@ -530,4 +504,26 @@ fn only_s3_and_absolute_file_warehouses_are_accepted() {
     );
     assert!(problem("s3://").is_some());
     assert!(problem("warehouse").is_some());
+}
+
+/// The schema (region, total) of the overwrite tests, and a maker of its batches.
+fn region_totals() -> (Arc<Schema>, impl Fn(&[&str], &[i64]) -> RecordBatch) {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("region", DataType::Utf8, false),
+        Field::new("total", DataType::Int64, false),
+    ]));
+    let batch = {
+        let schema = schema.clone();
+        move |regions: &[&str], totals: &[i64]| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(StringArray::from(regions.to_vec())),
+                    Arc::new(Int64Array::from(totals.to_vec())),
+                ],
+            )
+            .unwrap()
+        }
+    };
+    (schema, batch)
 }
