@@ -482,6 +482,9 @@ impl Dedup {
             for batch in batches? {
                 self.offer(&batch)?;
             }
+            // Also when nothing is emitted (no watermark yet, or one that passes no
+            // candidate): held batches stay within twice the candidates plus the slack.
+            self.compact_held()?;
         }
         let Some(watermark) = watermark else {
             return Ok(Vec::new());
@@ -768,7 +771,8 @@ impl Dedup {
         if chosen.is_empty() {
             return Ok(Vec::new());
         }
-        // In arrival order: the output does not depend on the hash map's order.
+        // In the order the candidates' rows are held (arrival order, until a compaction or a
+        // restore renumbers them): not the hash maps' order.
         chosen.sort_unstable_by_key(|c| (c.batch, c.row));
         let mut columns = self.gather(&chosen)?;
         for c in &chosen {
