@@ -498,6 +498,23 @@ impl GroupSet {
                 plan.state_schema.fields().len()
             )));
         }
+        // `GroupValues` takes the key columns on trust (a wrong type would panic in it).
+        for (found, wanted) in batch
+            .schema()
+            .fields()
+            .iter()
+            .zip(plan.state_schema.fields())
+            .take(plan.key_count)
+        {
+            if found.data_type() != wanted.data_type() {
+                return Err(DataFusionError::Execution(format!(
+                    "a state file whose key `{}` is {}; this model's is {}",
+                    wanted.name(),
+                    found.data_type(),
+                    wanted.data_type()
+                )));
+            }
+        }
         let batch = match members {
             Some(rows) => {
                 let indices = UInt32Array::from(rows.to_vec());
