@@ -324,6 +324,23 @@ impl Lakehouse {
             .connect_with(options)
             .await
             .map_err(|e| LakehouseError::Catalog(format!("open {}: {e}", db.display())))?;
+        // A data directory keeps its warehouse: tables written elsewhere could not be read
+        // (one storage backend per catalog) and every runner would fail on them.
+        let elsewhere: Option<(String, String)> = sqlx::query_as(
+            "SELECT table_namespace || '.' || table_name, metadata_location FROM iceberg_tables \
+             WHERE substr(metadata_location, 1, length(?)) <> ? LIMIT 1",
+        )
+        .bind(format!("{warehouse}/"))
+        .bind(format!("{warehouse}/"))
+        .fetch_optional(&pointers)
+        .await
+        .map_err(|e| LakehouseError::Catalog(format!("read {}: {e}", db.display())))?;
+        if let Some((table, location)) = elsewhere {
+            return Err(LakehouseError::Catalog(format!(
+                "table {table} is at {location}, outside the configured warehouse {warehouse}: \
+                 a data directory keeps its warehouse (use a new data directory for another)"
+            )));
+        }
         Ok(Lakehouse {
             catalog: Arc::new(catalog),
             pointers,

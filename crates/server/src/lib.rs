@@ -119,7 +119,6 @@ impl Server {
                 if let Some(problem) = warehouse.problem() {
                     anyhow::bail!("kappa.toml [lakehouse]: {problem}");
                 }
-                warehouse.record(&data_dir)?;
                 warehouse
             }
             None => kappa_lakehouse::WarehouseConfig::recorded(&data_dir)?,
@@ -127,6 +126,8 @@ impl Server {
         let lakehouse = kappa_lakehouse::Lakehouse::open_with(&data_dir, &warehouse)
             .await
             .context("open the Iceberg catalog")?;
+        // Recorded once it opened: a refused warehouse must not become the directory's.
+        warehouse.record(&data_dir)?;
         let mut running_project = None;
         let pipelines = match project {
             Some(project) => {

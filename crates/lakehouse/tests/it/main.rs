@@ -527,3 +527,34 @@ fn region_totals() -> (Arc<Schema>, impl Fn(&[&str], &[i64]) -> RecordBatch) {
     };
     (schema, batch)
 }
+
+/// A data directory keeps its warehouse: opened with another one, it refuses with the table
+/// that is elsewhere, instead of failing on every read and commit of it later.
+#[tokio::test]
+async fn a_data_directory_refuses_another_warehouse_for_its_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let (schema, _) = region_totals();
+    let lakehouse = Lakehouse::open(dir.path()).await.unwrap();
+    let ident = table_ident("gold", "totals").unwrap();
+    lakehouse.ensure_table(&ident, &schema).await.unwrap();
+    drop(lakehouse);
+    let elsewhere = WarehouseConfig {
+        warehouse: Some("s3://another/place".into()),
+        properties: Default::default(),
+    };
+    let refused = Lakehouse::open_with(dir.path(), &elsewhere)
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("table gold.totals is at file://"),
+        "{refused}"
+    );
+    assert!(
+        refused.contains("outside the configured warehouse s3://another/place"),
+        "{refused}"
+    );
+    // The warehouse it has still opens.
+    Lakehouse::open(dir.path()).await.unwrap();
+}
