@@ -1136,6 +1136,37 @@ mod tests {
         out
     }
 
+    /// A key is remembered for the horizon (1 s here): a copy within it is dropped; once the
+    /// watermark is a horizon (and a slice) past the key's time, the key is forgotten and a later
+    /// copy comes out again.
+    #[tokio::test]
+    async fn a_key_is_forgotten_a_horizon_after_its_time() {
+        let mut d = dedup(1_000).await;
+        let mut out = Vec::new();
+        // (rows (id, µs), watermark after them)
+        let steps: [(&[(i64, i64)], i64); 4] = [
+            (&[(1, 0)], 1),
+            (&[(1, 500_000)], 500_001),
+            (&[(2, 3_000_000)], 3_000_001),
+            (&[(1, 3_500_000)], 3_500_001),
+        ];
+        for (i, (rows, watermark)) in steps.iter().enumerate() {
+            for b in d.push(batch(rows, i), Some(*watermark)).await.unwrap() {
+                let ids = b.column(0).as_primitive::<arrow::datatypes::Int64Type>();
+                let v = b.column(1).as_string::<i32>();
+                out.extend((0..b.num_rows()).map(|r| (ids.value(r), v.value(r).to_owned())));
+            }
+        }
+        assert_eq!(
+            out,
+            [
+                (1, "row 0".to_owned()),
+                (2, "row 2".to_owned()),
+                (1, "row 3".to_owned())
+            ]
+        );
+    }
+
     proptest! {
         /// Short keys are inline, long ones shared; either way two keys are equal exactly
         /// when their bytes are, and a map finds a key by its bytes.
