@@ -630,13 +630,13 @@ impl Dedup {
 
     /// Remembers `key` as decided at event time `t`.
     fn decide(&mut self, key: Key, t: i64) {
-        let slice = t.div_euclid(self.slice_width());
         let shard = self.shard_of(key.as_slice());
         let before = self.shards[shard]
             .states
             .insert(key.clone(), KeyState::Decided(t));
         if !matches!(before, Some(KeyState::Decided(d)) if d == t) {
-            self.expiry.entry(slice).or_default().push((key, t));
+            let width = self.slice_width();
+            schedule_expiry(&mut self.expiry, width, key, t);
         }
     }
 
@@ -677,19 +677,22 @@ impl Dedup {
     }
 
     /// The undecided keys' candidates, in the order of `undecided`.
-    fn candidates(&self) -> Vec<Candidate> {
-        self.shards
-            .iter()
-            .flat_map(|shard| {
-                shard
-                    .undecided
-                    .iter()
-                    .filter_map(|key| match shard.states.get(key) {
-                        Some(KeyState::Candidate(c)) => Some(*c),
-                        _ => None,
-                    })
-            })
-            .collect()
+    fn candidates(&mut self) -> Vec<Candidate> {
+        let mut all = Vec::with_capacity(self.undecided_count());
+        self.walk_candidates(|c| all.push(*c));
+        all
+    }
+
+    /// Visits every candidate, shard by shard in `undecided` order: the one order in which
+    /// candidates are listed and renumbered.
+    fn walk_candidates(&mut self, mut visit: impl FnMut(&mut Candidate)) {
+        for shard in &mut self.shards {
+            for key in &shard.undecided {
+                if let Some(KeyState::Candidate(c)) = shard.states.get_mut(key) {
+                    visit(c);
+                }
+            }
+        }
     }
 
     /// How many keys are undecided.
@@ -710,18 +713,15 @@ impl Dedup {
         let id = self.next_batch;
         self.next_batch = self.next_batch.wrapping_add(1);
         // The same walk as `candidates()`: row r of the new batch is its r-th candidate.
+        u32::try_from(chosen.len())
+            .map_err(|_| DataFusionError::Execution("over 4G candidates".into()))?;
         let mut row = 0u32;
-        for shard in &mut self.shards {
-            for key in &shard.undecided {
-                if let Some(KeyState::Candidate(c)) = shard.states.get_mut(key) {
-                    c.batch = id;
-                    c.row = row;
-                    row = row
-                        .checked_add(1)
-                        .ok_or_else(|| DataFusionError::Execution("over 4G candidates".into()))?;
-                }
-            }
-        }
+        self.walk_candidates(|c| {
+            c.batch = id;
+            c.row = row;
+            // At most `chosen.len()` candidates, which fits a u32 (checked above).
+            row = row.wrapping_add(1);
+        });
         self.held.clear();
         self.held.insert(
             id,
@@ -755,10 +755,7 @@ impl Dedup {
                             shard.removed += 1;
                         } else {
                             *entry.get_mut() = KeyState::Decided(c.t);
-                            self.expiry
-                                .entry(slice)
-                                .or_default()
-                                .push((key.clone(), c.t));
+                            schedule_expiry(&mut self.expiry, width, key.clone(), c.t);
                             self.new_decisions.push((key, c.t));
                         }
                     }
@@ -996,6 +993,14 @@ impl Dedup {
         }
         Ok(())
     }
+}
+
+/// Lists `key`, decided at `t`, for expiry with the keys of its slice (of `width` µs).
+fn schedule_expiry(expiry: &mut BTreeMap<i64, Vec<(Key, i64)>>, width: i64, key: Key, t: i64) {
+    expiry
+        .entry(t.div_euclid(width))
+        .or_default()
+        .push((key, t));
 }
 
 /// Whether the keys decided at event times in `slice` (of `width` µs) are forgotten once
