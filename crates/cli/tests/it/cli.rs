@@ -406,17 +406,7 @@ fn up_runs_models_into_iceberg_and_sql_reads_them() {
         None,
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = with_project(
-        &[
-            "produce",
-            "orders",
-            dir.join("data/orders.ndjson").to_str().unwrap(),
-            "--key",
-            "customer_id",
-        ],
-        None,
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    produce_example_orders(&data, &dir);
     let out = with_project(&["produce", "orders"], Some(b"{\"order_id\":9}\n"));
     assert!(out.status.success(), "{}", stderr(&out));
     // Visible within a moment: poll the SQL endpoint.
@@ -660,18 +650,7 @@ fn a_warehouse_on_s3_from_kappa_toml_serves_kappa_sql() {
     std::fs::create_dir_all(&data).unwrap();
     let up =
         KappaProcess::start(KAPPA.as_ref(), &data, &["--project", dir.to_str().unwrap()]).unwrap();
-    let out = kappa(
-        &data,
-        &[
-            "produce",
-            "orders",
-            dir.join("data/orders.ndjson").to_str().unwrap(),
-            "--key",
-            "customer_id",
-        ],
-        None,
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    produce_example_orders(&data, &dir);
     let models = walk_sql(&dir.join("models"));
     crate::wait_caught_up(
         &data,
@@ -731,5 +710,23 @@ fn walk_sql(dir: &std::path::Path) -> usize {
 /// `kappa init DIR`, which must succeed.
 fn init(dir: &std::path::Path) {
     let out = Command::new(KAPPA).arg("init").arg(dir).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// Produces the example project's orders (`kappa init`'s `data/orders.ndjson`), keyed by
+/// customer, into the data directory `data`.
+fn produce_example_orders(data: &std::path::Path, project: &std::path::Path) {
+    let orders = project.join("data/orders.ndjson");
+    let out = kappa(
+        data,
+        &[
+            "produce",
+            "orders",
+            orders.to_str().unwrap(),
+            "--key",
+            "customer_id",
+        ],
+        None,
+    );
     assert!(out.status.success(), "{}", stderr(&out));
 }
