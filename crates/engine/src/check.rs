@@ -372,6 +372,24 @@ mod tests {
                 "materialization = \"append\"\n",
             ),
             (
+                "models/gold/latest.sql",
+                "SELECT region, price FROM orders",
+            ),
+            (
+                "models/gold/latest.toml",
+                "materialization = \"upsert\"\nkey = [\"region\"]\n",
+            ),
+            (
+                "models/gold/rekeyed.sql",
+                "SELECT region AS r, count(*) AS n FROM orders GROUP BY region",
+            ),
+            ("models/gold/rekeyed.toml", "key = [\"n\"]\n"),
+            (
+                "models/gold/keyed.sql",
+                "SELECT upper(region) AS r, count(*) AS n FROM orders GROUP BY upper(region)",
+            ),
+            ("models/gold/keyed.toml", "key = [\"r\"]\n"),
+            (
                 "models/gold/untimed.sql",
                 "SELECT region, count(*) AS n FROM orders GROUP BY region",
             ),
@@ -391,9 +409,11 @@ mod tests {
             models/gold/appended.sql:1:42: not incremental: materialization = "append", but a GROUP BY without a window over the event time updates its rows; use "upsert", or group by a window such as date_bin(INTERVAL '1 minute', <event_time>)
             models/gold/both.sql:1:31: not incremental: joining two streams needs a time bound in its ON clause that keeps the state finite, such as ON p.order_id = o.id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'; or declare the side that holds the current state of something as kind = "table" in its topics/<name>.toml, and it becomes a dimension looked up by each event
             models/gold/every_region.sql:2:7: not incremental: a right join would produce rows of the dimension that no event looked up; use JOIN or LEFT JOIN from the stream to the dimension; a model runs row by row (projections, filters) or as one GROUP BY
+            models/gold/latest.toml:1:1: materialization = "upsert" (or a `key`), but the model has no GROUP BY: its rows are appended as they come, so nothing would replace them; group by the key (GROUP BY k with the aggregates you need), or declare the topic kind = "table" and join it to get the latest row per key
             models/gold/median.sql:1:16: not incremental: aggregate `median` is not incremental; supported: count, sum, min, max, avg, mean, bool_and, bool_or
             models/gold/partitioned.toml:1:1: partition_by `week(ts)`: expected a column, year(c), month(c), day(c), hour(c), bucket(N, c) or truncate(N, c)
             models/gold/ranked.sql:1:23: not incremental: window functions (OVER …) are not incremental; for running totals use GROUP BY; a model runs row by row (projections, filters) or as one GROUP BY
+            models/gold/rekeyed.toml:1:1: key = ["n"], but the table is keyed by its GROUP BY keys: key = ["r"]
             models/gold/same_day.sql:2:1: not incremental: joining two streams needs a time bound in its ON clause that keeps the state finite, such as ON p.order_id = o.id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'; or declare the side that holds the current state of something as kind = "table" in its topics/<name>.toml, and it becomes a dimension looked up by each event
             models/gold/sorted.sql:3:1: not incremental: ORDER BY: a table's rows have no order; drop it and order when you query the table; a model runs row by row (projections, filters) or as one GROUP BY
             models/gold/twice.sql:1:33: not incremental: reads gold.totals, whose rows are groups that change; a GROUP BY over another model's groups is not incremental yet — group the rows gold.totals reads instead

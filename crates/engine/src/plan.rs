@@ -314,6 +314,7 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
             ));
         }
     }
+    key_problem(&plan, shape, model).map_err(DataFusionError::Configuration)?;
     Ok(PlannedModel {
         ctx,
         topic,
@@ -509,6 +510,89 @@ fn distinct_as_group_by(plan: LogicalPlan) -> Result<LogicalPlan> {
             other => Ok(datafusion::common::tree_node::Transformed::no(other)),
         })?
         .data)
+}
+
+/// Why a model's `key` (or its upsert materialization) does not fit its shape: only a GROUP BY
+/// is upserted, and its key is its group keys, so a `key` must name exactly the output columns
+/// the group keys become. Accepting anything else would write a table keyed otherwise than
+/// the user said.
+fn key_problem(plan: &LogicalPlan, shape: Shape, model: &Model) -> std::result::Result<(), String> {
+    let upsert = model.config.materialization == Some(Materialization::Upsert);
+    match shape {
+        Shape::RowByRow if upsert || !model.config.key.is_empty() => Err(String::from(
+            "materialization = \"upsert\" (or a `key`), but the model has no GROUP \
+             BY: its rows are appended as they come, so nothing would replace them; group by \
+             the key (GROUP BY k with the aggregates you need), or declare the topic kind = \
+             \"table\" and join it to get the latest row per key",
+        )),
+        Shape::Windowed if !model.config.key.is_empty() => Err(String::from(
+            "`key`, but windowed rows are appended once when their window closes; \
+             drop `key`",
+        )),
+        Shape::Grouped if !model.config.key.is_empty() => {
+            let wanted: BTreeSet<&str> = model.config.key.iter().map(String::as_str).collect();
+            match group_key_columns(plan) {
+                Some(keys)
+                    if keys.iter().map(String::as_str).collect::<BTreeSet<_>>() == wanted =>
+                {
+                    Ok(())
+                }
+                Some(keys) => Err(format!(
+                    "key = [{}], but the table is keyed by its GROUP BY keys: key = \
+                     [{}]",
+                    quoted(&model.config.key),
+                    quoted(&keys)
+                )),
+                None => Err(String::from(
+                    "`key`, but not every GROUP BY key is a column of the result; \
+                     select each group key as a column, or drop `key`",
+                )),
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+fn quoted(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|n| format!("\"{n}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The result columns that carry a grouped plan's group keys, one per key, or `None` when a
+/// group key is not selected as a plain column.
+fn group_key_columns(plan: &LogicalPlan) -> Option<Vec<String>> {
+    match plan {
+        LogicalPlan::Aggregate(aggregate) => Some(
+            aggregate
+                .schema
+                .fields()
+                .iter()
+                .take(aggregate.group_expr.len())
+                .map(|f| f.name().clone())
+                .collect(),
+        ),
+        LogicalPlan::Filter(f) => group_key_columns(&f.input),
+        LogicalPlan::SubqueryAlias(a) => group_key_columns(&a.input),
+        LogicalPlan::Projection(p) => {
+            let below = group_key_columns(&p.input)?;
+            let above: Vec<String> = p
+                .expr
+                .iter()
+                .zip(p.schema.fields())
+                .filter_map(|(e, field)| match e.clone().unalias() {
+                    datafusion::logical_expr::Expr::Column(c) if below.contains(&c.name) => {
+                        Some(field.name().clone())
+                    }
+                    _ => None,
+                })
+                .collect();
+            (above.len() == below.len()).then_some(above)
+        }
+        _ => None,
+    }
 }
 
 /// How an analyzed plan runs, or why it cannot run incrementally (with the nearest form
