@@ -177,3 +177,56 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
+
+/// An Iceberg REST catalog on 127.0.0.1 for as long as it lives: the REST protocol in front of
+/// pyiceberg's SQL catalog (`rest_catalog.py`), so requests are checked and applied by an
+/// implementation independent of iceberg-rust. Its database is in `dir`; tables go under
+/// `warehouse` (`file://…` or `s3://…`, reached with `properties`).
+#[derive(Debug)]
+pub struct RestCatalogServer {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT`, the catalog's `uri`.
+    pub uri: String,
+}
+
+impl RestCatalogServer {
+    pub fn start(
+        dir: &Path,
+        warehouse: &str,
+        properties: &[(String, String)],
+    ) -> RestCatalogServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let child = Command::new(python())
+            .args(["-c", include_str!("rest_catalog.py")])
+            .arg(port.to_string())
+            .arg(dir)
+            .arg(warehouse)
+            .args(properties.iter().map(|(k, v)| format!("{k}={v}")))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start the REST catalog");
+        let server = RestCatalogServer {
+            child,
+            uri: format!("http://127.0.0.1:{port}"),
+        };
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "the REST catalog did not listen on port {port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        server
+    }
+}
+
+impl Drop for RestCatalogServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
