@@ -30,6 +30,18 @@ pub async fn check(project: &Project) -> Vec<Diagnostic> {
             ));
         }
     }
+    let lakehouse = &project.config.lakehouse;
+    if let Err(problem) = kappa_lakehouse::WarehouseConfig::from_section(
+        lakehouse.catalog.as_deref(),
+        lakehouse.uri.clone(),
+        lakehouse.warehouse.clone(),
+        lakehouse.properties.clone(),
+    ) {
+        diagnostics.push(Diagnostic::in_file(
+            "kappa.toml",
+            format!("[lakehouse]: {problem}"),
+        ));
+    }
     let catalog = ctx.catalog("datafusion");
     for model in &project.order {
         let model = &project.models[model];
@@ -372,6 +384,10 @@ mod tests {
                 "materialization = \"append\"\n",
             ),
             (
+                "kappa.toml",
+                "[lakehouse]\ncatalog = \"rest\"\nwarehouse = \"s3://lake\"\n",
+            ),
+            (
                 "models/gold/latest.sql",
                 "SELECT region, price FROM orders",
             ),
@@ -406,6 +422,7 @@ mod tests {
         ])
         .await;
         expect_test::expect![[r#"
+            kappa.toml:1:1: [lakehouse]: catalog = "rest" needs the catalog's `uri`
             models/gold/appended.sql:1:42: not incremental: materialization = "append", but a GROUP BY without a window over the event time updates its rows; use "upsert", or group by a window such as date_bin(INTERVAL '1 minute', <event_time>)
             models/gold/both.sql:1:31: not incremental: joining two streams needs a time bound in its ON clause that keeps the state finite, such as ON p.order_id = o.id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'; or declare the side that holds the current state of something as kind = "table" in its topics/<name>.toml, and it becomes a dimension looked up by each event
             models/gold/every_region.sql:2:7: not incremental: a right join would produce rows of the dimension that no event looked up; use JOIN or LEFT JOIN from the stream to the dimension; a model runs row by row (projections, filters) or as one GROUP BY

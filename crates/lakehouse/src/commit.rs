@@ -24,7 +24,7 @@ use iceberg::spec::{
     TableMetadataBuilder,
 };
 use iceberg::table::Table;
-use iceberg::{MetadataLocation, TableIdent};
+use iceberg::{MetadataLocation, TableIdent, TableRequirement};
 
 use crate::{Context, Lakehouse, LakehouseError, Result};
 
@@ -328,17 +328,40 @@ impl Lakehouse {
         .set_branch_snapshot(snapshot, iceberg::spec::MAIN_BRANCH)
         .map(|b| b.remove_snapshots(&expired))
         .and_then(TableMetadataBuilder::build)
-        .doing(|| format!("build the new metadata of {ident}"))?
-        .metadata;
-        let next_location = MetadataLocation::from_str(&current_location)
-            .doing(|| format!("parse the metadata location of {ident}"))?
-            .with_next_version();
-        updated
-            .write_to(file_io, &next_location)
-            .await
-            .doing(|| format!("write the new metadata of {ident}"))?;
-        self.swap_pointer(&ident, &current_location, &next_location.to_string())
-            .await?;
+        .doing(|| format!("build the new metadata of {ident}"))?;
+        match &self.commits {
+            Committer::Sql(pointers) => {
+                let next_location = MetadataLocation::from_str(&current_location)
+                    .doing(|| format!("parse the metadata location of {ident}"))?
+                    .with_next_version();
+                updated
+                    .metadata
+                    .write_to(file_io, &next_location)
+                    .await
+                    .doing(|| format!("write the new metadata of {ident}"))?;
+                swap_pointer(
+                    pointers,
+                    &ident,
+                    &current_location,
+                    &next_location.to_string(),
+                )
+                .await?;
+            }
+            Committer::Rest(rest) => {
+                // The catalog applies the same changes if the table is still the one they
+                // were built on, and writes the metadata file itself.
+                let requirements = vec![
+                    TableRequirement::UuidMatch {
+                        uuid: metadata.uuid(),
+                    },
+                    TableRequirement::RefSnapshotIdMatch {
+                        r#ref: iceberg::spec::MAIN_BRANCH.to_owned(),
+                        snapshot_id: parent,
+                    },
+                ];
+                rest.commit(&ident, requirements, updated.changes).await?;
+            }
+        }
         let committed = self.load_table(&ident).await?;
         if sequence % CLEANUP_EVERY == 0 {
             // Committed already: a failed clean-up only leaves files for the next one.
@@ -493,27 +516,165 @@ impl Lakehouse {
             }
         }
     }
+}
 
-    /// Points the catalog at `next` if it still points at `current`.
-    async fn swap_pointer(&self, ident: &TableIdent, current: &str, next: &str) -> Result<()> {
-        let result = sqlx::query(
-            "UPDATE iceberg_tables SET metadata_location = ?, previous_metadata_location = ? \
-             WHERE catalog_name = ? AND table_namespace = ? AND table_name = ? \
-             AND (iceberg_type = 'TABLE' OR iceberg_type IS NULL) AND metadata_location = ?",
-        )
-        .bind(next)
-        .bind(current)
-        .bind(crate::CATALOG_NAME)
-        .bind(ident.namespace().join("."))
-        .bind(ident.name())
-        .bind(current)
-        .execute(&self.pointers)
-        .await
-        .map_err(|e| LakehouseError::Catalog(format!("commit to {ident}: {e}")))?;
-        if result.rows_affected() == 0 {
-            return Err(LakehouseError::Conflict(ident.to_string()));
+/// Points the SQL catalog at `next` if it still points at `current`.
+async fn swap_pointer(
+    pointers: &sqlx::SqlitePool,
+    ident: &TableIdent,
+    current: &str,
+    next: &str,
+) -> Result<()> {
+    let result = sqlx::query(
+        "UPDATE iceberg_tables SET metadata_location = ?, previous_metadata_location = ? \
+         WHERE catalog_name = ? AND table_namespace = ? AND table_name = ? \
+         AND (iceberg_type = 'TABLE' OR iceberg_type IS NULL) AND metadata_location = ?",
+    )
+    .bind(next)
+    .bind(current)
+    .bind(crate::CATALOG_NAME)
+    .bind(ident.namespace().join("."))
+    .bind(ident.name())
+    .bind(current)
+    .execute(pointers)
+    .await
+    .map_err(|e| LakehouseError::Catalog(format!("commit to {ident}: {e}")))?;
+    if result.rows_affected() == 0 {
+        return Err(LakehouseError::Conflict(ident.to_string()));
+    }
+    Ok(())
+}
+
+/// Where a commit's new metadata goes.
+#[derive(Debug, Clone)]
+pub(crate) enum Committer {
+    /// The SQL catalog's database: the metadata file is written by us and the table's pointer
+    /// swapped by a conditional `UPDATE`.
+    Sql(sqlx::SqlitePool),
+    /// A REST catalog: the changes are posted with their requirements; the catalog checks
+    /// them, writes the metadata file and moves the pointer, or answers 409.
+    Rest(RestCommits),
+}
+
+/// Commits through an Iceberg REST catalog (`POST …/namespaces/{ns}/tables/{table}`).
+/// iceberg-rust's `RestCatalog` sends only what its own transactions build, so this posts
+/// the changes our commit layer built, with the catalog's address, prefix and headers.
+#[derive(Debug, Clone)]
+pub(crate) struct RestCommits {
+    http: reqwest::Client,
+    /// `{uri}/v1[/{prefix}]`
+    base: reqwest::Url,
+    headers: reqwest::header::HeaderMap,
+}
+
+impl Committer {
+    /// Commits through the REST catalog at `uri`, asking its configuration for `warehouse`
+    /// (which may set the path prefix). `properties`: `token` (a bearer token), `header.NAME`
+    /// (extra headers), `prefix`.
+    pub(crate) async fn rest(
+        uri: &str,
+        warehouse: &str,
+        properties: &HashMap<String, String>,
+    ) -> Result<Committer> {
+        let bad = |why: String| LakehouseError::Catalog(format!("REST catalog {uri}: {why}"));
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (key, value) in properties {
+            let (name, value) = match (key.as_str(), key.strip_prefix("header.")) {
+                ("token", _) => ("authorization", format!("Bearer {value}")),
+                (_, Some(name)) => (name, value.clone()),
+                _ => continue,
+            };
+            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| bad(format!("header `{name}`: {e}")))?;
+            let value = reqwest::header::HeaderValue::from_str(&value)
+                .map_err(|e| bad(format!("the value of header `{name}`: {e}")))?;
+            headers.insert(name, value);
         }
-        Ok(())
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(60))
+            .build()
+            .map_err(|e| bad(e.to_string()))?;
+        let mut config_url =
+            reqwest::Url::parse(&format!("{}/v1/config", uri.trim_end_matches('/')))
+                .map_err(|e| bad(e.to_string()))?;
+        config_url
+            .query_pairs_mut()
+            .append_pair("warehouse", warehouse);
+        let config: serde_json::Value = http
+            .get(config_url)
+            .headers(headers.clone())
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| bad(format!("read its configuration: {e}")))?
+            .json()
+            .await
+            .map_err(|e| bad(format!("read its configuration: {e}")))?;
+        let setting = |section: &str| config[section]["prefix"].as_str().map(str::to_owned);
+        let prefix = setting("overrides")
+            .or_else(|| properties.get("prefix").cloned())
+            .or_else(|| setting("defaults"));
+        let mut base = reqwest::Url::parse(&format!("{}/v1", uri.trim_end_matches('/')))
+            .map_err(|e| bad(e.to_string()))?;
+        if let Some(prefix) = prefix.filter(|p| !p.is_empty()) {
+            base = reqwest::Url::parse(&format!("{base}/{}", prefix.trim_matches('/')))
+                .map_err(|e| bad(format!("prefix `{prefix}`: {e}")))?;
+        }
+        Ok(Committer::Rest(RestCommits {
+            http,
+            base,
+            headers,
+        }))
+    }
+}
+
+impl RestCommits {
+    /// Posts one commit of `ident`. A 409 is a conflict (nothing changed); any other failure
+    /// leaves the outcome unknown, to be decided by reading the table.
+    async fn commit(
+        &self,
+        ident: &TableIdent,
+        requirements: Vec<TableRequirement>,
+        updates: Vec<iceberg::TableUpdate>,
+    ) -> Result<()> {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .map_err(|()| {
+                LakehouseError::Catalog(format!("REST catalog {}: not a base", self.base))
+            })?
+            .extend([
+                "namespaces",
+                &ident.namespace().join("\u{1f}"),
+                "tables",
+                ident.name(),
+            ]);
+        let request = iceberg_catalog_rest::CommitTableRequest {
+            identifier: Some(ident.clone()),
+            requirements,
+            updates,
+        };
+        let unknown = |why: String| {
+            LakehouseError::Catalog(format!(
+                "commit to {ident} through the REST catalog: {why} (its outcome is read from \
+                 the table)"
+            ))
+        };
+        let response = self
+            .http
+            .post(url)
+            .headers(self.headers.clone())
+            .json(&request)
+            .send()
+            .await
+            .map_err(|e| unknown(e.to_string()))?;
+        match response.status() {
+            reqwest::StatusCode::OK => Ok(()),
+            reqwest::StatusCode::CONFLICT => Err(LakehouseError::Conflict(ident.to_string())),
+            status => {
+                let body = response.text().await.unwrap_or_default();
+                Err(unknown(format!("{status}: {}", body.trim())))
+            }
+        }
     }
 }
 

@@ -36,7 +36,7 @@ use iceberg::writer::file_writer::location_generator::{
 use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
 use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
 use iceberg::{Catalog, CatalogBuilder, TableCreation, TableIdent};
-use iceberg_catalog_sql::{SqlBindStyle, SqlCatalog, SqlCatalogBuilder};
+use iceberg_catalog_sql::{SqlBindStyle, SqlCatalogBuilder};
 use iceberg_datafusion::IcebergCatalogProvider;
 use iceberg_storage_opendal::OpenDalStorageFactory;
 use parquet::file::properties::WriterProperties;
@@ -123,6 +123,11 @@ impl<T> Context<T> for std::result::Result<T, arrow::error::ArrowError> {
 /// `s3.region`, `s3.path-style-access`, … (iceberg-rust's names). Credentials are best left
 /// to the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, or the AWS config files),
 /// which the S3 client reads: nothing secret needs to be in the project or the data directory.
+///
+/// With `catalog = Some(CatalogKind::Rest)`, the tables are an Iceberg REST catalog's at `uri`
+/// instead of the data directory's SQL catalog; `warehouse` is then required (it is passed to
+/// the catalog, and its scheme chooses the file IO), and `properties` also carry the catalog's
+/// own settings (`token`, `header.*`, `prefix`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WarehouseConfig {
     /// `s3://bucket/prefix`; `None` for the data directory's `warehouse/` folder.
@@ -130,11 +135,89 @@ pub struct WarehouseConfig {
     pub warehouse: Option<String>,
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub properties: std::collections::BTreeMap<String, String>,
+    /// Which catalog holds the tables; `None` is the SQL catalog in the data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog: Option<CatalogKind>,
+    /// The REST catalog's address, `http(s)://host:port[/path]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+}
+
+/// The kinds of Iceberg catalog kappa writes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CatalogKind {
+    /// iceberg-rust's SQL catalog on SQLite, in the data directory (the default).
+    Sql,
+    /// An Iceberg REST catalog server.
+    Rest,
+}
+
+impl CatalogKind {
+    /// The kind `kappa.toml` names (`"sql"` or `"rest"`).
+    pub fn parse(name: &str) -> std::result::Result<CatalogKind, String> {
+        match name {
+            "sql" => Ok(CatalogKind::Sql),
+            "rest" => Ok(CatalogKind::Rest),
+            other => Err(format!("catalog `{other}`: expected \"sql\" or \"rest\"")),
+        }
+    }
 }
 
 impl WarehouseConfig {
-    /// What is wrong with it, if anything: an unsupported location.
+    /// The configuration `kappa.toml`'s `[lakehouse]` section gives (`catalog` by name), or
+    /// what is wrong with it.
+    pub fn from_section(
+        catalog: Option<&str>,
+        uri: Option<String>,
+        warehouse: Option<String>,
+        properties: std::collections::BTreeMap<String, String>,
+    ) -> std::result::Result<WarehouseConfig, String> {
+        let config = WarehouseConfig {
+            warehouse,
+            properties,
+            catalog: catalog.map(CatalogKind::parse).transpose()?,
+            uri,
+        };
+        match config.problem() {
+            Some(problem) => Err(problem),
+            None => Ok(config),
+        }
+    }
+
+    /// What is wrong with it, if anything: an unsupported location, a REST catalog without
+    /// its address or warehouse, or an address without a REST catalog.
     pub fn problem(&self) -> Option<String> {
+        match (self.catalog, &self.uri) {
+            (Some(CatalogKind::Rest), None) => {
+                return Some("catalog = \"rest\" needs the catalog's `uri`".into());
+            }
+            (Some(CatalogKind::Rest), Some(uri))
+                if !(uri.starts_with("http://") || uri.starts_with("https://")) =>
+            {
+                return Some(format!("uri `{uri}`: expected http://… or https://…"));
+            }
+            (Some(CatalogKind::Rest), Some(_)) if self.warehouse.is_none() => {
+                return Some(
+                    "catalog = \"rest\" needs a `warehouse` (s3://… or file:///…): the \
+                     tables' files are not in the data directory"
+                        .into(),
+                );
+            }
+            (Some(CatalogKind::Rest), Some(_)) if self.properties.contains_key("credential") => {
+                return Some(
+                    "the REST catalog's OAuth2 `credential` is not supported yet; give a bearer \
+                     `token` (from the environment's secret store) in [lakehouse.properties]"
+                        .into(),
+                );
+            }
+            (None | Some(CatalogKind::Sql), Some(_)) => {
+                return Some(
+                    "`uri` is the address of a REST catalog: set catalog = \"rest\"".into(),
+                );
+            }
+            _ => {}
+        }
         let location = self.warehouse.as_deref()?;
         match location.split_once("://") {
             Some(("s3" | "s3a", rest)) if !rest.trim_matches('/').is_empty() => None,
@@ -182,9 +265,9 @@ impl WarehouseConfig {
 /// The catalog and warehouse of one data directory.
 #[derive(Debug, Clone)]
 pub struct Lakehouse {
-    catalog: Arc<SqlCatalog>,
-    /// The catalog database again, for the pointer swaps of our own commits (`commit.rs`).
-    pointers: sqlx::SqlitePool,
+    catalog: Arc<dyn Catalog>,
+    /// Where our own commits (`commit.rs`) go.
+    commits: commit::Committer,
     /// The warehouse's location (`file:///…` or `s3://…`).
     warehouse: String,
     /// How long a snapshot stays after the next one replaced it (ms).
@@ -304,6 +387,9 @@ impl Lakehouse {
                 )
             }
         };
+        if config.catalog == Some(CatalogKind::Rest) {
+            return Lakehouse::open_rest(config, warehouse, storage).await;
+        }
         let db = data_dir.join(CATALOG_FILE);
         let catalog = SqlCatalogBuilder::default()
             .uri(format!("sqlite:{}?mode=rwc", db.display()))
@@ -343,7 +429,37 @@ impl Lakehouse {
         }
         Ok(Lakehouse {
             catalog: Arc::new(catalog),
-            pointers,
+            commits: commit::Committer::Sql(pointers),
+            warehouse,
+            replaced_snapshot_ms: commit::SNAPSHOT_REPLACED_MIN_MS,
+        })
+    }
+
+    /// The tables of the REST catalog `config` names, with their files in `warehouse`.
+    async fn open_rest(
+        config: &WarehouseConfig,
+        warehouse: String,
+        storage: OpenDalStorageFactory,
+    ) -> Result<Lakehouse> {
+        let uri = config.uri.clone().unwrap_or_default();
+        let mut properties: HashMap<String, String> =
+            config.properties.clone().into_iter().collect();
+        properties.insert("uri".into(), uri.clone());
+        properties.insert("warehouse".into(), warehouse.clone());
+        let catalog = iceberg_catalog_rest::RestCatalogBuilder::default()
+            .with_storage_factory(Arc::new(storage))
+            .load(CATALOG_NAME, properties.clone())
+            .await
+            .doing(|| format!("open the Iceberg REST catalog at {uri}"))?;
+        // Reached now, so that a wrong address fails here, not on the first commit.
+        catalog
+            .list_namespaces(None)
+            .await
+            .doing(|| format!("list the namespaces of the REST catalog at {uri}"))?;
+        let commits = commit::Committer::rest(&uri, &warehouse, &properties).await?;
+        Ok(Lakehouse {
+            catalog: Arc::new(catalog),
+            commits,
             warehouse,
             replaced_snapshot_ms: commit::SNAPSHOT_REPLACED_MIN_MS,
         })
@@ -356,7 +472,7 @@ impl Lakehouse {
         self
     }
 
-    pub fn catalog(&self) -> Arc<SqlCatalog> {
+    pub fn catalog(&self) -> Arc<dyn Catalog> {
         self.catalog.clone()
     }
 

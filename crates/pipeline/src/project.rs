@@ -39,6 +39,11 @@ pub struct ProjectConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LakehouseSection {
+    /// `"sql"` (the default: SQLite in the data directory) or `"rest"` (an Iceberg REST
+    /// catalog at `uri`).
+    pub catalog: Option<String>,
+    /// The REST catalog's address.
+    pub uri: Option<String>,
     /// `s3://bucket/prefix`; by default the data directory's `warehouse/` folder.
     pub warehouse: Option<String>,
     /// Passed to the catalog and its file IO: `s3.endpoint`, `s3.region`,

@@ -112,14 +112,13 @@ impl Server {
         let warehouse = match &project {
             Some(project) => {
                 let section = &project.config.lakehouse;
-                let warehouse = kappa_lakehouse::WarehouseConfig {
-                    warehouse: section.warehouse.clone(),
-                    properties: section.properties.clone(),
-                };
-                if let Some(problem) = warehouse.problem() {
-                    anyhow::bail!("kappa.toml [lakehouse]: {problem}");
-                }
-                warehouse
+                kappa_lakehouse::WarehouseConfig::from_section(
+                    section.catalog.as_deref(),
+                    section.uri.clone(),
+                    section.warehouse.clone(),
+                    section.properties.clone(),
+                )
+                .map_err(|problem| anyhow::anyhow!("kappa.toml [lakehouse]: {problem}"))?
             }
             None => kappa_lakehouse::WarehouseConfig::recorded(&data_dir)?,
         };

@@ -8,7 +8,7 @@ use arrow::array::{
     Decimal128Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
 };
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-use kappa_lakehouse::{Lakehouse, WarehouseConfig, table_ident};
+use kappa_lakehouse::{CatalogKind, Lakehouse, LakehouseError, WarehouseConfig, table_ident};
 use kappa_testkit::python::{READ_TABLE_SCRIPT, run_python};
 
 #[tokio::test]
@@ -387,6 +387,7 @@ async fn an_s3_warehouse_holds_the_tables_and_pyiceberg_reads_them() {
     let config = WarehouseConfig {
         warehouse: Some(format!("s3://{}/warehouse", s3.bucket)),
         properties: s3.properties().into_iter().collect(),
+        ..Default::default()
     };
     config.record(dir.path()).unwrap();
     let lakehouse = Lakehouse::open(dir.path()).await.unwrap();
@@ -486,12 +487,180 @@ print(json.dumps({"rows": rows, "location": table.metadata_location,
     assert!(!dir.path().join("warehouse").exists());
 }
 
+/// The tables behind an Iceberg REST catalog: a server on loopback (pyiceberg's catalog behind
+/// the REST protocol, so every commit is checked and applied by another implementation) takes
+/// our copy-on-write commits, refuses one built on a stale table with a conflict, accepts
+/// snapshot expiry, and pyiceberg reads the rows and the committed offsets back through it.
+#[tokio::test]
+async fn a_rest_catalog_takes_the_commits_and_refuses_stale_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_dir = tempfile::tempdir().unwrap();
+    let warehouse = format!("file://{}/lake", server_dir.path().display());
+    let server = {
+        let (path, warehouse) = (server_dir.path().to_owned(), warehouse.clone());
+        tokio::task::spawn_blocking(move || {
+            kappa_testkit::python::RestCatalogServer::start(&path, &warehouse, &[])
+        })
+        .await
+        .unwrap()
+    };
+    let config = WarehouseConfig {
+        warehouse: Some(warehouse.clone()),
+        catalog: Some(CatalogKind::Rest),
+        uri: Some(server.uri.clone()),
+        ..Default::default()
+    };
+    assert_eq!(config.problem(), None);
+    let lakehouse = Lakehouse::open_with(dir.path(), &config)
+        .await
+        .unwrap()
+        .with_replaced_snapshot_ms(0);
+    let (schema, batch) = region_totals();
+    let ident = table_ident("gold", "totals").unwrap();
+    let created = lakehouse.ensure_table(&ident, &schema).await.unwrap();
+    let offsets = |o: &str| HashMap::from([("kappa.offsets".to_owned(), o.to_owned())]);
+    let first = lakehouse
+        .write_data_files(&created, &[batch(&["north", "south"], &[1, 5])], "b0-")
+        .await
+        .unwrap();
+    let first_path = first[0].file_path().to_owned();
+    let table = lakehouse
+        .overwrite(&created, &Default::default(), first, offsets("1"))
+        .await
+        .unwrap();
+    let files = lakehouse
+        .write_data_files(&table, &[batch(&["north", "east"], &[3, 7])], "b0-")
+        .await
+        .unwrap();
+    let mut table = lakehouse
+        .overwrite(&table, &[first_path].into(), files, offsets("2"))
+        .await
+        .unwrap();
+
+    // A commit built on the table as it was before: the catalog's requirement fails.
+    let stale = lakehouse
+        .append_files(&created, Vec::new(), offsets("stale"))
+        .await
+        .unwrap_err();
+    assert!(matches!(stale, LakehouseError::Conflict(_)), "{stale}");
+
+    // Past SNAPSHOTS_KEPT snapshots, each commit also removes the oldest: the catalog applies
+    // that change too.
+    for i in 0..kappa_lakehouse::commit::SNAPSHOTS_KEPT {
+        table = lakehouse
+            .append_files(&table, Vec::new(), offsets(&format!("2.{i}")))
+            .await
+            .unwrap();
+    }
+    let kept = table.metadata().snapshots().count();
+    assert!(
+        kept <= kappa_lakehouse::commit::SNAPSHOTS_KEPT,
+        "{kept} snapshots"
+    );
+
+    let (_, batches) = lakehouse
+        .query("SELECT region, total FROM gold.totals ORDER BY region")
+        .await
+        .unwrap();
+    let ours = arrow::util::pretty::pretty_format_batches(&batches)
+        .unwrap()
+        .to_string();
+    assert!(ours.contains("| east   | 7     |"), "{ours}");
+    assert_eq!(batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 2);
+
+    let uri = server.uri.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        run_python(
+            r#"
+import json, sys
+from pyiceberg.catalog.rest import RestCatalog
+catalog = RestCatalog("kappa", uri=sys.argv[1])
+table = catalog.load_table("gold.totals")
+rows = sorted(table.scan().to_arrow().to_pylist(), key=lambda r: r["region"])
+print(json.dumps({"rows": rows, "snapshots": len(table.metadata.snapshots),
+    "offsets": table.current_snapshot().summary.additional_properties["kappa.offsets"]}))
+"#,
+            &[&uri],
+        )
+    })
+    .await
+    .unwrap();
+    let read: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        read["rows"],
+        serde_json::json!([{"region": "east", "total": 7}, {"region": "north", "total": 3}]),
+        "{out}"
+    );
+    assert_eq!(
+        read["offsets"],
+        format!("2.{}", kappa_lakehouse::commit::SNAPSHOTS_KEPT - 1)
+    );
+    assert_eq!(read["snapshots"], kept);
+    // The data directory holds no catalog of its own.
+    assert!(!dir.path().join(kappa_lakehouse::CATALOG_FILE).exists());
+
+    // A wrong address fails when the lakehouse opens, naming it.
+    drop(server);
+    let refused = Lakehouse::open_with(dir.path(), &config)
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains(config.uri.as_deref().unwrap()),
+        "{refused}"
+    );
+}
+
+#[test]
+fn a_rest_catalog_needs_its_address_and_warehouse() {
+    let rest = |uri: Option<&str>, warehouse: Option<&str>| WarehouseConfig {
+        catalog: Some(CatalogKind::Rest),
+        uri: uri.map(str::to_owned),
+        warehouse: warehouse.map(str::to_owned),
+        ..Default::default()
+    };
+    assert_eq!(
+        rest(Some("http://127.0.0.1:8181"), Some("s3://lake")).problem(),
+        None
+    );
+    assert!(
+        rest(None, Some("s3://lake"))
+            .problem()
+            .unwrap()
+            .contains("needs the catalog's `uri`")
+    );
+    assert!(
+        rest(Some("127.0.0.1:8181"), Some("s3://lake"))
+            .problem()
+            .unwrap()
+            .contains("expected http://")
+    );
+    assert!(
+        rest(Some("http://127.0.0.1:8181"), None)
+            .problem()
+            .unwrap()
+            .contains("needs a `warehouse`")
+    );
+    let stray = WarehouseConfig {
+        uri: Some("http://127.0.0.1:8181".into()),
+        ..Default::default()
+    };
+    assert!(stray.problem().unwrap().contains("set catalog = \"rest\""));
+    assert_eq!(CatalogKind::parse("rest"), Ok(CatalogKind::Rest));
+    assert!(
+        CatalogKind::parse("hive")
+            .unwrap_err()
+            .contains("expected \"sql\" or \"rest\"")
+    );
+}
+
 #[test]
 fn only_s3_and_absolute_file_warehouses_are_accepted() {
     let problem = |w: &str| {
         WarehouseConfig {
             warehouse: Some(w.to_owned()),
-            properties: Default::default(),
+            ..Default::default()
         }
         .problem()
     };
@@ -540,7 +709,7 @@ async fn a_data_directory_refuses_another_warehouse_for_its_tables() {
     drop(lakehouse);
     let elsewhere = WarehouseConfig {
         warehouse: Some("s3://another/place".into()),
-        properties: Default::default(),
+        ..Default::default()
     };
     let refused = Lakehouse::open_with(dir.path(), &elsewhere)
         .await
