@@ -121,10 +121,7 @@ pub struct S3Server {
 impl S3Server {
     /// Starts moto on a free loopback port and creates `bucket` in it.
     pub fn start(bucket: &str) -> S3Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
+        let port = free_port();
         let child = Command::new(python())
             .args(["-c", "from moto.server import main; main()"])
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
@@ -138,14 +135,7 @@ impl S3Server {
             endpoint,
             bucket: bucket.to_owned(),
         };
-        let started = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(60),
-                "moto did not listen on port {port}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        wait_listening(port, "moto");
         run_python(
             "import sys, boto3\n\
              boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
@@ -195,10 +185,7 @@ impl RestCatalogServer {
         warehouse: &str,
         properties: &[(String, String)],
     ) -> RestCatalogServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
+        let port = free_port();
         let child = Command::new(python())
             .args(["-c", include_str!("rest_catalog.py")])
             .arg(port.to_string())
@@ -212,14 +199,7 @@ impl RestCatalogServer {
             child,
             uri: format!("http://127.0.0.1:{port}"),
         };
-        let started = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(60),
-                "the REST catalog did not listen on port {port}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        wait_listening(port, "the REST catalog");
         server
     }
 }
@@ -228,5 +208,25 @@ impl Drop for RestCatalogServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A loopback port free now, for a server child to listen on.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// Waits (up to a minute) until `what` accepts connections on the loopback `port`.
+fn wait_listening(port: u16, what: &str) {
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{what} did not listen on port {port}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
