@@ -88,38 +88,16 @@ fn is_utc(zone: &str) -> bool {
 }
 
 /// `array` (timestamps) with its zone replaced by `zone`; the values are unchanged.
-fn with_zone(array: &ArrayRef, zone: Option<Arc<str>>) -> Option<ArrayRef> {
-    use arrow::array::AsArray;
-    use arrow::datatypes::{
-        TimestampMillisecondType, TimestampNanosecondType, TimestampSecondType,
+fn with_zone(array: &ArrayRef, zone: Option<Arc<str>>) -> Result<ArrayRef> {
+    let DataType::Timestamp(unit, _) = array.data_type() else {
+        return Ok(array.clone());
     };
-    Some(match array.data_type() {
-        DataType::Timestamp(TimeUnit::Second, _) => Arc::new(
-            array
-                .as_primitive::<TimestampSecondType>()
-                .clone()
-                .with_timezone_opt(zone),
-        ),
-        DataType::Timestamp(TimeUnit::Millisecond, _) => Arc::new(
-            array
-                .as_primitive::<TimestampMillisecondType>()
-                .clone()
-                .with_timezone_opt(zone),
-        ),
-        DataType::Timestamp(TimeUnit::Microsecond, _) => Arc::new(
-            array
-                .as_primitive::<TimestampMicrosecondType>()
-                .clone()
-                .with_timezone_opt(zone),
-        ),
-        DataType::Timestamp(TimeUnit::Nanosecond, _) => Arc::new(
-            array
-                .as_primitive::<TimestampNanosecondType>()
-                .clone()
-                .with_timezone_opt(zone),
-        ),
-        _ => return None,
-    })
+    let data = array
+        .to_data()
+        .into_builder()
+        .data_type(DataType::Timestamp(*unit, zone))
+        .build()?;
+    Ok(arrow::array::make_array(data))
 }
 
 impl ScalarUDFImpl for UtcDateTrunc {
@@ -172,10 +150,8 @@ impl ScalarUDFImpl for UtcDateTrunc {
         let Some(zone) = zone else {
             return self.inner.invoke_with_args(args);
         };
-        if let Some(ColumnarValue::Array(a)) = args.args.get_mut(1)
-            && let Some(naive) = with_zone(a, None)
-        {
-            *a = naive;
+        if let Some(ColumnarValue::Array(a)) = args.args.get_mut(1) {
+            *a = with_zone(a, None)?;
         }
         let naive_field = |f: &arrow::datatypes::FieldRef| match f.data_type() {
             DataType::Timestamp(unit, _) => Arc::new(
@@ -190,9 +166,7 @@ impl ScalarUDFImpl for UtcDateTrunc {
         }
         args.return_field = naive_field(&args.return_field);
         match self.inner.invoke_with_args(args)? {
-            ColumnarValue::Array(out) => Ok(ColumnarValue::Array(
-                with_zone(&out, Some(zone)).unwrap_or(out),
-            )),
+            ColumnarValue::Array(out) => Ok(ColumnarValue::Array(with_zone(&out, Some(zone))?)),
             scalar => Ok(scalar),
         }
     }
