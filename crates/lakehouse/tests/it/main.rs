@@ -433,15 +433,9 @@ async fn an_s3_warehouse_holds_the_tables_and_pyiceberg_reads_them() {
         .await
         .unwrap();
 
-    let (_, batches) = lakehouse
-        .query("SELECT region, total FROM gold.totals ORDER BY region")
-        .await
-        .unwrap();
-    let ours = arrow::util::pretty::pretty_format_batches(&batches)
-        .unwrap()
-        .to_string();
+    let (ours, rows) = region_totals_read(&lakehouse).await;
     assert!(ours.contains("| east   | 7     |"), "{ours}");
-    assert_eq!(batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 3);
+    assert_eq!(rows, 3);
 
     let data = dir.path().to_str().unwrap().to_owned();
     let mut args = vec![data, "gold.totals".to_owned()];
@@ -558,15 +552,9 @@ async fn a_rest_catalog_takes_the_commits_and_refuses_stale_ones() {
         "{kept} snapshots"
     );
 
-    let (_, batches) = lakehouse
-        .query("SELECT region, total FROM gold.totals ORDER BY region")
-        .await
-        .unwrap();
-    let ours = arrow::util::pretty::pretty_format_batches(&batches)
-        .unwrap()
-        .to_string();
+    let (ours, rows) = region_totals_read(&lakehouse).await;
     assert!(ours.contains("| east   | 7     |"), "{ours}");
-    assert_eq!(batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 2);
+    assert_eq!(rows, 2);
 
     let uri = server.uri.clone();
     let out = tokio::task::spawn_blocking(move || {
@@ -673,6 +661,18 @@ fn only_s3_and_absolute_file_warehouses_are_accepted() {
     );
     assert!(problem("s3://").is_some());
     assert!(problem("warehouse").is_some());
+}
+
+/// `gold.totals` as `kappa sql` would read it (ordered by region, printed), and its row count.
+async fn region_totals_read(lakehouse: &Lakehouse) -> (String, usize) {
+    let (_, batches) = lakehouse
+        .query("SELECT region, total FROM gold.totals ORDER BY region")
+        .await
+        .unwrap();
+    let shown = arrow::util::pretty::pretty_format_batches(&batches)
+        .unwrap()
+        .to_string();
+    (shown, batches.iter().map(RecordBatch::num_rows).sum())
 }
 
 /// The schema (region, total) of the overwrite tests, and a maker of its batches.
