@@ -551,7 +551,7 @@ pub async fn run_model(
         // Take what is there, up to a commit's worth; while live, wait a little for more.
         let reads: Vec<Read> = sources
             .iter_mut()
-            .map(|s| read_some(&mut s.readers, share))
+            .map(|s| read_some(s.topic.partitions(), &mut s.readers, share, READ_BYTES))
             .collect();
         let records: usize = reads.iter().map(|r| r.records).sum();
         far_behind = reads.iter().any(|r| r.records >= share);
@@ -971,31 +971,51 @@ pub(crate) fn collect_records<'a>(
     }
 }
 
-/// Reads about `max` records across the readers (whole chunks); returns them with the offsets
-/// after them.
-fn read_some(readers: &mut [PartitionReader], max: usize) -> Read {
+/// Reads about `max` records across a source's partitions (whole chunks); returns them with
+/// the offsets after them.
+///
+/// The next chunk always comes from the partition least far through what it holds (its share of
+/// the records between its first kept offset and its end): partitions are read in step, so
+/// those of one topic (which cover the same stretch of event time, however unequal their sizes)
+/// stay close in event time. Read round-robin instead, a large partition fell behind the rest
+/// all through a replay, and the watermark (their minimum) with it: the rows waiting on it grew
+/// with the length of the log.
+fn read_some(
+    partitions: &[kappa_log::Partition],
+    readers: &mut [PartitionReader],
+    max: usize,
+    chunk_bytes: usize,
+) -> Read {
+    // (first kept offset, end) of each partition, fixed for this read.
+    let spans: Vec<(u64, u64)> = partitions
+        .iter()
+        .map(|p| {
+            let o = p.offsets();
+            (o.start_offset, o.visible_offset)
+        })
+        .collect();
+    let mut done = vec![false; readers.len()];
     let mut chunks = Vec::new();
     let mut records = 0;
-    'outer: loop {
-        let mut progressed = false;
-        for reader in readers.iter_mut() {
-            match reader.read(READ_BYTES) {
-                Ok(Some(chunk)) => {
-                    progressed = true;
-                    records += usize::try_from(chunk.record_count()).unwrap_or(usize::MAX);
-                    chunks.push((reader.partition(), chunk));
-                    if records >= max {
-                        break 'outer;
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, partition = reader.partition(), "reading the log failed")
-                }
-            }
-        }
-        if !progressed {
+    while records < max {
+        let behind = (0..readers.len()).filter(|&i| !done[i]).min_by(|&a, &b| {
+            through(readers[a].next_offset(), spans.get(a))
+                .cmp_fraction(through(readers[b].next_offset(), spans.get(b)))
+        });
+        let Some(i) = behind else {
             break;
+        };
+        let reader = &mut readers[i];
+        match reader.read(chunk_bytes) {
+            Ok(Some(chunk)) => {
+                records += usize::try_from(chunk.record_count()).unwrap_or(usize::MAX);
+                chunks.push((reader.partition(), chunk));
+            }
+            Ok(None) => done[i] = true,
+            Err(e) => {
+                done[i] = true;
+                tracing::error!(error = %e, partition = reader.partition(), "reading the log failed")
+            }
         }
     }
     let next = readers
@@ -1006,6 +1026,34 @@ fn read_some(readers: &mut [PartitionReader], max: usize) -> Read {
         chunks,
         records,
         next,
+    }
+}
+
+/// How far a reader at `next` is through a partition spanning `span` (first kept offset, end):
+/// records read ÷ records held.
+fn through(next: u64, span: Option<&(u64, u64)>) -> Fraction {
+    match span {
+        Some(&(first, end)) if end > first => Fraction {
+            read: next.clamp(first, end) - first,
+            of: end - first,
+        },
+        // An empty partition (or one the reader does not know) is read first: it costs
+        // nothing to find it has nothing.
+        _ => Fraction { read: 0, of: 1 },
+    }
+}
+
+/// `read` of `of` records, compared exactly.
+#[derive(Debug, Clone, Copy)]
+struct Fraction {
+    read: u64,
+    of: u64,
+}
+
+impl Fraction {
+    fn cmp_fraction(self, other: Fraction) -> std::cmp::Ordering {
+        (u128::from(self.read) * u128::from(other.of))
+            .cmp(&(u128::from(other.read) * u128::from(self.of)))
     }
 }
 
@@ -1117,4 +1165,67 @@ fn uuid_like() -> String {
         .map_or(0, |d| d.as_nanos());
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("{now:x}-{}-{n}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kappa_log::{FsyncPolicy, TopicConfig};
+
+    /// Two partitions of one topic, one three times the other: however many records a read
+    /// takes, each partition is as far through what it holds as the other, within a chunk.
+    /// (Read round-robin, the small one was done while the large one was a third through.)
+    #[test]
+    fn reads_keep_unequal_partitions_in_step() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let log = Log::open(dir.path()).expect("a log in a fresh directory");
+        let topic = log
+            .create_topic(
+                "orders",
+                TopicConfig {
+                    partitions: 2,
+                    fsync: FsyncPolicy::Interval { interval_ms: 1000 },
+                    ..TopicConfig::default()
+                },
+            )
+            .expect("a new topic");
+        let sizes = [3000u64, 1000];
+        for (partition, &n) in topic.partitions().iter().zip(&sizes) {
+            for i in 0..n {
+                let record = Record {
+                    key: None,
+                    value: format!("{{\"i\":{i:0>90}}}").into_bytes().into(),
+                    headers: Vec::new(),
+                };
+                // One batch per record: chunks end on any record.
+                partition.append_blocking(&[record]).expect("an append");
+            }
+        }
+        let mut readers: Vec<PartitionReader> = topic
+            .partitions()
+            .iter()
+            .map(|p| p.reader(StartAt::Beginning).expect("a reader"))
+            .collect();
+        let chunk_bytes = 1024;
+        let mut total = 0;
+        loop {
+            let read = read_some(topic.partitions(), &mut readers, 50, chunk_bytes);
+            if read.records == 0 {
+                break;
+            }
+            total += read.records;
+            let through: Vec<f64> = readers
+                .iter()
+                .zip(&sizes)
+                .map(|(r, &n)| r.next_offset() as f64 / n as f64)
+                .collect();
+            // A chunk is under 10 records: 1 % of the small partition.
+            assert!(
+                (through[0] - through[1]).abs() <= 0.011,
+                "after {total} records the partitions are {through:?} through"
+            );
+        }
+        assert_eq!(total as u64, sizes.iter().sum::<u64>());
+        log.close().expect("a clean close");
+    }
 }
