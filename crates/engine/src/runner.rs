@@ -43,8 +43,12 @@ pub const DEAD_LETTERS_PROPERTY: &str = "kappa.dead_letters_offset";
 /// error whose outcome is unknown.
 pub const ATTEMPT_PROPERTY: &str = "kappa.attempt";
 
-/// While far behind, a commit covers up to this many input records.
+/// While far behind, a micro-batch (and a commit) covers up to this many input records.
 pub const COMMIT_RECORDS_MAX: usize = 262_144;
+/// While far behind, a GROUP BY model commits once per this many input records: its commit
+/// rewrites every changed group, which a replay changes all of each time, while what it holds
+/// between commits is its groups, however many records went by.
+pub const GROUPED_COMMIT_RECORDS_MAX: usize = 4 * COMMIT_RECORDS_MAX;
 /// While live, commits are this far apart, and a new record is committed within this long.
 pub const LIVE_COMMIT_INTERVAL_MS: u64 = 100;
 
@@ -480,6 +484,8 @@ pub async fn run_model(
     // many records as they may hold; live, they are LIVE_COMMIT_INTERVAL_MS apart and hold
     // what arrived meanwhile.
     let mut far_behind = true;
+    // Input records read since the last commit.
+    let mut uncommitted = 0usize;
 
     // After a failure: the state back to the last commit, the readers and dimensions back to
     // its offsets, and a pause before reading again.
@@ -501,6 +507,7 @@ pub async fn run_model(
                         table = reloaded;
                         committed = committed_offsets(&table);
                         table_offsets = committed.clone();
+                        uncommitted = 0;
                         break;
                     }
                     Err(e) => {
@@ -623,13 +630,19 @@ pub async fn run_model(
         }
         let state_changed = dedup.as_ref().is_some_and(Dedup::has_changes)
             || join.as_ref().is_some_and(StreamJoin::has_changes);
-        if !compute.has_changes()
+        let progress_interval = Duration::from_millis(PROGRESS_COMMIT_INTERVAL_MS);
+        uncommitted += records;
+        let nothing_to_write = !compute.has_changes()
             && !state_changed
             && fresh.is_empty()
-            && (target == table_offsets
-                || last_commit.elapsed() < Duration::from_millis(PROGRESS_COMMIT_INTERVAL_MS))
-        {
-            // Nothing to write: the offsets are recorded with the next commit.
+            && (target == table_offsets || last_commit.elapsed() < progress_interval);
+        // Far behind, a GROUP BY's changes wait for more records (its state is its groups; the
+        // commit rewrites them all). A crash meanwhile rereads from the last commit, as always.
+        let grouped_waits = far_behind
+            && matches!(compute, Compute::Grouped(_))
+            && uncommitted < GROUPED_COMMIT_RECORDS_MAX;
+        if nothing_to_write || grouped_waits {
+            // The offsets are recorded with the next commit.
             committed = target;
             dim_rejected.clear();
             continue;
@@ -721,6 +734,7 @@ pub async fn run_model(
             }
             table_offsets = target.clone();
             last_commit = Instant::now();
+            uncommitted = 0;
             committed = target;
             dim_rejected.clear();
             // Records the commit passed are never read again.

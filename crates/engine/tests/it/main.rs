@@ -443,6 +443,82 @@ async fn a_group_by_model_updates_in_place_and_equals_the_batch_query() {
     assert_eq!(most, 5, "every customer was in the table at some point");
 }
 
+/// Far behind, a GROUP BY commits once per several micro-batches (each commit rewrites every
+/// group a replay touched): 800 K records waiting in the log land in one commit, not four, and
+/// the table equals the batch query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_by_far_behind_commits_many_micro_batches_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path().join("log")).unwrap());
+    let topic = log
+        .create_topic(
+            "orders",
+            TopicConfig {
+                partitions: 2,
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
+    let records = 800_000u64;
+    for start in (0..records).step_by(100_000) {
+        let burst: Vec<Record> = (start..start + 100_000)
+            .map(|id| {
+                Record::keyed(
+                    format!("c{}", id % 5),
+                    format!(
+                        "{{\"id\":{id},\"customer\":\"c{}\",\"qty\":{},\"price\":1.00}}",
+                        id % 5,
+                        id % 3
+                    ),
+                )
+            })
+            .collect();
+        topic.append(burst).await.unwrap();
+    }
+    let sql = "SELECT customer, count(*) AS n, sum(qty) AS q FROM orders GROUP BY customer";
+    let project = project(sql, "");
+    let lakehouse = Lakehouse::open(dir.path()).await.unwrap();
+    let (input, _) = all_input(&topic, &project);
+    let expected = sorted(&batch_query(sql, input).await).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let runner = tokio::spawn(run_model(
+        log.clone(),
+        lakehouse.clone(),
+        project.clone(),
+        "silver.orders".into(),
+        stop_rx,
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let ident = table_ident("silver", "orders").unwrap();
+    loop {
+        // Before its first commit the table does not exist.
+        if lakehouse.load_table(&ident).await.is_ok() {
+            let (batches, rows) = table_rows(&lakehouse).await;
+            if rows > 0 && sorted(&batches).await == expected {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replay never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = stop_tx.send(true);
+    runner.await.unwrap().unwrap();
+    let table = lakehouse.load_table(&ident).await.unwrap();
+    let commits = table
+        .metadata()
+        .snapshots()
+        .filter(|s| {
+            s.summary()
+                .additional_properties
+                .contains_key(OFFSETS_PROPERTY)
+        })
+        .count();
+    assert_eq!(commits, 1, "800 K records in one commit");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_global_aggregate_is_one_row() {
     let dir = tempfile::tempdir().unwrap();
