@@ -185,8 +185,29 @@ impl RestCatalogServer {
         warehouse: &str,
         properties: &[(String, String)],
     ) -> RestCatalogServer {
+        Self::start_with(dir, warehouse, properties, false)
+    }
+
+    /// [`RestCatalogServer::start`] with injected commit faults: of every three table commits
+    /// the first is applied but answered with a 500, the second answered with a 503 and not
+    /// applied; `dir/faults.log` lists them.
+    pub fn start_faulty(
+        dir: &Path,
+        warehouse: &str,
+        properties: &[(String, String)],
+    ) -> RestCatalogServer {
+        Self::start_with(dir, warehouse, properties, true)
+    }
+
+    fn start_with(
+        dir: &Path,
+        warehouse: &str,
+        properties: &[(String, String)],
+        faults: bool,
+    ) -> RestCatalogServer {
         let port = free_port();
         let child = Command::new(python())
+            .env("KAPPA_TEST_CATALOG_FAULTS", if faults { "1" } else { "0" })
             .args(["-c", include_str!("rest_catalog.py")])
             .arg(port.to_string())
             .arg(dir)

@@ -5,10 +5,17 @@ implementation independent of iceberg-rust.
 Usage: python rest_catalog.py PORT DIR WAREHOUSE [KEY=VALUE ...]
        (catalog database DIR/rest-catalog.db; WAREHOUSE a file:// or s3:// location;
        the properties go to pyiceberg's file IO, e.g. s3.endpoint=…)
+
+With KAPPA_TEST_CATALOG_FAULTS=1 in its environment, table commits (counted from 1, across
+tables) fail as a network or a catalog does: the 1st, 4th, 7th… are applied and then answered
+with a 500 (the reply lost), the 2nd, 5th, 8th… answered with a 503 without being applied; each
+fault is logged as a line of DIR/faults.log ("applied-then-500 TABLE", "refused-503 TABLE").
 """
 
 import json
+import os
 import sys
+import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -49,6 +56,16 @@ def table_result(table):
         "metadata": json.loads(table.metadata.model_dump_json()),
         "config": {},
     }
+
+
+FAULTS = os.environ.get("KAPPA_TEST_CATALOG_FAULTS") == "1"
+commits = 0
+commits_lock = threading.Lock()
+
+
+def fault(kind, ident):
+    with open(f"{folder}/faults.log", "a") as log:
+        log.write(f"{kind} {'.'.join(ident)}\n")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -128,8 +145,18 @@ class Handler(BaseHTTPRequestHandler):
                 return self.reply(204) if method == "HEAD" else self.reply(200, table_result(table))
             if method == "POST":
                 request = CommitTableRequest.model_validate_json(self.body())
+                global commits
+                with commits_lock:
+                    commits += 1
+                    turn = commits % 3 if FAULTS else 0
+                if turn == 2:
+                    fault("refused-503", ident)
+                    return self.reply(503, {"error": {"message": "injected", "type": "ServiceUnavailable", "code": 503}})
                 table = catalog.load_table(ident)
                 response = catalog.commit_table(table, request.requirements, request.updates)
+                if turn == 1:
+                    fault("applied-then-500", ident)
+                    return self.reply(500, {"error": {"message": "injected", "type": "ServerError", "code": 500}})
                 return self.reply(200, json.loads(response.model_dump_json()))
             if method == "DELETE":
                 catalog.drop_table(ident)

@@ -637,11 +637,14 @@ fn a_warehouse_on_s3_from_kappa_toml_serves_kappa_sql() {
 /// The scale-out configuration: an Iceberg REST catalog (pyiceberg's catalog behind the REST
 /// protocol, on loopback) holding tables on S3. `kappa up` commits through the catalog,
 /// `kappa sql` reads through it, and pyiceberg, asking the same catalog, reads the same rows.
+/// The catalog fails a third of the commits after applying them (the reply lost) and another
+/// third before: each outcome is learnt from the table, and the rows are exactly those of the
+/// example orders, none lost, none twice.
 #[test]
 fn a_rest_catalog_from_kappa_toml_holds_the_tables_on_s3() {
     let s3 = kappa_testkit::python::S3Server::start("shop-lake");
     let catalog_dir = tempfile::tempdir().unwrap();
-    let catalog = kappa_testkit::python::RestCatalogServer::start(
+    let catalog = kappa_testkit::python::RestCatalogServer::start_faulty(
         catalog_dir.path(),
         "s3://shop-lake/tables",
         &s3.properties(),
@@ -670,6 +673,14 @@ print(json.dumps([table.num_rows, str(pc.sum(table["amount"]))]))
     let read: serde_json::Value = serde_json::from_str(read.trim()).unwrap();
     assert_eq!(read[0].as_i64(), rows[0][0].as_i64(), "{read} vs {rows}");
     assert_eq!(read[1].as_str(), rows[0][1].as_str(), "{read} vs {rows}");
+    assert_eq!(rows[0][0].as_i64(), Some(11), "{rows}");
+    let faults = std::fs::read_to_string(catalog_dir.path().join("faults.log")).unwrap();
+    for kind in ["applied-then-500", "refused-503"] {
+        assert!(
+            faults.contains(kind),
+            "no {kind} among the faults:\n{faults}"
+        );
+    }
 }
 
 /// Runs the example project with `lakehouse` as its `[lakehouse]` section (plus the S3
