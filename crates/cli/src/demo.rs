@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::fmt::thousands;
 use anyhow::Context;
 use clap::Args;
 use kappa_log::{Log, StartAt, TopicConfig};
@@ -89,18 +90,6 @@ fn quantity_of(value: &[u8]) -> u64 {
                 .fold(0u64, |n, b| n * 10 + u64::from(b - b'0'))
         })
         .unwrap_or(0)
-}
-
-fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

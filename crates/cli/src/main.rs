@@ -12,6 +12,8 @@ use clap::{Args, Parser, Subcommand};
 
 mod consume;
 mod demo;
+mod fmt;
+mod plan;
 mod produce;
 mod project;
 mod sql;
@@ -70,6 +72,9 @@ enum Command {
     Sql(sql::SqlArgs),
     /// Every model: state, rows, lag, dead letters; and the dead letters by reason.
     Status(status::StatusArgs),
+    /// Compare the project folder with what is deployed: new, changed (with the diff),
+    /// downstream of a change, unchanged and removed models, and the history each replay reads.
+    Plan(plan::PlanArgs),
     /// Run a self-contained demonstration and print its figures.
     Demo(demo::DemoArgs),
 }
@@ -142,6 +147,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Consume(args) => consume::run(&global, args).await,
         Command::Sql(args) => sql::run(&global, args).await,
         Command::Status(args) => status::run(&global, args).await,
+        Command::Plan(args) => plan::run(&global, args).await,
         Command::Demo(args) => demo::run(args).await,
     }
 }

@@ -120,30 +120,6 @@ impl std::fmt::Debug for PlannedModel {
     }
 }
 
-/// The topics a model's rows come from, through the models it reads.
-pub fn source_topics(project: &Project, model_id: &str) -> BTreeSet<String> {
-    let mut topics = BTreeSet::new();
-    let mut pending = vec![model_id.to_owned()];
-    let mut seen = BTreeSet::new();
-    while let Some(id) = pending.pop() {
-        if !seen.insert(id.clone()) {
-            continue;
-        }
-        let Some(model) = project.models.get(&id) else {
-            continue;
-        };
-        for input in &model.inputs {
-            match input {
-                Input::Topic(t) => {
-                    topics.insert(t.clone());
-                }
-                Input::Model(m) => pending.push(m.clone()),
-            }
-        }
-    }
-    topics
-}
-
 /// Sorts the topics a model reads into its streams (one, or two it joins) and the tables
 /// (dimensions) it looks up. A model that reads only one table reads its records as a stream.
 fn stream_and_tables(
@@ -184,7 +160,7 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         .models
         .get(model_id)
         .ok_or_else(|| DataFusionError::Plan(format!("no model `{model_id}`")))?;
-    let topics = source_topics(project, model_id);
+    let topics = project.source_topics(model_id);
     let (streams, tables) = stream_and_tables(project, &topics)?;
     let ctx = session();
     let mut slots = Vec::new();

@@ -19,7 +19,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use futures::FutureExt;
 use kappa_lakehouse::{Lakehouse, table_ident};
 use kappa_log::{Log, PartitionReader, Record, StartAt, Topic};
-use kappa_pipeline::{Model, Project};
+use kappa_pipeline::Project;
 
 use crate::decode::{Decoder, Raw, Rejected};
 use crate::dedup::Dedup;
@@ -296,16 +296,12 @@ impl Compute {
     }
 }
 
-/// A stable fingerprint of a model (its SQL and configuration), recorded with every commit.
-pub fn model_version(model: &Model) -> String {
-    // FNV-1a: stable across builds, which std's hasher does not promise.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let config = format!("{:?}", model.config);
-    for byte in model.sql.bytes().chain([0]).chain(config.bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{hash:016x}")
+/// A model's version (`kappa_pipeline::deploy::versions`: its normalized SQL, configuration
+/// and the versions of its inputs), recorded with every commit.
+pub fn model_version(project: &Project, model_id: &str) -> String {
+    kappa_pipeline::deploy::versions(project)
+        .remove(model_id)
+        .unwrap_or_default()
 }
 
 /// Runs `model` until `stop` turns true. Errors of one commit are logged and retried; only a
@@ -401,7 +397,7 @@ pub async fn run_model(
             model: err_model(),
             source,
         })?;
-    let version = model_version(model);
+    let version = model_version(&project, &model_id);
     let lake_err = |source| RunnerError::Lakehouse {
         model: model_id.clone(),
         source,
@@ -1106,7 +1102,7 @@ pub fn rejects_reporter(project: &Project, topic: &str) -> Option<String> {
     project
         .order
         .iter()
-        .find(|id| crate::plan::source_topics(project, id).contains(topic))
+        .find(|id| project.source_topics(id).contains(topic))
         .cloned()
 }
 

@@ -17,6 +17,7 @@
 //! ```
 
 mod dag;
+pub mod deploy;
 pub mod diagnostic;
 mod project;
 pub mod scaffold;

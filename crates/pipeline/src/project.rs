@@ -127,7 +127,7 @@ pub struct ModelConfig {
 }
 
 /// What a model reads.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, Deserialize)]
 #[serde(tag = "kind", content = "name", rename_all = "lowercase")]
 pub enum Input {
     Topic(String),
@@ -146,6 +146,32 @@ pub struct Model {
     pub config: ModelConfig,
     /// Every topic and model it reads, without repeats.
     pub inputs: Vec<Input>,
+}
+
+impl Project {
+    /// The topics a model's rows come from, through the models it reads.
+    pub fn source_topics(&self, model_id: &str) -> BTreeSet<String> {
+        let mut topics = BTreeSet::new();
+        let mut pending = vec![model_id.to_owned()];
+        let mut seen = BTreeSet::new();
+        while let Some(id) = pending.pop() {
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            let Some(model) = self.models.get(&id) else {
+                continue;
+            };
+            for input in &model.inputs {
+                match input {
+                    Input::Topic(t) => {
+                        topics.insert(t.clone());
+                    }
+                    Input::Model(m) => pending.push(m.clone()),
+                }
+            }
+        }
+        topics
+    }
 }
 
 impl Model {

@@ -322,6 +322,20 @@ impl Client {
         }
     }
 
+    /// What is deployed: what the server runs, or what the data directory records (empty when
+    /// nothing was ever deployed).
+    pub async fn deployment(&self) -> Result<kappa_pipeline::deploy::Deployment, ClientError> {
+        match self {
+            Client::Http { .. } => self.get_json("/v1/deployment").await,
+            Client::Direct { log } => {
+                let data_dir = log.dir().parent().unwrap_or(log.dir());
+                crate::deployment::load(data_dir)
+                    .map(Option::unwrap_or_default)
+                    .map_err(|e| ClientError::Service(ServiceError::Internal(format!("{e:#}"))))
+            }
+        }
+    }
+
     /// Closes the data directory (direct clients); a no-op over HTTP.
     pub async fn close(self) -> anyhow::Result<()> {
         if let Client::Direct { log } = self {

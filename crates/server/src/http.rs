@@ -27,6 +27,7 @@ pub(crate) fn router(state: Arc<AppState>) -> axum::Router {
         .route("/v1/health", get(health))
         .route("/v1/sql", post(sql))
         .route("/v1/status", get(status))
+        .route("/v1/deployment", get(deployment))
         .route("/v1/topics", get(list_topics).post(create_topic))
         .route("/v1/topics/{topic}", get(describe_topic))
         .route("/v1/topics/{topic}/records", post(produce))
@@ -199,6 +200,19 @@ async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError
         .await?,
     )
     .into_response())
+}
+
+/// The deployment this server runs (empty when it runs no project).
+async fn deployment(
+    State(state): State<Arc<AppState>>,
+) -> Json<kappa_pipeline::deploy::Deployment> {
+    Json(
+        state
+            .project
+            .as_deref()
+            .map(kappa_pipeline::deploy::Deployment::of)
+            .unwrap_or_default(),
+    )
 }
 
 async fn sql(

@@ -11,6 +11,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod deployment;
 pub mod http;
 pub mod ingest;
 pub mod pipelines;
@@ -137,6 +138,8 @@ impl Server {
                         .await
                 };
                 ensured.context("join topic creation")??;
+                // What runs is what is deployed: `kappa plan` compares the folder with it.
+                deployment::save(&data_dir, &kappa_pipeline::deploy::Deployment::of(&project))?;
                 running_project = Some(project.clone());
                 Some(pipelines::Pipelines::start(
                     log.clone(),

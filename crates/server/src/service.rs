@@ -256,7 +256,7 @@ async fn model_status(
         .and_then(|o| serde_json::from_str(o).ok())
         .unwrap_or_default();
     let mut lag_records = 0;
-    for topic_name in kappa_engine::plan::source_topics(project, id) {
+    for topic_name in project.source_topics(id) {
         let Ok(topic) = log.topic(&topic_name) else {
             continue;
         };
@@ -285,7 +285,7 @@ async fn model_status(
         model: id.to_owned(),
         state,
         detail,
-        version: model_version(model),
+        version: model_version(project, id),
         table_version: snapshot
             .as_ref()
             .and_then(|(p, _)| p.get(VERSION_PROPERTY).cloned()),

@@ -790,3 +790,87 @@ fn produce_example_orders(data: &std::path::Path, project: &std::path::Path) {
     );
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// `kappa up` records what it runs; `kappa plan` compares the folder with it, through the
+/// server while it runs and from the data directory once it stopped: an edited gold model is
+/// changed (with its diff), the other models unchanged, a new one new, and each replay names
+/// the history it reads.
+#[test]
+fn plan_compares_the_folder_with_what_up_deployed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    init(&dir);
+    let data = dir.join(".kappa");
+    std::fs::create_dir_all(&data).unwrap();
+    let project = dir.to_str().unwrap();
+    let plan = || {
+        let out = kappa(&data, &["--project", project, "plan", "--json"], None);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let plan: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        let text = kappa(&data, &["--project", project, "plan"], None);
+        assert!(text.status.success(), "{}", stderr(&text));
+        (plan, stdout(&text))
+    };
+    // Nothing deployed yet: every model is new.
+    let (first, _) = plan();
+    assert_eq!(first["summary"]["new"], 3, "{first}");
+
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    produce_example_orders(&data, &dir);
+    let region = dir.join("models/gold/revenue_by_region.sql");
+    let sql = std::fs::read_to_string(&region).unwrap();
+    std::fs::write(
+        &region,
+        sql.replace("sum(amount) AS revenue", "sum(amount) * 2 AS revenue"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("models/gold/orders_by_region.sql"),
+        "SELECT region, count(*) AS orders FROM silver.orders GROUP BY region",
+    )
+    .unwrap();
+    let changes = |plan: &serde_json::Value| -> Vec<(String, String)> {
+        plan["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["model"].as_str().unwrap().to_owned(),
+                    m["change"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let (live, text) = plan();
+    let mut got = changes(&live);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("gold.orders_by_region".into(), "new".into()),
+            ("gold.revenue_by_category".into(), "unchanged".into()),
+            ("gold.revenue_by_region".into(), "changed".into()),
+            ("silver.orders".into(), "unchanged".into()),
+        ],
+        "{live}"
+    );
+    assert!(text.contains("-     sum(amount) AS revenue"), "{text}");
+    assert!(text.contains("+     sum(amount) * 2 AS revenue"), "{text}");
+    let changed = live["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["change"] == "changed")
+        .unwrap();
+    assert_eq!(changed["history"][0]["topic"], "orders", "{changed}");
+    assert!(
+        changed["history"][0]["records"].as_u64().unwrap() > 0,
+        "{changed}"
+    );
+    assert!(changed["history"][0]["first_time"].is_string(), "{changed}");
+    assert!(up.terminate().unwrap().success());
+    // Without the server, the data directory's record says the same.
+    let (stopped, _) = plan();
+    assert_eq!(changes(&stopped), changes(&live));
+}

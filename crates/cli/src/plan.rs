@@ -1,0 +1,420 @@
+//! `kappa plan`: the project folder against what is deployed — which models are new, changed,
+//! downstream of a change, unchanged or removed, and for every replay the history it reads.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use clap::Args;
+use kappa_log::StartAt;
+use kappa_pipeline::deploy::{Change, DiffLine, ModelPlan};
+use kappa_server::client::Client;
+use kappa_server::service::ReadRequest;
+use serde::Serialize;
+
+use crate::fmt::{bytes, thousands};
+use crate::{Global, print_json};
+
+/// Records per second a replay is estimated at: the slowest of the five reference pipelines
+/// replaying 10 M events on 2 cores (`kappa-bench pipelines`, docs/benchmarks.md), rounded down.
+pub(crate) const ESTIMATE_RECORDS_PER_S: u64 = 500_000;
+
+#[derive(Debug, Args)]
+pub(crate) struct PlanArgs {
+    /// Print JSON: {"summary": {new, changed, downstream, unchanged, removed, replaying},
+    /// "models": [{model, change, deployed?, version?, sql_diff, config_diff, because, inputs,
+    /// history: [{topic, records, bytes, first_offsets, first_time?}], estimated_seconds?}…]}.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A plan with what each replay reads.
+#[derive(Debug, Serialize)]
+pub(crate) struct PlanReport {
+    summary: Summary,
+    models: Vec<ModelReport>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Summary {
+    new: usize,
+    changed: usize,
+    downstream: usize,
+    unchanged: usize,
+    removed: usize,
+    /// Models a deploy builds from the beginning of their inputs.
+    replaying: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct ModelReport {
+    #[serde(flatten)]
+    plan: ModelPlan,
+    /// For a replay: the topics it reads from their first kept offset.
+    history: Vec<TopicHistory>,
+    /// For a replay: its records ÷ [`ESTIMATE_RECORDS_PER_S`].
+    estimated_seconds: Option<f64>,
+}
+
+/// What a replay reads of one topic.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct TopicHistory {
+    topic: String,
+    records: u64,
+    bytes: u64,
+    /// The first kept offset of each partition.
+    first_offsets: BTreeMap<u32, u64>,
+    /// When the first kept record was appended (RFC 3339), if there is one.
+    first_time: Option<String>,
+}
+
+pub(crate) async fn run(global: &Global, args: PlanArgs) -> anyhow::Result<()> {
+    let dir = kappa_server::config::project_dir(global.project.as_deref())?;
+    let project = match kappa_server::project::check(&dir).await? {
+        Ok(project) => project,
+        Err(diagnostics) => {
+            let lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
+            anyhow::bail!(
+                "the project in {} has problems (`kappa check`):\n{}",
+                dir.display(),
+                lines.join("\n")
+            );
+        }
+    };
+    let client = global.connect().await?;
+    let report = report(&client, &project).await;
+    client.close().await?;
+    let report = report?;
+    if args.json {
+        print_json(&report)
+    } else {
+        print!("{}", render(&report));
+        Ok(())
+    }
+}
+
+async fn report(client: &Client, project: &kappa_pipeline::Project) -> anyhow::Result<PlanReport> {
+    let deployed = client.deployment().await?;
+    let plans = kappa_pipeline::deploy::plan(project, &deployed);
+    let mut histories: BTreeMap<String, TopicHistory> = BTreeMap::new();
+    let mut models = Vec::new();
+    for plan in plans {
+        let mut history = Vec::new();
+        if plan.change.replays() {
+            for topic in project.source_topics(&plan.model) {
+                if !histories.contains_key(&topic) {
+                    let found = topic_history(client, &topic).await?;
+                    histories.insert(topic.clone(), found);
+                }
+                history.extend(histories.get(&topic).cloned());
+            }
+        }
+        let estimated_seconds = plan.change.replays().then(|| {
+            history.iter().map(|h| h.records).sum::<u64>() as f64 / ESTIMATE_RECORDS_PER_S as f64
+        });
+        models.push(ModelReport {
+            plan,
+            history,
+            estimated_seconds,
+        });
+    }
+    Ok(PlanReport {
+        summary: summarize(&models),
+        models,
+    })
+}
+
+fn summarize(models: &[ModelReport]) -> Summary {
+    let mut summary = Summary::default();
+    for m in models {
+        match m.plan.change {
+            Change::New => summary.new += 1,
+            Change::Changed => summary.changed += 1,
+            Change::Downstream => summary.downstream += 1,
+            Change::Unchanged => summary.unchanged += 1,
+            Change::Removed => summary.removed += 1,
+        }
+        if m.plan.change.replays() {
+            summary.replaying += 1;
+        }
+    }
+    summary
+}
+
+/// What the log holds of `topic` (nothing, before the topic is created).
+async fn topic_history(client: &Client, topic: &str) -> anyhow::Result<TopicHistory> {
+    let mut history = TopicHistory {
+        topic: topic.to_owned(),
+        records: 0,
+        bytes: 0,
+        first_offsets: BTreeMap::new(),
+        first_time: None,
+    };
+    let Ok(info) = client.topic(topic).await else {
+        return Ok(history);
+    };
+    let mut first_ms: Option<i64> = None;
+    for p in &info.partitions {
+        history.records += p.visible_offset.saturating_sub(p.start_offset);
+        history.bytes += p.size_bytes;
+        history.first_offsets.insert(p.partition, p.start_offset);
+        if p.visible_offset > p.start_offset {
+            let read = client
+                .read(
+                    topic,
+                    ReadRequest {
+                        partition: p.partition,
+                        start: StartAt::Offset(p.start_offset),
+                        max_records: 1,
+                        max_bytes: 1 << 20,
+                        wait_ms: 0,
+                    },
+                )
+                .await?;
+            if let Some(first) = read.records.first() {
+                first_ms = Some(first_ms.map_or(first.timestamp_ms, |t| t.min(first.timestamp_ms)));
+            }
+        }
+    }
+    history.first_time = first_ms.map(kappa_server::api::format_timestamp);
+    Ok(history)
+}
+
+/// The plan as text: a summary line, then one block per model (diffs and history under the
+/// models a deploy replays).
+pub(crate) fn render(report: &PlanReport) -> String {
+    let s = &report.summary;
+    let mut out = format!(
+        "Plan: {} new, {} changed, {} downstream, {} unchanged, {} removed; {} to replay.\n",
+        s.new, s.changed, s.downstream, s.unchanged, s.removed, s.replaying
+    );
+    for m in &report.models {
+        let p = &m.plan;
+        let short = |v: &Option<String>| {
+            v.as_deref()
+                .map_or("-", |v| &v[..v.len().min(8)])
+                .to_owned()
+        };
+        let (mark, what) = match p.change {
+            Change::New => ('+', format!("new, {}", short(&p.version))),
+            Change::Changed => (
+                '~',
+                format!("changed, {} -> {}", short(&p.deployed), short(&p.version)),
+            ),
+            Change::Downstream => (
+                '>',
+                format!(
+                    "downstream of {}, {} -> {}",
+                    p.because.join(", "),
+                    short(&p.deployed),
+                    short(&p.version)
+                ),
+            ),
+            Change::Unchanged => ('=', format!("unchanged, {}", short(&p.version))),
+            Change::Removed => (
+                '-',
+                format!("removed, {}; it stops, its table stays", short(&p.deployed)),
+            ),
+        };
+        let _ = writeln!(out, "\n{mark} {} ({what})", p.model);
+        for (title, diff) in [("SQL", &p.sql_diff), ("config", &p.config_diff)] {
+            if diff.iter().any(|l| !matches!(l, DiffLine::Same(_))) {
+                let _ = writeln!(out, "    {title}:");
+                for line in diff {
+                    let (sign, text) = match line {
+                        DiffLine::Same(t) => (' ', t),
+                        DiffLine::Removed(t) => ('-', t),
+                        DiffLine::Added(t) => ('+', t),
+                    };
+                    let _ = writeln!(out, "    {sign} {text}");
+                }
+            }
+        }
+        if p.change.replays() {
+            for h in &m.history {
+                let offsets = if h.first_offsets.values().all(|&o| o == 0) {
+                    "offset 0".to_owned()
+                } else {
+                    let each: Vec<String> = h
+                        .first_offsets
+                        .iter()
+                        .map(|(p, o)| format!("{p}:{o}"))
+                        .collect();
+                    format!("offsets {}", each.join(" "))
+                };
+                let _ = writeln!(
+                    out,
+                    "    replays topic {}: {} records, {} from {offsets}{}",
+                    h.topic,
+                    thousands(h.records),
+                    bytes(h.bytes),
+                    h.first_time
+                        .as_deref()
+                        .map(|t| format!(" (first appended {t})"))
+                        .unwrap_or_default()
+                );
+            }
+            if let Some(seconds) = m.estimated_seconds {
+                let _ = writeln!(
+                    out,
+                    "    estimated {seconds:.1} s at {} records/s",
+                    thousands(ESTIMATE_RECORDS_PER_S)
+                );
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kappa_pipeline::deploy::Deployment;
+
+    fn project(files: &[(&str, &str)]) -> kappa_pipeline::Project {
+        let mut all = kappa_pipeline::ProjectFiles::new();
+        all.insert("kappa.toml".into(), String::new());
+        all.insert(
+            "topics/orders.toml".into(),
+            "[schema]\nid = \"bigint\"\nregion = \"string\"\namount = \"double\"\n".into(),
+        );
+        for (path, text) in files {
+            all.insert((*path).into(), (*text).into());
+        }
+        kappa_pipeline::load(&all).expect("a valid project")
+    }
+
+    /// The plan of `now` over the deployment of `before`, each replay reading `history`.
+    fn rendered(before: &[(&str, &str)], now: &[(&str, &str)]) -> String {
+        let deployed = Deployment::of(&project(before));
+        let history = TopicHistory {
+            topic: "orders".into(),
+            records: 1_020_000,
+            bytes: 155_000_000,
+            first_offsets: BTreeMap::from([(0, 0), (1, 0)]),
+            first_time: Some("2026-01-01T00:00:00.000Z".into()),
+        };
+        let models: Vec<ModelReport> = kappa_pipeline::deploy::plan(&project(now), &deployed)
+            .into_iter()
+            .map(|plan| {
+                let replays = plan.change.replays();
+                ModelReport {
+                    plan,
+                    history: if replays {
+                        vec![history.clone()]
+                    } else {
+                        Vec::new()
+                    },
+                    estimated_seconds: replays
+                        .then_some(history.records as f64 / ESTIMATE_RECORDS_PER_S as f64),
+                }
+            })
+            .collect();
+        let report = PlanReport {
+            summary: summarize(&models),
+            models,
+        };
+        render(&report)
+    }
+
+    const SILVER: (&str, &str) = (
+        "models/silver/orders.sql",
+        "SELECT id, region, amount\nFROM orders\nWHERE amount > 0",
+    );
+    const GOLD: (&str, &str) = (
+        "models/gold/revenue.sql",
+        "SELECT region, sum(amount) AS revenue\nFROM silver.orders\nGROUP BY region",
+    );
+    const COUNTS: (&str, &str) = (
+        "models/gold/counts.sql",
+        "SELECT region, count(*) AS n FROM silver.orders GROUP BY region",
+    );
+
+    #[test]
+    fn a_first_deploy_builds_every_model() {
+        expect_test::expect![[r#"
+            Plan: 2 new, 0 changed, 0 downstream, 0 unchanged, 0 removed; 2 to replay.
+
+            + silver.orders (new, ac3355f8)
+                replays topic orders: 1,020,000 records, 147.8 MiB from offset 0 (first appended 2026-01-01T00:00:00.000Z)
+                estimated 2.0 s at 500,000 records/s
+
+            + gold.revenue (new, 82a1ff10)
+                replays topic orders: 1,020,000 records, 147.8 MiB from offset 0 (first appended 2026-01-01T00:00:00.000Z)
+                estimated 2.0 s at 500,000 records/s
+        "#]]
+        .assert_eq(&rendered(&[], &[SILVER, GOLD]));
+    }
+
+    #[test]
+    fn a_changed_model_shows_its_diff_and_replays_what_reads_it() {
+        let fixed = (
+            "models/silver/orders.sql",
+            "SELECT id, region, amount\nFROM orders\nWHERE amount >= 0",
+        );
+        expect_test::expect![[r#"
+            Plan: 0 new, 1 changed, 2 downstream, 0 unchanged, 0 removed; 3 to replay.
+
+            ~ silver.orders (changed, ac3355f8 -> 1d4b9d7e)
+                SQL:
+                  SELECT id, region, amount
+                  FROM orders
+                - WHERE amount > 0
+                + WHERE amount >= 0
+                replays topic orders: 1,020,000 records, 147.8 MiB from offset 0 (first appended 2026-01-01T00:00:00.000Z)
+                estimated 2.0 s at 500,000 records/s
+
+            > gold.counts (downstream of silver.orders, 98ec1c47 -> 685d8628)
+                replays topic orders: 1,020,000 records, 147.8 MiB from offset 0 (first appended 2026-01-01T00:00:00.000Z)
+                estimated 2.0 s at 500,000 records/s
+
+            > gold.revenue (downstream of silver.orders, 82a1ff10 -> cb0b4408)
+                replays topic orders: 1,020,000 records, 147.8 MiB from offset 0 (first appended 2026-01-01T00:00:00.000Z)
+                estimated 2.0 s at 500,000 records/s
+        "#]]
+        .assert_eq(&rendered(&[SILVER, GOLD, COUNTS], &[fixed, GOLD, COUNTS]));
+    }
+
+    #[test]
+    fn a_config_change_a_new_model_and_a_removed_one() {
+        let partitioned = ("models/gold/revenue.toml", "partition_by = [\"region\"]\n");
+        expect_test::expect![[r#"
+            Plan: 1 new, 1 changed, 0 downstream, 1 unchanged, 1 removed; 2 to replay.
+
+            = silver.orders (unchanged, ac3355f8)
+
+            + gold.counts (new, 98ec1c47)
+                replays topic orders: 1,020,000 records, 147.8 MiB from offset 0 (first appended 2026-01-01T00:00:00.000Z)
+                estimated 2.0 s at 500,000 records/s
+
+            ~ gold.revenue (changed, 82a1ff10 -> 16d9f7d3)
+                config:
+                  key = []
+                - partition_by = []
+                + partition_by = ["region"]
+                replays topic orders: 1,020,000 records, 147.8 MiB from offset 0 (first appended 2026-01-01T00:00:00.000Z)
+                estimated 2.0 s at 500,000 records/s
+
+            - gold.gone (removed, 0664e5af; it stops, its table stays)
+        "#]]
+        .assert_eq(&rendered(
+            &[SILVER, GOLD, ("models/gold/gone.sql", "SELECT id FROM silver.orders")],
+            &[SILVER, GOLD, COUNTS, partitioned],
+        ));
+    }
+
+    #[test]
+    fn spacing_and_comments_alone_change_nothing() {
+        let respaced = (
+            "models/silver/orders.sql",
+            "-- clean orders\nselect id, region, amount from orders where amount > 0",
+        );
+        expect_test::expect![[r#"
+            Plan: 0 new, 0 changed, 0 downstream, 2 unchanged, 0 removed; 0 to replay.
+
+            = silver.orders (unchanged, ac3355f8)
+
+            = gold.revenue (unchanged, 82a1ff10)
+        "#]]
+        .assert_eq(&rendered(&[SILVER, GOLD], &[respaced, GOLD]));
+    }
+}

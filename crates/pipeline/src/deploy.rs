@@ -1,0 +1,440 @@
+//! Versions of models, what is deployed, and the plan from one to the other.
+//!
+//! ```text
+//! Project ──versions──► {model: version}      version = hash(normalized SQL, config,
+//!                                                       versions of its inputs)
+//! Project ──Deployment::of──► Deployment      what `kappa up` runs (saved in the data dir)
+//! (Project, Deployment) ──plan──► [ModelPlan] new / changed / downstream / unchanged / removed
+//! ```
+//!
+//! A topic's version is a hash of what models see of it (its fields, key and kind), so a schema
+//! change replays the models that read it, as a changed upstream model does.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use sqlparser::dialect::GenericDialect;
+use sqlparser::keywords::Keyword;
+use sqlparser::tokenizer::{Token, Tokenizer};
+
+use crate::project::{Input, Model, Project, TopicSpec};
+
+/// What is deployed: every model's version and what it was built from, and the versions of
+/// the topics they read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployment {
+    /// By `layer.name`.
+    pub models: BTreeMap<String, DeployedModel>,
+    /// By topic name.
+    pub topics: BTreeMap<String, String>,
+}
+
+/// One deployed model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployedModel {
+    pub version: String,
+    /// The SQL as written.
+    pub sql: String,
+    /// Its configuration as TOML (what the model's `.toml` means, defaults left out).
+    pub config: String,
+    pub inputs: Vec<Input>,
+}
+
+impl Deployment {
+    /// The deployment that runs `project` as it is.
+    pub fn of(project: &Project) -> Deployment {
+        let versions = versions(project);
+        Deployment {
+            models: project
+                .models
+                .iter()
+                .map(|(id, model)| {
+                    let deployed = DeployedModel {
+                        version: versions.get(id).cloned().unwrap_or_default(),
+                        sql: model.sql.clone(),
+                        config: config_text(model),
+                        inputs: model.inputs.clone(),
+                    };
+                    (id.clone(), deployed)
+                })
+                .collect(),
+            topics: project
+                .topics
+                .iter()
+                .map(|(name, topic)| (name.clone(), topic_version(topic)))
+                .collect(),
+        }
+    }
+}
+
+/// Every model's version, by `layer.name`: a hash of its normalized SQL, its configuration and
+/// the versions of its inputs, so that a change reaches every model downstream of it.
+pub fn versions(project: &Project) -> BTreeMap<String, String> {
+    let mut versions: BTreeMap<String, String> = BTreeMap::new();
+    // `order` lists every model after the models it reads.
+    for id in &project.order {
+        let Some(model) = project.models.get(id) else {
+            continue;
+        };
+        let mut hash = Fnv::new();
+        hash.write("sql");
+        hash.write(&normalized_sql(&model.sql));
+        hash.write("config");
+        hash.write(&config_text(model));
+        let mut inputs = model.inputs.clone();
+        inputs.sort();
+        for input in &inputs {
+            match input {
+                Input::Topic(name) => {
+                    hash.write("topic");
+                    hash.write(name);
+                    hash.write(
+                        &project
+                            .topics
+                            .get(name)
+                            .map(topic_version)
+                            .unwrap_or_default(),
+                    );
+                }
+                Input::Model(input) => {
+                    hash.write("model");
+                    hash.write(input);
+                    hash.write(versions.get(input).map_or("", String::as_str));
+                }
+            }
+        }
+        versions.insert(id.clone(), hash.finish());
+    }
+    versions
+}
+
+/// A topic's version: what models see of it (its fields, key and kind).
+pub fn topic_version(topic: &TopicSpec) -> String {
+    let mut hash = Fnv::new();
+    hash.write(&format!("{:?}", topic.kind));
+    hash.write(topic.key.as_deref().unwrap_or(""));
+    for field in &topic.fields {
+        hash.write(&field.name);
+        hash.write(&format!("{:?}", field.data_type));
+        hash.write(if field.required {
+            "required"
+        } else {
+            "optional"
+        });
+    }
+    hash.finish()
+}
+
+/// The SQL as its tokens: comments, spacing and the case of keywords do not count. Tokens, not
+/// the parsed statement printed back, so that a new SQL parser printing differently does not
+/// change every version (and replay every model).
+pub fn normalized_sql(sql: &str) -> String {
+    match Tokenizer::new(&GenericDialect {}, sql).tokenize() {
+        Ok(tokens) => tokens
+            .iter()
+            .filter(|t| !matches!(t, Token::Whitespace(_) | Token::EOF))
+            .map(|t| match t {
+                Token::Word(w) if w.quote_style.is_none() && w.keyword != Keyword::NoKeyword => {
+                    w.value.to_ascii_uppercase()
+                }
+                other => other.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        Err(_) => sql.split_whitespace().collect::<Vec<_>>().join(" "),
+    }
+}
+
+/// A model's configuration as TOML, for versions and diffs.
+fn config_text(model: &Model) -> String {
+    // Plain strings, numbers and lists: the serializer cannot fail on them.
+    toml::to_string(&model.config).unwrap_or_else(|_| format!("{:?}", model.config))
+}
+
+/// 64-bit FNV-1a over length-prefixed parts: stable across builds and platforms, which std's
+/// hasher does not promise.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, part: &str) {
+        for byte in (part.len() as u64)
+            .to_le_bytes()
+            .iter()
+            .chain(part.as_bytes())
+        {
+            self.0 ^= u64::from(*byte);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> String {
+        format!("{:016x}", self.0)
+    }
+}
+
+/// What a deploy does to one model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    /// Not deployed yet: built from the beginning of its inputs.
+    New,
+    /// Its SQL or configuration changed: a new version replays from the beginning.
+    Changed,
+    /// Unchanged itself, but something it reads changed: a new version replays.
+    Downstream,
+    Unchanged,
+    /// Deployed, no longer in the project: stopped, its table kept.
+    Removed,
+}
+
+impl Change {
+    /// Whether a deploy builds a new version of the model from the beginning of its inputs.
+    pub fn replays(self) -> bool {
+        matches!(self, Change::New | Change::Changed | Change::Downstream)
+    }
+}
+
+/// One model in a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelPlan {
+    pub model: String,
+    pub change: Change,
+    /// The version deployed, if any.
+    pub deployed: Option<String>,
+    /// The version the project folder holds, unless removed.
+    pub version: Option<String>,
+    /// For a changed model: its SQL, line by line, old against new.
+    pub sql_diff: Vec<DiffLine>,
+    /// For a changed model: its configuration (TOML), line by line.
+    pub config_diff: Vec<DiffLine>,
+    /// For a model downstream of a change: the inputs that changed (`layer.name` or a topic).
+    pub because: Vec<String>,
+    /// What it reads.
+    pub inputs: Vec<Input>,
+}
+
+/// A line of a diff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "op", content = "line", rename_all = "lowercase")]
+pub enum DiffLine {
+    Same(String),
+    Removed(String),
+    Added(String),
+}
+
+/// What deploying `project` over `deployed` does to each model: the project's models in
+/// dependency order, then the removed ones.
+pub fn plan(project: &Project, deployed: &Deployment) -> Vec<ModelPlan> {
+    let versions = versions(project);
+    let mut plans = Vec::new();
+    for id in &project.order {
+        let Some(model) = project.models.get(id) else {
+            continue;
+        };
+        let version = versions.get(id).cloned();
+        let mut plan = ModelPlan {
+            model: id.clone(),
+            change: Change::Unchanged,
+            deployed: None,
+            version: version.clone(),
+            sql_diff: Vec::new(),
+            config_diff: Vec::new(),
+            because: Vec::new(),
+            inputs: model.inputs.clone(),
+        };
+        match deployed.models.get(id) {
+            None => plan.change = Change::New,
+            Some(old) => {
+                plan.deployed = Some(old.version.clone());
+                let config = config_text(model);
+                if normalized_sql(&old.sql) != normalized_sql(&model.sql) || old.config != config {
+                    plan.change = Change::Changed;
+                    plan.sql_diff = diff_lines(&old.sql, &model.sql);
+                    if old.config != config {
+                        plan.config_diff = diff_lines(&old.config, &config);
+                    }
+                } else if Some(&old.version) != version.as_ref() {
+                    plan.change = Change::Downstream;
+                    plan.because = changed_inputs(model, project, &versions, deployed);
+                }
+            }
+        }
+        plans.push(plan);
+    }
+    for (id, old) in &deployed.models {
+        if !project.models.contains_key(id) {
+            plans.push(ModelPlan {
+                model: id.clone(),
+                change: Change::Removed,
+                deployed: Some(old.version.clone()),
+                version: None,
+                sql_diff: Vec::new(),
+                config_diff: Vec::new(),
+                because: Vec::new(),
+                inputs: old.inputs.clone(),
+            });
+        }
+    }
+    plans
+}
+
+/// The inputs of `model` whose versions differ from the deployed ones.
+fn changed_inputs(
+    model: &Model,
+    project: &Project,
+    versions: &BTreeMap<String, String>,
+    deployed: &Deployment,
+) -> Vec<String> {
+    let mut changed = BTreeSet::new();
+    for input in &model.inputs {
+        match input {
+            Input::Topic(name) => {
+                let now = project.topics.get(name).map(topic_version);
+                if now.as_ref() != deployed.topics.get(name) {
+                    changed.insert(format!("topic {name}"));
+                }
+            }
+            Input::Model(id) => {
+                if versions.get(id) != deployed.models.get(id).map(|m| &m.version) {
+                    changed.insert(id.clone());
+                }
+            }
+        }
+    }
+    changed.into_iter().collect()
+}
+
+/// A line diff of `old` against `new` (longest common subsequence; model files are short).
+pub fn diff_lines(old: &str, new: &str) -> Vec<DiffLine> {
+    let a: Vec<&str> = old.lines().collect();
+    let b: Vec<&str> = new.lines().collect();
+    // lcs[i][j]: the longest common subsequence of a[i..] and b[j..].
+    let mut lcs = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for i in (0..a.len()).rev() {
+        for j in (0..b.len()).rev() {
+            lcs[i][j] = if a[i] == b[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    while i < a.len() || j < b.len() {
+        if i < a.len() && j < b.len() && a[i] == b[j] {
+            out.push(DiffLine::Same(a[i].to_owned()));
+            i += 1;
+            j += 1;
+        } else if i < a.len() && (j == b.len() || lcs[i + 1][j] >= lcs[i][j + 1]) {
+            // Removed lines first, as diffs show them.
+            out.push(DiffLine::Removed(a[i].to_owned()));
+            i += 1;
+        } else {
+            out.push(DiffLine::Added(b[j].to_owned()));
+            j += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ProjectFiles, load};
+
+    fn project(files: &[(&str, &str)]) -> Project {
+        let mut all = ProjectFiles::new();
+        all.insert("kappa.toml".into(), String::new());
+        all.insert(
+            "topics/orders.toml".into(),
+            "[schema]\nid = \"bigint\"\nregion = \"string\"\namount = \"double\"\n".into(),
+        );
+        for (path, text) in files {
+            all.insert((*path).into(), (*text).into());
+        }
+        load(&all).expect("a valid project")
+    }
+
+    const SILVER: (&str, &str) = (
+        "models/silver/orders.sql",
+        "SELECT id, region, amount FROM orders",
+    );
+    const GOLD: (&str, &str) = (
+        "models/gold/revenue.sql",
+        "SELECT region, sum(amount) AS revenue FROM silver.orders GROUP BY region",
+    );
+
+    #[test]
+    fn spacing_comments_and_keyword_case_do_not_change_a_version() {
+        let a = versions(&project(&[SILVER]));
+        let b = versions(&project(&[(
+            "models/silver/orders.sql",
+            "-- the clean orders\nselect id,\n       region, amount\n  from orders",
+        )]));
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_change_reaches_every_model_downstream() {
+        let before = versions(&project(&[SILVER, GOLD]));
+        let after = versions(&project(&[
+            (
+                "models/silver/orders.sql",
+                "SELECT id, region, amount * 2 AS amount FROM orders",
+            ),
+            GOLD,
+        ]));
+        assert_ne!(before["silver.orders"], after["silver.orders"]);
+        assert_ne!(before["gold.revenue"], after["gold.revenue"]);
+        // A topic's schema is an input too.
+        let mut files = ProjectFiles::new();
+        files.insert("kappa.toml".into(), String::new());
+        files.insert(
+            "topics/orders.toml".into(),
+            "[schema]\nid = \"bigint\"\nregion = \"string\"\namount = \"decimal(10,2)\"\n".into(),
+        );
+        files.insert(SILVER.0.into(), SILVER.1.into());
+        files.insert(GOLD.0.into(), GOLD.1.into());
+        let retyped = versions(&load(&files).expect("a valid project"));
+        assert_ne!(before["silver.orders"], retyped["silver.orders"]);
+        assert_ne!(before["gold.revenue"], retyped["gold.revenue"]);
+    }
+
+    #[test]
+    fn a_config_change_is_a_change() {
+        let before = versions(&project(&[SILVER]));
+        let after = versions(&project(&[
+            SILVER,
+            ("models/silver/orders.toml", "partition_by = [\"region\"]\n"),
+        ]));
+        assert_ne!(before["silver.orders"], after["silver.orders"]);
+    }
+
+    #[test]
+    fn normalized_sql_is_its_tokens() {
+        assert_eq!(
+            normalized_sql("select a,\n  \"B\" -- why\nFROM t where x = 'y'"),
+            "SELECT a , \"B\" FROM t WHERE x = 'y'"
+        );
+    }
+
+    #[test]
+    fn a_line_diff_keeps_the_common_lines() {
+        let diff = diff_lines("a\nb\nc\nd", "a\nc\nx\nd");
+        assert_eq!(
+            diff,
+            [
+                DiffLine::Same("a".into()),
+                DiffLine::Removed("b".into()),
+                DiffLine::Same("c".into()),
+                DiffLine::Added("x".into()),
+                DiffLine::Same("d".into()),
+            ]
+        );
+    }
+}

@@ -1,0 +1,73 @@
+//! What is deployed, kept in the data directory (`deployment.json`): the versions `kappa up`
+//! runs, which `kappa plan` compares the project folder with.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context;
+use kappa_pipeline::deploy::Deployment;
+
+/// The file in the data directory.
+pub const DEPLOYMENT_FILE: &str = "deployment.json";
+
+/// The deployment recorded in `data_dir`, if any.
+pub fn load(data_dir: &Path) -> anyhow::Result<Option<Deployment>> {
+    let path = data_dir.join(DEPLOYMENT_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .with_context(|| format!("{}: not a deployment", path.display()))
+}
+
+/// Records `deployment` in `data_dir`: written aside, synced, then renamed over the old one,
+/// so that a crash leaves the old deployment or the new one, never a mix.
+pub fn save(data_dir: &Path, deployment: &Deployment) -> anyhow::Result<()> {
+    let path = data_dir.join(DEPLOYMENT_FILE);
+    let aside = data_dir.join(format!("{DEPLOYMENT_FILE}.new"));
+    let text = serde_json::to_vec_pretty(deployment).context("serialize the deployment")?;
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&aside)?;
+        file.write_all(&text)?;
+        file.sync_all()?;
+        std::fs::rename(&aside, &path)?;
+        std::fs::File::open(data_dir)?.sync_all()
+    };
+    write().with_context(|| format!("write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_saved_deployment_reads_back_and_none_is_none() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        assert_eq!(load(dir.path()).expect("no file is no deployment"), None);
+        let mut files = kappa_pipeline::ProjectFiles::new();
+        files.insert("kappa.toml".into(), String::new());
+        files.insert(
+            "topics/orders.toml".into(),
+            "[schema]\nid = \"bigint\"\n".into(),
+        );
+        files.insert(
+            "models/silver/ids.sql".into(),
+            "SELECT id FROM orders".into(),
+        );
+        let project = kappa_pipeline::load(&files).expect("a valid project");
+        let deployment = Deployment::of(&project);
+        save(dir.path(), &deployment).expect("saved");
+        assert_eq!(load(dir.path()).expect("read back"), Some(deployment));
+        std::fs::write(dir.path().join(DEPLOYMENT_FILE), "{").expect("overwritten");
+        let error = load(dir.path())
+            .expect_err("a broken file is an error")
+            .to_string();
+        assert!(
+            error.contains("deployment.json: not a deployment"),
+            "{error}"
+        );
+    }
+}
