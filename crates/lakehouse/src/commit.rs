@@ -518,13 +518,17 @@ impl Lakehouse {
     }
 }
 
-/// Points the SQL catalog at `next` if it still points at `current`.
+/// Points the SQL catalog at `next` if it still points at `current`, and the aliases that
+/// follow the table with it, in one transaction (`alias.rs`).
 async fn swap_pointer(
     pointers: &sqlx::SqlitePool,
     ident: &TableIdent,
     current: &str,
     next: &str,
 ) -> Result<()> {
+    let failed = |e: sqlx::Error| LakehouseError::Catalog(format!("commit to {ident}: {e}"));
+    let namespace = ident.namespace().join(".");
+    let mut tx = pointers.begin().await.map_err(failed)?;
     let result = sqlx::query(
         "UPDATE iceberg_tables SET metadata_location = ?, previous_metadata_location = ? \
          WHERE catalog_name = ? AND table_namespace = ? AND table_name = ? \
@@ -533,16 +537,32 @@ async fn swap_pointer(
     .bind(next)
     .bind(current)
     .bind(crate::CATALOG_NAME)
-    .bind(ident.namespace().join("."))
+    .bind(&namespace)
     .bind(ident.name())
     .bind(current)
-    .execute(pointers)
+    .execute(&mut *tx)
     .await
-    .map_err(|e| LakehouseError::Catalog(format!("commit to {ident}: {e}")))?;
+    .map_err(failed)?;
     if result.rows_affected() == 0 {
+        // Dropping the transaction rolls it back: nothing changed.
         return Err(LakehouseError::Conflict(ident.to_string()));
     }
-    Ok(())
+    sqlx::query(
+        "UPDATE iceberg_tables SET previous_metadata_location = metadata_location, \
+         metadata_location = ? \
+         WHERE catalog_name = ? AND (table_namespace, table_name) IN \
+         (SELECT table_namespace, table_name FROM kappa_aliases \
+          WHERE catalog_name = ? AND target_namespace = ? AND target_name = ?)",
+    )
+    .bind(next)
+    .bind(crate::CATALOG_NAME)
+    .bind(crate::CATALOG_NAME)
+    .bind(&namespace)
+    .bind(ident.name())
+    .execute(&mut *tx)
+    .await
+    .map_err(failed)?;
+    tx.commit().await.map_err(failed)
 }
 
 /// Where a commit's new metadata goes.

@@ -16,7 +16,7 @@
 //! pipeline version and the consumed offsets, see the engine), so after any failure the table
 //! itself says what was committed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -41,6 +41,7 @@ use iceberg_datafusion::IcebergCatalogProvider;
 use iceberg_storage_opendal::OpenDalStorageFactory;
 use parquet::file::properties::WriterProperties;
 
+mod alias;
 pub mod commit;
 mod state;
 
@@ -410,6 +411,10 @@ impl Lakehouse {
             .connect_with(options)
             .await
             .map_err(|e| LakehouseError::Catalog(format!("open {}: {e}", db.display())))?;
+        sqlx::query(alias::ALIASES_DDL)
+            .execute(&pointers)
+            .await
+            .map_err(|e| LakehouseError::Catalog(format!("prepare {}: {e}", db.display())))?;
         // A data directory keeps its warehouse: tables written elsewhere could not be read
         // (one storage backend per catalog) and every runner would fail on them.
         let elsewhere: Option<(String, String)> = sqlx::query_as(
@@ -494,26 +499,7 @@ impl Lakehouse {
         schema: &ArrowSchema,
         partition_by: &[String],
     ) -> Result<Table> {
-        let namespace = ident.namespace().clone();
-        if !self
-            .catalog
-            .namespace_exists(&namespace)
-            .await
-            .doing(|| format!("look up namespace {namespace:?}"))?
-        {
-            // Another model may create it at the same moment: that is success too.
-            match self
-                .catalog
-                .create_namespace(&namespace, HashMap::new())
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if e.kind() == iceberg::ErrorKind::NamespaceAlreadyExists => {}
-                Err(e) => {
-                    return Err(e).doing(|| format!("create namespace {namespace:?}"));
-                }
-            }
-        }
+        self.ensure_namespace(ident.namespace()).await?;
         if self
             .catalog
             .table_exists(ident)
@@ -535,7 +521,7 @@ impl Lakehouse {
             .schema(schema)
             .partition_spec(spec)
             .build();
-        match self.catalog.create_table(&namespace, creation).await {
+        match self.catalog.create_table(ident.namespace(), creation).await {
             Err(e) if e.kind() == iceberg::ErrorKind::TableAlreadyExists => self
                 .catalog
                 .load_table(ident)
@@ -695,11 +681,16 @@ impl Lakehouse {
         Ok((schema, batches))
     }
 
-    /// A DataFusion session over the catalog as it is now.
+    /// A DataFusion session over the catalog as it is now. With the SQL catalog every table is
+    /// pinned to the metadata the catalog named in one read, so a query over several tables
+    /// sees one state of the catalog: all of a cutover or none of it (`alias.rs`).
     pub async fn session(&self) -> Result<SessionContext> {
         let config =
             SessionConfig::new().with_default_catalog_and_schema(CATALOG_NAME, UNQUALIFIED_SCHEMA);
         let ctx = SessionContext::new_with_config(config);
+        if let commit::Committer::Sql(pool) = &self.commits {
+            return self.pinned_session(ctx, pool).await;
+        }
         let iceberg = IcebergCatalogProvider::try_new(self.catalog.clone())
             .await
             .doing(|| "read the catalog".to_owned())?;
@@ -724,6 +715,66 @@ impl Lakehouse {
             if seen.get(&name) == Some(&1) {
                 let _ = unqualified.register_table(name, table);
             }
+        }
+        let _ = catalog.register_schema(UNQUALIFIED_SCHEMA, Arc::new(unqualified));
+        ctx.register_catalog(CATALOG_NAME, Arc::new(catalog));
+        Ok(ctx)
+    }
+
+    /// [`Lakehouse::session`] over the tables the SQL catalog names in one statement.
+    async fn pinned_session(
+        &self,
+        ctx: SessionContext,
+        pool: &sqlx::SqlitePool,
+    ) -> Result<SessionContext> {
+        // One statement: SQLite answers it from one state of the database.
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT table_namespace, table_name, metadata_location FROM iceberg_tables \
+             WHERE catalog_name = ? AND metadata_location IS NOT NULL \
+             AND (iceberg_type = 'TABLE' OR iceberg_type IS NULL)",
+        )
+        .bind(CATALOG_NAME)
+        .fetch_all(pool)
+        .await
+        .map_err(|e| LakehouseError::Catalog(format!("read the catalog: {e}")))?;
+        let catalog = MemoryCatalogProvider::new();
+        let mut layers: BTreeMap<String, Arc<MemorySchemaProvider>> = BTreeMap::new();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut tables: Vec<(String, Arc<dyn datafusion::catalog::TableProvider>)> = Vec::new();
+        let mut file_io = None;
+        for (namespace, name, location) in rows {
+            let ident = alias::ident(&namespace, name.clone())?;
+            let io = match &file_io {
+                Some(io) => io,
+                // The catalog's file IO, taken from a table it loads (one per catalog).
+                None => file_io.insert(self.load_table(&ident).await?.file_io().clone()),
+            };
+            let table =
+                iceberg::table::StaticTable::from_metadata_file(&location, ident, io.clone())
+                    .await
+                    .doing(|| format!("read {location}"))?
+                    .into_table();
+            let provider: Arc<dyn datafusion::catalog::TableProvider> = Arc::new(
+                iceberg_datafusion::IcebergStaticTableProvider::try_new_from_table(table)
+                    .await
+                    .doing(|| format!("read {namespace}.{name}"))?,
+            );
+            let layer = layers
+                .entry(namespace)
+                .or_insert_with(|| Arc::new(MemorySchemaProvider::new()));
+            let _ = layer.register_table(name.clone(), provider.clone());
+            *seen.entry(name.clone()).or_default() += 1;
+            tables.push((name, provider));
+        }
+        // Every table whose name is unique across layers is also reachable unqualified.
+        let unqualified = MemorySchemaProvider::new();
+        for (name, table) in tables {
+            if seen.get(&name) == Some(&1) {
+                let _ = unqualified.register_table(name, table);
+            }
+        }
+        for (layer, schema) in layers {
+            let _ = catalog.register_schema(&layer, schema);
         }
         let _ = catalog.register_schema(UNQUALIFIED_SCHEMA, Arc::new(unqualified));
         ctx.register_catalog(CATALOG_NAME, Arc::new(catalog));
