@@ -271,6 +271,10 @@ mod tests {
     use kappa_pipeline::deploy::Deployment;
 
     fn project(files: &[(&str, &str)]) -> kappa_pipeline::Project {
+        kappa_pipeline::load(&project_files(files)).expect("a valid project")
+    }
+
+    fn project_files(files: &[(&str, &str)]) -> kappa_pipeline::ProjectFiles {
         let mut all = kappa_pipeline::ProjectFiles::new();
         all.insert("kappa.toml".into(), String::new());
         all.insert(
@@ -280,12 +284,12 @@ mod tests {
         for (path, text) in files {
             all.insert((*path).into(), (*text).into());
         }
-        kappa_pipeline::load(&all).expect("a valid project")
+        all
     }
 
     /// The plan of `now` over the deployment of `before`, each replay reading `history`.
     fn rendered(before: &[(&str, &str)], now: &[(&str, &str)]) -> String {
-        let deployed = Deployment::of(&project(before));
+        let deployed = Deployment::of(&project(before), &project_files(before));
         let history = TopicHistory {
             topic: "orders".into(),
             records: 1_020_000,

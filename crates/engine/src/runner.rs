@@ -304,13 +304,42 @@ pub fn model_version(project: &Project, model_id: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Runs `model` until `stop` turns true. Errors of one commit are logged and retried; only a
-/// model that cannot run at all returns an error.
+/// The namespace of the tables versions write (`alias.rs` in the lakehouse: the public name
+/// `layer.model` follows one of them).
+pub const VERSIONS_NAMESPACE: &str = "kappa_versions";
+
+/// The table version `version` of model `layer.name` writes: `kappa_versions.layer__name__version`.
+pub fn version_table(
+    layer: &str,
+    name: &str,
+    version: &str,
+) -> kappa_lakehouse::Result<kappa_lakehouse::TableIdent> {
+    table_ident(VERSIONS_NAMESPACE, &format!("{layer}__{name}__{version}"))
+}
+
+/// Runs `model` until `stop` turns true (see [`run_version`]); its table becomes the model's
+/// public one at once when the model has none yet.
 pub async fn run_model(
     log: Arc<Log>,
     lakehouse: Lakehouse,
     project: Arc<Project>,
     model_id: String,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), RunnerError> {
+    run_version(log, lakehouse, project, model_id, true, stop).await
+}
+
+/// Runs the version of `model` that `project` holds until `stop` turns true, into its own table
+/// ([`version_table`]; with a catalog without aliases, into `layer.model` itself). With
+/// `publish_if_new`, the public name `layer.model` is pointed at that table when it names no
+/// table yet; otherwise the deploy publishes it at cutover. Errors of one commit are logged and
+/// retried; only a model that cannot run at all returns an error.
+pub async fn run_version(
+    log: Arc<Log>,
+    lakehouse: Lakehouse,
+    project: Arc<Project>,
+    model_id: String,
+    publish_if_new: bool,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), RunnerError> {
     let model = &project.models[&model_id];
@@ -392,12 +421,20 @@ pub async fn run_model(
         model: err_model(),
         source,
     })?;
-    let ident =
-        table_ident(&model.layer, &model.name).map_err(|source| RunnerError::Lakehouse {
+    let version = model_version(&project, &model_id);
+    let (public, ident) = table_ident(&model.layer, &model.name)
+        .and_then(|public| {
+            let ident = if lakehouse.supports_aliases() {
+                version_table(&model.layer, &model.name, &version)?
+            } else {
+                public.clone()
+            };
+            Ok((public, ident))
+        })
+        .map_err(|source| RunnerError::Lakehouse {
             model: err_model(),
             source,
         })?;
-    let version = model_version(&project, &model_id);
     let lake_err = |source| RunnerError::Lakehouse {
         model: model_id.clone(),
         source,
@@ -421,6 +458,20 @@ pub async fn run_model(
         tracing::warn!(model = %model_id, "the model changed since its table was written; rebuilding the table from the start of the log");
         table = lakehouse
             .replace_table(&ident, &output_schema, partition_by)
+            .await
+            .map_err(lake_err)?;
+    }
+    if publish_if_new
+        && public != ident
+        && !lakehouse
+            .aliases()
+            .await
+            .map_err(lake_err)?
+            .contains_key(&public)
+    {
+        // The model's first version: its table is the public one from the start.
+        lakehouse
+            .publish(&[(public.clone(), ident.clone())])
             .await
             .map_err(lake_err)?;
     }

@@ -104,6 +104,11 @@ impl Lakehouse {
         tx.commit().await.map_err(failed)
     }
 
+    /// Whether public names can follow other tables here (the SQL catalog; not a REST one).
+    pub fn supports_aliases(&self) -> bool {
+        matches!(self.commits, Committer::Sql(_))
+    }
+
     /// Every alias and the table it follows.
     pub async fn aliases(&self) -> Result<BTreeMap<TableIdent, TableIdent>> {
         let Committer::Sql(pool) = &self.commits else {

@@ -17,7 +17,7 @@ use sqlparser::dialect::GenericDialect;
 use sqlparser::keywords::Keyword;
 use sqlparser::tokenizer::{Token, Tokenizer};
 
-use crate::project::{Input, Model, Project, TopicSpec};
+use crate::project::{Input, Model, Project, ProjectFiles, TopicSpec};
 
 /// What is deployed: every model's version and what it was built from, and the versions of
 /// the topics they read.
@@ -27,6 +27,9 @@ pub struct Deployment {
     pub models: BTreeMap<String, DeployedModel>,
     /// By topic name.
     pub topics: BTreeMap<String, String>,
+    /// The project folder's files as deployed, to run the deployed versions again.
+    #[serde(default)]
+    pub files: ProjectFiles,
 }
 
 /// One deployed model.
@@ -41,8 +44,17 @@ pub struct DeployedModel {
 }
 
 impl Deployment {
-    /// The deployment that runs `project` as it is.
-    pub fn of(project: &Project) -> Deployment {
+    /// The project deployed, read back from its files (`None` when nothing is deployed, or
+    /// the files no longer load: a kappa that reads projects differently).
+    pub fn project(&self) -> Option<Project> {
+        if self.files.is_empty() {
+            return None;
+        }
+        crate::load(&self.files).ok()
+    }
+
+    /// The deployment that runs `project`, read from `files`.
+    pub fn of(project: &Project, files: &ProjectFiles) -> Deployment {
         let versions = versions(project);
         Deployment {
             models: project
@@ -63,6 +75,7 @@ impl Deployment {
                 .iter()
                 .map(|(name, topic)| (name.clone(), topic_version(topic)))
                 .collect(),
+            files: files.clone(),
         }
     }
 }

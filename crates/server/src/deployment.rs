@@ -58,7 +58,8 @@ mod tests {
             "SELECT id FROM orders".into(),
         );
         let project = kappa_pipeline::load(&files).expect("a valid project");
-        let deployment = Deployment::of(&project);
+        let deployment = Deployment::of(&project, &files);
+        assert_eq!(deployment.project(), Some(project));
         save(dir.path(), &deployment).expect("saved");
         assert_eq!(load(dir.path()).expect("read back"), Some(deployment));
         std::fs::write(dir.path().join(DEPLOYMENT_FILE), "{").expect("overwritten");

@@ -202,17 +202,18 @@ async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError
     .into_response())
 }
 
-/// The deployment this server runs (empty when it runs no project).
+/// What is deployed: the deployment recorded in the data directory (empty when none is).
 async fn deployment(
     State(state): State<Arc<AppState>>,
-) -> Json<kappa_pipeline::deploy::Deployment> {
-    Json(
-        state
-            .project
-            .as_deref()
-            .map(kappa_pipeline::deploy::Deployment::of)
-            .unwrap_or_default(),
-    )
+) -> Result<Json<kappa_pipeline::deploy::Deployment>, ApiError> {
+    let recorded = crate::deployment::load(&state.data_dir).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "storage_error",
+            format!("{e:#}"),
+        )
+    })?;
+    Ok(Json(recorded.unwrap_or_default()))
 }
 
 async fn sql(

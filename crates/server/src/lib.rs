@@ -95,23 +95,27 @@ impl Server {
         }
         let log = Arc::new(log);
         let project = match &config.project_dir {
-            Some(dir) => match project::check(dir).await? {
-                Ok(project) => Some(Arc::new(project)),
-                Err(diagnostics) => {
-                    let lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
-                    anyhow::bail!(
-                        "the project in {} has problems:\n{}",
-                        dir.display(),
-                        lines.join("\n")
-                    );
+            Some(dir) => {
+                let files = project::read_files(dir)?;
+                match project::check_files(&files).await {
+                    Ok(project) => Some((Arc::new(project), files)),
+                    Err(diagnostics) => {
+                        let lines: Vec<String> =
+                            diagnostics.iter().map(ToString::to_string).collect();
+                        anyhow::bail!(
+                            "the project in {} has problems:\n{}",
+                            dir.display(),
+                            lines.join("\n")
+                        );
+                    }
                 }
-            },
+            }
             None => None,
         };
         // The project says where the warehouse is; it is recorded in the data directory for
         // the commands that work on it without a project or a server.
         let warehouse = match &project {
-            Some(project) => {
+            Some((project, _)) => {
                 let section = &project.config.lakehouse;
                 kappa_lakehouse::WarehouseConfig::from_section(
                     section.catalog.as_deref(),
@@ -130,7 +134,7 @@ impl Server {
         warehouse.record(&data_dir)?;
         let mut running_project = None;
         let pipelines = match project {
-            Some(project) => {
+            Some((project, files)) => {
                 let ensured = {
                     let log = log.clone();
                     let project = project.clone();
@@ -138,14 +142,20 @@ impl Server {
                         .await
                 };
                 ensured.context("join topic creation")??;
-                // What runs is what is deployed: `kappa plan` compares the folder with it.
-                deployment::save(&data_dir, &kappa_pipeline::deploy::Deployment::of(&project))?;
+                // The folder is deployed over what ran before: the deployment is recorded (for
+                // `kappa plan`, and to run the old versions again after a restart) once its new
+                // versions serve.
+                let deployed = deployment::load(&data_dir)?.and_then(|d| d.project());
+                let record = kappa_pipeline::deploy::Deployment::of(&project, &files);
+                let recorded_in = data_dir.clone();
                 running_project = Some(project.clone());
-                Some(pipelines::Pipelines::start(
+                Some(pipelines::Pipelines::deploy(
                     log.clone(),
                     lakehouse.clone(),
                     project,
-                ))
+                    deployed.as_ref(),
+                    move || deployment::save(&recorded_in, &record),
+                )?)
             }
             None => None,
         };

@@ -42,17 +42,23 @@ pub fn read_files(dir: &Path) -> anyhow::Result<ProjectFiles> {
 pub async fn check(
     dir: &Path,
 ) -> anyhow::Result<Result<kappa_pipeline::Project, Vec<kappa_pipeline::Diagnostic>>> {
-    let files = read_files(dir)?;
-    let project = match kappa_pipeline::load(&files) {
+    Ok(check_files(&read_files(dir)?).await)
+}
+
+/// [`check`] of a project's files already read.
+pub async fn check_files(
+    files: &ProjectFiles,
+) -> Result<kappa_pipeline::Project, Vec<kappa_pipeline::Diagnostic>> {
+    let project = match kappa_pipeline::load(files) {
         Ok(project) => project,
-        Err(diagnostics) => return Ok(Err(diagnostics)),
+        Err(diagnostics) => return Err(diagnostics),
     };
     let diagnostics = kappa_engine::check::check(&project).await;
-    Ok(if diagnostics.is_empty() {
+    if diagnostics.is_empty() {
         Ok(project)
     } else {
         Err(diagnostics)
-    })
+    }
 }
 
 /// Entry names of a directory, sorted; none when it does not exist.

@@ -745,7 +745,8 @@ fn serve_amounts_from(s3: &kappa_testkit::python::S3Server, lakehouse: &str) -> 
          s3 = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
              aws_access_key_id='kappa', aws_secret_access_key='kappa')\n\
          keys = [o['Key'] for o in s3.list_objects_v2(Bucket='shop-lake').get('Contents', [])]\n\
-         print(sum(1 for k in keys if k.startswith('tables/silver/amounts/data/')))",
+         print(sum(1 for k in keys if '/data/' in k and (k.startswith('tables/silver/amounts/')\n\
+             or k.startswith('tables/kappa_versions/silver__amounts__'))))",
         &[&s3.endpoint],
     );
     assert!(listed.trim().parse::<usize>().unwrap() > 0, "{listed}");
@@ -873,4 +874,112 @@ fn plan_compares_the_folder_with_what_up_deployed() {
     // Without the server, the data directory's record says the same.
     let (stopped, _) = plan();
     assert_eq!(changes(&stopped), changes(&live));
+}
+
+/// A changed model, deployed by restarting `kappa up` on the edited folder: its new version
+/// replays into a table of its own while the old one keeps serving, then its public name
+/// switches; `kappa plan` shows nothing left to deploy, the unchanged upstream model kept its
+/// table, and the answer equals the same computation done another way.
+#[test]
+fn a_changed_model_replays_beside_the_old_one_then_serves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    init(&dir);
+    let data = dir.join(".kappa");
+    std::fs::create_dir_all(&data).unwrap();
+    let project = dir.to_str().unwrap();
+    let models = walk_sql(&dir.join("models"));
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    produce_example_orders(&data, &dir);
+    crate::wait_caught_up(&data, project, models, std::time::Duration::from_secs(60));
+    let query = |sql: &str| -> serde_json::Value {
+        let out = kappa(&data, &["--project", project, "sql", sql, "--json"], None);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()["rows"].clone()
+    };
+    let revenue = "SELECT CAST(sum(revenue) AS VARCHAR) FROM gold.revenue_by_region";
+    let before = query(revenue);
+    let silver_tables = |data: &std::path::Path| -> Vec<String> {
+        let db = catalog_tables(data);
+        db.into_iter()
+            .filter(|t| t.starts_with("kappa_versions.silver__orders__"))
+            .collect()
+    };
+    let silver_before = silver_tables(&data);
+    assert_eq!(silver_before.len(), 1, "{silver_before:?}");
+    assert!(up.terminate().unwrap().success());
+
+    // v2 doubles the revenue; the server restarts on the edited folder.
+    let region = dir.join("models/gold/revenue_by_region.sql");
+    let sql = std::fs::read_to_string(&region).unwrap();
+    std::fs::write(
+        &region,
+        sql.replace("sum(amount) AS revenue", "2 * sum(amount) AS revenue"),
+    )
+    .unwrap();
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    // Until the cutover readers get v1's answer, then v2's; never anything else.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let doubled = loop {
+        let now = query(revenue);
+        if now != before {
+            break now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never cut over: {now}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    // Computed another way: twice the sum over the clean orders.
+    let oracle = query("SELECT CAST(2 * sum(amount) AS VARCHAR) FROM silver.orders");
+    assert_eq!(doubled, oracle);
+    // The deployment is recorded: nothing left to deploy.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = kappa(&data, &["--project", project, "plan", "--json"], None);
+        let plan: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        if plan["summary"]["replaying"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not recorded: {plan}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The unchanged upstream model kept its version's table.
+    assert_eq!(silver_tables(&data), silver_before);
+    assert!(up.terminate().unwrap().success());
+    let log = std::fs::read_to_string(data.with_extension("stderr")).unwrap();
+    let replaying = log
+        .find("new versions replay beside the live ones")
+        .expect(&log);
+    let cut = log.find("cut over: the new versions serve").expect(&log);
+    assert!(replaying < cut, "{log}");
+    assert!(log.contains("gold.revenue_by_region"), "{log}");
+    // External readers see the new version under the public name.
+    let out = kappa_testkit::python::run_python(
+        kappa_testkit::python::READ_TABLE_SCRIPT,
+        &[data.to_str().unwrap(), "gold.revenue_by_region"],
+    );
+    let read: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(read["pyiceberg"], read["duckdb"], "{out}");
+    let total: f64 = read["pyiceberg"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["revenue"].as_str().unwrap().parse::<f64>().unwrap())
+        .sum();
+    let expected: f64 = oracle[0][0].as_str().unwrap().parse().unwrap();
+    assert!((total - expected).abs() < 1e-6, "{total} vs {expected}");
+}
+
+/// The tables of the SQL catalog in `data` (`namespace.name`), read by Python's sqlite3.
+fn catalog_tables(data: &std::path::Path) -> Vec<String> {
+    let out = kappa_testkit::python::run_python(
+        "import sqlite3, sys\n\
+         db = sqlite3.connect(sys.argv[1])\n\
+         for ns, name in db.execute('SELECT table_namespace, table_name FROM iceberg_tables'):\n\
+         \x20   print(f'{ns}.{name}')",
+        &[data.join("catalog.db").to_str().unwrap()],
+    );
+    out.lines().map(str::to_owned).collect()
 }
