@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod consume;
 mod demo;
+mod deploy;
 mod fmt;
 mod plan;
 mod produce;
@@ -75,6 +76,9 @@ enum Command {
     /// Compare the project folder with what is deployed: new, changed (with the diff),
     /// downstream of a change, unchanged and removed models, and the history each replay reads.
     Plan(plan::PlanArgs),
+    /// Deploy the project folder to the running `kappa up`: changed models (and what reads
+    /// them) replay as new versions while the live ones serve, then all switch at once.
+    Deploy(deploy::DeployArgs),
     /// Run a self-contained demonstration and print its figures.
     Demo(demo::DemoArgs),
 }
@@ -148,6 +152,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sql(args) => sql::run(&global, args).await,
         Command::Status(args) => status::run(&global, args).await,
         Command::Plan(args) => plan::run(&global, args).await,
+        Command::Deploy(args) => deploy::run(&global, args).await,
         Command::Demo(args) => demo::run(args).await,
     }
 }

@@ -336,6 +336,38 @@ impl Client {
         }
     }
 
+    /// Asks the running `kappa up` to deploy its project folder; returns the models that
+    /// replay. A deploy needs the server: its runners are the ones that keep serving.
+    pub async fn deploy(&self) -> Result<Vec<String>, ClientError> {
+        match self {
+            Client::Http { base, http } => {
+                #[derive(serde::Deserialize)]
+                struct Deployed {
+                    replaying: Vec<String>,
+                }
+                let deployed: Deployed =
+                    decode(http.post(format!("{base}/v1/deploy")).send().await).await?;
+                Ok(deployed.replaying)
+            }
+            Client::Direct { log } => Err(ClientError::Transport(format!(
+                "no kappa up serves {}: a deploy happens in a running server (`kappa up` \
+                 deploys the folder when it starts)",
+                log.dir().parent().unwrap_or(log.dir()).display()
+            ))),
+        }
+    }
+
+    /// The deploy in progress in the running `kappa up` (idle without one).
+    pub async fn deploy_progress(&self) -> Result<crate::deployer::DeployProgress, ClientError> {
+        match self {
+            Client::Http { .. } => self.get_json("/v1/deploy").await,
+            Client::Direct { .. } => Ok(crate::deployer::DeployProgress {
+                state: "idle".into(),
+                models: Vec::new(),
+            }),
+        }
+    }
+
     /// Closes the data directory (direct clients); a no-op over HTTP.
     pub async fn close(self) -> anyhow::Result<()> {
         if let Client::Direct { log } = self {

@@ -28,6 +28,7 @@ pub(crate) fn router(state: Arc<AppState>) -> axum::Router {
         .route("/v1/sql", post(sql))
         .route("/v1/status", get(status))
         .route("/v1/deployment", get(deployment))
+        .route("/v1/deploy", get(deploy_progress).post(deploy))
         .route("/v1/topics", get(list_topics).post(create_topic))
         .route("/v1/topics/{topic}", get(describe_topic))
         .route("/v1/topics/{topic}/records", post(produce))
@@ -194,8 +195,12 @@ async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError
         service::status(
             &state.log,
             &state.lakehouse,
-            state.project.as_deref(),
-            state.runners.as_ref(),
+            state
+                .deployer
+                .as_ref()
+                .and_then(|d| d.live_project())
+                .as_deref(),
+            state.deployer.as_ref().and_then(|d| d.states()).as_ref(),
         )
         .await?,
     )
@@ -214,6 +219,61 @@ async fn deployment(
         )
     })?;
     Ok(Json(recorded.unwrap_or_default()))
+}
+
+/// Deploys the project folder `kappa up` runs from: `{"replaying": [models]}` (empty when the
+/// folder went live at once).
+async fn deploy(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let (Some(deployer), Some(dir)) = (&state.deployer, &state.config.project_dir) else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_project",
+            "this kappa up runs no project folder (start it in one, or with --project DIR)".into(),
+        ));
+    };
+    let internal = |e: anyhow::Error| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("{e:#}"),
+        )
+    };
+    let files = crate::project::read_files(dir).map_err(internal)?;
+    let project = match crate::project::check_files(&files).await {
+        Ok(project) => Arc::new(project),
+        Err(diagnostics) => {
+            let lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "project_problems",
+                format!(
+                    "the project in {} has problems:\n{}",
+                    dir.display(),
+                    lines.join("\n")
+                ),
+            ));
+        }
+    };
+    let ensured = {
+        let (log, project) = (state.log.clone(), project.clone());
+        tokio::task::spawn_blocking(move || crate::pipelines::ensure_topics(&log, &project)).await
+    };
+    ensured.map_err(|e| internal(e.into()))?.map_err(internal)?;
+    let replaying = deployer.deploy(project, files).await.map_err(internal)?;
+    Ok(Json(serde_json::json!({ "replaying": replaying })).into_response())
+}
+
+/// The deploy in progress (`{"state": "idle"}` when none is).
+async fn deploy_progress(
+    State(state): State<Arc<AppState>>,
+) -> Json<crate::deployer::DeployProgress> {
+    Json(match &state.deployer {
+        Some(deployer) => deployer.progress().await,
+        None => crate::deployer::DeployProgress {
+            state: "idle".into(),
+            models: Vec::new(),
+        },
+    })
 }
 
 async fn sql(

@@ -11,6 +11,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod deployer;
 pub mod deployment;
 pub mod http;
 pub mod ingest;
@@ -54,10 +55,8 @@ pub struct AppState {
     pub ingest_budget: Arc<tokio::sync::Semaphore>,
     /// The Iceberg tables.
     pub lakehouse: kappa_lakehouse::Lakehouse,
-    /// The project `kappa up` runs, if any.
-    pub project: Option<Arc<kappa_pipeline::Project>>,
-    /// Its runners' states.
-    pub runners: Option<pipelines::RunnerStates>,
+    /// The project `kappa up` runs (if any), its runners and deploys.
+    pub deployer: Option<Arc<deployer::Deployer>>,
 }
 
 impl AppState {
@@ -79,7 +78,7 @@ pub struct Server {
     listener: tokio::net::TcpListener,
     http_addr: SocketAddr,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
-    pipelines: Option<pipelines::Pipelines>,
+    deployer: Option<Arc<deployer::Deployer>>,
 }
 
 impl Server {
@@ -132,8 +131,7 @@ impl Server {
             .context("open the Iceberg catalog")?;
         // Recorded once it opened: a refused warehouse must not become the directory's.
         warehouse.record(&data_dir)?;
-        let mut running_project = None;
-        let pipelines = match project {
+        let deployer = match project {
             Some((project, files)) => {
                 let ensured = {
                     let log = log.clone();
@@ -142,20 +140,17 @@ impl Server {
                         .await
                 };
                 ensured.context("join topic creation")??;
-                // The folder is deployed over what ran before: the deployment is recorded (for
-                // `kappa plan`, and to run the old versions again after a restart) once its new
-                // versions serve.
-                let deployed = deployment::load(&data_dir)?.and_then(|d| d.project());
-                let record = kappa_pipeline::deploy::Deployment::of(&project, &files);
-                let recorded_in = data_dir.clone();
-                running_project = Some(project.clone());
-                Some(pipelines::Pipelines::deploy(
-                    log.clone(),
-                    lakehouse.clone(),
-                    project,
-                    deployed.as_ref(),
-                    move || deployment::save(&recorded_in, &record),
-                )?)
+                // The folder is deployed over what the data directory records as deployed.
+                Some(
+                    deployer::Deployer::start(
+                        log.clone(),
+                        lakehouse.clone(),
+                        data_dir.clone(),
+                        project,
+                        files,
+                    )
+                    .await?,
+                )
             }
             None => None,
         };
@@ -179,15 +174,14 @@ impl Server {
             shutdown,
             ingest_budget: Arc::new(tokio::sync::Semaphore::new(ingest_budget_kib)),
             lakehouse,
-            runners: pipelines.as_ref().map(pipelines::Pipelines::states),
-            project: running_project,
+            deployer: deployer.clone(),
         });
         Ok(Server {
             state,
             listener,
             http_addr,
             shutdown_tx,
-            pipelines,
+            deployer,
         })
     }
 
@@ -218,8 +212,8 @@ impl Server {
         let served = axum::serve(self.listener, router)
             .with_graceful_shutdown(signal)
             .await;
-        if let Some(pipelines) = self.pipelines {
-            pipelines.stop().await;
+        if let Some(deployer) = self.deployer {
+            deployer.stop().await;
         }
         let _ = std::fs::remove_file(self.state.data_dir.join(SERVER_FILE));
         let log = self.state.log.clone();

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kappa_engine::runner::{OFFSETS_PROPERTY, Offsets, RunnerError, run_version, version_table};
+use kappa_engine::runner::{RunnerError, run_version};
 use kappa_lakehouse::Lakehouse;
 use kappa_log::{FsyncPolicy, Log, TopicConfig};
 use kappa_pipeline::Project;
@@ -74,7 +74,7 @@ impl RunnerStates {
     }
 }
 
-/// The running model runners, and the cutover a deploy waits for.
+/// A set of running model runners, stopped together.
 #[derive(Debug)]
 pub struct Pipelines {
     stop: tokio::sync::watch::Sender<bool>,
@@ -91,7 +91,7 @@ impl Pipelines {
     }
 
     /// Starts a runner for each of `models` of `project` (their versions, into their tables).
-    fn start_versions(
+    pub(crate) fn start_versions(
         log: Arc<Log>,
         lakehouse: Lakehouse,
         project: Arc<Project>,
@@ -122,70 +122,9 @@ impl Pipelines {
         }
     }
 
-    /// Runs `project` over what `deployed` ran. Models whose version is deployed go on; changed
-    /// and new ones run as new versions into new tables, replaying their inputs, while the
-    /// deployed versions of the changed ones keep running and serving. Once every new version
-    /// has caught up, one transaction points all their public names at the new tables
-    /// (`Lakehouse::publish`), the old versions stop, and `on_cutover` records the deployment.
-    /// With nothing deployed, every model's table is public from the start.
-    pub fn deploy(
-        log: Arc<Log>,
-        lakehouse: Lakehouse,
-        project: Arc<Project>,
-        deployed: Option<&Project>,
-        on_cutover: impl FnOnce() -> anyhow::Result<()> + Send + 'static,
-    ) -> anyhow::Result<Pipelines> {
-        let Some(deployed) = deployed.filter(|_| lakehouse.supports_aliases()) else {
-            on_cutover()?;
-            return Ok(Pipelines::start(log, lakehouse, project));
-        };
-        let versions = kappa_pipeline::deploy::versions(&project);
-        let before = kappa_pipeline::deploy::versions(deployed);
-        let replaying: Vec<String> = project
-            .order
-            .iter()
-            .filter(|id| versions.get(*id) != before.get(*id))
-            .cloned()
-            .collect();
-        if replaying.is_empty() {
-            on_cutover()?;
-            return Ok(Pipelines::start(log, lakehouse, project));
-        }
-        tracing::info!(models = ?replaying, "deploying: new versions replay beside the live ones");
-        // A model whose version is deployed keeps its public table (or gets one, if it never
-        // had); the others' public names wait for the cutover.
-        let mut pipelines = Pipelines::start_versions(
-            log.clone(),
-            lakehouse.clone(),
-            project.clone(),
-            &project.order,
-            &|id| !replaying.iter().any(|r| r == id),
-        );
-        // The live versions of the changed models keep running until the cutover.
-        let live: Vec<String> = replaying
-            .iter()
-            .filter(|id| deployed.models.contains_key(*id))
-            .cloned()
-            .collect();
-        let old = Pipelines::start_versions(
-            log.clone(),
-            lakehouse.clone(),
-            Arc::new(deployed.clone()),
-            &live,
-            &|_| false,
-        );
-        let stopped = pipelines.stop.subscribe();
-        let cutover = tokio::spawn(async move {
-            if let Err(e) = cut_over(
-                &log, &lakehouse, &project, &replaying, old, stopped, on_cutover,
-            )
-            .await
-            {
-                tracing::error!(error = %format!("{e:#}"), "the cutover failed; the deployed versions keep serving");
-            }
-        });
-        pipelines.tasks.push(("(cutover)".to_owned(), cutover));
-        Ok(pipelines)
+    /// Turns true when the runners are told to stop.
+    pub(crate) fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stop.subscribe()
     }
 
     /// What every runner is doing.
@@ -202,110 +141,6 @@ impl Pipelines {
             }
         }
     }
-}
-
-/// How often a deploy looks whether its new versions caught up.
-const CUTOVER_CHECK_MS: u64 = 200;
-
-/// Waits until every model of `replaying` has committed, in its version's table, every record
-/// its topics held at the previous check (so its lag is within a check and a commit interval),
-/// then publishes their public names together, stops `old` and calls `on_cutover`. Returns
-/// early, stopping `old`, when `stopped` turns true.
-async fn cut_over(
-    log: &Log,
-    lakehouse: &Lakehouse,
-    project: &Project,
-    replaying: &[String],
-    old: Pipelines,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
-    on_cutover: impl FnOnce() -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    let versions = kappa_pipeline::deploy::versions(project);
-    let mut switches = Vec::new();
-    for id in replaying {
-        let model = &project.models[id];
-        let version = versions.get(id).cloned().unwrap_or_default();
-        switches.push((
-            id.clone(),
-            kappa_lakehouse::table_ident(&model.layer, &model.name)?,
-            version_table(&model.layer, &model.name, &version)?,
-        ));
-    }
-    let mut ends_before: Option<BTreeMap<String, Offsets>> = None;
-    loop {
-        if *stopped.borrow() {
-            old.stop().await;
-            return Ok(());
-        }
-        let ends = topic_ends(log, project, replaying);
-        if let Some(before) = &ends_before {
-            let mut all = true;
-            for (id, _, table) in &switches {
-                all &= caught_up(lakehouse, table, &before[id]).await;
-            }
-            if all {
-                let pairs: Vec<_> = switches
-                    .iter()
-                    .map(|(_, public, table)| (public.clone(), table.clone()))
-                    .collect();
-                lakehouse.publish(&pairs).await?;
-                tracing::info!(models = ?replaying, "cut over: the new versions serve");
-                old.stop().await;
-                return on_cutover();
-            }
-        }
-        ends_before = Some(ends);
-        tokio::select! {
-            () = tokio::time::sleep(std::time::Duration::from_millis(CUTOVER_CHECK_MS)) => {}
-            _ = stopped.changed() => {}
-        }
-    }
-}
-
-/// The end of every partition of each model's source topics, by model.
-fn topic_ends(log: &Log, project: &Project, models: &[String]) -> BTreeMap<String, Offsets> {
-    models
-        .iter()
-        .map(|id| {
-            let mut ends = Offsets::new();
-            for name in project.source_topics(id) {
-                if let Ok(topic) = log.topic(&name) {
-                    let partitions = topic
-                        .partitions()
-                        .iter()
-                        .map(|p| (p.id(), p.offsets().visible_offset))
-                        .collect();
-                    ends.insert(name, partitions);
-                }
-            }
-            (id.clone(), ends)
-        })
-        .collect()
-}
-
-/// Whether the last commit of `table` passed every offset of `ends`.
-async fn caught_up(
-    lakehouse: &Lakehouse,
-    table: &kappa_lakehouse::TableIdent,
-    ends: &Offsets,
-) -> bool {
-    let committed: Offsets = match lakehouse.last_commit(table).await {
-        Ok(Some(properties)) => properties
-            .get(OFFSETS_PROPERTY)
-            .and_then(|o| serde_json::from_str(o).ok())
-            .unwrap_or_default(),
-        // No commit yet: caught up only with empty topics.
-        _ => Offsets::new(),
-    };
-    ends.iter().all(|(topic, partitions)| {
-        partitions.iter().all(|(partition, end)| {
-            *end == 0
-                || committed
-                    .get(topic)
-                    .and_then(|c| c.get(partition))
-                    .is_some_and(|next| next >= end)
-        })
-    })
 }
 
 /// One model's runner: restarted after a failure (from its last commit, after a pause) until

@@ -983,3 +983,122 @@ fn catalog_tables(data: &std::path::Path) -> Vec<String> {
     );
     out.lines().map(str::to_owned).collect()
 }
+
+/// `kappa deploy --wait` on a running `kappa up`: a change to the silver model replays it and
+/// both gold models that read it as new versions, then switches all three at once. Readers
+/// querying the two gold tables together over HTTP all along (≥ 1,000 queries) get the old
+/// answer or the new one, never a mix.
+#[test]
+fn kappa_deploy_switches_every_table_at_once_while_readers_query() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    init(&dir);
+    let data = dir.join(".kappa");
+    std::fs::create_dir_all(&data).unwrap();
+    let project = dir.to_str().unwrap();
+    let models = walk_sql(&dir.join("models"));
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    let products = dir.join("data/products.ndjson");
+    let out = kappa(
+        &data,
+        &[
+            "produce",
+            "products",
+            products.to_str().unwrap(),
+            "--key",
+            "product_id",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    produce_example_orders(&data, &dir);
+    crate::wait_caught_up(&data, project, models, std::time::Duration::from_secs(60));
+
+    const BOTH: &str = "SELECT CAST((SELECT sum(revenue) FROM gold.revenue_by_region) AS VARCHAR) \
+                        AS r, CAST((SELECT sum(revenue) FROM gold.revenue_by_category) AS VARCHAR) AS c";
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = runtime
+        .block_on(kappa_server::client::connect(&data, None))
+        .unwrap();
+    let ask = |client: kappa_server::client::Client| async move {
+        let rows = client.sql(BOTH).await.unwrap().rows;
+        (rows[0][0].clone(), rows[0][1].clone())
+    };
+    let before = runtime.block_on(ask(client.clone()));
+    assert_eq!(before.0, before.1, "one version's two tables agree");
+
+    // v2 of silver.orders doubles every amount.
+    let silver = dir.join("models/silver/orders.sql");
+    let sql = std::fs::read_to_string(&silver).unwrap();
+    std::fs::write(
+        &silver,
+        sql.replace(
+            "quantity * unit_price AS amount",
+            "2 * quantity * unit_price AS amount",
+        ),
+    )
+    .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, stop, asked) = (client.clone(), stop.clone(), asked.clone());
+            runtime.spawn(async move {
+                let mut answers = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    answers.push(ask(client.clone()).await);
+                    asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                answers
+            })
+        })
+        .collect();
+    let out = kappa(
+        &data,
+        &["--project", project, "deploy", "--wait", "--json"],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deployed: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(deployed["cut_over"], true, "{deployed}");
+    let mut replayed: Vec<&str> = deployed["replaying"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    replayed.sort_unstable();
+    assert_eq!(
+        replayed,
+        [
+            "gold.revenue_by_category",
+            "gold.revenue_by_region",
+            "silver.orders"
+        ]
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let after = runtime.block_on(ask(client.clone()));
+    assert_ne!(after, before, "the new versions serve");
+    // Readers go on until a thousand answers in all.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while asked.load(std::sync::atomic::Ordering::Relaxed) < 1000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the readers are too slow"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answers = Vec::new();
+    for reader in readers {
+        answers.extend(runtime.block_on(reader).unwrap());
+    }
+    let mixed: Vec<_> = answers
+        .iter()
+        .filter(|a| a.0 != a.1 || (**a != before && **a != after))
+        .collect();
+    assert!(mixed.is_empty(), "mixed answers: {mixed:?}");
+    assert!(answers.contains(&before) && answers.contains(&after));
+    assert!(answers.len() >= 1000, "only {} answers", answers.len());
+    assert!(up.terminate().unwrap().success());
+}

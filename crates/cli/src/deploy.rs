@@ -1,0 +1,143 @@
+//! `kappa deploy`: the running `kappa up` deploys its project folder — changed models replay as
+//! new versions beside the live ones, then every public name switches at once.
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use crate::fmt::thousands;
+use crate::{Global, print_json};
+
+#[derive(Debug, Args)]
+pub(crate) struct DeployArgs {
+    /// Wait for the cutover, showing each replay's progress (a bar in a terminal, a line a
+    /// second otherwise).
+    #[arg(long)]
+    wait: bool,
+    /// Print JSON: {"replaying": [models], "cut_over": bool, "seconds": s}.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) async fn run(global: &Global, args: DeployArgs) -> anyhow::Result<()> {
+    let client = global.connect().await?;
+    let started = Instant::now();
+    let result = deploy(&client, &args).await;
+    client.close().await?;
+    let (replaying, cut_over) = result?;
+    if args.json {
+        print_json(&serde_json::json!({
+            "replaying": replaying,
+            "cut_over": cut_over,
+            "seconds": started.elapsed().as_secs_f64(),
+        }))
+    } else {
+        if cut_over {
+            println!(
+                "cut over in {:.1} s: the new versions serve",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Starts the deploy and, with `--wait`, follows it to the cutover. Returns the replaying
+/// models and whether the new versions serve.
+async fn deploy(
+    client: &kappa_server::client::Client,
+    args: &DeployArgs,
+) -> anyhow::Result<(Vec<String>, bool)> {
+    let replaying = client.deploy().await?;
+    if replaying.is_empty() {
+        if !args.json {
+            println!("deployed: no model replays, the project serves as it is");
+        }
+        return Ok((replaying, true));
+    }
+    if !args.json {
+        println!(
+            "deploying: {} replay from the beginning",
+            replaying.join(", ")
+        );
+    }
+    if !args.wait {
+        if !args.json {
+            println!(
+                "the live versions serve until the new ones catch up (`kappa deploy --wait` follows it)"
+            );
+        }
+        return Ok((replaying, false));
+    }
+    let terminal = std::io::stdout().is_terminal() && !args.json;
+    let mut last: Option<(Instant, u64)> = None;
+    let mut last_line = Instant::now() - Duration::from_secs(1);
+    loop {
+        let progress = client.deploy_progress().await?;
+        if progress.state == "idle" {
+            if terminal {
+                println!();
+            }
+            return Ok((replaying, true));
+        }
+        let done: u64 = progress.models.iter().map(|m| m.records_done).sum();
+        let total: u64 = progress.models.iter().map(|m| m.records_total).sum();
+        let now = Instant::now();
+        let rate = last.map(|(at, before)| {
+            done.saturating_sub(before) as f64 / now.duration_since(at).as_secs_f64().max(1e-3)
+        });
+        let line = progress_line(done, total, rate);
+        if terminal {
+            print!("\r{line:<100}");
+            let _ = std::io::stdout().flush();
+        } else if !args.json && now.duration_since(last_line) >= Duration::from_secs(1) {
+            println!("{line}");
+            last_line = now;
+        }
+        last = Some((now, done));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `[#####     ] 52% · 530,000 of 1,020,000 records · 480,000 records/s · ETA 1 s`.
+fn progress_line(done: u64, total: u64, rate: Option<f64>) -> String {
+    let share = if total == 0 {
+        1.0
+    } else {
+        done as f64 / total as f64
+    };
+    let filled = (share * 20.0).round() as usize;
+    let bar: String = (0..20)
+        .map(|i| if i < filled { '#' } else { ' ' })
+        .collect();
+    let mut line = format!(
+        "[{bar}] {:>3.0}% · {} of {} records",
+        share * 100.0,
+        thousands(done),
+        thousands(total)
+    );
+    if let Some(rate) = rate.filter(|r| *r > 0.0) {
+        let left = total.saturating_sub(done) as f64 / rate;
+        line.push_str(&format!(
+            " · {} records/s · ETA {left:.0} s",
+            thousands(rate as u64)
+        ));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_progress_line_has_the_share_the_rate_and_what_is_left() {
+        assert_eq!(
+            super::progress_line(530_000, 1_020_000, Some(490_000.0)),
+            "[##########          ]  52% · 530,000 of 1,020,000 records · 490,000 records/s · ETA 1 s"
+        );
+        assert_eq!(
+            super::progress_line(0, 0, None),
+            "[####################] 100% · 0 of 0 records"
+        );
+    }
+}

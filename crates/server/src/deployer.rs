@@ -1,0 +1,370 @@
+//! Deploys inside `kappa up`: the live project's runners, and a deploy in progress — new
+//! versions replaying beside the live ones until one transaction switches their public names.
+//!
+//! ```text
+//! deploy(P) ──► runners of P's changed models (new versions, new tables) ──► caught up?
+//!      live runners (the deployed project) keep running and serving         │ every 200 ms
+//!                                                                           ▼
+//!         publish(all public names) · stop old runners · start P's runners · record P
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kappa_engine::runner::{OFFSETS_PROPERTY, Offsets, version_table};
+use kappa_lakehouse::{Lakehouse, TableIdent};
+use kappa_log::Log;
+use kappa_pipeline::deploy::Deployment;
+use kappa_pipeline::{Project, ProjectFiles};
+use serde::{Deserialize, Serialize};
+
+use crate::deployment;
+use crate::pipelines::{Pipelines, RunnerStates};
+
+/// How often a deploy looks whether its new versions caught up.
+const CUTOVER_CHECK_MS: u64 = 200;
+
+/// The project `kappa up` runs and the deploy in progress, if any.
+#[derive(Debug)]
+pub struct Deployer {
+    log: Arc<Log>,
+    lakehouse: Lakehouse,
+    data_dir: PathBuf,
+    inner: tokio::sync::Mutex<Inner>,
+    /// The live project and its runners' states, for status (read without waiting on a
+    /// deploy).
+    live: std::sync::RwLock<Option<(Arc<Project>, RunnerStates)>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    live: Option<Pipelines>,
+    pending: Option<Pending>,
+}
+
+/// A deploy waiting for its new versions.
+#[derive(Debug)]
+struct Pending {
+    project: Arc<Project>,
+    replaying: Vec<String>,
+    runners: Pipelines,
+    cutover: tokio::task::JoinHandle<()>,
+}
+
+/// What a deploy is doing, as `GET /v1/deploy` reports it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeployProgress {
+    /// `idle` (nothing to deploy) or `replaying`.
+    pub state: String,
+    /// The new versions replaying: how many of their input records they committed.
+    pub models: Vec<ReplayProgress>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplayProgress {
+    pub model: String,
+    pub version: String,
+    pub records_done: u64,
+    pub records_total: u64,
+}
+
+impl Deployer {
+    /// Runs what `data_dir` records as deployed, then deploys `project` (read from `files`)
+    /// over it: at once when nothing was deployed, otherwise beside it until the cutover.
+    pub async fn start(
+        log: Arc<Log>,
+        lakehouse: Lakehouse,
+        data_dir: PathBuf,
+        project: Arc<Project>,
+        files: ProjectFiles,
+    ) -> anyhow::Result<Arc<Deployer>> {
+        let deployer = Arc::new(Deployer {
+            log,
+            lakehouse,
+            data_dir,
+            inner: tokio::sync::Mutex::new(Inner::default()),
+            live: std::sync::RwLock::new(None),
+        });
+        let deployed = deployment::load(&deployer.data_dir)?.and_then(|d| d.project());
+        if let Some(deployed) = deployed {
+            let mut inner = deployer.inner.lock().await;
+            deployer.go_live(&mut inner, Arc::new(deployed));
+        }
+        deployer.deploy(project, files).await?;
+        Ok(deployer)
+    }
+
+    /// Deploys `project` (read from `files`): the models whose version is not live start as
+    /// new versions replaying from the beginning; once all have caught up, their public names
+    /// switch together and the project is recorded. A deploy in progress is replaced. Returns
+    /// the models that replay.
+    pub async fn deploy(
+        self: &Arc<Self>,
+        project: Arc<Project>,
+        files: ProjectFiles,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut inner = self.inner.lock().await;
+        if let Some(pending) = inner.pending.take() {
+            tracing::info!(models = ?pending.replaying, "a new deploy replaces the one in progress");
+            pending.cutover.abort();
+            pending.runners.stop().await;
+        }
+        let record = Deployment::of(&project, &files);
+        let live = self.live_project();
+        let replaying: Vec<String> = match &live {
+            Some(live) => {
+                let before = kappa_pipeline::deploy::versions(live);
+                let after = kappa_pipeline::deploy::versions(&project);
+                project
+                    .order
+                    .iter()
+                    .filter(|id| after.get(*id) != before.get(*id))
+                    .cloned()
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let same_models = live
+            .as_ref()
+            .is_some_and(|l| l.models.keys().eq(project.models.keys()));
+        if replaying.is_empty() && same_models && inner.live.is_some() {
+            // The same versions (the files may differ in spacing or comments).
+            if let Ok(mut live) = self.live.write()
+                && let Some((running, _)) = live.as_mut()
+            {
+                *running = project;
+            }
+            deployment::save(&self.data_dir, &record)?;
+            return Ok(replaying);
+        }
+        // Nothing live (the first deploy), nothing to replay, or a catalog without aliases
+        // (whose tables are rebuilt in place): the project goes live at once.
+        if live.is_none() || replaying.is_empty() || !self.lakehouse.supports_aliases() {
+            if let Some(old) = inner.live.take() {
+                old.stop().await;
+            }
+            self.go_live(&mut inner, project);
+            deployment::save(&self.data_dir, &record)?;
+            return Ok(replaying);
+        }
+        tracing::info!(models = ?replaying, "deploying: new versions replay beside the live ones");
+        let runners = Pipelines::start_versions(
+            self.log.clone(),
+            self.lakehouse.clone(),
+            project.clone(),
+            &replaying,
+            &|_| false,
+        );
+        let stopped = runners.stopping();
+        let cutover = tokio::spawn({
+            let deployer = self.clone();
+            let (project, replaying) = (project.clone(), replaying.clone());
+            async move {
+                if let Err(e) = deployer
+                    .cut_over(project, &replaying, record, stopped)
+                    .await
+                {
+                    tracing::error!(error = %format!("{e:#}"), "the cutover failed; the deployed versions keep serving");
+                }
+            }
+        });
+        inner.pending = Some(Pending {
+            project,
+            replaying: replaying.clone(),
+            runners,
+            cutover,
+        });
+        Ok(replaying)
+    }
+
+    /// The project whose versions serve, if any.
+    pub fn live_project(&self) -> Option<Arc<Project>> {
+        self.live
+            .read()
+            .ok()
+            .and_then(|live| live.as_ref().map(|(p, _)| p.clone()))
+    }
+
+    /// What the live runners are doing.
+    pub fn states(&self) -> Option<RunnerStates> {
+        self.live
+            .read()
+            .ok()
+            .and_then(|live| live.as_ref().map(|(_, s)| s.clone()))
+    }
+
+    /// The deploy in progress: each new version's committed input records of its total.
+    pub async fn progress(&self) -> DeployProgress {
+        let (project, replaying) = {
+            let inner = self.inner.lock().await;
+            match &inner.pending {
+                Some(p) => (p.project.clone(), p.replaying.clone()),
+                None => {
+                    return DeployProgress {
+                        state: "idle".into(),
+                        models: Vec::new(),
+                    };
+                }
+            }
+        };
+        let versions = kappa_pipeline::deploy::versions(&project);
+        let ends = topic_ends(&self.log, &project, &replaying);
+        let mut models = Vec::new();
+        for id in &replaying {
+            let version = versions.get(id).cloned().unwrap_or_default();
+            let model = &project.models[id];
+            let committed = match version_table(&model.layer, &model.name, &version) {
+                Ok(table) => committed_offsets(&self.lakehouse, &table).await,
+                Err(_) => Offsets::new(),
+            };
+            let (mut done, mut total) = (0, 0);
+            for (topic, partitions) in ends.get(id).into_iter().flatten() {
+                for (partition, end) in partitions {
+                    total += end;
+                    let next = committed.get(topic).and_then(|c| c.get(partition));
+                    done += next.copied().unwrap_or(0).min(*end);
+                }
+            }
+            models.push(ReplayProgress {
+                model: id.clone(),
+                version,
+                records_done: done,
+                records_total: total,
+            });
+        }
+        DeployProgress {
+            state: "replaying".into(),
+            models,
+        }
+    }
+
+    /// Stops every runner and the deploy in progress.
+    pub async fn stop(&self) {
+        let mut inner = self.inner.lock().await;
+        if let Some(pending) = inner.pending.take() {
+            pending.cutover.abort();
+            pending.runners.stop().await;
+        }
+        if let Some(live) = inner.live.take() {
+            live.stop().await;
+        }
+    }
+
+    /// Starts `project`'s runners as the live ones (a model without a public table gets its
+    /// version's).
+    fn go_live(&self, inner: &mut Inner, project: Arc<Project>) {
+        let runners = Pipelines::start(self.log.clone(), self.lakehouse.clone(), project.clone());
+        if let Ok(mut live) = self.live.write() {
+            *live = Some((project, runners.states()));
+        }
+        inner.live = Some(runners);
+    }
+
+    /// Waits until every model of `replaying` has committed, in its version's table, every
+    /// record its topics held at the previous check (its lag is then within a check and a
+    /// commit interval), then switches their public names in one transaction, replaces the live
+    /// runners by `project`'s and records the deployment.
+    async fn cut_over(
+        &self,
+        project: Arc<Project>,
+        replaying: &[String],
+        record: Deployment,
+        mut stopped: tokio::sync::watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let versions = kappa_pipeline::deploy::versions(&project);
+        let mut switches: Vec<(String, TableIdent, TableIdent)> = Vec::new();
+        for id in replaying {
+            let model = &project.models[id];
+            let version = versions.get(id).cloned().unwrap_or_default();
+            switches.push((
+                id.clone(),
+                kappa_lakehouse::table_ident(&model.layer, &model.name)?,
+                version_table(&model.layer, &model.name, &version)?,
+            ));
+        }
+        let mut ends_before: Option<BTreeMap<String, Offsets>> = None;
+        loop {
+            if *stopped.borrow() {
+                return Ok(());
+            }
+            let ends = topic_ends(&self.log, &project, replaying);
+            if let Some(before) = &ends_before {
+                let mut all = true;
+                for (id, _, table) in &switches {
+                    let committed = committed_offsets(&self.lakehouse, table).await;
+                    all &= before.get(id).is_none_or(|ends| passed(&committed, ends));
+                }
+                if all {
+                    break;
+                }
+            }
+            ends_before = Some(ends);
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_millis(CUTOVER_CHECK_MS)) => {}
+                _ = stopped.changed() => {}
+            }
+        }
+        let mut inner = self.inner.lock().await;
+        let pairs: Vec<(TableIdent, TableIdent)> = switches
+            .iter()
+            .map(|(_, public, table)| (public.clone(), table.clone()))
+            .collect();
+        self.lakehouse.publish(&pairs).await?;
+        tracing::info!(models = ?replaying, "cut over: the new versions serve");
+        // This task is the pending deploy's: it is taken, not aborted.
+        if let Some(pending) = inner.pending.take() {
+            pending.runners.stop().await;
+        }
+        if let Some(old) = inner.live.take() {
+            old.stop().await;
+        }
+        self.go_live(&mut inner, project);
+        deployment::save(&self.data_dir, &record)
+    }
+}
+
+/// The end of every partition of each model's source topics, by model.
+fn topic_ends(log: &Log, project: &Project, models: &[String]) -> BTreeMap<String, Offsets> {
+    models
+        .iter()
+        .map(|id| {
+            let mut ends = Offsets::new();
+            for name in project.source_topics(id) {
+                if let Ok(topic) = log.topic(&name) {
+                    let partitions = topic
+                        .partitions()
+                        .iter()
+                        .map(|p| (p.id(), p.offsets().visible_offset))
+                        .collect();
+                    ends.insert(name, partitions);
+                }
+            }
+            (id.clone(), ends)
+        })
+        .collect()
+}
+
+/// The offsets the last commit of `table` records (none before its first commit).
+async fn committed_offsets(lakehouse: &Lakehouse, table: &TableIdent) -> Offsets {
+    match lakehouse.last_commit(table).await {
+        Ok(Some(properties)) => properties
+            .get(OFFSETS_PROPERTY)
+            .and_then(|o| serde_json::from_str(o).ok())
+            .unwrap_or_default(),
+        _ => Offsets::new(),
+    }
+}
+
+/// Whether `committed` reaches every offset of `ends` (an empty partition needs nothing).
+fn passed(committed: &Offsets, ends: &Offsets) -> bool {
+    ends.iter().all(|(topic, partitions)| {
+        partitions.iter().all(|(partition, end)| {
+            *end == 0
+                || committed
+                    .get(topic)
+                    .and_then(|c| c.get(partition))
+                    .is_some_and(|next| next >= end)
+        })
+    })
+}
