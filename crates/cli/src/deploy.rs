@@ -20,12 +20,41 @@ pub(crate) struct DeployArgs {
     json: bool,
 }
 
+#[derive(Debug, Args)]
+pub(crate) struct RollbackArgs {
+    /// The model (`layer.name`) to take back to the previous deployment's version.
+    model: String,
+    #[command(flatten)]
+    follow: DeployArgs,
+}
+
 pub(crate) async fn run(global: &Global, args: DeployArgs) -> anyhow::Result<()> {
     let client = global.connect().await?;
     let started = Instant::now();
-    let result = deploy(&client, &args).await;
+    let result = match client.deploy().await {
+        Ok(replaying) => follow(&client, replaying, &args).await,
+        Err(e) => Err(e.into()),
+    };
     client.close().await?;
-    let (replaying, cut_over) = result?;
+    report(result?, &args, started)
+}
+
+pub(crate) async fn rollback(global: &Global, args: RollbackArgs) -> anyhow::Result<()> {
+    let client = global.connect().await?;
+    let started = Instant::now();
+    let result = match client.rollback(&args.model).await {
+        Ok(replaying) => follow(&client, replaying, &args.follow).await,
+        Err(e) => Err(e.into()),
+    };
+    client.close().await?;
+    report(result?, &args.follow, started)
+}
+
+fn report(
+    (replaying, cut_over): (Vec<String>, bool),
+    args: &DeployArgs,
+    started: Instant,
+) -> anyhow::Result<()> {
     if args.json {
         print_json(&serde_json::json!({
             "replaying": replaying,
@@ -33,7 +62,7 @@ pub(crate) async fn run(global: &Global, args: DeployArgs) -> anyhow::Result<()>
             "seconds": started.elapsed().as_secs_f64(),
         }))
     } else {
-        if cut_over {
+        if cut_over && !replaying.is_empty() {
             println!(
                 "cut over in {:.1} s: the new versions serve",
                 started.elapsed().as_secs_f64()
@@ -43,13 +72,13 @@ pub(crate) async fn run(global: &Global, args: DeployArgs) -> anyhow::Result<()>
     }
 }
 
-/// Starts the deploy and, with `--wait`, follows it to the cutover. Returns the replaying
-/// models and whether the new versions serve.
-async fn deploy(
+/// Follows a started deploy (`replaying` its new versions): with `--wait`, to the cutover.
+/// Returns the replaying models and whether the new versions serve.
+async fn follow(
     client: &kappa_server::client::Client,
+    replaying: Vec<String>,
     args: &DeployArgs,
 ) -> anyhow::Result<(Vec<String>, bool)> {
-    let replaying = client.deploy().await?;
     if replaying.is_empty() {
         if !args.json {
             println!("deployed: no model replays, the project serves as it is");
@@ -64,9 +93,7 @@ async fn deploy(
     }
     if !args.wait {
         if !args.json {
-            println!(
-                "the live versions serve until the new ones catch up (`kappa deploy --wait` follows it)"
-            );
+            println!("the live versions serve until the new ones catch up (--wait follows it)");
         }
         return Ok((replaying, false));
     }

@@ -79,6 +79,9 @@ enum Command {
     /// Deploy the project folder to the running `kappa up`: changed models (and what reads
     /// them) replay as new versions while the live ones serve, then all switch at once.
     Deploy(deploy::DeployArgs),
+    /// Take a model back to the previous deployment's version (and what reads it), switching
+    /// over as a deploy does, once the old version has caught up again.
+    Rollback(deploy::RollbackArgs),
     /// Run a self-contained demonstration and print its figures.
     Demo(demo::DemoArgs),
 }
@@ -153,6 +156,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => status::run(&global, args).await,
         Command::Plan(args) => plan::run(&global, args).await,
         Command::Deploy(args) => deploy::run(&global, args).await,
+        Command::Rollback(args) => deploy::rollback(&global, args).await,
         Command::Demo(args) => demo::run(args).await,
     }
 }

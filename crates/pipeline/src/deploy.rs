@@ -30,6 +30,9 @@ pub struct Deployment {
     /// The project folder's files as deployed, to run the deployed versions again.
     #[serde(default)]
     pub files: ProjectFiles,
+    /// The deployment this one replaced (without its own previous), for `kappa rollback`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Box<Deployment>>,
 }
 
 /// One deployed model.
@@ -76,8 +79,38 @@ impl Deployment {
                 .map(|(name, topic)| (name.clone(), topic_version(topic)))
                 .collect(),
             files: files.clone(),
+            previous: None,
         }
     }
+}
+
+/// The files of `live` with `model`'s files (its `.sql` and `.toml`) as the previous deployment
+/// had them: what `kappa rollback MODEL` deploys. Models reading it change version with it.
+pub fn rolled_back(live: &Deployment, model: &str) -> Result<ProjectFiles, String> {
+    let Some(previous) = &live.previous else {
+        return Err("no earlier deployment is recorded to roll back to".into());
+    };
+    let (Some(now), Some(before)) = (live.models.get(model), previous.models.get(model)) else {
+        return Err(format!(
+            "{model} is not in both the live and the previous deployment; \
+             add or remove it in the folder and deploy instead"
+        ));
+    };
+    if now.sql == before.sql && now.config == before.config {
+        return Err(format!(
+            "{model} is the same in the previous deployment: nothing to roll back"
+        ));
+    }
+    let (layer, name) = model.split_once('.').unwrap_or(("", model));
+    let mut files = live.files.clone();
+    for extension in ["sql", "toml"] {
+        let path = format!("models/{layer}/{name}.{extension}");
+        match previous.files.get(&path) {
+            Some(text) => files.insert(path, text.clone()),
+            None => files.remove(&path),
+        };
+    }
+    Ok(files)
 }
 
 /// Every model's version, by `layer.name`: a hash of its normalized SQL, its configuration and
@@ -434,6 +467,40 @@ mod tests {
             normalized_sql("select a,\n  \"B\" -- why\nFROM t where x = 'y'"),
             "SELECT a , \"B\" FROM t WHERE x = 'y'"
         );
+    }
+
+    #[test]
+    fn a_rollback_takes_one_model_back_and_nothing_else() {
+        let files = |gold: &str, silver: &str| {
+            let mut all = ProjectFiles::new();
+            all.insert("kappa.toml".into(), String::new());
+            all.insert(
+                "topics/orders.toml".into(),
+                "[schema]\nid = \"bigint\"\nregion = \"string\"\namount = \"double\"\n".into(),
+            );
+            all.insert(SILVER.0.into(), silver.into());
+            all.insert(GOLD.0.into(), gold.into());
+            all
+        };
+        let deployment =
+            |files: &ProjectFiles| Deployment::of(&load(files).expect("a valid project"), files);
+        let v1 = files(GOLD.1, SILVER.1);
+        let doubled = GOLD.1.replace("sum(amount)", "2 * sum(amount)");
+        let v2 = files(
+            &doubled,
+            "SELECT id, region, amount FROM orders WHERE amount > 1",
+        );
+        let mut live = deployment(&v2);
+        assert_eq!(
+            rolled_back(&live, "gold.revenue"),
+            Err("no earlier deployment is recorded to roll back to".into())
+        );
+        live.previous = Some(Box::new(deployment(&v1)));
+        let back = rolled_back(&live, "gold.revenue").expect("a rollback");
+        assert_eq!(back[GOLD.0], GOLD.1);
+        assert_eq!(back[SILVER.0], v2[SILVER.0], "silver stays as deployed");
+        live.previous = Some(Box::new(deployment(&files(&doubled, SILVER.1))));
+        assert!(rolled_back(&live, "gold.revenue").is_err_and(|e| e.contains("the same")));
     }
 
     #[test]

@@ -341,10 +341,6 @@ impl Client {
     pub async fn deploy(&self) -> Result<Vec<String>, ClientError> {
         match self {
             Client::Http { base, http } => {
-                #[derive(serde::Deserialize)]
-                struct Deployed {
-                    replaying: Vec<String>,
-                }
                 let deployed: Deployed =
                     decode(http.post(format!("{base}/v1/deploy")).send().await).await?;
                 Ok(deployed.replaying)
@@ -352,6 +348,24 @@ impl Client {
             Client::Direct { log } => Err(ClientError::Transport(format!(
                 "no kappa up serves {}: a deploy happens in a running server (`kappa up` \
                  deploys the folder when it starts)",
+                log.dir().parent().unwrap_or(log.dir()).display()
+            ))),
+        }
+    }
+
+    /// Asks the running `kappa up` to roll `model` back to the previous deployment's version;
+    /// returns the models that replay.
+    pub async fn rollback(&self, model: &str) -> Result<Vec<String>, ClientError> {
+        match self {
+            Client::Http { base, http } => {
+                let request = http
+                    .post(format!("{base}/v1/rollback"))
+                    .json(&serde_json::json!({ "model": model }));
+                let deployed: Deployed = decode(request.send().await).await?;
+                Ok(deployed.replaying)
+            }
+            Client::Direct { log } => Err(ClientError::Transport(format!(
+                "no kappa up serves {}: a rollback happens in a running server",
                 log.dir().parent().unwrap_or(log.dir()).display()
             ))),
         }
@@ -382,6 +396,12 @@ impl Client {
         };
         decode(http.get(format!("{base}{path}")).send().await).await
     }
+}
+
+/// What the server answers a deploy or a rollback.
+#[derive(serde::Deserialize)]
+struct Deployed {
+    replaying: Vec<String>,
 }
 
 fn encode(segment: &str) -> String {

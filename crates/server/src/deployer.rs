@@ -135,7 +135,7 @@ impl Deployer {
             {
                 *running = project;
             }
-            deployment::save(&self.data_dir, &record)?;
+            self.record(record, false)?;
             return Ok(replaying);
         }
         // Nothing live (the first deploy), nothing to replay, or a catalog without aliases
@@ -145,7 +145,7 @@ impl Deployer {
                 old.stop().await;
             }
             self.go_live(&mut inner, project);
-            deployment::save(&self.data_dir, &record)?;
+            self.record(record, true)?;
             return Ok(replaying);
         }
         tracing::info!(models = ?replaying, "deploying: new versions replay beside the live ones");
@@ -320,7 +320,42 @@ impl Deployer {
             old.stop().await;
         }
         self.go_live(&mut inner, project);
+        self.record(record, true)
+    }
+
+    /// Records `record` as deployed. When it `replaces` the recorded deployment (other
+    /// versions), that one becomes its previous, for a rollback; otherwise the recorded one's
+    /// previous stays.
+    fn record(&self, mut record: Deployment, replaces: bool) -> anyhow::Result<()> {
+        let current = deployment::load(&self.data_dir)?;
+        record.previous = match current {
+            Some(mut current) if replaces && !current.files.is_empty() => {
+                current.previous = None;
+                Some(Box::new(current))
+            }
+            Some(current) => current.previous,
+            None => None,
+        };
         deployment::save(&self.data_dir, &record)
+    }
+
+    /// Deploys the live deployment with `model` as the previous deployment had it (and every
+    /// model that reads it following). Returns the models that replay.
+    pub async fn rollback(self: &Arc<Self>, model: &str) -> anyhow::Result<Vec<String>> {
+        let live = deployment::load(&self.data_dir)?
+            .ok_or_else(|| anyhow::anyhow!("nothing is deployed"))?;
+        let files = kappa_pipeline::deploy::rolled_back(&live, model)
+            .map_err(|reason| anyhow::anyhow!("roll back {model}: {reason}"))?;
+        let project = crate::project::check_files(&files)
+            .await
+            .map_err(|diagnostics| {
+                let lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
+                anyhow::anyhow!(
+                    "roll back {model}: the previous version no longer checks:\n{}",
+                    lines.join("\n")
+                )
+            })?;
+        self.deploy(Arc::new(project), files).await
     }
 }
 

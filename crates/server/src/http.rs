@@ -29,6 +29,7 @@ pub(crate) fn router(state: Arc<AppState>) -> axum::Router {
         .route("/v1/status", get(status))
         .route("/v1/deployment", get(deployment))
         .route("/v1/deploy", get(deploy_progress).post(deploy))
+        .route("/v1/rollback", post(rollback))
         .route("/v1/topics", get(list_topics).post(create_topic))
         .route("/v1/topics/{topic}", get(describe_topic))
         .route("/v1/topics/{topic}/records", post(produce))
@@ -260,6 +261,40 @@ async fn deploy(State(state): State<Arc<AppState>>) -> Result<Response, ApiError
     };
     ensured.map_err(|e| internal(e.into()))?.map_err(internal)?;
     let replaying = deployer.deploy(project, files).await.map_err(internal)?;
+    Ok(Json(serde_json::json!({ "replaying": replaying })).into_response())
+}
+
+/// Rolls one model back to the previous deployment's version: `{"model": "gold.x"}` in,
+/// `{"replaying": [models]}` out, as a deploy.
+async fn rollback(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    #[derive(Deserialize)]
+    struct Rollback {
+        model: String,
+    }
+    let request: Rollback = serde_json::from_slice(&body?).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("expected {{\"model\": \"layer.name\"}}: {e}"),
+        )
+    })?;
+    let Some(deployer) = &state.deployer else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_project",
+            "this kappa up runs no project folder".into(),
+        ));
+    };
+    let replaying = deployer.rollback(&request.model).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "cannot_roll_back",
+            format!("{e:#}"),
+        )
+    })?;
     Ok(Json(serde_json::json!({ "replaying": replaying })).into_response())
 }
 

@@ -1100,5 +1100,37 @@ fn kappa_deploy_switches_every_table_at_once_while_readers_query() {
     assert!(mixed.is_empty(), "mixed answers: {mixed:?}");
     assert!(answers.contains(&before) && answers.contains(&after));
     assert!(answers.len() >= 1000, "only {} answers", answers.len());
+
+    // Rolling silver back brings back v1 of it and of both gold models that read it: the
+    // answer returns to the one before the deploy exactly.
+    let out = kappa(
+        &data,
+        &[
+            "--project",
+            project,
+            "rollback",
+            "silver.orders",
+            "--wait",
+            "--json",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rolled: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(rolled["cut_over"], true, "{rolled}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(runtime.block_on(ask(client.clone())), before);
+    // A model the deployments do not have is refused by name.
+    let out = kappa(
+        &data,
+        &["--project", project, "rollback", "gold.no_such_model"],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("gold.no_such_model"),
+        "{}",
+        stderr(&out)
+    );
     assert!(up.terminate().unwrap().success());
 }
