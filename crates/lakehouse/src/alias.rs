@@ -53,7 +53,10 @@ impl Lakehouse {
         let failed = |e: sqlx::Error| {
             LakehouseError::Catalog(format!("publish {}: {e}", described.join(", ")))
         };
-        let mut tx = pool.begin().await.map_err(failed)?;
+        // IMMEDIATE takes the write lock first, waiting out another writer (the busy
+        // timeout); a deferred transaction that read first could not upgrade and would fail
+        // with "database is locked" at once.
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(failed)?;
         for (alias, target) in switches {
             let location: Option<(Option<String>,)> = sqlx::query_as(
                 "SELECT metadata_location FROM iceberg_tables \
@@ -139,7 +142,9 @@ impl Lakehouse {
         if exists {
             return Ok(());
         }
-        // Another model may create it at the same moment: that is success too.
+        // Another model may create it at the same moment: that is success too. The SQL
+        // catalog reports that race as a unique-constraint failure, not as "already exists",
+        // so any failure is followed by a second look.
         match self
             .catalog
             .create_namespace(namespace, HashMap::new())
@@ -147,7 +152,10 @@ impl Lakehouse {
         {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == iceberg::ErrorKind::NamespaceAlreadyExists => Ok(()),
-            Err(e) => Err(e).doing(|| format!("create namespace {namespace:?}")),
+            Err(e) => match self.catalog.namespace_exists(namespace).await {
+                Ok(true) => Ok(()),
+                _ => Err(e).doing(|| format!("create namespace {namespace:?}")),
+            },
         }
     }
 }
