@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
+use kappa_server::audit::ModelAudit;
+
 use crate::fmt::thousands;
 use crate::{Global, print_json};
 
@@ -15,7 +17,7 @@ pub(crate) struct DeployArgs {
     /// second otherwise).
     #[arg(long)]
     wait: bool,
-    /// Print JSON: {"replaying": [models], "cut_over": bool, "seconds": s}.
+    /// Print JSON: {"replaying": [models], "cut_over": bool, "seconds": s, "audit": [...]}.
     #[arg(long)]
     json: bool,
 }
@@ -50,18 +52,23 @@ pub(crate) async fn rollback(global: &Global, args: RollbackArgs) -> anyhow::Res
     report(result?, &args.follow, started)
 }
 
-fn report(
-    (replaying, cut_over): (Vec<String>, bool),
-    args: &DeployArgs,
-    started: Instant,
-) -> anyhow::Result<()> {
+fn report(followed: Followed, args: &DeployArgs, started: Instant) -> anyhow::Result<()> {
+    let Followed {
+        replaying,
+        cut_over,
+        audit,
+    } = followed;
     if args.json {
         print_json(&serde_json::json!({
             "replaying": replaying,
             "cut_over": cut_over,
             "seconds": started.elapsed().as_secs_f64(),
+            "audit": audit,
         }))
     } else {
+        for model in &audit {
+            print!("{}", model.to_text());
+        }
         if cut_over && !replaying.is_empty() {
             println!(
                 "cut over in {:.1} s: the new versions serve",
@@ -72,18 +79,29 @@ fn report(
     }
 }
 
+/// What [`follow`] saw of a deploy.
+struct Followed {
+    replaying: Vec<String>,
+    /// Whether the new versions serve.
+    cut_over: bool,
+    audit: Vec<ModelAudit>,
+}
+
 /// Follows a started deploy (`replaying` its new versions): with `--wait`, to the cutover.
-/// Returns the replaying models and whether the new versions serve.
 async fn follow(
     client: &kappa_server::client::Client,
     replaying: Vec<String>,
     args: &DeployArgs,
-) -> anyhow::Result<(Vec<String>, bool)> {
+) -> anyhow::Result<Followed> {
     if replaying.is_empty() {
         if !args.json {
             println!("deployed: no model replays, the project serves as it is");
         }
-        return Ok((replaying, true));
+        return Ok(Followed {
+            replaying,
+            cut_over: true,
+            audit: Vec::new(),
+        });
     }
     if !args.json {
         println!(
@@ -95,32 +113,108 @@ async fn follow(
         if !args.json {
             println!("the live versions serve until the new ones catch up (--wait follows it)");
         }
-        return Ok((replaying, false));
+        return Ok(Followed {
+            replaying,
+            cut_over: false,
+            audit: Vec::new(),
+        });
     }
-    let terminal = std::io::stdout().is_terminal() && !args.json;
+    let shown = if args.json {
+        Shown::Nothing
+    } else if std::io::stdout().is_terminal() {
+        Shown::Bar
+    } else {
+        Shown::Lines
+    };
+    let watched = watch(client, shown).await?;
+    Ok(Followed {
+        replaying,
+        cut_over: true,
+        audit: watched.audit,
+    })
+}
+
+/// How [`watch`] shows a deploy's progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shown {
+    /// One line redrawn in place (a terminal).
+    Bar,
+    /// A line a second (a log).
+    Lines,
+    /// Nothing (JSON output).
+    Nothing,
+}
+
+/// What [`watch`] saw of a deploy that cut over.
+pub(crate) struct Watched {
+    /// The records its replays had to read (the last total seen).
+    pub(crate) records: u64,
+    /// Its audit.
+    pub(crate) audit: Vec<ModelAudit>,
+}
+
+/// Polls the running deploy until it has cut over, showing its progress; an error when its
+/// audit stopped it (the audit is printed first, unless nothing is shown).
+pub(crate) async fn watch(
+    client: &kappa_server::client::Client,
+    shown: Shown,
+) -> anyhow::Result<Watched> {
     let mut last: Option<(Instant, u64)> = None;
     let mut last_line = Instant::now() - Duration::from_secs(1);
+    let mut seen_total = 0;
+    let mut auditing_shown = false;
     loop {
         let progress = client.deploy_progress().await?;
-        if progress.state == "idle" {
-            if terminal {
-                println!();
+        if matches!(progress.state.as_str(), "idle" | "failed") && shown == Shown::Bar {
+            println!();
+        }
+        match progress.state.as_str() {
+            "idle" => {
+                return Ok(Watched {
+                    records: seen_total,
+                    audit: progress.audit,
+                });
             }
-            return Ok((replaying, true));
+            "failed" => {
+                if shown != Shown::Nothing {
+                    for model in &progress.audit {
+                        print!("{}", model.to_text());
+                    }
+                }
+                anyhow::bail!(
+                    "{}; the deployed versions keep serving",
+                    progress.failure.as_deref().unwrap_or("the deploy failed")
+                );
+            }
+            "auditing" if !auditing_shown => {
+                auditing_shown = true;
+                if shown != Shown::Nothing {
+                    println!(
+                        "{}caught up: auditing the new versions against the live ones",
+                        if shown == Shown::Bar { "\n" } else { "" }
+                    );
+                }
+            }
+            _ => {}
         }
         let done: u64 = progress.models.iter().map(|m| m.records_done).sum();
         let total: u64 = progress.models.iter().map(|m| m.records_total).sum();
+        seen_total = seen_total.max(total);
         let now = Instant::now();
         let rate = last.map(|(at, before)| {
             done.saturating_sub(before) as f64 / now.duration_since(at).as_secs_f64().max(1e-3)
         });
         let line = progress_line(done, total, rate);
-        if terminal {
-            print!("\r{line:<100}");
-            let _ = std::io::stdout().flush();
-        } else if !args.json && now.duration_since(last_line) >= Duration::from_secs(1) {
-            println!("{line}");
-            last_line = now;
+        match shown {
+            Shown::Bar => {
+                print!("\r{line:<100}");
+                let _ = std::io::stdout().flush();
+            }
+            Shown::Lines if now.duration_since(last_line) >= Duration::from_secs(1) => {
+                println!("{line}");
+                last_line = now;
+            }
+            _ => {}
         }
         last = Some((now, done));
         tokio::time::sleep(Duration::from_millis(250)).await;

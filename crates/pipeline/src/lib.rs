@@ -26,7 +26,7 @@ mod sql;
 
 pub use diagnostic::Diagnostic;
 pub use project::{
-    Input, Materialization, Model, ModelConfig, PROJECT_FILE, Project, ProjectConfig, ProjectFiles,
-    ProjectSection, ServerSection, TopicKind, TopicSpec, load,
+    Audit, Input, Materialization, Model, ModelConfig, PROJECT_FILE, Project, ProjectConfig,
+    ProjectFiles, ProjectSection, ServerSection, TopicKind, TopicSpec, load,
 };
 pub use schema::{Field, FieldType};

@@ -124,6 +124,24 @@ pub struct ModelConfig {
     pub watermark_ms: Option<u64>,
     /// How long (in event time) a deduplicated key is remembered, to drop later duplicates.
     pub dedup_horizon_ms: Option<u64>,
+    /// How a deploy compares a new version with the old before the cutover. Not part of the
+    /// model's logic, so not of its version: changing it replays nothing.
+    #[serde(skip)]
+    pub audit: Audit,
+}
+
+/// A model's `[audit]`: what a deploy compares between the old and the new version's tables
+/// before switching readers, side by side.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Audit {
+    /// The columns whose sums are compared (besides the row count); empty: every numeric
+    /// column.
+    pub columns: Vec<String>,
+    /// A SQL predicate choosing the rows compared (a period, say); absent: all rows.
+    pub filter: Option<String>,
+    /// The largest change of a measure, in basis points of the old value, that lets the
+    /// cutover go on; absent: any change does (the audit only reports).
+    pub max_change_bp: Option<u64>,
 }
 
 /// What a model reads.
@@ -578,6 +596,23 @@ struct RawModelConfig {
     event_time: Option<String>,
     watermark: Option<Spanned<String>>,
     dedup_horizon: Option<Spanned<String>>,
+    audit: Option<RawAudit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    #[serde(default)]
+    columns: Vec<String>,
+    #[serde(rename = "where")]
+    filter: Option<String>,
+    max_change: Option<Spanned<String>>,
+}
+
+/// `"5%"` or `"0.5 %"` as basis points.
+fn percent_bp(text: &str) -> Option<u64> {
+    let number: f64 = text.trim().strip_suffix('%')?.trim().parse().ok()?;
+    (number.is_finite() && number >= 0.0).then(|| (number * 100.0).round() as u64)
 }
 
 fn parse_model_config(
@@ -604,6 +639,30 @@ fn parse_model_config(
     };
     let watermark_ms = duration("watermark", &raw.watermark, diagnostics).ok()?;
     let dedup_horizon_ms = duration("dedup_horizon", &raw.dedup_horizon, diagnostics).ok()?;
+    let audit = match raw.audit {
+        None => Audit::default(),
+        Some(audit) => {
+            let max_change_bp = match &audit.max_change {
+                None => None,
+                Some(m) => match percent_bp(m.get_ref()) {
+                    Some(bp) => Some(bp),
+                    None => {
+                        let message = format!(
+                            "audit.max_change `{}` is not a percentage like \"5%\"",
+                            m.get_ref()
+                        );
+                        diagnostics.push(Diagnostic::at_byte(file, text, m.span().start, message));
+                        return None;
+                    }
+                },
+            };
+            Audit {
+                columns: audit.columns,
+                filter: audit.filter.filter(|f| !f.trim().is_empty()),
+                max_change_bp,
+            }
+        }
+    };
     Some(ModelConfig {
         materialization: raw.materialization,
         key: raw.key,
@@ -611,6 +670,7 @@ fn parse_model_config(
         event_time: raw.event_time,
         watermark_ms,
         dedup_horizon_ms,
+        audit,
     })
 }
 
@@ -634,6 +694,47 @@ mod tests {
     }
 
     const ORDERS: &str = "partitions = 2\nkey = \"customer_id\"\n\n[schema]\ncustomer_id = \"string\"\nquantity = \"int\"\n";
+
+    #[test]
+    fn an_audit_is_read_and_is_not_part_of_the_logic() {
+        let sql = (
+            "models/gold/a.sql",
+            "SELECT customer_id, quantity FROM orders",
+        );
+        let audited =
+            "[audit]\ncolumns = [\"quantity\"]\nwhere = \"quantity > 1\"\nmax_change = \"2.5%\"\n";
+        let project = load(&files(&[
+            ("kappa.toml", "[project]\nname = \"x\"\n"),
+            ("topics/orders.toml", ORDERS),
+            sql,
+            ("models/gold/a.toml", audited),
+        ]))
+        .expect("the project loads");
+        let config = &project.models["gold.a"].config;
+        assert_eq!(
+            config.audit,
+            Audit {
+                columns: vec!["quantity".into()],
+                filter: Some("quantity > 1".into()),
+                max_change_bp: Some(250),
+            }
+        );
+        assert_eq!(
+            toml::to_string(config).expect("TOML"),
+            toml::to_string(&ModelConfig::default()).expect("TOML"),
+            "the audit is left out of what versions hash"
+        );
+        let got = report(&[
+            ("kappa.toml", "[project]\nname = \"x\"\n"),
+            ("topics/orders.toml", ORDERS),
+            sql,
+            ("models/gold/a.toml", "[audit]\nmax_change = \"a lot\"\n"),
+        ]);
+        expect![[r#"
+            models/gold/a.toml:2:14: audit.max_change `a lot` is not a percentage like "5%"
+        "#]]
+        .assert_eq(&got);
+    }
 
     #[test]
     fn every_problem_is_reported_with_its_place() {
@@ -667,7 +768,7 @@ mod tests {
             models/gold/b.sql:2:20: no topic or model `ordrs`; did you mean `orders`?
             models/gold/c.sql:1:15: no model `silver.missing`
             models/gold/c.sql:1:31: no topic `c`; models are read by layer and name; did you mean `gold.c`?
-            models/gold/c.toml:1:1: unknown field `materialisation`, expected one of `materialization`, `key`, `partition_by`, `event_time`, `watermark`, `dedup_horizon`
+            models/gold/c.toml:1:1: unknown field `materialisation`, expected one of `materialization`, `key`, `partition_by`, `event_time`, `watermark`, `dedup_horizon`, `audit`
             models/gold/e.sql:1:1: SQL: Expected: an SQL statement, found: SELEC
             models/gold/f.sql:1:15: `silver.x.y`: name a topic (`orders`) or a model (`silver.orders`)
             models/gold/orphan.toml:1:1: configuration without a model: there is no models/gold/orphan.sql

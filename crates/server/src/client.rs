@@ -375,10 +375,7 @@ impl Client {
     pub async fn deploy_progress(&self) -> Result<crate::deployer::DeployProgress, ClientError> {
         match self {
             Client::Http { .. } => self.get_json("/v1/deploy").await,
-            Client::Direct { .. } => Ok(crate::deployer::DeployProgress {
-                state: "idle".into(),
-                models: Vec::new(),
-            }),
+            Client::Direct { .. } => Ok(crate::deployer::DeployProgress::idle()),
         }
     }
 

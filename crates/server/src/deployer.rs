@@ -5,6 +5,8 @@
 //! deploy(P) ──► runners of P's changed models (new versions, new tables) ──► caught up?
 //!      live runners (the deployed project) keep running and serving         │ every 200 ms
 //!                                                                           ▼
+//!                      audit: old vs new version of each (crate::audit) ── fails? ──► stop P
+//!                                                                           ▼
 //!         publish(all public names) · stop old runners · start P's runners · record P
 //! ```
 
@@ -19,6 +21,7 @@ use kappa_pipeline::deploy::Deployment;
 use kappa_pipeline::{Project, ProjectFiles};
 use serde::{Deserialize, Serialize};
 
+use crate::audit::ModelAudit;
 use crate::deployment;
 use crate::pipelines::{Pipelines, RunnerStates};
 
@@ -35,6 +38,16 @@ pub struct Deployer {
     /// The live project and its runners' states, for status (read without waiting on a
     /// deploy).
     live: std::sync::RwLock<Option<(Arc<Project>, RunnerStates)>>,
+    /// The audit of the deploy in progress or of the last one.
+    audit: std::sync::Mutex<AuditState>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct AuditState {
+    running: bool,
+    models: Vec<ModelAudit>,
+    /// Why the last deploy did not cut over.
+    failure: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -55,10 +68,26 @@ struct Pending {
 /// What a deploy is doing, as `GET /v1/deploy` reports it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DeployProgress {
-    /// `idle` (nothing to deploy) or `replaying`.
+    /// `replaying`, `auditing` (caught up, old and new compared), `idle` (nothing to deploy)
+    /// or `failed` (the last deploy did not cut over: `failure` says why).
     pub state: String,
     /// The new versions replaying: how many of their input records they committed.
     pub models: Vec<ReplayProgress>,
+    /// The audit of the deploy in progress, or of the last deploy.
+    #[serde(default)]
+    pub audit: Vec<ModelAudit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+}
+
+impl DeployProgress {
+    /// Nothing deploying, no audit.
+    pub fn idle() -> DeployProgress {
+        DeployProgress {
+            state: "idle".into(),
+            ..DeployProgress::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,6 +114,7 @@ impl Deployer {
             data_dir,
             inner: tokio::sync::Mutex::new(Inner::default()),
             live: std::sync::RwLock::new(None),
+            audit: std::sync::Mutex::new(AuditState::default()),
         });
         let deployed = deployment::load(&deployer.data_dir)?.and_then(|d| d.project());
         if let Some(deployed) = deployed {
@@ -109,6 +139,9 @@ impl Deployer {
             tracing::info!(models = ?pending.replaying, "a new deploy replaces the one in progress");
             pending.cutover.abort();
             pending.runners.stop().await;
+        }
+        if let Ok(mut audit) = self.audit.lock() {
+            *audit = AuditState::default();
         }
         let record = Deployment::of(&project, &files);
         let live = self.live_project();
@@ -194,16 +227,25 @@ impl Deployer {
             .and_then(|live| live.as_ref().map(|(_, s)| s.clone()))
     }
 
-    /// The deploy in progress: each new version's committed input records of its total.
+    /// The deploy in progress: each new version's committed input records of its total, and
+    /// its audit once caught up.
     pub async fn progress(&self) -> DeployProgress {
+        let audit = self.audit.lock().map(|a| a.clone()).unwrap_or_default();
         let (project, replaying) = {
             let inner = self.inner.lock().await;
             match &inner.pending {
                 Some(p) => (p.project.clone(), p.replaying.clone()),
                 None => {
+                    let state = if audit.failure.is_some() {
+                        "failed"
+                    } else {
+                        "idle"
+                    };
                     return DeployProgress {
-                        state: "idle".into(),
+                        state: state.into(),
                         models: Vec::new(),
+                        audit: audit.models,
+                        failure: audit.failure,
                     };
                 }
             }
@@ -234,8 +276,15 @@ impl Deployer {
             });
         }
         DeployProgress {
-            state: "replaying".into(),
+            state: if audit.running {
+                "auditing"
+            } else {
+                "replaying"
+            }
+            .into(),
             models,
+            audit: audit.models,
+            failure: None,
         }
     }
 
@@ -263,8 +312,9 @@ impl Deployer {
 
     /// Waits until every model of `replaying` has committed, in its version's table, every
     /// record its topics held at the previous check (its lag is then within a check and a
-    /// commit interval), then switches their public names in one transaction, replaces the live
-    /// runners by `project`'s and records the deployment.
+    /// commit interval), audits each against its live version, then — unless an audit failed,
+    /// which ends the deploy — switches their public names in one transaction, replaces the
+    /// live runners by `project`'s and records the deployment.
     async fn cut_over(
         &self,
         project: Arc<Project>,
@@ -305,6 +355,14 @@ impl Deployer {
                 _ = stopped.changed() => {}
             }
         }
+        if let Some(failure) = self.audit(&project, &switches, &versions).await {
+            tracing::warn!(%failure, "the audit stopped the deploy; the deployed versions keep serving");
+            let mut inner = self.inner.lock().await;
+            if let Some(pending) = inner.pending.take() {
+                pending.runners.stop().await;
+            }
+            return Ok(());
+        }
         let mut inner = self.inner.lock().await;
         let pairs: Vec<(TableIdent, TableIdent)> = switches
             .iter()
@@ -321,6 +379,51 @@ impl Deployer {
         }
         self.go_live(&mut inner, project);
         self.record(record, true)
+    }
+
+    /// Audits every switching model's new version against the live one; returns why the
+    /// deploy must stop, if it must. The audits stay for [`Deployer::progress`].
+    async fn audit(
+        &self,
+        project: &Project,
+        switches: &[(String, TableIdent, TableIdent)],
+        versions: &BTreeMap<String, String>,
+    ) -> Option<String> {
+        let set = |f: &dyn Fn(&mut AuditState)| {
+            if let Ok(mut audit) = self.audit.lock() {
+                f(&mut audit);
+            }
+        };
+        set(&|a| a.running = true);
+        let live = self.live_project();
+        let live_versions = live.as_deref().map(kappa_pipeline::deploy::versions);
+        let mut failures = Vec::new();
+        for (id, _, table) in switches {
+            let model = &project.models[id];
+            let new_version = versions.get(id).cloned().unwrap_or_default();
+            let old = live_versions
+                .as_ref()
+                .and_then(|v| v.get(id))
+                .and_then(|v| Some((v.clone(), version_table(&model.layer, &model.name, v).ok()?)));
+            let report = crate::audit::audit(
+                &self.lakehouse,
+                id,
+                &model.config.audit,
+                old.as_ref().map(|(v, t)| (v.as_str(), t)),
+                (&new_version, table),
+            )
+            .await;
+            tracing::info!(model = %id, audit = %report.to_text(), "audited");
+            failures.extend(report.failures.iter().map(|f| format!("{id}: {f}")));
+            set(&|a| a.models.push(report.clone()));
+        }
+        let failure = (!failures.is_empty())
+            .then(|| format!("the audit stopped the cutover: {}", failures.join("; ")));
+        set(&|a| {
+            a.running = false;
+            a.failure = failure.clone();
+        });
+        failure
     }
 
     /// Records `record` as deployed. When it `replaces` the recorded deployment (other

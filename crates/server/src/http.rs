@@ -304,10 +304,7 @@ async fn deploy_progress(
 ) -> Json<crate::deployer::DeployProgress> {
     Json(match &state.deployer {
         Some(deployer) => deployer.progress().await,
-        None => crate::deployer::DeployProgress {
-            state: "idle".into(),
-            models: Vec::new(),
-        },
+        None => crate::deployer::DeployProgress::idle(),
     })
 }
 

@@ -1,0 +1,265 @@
+//! The audit before a cutover: the old and the new version of a model, measured alike over the
+//! same rows (their count and the sums of chosen columns), side by side.
+//!
+//! ```text
+//!  [audit] columns, where, max_change      (the model's .toml; all numeric columns by default)
+//!  SELECT count(*), sum(c1), … FROM <version table> WHERE <where>     old │ new │ change
+//!  a change beyond max_change fails the deploy: the old versions keep serving
+//! ```
+
+use arrow::datatypes::DataType;
+use kappa_lakehouse::{Lakehouse, TableIdent};
+use kappa_pipeline::Audit;
+use serde::{Deserialize, Serialize};
+
+/// One model's audit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelAudit {
+    pub model: String,
+    /// The version serving until the cutover; absent for a new model.
+    pub old_version: Option<String>,
+    pub new_version: String,
+    /// The predicate choosing the rows compared; absent: all rows.
+    pub filter: Option<String>,
+    pub measures: Vec<Measure>,
+    /// Why the audit stops the cutover: a measure changed beyond `max_change`, or the audit
+    /// could not be computed. Empty: the cutover may go on.
+    pub failures: Vec<String>,
+}
+
+/// One measure of both versions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Measure {
+    /// `rows` or `sum(column)`.
+    pub name: String,
+    /// The old version's value as SQL prints it (absent for a new model).
+    pub old: Option<String>,
+    pub new: String,
+    /// `(new − old) / |old|`, when both are numbers and old is not zero.
+    pub change: Option<f64>,
+}
+
+/// Measures `old` (absent for a new model) and `new` as `audit` says.
+pub async fn audit(
+    lakehouse: &Lakehouse,
+    model: &str,
+    audit: &Audit,
+    old: Option<(&str, &TableIdent)>,
+    new: (&str, &TableIdent),
+) -> ModelAudit {
+    let mut report = ModelAudit {
+        model: model.to_owned(),
+        old_version: old.map(|(version, _)| version.to_owned()),
+        new_version: new.0.to_owned(),
+        filter: audit.filter.clone(),
+        measures: Vec::new(),
+        failures: Vec::new(),
+    };
+    if let Err(e) = measure(lakehouse, audit, old.map(|(_, t)| t), new.1, &mut report).await {
+        report
+            .failures
+            .push(format!("the audit of {model} failed: {e}"));
+    }
+    report
+}
+
+async fn measure(
+    lakehouse: &Lakehouse,
+    audit: &Audit,
+    old: Option<&TableIdent>,
+    new: &TableIdent,
+    report: &mut ModelAudit,
+) -> Result<(), String> {
+    let columns = if audit.columns.is_empty() {
+        let (schema, _) = lakehouse
+            .query(&format!("SELECT * FROM {} LIMIT 0", sql_name(new)))
+            .await
+            .map_err(|e| e.to_string())?;
+        schema
+            .fields()
+            .iter()
+            .filter(|f| {
+                f.data_type().is_numeric() || matches!(f.data_type(), DataType::Decimal128(..))
+            })
+            .map(|f| f.name().clone())
+            .collect()
+    } else {
+        audit.columns.clone()
+    };
+    let mut select = vec!["CAST(count(*) AS VARCHAR)".to_owned()];
+    select.extend(
+        columns
+            .iter()
+            .map(|c| format!("CAST(sum(\"{}\") AS VARCHAR)", c.replace('"', "\"\""))),
+    );
+    let filter = audit
+        .filter
+        .as_ref()
+        .map(|f| format!(" WHERE {f}"))
+        .unwrap_or_default();
+    let values = |table: &TableIdent| {
+        let sql = format!(
+            "SELECT {} FROM {}{filter}",
+            select.join(", "),
+            sql_name(table)
+        );
+        async move {
+            let (schema, batches) = lakehouse.query(&sql).await.map_err(|e| e.to_string())?;
+            let answer = crate::api::SqlResponse::from_batches(&schema, &batches)?;
+            let row = answer.rows.into_iter().next().unwrap_or_default();
+            Ok::<Vec<String>, String>(
+                row.into_iter()
+                    .map(|v| match v {
+                        serde_json::Value::String(s) => s,
+                        serde_json::Value::Null => "NULL".to_owned(),
+                        other => other.to_string(),
+                    })
+                    .collect(),
+            )
+        }
+    };
+    let new_values = values(new).await?;
+    let old_values = match old {
+        Some(table) => Some(values(table).await?),
+        None => None,
+    };
+    let names =
+        std::iter::once("rows".to_owned()).chain(columns.iter().map(|c| format!("sum({c})")));
+    for (i, name) in names.enumerate() {
+        let new = new_values.get(i).cloned().unwrap_or_else(|| "NULL".into());
+        let old = old_values
+            .as_ref()
+            .map(|o| o.get(i).cloned().unwrap_or_else(|| "NULL".into()));
+        let change = old.as_deref().and_then(|old| relative_change(old, &new));
+        if let (Some(limit), Some(change)) = (audit.max_change_bp, change)
+            && change.abs() * 10_000.0 > limit as f64
+        {
+            report.failures.push(format!(
+                "{name} changed by {:+.2} % ({} → {new}), more than max_change {:.2} %",
+                change * 100.0,
+                old.as_deref().unwrap_or(""),
+                limit as f64 / 100.0
+            ));
+        }
+        report.measures.push(Measure {
+            name,
+            old,
+            new,
+            change,
+        });
+    }
+    Ok(())
+}
+
+/// A table's name in SQL: `namespace.name`.
+fn sql_name(table: &TableIdent) -> String {
+    format!("{}.{}", table.namespace().join("."), table.name())
+}
+
+/// `(new − old) / |old|` of two numbers as SQL prints them; none unless both are numbers and
+/// old is not zero (a change from zero has no ratio).
+fn relative_change(old: &str, new: &str) -> Option<f64> {
+    let (old, new): (f64, f64) = (old.parse().ok()?, new.parse().ok()?);
+    (old != 0.0 && old.is_finite() && new.is_finite()).then(|| (new - old) / old.abs())
+}
+
+impl ModelAudit {
+    /// The audit as text: a header, then `measure  old  new  change` lines.
+    pub fn to_text(&self) -> String {
+        let mut out = format!(
+            "audit of {} ({} → {}){}:\n",
+            self.model,
+            self.old_version.as_deref().unwrap_or("new"),
+            self.new_version,
+            self.filter
+                .as_ref()
+                .map(|f| format!(" where {f}"))
+                .unwrap_or_default()
+        );
+        let width = self
+            .measures
+            .iter()
+            .map(|m| m.name.len())
+            .max()
+            .unwrap_or(0);
+        let old_width = self
+            .measures
+            .iter()
+            .map(|m| m.old.as_deref().map_or(1, str::len))
+            .max()
+            .unwrap_or(0)
+            .max(3);
+        let new_width = self
+            .measures
+            .iter()
+            .map(|m| m.new.len())
+            .max()
+            .unwrap_or(0)
+            .max(3);
+        out.push_str(&format!(
+            "  {:<width$}  {:>old_width$}  {:>new_width$}  change\n",
+            "", "old", "new"
+        ));
+        for m in &self.measures {
+            out.push_str(&format!(
+                "  {:<width$}  {:>old_width$}  {:>new_width$}  {}\n",
+                m.name,
+                m.old.as_deref().unwrap_or("-"),
+                m.new,
+                m.change
+                    .map(|c| format!("{:+.2} %", c * 100.0))
+                    .unwrap_or_else(|| "-".into())
+            ));
+        }
+        for failure in &self.failures {
+            out.push_str(&format!("  FAILED: {failure}\n"));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_are_relative_to_the_old_value() {
+        assert_eq!(relative_change("200", "250"), Some(0.25));
+        assert_eq!(relative_change("-200", "-100"), Some(0.5));
+        assert_eq!(relative_change("0", "5"), None);
+        assert_eq!(relative_change("NULL", "5"), None);
+    }
+
+    #[test]
+    fn an_audit_prints_side_by_side() {
+        let audit = ModelAudit {
+            model: "gold.revenue".into(),
+            old_version: Some("c46e19e1".into()),
+            new_version: "404363d0".into(),
+            filter: Some("month < '2026-01-01'".into()),
+            measures: vec![
+                Measure {
+                    name: "rows".into(),
+                    old: Some("12".into()),
+                    new: "12".into(),
+                    change: Some(0.0),
+                },
+                Measure {
+                    name: "sum(tax)".into(),
+                    old: Some("38911700.38".into()),
+                    new: "45513379.63".into(),
+                    change: relative_change("38911700.38", "45513379.63"),
+                },
+            ],
+            failures: vec!["sum(tax) changed by +16.97 %".into()],
+        };
+        expect_test::expect![[r#"
+            audit of gold.revenue (c46e19e1 → 404363d0) where month < '2026-01-01':
+                                old          new  change
+              rows               12           12  +0.00 %
+              sum(tax)  38911700.38  45513379.63  +16.97 %
+              FAILED: sum(tax) changed by +16.97 %
+        "#]]
+        .assert_eq(&audit.to_text());
+    }
+}
