@@ -92,7 +92,10 @@ pub(crate) async fn run(global: &Global, args: PlanArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn report(client: &Client, project: &kappa_pipeline::Project) -> anyhow::Result<PlanReport> {
+pub(crate) async fn report(
+    client: &Client,
+    project: &kappa_pipeline::Project,
+) -> anyhow::Result<PlanReport> {
     let deployed = client.deployment().await?;
     let plans = kappa_pipeline::deploy::plan(project, &deployed);
     let mut histories: BTreeMap<String, TopicHistory> = BTreeMap::new();
