@@ -408,6 +408,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn status_lists_every_version_with_its_progress() {
+        let mut replaying = VersionStatus::new("gold.revenue", "404363d065d95bc2", "replaying");
+        replaying.percent_done = Some(52.4);
+        replaying.records_per_second = Some(480_000.0);
+        replaying.eta_seconds = Some(1.2);
+        let mut retired = VersionStatus::new("gold.revenue", "0a1b2c3d4e5f6071", "retired");
+        retired.detail = Some("kept for `kappa rollback gold.revenue`".into());
+        let status = StatusResponse {
+            models: Vec::new(),
+            dead_letters: Vec::new(),
+            versions: vec![
+                VersionStatus::new("gold.revenue", "c46e19e1d11804a3", "live"),
+                replaying,
+                retired,
+            ],
+        };
+        expect_test::expect![[r#"
+            MODEL  STATE              ROWS       LAG  DEAD LETTERS  LAST COMMIT
+
+            versions:
+              gold.revenue  c46e19e1d11804a3  live
+              gold.revenue  404363d065d95bc2  replaying 52% · 480000 records/s · ETA 1 s
+              gold.revenue  0a1b2c3d4e5f6071  retired · kept for `kappa rollback gold.revenue`
+
+            dead letters: 0
+        "#]]
+        .assert_eq(&status.to_text());
+    }
+
+    #[test]
     fn envelopes_round_trip_json_and_binary_values() {
         for value in [
             &b"{\"a\": [1, 2]}"[..],
@@ -489,6 +519,47 @@ pub struct StatusResponse {
     pub models: Vec<ModelStatus>,
     /// Dead letters per model and input topic.
     pub dead_letters: Vec<DeadLetterCount>,
+    /// Every version of every model kappa knows: live, replaying, auditing, failed, retired.
+    #[serde(default)]
+    pub versions: Vec<VersionStatus>,
+}
+
+/// One version of a model and what it is doing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionStatus {
+    /// `layer.name`.
+    pub model: String,
+    pub version: String,
+    /// `live` (serves), `replaying` (a deploy's new version reading history), `caught up`,
+    /// `auditing`, `failed` (`detail` says why), `retired` (replaced; its table is kept for
+    /// `kappa rollback`).
+    pub state: String,
+    /// Of a replaying version: its committed input records of the total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent_done: Option<f64>,
+    /// Of a replaying version: input records per second since the deploy started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records_per_second: Option<f64>,
+    /// Of a replaying version: seconds left at that rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl VersionStatus {
+    /// A version that only has a state.
+    pub fn new(model: &str, version: &str, state: &str) -> VersionStatus {
+        VersionStatus {
+            model: model.to_owned(),
+            version: version.to_owned(),
+            state: state.to_owned(),
+            percent_done: None,
+            records_per_second: None,
+            eta_seconds: None,
+            detail: None,
+        }
+    }
 }
 
 /// One model's state, as its runner and its table tell it.
@@ -555,6 +626,32 @@ impl StatusResponse {
             ));
             if let Some(detail) = &m.detail {
                 out.push_str(&format!("{:<width$}  ↳ {detail}\n", ""));
+            }
+        }
+        if !self.versions.is_empty() {
+            out.push_str("\nversions:\n");
+            let width = self
+                .versions
+                .iter()
+                .map(|v| v.model.len())
+                .max()
+                .unwrap_or(0);
+            for v in &self.versions {
+                let mut line = format!("  {:<width$}  {:<16}  {}", v.model, v.version, v.state);
+                if let Some(done) = v.percent_done {
+                    line.push_str(&format!(" {done:.0}%"));
+                }
+                if let Some(rate) = v.records_per_second {
+                    line.push_str(&format!(" · {rate:.0} records/s"));
+                }
+                if let Some(eta) = v.eta_seconds {
+                    line.push_str(&format!(" · ETA {eta:.0} s"));
+                }
+                if let Some(detail) = &v.detail {
+                    line.push_str(&format!(" · {detail}"));
+                }
+                out.push_str(&line);
+                out.push('\n');
             }
         }
         let total: u64 = self.dead_letters.iter().map(|d| d.count).sum();

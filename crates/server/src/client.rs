@@ -317,7 +317,9 @@ impl Client {
                 let lakehouse = kappa_lakehouse::Lakehouse::open(&data_dir)
                     .await
                     .map_err(|e| ClientError::Service(ServiceError::Internal(e.to_string())))?;
-                Ok(service::status(log, &lakehouse, project, None).await?)
+                let mut status = service::status(log, &lakehouse, project, None).await?;
+                status.versions = crate::deployer::recorded_versions(&data_dir);
+                Ok(status)
             }
         }
     }

@@ -21,6 +21,7 @@ use kappa_pipeline::deploy::Deployment;
 use kappa_pipeline::{Project, ProjectFiles};
 use serde::{Deserialize, Serialize};
 
+use crate::api::VersionStatus;
 use crate::audit::ModelAudit;
 use crate::deployment;
 use crate::pipelines::{Pipelines, RunnerStates};
@@ -63,6 +64,7 @@ struct Pending {
     replaying: Vec<String>,
     runners: Pipelines,
     cutover: tokio::task::JoinHandle<()>,
+    started: std::time::Instant,
 }
 
 /// What a deploy is doing, as `GET /v1/deploy` reports it.
@@ -96,6 +98,9 @@ pub struct ReplayProgress {
     pub version: String,
     pub records_done: u64,
     pub records_total: u64,
+    /// Since the deploy started.
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 impl Deployer {
@@ -207,6 +212,7 @@ impl Deployer {
             replaying: replaying.clone(),
             runners,
             cutover,
+            started: std::time::Instant::now(),
         });
         Ok(replaying)
     }
@@ -231,10 +237,14 @@ impl Deployer {
     /// its audit once caught up.
     pub async fn progress(&self) -> DeployProgress {
         let audit = self.audit.lock().map(|a| a.clone()).unwrap_or_default();
-        let (project, replaying) = {
+        let (project, replaying, seconds) = {
             let inner = self.inner.lock().await;
             match &inner.pending {
-                Some(p) => (p.project.clone(), p.replaying.clone()),
+                Some(p) => (
+                    p.project.clone(),
+                    p.replaying.clone(),
+                    p.started.elapsed().as_secs_f64(),
+                ),
                 None => {
                     let state = if audit.failure.is_some() {
                         "failed"
@@ -273,6 +283,7 @@ impl Deployer {
                 version,
                 records_done: done,
                 records_total: total,
+                seconds,
             });
         }
         DeployProgress {
@@ -286,6 +297,41 @@ impl Deployer {
             audit: audit.models,
             failure: None,
         }
+    }
+
+    /// Every version kappa knows, and what each is doing: the recorded ones (live, retired)
+    /// and the deploy's (replaying with its progress, caught up, auditing, failed).
+    pub async fn versions(&self) -> Vec<VersionStatus> {
+        let mut all = recorded_versions(&self.data_dir);
+        let progress = self.progress().await;
+        for m in &progress.models {
+            let state = if progress.state == "auditing" {
+                "auditing"
+            } else if m.records_done >= m.records_total {
+                "caught up"
+            } else {
+                "replaying"
+            };
+            let mut version = VersionStatus::new(&m.model, &m.version, state);
+            if state == "replaying" {
+                let rate = m.records_done as f64 / m.seconds.max(1e-3);
+                version.percent_done =
+                    Some(m.records_done as f64 * 100.0 / m.records_total.max(1) as f64);
+                version.records_per_second = Some(rate);
+                version.eta_seconds = (rate > 0.0)
+                    .then(|| m.records_total.saturating_sub(m.records_done) as f64 / rate);
+            }
+            all.push(version);
+        }
+        if progress.state == "failed" {
+            for audit in progress.audit.iter().filter(|a| !a.failures.is_empty()) {
+                let mut version = VersionStatus::new(&audit.model, &audit.new_version, "failed");
+                version.detail = Some(audit.failures.join("; "));
+                all.push(version);
+            }
+        }
+        all.sort_by(|a, b| a.model.cmp(&b.model));
+        all
     }
 
     /// Stops every runner and the deploy in progress.
@@ -460,6 +506,34 @@ impl Deployer {
             })?;
         self.deploy(Arc::new(project), files).await
     }
+}
+
+/// The versions the data directory records: the deployment's (live) and those of the one it
+/// replaced that it no longer runs (retired, kept for a rollback).
+pub fn recorded_versions(data_dir: &std::path::Path) -> Vec<VersionStatus> {
+    let Ok(Some(deployed)) = deployment::load(data_dir) else {
+        return Vec::new();
+    };
+    let mut all: Vec<VersionStatus> = deployed
+        .models
+        .iter()
+        .map(|(model, m)| VersionStatus::new(model, &m.version, "live"))
+        .collect();
+    if let Some(previous) = &deployed.previous {
+        for (model, m) in &previous.models {
+            if deployed
+                .models
+                .get(model)
+                .is_none_or(|live| live.version != m.version)
+            {
+                let mut retired = VersionStatus::new(model, &m.version, "retired");
+                retired.detail = Some(format!("kept for `kappa rollback {model}`"));
+                all.push(retired);
+            }
+        }
+    }
+    all.sort_by(|a, b| a.model.cmp(&b.model));
+    all
 }
 
 /// The end of every partition of each model's source topics, by model.

@@ -192,20 +192,22 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
 }
 
 async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    Ok(Json(
-        service::status(
-            &state.log,
-            &state.lakehouse,
-            state
-                .deployer
-                .as_ref()
-                .and_then(|d| d.live_project())
-                .as_deref(),
-            state.deployer.as_ref().and_then(|d| d.states()).as_ref(),
-        )
-        .await?,
+    let mut status = service::status(
+        &state.log,
+        &state.lakehouse,
+        state
+            .deployer
+            .as_ref()
+            .and_then(|d| d.live_project())
+            .as_deref(),
+        state.deployer.as_ref().and_then(|d| d.states()).as_ref(),
     )
-    .into_response())
+    .await?;
+    status.versions = match &state.deployer {
+        Some(deployer) => deployer.versions().await,
+        None => crate::deployer::recorded_versions(&state.data_dir),
+    };
+    Ok(Json(status).into_response())
 }
 
 /// What is deployed: the deployment recorded in the data directory (empty when none is).

@@ -226,6 +226,7 @@ pub async fn status(
     Ok(crate::api::StatusResponse {
         models,
         dead_letters,
+        versions: Vec::new(),
     })
 }
 

@@ -1107,6 +1107,27 @@ fn kappa_deploy_switches_every_table_at_once_while_readers_query() {
         .find(|m| m["name"] == "sum(amount)")
         .unwrap_or_else(|| panic!("no sum(amount): {silver_audit}"));
     assert_eq!(amount["change"], 1.0, "{amount}");
+    // Status shows every version: silver's new one live, its old one retired for a rollback.
+    let versions = |data: &std::path::Path| -> Vec<(String, String)> {
+        let out = kappa(data, &["--project", project, "status", "--json"], None);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        status["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                let (model, state) = (v["model"].as_str(), v["state"].as_str());
+                (model.unwrap().to_owned(), state.unwrap().to_owned())
+            })
+            .collect()
+    };
+    let silver: Vec<String> = versions(&data)
+        .into_iter()
+        .filter(|(m, _)| m == "silver.orders")
+        .map(|(_, state)| state)
+        .collect();
+    assert_eq!(silver, ["live", "retired"]);
     let mut replayed: Vec<&str> = deployed["replaying"]
         .as_array()
         .unwrap()
@@ -1185,6 +1206,11 @@ fn kappa_deploy_switches_every_table_at_once_while_readers_query() {
         stderr(&out)
     );
     assert!(stdout(&out).contains("audit of gold.revenue_by_region"));
+    assert!(
+        versions(&data).contains(&("gold.revenue_by_region".into(), "failed".into())),
+        "{:?}",
+        versions(&data)
+    );
     assert_eq!(runtime.block_on(ask(client.clone())), before);
     // A model the deployments do not have is refused by name.
     let out = kappa(
