@@ -21,6 +21,8 @@ use kappa_server::client::Client;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// How often the demo's reader counts the live rows in bronze.orders.
+const READ_EVERY_MS: u64 = 50;
 /// Events per HTTP request in the demo.
 const DEMO_EVENTS_PER_REQUEST: usize = 1000;
 /// One order in this many is delivered twice.
@@ -142,6 +144,8 @@ struct Orders {
     times: Vec<i64>,
     /// The latest order time per partition: the watermark follows the least of them.
     partition_last: BTreeMap<u32, i64>,
+    /// The rows these events make in bronze.orders (redelivered copies included).
+    bronze_rows: u64,
 }
 
 impl Orders {
@@ -155,6 +159,7 @@ impl Orders {
             tally: BTreeMap::new(),
             times: Vec::new(),
             partition_last: BTreeMap::new(),
+            bronze_rows: 0,
         }
     }
 
@@ -182,8 +187,10 @@ impl Orders {
             cents % 100
         );
         out.push_str(&line);
+        self.bronze_rows += 1;
         if id.is_multiple_of(DUPLICATE_EVERY) {
             out.push_str(&line);
+            self.bronze_rows += 1;
         }
         if id.is_multiple_of(BAD_EVERY) {
             out.push_str(&format!(
@@ -383,9 +390,13 @@ async fn story(args: &DemoArgs, project: &Path, base: &str) -> anyhow::Result<()
     );
 
     // Live events from here on, into 2026.
+    // Each request's send time and the live rows in bronze once it is in, and a reader
+    // counting the live rows bronze.orders shows: an event's latency to visible is from its
+    // send to the first count that includes it.
     let live_stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(std::sync::Mutex::new(Vec::<(Instant, u64)>::new()));
     let live = {
-        let (http, stop) = (http.clone(), live_stop.clone());
+        let (http, stop, sent) = (http.clone(), live_stop.clone(), sent.clone());
         let url = format!("{base}/v1/topics/orders/records?key=customer_id");
         let (seed, events, rate) = (args.seed, args.events, args.live_rate);
         tokio::spawn(async move {
@@ -397,9 +408,32 @@ async fn story(args: &DemoArgs, project: &Path, base: &str) -> anyhow::Result<()
                 for _ in 0..rate.div_ceil(10) {
                     orders.write(&mut body);
                 }
+                let at = Instant::now();
                 post(&http, &url, body).await?;
+                if let Ok(mut sent) = sent.lock() {
+                    sent.push((at, orders.bronze_rows));
+                }
             }
             anyhow::Ok((orders.times, orders.partition_last))
+        })
+    };
+    let reader_stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (stop, reader) = (reader_stop.clone(), Client::http(base));
+        let sql = format!(
+            "SELECT count(*) FROM bronze.orders WHERE order_id > {}",
+            args.events
+        );
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                if let Ok(n) = count(&reader, &sql).await {
+                    seen.push((at, n));
+                }
+                tokio::time::sleep(Duration::from_millis(READ_EVERY_MS)).await;
+            }
+            seen
         })
     };
 
@@ -419,6 +453,8 @@ async fn story(args: &DemoArgs, project: &Path, base: &str) -> anyhow::Result<()
         println!("      {line}");
     }
 
+    // A few seconds of live events before the deploy, for the latency before it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     println!(
         "[5/7] `kappa deploy --wait`: v2 replays the whole log while v1 serves, is audited \
          against v1 (the model's [audit]), then every reader switches"
@@ -436,6 +472,7 @@ async fn story(args: &DemoArgs, project: &Path, base: &str) -> anyhow::Result<()
     };
     let watched = crate::deploy::watch(&client, shown).await?;
     let cutover_in = deploy_started.elapsed();
+    let cutover_at = Instant::now();
     for model in &watched.audit {
         for line in model.to_text().lines() {
             println!("      {line}");
@@ -455,6 +492,10 @@ async fn story(args: &DemoArgs, project: &Path, base: &str) -> anyhow::Result<()
     live_stop.store(true, Ordering::Relaxed);
     let (live_times, partition_last) = live.await??;
     caught_up(&client, None).await?;
+    reader_stop.store(true, Ordering::Relaxed);
+    let seen = reader.await?;
+    let sent = sent.lock().map(|s| s.clone()).unwrap_or_default();
+    let phases = latencies(&sent, &seen, deploy_started, cutover_at);
 
     println!(
         "[6/7] 2025 by month: v1 (kept for `kappa rollback {GOLD}`) beside v2, and the VAT \
@@ -555,11 +596,66 @@ async fn story(args: &DemoArgs, project: &Path, base: &str) -> anyhow::Result<()
             "MISMATCH"
         }
     );
+    let shown: Vec<String> = [
+        "before the deploy",
+        "during the replay",
+        "after the cutover",
+    ]
+    .iter()
+    .zip(&phases)
+    .map(
+        |(phase, ms)| match (percentile(ms, 0.5), percentile(ms, 0.99)) {
+            (Some(p50), Some(p99)) => format!("{phase} {p50:.0} / {p99:.0} ms"),
+            _ => format!("{phase} -"),
+        },
+    )
+    .collect();
+    println!(
+        "      live event → visible in bronze.orders (p50 / p99, a read every {READ_EVERY_MS} \
+         ms): {}",
+        shown.join(", ")
+    );
     anyhow::ensure!(
         all_equal && expected == new_year && revenue_kept && live_ok,
         "the demo's checks failed"
     );
     Ok(())
+}
+
+/// The latency (ms) of every live request, from its send to the first read that counted its
+/// rows, by when it was sent: before the deploy, during the replay, after the cutover.
+fn latencies(
+    sent: &[(Instant, u64)],
+    seen: &[(Instant, u64)],
+    deploy: Instant,
+    cutover: Instant,
+) -> [Vec<f64>; 3] {
+    let mut phases: [Vec<f64>; 3] = Default::default();
+    for (at, rows) in sent {
+        let visible = seen
+            .iter()
+            .find(|(read, count)| read >= at && count >= rows)
+            .map(|(read, _)| read.duration_since(*at).as_secs_f64() * 1000.0);
+        let phase = if *at < deploy {
+            0
+        } else if *at < cutover {
+            1
+        } else {
+            2
+        };
+        if let Some(ms) = visible {
+            phases[phase].push(ms);
+        }
+    }
+    phases
+}
+
+/// The `p` quantile (nearest rank) of `values`.
+fn percentile(values: &[f64], p: f64) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len().max(1));
+    sorted.get(rank - 1).copied()
 }
 
 /// Posts NDJSON records; an error carries the server's answer.
@@ -710,6 +806,19 @@ mod tests {
         // 2024 was a leap year: 306 days before 2025 is 1 March, 307 days is 29 February.
         assert_eq!(year_month(YEAR_START_MS - 306 * 86_400_000), 202403);
         assert_eq!(year_month(YEAR_START_MS - 307 * 86_400_000), 202402);
+    }
+
+    #[test]
+    fn latencies_run_from_the_send_to_the_first_read_that_counts_it() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let sent = [(at(0), 10), (at(100), 20), (at(200), 30)];
+        let seen = [(at(50), 5), (at(120), 10), (at(180), 20), (at(400), 30)];
+        let phases = latencies(&sent, &seen, at(100), at(200));
+        assert_eq!(phases, [vec![120.0], vec![80.0], vec![200.0]]);
+        assert_eq!(percentile(&[3.0, 1.0, 2.0, 4.0], 0.5), Some(2.0));
+        assert_eq!(percentile(&[3.0, 1.0, 2.0, 4.0], 0.99), Some(4.0));
+        assert_eq!(percentile(&[], 0.99), None);
     }
 
     #[test]
