@@ -70,6 +70,15 @@ async fn measure(
     new: &TableIdent,
     report: &mut ModelAudit,
 ) -> Result<(), String> {
+    // A version that has committed nothing (no input yet) has no table to measure: nothing
+    // to compare is no reason to hold the cutover.
+    if !written(lakehouse, new).await {
+        return Ok(());
+    }
+    let old = match old {
+        Some(table) if written(lakehouse, table).await => Some(table),
+        _ => None,
+    };
     let columns = if audit.columns.is_empty() {
         let (schema, _) = lakehouse
             .query(&format!("SELECT * FROM {} LIMIT 0", sql_name(new)))
@@ -151,6 +160,11 @@ async fn measure(
     Ok(())
 }
 
+/// Whether `table` exists and has a commit.
+async fn written(lakehouse: &Lakehouse, table: &TableIdent) -> bool {
+    matches!(lakehouse.last_commit(table).await, Ok(Some(_)))
+}
+
 /// A table's name in SQL: `namespace.name`.
 fn sql_name(table: &TableIdent) -> String {
     format!("{}.{}", table.namespace().join("."), table.name())
@@ -221,6 +235,28 @@ impl ModelAudit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn versions_that_wrote_nothing_yet_are_not_a_failure() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let lakehouse = Lakehouse::open(dir.path()).await.expect("a lakehouse");
+        let table = |name: &str| kappa_lakehouse::table_ident("gold", name).expect("a name");
+        let (old, new) = (table("v1"), table("v2"));
+        let strict = Audit {
+            max_change_bp: Some(0),
+            ..Audit::default()
+        };
+        let report = audit(
+            &lakehouse,
+            "gold.x",
+            &strict,
+            Some(("v1", &old)),
+            ("v2", &new),
+        )
+        .await;
+        assert_eq!(report.failures, Vec::<String>::new());
+        assert!(report.measures.is_empty());
+    }
 
     #[test]
     fn changes_are_relative_to_the_old_value() {
