@@ -589,6 +589,21 @@ impl Lakehouse {
             .doing(|| format!("load table {ident}"))
     }
 
+    /// Drops `ident` from the catalog and deletes its files (everything under its location).
+    pub async fn drop_table(&self, ident: &TableIdent) -> Result<()> {
+        let table = self.load_table(ident).await?;
+        self.catalog
+            .drop_table(ident)
+            .await
+            .doing(|| format!("drop table {ident}"))?;
+        let location = format!("{}/", table.metadata().location().trim_end_matches('/'));
+        table
+            .file_io()
+            .delete_prefix(&location)
+            .await
+            .doing(|| format!("delete the files of {ident} under {location}"))
+    }
+
     /// Writes `batches` as new Parquet data files and commits them in one snapshot whose summary
     /// carries `properties`. Returns the table as committed.
     pub async fn append(

@@ -33,6 +33,10 @@ pub struct Deployment {
     /// The deployment this one replaced (without its own previous), for `kappa rollback`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<Box<Deployment>>,
+    /// When a deployment stopped serving (ms since the epoch): set on `previous`, whose
+    /// versions' tables are dropped once the project's `deploy.retention` has passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_at_ms: Option<u64>,
 }
 
 /// One deployed model.
@@ -80,6 +84,7 @@ impl Deployment {
                 .collect(),
             files: files.clone(),
             previous: None,
+            retired_at_ms: None,
         }
     }
 }

@@ -26,7 +26,8 @@ mod sql;
 
 pub use diagnostic::Diagnostic;
 pub use project::{
-    Audit, Input, Materialization, Model, ModelConfig, PROJECT_FILE, Project, ProjectConfig,
-    ProjectFiles, ProjectSection, ServerSection, TopicKind, TopicSpec, load,
+    Audit, DEFAULT_RETENTION_MS, DeploySection, Input, Materialization, Model, ModelConfig,
+    PROJECT_FILE, Project, ProjectConfig, ProjectFiles, ProjectSection, ServerSection, TopicKind,
+    TopicSpec, load,
 };
 pub use schema::{Field, FieldType};

@@ -33,6 +33,34 @@ pub struct ProjectConfig {
     pub server: ServerSection,
     #[serde(default)]
     pub lakehouse: LakehouseSection,
+    #[serde(default)]
+    pub deploy: DeploySection,
+}
+
+/// How deploys treat the versions they replace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploySection {
+    /// How long a replaced version's table is kept for `kappa rollback` after its cutover,
+    /// e.g. `"7d"` (the default) or `"0s"` (dropped at once).
+    pub retention: Option<String>,
+}
+
+/// How long replaced versions are kept when `kappa.toml` does not say.
+pub const DEFAULT_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
+
+impl DeploySection {
+    /// The retention in ms, or why `retention` is not a duration.
+    pub fn retention_ms(&self) -> Result<u64, String> {
+        match &self.retention {
+            None => Ok(DEFAULT_RETENTION_MS),
+            Some(text) => humantime::parse_duration(text)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .map_err(|e| {
+                    format!("deploy.retention `{text}` is not a duration like \"7d\": {e}")
+                }),
+        }
+    }
 }
 
 /// Where the serving tables' files go (the catalog stays in the data directory).
@@ -228,6 +256,9 @@ pub fn load(files: &ProjectFiles) -> Result<Project, Vec<Diagnostic>> {
             ProjectConfig::default()
         }
     };
+    if let Err(message) = config.deploy.retention_ms() {
+        diagnostics.push(Diagnostic::in_file(PROJECT_FILE, message));
+    }
 
     let mut topics = BTreeMap::new();
     // Every topic file names a topic, also one with errors (which are reported on their own):
@@ -762,7 +793,7 @@ mod tests {
             ("models/gold/f.sql", "SELECT * FROM silver.x.y"),
         ]);
         expect![[r#"
-            kappa.toml:3:2: unknown field `servr`, expected one of `project`, `server`, `lakehouse`
+            kappa.toml:3:2: unknown field `servr`, expected one of `project`, `server`, `lakehouse`, `deploy`
             models/Gold/d.sql:1:1: layer name `Gold` must be lowercase letters, digits and `_`, starting with a letter, so that SQL can name it unquoted
             models/gold/b.sql:1:1: models read each other in a cycle: gold.b → silver.a → gold.b
             models/gold/b.sql:2:20: no topic or model `ordrs`; did you mean `orders`?

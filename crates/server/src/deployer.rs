@@ -26,6 +26,8 @@ use crate::audit::ModelAudit;
 use crate::deployment;
 use crate::pipelines::{Pipelines, RunnerStates};
 
+/// How often retired versions are looked at for expiry (seconds).
+const RETENTION_CHECK_S: u64 = 60;
 /// How often a deploy looks whether its new versions caught up.
 const CUTOVER_CHECK_MS: u64 = 200;
 
@@ -127,6 +129,20 @@ impl Deployer {
             deployer.go_live(&mut inner, Arc::new(deployed));
         }
         deployer.deploy(project, files).await?;
+        // Retired versions expire while the server runs: a look a minute.
+        let weak = Arc::downgrade(&deployer);
+        tokio::spawn(async move {
+            loop {
+                let Some(deployer) = weak.upgrade() else {
+                    return;
+                };
+                if let Err(e) = deployer.expire_retired().await {
+                    tracing::warn!(error = %format!("{e:#}"), "expiring retired versions failed");
+                }
+                drop(deployer);
+                tokio::time::sleep(std::time::Duration::from_secs(RETENTION_CHECK_S)).await;
+            }
+        });
         Ok(deployer)
     }
 
@@ -424,7 +440,9 @@ impl Deployer {
             old.stop().await;
         }
         self.go_live(&mut inner, project);
-        self.record(record, true)
+        self.record(record, true)?;
+        drop(inner);
+        self.expire_retired().await
     }
 
     /// Audits every switching model's new version against the live one; returns why the
@@ -480,11 +498,64 @@ impl Deployer {
         record.previous = match current {
             Some(mut current) if replaces && !current.files.is_empty() => {
                 current.previous = None;
+                current.retired_at_ms = Some(now_ms());
                 Some(Box::new(current))
             }
             Some(current) => current.previous,
             None => None,
         };
+        deployment::save(&self.data_dir, &record)
+    }
+
+    /// Drops the tables of the replaced deployment's versions once the live project's
+    /// `deploy.retention` has passed since its cutover (the versions the live deployment or a
+    /// deploy in progress still uses stay), then forgets that deployment: a rollback has
+    /// nothing to go back to.
+    pub async fn expire_retired(&self) -> anyhow::Result<()> {
+        let inner = self.inner.lock().await;
+        let Some(mut record) = deployment::load(&self.data_dir)? else {
+            return Ok(());
+        };
+        let Some(previous) = record.previous.take() else {
+            return Ok(());
+        };
+        let retention = self
+            .live_project()
+            .map(|p| p.config.deploy.retention_ms())
+            .transpose()
+            .map_err(|e| anyhow::anyhow!(e))?
+            .unwrap_or(kappa_pipeline::DEFAULT_RETENTION_MS);
+        let retired_at = previous.retired_at_ms.unwrap_or(0);
+        if now_ms() < retired_at.saturating_add(retention) {
+            return Ok(());
+        }
+        let pending = inner
+            .pending
+            .as_ref()
+            .map(|p| kappa_pipeline::deploy::versions(&p.project))
+            .unwrap_or_default();
+        for (id, model) in &previous.models {
+            let in_use = record
+                .models
+                .get(id)
+                .is_some_and(|m| m.version == model.version)
+                || pending.get(id) == Some(&model.version);
+            let Some((layer, name)) = id.split_once('.') else {
+                continue;
+            };
+            if in_use || !self.lakehouse.supports_aliases() {
+                continue;
+            }
+            let table = version_table(layer, name, &model.version)?;
+            match self.lakehouse.drop_table(&table).await {
+                Ok(()) => {
+                    tracing::info!(model = %id, version = %model.version, "retention passed: the retired version's table is dropped")
+                }
+                Err(e) => {
+                    tracing::warn!(model = %id, error = %e, "dropping a retired version's table failed")
+                }
+            }
+        }
         deployment::save(&self.data_dir, &record)
     }
 
@@ -534,6 +605,13 @@ pub fn recorded_versions(data_dir: &std::path::Path) -> Vec<VersionStatus> {
     }
     all.sort_by(|a, b| a.model.cmp(&b.model));
     all
+}
+
+/// Milliseconds since the epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The end of every partition of each model's source topics, by model.

@@ -1226,3 +1226,112 @@ fn kappa_deploy_switches_every_table_at_once_while_readers_query() {
     );
     assert!(up.terminate().unwrap().success());
 }
+
+/// With `deploy.retention = "0s"`, the versions a cutover replaces are dropped right after it:
+/// their tables leave the catalog and the warehouse, status lists no retired version, and a
+/// rollback says there is nothing to go back to.
+#[test]
+fn retired_versions_are_dropped_once_their_retention_passed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    init(&dir);
+    let settings = dir.join("kappa.toml");
+    let text = std::fs::read_to_string(&settings).unwrap();
+    std::fs::write(&settings, format!("{text}\n[deploy]\nretention = \"0s\"\n")).unwrap();
+    let data = dir.join(".kappa");
+    std::fs::create_dir_all(&data).unwrap();
+    let project = dir.to_str().unwrap();
+    let models = walk_sql(&dir.join("models"));
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    produce_example_orders(&data, &dir);
+    crate::wait_caught_up(&data, project, models, std::time::Duration::from_secs(60));
+    let versions = || -> Vec<(String, String, String)> {
+        let out = kappa(&data, &["--project", project, "status", "--json"], None);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        status["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                let field = |k: &str| v[k].as_str().unwrap().to_owned();
+                (field("model"), field("version"), field("state"))
+            })
+            .collect()
+    };
+    let old = versions()
+        .into_iter()
+        .find(|(model, _, state)| model == "silver.orders" && state == "live")
+        .map(|(_, version, _)| version)
+        .unwrap();
+    let table = format!("kappa_versions.silver__orders__{old}");
+    let count = format!("SELECT count(*) FROM {table}");
+    let out = kappa(&data, &["sql", &count], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        !files_of(&data, &old).is_empty(),
+        "the old version has files"
+    );
+
+    let silver = dir.join("models/silver/orders.sql");
+    let sql = std::fs::read_to_string(&silver).unwrap();
+    std::fs::write(
+        &silver,
+        sql.replace(
+            "quantity * unit_price AS amount",
+            "2 * quantity * unit_price AS amount",
+        ),
+    )
+    .unwrap();
+    let out = kappa(&data, &["--project", project, "deploy", "--wait"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while versions().iter().any(|(_, _, state)| state == "retired") {
+        assert!(std::time::Instant::now() < deadline, "{:?}", versions());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let out = kappa(&data, &["sql", &count], None);
+    assert!(
+        !out.status.success(),
+        "{table} is still there: {}",
+        stdout(&out)
+    );
+    let left = files_of(&data, &old);
+    assert!(
+        left.is_empty(),
+        "files of the dropped version remain: {left:?}"
+    );
+    let out = kappa(
+        &data,
+        &["--project", project, "rollback", "silver.orders"],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no earlier deployment"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(up.terminate().unwrap().success());
+}
+
+/// The warehouse's files and folders of silver.orders' `version`.
+fn files_of(data: &std::path::Path, version: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut folders = vec![data.join("warehouse")];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path
+                .to_string_lossy()
+                .contains(&format!("silver__orders__{version}"))
+            {
+                found.push(path.clone());
+            }
+            if path.is_dir() {
+                folders.push(path);
+            }
+        }
+    }
+    found
+}
