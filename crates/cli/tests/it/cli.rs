@@ -1335,3 +1335,112 @@ fn files_of(data: &std::path::Path, version: &str) -> Vec<std::path::PathBuf> {
     }
     found
 }
+
+/// kill -9 at seeded moments of a deploy (its replay, audit or cutover, or just after): after
+/// a restart on the same folder the deploy carries on, the tables end as the clean deploy left
+/// them, and no answer read along the way mixed versions.
+#[test]
+fn a_deploy_killed_at_any_moment_carries_on_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    init(&dir);
+    let data = dir.join(".kappa");
+    std::fs::create_dir_all(&data).unwrap();
+    let project = dir.to_str().unwrap();
+    let models = walk_sql(&dir.join("models"));
+    let mut up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    let products = dir.join("data/products.ndjson");
+    let out = kappa(
+        &data,
+        &[
+            "produce",
+            "products",
+            products.to_str().unwrap(),
+            "--key",
+            "product_id",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    produce_example_orders(&data, &dir);
+    crate::wait_caught_up(&data, project, models, std::time::Duration::from_secs(60));
+
+    const BOTH: &str = "SELECT CAST((SELECT sum(revenue) FROM gold.revenue_by_region) AS VARCHAR), \
+                        CAST((SELECT sum(revenue) FROM gold.revenue_by_category) AS VARCHAR)";
+    let ask = || -> Option<(String, String)> {
+        let out = kappa(&data, &["sql", BOTH, "--json"], None);
+        if !out.status.success() {
+            return None; // the server is down or starting
+        }
+        let answer: serde_json::Value = serde_json::from_str(&stdout(&out)).ok()?;
+        let row = answer["rows"].get(0)?;
+        let value = |i: usize| row.get(i).and_then(|v| v.as_str()).map(str::to_owned);
+        Some((value(0)?, value(1)?))
+    };
+    let original = ask().unwrap();
+    assert_eq!(original.0, original.1);
+    let silver = dir.join("models/silver/orders.sql");
+    let v1_sql = std::fs::read_to_string(&silver).unwrap();
+    let v2_sql = v1_sql.replace(
+        "quantity * unit_price AS amount",
+        "2 * quantity * unit_price AS amount",
+    );
+    // A clean run: v2 (amounts doubled) deployed without a crash.
+    std::fs::write(&silver, &v2_sql).unwrap();
+    let out = kappa(&data, &["--project", project, "deploy", "--wait"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The oracle: a version that multiplies every amount by k answers k times the original.
+    let number = |text: &str| -> f64 { text.parse().unwrap() };
+    let times = |answer: &(String, String), k: f64| {
+        answer.0 == answer.1 && (number(&answer.0) - k * number(&original.0)).abs() < 1e-6
+    };
+    assert!(times(&ask().unwrap(), 2.0), "the clean deploy doubles");
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (mut seen, mut phases) = (Vec::new(), Vec::new());
+    for seed in 0..8u64 {
+        // Each deploy is a new version (amounts times k), killed `delay` ms after it started.
+        let k = seed + 3;
+        std::fs::write(
+            &silver,
+            v1_sql.replace(
+                "quantity * unit_price AS amount",
+                &format!("{k} * quantity * unit_price AS amount"),
+            ),
+        )
+        .unwrap();
+        let out = kappa(&data, &["--project", project, "deploy"], None);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let delay = (seed * 7919 + 211) % 700;
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_millis(delay) {
+            seen.extend(ask());
+        }
+        let client = kappa_server::client::Client::http(&up.base);
+        let phase = runtime.block_on(client.deploy_progress()).map(|p| p.state);
+        phases.push(phase.unwrap_or_else(|e| format!("unknown: {e}")));
+        up.kill9().unwrap();
+        up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let answer = ask();
+            if answer.as_ref().is_some_and(|a| times(a, k as f64)) {
+                break;
+            }
+            seen.extend(answer);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "seed {seed} (killed after {delay} ms): never reached {k} × {original:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    let mixed: Vec<_> = seen.iter().filter(|a| a.0 != a.1).collect();
+    assert!(mixed.is_empty(), "mixed answers: {mixed:?}");
+    eprintln!("killed while: {phases:?}");
+    assert!(
+        phases.iter().any(|p| p == "replaying" || p == "auditing"),
+        "no kill landed inside a deploy: {phases:?}"
+    );
+    assert!(up.terminate().unwrap().success());
+}
