@@ -102,6 +102,8 @@ def rows(arrow):
 py = rows(table.scan().to_arrow())
 ext = [os.path.join(p, "duckdb_ext", "extensions") for p in site.getsitepackages() if os.path.isdir(os.path.join(p, "duckdb_ext"))][0]
 con = duckdb.connect()
+# A query over 2 s draws a progress bar on stdout, before the JSON.
+con.execute("SET enable_progress_bar = false")
 con.execute(f"SET extension_directory='{ext}'")
 con.execute("LOAD iceberg")
 metadata = table.metadata_location.removeprefix("file://")

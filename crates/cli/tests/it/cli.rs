@@ -993,7 +993,8 @@ fn a_changed_model_replays_beside_the_old_one_then_serves() {
         kappa_testkit::python::READ_TABLE_SCRIPT,
         &[data.to_str().unwrap(), "gold.revenue_by_region"],
     );
-    let read: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let read: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert_eq!(read["pyiceberg"], read["duckdb"], "{out}");
     let total: f64 = read["pyiceberg"]
         .as_array()
