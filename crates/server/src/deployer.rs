@@ -525,7 +525,13 @@ impl Deployer {
             .transpose()
             .map_err(|e| anyhow::anyhow!(e))?
             .unwrap_or(kappa_pipeline::DEFAULT_RETENTION_MS);
-        let retired_at = previous.retired_at_ms.unwrap_or(0);
+        let Some(retired_at) = previous.retired_at_ms else {
+            // Recorded before deployments kept the time: the retention starts now.
+            let mut previous = previous;
+            previous.retired_at_ms = Some(now_ms());
+            record.previous = Some(previous);
+            return deployment::save(&self.data_dir, &record);
+        };
         if now_ms() < retired_at.saturating_add(retention) {
             return Ok(());
         }
