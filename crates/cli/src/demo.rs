@@ -229,12 +229,17 @@ fn year_month(ms: i64) -> u32 {
     (year * 100 + month) as u32
 }
 
+impl MonthTally {
+    fn add(&mut self, other: &MonthTally) {
+        self.orders += other.orders;
+        self.revenue_cents += other.revenue_cents;
+        self.tax_e5 += other.tax_e5;
+    }
+}
+
 fn merge(into: &mut BTreeMap<u32, MonthTally>, from: &BTreeMap<u32, MonthTally>) {
     for (month, t) in from {
-        let m = into.entry(*month).or_default();
-        m.orders += t.orders;
-        m.revenue_cents += t.revenue_cents;
-        m.tax_e5 += t.tax_e5;
+        into.entry(*month).or_default().add(t);
     }
 }
 
@@ -701,15 +706,11 @@ async fn caught_up(
 
 /// The 2025 totals of months (`year * 100 + month`).
 fn of_2025(months: &BTreeMap<u32, MonthTally>) -> MonthTally {
-    let mut year = BTreeMap::new();
-    merge(&mut year, months);
-    year.retain(|month, _| month / 100 == 2025);
-    year.values().fold(MonthTally::default(), |mut all, m| {
-        all.orders += m.orders;
-        all.revenue_cents += m.revenue_cents;
-        all.tax_e5 += m.tax_e5;
-        all
-    })
+    let mut year = MonthTally::default();
+    for (_, m) in months.range(202501..=202512) {
+        year.add(m);
+    }
+    year
 }
 
 /// A gold table's rows by `year * 100 + month`.
