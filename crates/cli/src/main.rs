@@ -80,7 +80,8 @@ enum Command {
     /// them) replay as new versions while the live ones serve, then all switch at once.
     Deploy(deploy::DeployArgs),
     /// Take a model back to the previous deployment's version (and what reads it), switching
-    /// over as a deploy does, once the old version has caught up again.
+    /// over as a deploy does, once the old version has caught up again. The model's files in
+    /// the project folder are written back as they were.
     Rollback(deploy::RollbackArgs),
     /// Run a self-contained demonstration and print its figures.
     Demo(demo::DemoArgs),

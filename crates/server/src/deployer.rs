@@ -566,8 +566,16 @@ impl Deployer {
     }
 
     /// Deploys the live deployment with `model` as the previous deployment had it (and every
-    /// model that reads it following). Returns the models that replay.
-    pub async fn rollback(self: &Arc<Self>, model: &str) -> anyhow::Result<Vec<String>> {
+    /// model that reads it following). When `folder` is the project folder, the model's `.sql`
+    /// and `.toml` there are first rewritten as they were (each written aside, fsynced and
+    /// renamed), so that the folder says what serves: a restart — after a crash mid-rollback
+    /// too — deploys the rolled-back version, and `kappa plan` shows nothing to deploy.
+    /// Returns the models that replay.
+    pub async fn rollback(
+        self: &Arc<Self>,
+        model: &str,
+        folder: Option<&std::path::Path>,
+    ) -> anyhow::Result<Vec<String>> {
         let live = deployment::load(&self.data_dir)?
             .ok_or_else(|| anyhow::anyhow!("nothing is deployed"))?;
         let files = kappa_pipeline::deploy::rolled_back(&live, model)
@@ -581,6 +589,26 @@ impl Deployer {
                     lines.join("\n")
                 )
             })?;
+        if let Some(folder) = folder {
+            let (layer, name) = model.split_once('.').unwrap_or(("", model));
+            let paths =
+                ["sql", "toml"].map(|extension| format!("models/{layer}/{name}.{extension}"));
+            // An edit not deployed yet would be lost: refused by name instead.
+            for path in &paths {
+                let on_disk = std::fs::read_to_string(folder.join(path)).ok();
+                anyhow::ensure!(
+                    on_disk.as_deref() == live.files.get(path).map(String::as_str),
+                    "roll back {model}: {path} in {} differs from what is deployed; deploy it, \
+                     or put it back, before rolling back",
+                    folder.display()
+                );
+            }
+            for path in paths {
+                crate::project::restore_file(folder, &path, files.get(&path).map(String::as_str))
+                    .map_err(|e| anyhow::anyhow!("roll back {model}: {e:#}"))?;
+            }
+            tracing::info!(model, folder = %folder.display(), "rolled back in the project folder");
+        }
         self.deploy(Arc::new(project), files).await
     }
 }

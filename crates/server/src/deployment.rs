@@ -27,16 +27,21 @@ pub fn load(data_dir: &Path) -> anyhow::Result<Option<Deployment>> {
 /// so that a crash leaves the old deployment or the new one, never a mix.
 pub fn save(data_dir: &Path, deployment: &Deployment) -> anyhow::Result<()> {
     let path = data_dir.join(DEPLOYMENT_FILE);
-    let aside = data_dir.join(format!("{DEPLOYMENT_FILE}.new"));
     let text = serde_json::to_vec_pretty(deployment).context("serialize the deployment")?;
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&aside)?;
-        file.write_all(&text)?;
-        file.sync_all()?;
-        std::fs::rename(&aside, &path)?;
-        std::fs::File::open(data_dir)?.sync_all()
-    };
-    write().with_context(|| format!("write {}", path.display()))
+    replace_file(&path, &text).with_context(|| format!("write {}", path.display()))
+}
+
+/// Replaces `path` by `bytes` so that a crash leaves the old file or the new one: written
+/// aside, fsynced, renamed over it, and the rename fsynced in the folder.
+pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let folder = path.parent().unwrap_or(Path::new("."));
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".new");
+    let mut file = std::fs::File::create(&aside)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&aside, path)?;
+    std::fs::File::open(folder)?.sync_all()
 }
 
 #[cfg(test)]

@@ -290,13 +290,16 @@ async fn rollback(
             "this kappa up runs no project folder".into(),
         ));
     };
-    let replaying = deployer.rollback(&request.model).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "cannot_roll_back",
-            format!("{e:#}"),
-        )
-    })?;
+    let replaying = deployer
+        .rollback(&request.model, state.config.project_dir.as_deref())
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "cannot_roll_back",
+                format!("{e:#}"),
+            )
+        })?;
     Ok(Json(serde_json::json!({ "replaying": replaying })).into_response())
 }
 

@@ -61,6 +61,32 @@ pub async fn check_files(
     }
 }
 
+/// Puts the project file `relative` (`models/gold/revenue.sql`) of the folder `dir` back to
+/// `text`, or removes it when `text` is `None`; durable when this returns.
+pub fn restore_file(dir: &Path, relative: &str, text: Option<&str>) -> anyhow::Result<()> {
+    let path = dir.join(relative);
+    match text {
+        Some(text) => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("create {}", parent.display()))?;
+            }
+            crate::deployment::replace_file(&path, text.as_bytes())
+                .with_context(|| format!("write {}", path.display()))
+        }
+        None => match std::fs::remove_file(&path) {
+            Ok(()) => {
+                let parent = path.parent().unwrap_or(dir);
+                std::fs::File::open(parent)
+                    .and_then(|f| f.sync_all())
+                    .with_context(|| format!("sync {}", parent.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("remove {}", path.display())),
+        },
+    }
+}
+
 /// Entry names of a directory, sorted; none when it does not exist.
 fn names_in(dir: &Path) -> anyhow::Result<Vec<String>> {
     let entries = match std::fs::read_dir(dir) {

@@ -1087,15 +1087,12 @@ fn kappa_deploy_switches_every_table_at_once_while_readers_query() {
 
     // v2 of silver.orders doubles every amount.
     let silver = dir.join("models/silver/orders.sql");
-    let sql = std::fs::read_to_string(&silver).unwrap();
-    std::fs::write(
-        &silver,
-        sql.replace(
-            "quantity * unit_price AS amount",
-            "2 * quantity * unit_price AS amount",
-        ),
-    )
-    .unwrap();
+    let v1_sql = std::fs::read_to_string(&silver).unwrap();
+    let v2_sql = v1_sql.replace(
+        "quantity * unit_price AS amount",
+        "2 * quantity * unit_price AS amount",
+    );
+    std::fs::write(&silver, &v2_sql).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let readers: Vec<_> = (0..4)
@@ -1133,12 +1130,12 @@ fn kappa_deploy_switches_every_table_at_once_while_readers_query() {
         .unwrap_or_else(|| panic!("no sum(amount): {silver_audit}"));
     assert_eq!(amount["change"], 1.0, "{amount}");
     // Status shows every version: silver's new one live, its old one retired for a rollback.
-    let silver: Vec<String> = version_states(&data, project)
+    let silver_states: Vec<String> = version_states(&data, project)
         .into_iter()
         .filter(|(m, _, _)| m == "silver.orders")
         .map(|(_, _, state)| state)
         .collect();
-    assert_eq!(silver, ["live", "retired"]);
+    assert_eq!(silver_states, ["live", "retired"]);
     let mut replayed: Vec<&str> = deployed["replaying"]
         .as_array()
         .unwrap()
@@ -1198,10 +1195,16 @@ fn kappa_deploy_switches_every_table_at_once_while_readers_query() {
     assert_eq!(rolled["cut_over"], true, "{rolled}");
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(runtime.block_on(ask(client.clone())), before);
+    // The folder says what serves: the rollback wrote v1 back, so nothing is left to deploy.
+    assert_eq!(std::fs::read_to_string(&silver).unwrap(), v1_sql);
+    let out = kappa(&data, &["--project", project, "plan", "--json"], None);
+    let plan: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(plan["summary"]["replaying"], 0, "{plan}");
 
     // An audit that allows 1 % of change stops the same deploy before the cutover: the
     // deploy fails with the measure that moved, and v1 keeps serving.
     // (The audit is not part of the model's version: v2 of it resumes.)
+    std::fs::write(&silver, &v2_sql).unwrap();
     let config = dir.join("models/gold/revenue_by_region.toml");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
@@ -1336,9 +1339,9 @@ fn files_of(data: &std::path::Path, version: &str) -> Vec<std::path::PathBuf> {
     found
 }
 
-/// kill -9 at seeded moments of a deploy (its replay, audit or cutover, or just after): after
-/// a restart on the same folder the deploy carries on, the tables end as the clean deploy left
-/// them, and no answer read along the way mixed versions.
+/// kill -9 at seeded moments of a deploy (its replay, audit or cutover, or just after) and of a
+/// rollback: after a restart on the same folder the deploy or rollback carries on, the tables
+/// end as a clean run leaves them, and no answer read along the way mixed versions.
 #[test]
 fn a_deploy_killed_at_any_moment_carries_on_after_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1417,6 +1420,43 @@ fn a_deploy_killed_at_any_moment_carries_on_after_a_restart() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "seed {seed} (killed after {delay} ms): never reached {k} × {original:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    // Rollbacks killed the same way: the last two versions (×10, ×9) take turns. The
+    // rollback wrote the folder first, so the restart carries it on.
+    for seed in 0..3u64 {
+        let k = if seed % 2 == 0 { 9 } else { 10 };
+        let out = kappa(
+            &data,
+            &["--project", project, "rollback", "silver.orders"],
+            None,
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let delay = (seed * 4391 + 97) % 400;
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_millis(delay) {
+            seen.extend(ask());
+        }
+        let client = kappa_server::client::Client::http(&up.base);
+        let phase = runtime.block_on(client.deploy_progress()).map(|p| p.state);
+        phases.push(format!(
+            "rollback {}",
+            phase.unwrap_or_else(|e| format!("unknown: {e}"))
+        ));
+        up.kill9().unwrap();
+        up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let answer = ask();
+            if answer.as_ref().is_some_and(|a| times(a, k as f64)) {
+                break;
+            }
+            seen.extend(answer);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rollback {seed} (killed after {delay} ms): never reached {k} × {original:?}"
             );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
