@@ -14,6 +14,7 @@ pub mod runner;
 pub mod schema;
 pub mod stateless;
 pub mod stream_join;
+pub mod upstream;
 pub mod watermark;
 pub mod windowed;
 

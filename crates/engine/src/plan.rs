@@ -160,44 +160,8 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         .models
         .get(model_id)
         .ok_or_else(|| DataFusionError::Plan(format!("no model `{model_id}`")))?;
-    let topics = project.source_topics(model_id);
-    let (streams, tables) = stream_and_tables(project, &topics)?;
     let ctx = session();
-    let mut slots = Vec::new();
-    for name in &streams {
-        let spec = project
-            .topics
-            .get(name)
-            .ok_or_else(|| DataFusionError::Plan(format!("no topic `{name}`")))?;
-        let slot = Arc::new(MemTable::try_new(topic_schema(spec), vec![vec![]])?);
-        ctx.register_table(TableReference::bare(name.as_str()), slot.clone())?;
-        slots.push((name.clone(), slot));
-    }
-    let mut dimensions = Vec::new();
-    for name in tables {
-        let table_spec = project
-            .topics
-            .get(&name)
-            .ok_or_else(|| DataFusionError::Plan(format!("no topic `{name}`")))?;
-        let table = Arc::new(DimensionTable::new(topic_schema(table_spec))?);
-        ctx.register_table(TableReference::bare(name.as_str()), table.clone())?;
-        dimensions.push((name, table));
-    }
-    // Upstream models become views, in dependency order.
-    let upstream: BTreeSet<&String> = project
-        .order
-        .iter()
-        .filter(|id| id.as_str() != model_id && reads_transitively(project, model_id, id.as_str()))
-        .collect();
-    for id in project.order.iter().filter(|id| upstream.contains(id)) {
-        let upstream_model = &project.models[id];
-        let plan = ctx.state().create_logical_plan(&upstream_model.sql).await?;
-        register_schema(&ctx, &upstream_model.layer);
-        ctx.register_table(
-            TableReference::partial(upstream_model.layer.as_str(), upstream_model.name.as_str()),
-            Arc::new(ViewTable::new(plan, Some(upstream_model.sql.clone()))),
-        )?;
-    }
+    let (streams, slots, dimensions) = register_inputs(&ctx, project, model_id).await?;
     let state = ctx.state();
     let plan = state.create_logical_plan(&model.sql).await?;
     let plan = state
@@ -302,6 +266,169 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         dedup,
         join,
     })
+}
+
+/// The one model `model_id` reads, when it reads one and otherwise only dimensions (topics of
+/// kind "table").
+pub fn upstream_of(project: &Project, model_id: &str) -> Option<String> {
+    let model = project.models.get(model_id)?;
+    let mut upstream = None;
+    for input in &model.inputs {
+        match input {
+            kappa_pipeline::Input::Model(m) if upstream.is_none() => upstream = Some(m.clone()),
+            kappa_pipeline::Input::Topic(t)
+                if project
+                    .topics
+                    .get(t)
+                    .is_some_and(|spec| spec.kind == TopicKind::Table) => {}
+            _ => return None,
+        }
+    }
+    upstream
+}
+
+/// Registers in `ctx` what `model_id` reads: its stream topics as slots (returned with their
+/// names), its dimensions, and every model it reads, directly or not, as a view.
+#[allow(clippy::type_complexity)]
+async fn register_inputs(
+    ctx: &SessionContext,
+    project: &Project,
+    model_id: &str,
+) -> Result<(
+    Vec<String>,
+    Vec<(String, Arc<MemTable>)>,
+    Vec<(String, Arc<DimensionTable>)>,
+)> {
+    let topics = project.source_topics(model_id);
+    let (streams, tables) = stream_and_tables(project, &topics)?;
+    let mut slots = Vec::new();
+    for name in &streams {
+        let spec = project
+            .topics
+            .get(name)
+            .ok_or_else(|| DataFusionError::Plan(format!("no topic `{name}`")))?;
+        let slot = Arc::new(MemTable::try_new(topic_schema(spec), vec![vec![]])?);
+        ctx.register_table(TableReference::bare(name.as_str()), slot.clone())?;
+        slots.push((name.clone(), slot));
+    }
+    let mut dimensions = Vec::new();
+    for name in tables {
+        let table_spec = project
+            .topics
+            .get(&name)
+            .ok_or_else(|| DataFusionError::Plan(format!("no topic `{name}`")))?;
+        let table = Arc::new(DimensionTable::new(topic_schema(table_spec))?);
+        ctx.register_table(TableReference::bare(name.as_str()), table.clone())?;
+        dimensions.push((name, table));
+    }
+    // Upstream models become views, in dependency order.
+    let upstream: BTreeSet<&String> = project
+        .order
+        .iter()
+        .filter(|id| id.as_str() != model_id && reads_transitively(project, model_id, id.as_str()))
+        .collect();
+    for id in project.order.iter().filter(|id| upstream.contains(id)) {
+        let upstream_model = &project.models[id];
+        let plan = ctx.state().create_logical_plan(&upstream_model.sql).await?;
+        register_schema(ctx, &upstream_model.layer);
+        ctx.register_table(
+            TableReference::partial(upstream_model.layer.as_str(), upstream_model.name.as_str()),
+            Arc::new(ViewTable::new(plan, Some(upstream_model.sql.clone()))),
+        )?;
+    }
+    Ok((streams, slots, dimensions))
+}
+
+/// Plans `model_id`, which reads one model and otherwise only dimensions, over that model's
+/// committed rows: the upstream's name is a slot of its output schema that the rows its table's commits
+/// added are put in (`upstream.rs`). Only models whose output over a stream does not depend on
+/// the order of its rows run this way: row by row, or one GROUP BY upserted (no event time,
+/// windows, deduplication or joins). Returns the plan and the upstream model.
+pub async fn plan_over_upstream(
+    project: &Project,
+    model_id: &str,
+) -> Result<(PlannedModel, String)> {
+    let model = project
+        .models
+        .get(model_id)
+        .ok_or_else(|| DataFusionError::Plan(format!("no model `{model_id}`")))?;
+    let upstream_id = upstream_of(project, model_id).ok_or_else(|| {
+        DataFusionError::NotImplemented(format!(
+            "{model_id} reads more than one model, or a stream topic: it recomputes what it \
+             reads"
+        ))
+    })?;
+    let upstream = project
+        .models
+        .get(&upstream_id)
+        .ok_or_else(|| DataFusionError::Plan(format!("no model `{upstream_id}`")))?;
+    let ctx = session();
+    let (_, _, dimensions) = register_inputs(&ctx, project, model_id).await?;
+    // Its own lookups; the upstream's are in the upstream's table.
+    let dimensions: Vec<(String, Arc<DimensionTable>)> = dimensions
+        .into_iter()
+        .filter(|(name, _)| {
+            model
+                .inputs
+                .contains(&kappa_pipeline::Input::Topic(name.clone()))
+        })
+        .collect();
+    let reference = TableReference::partial(upstream.layer.as_str(), upstream.name.as_str());
+    // The upstream's rows as its SQL gives them (its table holds the same columns; the rows
+    // read back are cast to this schema).
+    let schema = Arc::new(
+        ctx.table(reference.clone())
+            .await?
+            .schema()
+            .as_arrow()
+            .clone(),
+    );
+    ctx.deregister_table(reference.clone())?;
+    let slot = Arc::new(MemTable::try_new(schema, vec![vec![]])?);
+    ctx.register_table(reference, slot.clone())?;
+    let state = ctx.state();
+    let plan = state.create_logical_plan(&model.sql).await?;
+    let plan = state
+        .analyzer()
+        .execute_and_check(plan, state.config_options(), |_, _| {})?;
+    let plan = distinct_as_group_by(plan)?;
+    if find_dedup(&plan)
+        .map_err(DataFusionError::NotImplemented)?
+        .is_some()
+    {
+        return Err(DataFusionError::NotImplemented(
+            "a deduplicating model recomputes what it reads".into(),
+        ));
+    }
+    let shape = shape_of(&plan).map_err(DataFusionError::NotImplemented)?;
+    let order_free = match shape {
+        Shape::RowByRow => true,
+        Shape::Grouped => {
+            model.config.materialization == Some(Materialization::Upsert)
+                || model.config.event_time.is_none()
+        }
+        Shape::Windowed => false,
+    };
+    if !order_free {
+        return Err(DataFusionError::NotImplemented(
+            "a model over event time recomputes what it reads".into(),
+        ));
+    }
+    key_problem(&plan, shape, model).map_err(DataFusionError::Configuration)?;
+    Ok((
+        PlannedModel {
+            ctx,
+            topic: upstream_id.clone(),
+            dimensions,
+            slot,
+            plan,
+            shape,
+            event_time: None,
+            dedup: None,
+            join: None,
+        },
+        upstream_id,
+    ))
 }
 
 /// Finds the join of the model's two streams and replaces it by the slot its pairs are put in.

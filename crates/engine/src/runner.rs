@@ -91,7 +91,7 @@ pub enum RunnerError {
 }
 
 /// A model's computation, by the shape of its query.
-enum Compute {
+pub(crate) enum Compute {
     /// Row by row: each micro-batch's rows are appended.
     Stateless {
         model: Box<StatelessModel>,
@@ -153,40 +153,13 @@ impl Compute {
             )?),
             _ => None,
         };
-        let compute = match planned.shape {
-            Shape::RowByRow => Compute::Stateless {
-                model: Box::new(StatelessModel::from_plan(
-                    planned.ctx,
-                    input_slot.clone(),
-                    planned.plan,
-                )?),
-                pending: Vec::new(),
-            },
-            Shape::Grouped => Compute::Grouped(Box::new(GroupedModel::from_plan(
-                planned.ctx,
-                input_slot.clone(),
-                planned.plan,
-            )?)),
-            Shape::Windowed => {
-                let event_time = planned.event_time.ok_or_else(|| {
-                    datafusion::error::DataFusionError::Internal(
-                        "a windowed model without event time".into(),
-                    )
-                })?;
-                let model = WindowedModel::from_plan(
-                    planned.ctx,
-                    input_slot.clone(),
-                    planned.plan,
-                    &event_time.column,
-                )?
-                .ok_or_else(|| {
-                    datafusion::error::DataFusionError::Internal(
-                        "a windowed model without a window".into(),
-                    )
-                })?;
-                Compute::Windowed(Box::new(model))
-            }
-        };
+        let compute = Compute::new(
+            planned.shape,
+            planned.ctx,
+            input_slot,
+            planned.plan,
+            planned.event_time,
+        )?;
         Ok(Planned {
             sources,
             dimensions,
@@ -196,7 +169,40 @@ impl Compute {
         })
     }
 
-    fn output_schema(&self) -> &arrow::datatypes::SchemaRef {
+    /// The computation of a planned model of `shape` reading `input_slot`.
+    pub(crate) fn new(
+        shape: Shape,
+        ctx: datafusion::prelude::SessionContext,
+        input_slot: Arc<datafusion::datasource::MemTable>,
+        plan: datafusion::logical_expr::LogicalPlan,
+        event_time: Option<crate::plan::EventTime>,
+    ) -> Result<Compute, datafusion::error::DataFusionError> {
+        Ok(match shape {
+            Shape::RowByRow => Compute::Stateless {
+                model: Box::new(StatelessModel::from_plan(ctx, input_slot, plan)?),
+                pending: Vec::new(),
+            },
+            Shape::Grouped => {
+                Compute::Grouped(Box::new(GroupedModel::from_plan(ctx, input_slot, plan)?))
+            }
+            Shape::Windowed => {
+                let event_time = event_time.ok_or_else(|| {
+                    datafusion::error::DataFusionError::Internal(
+                        "a windowed model without event time".into(),
+                    )
+                })?;
+                let model = WindowedModel::from_plan(ctx, input_slot, plan, &event_time.column)?
+                    .ok_or_else(|| {
+                        datafusion::error::DataFusionError::Internal(
+                            "a windowed model without a window".into(),
+                        )
+                    })?;
+                Compute::Windowed(Box::new(model))
+            }
+        })
+    }
+
+    pub(crate) fn output_schema(&self) -> &arrow::datatypes::SchemaRef {
         match self {
             Compute::Stateless { model, .. } => model.output_schema(),
             Compute::Grouped(model) => model.output_schema(),
@@ -210,7 +216,7 @@ impl Compute {
     }
 
     /// Computes one micro-batch of records that are not late.
-    async fn push(
+    pub(crate) async fn push(
         &mut self,
         batch: RecordBatch,
         watermark: Option<i64>,
@@ -225,7 +231,7 @@ impl Compute {
         }
     }
 
-    fn has_changes(&self) -> bool {
+    pub(crate) fn has_changes(&self) -> bool {
         match self {
             Compute::Stateless { pending, .. } => !pending.is_empty(),
             Compute::Grouped(model) => model.has_changes(),
@@ -234,7 +240,7 @@ impl Compute {
     }
 
     /// Commits what was computed since the last commit, with `properties`.
-    async fn commit(
+    pub(crate) async fn commit(
         &mut self,
         lakehouse: &Lakehouse,
         table: &kappa_lakehouse::Table,
@@ -259,7 +265,7 @@ impl Compute {
     }
 
     /// The last commit, reported as failed, landed after all.
-    fn landed(&mut self) {
+    pub(crate) fn landed(&mut self) {
         match self {
             Compute::Stateless { pending, .. } => pending.clear(),
             Compute::Grouped(model) => model.landed(),
@@ -268,7 +274,7 @@ impl Compute {
     }
 
     /// Forgets everything not committed and takes the state the table's snapshot names.
-    async fn restore(
+    pub(crate) async fn restore(
         &mut self,
         lakehouse: &Lakehouse,
         table: &kappa_lakehouse::Table,
@@ -342,7 +348,18 @@ pub async fn run_version(
     publish_if_new: bool,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), RunnerError> {
-    let model = &project.models[&model_id];
+    if let Some(upstream) = project.reads_tables.get(&model_id) {
+        return crate::upstream::run_over_upstream(
+            log,
+            lakehouse,
+            project.clone(),
+            model_id.clone(),
+            upstream.clone(),
+            publish_if_new,
+            stop,
+        )
+        .await;
+    }
     let err_model = || model_id.clone();
     let Planned {
         sources: source_plans,
@@ -422,59 +439,21 @@ pub async fn run_version(
         source,
     })?;
     let version = model_version(&project, &model_id);
-    let (public, ident) = table_ident(&model.layer, &model.name)
-        .and_then(|public| {
-            let ident = if lakehouse.supports_aliases() {
-                version_table(&model.layer, &model.name, &version)?
-            } else {
-                public.clone()
-            };
-            Ok((public, ident))
-        })
-        .map_err(|source| RunnerError::Lakehouse {
-            model: err_model(),
-            source,
-        })?;
     let lake_err = |source| RunnerError::Lakehouse {
         model: model_id.clone(),
         source,
     };
     // Cloned: a borrow of `compute` held across an await would need it to be `Sync`.
     let output_schema = compute.output_schema().clone();
-    let partition_by = &model.config.partition_by;
-    let mut table = lakehouse
-        .ensure_partitioned_table(&ident, &output_schema, partition_by)
-        .await
-        .map_err(lake_err)?;
-    let written_by = table.metadata().current_snapshot().and_then(|s| {
-        s.summary()
-            .additional_properties
-            .get(VERSION_PROPERTY)
-            .cloned()
-    });
-    if written_by.is_some_and(|v| v != version) || !lakehouse.schema_matches(&table, &output_schema)
-    {
-        // The model changed: its table is rebuilt from the start of the log.
-        tracing::warn!(model = %model_id, "the model changed since its table was written; rebuilding the table from the start of the log");
-        table = lakehouse
-            .replace_table(&ident, &output_schema, partition_by)
-            .await
-            .map_err(lake_err)?;
-    }
-    if publish_if_new
-        && public != ident
-        && !lakehouse
-            .aliases()
-            .await
-            .map_err(lake_err)?
-            .contains_key(&public)
-    {
-        // The model's first version: its table is the public one from the start.
-        lakehouse
-            .publish(&[(public.clone(), ident.clone())])
-            .await
-            .map_err(lake_err)?;
-    }
+    let (ident, mut table) = open_output(
+        &lakehouse,
+        &project,
+        &model_id,
+        &version,
+        &output_schema,
+        publish_if_new,
+    )
+    .await?;
     let properties = table
         .metadata()
         .current_snapshot()
@@ -795,6 +774,73 @@ pub async fn run_version(
     }
 }
 
+/// The table the version `version` of `model_id` writes (see [`run_version`]), created as
+/// `output_schema` says, or rebuilt when another version or schema wrote it; with
+/// `publish_if_new`, published as the model's public table when that names none yet.
+pub(crate) async fn open_output(
+    lakehouse: &Lakehouse,
+    project: &Project,
+    model_id: &str,
+    version: &str,
+    output_schema: &arrow::datatypes::SchemaRef,
+    publish_if_new: bool,
+) -> Result<(kappa_lakehouse::TableIdent, kappa_lakehouse::Table), RunnerError> {
+    let model = &project.models[model_id];
+    let err_model = || model_id.to_owned();
+    let (public, ident) = table_ident(&model.layer, &model.name)
+        .and_then(|public| {
+            let ident = if lakehouse.supports_aliases() {
+                version_table(&model.layer, &model.name, version)?
+            } else {
+                public.clone()
+            };
+            Ok((public, ident))
+        })
+        .map_err(|source| RunnerError::Lakehouse {
+            model: err_model(),
+            source,
+        })?;
+    let lake_err = |source| RunnerError::Lakehouse {
+        model: model_id.to_owned(),
+        source,
+    };
+    let partition_by = &model.config.partition_by;
+    let mut table = lakehouse
+        .ensure_partitioned_table(&ident, output_schema, partition_by)
+        .await
+        .map_err(lake_err)?;
+    let written_by = table.metadata().current_snapshot().and_then(|s| {
+        s.summary()
+            .additional_properties
+            .get(VERSION_PROPERTY)
+            .cloned()
+    });
+    if written_by.is_some_and(|v| v != version) || !lakehouse.schema_matches(&table, output_schema)
+    {
+        // The model changed: its table is rebuilt from the start of the log.
+        tracing::warn!(model = %model_id, "the model changed since its table was written; rebuilding the table from the start of the log");
+        table = lakehouse
+            .replace_table(&ident, output_schema, partition_by)
+            .await
+            .map_err(lake_err)?;
+    }
+    if publish_if_new
+        && public != ident
+        && !lakehouse
+            .aliases()
+            .await
+            .map_err(lake_err)?
+            .contains_key(&public)
+    {
+        // The model's first version: its table is the public one from the start.
+        lakehouse
+            .publish(&[(public.clone(), ident.clone())])
+            .await
+            .map_err(lake_err)?;
+    }
+    Ok((ident, table))
+}
+
 /// A stream topic a model reads: its readers, decoder and event-time progress.
 struct Source {
     name: String,
@@ -884,7 +930,11 @@ async fn push_stages(
 }
 
 /// Rebuilds every dimension to the offsets `committed` names.
-async fn reset_dimensions(dims: &mut [(Dimension, bool)], committed: &Offsets, model: &str) {
+pub(crate) async fn reset_dimensions(
+    dims: &mut [(Dimension, bool)],
+    committed: &Offsets,
+    model: &str,
+) {
     for (dimension, _) in dims.iter_mut() {
         if let Err(e) = dimension.reset(committed.get(&dimension.topic_name)).await {
             tracing::error!(model, topic = %dimension.topic_name, error = %e, "rebuilding a dimension failed");
@@ -932,7 +982,7 @@ async fn recover(
 }
 
 /// The offsets a table's current snapshot covers.
-fn committed_offsets(table: &kappa_lakehouse::Table) -> Offsets {
+pub(crate) fn committed_offsets(table: &kappa_lakehouse::Table) -> Offsets {
     table
         .metadata()
         .current_snapshot()
@@ -1140,7 +1190,7 @@ async fn wait_for_records(sources: &[Source], stop: &mut tokio::sync::watch::Rec
     }
 }
 
-async fn sleep_or_stop(stop: &mut tokio::sync::watch::Receiver<bool>, ms: u64) {
+pub(crate) async fn sleep_or_stop(stop: &mut tokio::sync::watch::Receiver<bool>, ms: u64) {
     tokio::select! {
         () = tokio::time::sleep(Duration::from_millis(ms)) => {}
         _ = stop.changed() => {}
@@ -1153,8 +1203,21 @@ pub fn rejects_reporter(project: &Project, topic: &str) -> Option<String> {
     project
         .order
         .iter()
-        .find(|id| project.source_topics(id).contains(topic))
+        .find(|id| reads_topic(project, id, topic))
         .cloned()
+}
+
+/// Whether the rows of model `id` come from `topic`: through the models it recomputes, or
+/// directly when it reads its upstream's table.
+fn reads_topic(project: &Project, id: &str, topic: &str) -> bool {
+    if project.reads_tables.contains_key(id) {
+        project.models.get(id).is_some_and(|m| {
+            m.inputs
+                .contains(&kappa_pipeline::Input::Topic(topic.to_owned()))
+        })
+    } else {
+        project.source_topics(id).contains(topic)
+    }
 }
 
 /// The dead-letter topic, created on first use.
@@ -1172,7 +1235,7 @@ pub fn dead_letter_topic(log: &Log) -> kappa_log::Result<Arc<Topic>> {
     }
 }
 
-fn dead_letter(model: &str, topic: &str, rejected: &Rejected) -> Record {
+pub(crate) fn dead_letter(model: &str, topic: &str, rejected: &Rejected) -> Record {
     let value = serde_json::json!({
         "model": model,
         "topic": topic,
@@ -1186,7 +1249,11 @@ fn dead_letter(model: &str, topic: &str, rejected: &Rejected) -> Record {
 
 /// The records this model already put in the dead-letter topic after `from`: a commit that
 /// failed after its dead letters were written must not write them twice.
-fn dead_letters_after(topic: &Topic, from: u64, model: &str) -> BTreeSet<(String, u32, u64)> {
+pub(crate) fn dead_letters_after(
+    topic: &Topic,
+    from: u64,
+    model: &str,
+) -> BTreeSet<(String, u32, u64)> {
     let mut seen = BTreeSet::new();
     let Ok(partition) = topic.partition(0) else {
         return seen;
@@ -1219,7 +1286,7 @@ fn dead_letters_after(topic: &Topic, from: u64, model: &str) -> BTreeSet<(String
 }
 
 /// A unique id for a commit attempt.
-fn uuid_like() -> String {
+pub(crate) fn uuid_like() -> String {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

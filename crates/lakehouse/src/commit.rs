@@ -26,7 +26,7 @@ use iceberg::spec::{
 use iceberg::table::Table;
 use iceberg::{MetadataLocation, TableIdent, TableRequirement};
 
-use crate::{Context, Lakehouse, LakehouseError, Result};
+use crate::{Context, Lakehouse, LakehouseError, MERGED_UPTO_PROPERTY, Result};
 
 /// Snapshots kept in a table's metadata (the newest ones): time travel reaches this far back.
 pub const SNAPSHOTS_KEPT: usize = 32;
@@ -52,6 +52,14 @@ struct Kept {
     snapshot: i64,
     data_sequence: i64,
     file_sequence: Option<i64>,
+}
+
+/// Small files merged into new ones.
+struct Merge {
+    inputs: Vec<String>,
+    written: Vec<DataFile>,
+    /// The greatest data sequence number of the inputs: the merged files' own.
+    sequence: i64,
 }
 
 /// Counts for the snapshot summary, named as the Iceberg spec suggests.
@@ -202,14 +210,23 @@ impl Lakehouse {
         }
         // An append table's small files are merged as their manifests are: any size tier
         // holding TIER_FILES files becomes one file of the next tier.
-        let mut add = add;
         let mut operation = operation;
         let mut compacted = BTreeSet::new();
+        // Merged files keep the greatest data sequence number of what they merged, so that
+        // a stream reader past it never reads their rows again (`changes.rs`).
+        let mut merged_files = Vec::new();
+        let parent_merged_upto: i64 = metadata
+            .current_snapshot()
+            .and_then(|s| s.summary().additional_properties.get(MERGED_UPTO_PROPERTY))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut merged_upto = parent_merged_upto;
         if operation == Operation::Append {
-            let merged = self.compact(table, &rewritten, remove).await?;
-            if !merged.0.is_empty() {
-                compacted = merged.0;
-                add.extend(merged.1);
+            let merges = self.compact(table, &rewritten, remove).await?;
+            for merge in merges {
+                compacted.extend(merge.inputs);
+                merged_upto = merged_upto.max(merge.sequence);
+                merged_files.extend(merge.written.into_iter().map(|f| (merge.sequence, f)));
                 operation = Operation::Overwrite;
             }
         }
@@ -232,7 +249,11 @@ impl Lakehouse {
                     .doing(|| format!("keep a file of {ident}"))?;
             }
         }
-        for file in add {
+        for (file, data_sequence) in add
+            .into_iter()
+            .map(|f| (f, sequence))
+            .chain(merged_files.into_iter().map(|(s, f)| (f, s)))
+        {
             if file.content_type() != DataContentType::Data {
                 return Err(LakehouseError::Unsupported(format!(
                     "{ident}: only data files can be added by an overwrite"
@@ -241,7 +262,7 @@ impl Lakehouse {
             counts.added_files += 1;
             counts.added_records += file.record_count();
             writer
-                .add_file(file, sequence)
+                .add_file(file, data_sequence)
                 .doing(|| format!("add a file to {ident}"))?;
         }
         let manifest = writer
@@ -282,6 +303,9 @@ impl Lakehouse {
         let total_records = (previous("total-records") + counts.added_records)
             .saturating_sub(counts.deleted_records);
         let mut summary = properties;
+        if merged_upto > 0 {
+            summary.insert(MERGED_UPTO_PROPERTY.to_owned(), merged_upto.to_string());
+        }
         for (key, value) in [
             ("added-data-files", counts.added_files),
             ("added-records", counts.added_records),
@@ -373,28 +397,29 @@ impl Lakehouse {
     }
 
     /// Merges the small files among `live` (those not in `remove`): each size tier with
-    /// [`TIER_FILES`] files or more is read and written again as one file. Returns the paths
-    /// merged and the files written.
+    /// [`TIER_FILES`] files or more is read and written again as one file; files above the
+    /// least position a stream reader holds ([`Lakehouse::hold`]) are not merged.
     async fn compact(
         &self,
         table: &Table,
         live: &[Kept],
         remove: &BTreeSet<String>,
-    ) -> Result<(BTreeSet<String>, Vec<DataFile>)> {
+    ) -> Result<Vec<Merge>> {
         let ident = table.identifier();
-        let mut merged = BTreeSet::new();
-        let mut written = Vec::new();
+        // Files above a position a stream reader holds are left to it.
+        let floor = self.merge_floor(ident);
+        let mut merges = Vec::new();
         for (tier, bound) in TIER_BOUNDS.iter().enumerate() {
             let lower = if tier == 0 { 0 } else { TIER_BOUNDS[tier - 1] };
             // All of the tier's files, as many as fit in one merge's memory.
             let mut bytes = 0;
-            let files: Vec<&DataFile> = live
+            let files: Vec<&Kept> = live
                 .iter()
-                .map(|k| &k.file)
-                .filter(|f| !remove.contains(f.file_path()))
-                .filter(|f| (lower..*bound).contains(&f.file_size_in_bytes()))
-                .take_while(|f| {
-                    bytes += f.file_size_in_bytes();
+                .filter(|k| !remove.contains(k.file.file_path()))
+                .filter(|k| (lower..*bound).contains(&k.file.file_size_in_bytes()))
+                .filter(|k| floor.is_none_or(|floor| k.data_sequence <= floor))
+                .take_while(|k| {
+                    bytes += k.file.file_size_in_bytes();
                     bytes <= MERGE_BYTES_MAX
                 })
                 .collect();
@@ -402,31 +427,20 @@ impl Lakehouse {
                 continue;
             }
             let mut batches = Vec::new();
-            for file in &files {
-                let bytes = table
-                    .file_io()
-                    .new_input(file.file_path())
-                    .doing(|| format!("open {}", file.file_path()))?
-                    .read()
-                    .await
-                    .doing(|| format!("read {}", file.file_path()))?;
-                let reader =
-                    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-                        .and_then(|builder| builder.build())
-                        .map_err(|e| {
-                            LakehouseError::Query(format!("read {}: {e}", file.file_path()))
-                        })?;
-                for batch in reader {
-                    batches.push(batch.map_err(|e| {
-                        LakehouseError::Query(format!("read {}: {e}", file.file_path()))
-                    })?);
-                }
+            for kept in &files {
+                batches.extend(self.read_data_file(table, &kept.file).await?);
             }
             tracing::debug!(table = %ident, files = files.len(), tier, "merging small files");
-            written.extend(self.write_data_files(table, &batches, "merged-").await?);
-            merged.extend(files.iter().map(|f| f.file_path().to_owned()));
+            merges.push(Merge {
+                written: self.write_data_files(table, &batches, "merged-").await?,
+                inputs: files
+                    .iter()
+                    .map(|k| k.file.file_path().to_owned())
+                    .collect(),
+                sequence: files.iter().map(|k| k.data_sequence).max().unwrap_or(0),
+            });
         }
-        Ok((merged, written))
+        Ok(merges)
     }
 
     /// Removes the files of `table` that none of its snapshots uses any more (data files

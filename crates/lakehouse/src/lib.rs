@@ -43,9 +43,11 @@ use iceberg_storage_opendal::OpenDalStorageFactory;
 use parquet::file::properties::WriterProperties;
 
 mod alias;
+mod changes;
 pub mod commit;
 mod state;
 
+pub use changes::{Added, MERGED_UPTO_PROPERTY};
 pub use iceberg::table::Table;
 
 /// The catalog's file inside the data directory.
@@ -274,6 +276,8 @@ pub struct Lakehouse {
     warehouse: String,
     /// How long a snapshot stays after the next one replaced it (ms).
     replaced_snapshot_ms: i64,
+    /// Positions of readers of tables as streams (`changes.rs`), shared by every clone.
+    holds: Arc<changes::Holds>,
 }
 
 /// The partition spec `partition_by` asks for, over an Iceberg `schema`. Each entry is a column
@@ -438,6 +442,7 @@ impl Lakehouse {
             commits: commit::Committer::Sql(pointers),
             warehouse,
             replaced_snapshot_ms: commit::SNAPSHOT_REPLACED_MIN_MS,
+            holds: Arc::default(),
         })
     }
 
@@ -468,6 +473,7 @@ impl Lakehouse {
             commits,
             warehouse,
             replaced_snapshot_ms: commit::SNAPSHOT_REPLACED_MIN_MS,
+            holds: Arc::default(),
         })
     }
 

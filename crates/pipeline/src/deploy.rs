@@ -48,6 +48,10 @@ pub struct DeployedModel {
     /// Its configuration as TOML (what the model's `.toml` means, defaults left out).
     pub config: String,
     pub inputs: Vec<Input>,
+    /// The upstream model whose committed table it reads as a stream
+    /// ([`Project::reads_tables`]), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reads_table: Option<String>,
 }
 
 impl Deployment {
@@ -57,7 +61,14 @@ impl Deployment {
         if self.files.is_empty() {
             return None;
         }
-        crate::load(&self.files).ok()
+        let mut project = crate::load(&self.files).ok()?;
+        project.reads_tables = self
+            .models
+            .iter()
+            .filter_map(|(id, m)| Some((id.clone(), m.reads_table.clone()?)))
+            .filter(|(id, _)| project.models.contains_key(id))
+            .collect();
+        Some(project)
     }
 
     /// The deployment that runs `project`, read from `files`.
@@ -73,6 +84,7 @@ impl Deployment {
                         sql: model.sql.clone(),
                         config: config_text(model),
                         inputs: model.inputs.clone(),
+                        reads_table: project.reads_tables.get(id).cloned(),
                     };
                     (id.clone(), deployed)
                 })

@@ -236,6 +236,12 @@ pub struct Project {
     pub models: BTreeMap<String, Model>,
     /// Model ids, every model after the models it reads.
     pub order: Vec<String>,
+    /// Models that read the committed table of the one model they read, as a stream, instead
+    /// of recomputing it from its topics: model → that upstream model. Not from the files: a
+    /// deploy chooses it for a changed model over an unchanged upstream (kappa-server's
+    /// deployer) and the deployment records it.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub reads_tables: BTreeMap<String, String>,
 }
 
 /// The `.sql` and `.toml` paths of one model, as found.
@@ -379,6 +385,7 @@ pub fn load(files: &ProjectFiles) -> Result<Project, Vec<Diagnostic>> {
             topics,
             models,
             order,
+            reads_tables: BTreeMap::new(),
         })
     } else {
         diagnostics.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));

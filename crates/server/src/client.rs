@@ -317,7 +317,22 @@ impl Client {
                 let lakehouse = kappa_lakehouse::Lakehouse::open(&data_dir)
                     .await
                     .map_err(|e| ClientError::Service(ServiceError::Internal(e.to_string())))?;
-                let mut status = service::status(log, &lakehouse, project, None).await?;
+                // What each deployed version reads, as recorded.
+                let project = project.map(|p| {
+                    let mut p = p.clone();
+                    if let Ok(Some(deployed)) = crate::deployment::load(&data_dir) {
+                        let versions = kappa_pipeline::deploy::versions(&p);
+                        for (id, m) in &deployed.models {
+                            if let Some(upstream) = &m.reads_table
+                                && versions.get(id) == Some(&m.version)
+                            {
+                                p.reads_tables.insert(id.clone(), upstream.clone());
+                            }
+                        }
+                    }
+                    p
+                });
+                let mut status = service::status(log, &lakehouse, project.as_ref(), None).await?;
                 status.versions = crate::deployer::recorded_versions(&data_dir);
                 Ok(status)
             }

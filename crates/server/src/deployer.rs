@@ -164,7 +164,6 @@ impl Deployer {
         if let Ok(mut audit) = self.audit.lock() {
             *audit = AuditState::default();
         }
-        let record = Deployment::of(&project, &files);
         let live = self.live_project();
         let replaying: Vec<String> = match &live {
             Some(live) => {
@@ -179,6 +178,11 @@ impl Deployer {
             }
             None => Vec::new(),
         };
+        let project = Arc::new(
+            self.choose_sources(project, live.as_deref(), &replaying)
+                .await,
+        );
+        let record = Deployment::of(&project, &files);
         let same_models = live
             .as_ref()
             .is_some_and(|l| l.models.keys().eq(project.models.keys()));
@@ -233,6 +237,145 @@ impl Deployer {
         Ok(replaying)
     }
 
+    /// `project` with what each model reads: a model that `live` runs unchanged reads as it
+    /// does there; a model of `replaying` whose one upstream model is not replaying reads that
+    /// model's committed table as a stream ([`kappa_engine::upstream`]) when its result does not
+    /// depend on the order of its rows and its version's table was not already written from
+    /// the topics (a rollback to it resumes as it was written); every other model recomputes
+    /// its upstream models from their topics.
+    async fn choose_sources(
+        &self,
+        project: Arc<Project>,
+        live: Option<&Project>,
+        replaying: &[String],
+    ) -> Project {
+        let mut project = Arc::unwrap_or_clone(project);
+        project.reads_tables.clear();
+        let Some(live) = live else {
+            return project;
+        };
+        for (id, upstream) in &live.reads_tables {
+            if !replaying.contains(id) && project.models.contains_key(id) {
+                project.reads_tables.insert(id.clone(), upstream.clone());
+            }
+        }
+        if !self.lakehouse.supports_aliases() {
+            return project;
+        }
+        let versions = kappa_pipeline::deploy::versions(&project);
+        for id in replaying {
+            let Some(upstream) = kappa_engine::upstream::readable_upstream(&project, id).await
+            else {
+                continue;
+            };
+            if replaying.contains(&upstream) || !live.models.contains_key(&upstream) {
+                continue;
+            }
+            let model = &project.models[id];
+            let version = versions.get(id).cloned().unwrap_or_default();
+            let from_topics = match version_table(&model.layer, &model.name, &version) {
+                Ok(table) => {
+                    let committed = committed_offsets(&self.lakehouse, &table).await;
+                    !committed.is_empty()
+                        && !committed
+                            .keys()
+                            .any(|k| k.starts_with(kappa_engine::upstream::TABLE_KEY_PREFIX))
+                }
+                Err(_) => true,
+            };
+            if !from_topics {
+                tracing::info!(model = %id, %upstream, "reads its unchanged upstream's table instead of recomputing it");
+                project.reads_tables.insert(id.clone(), upstream);
+            }
+        }
+        project
+    }
+
+    /// Releases the holds on upstream tables of versions neither the live project nor the
+    /// deploy in progress runs (their readers stopped for good).
+    fn release_stopped_readers(&self, inner: &Inner) {
+        let mut keep = std::collections::BTreeSet::new();
+        let projects = self
+            .live_project()
+            .into_iter()
+            .chain(inner.pending.as_ref().map(|p| p.project.clone()));
+        for project in projects {
+            let versions = kappa_pipeline::deploy::versions(&project);
+            for id in project.reads_tables.keys() {
+                let model = &project.models[id];
+                let version = versions.get(id).cloned().unwrap_or_default();
+                if let Ok(table) = version_table(&model.layer, &model.name, &version) {
+                    keep.insert(table.to_string());
+                }
+            }
+        }
+        self.lakehouse
+            .release_all_but(&|reader| keep.contains(reader));
+    }
+
+    /// Where each of `models` would have read everything its inputs hold now: the end of
+    /// every partition of its topics, or for a model reading its upstream's table, that
+    /// table's last commit (its sequence number).
+    async fn input_ends(&self, project: &Project, models: &[String]) -> BTreeMap<String, Offsets> {
+        let mut ends = topic_ends(&self.log, project, models);
+        for id in models {
+            let Some(upstream) = project.reads_tables.get(id) else {
+                continue;
+            };
+            let Ok(table) =
+                kappa_engine::upstream::upstream_table(&self.lakehouse, project, upstream)
+            else {
+                continue;
+            };
+            let last = match self.lakehouse.load_table(&table).await {
+                Ok(t) => t
+                    .metadata()
+                    .current_snapshot()
+                    .map_or(0, |s| s.sequence_number()),
+                Err(_) => 0,
+            };
+            let mut model_ends = Offsets::new();
+            model_ends.insert(
+                kappa_engine::upstream::table_key(&table),
+                BTreeMap::from([(0, u64::try_from(last).unwrap_or(0))]),
+            );
+            ends.insert(id.clone(), model_ends);
+        }
+        ends
+    }
+
+    /// Of the records `upstream`'s table holds, how many a reader at the position `committed`
+    /// records has read, and how many there are.
+    async fn upstream_progress(
+        &self,
+        project: &Project,
+        upstream: &str,
+        committed: &Offsets,
+    ) -> Option<(u64, u64)> {
+        let table =
+            kappa_engine::upstream::upstream_table(&self.lakehouse, project, upstream).ok()?;
+        let position = committed
+            .get(&kappa_engine::upstream::table_key(&table))
+            .and_then(|p| p.get(&0))
+            .and_then(|p| i64::try_from(*p).ok())
+            .unwrap_or(0);
+        let table = self.lakehouse.load_table(&table).await.ok()?;
+        let total: u64 = table
+            .metadata()
+            .current_snapshot()
+            .and_then(|s| {
+                s.summary()
+                    .additional_properties
+                    .get("total-records")
+                    .cloned()
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let ahead = self.lakehouse.added_after(&table, position).await.ok()?;
+        let unread: u64 = ahead.files.iter().map(|(_, f)| f.record_count()).sum();
+        Some((total.saturating_sub(unread), total))
+    }
+
     /// The project whose versions serve, if any.
     pub fn live_project(&self) -> Option<Arc<Project>> {
         self.live
@@ -277,7 +420,7 @@ impl Deployer {
             }
         };
         let versions = kappa_pipeline::deploy::versions(&project);
-        let ends = topic_ends(&self.log, &project, &replaying);
+        let ends = self.input_ends(&project, &replaying).await;
         let mut models = Vec::new();
         for id in &replaying {
             let version = versions.get(id).cloned().unwrap_or_default();
@@ -287,7 +430,18 @@ impl Deployer {
                 Err(_) => Offsets::new(),
             };
             let (mut done, mut total) = (0, 0);
-            for (topic, partitions) in ends.get(id).into_iter().flatten() {
+            if let Some(upstream) = project.reads_tables.get(id) {
+                // Records of the upstream's table, read or not.
+                (done, total) = self
+                    .upstream_progress(&project, upstream, &committed)
+                    .await
+                    .unwrap_or((0, 0));
+            }
+            for (topic, partitions) in
+                ends.get(id).into_iter().flatten().filter(|(topic, _)| {
+                    !topic.starts_with(kappa_engine::upstream::TABLE_KEY_PREFIX)
+                })
+            {
                 for (partition, end) in partitions {
                     total += end;
                     let next = committed.get(topic).and_then(|c| c.get(partition));
@@ -400,7 +554,7 @@ impl Deployer {
             if *stopped.borrow() {
                 return Ok(());
             }
-            let ends = topic_ends(&self.log, &project, replaying);
+            let ends = self.input_ends(&project, replaying).await;
             if let Some(before) = &ends_before {
                 let mut all = true;
                 for (id, _, table) in &switches {
@@ -423,6 +577,7 @@ impl Deployer {
             if let Some(pending) = inner.pending.take() {
                 pending.runners.stop().await;
             }
+            self.release_stopped_readers(&inner);
             return Ok(());
         }
         let mut inner = self.inner.lock().await;
@@ -441,6 +596,7 @@ impl Deployer {
         }
         self.go_live(&mut inner, project);
         self.record(record, true)?;
+        self.release_stopped_readers(&inner);
         drop(inner);
         self.expire_retired().await
     }

@@ -103,6 +103,7 @@ impl Pipelines {
         let tasks = models
             .iter()
             .map(|model| {
+                kappa_engine::upstream::hold_before_start(&lakehouse, &project, model);
                 let task = tokio::spawn(run_until_stopped(
                     log.clone(),
                     lakehouse.clone(),

@@ -256,21 +256,10 @@ async fn model_status(
         .and_then(|(p, _)| p.get(OFFSETS_PROPERTY))
         .and_then(|o| serde_json::from_str(o).ok())
         .unwrap_or_default();
-    let mut lag_records = 0;
-    for topic_name in project.source_topics(id) {
-        let Ok(topic) = log.topic(&topic_name) else {
-            continue;
-        };
-        for partition in topic.partitions() {
-            let offsets = partition.offsets();
-            let done = committed
-                .get(&topic_name)
-                .and_then(|p| p.get(&partition.id()))
-                .copied()
-                .unwrap_or(offsets.start_offset);
-            lag_records += offsets.visible_offset.saturating_sub(done);
-        }
-    }
+    let lag_records = match project.reads_tables.get(id) {
+        Some(upstream) => upstream_lag(log, lakehouse, project, upstream, &committed).await,
+        None => topic_lag(log, project, id, &committed),
+    };
     let (state, detail) = match runners.and_then(|r| r.get(id)) {
         None => ("stopped".to_owned(), None),
         Some(crate::pipelines::RunnerState::Running) => ("running".to_owned(), None),
@@ -301,6 +290,70 @@ async fn model_status(
             .map(|d| d.count)
             .sum(),
     }
+}
+
+/// The records of `id`'s topics past the offsets `committed` records.
+fn topic_lag(
+    log: &Log,
+    project: &kappa_pipeline::Project,
+    id: &str,
+    committed: &kappa_engine::runner::Offsets,
+) -> u64 {
+    let mut lag = 0;
+    for topic_name in project.source_topics(id) {
+        let Ok(topic) = log.topic(&topic_name) else {
+            continue;
+        };
+        for partition in topic.partitions() {
+            let offsets = partition.offsets();
+            let done = committed
+                .get(&topic_name)
+                .and_then(|p| p.get(&partition.id()))
+                .copied()
+                .unwrap_or(offsets.start_offset);
+            lag += offsets.visible_offset.saturating_sub(done);
+        }
+    }
+    lag
+}
+
+/// The lag of a model reading `upstream`'s table from the position `committed` records: the
+/// upstream's own lag on its topics plus the records its table holds past the position.
+async fn upstream_lag(
+    log: &Log,
+    lakehouse: &kappa_lakehouse::Lakehouse,
+    project: &kappa_pipeline::Project,
+    upstream: &str,
+    committed: &kappa_engine::runner::Offsets,
+) -> u64 {
+    use kappa_engine::upstream::{table_key, upstream_table};
+    let Ok(ident) = upstream_table(lakehouse, project, upstream) else {
+        return 0;
+    };
+    let Ok(table) = lakehouse.load_table(&ident).await else {
+        return 0;
+    };
+    let upstream_committed: kappa_engine::runner::Offsets = table
+        .metadata()
+        .current_snapshot()
+        .and_then(|s| {
+            s.summary()
+                .additional_properties
+                .get(kappa_engine::runner::OFFSETS_PROPERTY)
+                .cloned()
+        })
+        .and_then(|o| serde_json::from_str(&o).ok())
+        .unwrap_or_default();
+    let position = committed
+        .get(&table_key(&ident))
+        .and_then(|p| p.get(&0))
+        .and_then(|p| i64::try_from(*p).ok())
+        .unwrap_or(0);
+    let unread: u64 = match lakehouse.added_after(&table, position).await {
+        Ok(added) => added.files.iter().map(|(_, f)| f.record_count()).sum(),
+        Err(_) => 0,
+    };
+    topic_lag(log, project, upstream, &upstream_committed) + unread
 }
 
 /// Counts the dead-letter topic's records per model and topic.

@@ -1044,6 +1044,176 @@ fn a_changed_model_replays_beside_the_old_one_then_serves() {
     assert!((total - expected).abs() < 1e-6, "{total} vs {expected}");
 }
 
+/// A change to one gold model only: its new version reads silver's committed table as a
+/// stream instead of recomputing silver (whose table gets no commit from the deploy), ends
+/// equal to a from-scratch run of the same folder, then follows silver live.
+#[test]
+fn a_downstream_only_change_reads_its_upstreams_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    init(&dir);
+    let data = dir.join(".kappa");
+    std::fs::create_dir_all(&data).unwrap();
+    let project = dir.to_str().unwrap();
+    let models = walk_sql(&dir.join("models"));
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    produce_example_products(&data, &dir);
+    produce_example_orders(&data, &dir);
+    crate::wait_caught_up(&data, project, models, std::time::Duration::from_secs(60));
+    let silver = version_states(&data, project)
+        .into_iter()
+        .find(|(model, _, _)| model == "silver.orders")
+        .map(|(_, version, _)| format!("silver__orders__{version}"))
+        .unwrap();
+    let silver_before = metadata_location(&data, &silver);
+
+    // Both gold models change; one of them looks products up as it goes.
+    for (name, from, to) in [
+        (
+            "revenue_by_region",
+            "sum(amount) AS revenue",
+            "2 * sum(amount) AS revenue",
+        ),
+        (
+            "revenue_by_category",
+            "sum(o.amount) AS revenue",
+            "2 * sum(o.amount) AS revenue",
+        ),
+    ] {
+        let path = dir.join(format!("models/gold/{name}.sql"));
+        let sql = std::fs::read_to_string(&path).unwrap();
+        assert!(sql.contains(from), "{sql}");
+        std::fs::write(&path, sql.replace(from, to)).unwrap();
+    }
+    let out = kappa(
+        &data,
+        &["--project", project, "deploy", "--wait", "--json"],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deployed: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(deployed["cut_over"], true, "{deployed}");
+    assert_eq!(
+        deployed["replaying"],
+        serde_json::json!(["gold.revenue_by_category", "gold.revenue_by_region"])
+    );
+    // Silver was not recomputed: its table got no commit from the deploy.
+    assert_eq!(metadata_location(&data, &silver), silver_before);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("deployment.json")).unwrap())
+            .unwrap();
+    for model in ["gold.revenue_by_region", "gold.revenue_by_category"] {
+        assert_eq!(
+            record["models"][model]["reads_table"], "silver.orders",
+            "{record}"
+        );
+    }
+    let gold = [
+        "SELECT region, CAST(day AS VARCHAR) AS d, orders, CAST(revenue AS VARCHAR) AS r FROM \
+         gold.revenue_by_region ORDER BY region, d",
+        "SELECT category, CAST(day AS VARCHAR) AS d, orders, CAST(revenue AS VARCHAR) AS r, \
+         CAST(tax AS VARCHAR) AS t FROM gold.revenue_by_category ORDER BY category, d",
+    ];
+    let rows = |data: &std::path::Path| -> Vec<serde_json::Value> {
+        gold.iter()
+            .map(|sql| {
+                let out = kappa(data, &["--project", project, "sql", sql, "--json"], None);
+                assert!(out.status.success(), "{}", stderr(&out));
+                serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()["rows"].clone()
+            })
+            .collect()
+    };
+    let deployed_rows = rows(&data);
+    assert!(
+        deployed_rows
+            .iter()
+            .all(|r| r.as_array().is_some_and(|rows| !rows.is_empty())),
+        "{deployed_rows:?}"
+    );
+
+    // Live: new orders reach silver, then the new gold version, read from silver's table.
+    let later = dir.join("later.ndjson");
+    let lines: Vec<String> = (0..20)
+        .map(|i| {
+            format!(
+                "{{\"order_id\":{},\"customer_id\":\"c{i}\",\"product_id\":\"p3\",\
+                 \"region\":\"east\",\"quantity\":{},\"unit_price\":3.50,\
+                 \"ts\":\"2026-01-07T10:{:02}:00Z\"}}",
+                100 + i,
+                1 + i % 3,
+                i * 2
+            )
+        })
+        .collect();
+    std::fs::write(&later, lines.join("\n")).unwrap();
+    let out = kappa(
+        &data,
+        &[
+            "produce",
+            "orders",
+            later.to_str().unwrap(),
+            "--key",
+            "customer_id",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let both = "SELECT CAST((SELECT sum(revenue) FROM gold.revenue_by_region) AS VARCHAR), \
+                CAST((SELECT 2 * sum(amount) FROM silver.orders) AS VARCHAR), \
+                (SELECT count(*) FROM silver.orders)";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = kappa(&data, &["sql", both, "--json"], None);
+        let answer: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        let row = &answer["rows"][0];
+        // Silver holds the new orders that are final (the watermark passed them).
+        if row[0] == row[1] && row[2].as_i64().unwrap() > 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gold did not follow silver: {answer}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(up.terminate().unwrap().success());
+    let log = std::fs::read_to_string(data.with_extension("stderr")).unwrap();
+    assert!(
+        log.contains("model starts over its upstream's table"),
+        "{log}"
+    );
+
+    // A from-scratch run of the same folder (gold recomputes silver inline) gives the rows
+    // the deploy did.
+    let scratch = tmp.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let up = KappaProcess::start(KAPPA.as_ref(), &scratch, &["--project", project]).unwrap();
+    produce_example_products(&scratch, &dir);
+    produce_example_orders(&scratch, &dir);
+    crate::wait_caught_up(
+        &scratch,
+        project,
+        models,
+        std::time::Duration::from_secs(60),
+    );
+    assert_eq!(rows(&scratch), deployed_rows);
+    assert!(up.terminate().unwrap().success());
+}
+
+/// The metadata file the SQL catalog in `data` points `kappa_versions.<table>` at: it moves
+/// with every commit.
+fn metadata_location(data: &std::path::Path, table: &str) -> String {
+    kappa_testkit::python::run_python(
+        "import sqlite3, sys\n\
+         db = sqlite3.connect(sys.argv[1])\n\
+         print(db.execute('SELECT metadata_location FROM iceberg_tables WHERE table_name = ?', \
+         (sys.argv[2],)).fetchone()[0])",
+        &[data.join("catalog.db").to_str().unwrap(), table],
+    )
+    .trim()
+    .to_owned()
+}
+
 /// The tables of the SQL catalog in `data` (`namespace.name`), read by Python's sqlite3.
 fn catalog_tables(data: &std::path::Path) -> Vec<String> {
     let out = kappa_testkit::python::run_python(

@@ -268,6 +268,72 @@ async fn many_small_appends_stay_a_small_table() {
     assert_eq!(read["duckdb"].as_array().unwrap().len(), 1500, "{out}");
 }
 
+/// A table read as a stream (`changes.rs`): a reader that reads every few commits what was
+/// added after its position, holding that position, reads every row exactly once while small
+/// files merge below it; the table stays small; a reader left behind without a hold is told
+/// (the merged-upto mark passes it) instead of reading rows twice.
+#[tokio::test]
+async fn a_stream_reader_reads_each_appended_row_once_while_files_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+    let lakehouse = Lakehouse::open(dir.path())
+        .await
+        .unwrap()
+        .with_replaced_snapshot_ms(0);
+    let ident = table_ident("silver", "stream").unwrap();
+    let mut table = lakehouse.ensure_table(&ident, &schema).await.unwrap();
+    let (mut position, mut read) = (0i64, Vec::new());
+    let stale = 40i64;
+    lakehouse.hold(&ident, "reader", 0);
+    let commits: i64 = 150;
+    for commit in 0..commits {
+        let ids: Vec<i64> = (commit * 10..commit * 10 + 10).collect();
+        let batch =
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(ids))]).unwrap();
+        table = lakehouse
+            .append(&table, &[batch], HashMap::new())
+            .await
+            .unwrap();
+        if commit % 7 == 6 || commit == commits - 1 {
+            let added = lakehouse.added_after(&table, position).await.unwrap();
+            assert!(added.merged_upto <= position, "merged past the hold");
+            for (sequence, file) in &added.files {
+                assert!(*sequence > position);
+                for batch in lakehouse.read_data_file(&table, file).await.unwrap() {
+                    let ids = batch
+                        .column(0)
+                        .as_any()
+                        .downcast_ref::<Int64Array>()
+                        .unwrap();
+                    read.extend(ids.values().iter().copied());
+                }
+            }
+            position = added.last_sequence;
+            lakehouse.hold(&ident, "reader", position);
+        }
+    }
+    read.sort_unstable();
+    assert_eq!(read, (0..commits * 10).collect::<Vec<_>>());
+    let summary = &table
+        .metadata()
+        .current_snapshot()
+        .unwrap()
+        .summary()
+        .additional_properties;
+    let merged_upto: i64 = summary[kappa_lakehouse::MERGED_UPTO_PROPERTY]
+        .parse()
+        .unwrap();
+    assert!(merged_upto > stale, "files merged below the reader");
+    let files: usize = summary["total-data-files"].parse().unwrap();
+    assert!(
+        files < 4 * kappa_lakehouse::commit::TIER_FILES,
+        "{files} data files"
+    );
+    // The merges passed a position nobody held: a reader still there must start over.
+    let added = lakehouse.added_after(&table, stale).await.unwrap();
+    assert!(added.merged_upto > stale);
+}
+
 fn count_files(dir: &std::path::Path) -> usize {
     let mut n = 0;
     let mut pending = vec![dir.to_path_buf()];

@@ -1,0 +1,509 @@
+//! A model that reads the committed table of the one model it reads, as a stream, instead of
+//! recomputing that model from its topics: what a deploy runs for a changed model over an
+//! unchanged upstream, so the upstream is not computed twice and gets no new commits.
+//!
+//! ```text
+//!   upstream's table ──files added after the position, in commit order──► model ──► its table
+//!        (data sequence numbers, `kappa_lakehouse::Added`)                snapshot summary:
+//!        ▲                                                                kappa.offsets =
+//!        └── position held: the upstream merges no file above it ──────  {"table:<upstream>": {0: seq}}
+//! ```
+//!
+//! Exactly once as for topics: the position (the upstream's last data sequence number read)
+//! is committed with the rows computed from what it covers. Only models whose result over a
+//! stream does not depend on the order of its rows run this way (row by row, one GROUP BY
+//! upserted: `plan::plan_over_upstream`), so the result equals the model recomputed inline.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::datasource::TableProvider;
+use kappa_lakehouse::{Lakehouse, Table, TableIdent, table_ident};
+use kappa_pipeline::Project;
+
+use kappa_log::{Log, Record};
+
+use crate::decode::Rejected;
+use crate::dimension::Dimension;
+use crate::plan::plan_over_upstream;
+use crate::runner::{
+    ATTEMPT_PROPERTY, COMMIT_RECORDS_MAX, Compute, DEAD_LETTERS_PROPERTY,
+    GROUPED_COMMIT_RECORDS_MAX, LIVE_COMMIT_INTERVAL_MS, OFFSETS_PROPERTY, Offsets,
+    PROGRESS_COMMIT_INTERVAL_MS, RunnerError, VERSION_PROPERTY, committed_offsets, dead_letter,
+    dead_letter_topic, dead_letters_after, model_version, open_output, rejects_reporter,
+    reset_dimensions, sleep_or_stop, version_table,
+};
+
+/// Snapshot property: the upstream table's uuid, so that a rebuilt upstream is noticed.
+pub const UPSTREAM_UUID_PROPERTY: &str = "kappa.upstream-uuid";
+/// How a position on a table is named in `kappa.offsets`: `table:<namespace>.<name>`.
+pub const TABLE_KEY_PREFIX: &str = "table:";
+/// While live, how often the upstream's table is looked at.
+const POLL_MS: u64 = 100;
+/// After a failure, wait this long before trying again.
+const RETRY_DELAY_MS: u64 = 1000;
+
+/// The `kappa.offsets` key of a position on `table`.
+pub fn table_key(table: &TableIdent) -> String {
+    format!("{TABLE_KEY_PREFIX}{table}")
+}
+
+/// The table the version of `upstream_id` in `project` writes (its public name with a catalog
+/// without aliases).
+pub fn upstream_table(
+    lakehouse: &Lakehouse,
+    project: &Project,
+    upstream_id: &str,
+) -> kappa_lakehouse::Result<TableIdent> {
+    let upstream = project.models.get(upstream_id).ok_or_else(|| {
+        kappa_lakehouse::LakehouseError::Query(format!("no model `{upstream_id}`"))
+    })?;
+    if lakehouse.supports_aliases() {
+        version_table(
+            &upstream.layer,
+            &upstream.name,
+            &model_version(project, upstream_id),
+        )
+    } else {
+        table_ident(&upstream.layer, &upstream.name)
+    }
+}
+
+/// Holds position 0 on the upstream table `model_id` reads, if it reads one: nothing of it is
+/// merged until the model's runner has read its own position. Called before a runner starts,
+/// so that the upstream's runner, starting beside it, cannot merge past that position first.
+pub fn hold_before_start(lakehouse: &Lakehouse, project: &Project, model_id: &str) {
+    let (Some(upstream_id), Some(model)) = (
+        project.reads_tables.get(model_id),
+        project.models.get(model_id),
+    ) else {
+        return;
+    };
+    let reader = if lakehouse.supports_aliases() {
+        version_table(&model.layer, &model.name, &model_version(project, model_id))
+    } else {
+        table_ident(&model.layer, &model.name)
+    };
+    if let (Ok(upstream), Ok(reader)) = (upstream_table(lakehouse, project, upstream_id), reader) {
+        lakehouse.hold(&upstream, &reader.to_string(), 0);
+    }
+}
+
+/// The upstream model whose committed table `model_id` of `project` can read as a stream, if
+/// it can: it reads one model and otherwise only dimensions, that model appends (row by row, windows,
+/// deduplication, a stream join — never rewrites rows), and its own result does not depend on
+/// the order of its rows (row by row or one GROUP BY without windows, no deduplication of its
+/// own).
+pub async fn readable_upstream(project: &Project, model_id: &str) -> Option<String> {
+    let upstream_id = crate::plan::upstream_of(project, model_id)?;
+    let upstream = crate::plan::plan_model(project, &upstream_id).await.ok()?;
+    if upstream.shape == crate::plan::Shape::Grouped {
+        return None;
+    }
+    // Planned inline, a GROUP BY over an event time its upstream declares is windowed.
+    let inline = crate::plan::plan_model(project, model_id).await.ok()?;
+    let order_free = matches!(
+        inline.shape,
+        crate::plan::Shape::RowByRow | crate::plan::Shape::Grouped
+    );
+    // Over the table: none of its own deduplication (the upstream's is in the table).
+    let (over, _) = plan_over_upstream(project, model_id).await.ok()?;
+    (order_free && over.shape == inline.shape).then_some(upstream_id)
+}
+
+/// Runs `model_id` over `upstream_id`'s committed table until `stop` turns true, as
+/// [`crate::runner::run_version`] runs a model over its topics.
+pub(crate) async fn run_over_upstream(
+    log: Arc<Log>,
+    lakehouse: Lakehouse,
+    project: Arc<Project>,
+    model_id: String,
+    upstream_id: String,
+    publish_if_new: bool,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), RunnerError> {
+    let (planned, _) = match plan_over_upstream(&project, &model_id).await {
+        Ok(planned) => planned,
+        Err(datafusion::error::DataFusionError::NotImplemented(reason)) => {
+            return Err(RunnerError::Unsupported {
+                model: model_id,
+                reason,
+            });
+        }
+        Err(source) => {
+            return Err(RunnerError::Plan {
+                model: model_id,
+                source,
+            });
+        }
+    };
+    let slot_schema: SchemaRef = planned.slot.schema();
+    let mut dims = Vec::new();
+    for (name, table) in planned.dimensions.clone() {
+        let topic = log.topic(&name).map_err(|source| RunnerError::Log {
+            model: model_id.clone(),
+            source,
+        })?;
+        let dimension = Dimension::new(topic, &project.topics[&name], table).map_err(|reason| {
+            RunnerError::Unsupported {
+                model: model_id.clone(),
+                reason,
+            }
+        })?;
+        let reports = rejects_reporter(&project, &name).as_deref() == Some(model_id.as_str());
+        dims.push((dimension, reports));
+    }
+    let dead_letters = dead_letter_topic(&log).map_err(|source| RunnerError::Log {
+        model: model_id.clone(),
+        source,
+    })?;
+    let mut compute = Compute::new(planned.shape, planned.ctx, planned.slot, planned.plan, None)
+        .map_err(|source| RunnerError::Plan {
+            model: model_id.clone(),
+            source,
+        })?;
+    let lake_err = |source| RunnerError::Lakehouse {
+        model: model_id.clone(),
+        source,
+    };
+    let version = model_version(&project, &model_id);
+    let output_schema = compute.output_schema().clone();
+    let (ident, mut table) = open_output(
+        &lakehouse,
+        &project,
+        &model_id,
+        &version,
+        &output_schema,
+        publish_if_new,
+    )
+    .await?;
+    let upstream = upstream_table(&lakehouse, &project, &upstream_id).map_err(lake_err)?;
+    let key = table_key(&upstream);
+    let holder = ident.to_string();
+    // Until the position is known, the upstream merges nothing.
+    hold_before_start(&lakehouse, &project, &model_id);
+    compute
+        .restore(&lakehouse, &table)
+        .await
+        .map_err(lake_err)?;
+    let mut position = committed_position(&table, &key);
+    lakehouse.hold(&upstream, &holder, position);
+    reset_dimensions(&mut dims, &committed_offsets(&table), &model_id).await;
+    // Dimension records already dead-lettered past the last commit are not written again.
+    let dead_letters_from = last_property(&table, DEAD_LETTERS_PROPERTY)
+        .and_then(|o| o.parse::<u64>().ok())
+        .unwrap_or(0);
+    let mut already_dead = dead_letters_after(&dead_letters, dead_letters_from, &model_id);
+    // Records of dimensions that do not fit their schema, until the commit that passes them.
+    let mut dim_rejected: Vec<(String, Rejected)> = Vec::new();
+    tracing::info!(model = %model_id, upstream = %upstream, position, "model starts over its upstream's table");
+
+    let mut far_behind = true;
+    let mut last_commit = Instant::now();
+    // The position the table records, and the records read since it was committed.
+    let mut table_position = position;
+    let mut uncommitted = 0usize;
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        if !far_behind {
+            let since = last_commit.elapsed();
+            let interval = Duration::from_millis(LIVE_COMMIT_INTERVAL_MS);
+            if since < interval {
+                let wait = (interval - since).as_micros().div_ceil(1000) as u64;
+                sleep_or_stop(&mut stop, wait).await;
+                continue;
+            }
+        }
+        // Dimensions first: every row is looked up in what its dimensions hold by now.
+        for (dimension, reports) in &mut dims {
+            let rejected = dimension.catch_up().await;
+            if *reports {
+                dim_rejected.extend(
+                    rejected
+                        .into_iter()
+                        .map(|r| (dimension.topic_name.clone(), r)),
+                );
+            }
+        }
+        let source = match lakehouse.load_table(&upstream).await {
+            Ok(source) => source,
+            Err(e) => {
+                tracing::warn!(model = %model_id, upstream = %upstream, error = %e, "the upstream's table cannot be read yet");
+                sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
+                continue;
+            }
+        };
+        let uuid = source.metadata().uuid().to_string();
+        let added = match lakehouse.added_after(&source, position).await {
+            Ok(added) => added,
+            Err(e) => {
+                tracing::error!(model = %model_id, error = %e, "listing the upstream's files failed; retrying");
+                sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
+                continue;
+            }
+        };
+        let recorded_uuid = last_property(&table, UPSTREAM_UUID_PROPERTY);
+        let rebuilt = recorded_uuid.is_some_and(|u| u != uuid);
+        if position > 0 && (rebuilt || added.merged_upto > position) {
+            // The upstream was rebuilt, or merged files this position is inside of: what it
+            // added since cannot be told apart any more.
+            tracing::warn!(model = %model_id, upstream = %upstream, position, merged_upto = added.merged_upto, "the upstream's table no longer continues from this position; rebuilding from its start");
+            table = lakehouse
+                .replace_table(
+                    &ident,
+                    &output_schema,
+                    &project.models[&model_id].config.partition_by,
+                )
+                .await
+                .map_err(lake_err)?;
+            compute
+                .restore(&lakehouse, &table)
+                .await
+                .map_err(lake_err)?;
+            (position, table_position, uncommitted) = (0, 0, 0);
+            lakehouse.hold(&upstream, &holder, 0);
+            reset_dimensions(&mut dims, &Offsets::new(), &model_id).await;
+            dim_rejected.clear();
+            continue;
+        }
+        // Whole commits, oldest first, up to a micro-batch's worth of records.
+        let mut records = 0usize;
+        let mut taken = 0;
+        let mut target = position;
+        for (i, (sequence, file)) in added.files.iter().enumerate() {
+            let starts_commit = i == 0 || added.files[i - 1].0 != *sequence;
+            if starts_commit && records >= COMMIT_RECORDS_MAX {
+                break;
+            }
+            records += usize::try_from(file.record_count()).unwrap_or(usize::MAX);
+            taken = i + 1;
+            target = *sequence;
+        }
+        let all = taken == added.files.len();
+        if all {
+            // Commits that added no file are passed too.
+            target = target.max(added.last_sequence);
+        }
+        far_behind = !all;
+        let progress_due = target != table_position
+            && last_commit.elapsed() >= Duration::from_millis(PROGRESS_COMMIT_INTERVAL_MS);
+        if taken == 0 && !progress_due {
+            if target != position {
+                position = target;
+            }
+            sleep_or_stop(&mut stop, POLL_MS).await;
+            continue;
+        }
+        let mut pushed = Ok(());
+        for (_, file) in &added.files[..taken] {
+            let batches = match lakehouse.read_data_file(&source, file).await {
+                Ok(batches) => batches,
+                Err(e) => {
+                    pushed = Err(e.to_string());
+                    break;
+                }
+            };
+            for batch in batches {
+                let cast = match conform(&batch, &slot_schema) {
+                    Ok(cast) => cast,
+                    Err(e) => {
+                        pushed = Err(e);
+                        break;
+                    }
+                };
+                if let Err(e) = compute.push(cast, None).await {
+                    pushed = Err(e.to_string());
+                    break;
+                }
+            }
+            if pushed.is_err() {
+                break;
+            }
+        }
+        if let Err(e) = pushed {
+            tracing::error!(model = %model_id, error = %e, "computing over the upstream's rows failed; retrying");
+            let Some(recovered) =
+                start_over(&lakehouse, &mut compute, &table, &key, &mut stop).await
+            else {
+                return Ok(());
+            };
+            (table, position) = recovered;
+            (table_position, uncommitted) = (position, 0);
+            reset_dimensions(&mut dims, &committed_offsets(&table), &model_id).await;
+            dim_rejected.clear();
+            continue;
+        }
+        position = target;
+        uncommitted += records;
+        let grouped_waits = far_behind
+            && matches!(compute, Compute::Grouped(_))
+            && uncommitted < GROUPED_COMMIT_RECORDS_MAX;
+        if grouped_waits || (!compute.has_changes() && !progress_due && dim_rejected.is_empty()) {
+            continue;
+        }
+        let fresh: Vec<&(String, Rejected)> = dim_rejected
+            .iter()
+            .filter(|(t, r)| !already_dead.contains(&(t.clone(), r.partition, r.offset)))
+            .collect();
+        if !fresh.is_empty() {
+            let records: Vec<Record> = fresh
+                .iter()
+                .map(|(t, r)| dead_letter(&model_id, t, r))
+                .collect();
+            if let Err(e) = dead_letters.append(records).await {
+                tracing::error!(model = %model_id, error = %e, "writing dead letters failed; retrying");
+                sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
+                continue;
+            }
+            for (t, r) in fresh {
+                already_dead.insert((t.clone(), r.partition, r.offset));
+            }
+        }
+        let attempt = crate::runner::uuid_like();
+        let mut offsets: Offsets = BTreeMap::from([(
+            key.clone(),
+            BTreeMap::from([(0, u64::try_from(position).unwrap_or(0))]),
+        )]);
+        for (dimension, _) in &dims {
+            offsets.insert(dimension.topic_name.clone(), dimension.next_offsets());
+        }
+        let properties = HashMap::from([
+            (
+                OFFSETS_PROPERTY.to_owned(),
+                serde_json::to_string(&offsets).unwrap_or_default(),
+            ),
+            (VERSION_PROPERTY.to_owned(), version.clone()),
+            (ATTEMPT_PROPERTY.to_owned(), attempt.clone()),
+            (UPSTREAM_UUID_PROPERTY.to_owned(), uuid.clone()),
+            (
+                DEAD_LETTERS_PROPERTY.to_owned(),
+                dead_letters
+                    .partition(0)
+                    .map(|p| p.offsets().visible_offset)
+                    .unwrap_or(0)
+                    .to_string(),
+            ),
+        ]);
+        let landed = match compute.commit(&lakehouse, &table, properties).await {
+            Ok(updated) => {
+                table = updated;
+                true
+            }
+            Err(e) => {
+                // The outcome is unknown: read the table to learn it, never retry blindly.
+                let ours = match lakehouse.load_table(&ident).await {
+                    Ok(reloaded) => {
+                        let ours = last_property(&reloaded, ATTEMPT_PROPERTY)
+                            .is_some_and(|a| a == attempt);
+                        table = reloaded;
+                        ours
+                    }
+                    Err(_) => false,
+                };
+                if ours {
+                    compute.landed();
+                    tracing::warn!(model = %model_id, error = %e, "commit reported an error but landed");
+                } else {
+                    tracing::error!(model = %model_id, error = %e, "commit failed; rereading from the committed position");
+                    let Some(recovered) =
+                        start_over(&lakehouse, &mut compute, &table, &key, &mut stop).await
+                    else {
+                        return Ok(());
+                    };
+                    (table, position) = recovered;
+                    (table_position, uncommitted) = (position, 0);
+                    reset_dimensions(&mut dims, &committed_offsets(&table), &model_id).await;
+                    dim_rejected.clear();
+                }
+                ours
+            }
+        };
+        if landed {
+            table_position = position;
+            uncommitted = 0;
+            last_commit = Instant::now();
+            lakehouse.hold(&upstream, &holder, position);
+            dim_rejected.clear();
+            // Records the commit passed are never read again.
+            already_dead.retain(|(t, p, o)| {
+                offsets
+                    .get(t)
+                    .and_then(|next| next.get(p))
+                    .is_none_or(|next| o >= next)
+            });
+        }
+    }
+}
+
+/// The position on the upstream's table that `table`'s last commit records under `key`
+/// (0: nothing read).
+fn committed_position(table: &Table, key: &str) -> i64 {
+    last_property(table, OFFSETS_PROPERTY)
+        .and_then(|o| serde_json::from_str::<Offsets>(&o).ok())
+        .and_then(|o| o.get(key).and_then(|p| p.get(&0)).copied())
+        .and_then(|p| i64::try_from(p).ok())
+        .unwrap_or(0)
+}
+
+/// A summary property of `table`'s current snapshot.
+fn last_property(table: &Table, name: &str) -> Option<String> {
+    table
+        .metadata()
+        .current_snapshot()
+        .and_then(|s| s.summary().additional_properties.get(name).cloned())
+}
+
+/// After a failure: the computation back to the table's last commit (read again: the failed
+/// commit may have landed) and its position. `None` when stopped meanwhile.
+async fn start_over(
+    lakehouse: &Lakehouse,
+    compute: &mut Compute,
+    table: &Table,
+    key: &str,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<(Table, i64)> {
+    loop {
+        let reloaded = lakehouse.load_table(table.identifier()).await;
+        let restored = match reloaded {
+            Ok(reloaded) => match compute.restore(lakehouse, &reloaded).await {
+                Ok(()) => Ok(reloaded),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        match restored {
+            Ok(reloaded) => {
+                let position = committed_position(&reloaded, key);
+                sleep_or_stop(stop, RETRY_DELAY_MS).await;
+                return Some((reloaded, position));
+            }
+            Err(e) => {
+                tracing::error!(table = %table.identifier(), error = %e, "recovering failed; retrying");
+                sleep_or_stop(stop, RETRY_DELAY_MS).await;
+                if *stop.borrow() {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// `batch` (read back from Parquet) with the columns and types of `schema`, by name.
+fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, String> {
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    for field in schema.fields() {
+        let column = batch
+            .column_by_name(field.name())
+            .ok_or_else(|| format!("the upstream's table has no column `{}`", field.name()))?;
+        columns.push(
+            arrow::compute::cast(column, field.data_type())
+                .map_err(|e| format!("column `{}`: {e}", field.name()))?,
+        );
+    }
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())
+}
