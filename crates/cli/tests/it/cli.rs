@@ -1044,9 +1044,10 @@ fn a_changed_model_replays_beside_the_old_one_then_serves() {
     assert!((total - expected).abs() < 1e-6, "{total} vs {expected}");
 }
 
-/// A change to one gold model only: its new version reads silver's committed table as a
-/// stream instead of recomputing silver (whose table gets no commit from the deploy), ends
-/// equal to a from-scratch run of the same folder, then follows silver live.
+/// A change to the gold models only: their new versions read silver's committed table as a
+/// stream instead of recomputing silver (whose table gets no commit from the deploy), then
+/// follow silver live; further such deploys killed with kill -9 carry on after a restart; and
+/// the tables end equal to a from-scratch run of the same folder over the same records.
 #[test]
 fn a_downstream_only_change_reads_its_upstreams_table() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1176,6 +1177,65 @@ fn a_downstream_only_change_reads_its_upstreams_table() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+
+    // kill -9 at seeded moments of further downstream-only deploys (gold × k): after each
+    // restart the deploy carries on to exactly k × silver.
+    let mut up = up;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut phases = Vec::new();
+    let mut k = 2;
+    for seed in 0..3u64 {
+        k = seed + 3;
+        for (name, column) in [
+            ("revenue_by_region", "amount"),
+            ("revenue_by_category", "o.amount"),
+        ] {
+            let path = dir.join(format!("models/gold/{name}.sql"));
+            let sql = std::fs::read_to_string(&path).unwrap();
+            let from = format!("{} * sum({column}) AS revenue", k - 1);
+            let from = if k == 3 {
+                format!("2 * sum({column}) AS revenue")
+            } else {
+                from
+            };
+            assert!(sql.contains(&from), "{sql}");
+            std::fs::write(
+                &path,
+                sql.replace(&from, &format!("{k} * sum({column}) AS revenue")),
+            )
+            .unwrap();
+        }
+        let out = kappa(&data, &["--project", project, "deploy"], None);
+        assert!(out.status.success(), "{}", stderr(&out));
+        std::thread::sleep(std::time::Duration::from_millis((seed * 257 + 50) % 500));
+        let client = kappa_server::client::Client::http(&up.base);
+        let phase = runtime.block_on(client.deploy_progress()).map(|p| p.state);
+        phases.push(phase.unwrap_or_else(|e| format!("unknown: {e}")));
+        up.kill9().unwrap();
+        up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+        let times_k = both.replace(
+            "SELECT 2 * sum(amount)",
+            &format!("SELECT {k} * sum(amount)"),
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let out = kappa(&data, &["sql", &times_k, "--json"], None);
+            let answer: Option<serde_json::Value> = serde_json::from_str(&stdout(&out)).ok();
+            let row = answer.as_ref().map(|a| a["rows"][0].clone());
+            if row.is_some_and(|row| row[0] == row[1]) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "seed {seed}: never reached {k} × silver: {answer:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+    eprintln!("killed while: {phases:?}");
+    crate::wait_caught_up(&data, project, models, std::time::Duration::from_secs(60));
+    let final_rows = rows(&data);
+    assert_ne!(final_rows, deployed_rows, "gold is {k} × now");
     assert!(up.terminate().unwrap().success());
     let log = std::fs::read_to_string(data.with_extension("stderr")).unwrap();
     assert!(
@@ -1183,20 +1243,32 @@ fn a_downstream_only_change_reads_its_upstreams_table() {
         "{log}"
     );
 
-    // A from-scratch run of the same folder (gold recomputes silver inline) gives the rows
-    // the deploy did.
+    // A from-scratch run of the same folder and records (gold recomputes silver inline)
+    // gives the rows the deploys did.
     let scratch = tmp.path().join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
     let up = KappaProcess::start(KAPPA.as_ref(), &scratch, &["--project", project]).unwrap();
     produce_example_products(&scratch, &dir);
     produce_example_orders(&scratch, &dir);
+    let out = kappa(
+        &scratch,
+        &[
+            "produce",
+            "orders",
+            later.to_str().unwrap(),
+            "--key",
+            "customer_id",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
     crate::wait_caught_up(
         &scratch,
         project,
         models,
         std::time::Duration::from_secs(60),
     );
-    assert_eq!(rows(&scratch), deployed_rows);
+    assert_eq!(rows(&scratch), final_rows);
     assert!(up.terminate().unwrap().success());
 }
 
