@@ -588,13 +588,47 @@ impl Deployer {
         self.lakehouse.publish(&pairs).await?;
         tracing::info!(models = ?replaying, "cut over: the new versions serve");
         // This task is the pending deploy's: it is taken, not aborted.
-        if let Some(pending) = inner.pending.take() {
-            pending.runners.stop().await;
+        let pending = inner.pending.take();
+        match (inner.live.take(), pending, self.live_project()) {
+            (Some(mut live), Some(pending), Some(before)) => {
+                // No pause for the live path: the new versions' runners, caught up, go on as
+                // the live ones, and so do the unchanged models' runners.
+                let going: Vec<String> = live
+                    .models()
+                    .into_iter()
+                    .filter(|m| !runs_on(&before, &project, replaying, m))
+                    .collect();
+                live.stop_models(&going).await;
+                live.adopt(pending.runners).await;
+                let running = live.models();
+                let missing: Vec<String> = project
+                    .order
+                    .iter()
+                    .filter(|m| !running.contains(m))
+                    .cloned()
+                    .collect();
+                live.start_more(
+                    self.log.clone(),
+                    self.lakehouse.clone(),
+                    project.clone(),
+                    &missing,
+                    &|_| true,
+                );
+                if let Ok(mut state) = self.live.write() {
+                    *state = Some((project, live.states()));
+                }
+                inner.live = Some(live);
+            }
+            (live, pending, _) => {
+                if let Some(pending) = pending {
+                    pending.runners.stop().await;
+                }
+                if let Some(old) = live {
+                    old.stop().await;
+                }
+                self.go_live(&mut inner, project);
+            }
         }
-        if let Some(old) = inner.live.take() {
-            old.stop().await;
-        }
-        self.go_live(&mut inner, project);
         self.record(record, true)?;
         self.release_stopped_readers(&inner);
         drop(inner);
@@ -795,6 +829,21 @@ pub fn recorded_versions(data_dir: &std::path::Path) -> Vec<VersionStatus> {
     }
     all.sort_by(|a, b| a.model.cmp(&b.model));
     all
+}
+
+/// Whether the runner of `model` started for the deployment `before` runs on unchanged in
+/// `after`: the model is there with the same version (not among `replaying`), and it reports
+/// the rejected records of the same topics (which model does can change with the others).
+fn runs_on(before: &Project, after: &Project, replaying: &[String], model: &str) -> bool {
+    if replaying.iter().any(|m| m == model) || !after.models.contains_key(model) {
+        return false;
+    }
+    after.topics.keys().all(|topic| {
+        let reports = |p: &Project| {
+            kappa_engine::runner::rejects_reporter(p, topic).as_deref() == Some(model)
+        };
+        reports(before) == reports(after)
+    })
 }
 
 /// Milliseconds since the epoch.

@@ -55,30 +55,47 @@ pub enum RunnerState {
     NotRunning(String),
 }
 
-/// The state of every runner, by model.
+/// The state of every runner, by model: each runner writes its own cell, which moves with it
+/// when another set adopts it ([`Pipelines::adopt`]).
 #[derive(Debug, Clone, Default)]
-pub struct RunnerStates(Arc<std::sync::Mutex<BTreeMap<String, RunnerState>>>);
+pub struct RunnerStates(Arc<std::sync::Mutex<BTreeMap<String, StateCell>>>);
+
+type StateCell = Arc<std::sync::Mutex<RunnerState>>;
 
 impl RunnerStates {
     pub fn get(&self, model: &str) -> Option<RunnerState> {
-        self.0
-            .lock()
-            .map(|states| states.get(model).cloned())
-            .unwrap_or(None)
+        let cell = self.0.lock().ok()?.get(model).cloned()?;
+        cell.lock().ok().map(|state| state.clone())
     }
 
-    fn set(&self, model: &str, state: RunnerState) {
+    fn insert(&self, model: &str, cell: StateCell) {
         if let Ok(mut states) = self.0.lock() {
-            states.insert(model.to_owned(), state);
+            states.insert(model.to_owned(), cell);
+        }
+    }
+
+    fn remove(&self, model: &str) {
+        if let Ok(mut states) = self.0.lock() {
+            states.remove(model);
         }
     }
 }
 
-/// A set of running model runners, stopped together.
+/// One model's runner task, with its own stop signal.
+#[derive(Debug)]
+struct Runner {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: JoinHandle<()>,
+    state: StateCell,
+}
+
+/// A set of running model runners: stopped together, or some of them, or handed to another
+/// set at a cutover so that they run on without a pause.
 #[derive(Debug)]
 pub struct Pipelines {
-    stop: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<(String, JoinHandle<()>)>,
+    /// Turns true when the whole set is told to stop.
+    stopped: tokio::sync::watch::Sender<bool>,
+    runners: BTreeMap<String, Runner>,
     states: RunnerStates,
 }
 
@@ -98,34 +115,46 @@ impl Pipelines {
         models: &[String],
         publish_if_new: &dyn Fn(&str) -> bool,
     ) -> Pipelines {
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let states = RunnerStates::default();
-        let tasks = models
-            .iter()
-            .map(|model| {
-                kappa_engine::upstream::hold_before_start(&lakehouse, &project, model);
-                let task = tokio::spawn(run_until_stopped(
-                    log.clone(),
-                    lakehouse.clone(),
-                    project.clone(),
-                    model.clone(),
-                    publish_if_new(model),
-                    states.clone(),
-                    stopped.clone(),
-                ));
-                (model.clone(), task)
-            })
-            .collect();
-        Pipelines {
-            stop,
-            tasks,
-            states,
+        let mut pipelines = Pipelines {
+            stopped: tokio::sync::watch::channel(false).0,
+            runners: BTreeMap::new(),
+            states: RunnerStates::default(),
+        };
+        pipelines.start_more(log, lakehouse, project, models, publish_if_new);
+        pipelines
+    }
+
+    /// Starts a runner for each of `models` of `project` in this set.
+    pub(crate) fn start_more(
+        &mut self,
+        log: Arc<Log>,
+        lakehouse: Lakehouse,
+        project: Arc<Project>,
+        models: &[String],
+        publish_if_new: &dyn Fn(&str) -> bool,
+    ) {
+        for model in models {
+            kappa_engine::upstream::hold_before_start(&lakehouse, &project, model);
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let state: StateCell = Arc::new(std::sync::Mutex::new(RunnerState::Running));
+            let task = tokio::spawn(run_until_stopped(
+                log.clone(),
+                lakehouse.clone(),
+                project.clone(),
+                model.clone(),
+                publish_if_new(model),
+                state.clone(),
+                stopped,
+            ));
+            self.states.insert(model, state.clone());
+            self.runners
+                .insert(model.clone(), Runner { stop, task, state });
         }
     }
 
     /// Turns true when the runners are told to stop.
     pub(crate) fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.stop.subscribe()
+        self.stopped.subscribe()
     }
 
     /// What every runner is doing.
@@ -133,14 +162,44 @@ impl Pipelines {
         self.states.clone()
     }
 
-    /// Stops every runner at its next step and waits for them.
-    pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        for (model, task) in self.tasks {
+    /// The models this set runs.
+    pub(crate) fn models(&self) -> Vec<String> {
+        self.runners.keys().cloned().collect()
+    }
+
+    /// Stops the runners of `models` at their next step and waits for them; the others go on.
+    pub(crate) async fn stop_models(&mut self, models: &[String]) {
+        let mut stopping = Vec::new();
+        for model in models {
+            if let Some(runner) = self.runners.remove(model) {
+                let _ = runner.stop.send(true);
+                self.states.remove(model);
+                stopping.push((model.clone(), runner.task));
+            }
+        }
+        for (model, task) in stopping {
             if let Err(e) = task.await {
                 tracing::error!(%model, error = %e, "runner task failed");
             }
         }
+    }
+
+    /// Takes `other`'s runners into this set (they run on; a runner this set had for the same
+    /// model is stopped first).
+    pub(crate) async fn adopt(&mut self, mut other: Pipelines) {
+        let models = other.models();
+        self.stop_models(&models).await;
+        for (model, runner) in std::mem::take(&mut other.runners) {
+            self.states.insert(&model, runner.state.clone());
+            self.runners.insert(model, runner);
+        }
+    }
+
+    /// Stops every runner at its next step and waits for them.
+    pub async fn stop(mut self) {
+        let _ = self.stopped.send(true);
+        let models = self.models();
+        self.stop_models(&models).await;
     }
 }
 
@@ -152,11 +211,16 @@ async fn run_until_stopped(
     project: Arc<Project>,
     name: String,
     publish_if_new: bool,
-    states: RunnerStates,
+    state: StateCell,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
+    let set = |to: RunnerState| {
+        if let Ok(mut state) = state.lock() {
+            *state = to;
+        }
+    };
     loop {
-        states.set(&name, RunnerState::Running);
+        set(RunnerState::Running);
         // Each attempt is a task of its own: a panic (a bug, in kappa or a library) ends the
         // attempt, is reported and restarted like any failure, instead of leaving the model
         // silently stopped.
@@ -179,11 +243,11 @@ async fn run_until_stopped(
             Ok(()) => return,
             Err(e @ RunnerError::Unsupported { .. }) => {
                 tracing::warn!(model = %name, "not running: {e}");
-                states.set(&name, RunnerState::NotRunning(e.to_string()));
+                set(RunnerState::NotRunning(e.to_string()));
                 return;
             }
             Err(e) => {
-                states.set(&name, RunnerState::Restarting(e.to_string()));
+                set(RunnerState::Restarting(e.to_string()));
                 tracing::error!(model = %name, "stopped: {e}; restarting in {RESTART_DELAY_MS} ms")
             }
         }

@@ -1026,6 +1026,12 @@ fn a_changed_model_replays_beside_the_old_one_then_serves() {
     let cut = log.find("cut over: the new versions serve").expect(&log);
     assert!(replaying < cut, "{log}");
     assert!(log.contains("gold.revenue_by_region"), "{log}");
+    // The cutover did not restart the unchanged model's runner: the live path never paused.
+    let silver_starts = log[cut..]
+        .lines()
+        .filter(|l| l.contains("model starts") && l.contains("silver.orders"))
+        .count();
+    assert_eq!(silver_starts, 0, "{log}");
     // External readers see the new version under the public name.
     let out = kappa_testkit::python::run_python(
         kappa_testkit::python::READ_TABLE_SCRIPT,
