@@ -45,13 +45,17 @@ pub struct Deployer {
     audit: std::sync::Mutex<AuditState>,
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct AuditState {
+    #[serde(skip)]
     running: bool,
     models: Vec<ModelAudit>,
     /// Why the last deploy did not cut over.
     failure: Option<String>,
 }
+
+/// Where the last audit is kept, in the data directory, so that a restart still shows it.
+const AUDIT_FILE: &str = "audit.json";
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -123,6 +127,13 @@ impl Deployer {
             live: std::sync::RwLock::new(None),
             audit: std::sync::Mutex::new(AuditState::default()),
         });
+        // The last audit, as a restart found it (a deploy at start replaces it).
+        if let Ok(text) = std::fs::read(deployer.data_dir.join(AUDIT_FILE))
+            && let Ok(last) = serde_json::from_slice::<AuditState>(&text)
+            && let Ok(mut audit) = deployer.audit.lock()
+        {
+            *audit = last;
+        }
         let deployed = deployment::load(&deployer.data_dir)?.and_then(|d| d.project());
         if let Some(deployed) = deployed {
             let mut inner = deployer.inner.lock().await;
@@ -161,9 +172,6 @@ impl Deployer {
             pending.cutover.abort();
             pending.runners.stop().await;
         }
-        if let Ok(mut audit) = self.audit.lock() {
-            *audit = AuditState::default();
-        }
         let live = self.live_project();
         let replaying: Vec<String> = match &live {
             Some(live) => {
@@ -198,6 +206,10 @@ impl Deployer {
         }
         // Nothing live (the first deploy), nothing to replay, or a catalog without aliases
         // (whose tables are rebuilt in place): the project goes live at once.
+        // What is shown from here on is this deploy's audit, if it has one.
+        if let Ok(mut audit) = self.audit.lock() {
+            *audit = AuditState::default();
+        }
         if live.is_none() || replaying.is_empty() || !self.lakehouse.supports_aliases() {
             if let Some(old) = inner.live.take() {
                 old.stop().await;
@@ -677,6 +689,15 @@ impl Deployer {
             a.running = false;
             a.failure = failure.clone();
         });
+        let finished = self.audit.lock().map(|a| a.clone()).unwrap_or_default();
+        match serde_json::to_vec_pretty(&finished) {
+            Ok(text) => {
+                if let Err(e) = deployment::replace_file(&self.data_dir.join(AUDIT_FILE), &text) {
+                    tracing::warn!(error = %e, "keeping the audit failed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "keeping the audit failed"),
+        }
         failure
     }
 

@@ -1032,6 +1032,21 @@ fn a_changed_model_replays_beside_the_old_one_then_serves() {
         .filter(|l| l.contains("model starts") && l.contains("silver.orders"))
         .count();
     assert_eq!(silver_starts, 0, "{log}");
+    // The audit of the deploy outlives a restart with nothing to deploy.
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let progress = runtime
+        .block_on(kappa_server::client::Client::http(&up.base).deploy_progress())
+        .unwrap();
+    assert_eq!(progress.state, "idle");
+    assert!(
+        progress
+            .audit
+            .iter()
+            .any(|a| a.model == "gold.revenue_by_region"),
+        "{progress:?}"
+    );
+    assert!(up.terminate().unwrap().success());
     // External readers see the new version under the public name.
     let out = kappa_testkit::python::run_python(
         kappa_testkit::python::READ_TABLE_SCRIPT,
