@@ -3,7 +3,8 @@
 //! Writes a shop's project into a temporary folder and runs `kappa up` on it in-process: a year
 //! of generated order events flows through bronze → silver → gold, where v1 of the gold model
 //! computes the tax wrongly. The fix (v2) is planned and deployed while live events keep
-//! arriving: v2 replays the whole log beside v1, then every reader switches at once. The
+//! arriving: v2 replays all of history beside v1 — silver's committed rows, silver unchanged
+//! and not recomputed — then every reader switches at once. The
 //! corrected totals are printed next to the same figures tallied while generating the events,
 //! and the live events are checked to be all there.
 
@@ -461,7 +462,8 @@ async fn story(args: &DemoArgs, project: &Path, base: &str) -> anyhow::Result<()
     // A few seconds of live events before the deploy, for the latency before it.
     tokio::time::sleep(Duration::from_secs(3)).await;
     println!(
-        "[5/7] `kappa deploy --wait`: v2 replays the whole log while v1 serves, is audited \
+        "[5/7] `kappa deploy --wait`: v2 replays all of history (silver.orders' committed \
+         rows: silver is unchanged, so it is not recomputed) while v1 serves, is audited \
          against v1 (the model's [audit]), then every reader switches"
     );
     let deploy_started = Instant::now();
@@ -484,13 +486,18 @@ async fn story(args: &DemoArgs, project: &Path, base: &str) -> anyhow::Result<()
         }
     }
     println!(
-        "      cut over {:.1} s after the deploy: {} records replayed at {} records/s; every \
-         reader switched to v2 in one catalog transaction",
+        "      cut over {:.1} s after the deploy: {} rows replayed at {} rows/s; every reader \
+         switched to v2 in one catalog transaction",
         cutover_in.as_secs_f64(),
         thousands(watched.records),
         thousands((watched.records as f64 / cutover_in.as_secs_f64().max(1e-9)) as u64)
     );
-    let v2_version = client.deployment().await?.models[GOLD].version.clone();
+    let deployed = client.deployment().await?;
+    let v2_version = deployed.models[GOLD].version.clone();
+    anyhow::ensure!(
+        deployed.models[GOLD].reads_table.as_deref() == Some("silver.orders"),
+        "v2 of {GOLD} should have read silver.orders' table instead of recomputing it"
+    );
 
     // Live events go on after the cutover, then stop; everything settles.
     tokio::time::sleep(Duration::from_secs(3)).await;

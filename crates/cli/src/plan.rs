@@ -22,7 +22,8 @@ pub(crate) const ESTIMATE_RECORDS_PER_S: u64 = 500_000;
 pub(crate) struct PlanArgs {
     /// Print JSON: {"summary": {new, changed, downstream, unchanged, removed, replaying},
     /// "models": [{model, change, deployed?, version?, sql_diff, config_diff, because, inputs,
-    /// history: [{topic, records, bytes, first_offsets, first_time?}], estimated_seconds?}…]}.
+    /// history: [{topic, records, bytes, first_offsets, first_time?}], reads_table?: {model,
+    /// rows}, estimated_seconds?}…]}.
     #[arg(long)]
     json: bool,
 }
@@ -53,6 +54,18 @@ struct ModelReport {
     history: Vec<TopicHistory>,
     /// For a replay: its records ÷ [`ESTIMATE_RECORDS_PER_S`].
     estimated_seconds: Option<f64>,
+    /// For a replay over an unchanged upstream model: the table it reads instead of
+    /// recomputing that model (its history is then that table and its own dimensions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reads_table: Option<UpstreamRead>,
+}
+
+/// The committed table of an unchanged upstream model a replay reads.
+#[derive(Debug, Clone, Serialize)]
+struct UpstreamRead {
+    model: String,
+    /// Its rows now (unknown when it cannot be counted).
+    rows: Option<u64>,
 }
 
 /// What a replay reads of one topic.
@@ -98,12 +111,31 @@ pub(crate) async fn report(
 ) -> anyhow::Result<PlanReport> {
     let deployed = client.deployment().await?;
     let plans = kappa_pipeline::deploy::plan(project, &deployed);
+    let table_reads = table_reads(project, &plans).await;
     let mut histories: BTreeMap<String, TopicHistory> = BTreeMap::new();
     let mut models = Vec::new();
     for plan in plans {
         let mut history = Vec::new();
+        let mut reads_table = None;
         if plan.change.replays() {
-            for topic in project.source_topics(&plan.model) {
+            let topics = match table_reads.get(&plan.model) {
+                Some(u) => {
+                    reads_table = Some(UpstreamRead {
+                        model: u.clone(),
+                        rows: count_rows(client, u).await,
+                    });
+                    project.models[&plan.model]
+                        .inputs
+                        .iter()
+                        .filter_map(|i| match i {
+                            kappa_pipeline::Input::Topic(t) => Some(t.clone()),
+                            kappa_pipeline::Input::Model(_) => None,
+                        })
+                        .collect()
+                }
+                None => project.source_topics(&plan.model),
+            };
+            for topic in topics {
                 if !histories.contains_key(&topic) {
                     let found = topic_history(client, &topic).await?;
                     histories.insert(topic.clone(), found);
@@ -111,13 +143,16 @@ pub(crate) async fn report(
                 history.extend(histories.get(&topic).cloned());
             }
         }
+        let table_rows = reads_table.as_ref().and_then(|r| r.rows).unwrap_or(0);
         let estimated_seconds = plan.change.replays().then(|| {
-            history.iter().map(|h| h.records).sum::<u64>() as f64 / ESTIMATE_RECORDS_PER_S as f64
+            (history.iter().map(|h| h.records).sum::<u64>() + table_rows) as f64
+                / ESTIMATE_RECORDS_PER_S as f64
         });
         models.push(ModelReport {
             plan,
             history,
             estimated_seconds,
+            reads_table,
         });
     }
     Ok(PlanReport {
@@ -141,6 +176,39 @@ fn summarize(models: &[ModelReport]) -> Summary {
         }
     }
     summary
+}
+
+/// The models of `plans` a deploy would have read their unchanged upstream's committed table
+/// instead of recomputing it (as `kappa_server::deployer` decides with the SQL catalog), with
+/// that upstream.
+async fn table_reads(
+    project: &kappa_pipeline::Project,
+    plans: &[ModelPlan],
+) -> BTreeMap<String, String> {
+    let unchanged: Vec<&str> = plans
+        .iter()
+        .filter(|p| p.change == Change::Unchanged)
+        .map(|p| p.model.as_str())
+        .collect();
+    let mut reads = BTreeMap::new();
+    for plan in plans.iter().filter(|p| p.change.replays()) {
+        if let Some(upstream) =
+            kappa_engine::upstream::readable_upstream(project, &plan.model).await
+            && unchanged.contains(&upstream.as_str())
+        {
+            reads.insert(plan.model.clone(), upstream);
+        }
+    }
+    reads
+}
+
+/// The rows of `model`'s public table, if it can be counted.
+async fn count_rows(client: &Client, model: &str) -> Option<u64> {
+    let answer = client
+        .sql(&format!("SELECT count(*) FROM {model}"))
+        .await
+        .ok()?;
+    answer.rows.first()?.first()?.as_u64()
 }
 
 /// What the log holds of `topic` (nothing, before the topic is created).
@@ -233,6 +301,18 @@ pub(crate) fn render(report: &PlanReport) -> String {
             }
         }
         if p.change.replays() {
+            if let Some(read) = &m.reads_table {
+                let rows = read
+                    .rows
+                    .map(|r| format!(" ({} rows)", thousands(r)))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "    reads the committed table of {}{rows}, which is unchanged, instead of \
+                     recomputing it",
+                    read.model
+                );
+            }
             for h in &m.history {
                 let offsets = if h.first_offsets.values().all(|&o| o == 0) {
                     "offset 0".to_owned()
@@ -300,19 +380,32 @@ mod tests {
             first_offsets: BTreeMap::from([(0, 0), (1, 0)]),
             first_time: Some("2026-01-01T00:00:00.000Z".into()),
         };
-        let models: Vec<ModelReport> = kappa_pipeline::deploy::plan(&project(now), &deployed)
+        let plans = kappa_pipeline::deploy::plan(&project(now), &deployed);
+        let reads = tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(table_reads(&project(now), &plans));
+        let models: Vec<ModelReport> = plans
             .into_iter()
             .map(|plan| {
                 let replays = plan.change.replays();
+                let reads_table = reads.get(&plan.model).map(|u| UpstreamRead {
+                    model: u.clone(),
+                    rows: Some(1_000_000),
+                });
+                // Over a table, the history is the table (the models here read no dimension).
+                let history = if replays && reads_table.is_none() {
+                    vec![history.clone()]
+                } else {
+                    Vec::new()
+                };
+                let records = history.iter().map(|h| h.records).sum::<u64>()
+                    + reads_table.as_ref().and_then(|r| r.rows).unwrap_or(0);
                 ModelReport {
                     plan,
-                    history: if replays {
-                        vec![history.clone()]
-                    } else {
-                        Vec::new()
-                    },
+                    history,
                     estimated_seconds: replays
-                        .then_some(history.records as f64 / ESTIMATE_RECORDS_PER_S as f64),
+                        .then_some(records as f64 / ESTIMATE_RECORDS_PER_S as f64),
+                    reads_table,
                 }
             })
             .collect();
@@ -390,7 +483,7 @@ mod tests {
             = silver.orders (unchanged, ac3355f8)
 
             + gold.counts (new, 98ec1c47)
-                replays topic orders: 1,020,000 records, 147.8 MiB from offset 0 (first appended 2026-01-01T00:00:00.000Z)
+                reads the committed table of silver.orders (1,000,000 rows), which is unchanged, instead of recomputing it
                 estimated 2.0 s at 500,000 records/s
 
             ~ gold.revenue (changed, 82a1ff10 -> 16d9f7d3)
@@ -398,7 +491,7 @@ mod tests {
                   key = []
                 - partition_by = []
                 + partition_by = ["region"]
-                replays topic orders: 1,020,000 records, 147.8 MiB from offset 0 (first appended 2026-01-01T00:00:00.000Z)
+                reads the committed table of silver.orders (1,000,000 rows), which is unchanged, instead of recomputing it
                 estimated 2.0 s at 500,000 records/s
 
             - gold.gone (removed, 0664e5af; it stops, its table stays)

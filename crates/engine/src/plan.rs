@@ -70,6 +70,9 @@ pub struct PlannedModel {
     pub dedup: Option<DedupPlan>,
     /// A join of `topic` with a second stream, whose output `plan` reads.
     pub join: Option<StreamJoinPlan>,
+    /// Over an upstream's table (`plan_over_upstream`), windowed: the upstream's source topic
+    /// and event time, whose watermarks its commits record and which close the windows.
+    pub upstream_marks: Option<(String, EventTime)>,
 }
 
 /// A join of two streams found in a model.
@@ -265,6 +268,7 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         event_time,
         dedup,
         join,
+        upstream_marks: None,
     })
 }
 
@@ -400,18 +404,42 @@ pub async fn plan_over_upstream(
             "a deduplicating model recomputes what it reads".into(),
         ));
     }
-    let shape = shape_of(&plan).map_err(DataFusionError::NotImplemented)?;
-    let order_free = match shape {
-        Shape::RowByRow => true,
-        Shape::Grouped => {
-            model.config.materialization == Some(Materialization::Upsert)
-                || model.config.event_time.is_none()
+    // The shape it has when it recomputes its upstream decides: a GROUP BY over the event
+    // time its upstream declares is windowed.
+    let inline = plan_model(project, model_id).await?;
+    let mut shape = shape_of(&plan).map_err(DataFusionError::NotImplemented)?;
+    let mut upstream_marks = None;
+    if inline.shape == Shape::Windowed && shape == Shape::Grouped {
+        let et = inline.event_time.as_ref().ok_or_else(|| {
+            DataFusionError::Internal("a windowed model without event time".into())
+        })?;
+        let aggregate = aggregate_shape(&plan).map_err(DataFusionError::NotImplemented)?;
+        if window_key(aggregate, &et.column)
+            .map_err(DataFusionError::NotImplemented)?
+            .is_some()
+        {
+            shape = Shape::Windowed;
         }
-        Shape::Windowed => false,
-    };
-    if !order_free {
+        // Windows close as the upstream's watermark passes them, which says that no row
+        // still to come is older only when the upstream emits rows as its watermark passes
+        // them: a deduplication.
+        let up = plan_model(project, &upstream_id).await?;
+        match (&up.dedup, &up.event_time) {
+            (Some(_), Some(up_et)) if up_et.column == et.column => {
+                upstream_marks = Some((up.topic.clone(), up_et.clone()));
+            }
+            _ => {
+                return Err(DataFusionError::NotImplemented(
+                    "windows over a model that does not emit its rows in watermark order \
+                     recompute it"
+                        .into(),
+                ));
+            }
+        }
+    }
+    if shape != inline.shape || inline.join.is_some() {
         return Err(DataFusionError::NotImplemented(
-            "a model over event time recomputes what it reads".into(),
+            "over its upstream's table the model would run another way; it recomputes it".into(),
         ));
     }
     key_problem(&plan, shape, model).map_err(DataFusionError::Configuration)?;
@@ -423,9 +451,10 @@ pub async fn plan_over_upstream(
             slot,
             plan,
             shape,
-            event_time: None,
+            event_time: upstream_marks.as_ref().and(inline.event_time),
             dedup: None,
             join: None,
+            upstream_marks,
         },
         upstream_id,
     ))

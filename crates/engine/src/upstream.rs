@@ -36,6 +36,7 @@ use crate::runner::{
     dead_letter_topic, dead_letters_after, model_version, open_output, rejects_reporter,
     reset_dimensions, sleep_or_stop, version_table,
 };
+use crate::watermark::{WATERMARKS_PROPERTY, Watermarks};
 
 /// Snapshot property: the upstream table's uuid, so that a rebuilt upstream is noticed.
 pub const UPSTREAM_UUID_PROPERTY: &str = "kappa.upstream-uuid";
@@ -93,25 +94,20 @@ pub fn hold_before_start(lakehouse: &Lakehouse, project: &Project, model_id: &st
 }
 
 /// The upstream model whose committed table `model_id` of `project` can read as a stream, if
-/// it can: it reads one model and otherwise only dimensions, that model appends (row by row, windows,
-/// deduplication, a stream join — never rewrites rows), and its own result does not depend on
-/// the order of its rows (row by row or one GROUP BY without windows, no deduplication of its
-/// own).
+/// it can: it reads one model and otherwise only dimensions, that model appends (row by row,
+/// windows, deduplication, a stream join — never rewrites rows), and over the table it runs as
+/// it would recomputing that model: row by row, one GROUP BY without windows (neither depends on
+/// the order of the rows), or windows over the event time of an upstream that deduplicates
+/// (which emits rows as its watermark passes them, so its recorded watermark closes them).
 pub async fn readable_upstream(project: &Project, model_id: &str) -> Option<String> {
     let upstream_id = crate::plan::upstream_of(project, model_id)?;
     let upstream = crate::plan::plan_model(project, &upstream_id).await.ok()?;
     if upstream.shape == crate::plan::Shape::Grouped {
         return None;
     }
-    // Planned inline, a GROUP BY over an event time its upstream declares is windowed.
-    let inline = crate::plan::plan_model(project, model_id).await.ok()?;
-    let order_free = matches!(
-        inline.shape,
-        crate::plan::Shape::RowByRow | crate::plan::Shape::Grouped
-    );
-    // Over the table: none of its own deduplication (the upstream's is in the table).
-    let (over, _) = plan_over_upstream(project, model_id).await.ok()?;
-    (order_free && over.shape == inline.shape).then_some(upstream_id)
+    // `plan_over_upstream` refuses what would run another way over the table.
+    plan_over_upstream(project, model_id).await.ok()?;
+    Some(upstream_id)
 }
 
 /// Runs `model_id` over `upstream_id`'s committed table until `stop` turns true, as
@@ -160,11 +156,34 @@ pub(crate) async fn run_over_upstream(
         model: model_id.clone(),
         source,
     })?;
-    let mut compute = Compute::new(planned.shape, planned.ctx, planned.slot, planned.plan, None)
-        .map_err(|source| RunnerError::Plan {
-            model: model_id.clone(),
-            source,
-        })?;
+    // Windows close as the upstream's recorded watermark passes them.
+    let mut marks = match &planned.upstream_marks {
+        Some((topic, et)) => {
+            let partitions = log
+                .topic(topic)
+                .map_err(|source| RunnerError::Log {
+                    model: model_id.clone(),
+                    source,
+                })?
+                .partition_count();
+            Some((
+                topic.clone(),
+                Watermarks::new(&et.column, et.index, et.delay_ms, partitions),
+            ))
+        }
+        None => None,
+    };
+    let mut compute = Compute::new(
+        planned.shape,
+        planned.ctx,
+        planned.slot,
+        planned.plan,
+        planned.event_time,
+    )
+    .map_err(|source| RunnerError::Plan {
+        model: model_id.clone(),
+        source,
+    })?;
     let lake_err = |source| RunnerError::Lakehouse {
         model: model_id.clone(),
         source,
@@ -325,6 +344,15 @@ pub(crate) async fn run_over_upstream(
                 break;
             }
         }
+        if pushed.is_ok()
+            && let Some((topic, marks)) = &mut marks
+            && let Some(watermark) = watermark_at(&source, topic, marks, target)
+            && let Err(e) = compute
+                .push(RecordBatch::new_empty(slot_schema.clone()), Some(watermark))
+                .await
+        {
+            pushed = Err(e.to_string());
+        }
         if let Err(e) = pushed {
             tracing::error!(model = %model_id, error = %e, "computing over the upstream's rows failed; retrying");
             let Some(recovered) =
@@ -448,6 +476,23 @@ fn committed_position(table: &Table, key: &str) -> i64 {
         .and_then(|o| o.get(key).and_then(|p| p.get(&0)).copied())
         .and_then(|p| i64::try_from(p).ok())
         .unwrap_or(0)
+}
+
+/// The watermark of `topic` that the upstream's commit with sequence number `sequence`
+/// recorded, if that snapshot is still in its metadata (a later read closes the windows
+/// otherwise).
+fn watermark_at(source: &Table, topic: &str, marks: &mut Watermarks, sequence: i64) -> Option<i64> {
+    let snapshot = source
+        .metadata()
+        .snapshots()
+        .find(|s| s.sequence_number() == sequence)?;
+    let saved: BTreeMap<String, serde_json::Value> = snapshot
+        .summary()
+        .additional_properties
+        .get(WATERMARKS_PROPERTY)
+        .and_then(|v| serde_json::from_str(v).ok())?;
+    marks.load(saved.get(topic)).ok()?;
+    marks.watermark()
 }
 
 /// A summary property of `table`'s current snapshot.
