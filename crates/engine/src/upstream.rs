@@ -268,10 +268,10 @@ pub(crate) async fn run_over_upstream(
         };
         let recorded_uuid = last_property(&table, UPSTREAM_UUID_PROPERTY);
         let rebuilt = recorded_uuid.is_some_and(|u| u != uuid);
-        if position > 0 && (rebuilt || added.merged_upto > position) {
-            // The upstream was rebuilt, or merged files this position is inside of: what it
-            // added since cannot be told apart any more.
-            tracing::warn!(model = %model_id, upstream = %upstream, position, merged_upto = added.merged_upto, "the upstream's table no longer continues from this position; rebuilding from its start");
+        if position > 0 && (rebuilt || !added.continues(position)) {
+            // The upstream was rebuilt, or merged files across this position: what it added
+            // since cannot be told apart any more.
+            tracing::warn!(model = %model_id, upstream = %upstream, position, "the upstream's table no longer continues from this position; rebuilding from its start");
             table = lakehouse
                 .replace_table(
                     &ident,
@@ -294,14 +294,14 @@ pub(crate) async fn run_over_upstream(
         let mut records = 0usize;
         let mut taken = 0;
         let mut target = position;
-        for (i, (sequence, file)) in added.files.iter().enumerate() {
-            let starts_commit = i == 0 || added.files[i - 1].0 != *sequence;
+        for (i, added_file) in added.files.iter().enumerate() {
+            let starts_commit = i == 0 || added.files[i - 1].sequence != added_file.sequence;
             if starts_commit && records >= COMMIT_RECORDS_MAX {
                 break;
             }
-            records += usize::try_from(file.record_count()).unwrap_or(usize::MAX);
+            records += usize::try_from(added_file.file.record_count()).unwrap_or(usize::MAX);
             taken = i + 1;
-            target = *sequence;
+            target = added_file.sequence;
         }
         let all = taken == added.files.len();
         if all {
@@ -319,8 +319,8 @@ pub(crate) async fn run_over_upstream(
             continue;
         }
         let mut pushed = Ok(());
-        for (_, file) in &added.files[..taken] {
-            let batches = match lakehouse.read_data_file(&source, file).await {
+        for added_file in &added.files[..taken] {
+            let batches = match lakehouse.read_data_file(&source, &added_file.file).await {
                 Ok(batches) => batches,
                 Err(e) => {
                     pushed = Err(e.to_string());
@@ -344,9 +344,17 @@ pub(crate) async fn run_over_upstream(
                 break;
             }
         }
+        // Every row of the commits up to `complete` has been read: a file still to read
+        // (merged before this reader held its position) may hold rows of earlier commits than
+        // the ones just read, which the watermark must not have passed.
+        let complete = added.files[taken..]
+            .iter()
+            .map(|f| f.first - 1)
+            .min()
+            .map_or(target, |first| first.min(target));
         if pushed.is_ok()
             && let Some((topic, marks)) = &mut marks
-            && let Some(watermark) = watermark_at(&source, topic, marks, target)
+            && let Some(watermark) = watermark_at(&source, topic, marks, complete)
             && let Err(e) = compute
                 .push(RecordBatch::new_empty(slot_schema.clone()), Some(watermark))
                 .await

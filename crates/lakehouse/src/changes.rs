@@ -3,12 +3,12 @@
 //! Every data file of a table carries the data sequence number of the commit that added its
 //! rows, so a reader's position is one number — the last sequence number it consumed — and
 //! what follows it is every live file with a greater one, whatever snapshots have expired
-//! since. Only the small-file merge (`commit.rs`) moves rows into new files; it gives a
-//! merged file the greatest sequence number of the files it merged, merges only files at or
-//! below the positions readers hold ([`Lakehouse::hold`]), and records the greatest sequence
-//! number it ever merged ([`MERGED_UPTO_PROPERTY`]). A reader whose position is below that
-//! number cannot resume (a merged file mixes rows it read with rows it did not) and must read
-//! the table from the start.
+//! since. Only the small-file merge (`commit.rs`) moves rows into new files: a merged file
+//! takes the greatest sequence number of the files it merged, and its name the least
+//! (`kappa-merged-s<first>-…`, [`AddedFile::first`]); a merge takes only files at or below the
+//! positions readers hold ([`Lakehouse::hold`]). A file listed after a position whose first
+//! sequence number is at or below it mixes rows the reader read with rows it did not: the
+//! reader cannot go on from there ([`Added::continues`]) and reads the table from the start.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -19,9 +19,23 @@ use iceberg::table::Table;
 
 use crate::{Context, Lakehouse, LakehouseError, Result};
 
-/// Summary property: the greatest data sequence number any merge of the table's files took in
-/// (carried from commit to commit).
-pub const MERGED_UPTO_PROPERTY: &str = "kappa.merged-upto";
+/// What a merged file's name holds before its first sequence number.
+pub(crate) const MERGED_LABEL: &str = "merged-s";
+
+/// The least data sequence number whose rows the file at `path` holds: its own (`sequence`),
+/// or for a merged file the least of the files merged, as its name says.
+pub(crate) fn first_sequence(path: &str, sequence: i64) -> i64 {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    name.split_once(MERGED_LABEL)
+        .and_then(|(_, rest)| rest.split('-').next())
+        .and_then(|digits| digits.parse().ok())
+        .map_or(sequence, |first: i64| first.min(sequence))
+}
+
+/// The least of some first sequence numbers (0 for none).
+pub(crate) fn first_sequence_of(firsts: impl Iterator<Item = i64>) -> i64 {
+    firsts.min().unwrap_or(0)
+}
 
 /// Positions readers hold on tables, by table and reader: a merge takes only files at or below
 /// the least of a table's.
@@ -30,13 +44,29 @@ pub(crate) type Holds = std::sync::Mutex<HashMap<TableIdent, BTreeMap<String, i6
 /// The data files a table's commits added after a position.
 #[derive(Debug, Default)]
 pub struct Added {
-    /// `(data sequence number, file)`, oldest first.
-    pub files: Vec<(i64, DataFile)>,
-    /// The table's [`MERGED_UPTO_PROPERTY`] (0 when nothing was ever merged).
-    pub merged_upto: i64,
+    /// Oldest first (by data sequence number).
+    pub files: Vec<AddedFile>,
     /// The current snapshot's sequence number (0 for an empty table): a reader at it has
     /// read everything.
     pub last_sequence: i64,
+}
+
+/// A data file listed after a position.
+#[derive(Debug, Clone)]
+pub struct AddedFile {
+    /// The data sequence number: the commit whose rows it holds, or the last of them.
+    pub sequence: i64,
+    /// The first commit whose rows it holds (below `sequence` only for a merged file).
+    pub first: i64,
+    pub file: DataFile,
+}
+
+impl Added {
+    /// Whether a reader at `position` can go on with these files: none holds rows of a commit
+    /// at or before it.
+    pub fn continues(&self, position: i64) -> bool {
+        self.files.iter().all(|f| f.first > position)
+    }
 }
 
 impl Lakehouse {
@@ -92,12 +122,6 @@ impl Lakehouse {
         let Some(current) = metadata.current_snapshot() else {
             return Ok(Added::default());
         };
-        let merged_upto = current
-            .summary()
-            .additional_properties
-            .get(MERGED_UPTO_PROPERTY)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
         let file_io = table.file_io();
         let bytes = file_io
             .new_input(current.manifest_list())
@@ -131,17 +155,19 @@ impl Lakehouse {
                     )));
                 };
                 if sequence > after {
-                    files.push((sequence, entry.data_file().clone()));
+                    files.push(AddedFile {
+                        sequence,
+                        first: first_sequence(entry.file_path(), sequence),
+                        file: entry.data_file().clone(),
+                    });
                 }
             }
         }
         files.sort_by(|a, b| {
-            a.0.cmp(&b.0)
-                .then_with(|| a.1.file_path().cmp(b.1.file_path()))
+            (a.sequence, a.file.file_path()).cmp(&(b.sequence, b.file.file_path()))
         });
         Ok(Added {
             files,
-            merged_upto,
             last_sequence: current.sequence_number(),
         })
     }

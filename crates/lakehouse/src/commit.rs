@@ -26,7 +26,7 @@ use iceberg::spec::{
 use iceberg::table::Table;
 use iceberg::{MetadataLocation, TableIdent, TableRequirement};
 
-use crate::{Context, Lakehouse, LakehouseError, MERGED_UPTO_PROPERTY, Result};
+use crate::{Context, Lakehouse, LakehouseError, Result};
 
 /// Snapshots kept in a table's metadata (the newest ones): time travel reaches this far back.
 pub const SNAPSHOTS_KEPT: usize = 32;
@@ -215,17 +215,10 @@ impl Lakehouse {
         // Merged files keep the greatest data sequence number of what they merged, so that
         // a stream reader past it never reads their rows again (`changes.rs`).
         let mut merged_files = Vec::new();
-        let parent_merged_upto: i64 = metadata
-            .current_snapshot()
-            .and_then(|s| s.summary().additional_properties.get(MERGED_UPTO_PROPERTY))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let mut merged_upto = parent_merged_upto;
         if operation == Operation::Append {
             let merges = self.compact(table, &rewritten, remove).await?;
             for merge in merges {
                 compacted.extend(merge.inputs);
-                merged_upto = merged_upto.max(merge.sequence);
                 merged_files.extend(merge.written.into_iter().map(|f| (merge.sequence, f)));
                 operation = Operation::Overwrite;
             }
@@ -303,9 +296,6 @@ impl Lakehouse {
         let total_records = (previous("total-records") + counts.added_records)
             .saturating_sub(counts.deleted_records);
         let mut summary = properties;
-        if merged_upto > 0 {
-            summary.insert(MERGED_UPTO_PROPERTY.to_owned(), merged_upto.to_string());
-        }
         for (key, value) in [
             ("added-data-files", counts.added_files),
             ("added-records", counts.added_records),
@@ -431,8 +421,16 @@ impl Lakehouse {
                 batches.extend(self.read_data_file(table, &kept.file).await?);
             }
             tracing::debug!(table = %ident, files = files.len(), tier, "merging small files");
+            // The name says the least sequence number merged: a stream reader past it must
+            // not read the file again (`changes.rs`).
+            let first = crate::changes::first_sequence_of(
+                files
+                    .iter()
+                    .map(|k| crate::changes::first_sequence(k.file.file_path(), k.data_sequence)),
+            );
+            let label = format!("{}{first}-", crate::changes::MERGED_LABEL);
             merges.push(Merge {
-                written: self.write_data_files(table, &batches, "merged-").await?,
+                written: self.write_data_files(table, &batches, &label).await?,
                 inputs: files
                     .iter()
                     .map(|k| k.file.file_path().to_owned())

@@ -47,7 +47,7 @@ mod changes;
 pub mod commit;
 mod state;
 
-pub use changes::{Added, MERGED_UPTO_PROPERTY};
+pub use changes::{Added, AddedFile};
 pub use iceberg::table::Table;
 
 /// The catalog's file inside the data directory.

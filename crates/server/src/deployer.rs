@@ -384,7 +384,7 @@ impl Deployer {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let ahead = self.lakehouse.added_after(&table, position).await.ok()?;
-        let unread: u64 = ahead.files.iter().map(|(_, f)| f.record_count()).sum();
+        let unread: u64 = ahead.files.iter().map(|f| f.file.record_count()).sum();
         Some((total.saturating_sub(unread), total))
     }
 

@@ -350,7 +350,7 @@ async fn upstream_lag(
         .and_then(|p| i64::try_from(*p).ok())
         .unwrap_or(0);
     let unread: u64 = match lakehouse.added_after(&table, position).await {
-        Ok(added) => added.files.iter().map(|(_, f)| f.record_count()).sum(),
+        Ok(added) => added.files.iter().map(|f| f.file.record_count()).sum(),
         Err(_) => 0,
     };
     topic_lag(log, project, upstream, &upstream_committed) + unread

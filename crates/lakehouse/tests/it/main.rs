@@ -271,7 +271,7 @@ async fn many_small_appends_stay_a_small_table() {
 /// A table read as a stream (`changes.rs`): a reader that reads every few commits what was
 /// added after its position, holding that position, reads every row exactly once while small
 /// files merge below it; the table stays small; a reader left behind without a hold is told
-/// (the merged-upto mark passes it) instead of reading rows twice.
+/// (a merged file holds rows from before its position) instead of reading rows twice.
 #[tokio::test]
 async fn a_stream_reader_reads_each_appended_row_once_while_files_merge() {
     let dir = tempfile::tempdir().unwrap();
@@ -296,9 +296,10 @@ async fn a_stream_reader_reads_each_appended_row_once_while_files_merge() {
             .unwrap();
         if commit % 7 == 6 || commit == commits - 1 {
             let added = lakehouse.added_after(&table, position).await.unwrap();
-            assert!(added.merged_upto <= position, "merged past the hold");
-            for (sequence, file) in &added.files {
-                assert!(*sequence > position);
+            assert!(added.continues(position), "merged past the hold");
+            for added_file in &added.files {
+                assert!(added_file.sequence > position);
+                let file = &added_file.file;
                 for batch in lakehouse.read_data_file(&table, file).await.unwrap() {
                     let ids = batch
                         .column(0)
@@ -320,18 +321,30 @@ async fn a_stream_reader_reads_each_appended_row_once_while_files_merge() {
         .unwrap()
         .summary()
         .additional_properties;
-    let merged_upto: i64 = summary[kappa_lakehouse::MERGED_UPTO_PROPERTY]
-        .parse()
-        .unwrap();
-    assert!(merged_upto > stale, "files merged below the reader");
     let files: usize = summary["total-data-files"].parse().unwrap();
     assert!(
         files < 4 * kappa_lakehouse::commit::TIER_FILES,
         "{files} data files"
     );
-    // The merges passed a position nobody held: a reader still there must start over.
+    // The merges passed a position nobody held: a reader still there cannot go on (a merged
+    // file holds rows it read and rows it did not).
     let added = lakehouse.added_after(&table, stale).await.unwrap();
-    assert!(added.merged_upto > stale);
+    assert!(!added.continues(stale), "files merged below the reader");
+    // From the start, the merged files give every row once.
+    let mut again = Vec::new();
+    for added_file in &lakehouse.added_after(&table, 0).await.unwrap().files {
+        let file = &added_file.file;
+        for batch in lakehouse.read_data_file(&table, file).await.unwrap() {
+            let ids = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap();
+            again.extend(ids.values().iter().copied());
+        }
+    }
+    again.sort_unstable();
+    assert_eq!(again, read);
 }
 
 fn count_files(dir: &std::path::Path) -> usize {
