@@ -40,6 +40,9 @@ use crate::watermark::{WATERMARKS_PROPERTY, Watermarks};
 
 /// Snapshot property: the upstream table's uuid, so that a rebuilt upstream is noticed.
 pub const UPSTREAM_UUID_PROPERTY: &str = "kappa.upstream-uuid";
+/// Snapshot property: the upstream's last sequence number when the model began reading it
+/// from its start (files merged before then are read whole, not mistaken for a broken stream).
+pub const UPSTREAM_BEGAN_PROPERTY: &str = "kappa.upstream-began";
 /// How a position on a table is named in `kappa.offsets`: `table:<namespace>.<name>`.
 pub const TABLE_KEY_PREFIX: &str = "table:";
 /// While live, how often the upstream's table is looked at.
@@ -209,6 +212,10 @@ pub(crate) async fn run_over_upstream(
         .await
         .map_err(lake_err)?;
     let mut position = committed_position(&table, &key);
+    // The upstream's last commit when this table began reading it from its start.
+    let mut began_at = last_property(&table, UPSTREAM_BEGAN_PROPERTY)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     lakehouse.hold(&upstream, &holder, position);
     reset_dimensions(&mut dims, &committed_offsets(&table), &model_id).await;
     // Dimension records already dead-lettered past the last commit are not written again.
@@ -268,7 +275,11 @@ pub(crate) async fn run_over_upstream(
         };
         let recorded_uuid = last_property(&table, UPSTREAM_UUID_PROPERTY);
         let rebuilt = recorded_uuid.is_some_and(|u| u != uuid);
-        if position > 0 && (rebuilt || !added.continues(position)) {
+        if position == 0 {
+            // Reading from the start: files merged before now are read whole.
+            began_at = added.last_sequence;
+        }
+        if position > 0 && (rebuilt || !added.continues(position, began_at)) {
             // The upstream was rebuilt, or merged files across this position: what it added
             // since cannot be told apart any more.
             tracing::warn!(model = %model_id, upstream = %upstream, position, "the upstream's table no longer continues from this position; rebuilding from its start");
@@ -416,6 +427,7 @@ pub(crate) async fn run_over_upstream(
             (VERSION_PROPERTY.to_owned(), version.clone()),
             (ATTEMPT_PROPERTY.to_owned(), attempt.clone()),
             (UPSTREAM_UUID_PROPERTY.to_owned(), uuid.clone()),
+            (UPSTREAM_BEGAN_PROPERTY.to_owned(), began_at.to_string()),
             (
                 DEAD_LETTERS_PROPERTY.to_owned(),
                 dead_letters

@@ -6,9 +6,10 @@
 //! since. Only the small-file merge (`commit.rs`) moves rows into new files: a merged file
 //! takes the greatest sequence number of the files it merged, and its name the least
 //! (`kappa-merged-s<first>-…`, [`AddedFile::first`]); a merge takes only files at or below the
-//! positions readers hold ([`Lakehouse::hold`]). A file listed after a position whose first
-//! sequence number is at or below it mixes rows the reader read with rows it did not: the
-//! reader cannot go on from there ([`Added::continues`]) and reads the table from the start.
+//! positions readers hold ([`Lakehouse::hold`]). A file merged after a reader began, listed
+//! after its position with a first sequence number at or below it, mixes rows the reader read
+//! with rows it did not: the reader cannot go on from there ([`Added::continues`]) and reads
+//! the table from the start.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -58,14 +59,19 @@ pub struct AddedFile {
     pub sequence: i64,
     /// The first commit whose rows it holds (below `sequence` only for a merged file).
     pub first: i64,
+    /// The commit that added the file (later than `sequence` for a merged file).
+    pub added_at: i64,
     pub file: DataFile,
 }
 
 impl Added {
-    /// Whether a reader at `position` can go on with these files: none holds rows of a commit
-    /// at or before it.
-    pub fn continues(&self, position: i64) -> bool {
-        self.files.iter().all(|f| f.first > position)
+    /// Whether a reader at `position`, which began reading the table from its start when its
+    /// last commit was `began_at`, can go on with these files: none was merged after it began
+    /// from files it has read (a file merged before it began is read whole, once).
+    pub fn continues(&self, position: i64, began_at: i64) -> bool {
+        self.files
+            .iter()
+            .all(|f| f.first > position || f.added_at <= began_at)
     }
 }
 
@@ -158,6 +164,7 @@ impl Lakehouse {
                     files.push(AddedFile {
                         sequence,
                         first: first_sequence(entry.file_path(), sequence),
+                        added_at: entry.file_sequence_number.unwrap_or(sequence),
                         file: entry.data_file().clone(),
                     });
                 }
