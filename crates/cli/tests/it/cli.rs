@@ -866,7 +866,7 @@ fn produce_example_orders(data: &std::path::Path, project: &std::path::Path) {
 /// `kappa up` records what it runs; `kappa plan` compares the folder with it, through the
 /// server while it runs and from the data directory once it stopped: an edited gold model is
 /// changed (with its diff), the other models unchanged, a new one new, and each replay names
-/// the history it reads.
+/// what it reads (here the unchanged silver's committed table).
 #[test]
 fn plan_compares_the_folder_with_what_up_deployed() {
     let tmp = tempfile::tempdir().unwrap();
@@ -935,12 +935,19 @@ fn plan_compares_the_folder_with_what_up_deployed() {
         .iter()
         .find(|m| m["change"] == "changed")
         .unwrap();
-    assert_eq!(changed["history"][0]["topic"], "orders", "{changed}");
-    assert!(
-        changed["history"][0]["records"].as_u64().unwrap() > 0,
+    // Over unchanged silver, the changed gold model replays silver's committed rows.
+    assert_eq!(
+        changed["reads_table"]["model"], "silver.orders",
         "{changed}"
     );
-    assert!(changed["history"][0]["first_time"].is_string(), "{changed}");
+    assert!(
+        changed["reads_table"]["rows"].as_u64().unwrap() > 0,
+        "{changed}"
+    );
+    assert!(
+        text.contains("reads the committed table of silver.orders"),
+        "{text}"
+    );
     assert!(up.terminate().unwrap().success());
     // Without the server, the data directory's record says the same.
     let (stopped, _) = plan();
