@@ -723,24 +723,10 @@ pub async fn run_version(
                 true
             }
             Err(e) => {
-                // The outcome is unknown: read the table to learn it, never retry blindly.
-                let landed = match lakehouse.load_table(&ident).await {
-                    Ok(reloaded) => {
-                        let ours = reloaded
-                            .metadata()
-                            .current_snapshot()
-                            .and_then(|s| {
-                                s.summary()
-                                    .additional_properties
-                                    .get(ATTEMPT_PROPERTY)
-                                    .cloned()
-                            })
-                            .is_some_and(|a| a == attempt);
-                        table = reloaded;
-                        ours
-                    }
-                    Err(_) => false,
-                };
+                let (reloaded, landed) = commit_landed(&lakehouse, &ident, &attempt).await;
+                if let Some(reloaded) = reloaded {
+                    table = reloaded;
+                }
                 if landed {
                     compute.landed();
                     tracing::warn!(model = %model_id, error = %e, "commit reported an error but landed");
@@ -839,6 +825,26 @@ pub(crate) async fn open_output(
             .map_err(lake_err)?;
     }
     Ok((ident, table))
+}
+
+/// After a commit reported an error, whose outcome is therefore unknown: the table read again
+/// (if it can be) and whether its last commit is the attempt `attempt` — never retry blindly.
+pub(crate) async fn commit_landed(
+    lakehouse: &Lakehouse,
+    ident: &kappa_lakehouse::TableIdent,
+    attempt: &str,
+) -> (Option<kappa_lakehouse::Table>, bool) {
+    match lakehouse.load_table(ident).await {
+        Ok(reloaded) => {
+            let ours = reloaded
+                .metadata()
+                .current_snapshot()
+                .and_then(|s| s.summary().additional_properties.get(ATTEMPT_PROPERTY))
+                .is_some_and(|a| a == attempt);
+            (Some(reloaded), ours)
+        }
+        Err(_) => (None, false),
+    }
 }
 
 /// A stream topic a model reads: its readers, decoder and event-time progress.

@@ -32,9 +32,9 @@ use crate::plan::plan_over_upstream;
 use crate::runner::{
     ATTEMPT_PROPERTY, COMMIT_RECORDS_MAX, Compute, DEAD_LETTERS_PROPERTY,
     GROUPED_COMMIT_RECORDS_MAX, LIVE_COMMIT_INTERVAL_MS, OFFSETS_PROPERTY, Offsets,
-    PROGRESS_COMMIT_INTERVAL_MS, RunnerError, VERSION_PROPERTY, committed_offsets, dead_letter,
-    dead_letter_topic, dead_letters_after, model_version, open_output, rejects_reporter,
-    reset_dimensions, sleep_or_stop, version_table,
+    PROGRESS_COMMIT_INTERVAL_MS, RunnerError, VERSION_PROPERTY, commit_landed, committed_offsets,
+    dead_letter, dead_letter_topic, dead_letters_after, model_version, open_output,
+    rejects_reporter, reset_dimensions, sleep_or_stop, version_table,
 };
 use crate::watermark::{WATERMARKS_PROPERTY, Watermarks};
 
@@ -232,6 +232,22 @@ pub(crate) async fn run_over_upstream(
     // The position the table records, and the records read since it was committed.
     let mut table_position = position;
     let mut uncommitted = 0usize;
+    // After a failure: the computation, the position and the dimensions back to the last
+    // commit (read again), after a pause.
+    macro_rules! start_over {
+        () => {{
+            let Some(recovered) =
+                start_over(&lakehouse, &mut compute, &table, &key, &mut stop).await
+            else {
+                return Ok(());
+            };
+            (table, position) = recovered;
+            (table_position, uncommitted) = (position, 0);
+            reset_dimensions(&mut dims, &committed_offsets(&table), &model_id).await;
+            dim_rejected.clear();
+        }};
+    }
+
     loop {
         if *stop.borrow() {
             return Ok(());
@@ -374,15 +390,7 @@ pub(crate) async fn run_over_upstream(
         }
         if let Err(e) = pushed {
             tracing::error!(model = %model_id, error = %e, "computing over the upstream's rows failed; retrying");
-            let Some(recovered) =
-                start_over(&lakehouse, &mut compute, &table, &key, &mut stop).await
-            else {
-                return Ok(());
-            };
-            (table, position) = recovered;
-            (table_position, uncommitted) = (position, 0);
-            reset_dimensions(&mut dims, &committed_offsets(&table), &model_id).await;
-            dim_rejected.clear();
+            start_over!();
             continue;
         }
         position = target;
@@ -443,30 +451,16 @@ pub(crate) async fn run_over_upstream(
                 true
             }
             Err(e) => {
-                // The outcome is unknown: read the table to learn it, never retry blindly.
-                let ours = match lakehouse.load_table(&ident).await {
-                    Ok(reloaded) => {
-                        let ours = last_property(&reloaded, ATTEMPT_PROPERTY)
-                            .is_some_and(|a| a == attempt);
-                        table = reloaded;
-                        ours
-                    }
-                    Err(_) => false,
-                };
+                let (reloaded, ours) = commit_landed(&lakehouse, &ident, &attempt).await;
+                if let Some(reloaded) = reloaded {
+                    table = reloaded;
+                }
                 if ours {
                     compute.landed();
                     tracing::warn!(model = %model_id, error = %e, "commit reported an error but landed");
                 } else {
                     tracing::error!(model = %model_id, error = %e, "commit failed; rereading from the committed position");
-                    let Some(recovered) =
-                        start_over(&lakehouse, &mut compute, &table, &key, &mut stop).await
-                    else {
-                        return Ok(());
-                    };
-                    (table, position) = recovered;
-                    (table_position, uncommitted) = (position, 0);
-                    reset_dimensions(&mut dims, &committed_offsets(&table), &model_id).await;
-                    dim_rejected.clear();
+                    start_over!();
                 }
                 ours
             }
