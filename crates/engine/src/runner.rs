@@ -418,22 +418,7 @@ pub async fn run_version(
             name,
         });
     }
-    let mut dims = Vec::new();
-    for (name, table) in dimensions {
-        let dim_topic = log.topic(&name).map_err(|source| RunnerError::Log {
-            model: err_model(),
-            source,
-        })?;
-        let dimension =
-            Dimension::new(dim_topic, &project.topics[&name], table).map_err(|reason| {
-                RunnerError::Unsupported {
-                    model: err_model(),
-                    reason,
-                }
-            })?;
-        let reports = rejects_reporter(&project, &name).as_deref() == Some(&model_id);
-        dims.push((dimension, reports));
-    }
+    let mut dims = open_dimensions(&log, &project, &model_id, dimensions)?;
     let dead_letters = dead_letter_topic(&log).map_err(|source| RunnerError::Log {
         model: err_model(),
         source,
@@ -825,6 +810,32 @@ pub(crate) async fn open_output(
             .map_err(lake_err)?;
     }
     Ok((ident, table))
+}
+
+/// The dimensions `model_id` looks up, each with whether this model reports the records of
+/// its topic that do not fit its schema.
+pub(crate) fn open_dimensions(
+    log: &Log,
+    project: &Project,
+    model_id: &str,
+    dimensions: Vec<(String, Arc<crate::dimension::DimensionTable>)>,
+) -> Result<Vec<(Dimension, bool)>, RunnerError> {
+    let mut dims = Vec::new();
+    for (name, table) in dimensions {
+        let topic = log.topic(&name).map_err(|source| RunnerError::Log {
+            model: model_id.to_owned(),
+            source,
+        })?;
+        let dimension = Dimension::new(topic, &project.topics[&name], table).map_err(|reason| {
+            RunnerError::Unsupported {
+                model: model_id.to_owned(),
+                reason,
+            }
+        })?;
+        let reports = rejects_reporter(project, &name).as_deref() == Some(model_id);
+        dims.push((dimension, reports));
+    }
+    Ok(dims)
 }
 
 /// After a commit reported an error, whose outcome is therefore unknown: the table read again

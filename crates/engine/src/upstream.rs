@@ -27,14 +27,13 @@ use kappa_pipeline::Project;
 use kappa_log::{Log, Record};
 
 use crate::decode::Rejected;
-use crate::dimension::Dimension;
 use crate::plan::plan_over_upstream;
 use crate::runner::{
     ATTEMPT_PROPERTY, COMMIT_RECORDS_MAX, Compute, DEAD_LETTERS_PROPERTY,
     GROUPED_COMMIT_RECORDS_MAX, LIVE_COMMIT_INTERVAL_MS, OFFSETS_PROPERTY, Offsets,
     PROGRESS_COMMIT_INTERVAL_MS, RunnerError, VERSION_PROPERTY, commit_landed, committed_offsets,
-    dead_letter, dead_letter_topic, dead_letters_after, model_version, open_output,
-    rejects_reporter, reset_dimensions, sleep_or_stop, version_table,
+    dead_letter, dead_letter_topic, dead_letters_after, model_version, open_dimensions,
+    open_output, reset_dimensions, sleep_or_stop, version_table,
 };
 use crate::watermark::{WATERMARKS_PROPERTY, Watermarks};
 
@@ -140,21 +139,7 @@ pub(crate) async fn run_over_upstream(
         }
     };
     let slot_schema: SchemaRef = planned.slot.schema();
-    let mut dims = Vec::new();
-    for (name, table) in planned.dimensions.clone() {
-        let topic = log.topic(&name).map_err(|source| RunnerError::Log {
-            model: model_id.clone(),
-            source,
-        })?;
-        let dimension = Dimension::new(topic, &project.topics[&name], table).map_err(|reason| {
-            RunnerError::Unsupported {
-                model: model_id.clone(),
-                reason,
-            }
-        })?;
-        let reports = rejects_reporter(&project, &name).as_deref() == Some(model_id.as_str());
-        dims.push((dimension, reports));
-    }
+    let mut dims = open_dimensions(&log, &project, &model_id, planned.dimensions.clone())?;
     let dead_letters = dead_letter_topic(&log).map_err(|source| RunnerError::Log {
         model: model_id.clone(),
         source,

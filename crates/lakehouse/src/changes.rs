@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use arrow::record_batch::RecordBatch;
 use iceberg::TableIdent;
-use iceberg::spec::{DataFile, ManifestContentType, ManifestList, ManifestStatus};
+use iceberg::spec::{DataFile, ManifestContentType, ManifestStatus};
 use iceberg::table::Table;
 
 use crate::{Context, Lakehouse, LakehouseError, Result};
@@ -129,14 +129,7 @@ impl Lakehouse {
             return Ok(Added::default());
         };
         let file_io = table.file_io();
-        let bytes = file_io
-            .new_input(current.manifest_list())
-            .doing(|| format!("open the manifest list of {ident}"))?
-            .read()
-            .await
-            .doing(|| format!("read the manifest list of {ident}"))?;
-        let list = ManifestList::parse_with_version(&bytes, metadata.format_version())
-            .doing(|| format!("parse the manifest list of {ident}"))?;
+        let list = crate::commit::manifest_list(table, current).await?;
         let mut files = Vec::new();
         for manifest_file in list.entries() {
             // A manifest's entries are no newer than the manifest: one written at or before

@@ -54,6 +54,20 @@ struct Kept {
     file_sequence: Option<i64>,
 }
 
+/// The manifest list of `snapshot` of `table`.
+pub(crate) async fn manifest_list(table: &Table, snapshot: &Snapshot) -> Result<ManifestList> {
+    let ident = table.identifier();
+    let bytes = table
+        .file_io()
+        .new_input(snapshot.manifest_list())
+        .doing(|| format!("open the manifest list of {ident}"))?
+        .read()
+        .await
+        .doing(|| format!("read the manifest list of {ident}"))?;
+    ManifestList::parse_with_version(&bytes, table.metadata().format_version())
+        .doing(|| format!("parse the manifest list of {ident}"))
+}
+
 /// Small files merged into new ones.
 struct Merge {
     inputs: Vec<String>,
@@ -141,14 +155,7 @@ impl Lakehouse {
         // The live entries of the manifests this commit rewrites.
         let mut rewritten = Vec::new();
         if let Some(current) = metadata.current_snapshot() {
-            let bytes = file_io
-                .new_input(current.manifest_list())
-                .doing(|| format!("open the manifest list of {ident}"))?
-                .read()
-                .await
-                .doing(|| format!("read the manifest list of {ident}"))?;
-            let list = ManifestList::parse_with_version(&bytes, metadata.format_version())
-                .doing(|| format!("parse the manifest list of {ident}"))?;
+            let list = manifest_list(table, current).await?;
             let live = |m: &iceberg::spec::ManifestFile| {
                 m.added_files_count.unwrap_or(1) + m.existing_files_count.unwrap_or(1) > 0
             };

@@ -297,18 +297,8 @@ async fn a_stream_reader_reads_each_appended_row_once_while_files_merge() {
         if commit % 7 == 6 || commit == commits - 1 {
             let added = lakehouse.added_after(&table, position).await.unwrap();
             assert!(added.continues(position, 0), "merged past the hold");
-            for added_file in &added.files {
-                assert!(added_file.sequence > position);
-                let file = &added_file.file;
-                for batch in lakehouse.read_data_file(&table, file).await.unwrap() {
-                    let ids = batch
-                        .column(0)
-                        .as_any()
-                        .downcast_ref::<Int64Array>()
-                        .unwrap();
-                    read.extend(ids.values().iter().copied());
-                }
-            }
+            assert!(added.files.iter().all(|f| f.sequence > position));
+            read.extend(ids_of(&lakehouse, &table, &added).await);
             position = added.last_sequence;
             lakehouse.hold(&ident, "reader", position);
         }
@@ -333,20 +323,30 @@ async fn a_stream_reader_reads_each_appended_row_once_while_files_merge() {
     // Had the reader begun after those merges, it would read the merged files whole.
     assert!(added.continues(stale, added.last_sequence));
     // From the start, the merged files give every row once.
-    let mut again = Vec::new();
-    for added_file in &lakehouse.added_after(&table, 0).await.unwrap().files {
-        let file = &added_file.file;
-        for batch in lakehouse.read_data_file(&table, file).await.unwrap() {
-            let ids = batch
-                .column(0)
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .unwrap();
-            again.extend(ids.values().iter().copied());
-        }
-    }
+    let from_start = lakehouse.added_after(&table, 0).await.unwrap();
+    let mut again = ids_of(&lakehouse, &table, &from_start).await;
     again.sort_unstable();
     assert_eq!(again, read);
+}
+
+/// The `id` column of every file `added` lists, in its order.
+async fn ids_of(
+    lakehouse: &Lakehouse,
+    table: &kappa_lakehouse::Table,
+    added: &kappa_lakehouse::Added,
+) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for added_file in &added.files {
+        for batch in lakehouse
+            .read_data_file(table, &added_file.file)
+            .await
+            .unwrap()
+        {
+            let column = batch.column(0).as_any().downcast_ref::<Int64Array>();
+            ids.extend(column.unwrap().values().iter().copied());
+        }
+    }
+    ids
 }
 
 fn count_files(dir: &std::path::Path) -> usize {
