@@ -889,6 +889,8 @@ fn plan_compares_the_folder_with_what_up_deployed() {
 
     let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
     produce_example_orders(&data, &dir);
+    // The plan counts silver's committed rows, so wait until silver committed them.
+    crate::wait_caught_up(&data, project, 3, std::time::Duration::from_secs(60));
     let region = dir.join("models/gold/revenue_by_region.sql");
     let sql = std::fs::read_to_string(&region).unwrap();
     std::fs::write(
