@@ -72,6 +72,9 @@ pub async fn check(project: &Project) -> Vec<Diagnostic> {
                     }
                     _ => {}
                 }
+                // What readers of the model see: its masked columns (a problem with them was
+                // reported above, through plan_model).
+                let plan = crate::mask::mask_plan(plan.clone(), &model.config.mask).unwrap_or(plan);
                 let schema = Arc::new(plan.schema().as_arrow().clone());
                 let stored = crate::stateless::storable_schema(&schema);
                 for field in stored.fields() {
@@ -294,6 +297,37 @@ mod tests {
              models/gold/bad_downstream.sql:1:8: no column `price`; columns are: amount, order_id, region, ts\n\
              models/gold/bad_function.sql:1:8: Invalid function 'frobnicate'.\n"
         );
+    }
+
+    #[tokio::test]
+    async fn masks_name_output_columns_of_a_fitting_type_and_readers_see_masked_types() {
+        let got = report(&[
+            (
+                "models/silver/orders.sql",
+                "SELECT order_id, quantity, region, ts FROM orders",
+            ),
+            (
+                "models/silver/orders.toml",
+                "[mask]\norder_id = \"hash\"\nts = \"truncate_date\"\n",
+            ),
+            (
+                "models/gold/by_order.sql",
+                "SELECT sum(order_id) AS n FROM silver.orders",
+            ),
+            ("models/silver/typo.sql", "SELECT region FROM orders"),
+            ("models/silver/typo.toml", "[mask]\nregoin = \"redact\"\n"),
+            ("models/silver/email.sql", "SELECT quantity FROM orders"),
+            (
+                "models/silver/email.toml",
+                "[mask]\nquantity = \"mask_email\"\n",
+            ),
+        ])
+        .await;
+        expect_test::expect![[r#"
+            models/gold/by_order.sql:1:1: Internal error: Function 'sum' failed to match any signature, errors: Error during planning: Function 'sum' requires TypeSignatureClass::Decimal, but received String (DataType: Utf8).,Error during planning: Function 'sum' requires TypeSignatureClass::Native(LogicalType(Native(UInt64), UInt64)), but received String (DataType: Utf8).,Error during planning: Function 'sum' requires TypeSignatureClass::Native(LogicalType(Native(Int64), Int64)), but received String (DataType: Utf8).,Error during planning: Function 'sum' requires TypeSignatureClass::Native(LogicalType(Native(Float64), Float64)), but received String (DataType: Utf8).,Error during planning: Function 'sum' requires TypeSignatureClass::Duration, but received String (DataType: Utf8)..
+            models/silver/email.toml:1:1: [mask]: mask_email() takes text, not Int32
+            models/silver/typo.toml:1:1: [mask] names `regoin`, which the model does not output; its columns are region
+        "#]].assert_eq(&got);
     }
 
     #[tokio::test]

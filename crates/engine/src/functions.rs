@@ -33,6 +33,7 @@ use datafusion::prelude::SessionContext;
 pub fn register(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::from(Hop::new()));
     ctx.register_udf(ScalarUDF::from(UtcDateTrunc::new()));
+    crate::mask::register(ctx);
     let state = ctx.state_ref();
     let mut state = state.write();
     if let Err(e) = datafusion_functions_json::register_all(&mut *state) {

@@ -9,6 +9,7 @@ pub mod deltas;
 pub mod dimension;
 pub mod functions;
 pub mod grouped;
+pub mod mask;
 pub mod plan;
 pub mod runner;
 pub mod schema;

@@ -171,6 +171,7 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         .analyzer()
         .execute_and_check(plan, state.config_options(), |_, _| {})?;
     let plan = distinct_as_group_by(plan)?;
+    let plan = crate::mask::mask_plan(plan, &model.config.mask)?;
     let (plan, join) = match slots.len() {
         1 => (plan, None),
         _ => {
@@ -334,6 +335,7 @@ async fn register_inputs(
     for id in project.order.iter().filter(|id| upstream.contains(id)) {
         let upstream_model = &project.models[id];
         let plan = ctx.state().create_logical_plan(&upstream_model.sql).await?;
+        let plan = crate::mask::mask_plan(plan, &upstream_model.config.mask)?;
         register_schema(ctx, &upstream_model.layer);
         ctx.register_table(
             TableReference::partial(upstream_model.layer.as_str(), upstream_model.name.as_str()),
@@ -396,6 +398,7 @@ pub async fn plan_over_upstream(
         .analyzer()
         .execute_and_check(plan, state.config_options(), |_, _| {})?;
     let plan = distinct_as_group_by(plan)?;
+    let plan = crate::mask::mask_plan(plan, &model.config.mask)?;
     if find_dedup(&plan)
         .map_err(DataFusionError::NotImplemented)?
         .is_some()

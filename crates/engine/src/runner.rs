@@ -122,6 +122,12 @@ impl Compute {
         model_id: &str,
     ) -> Result<Planned, datafusion::error::DataFusionError> {
         let planned = plan_model(project, model_id).await?;
+        let below_dedup = planned.dedup.as_ref().map(|d| &d.found.filter);
+        if let Some(reason) =
+            crate::mask::missing_key(std::iter::once(&planned.plan).chain(below_dedup))
+        {
+            return Err(datafusion::error::DataFusionError::NotImplemented(reason));
+        }
         let event_time = planned.event_time.clone();
         let dimensions = planned.dimensions.clone();
         let input_slot = planned.input_slot();

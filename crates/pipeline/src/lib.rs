@@ -26,8 +26,8 @@ mod sql;
 
 pub use diagnostic::Diagnostic;
 pub use project::{
-    Audit, DEFAULT_RETENTION_MS, DeploySection, Input, Materialization, Model, ModelConfig,
-    PROJECT_FILE, Project, ProjectConfig, ProjectFiles, ProjectSection, ServerSection, TopicKind,
-    TopicSpec, load,
+    Audit, DEFAULT_RETENTION_MS, DEFAULT_SECRET_ENV, DeploySection, Input, Mask, MaskingSection,
+    Materialization, Model, ModelConfig, PROJECT_FILE, Project, ProjectConfig, ProjectFiles,
+    ProjectSection, ServerSection, TopicKind, TopicSpec, load,
 };
 pub use schema::{Field, FieldType};

@@ -35,6 +35,68 @@ pub struct ProjectConfig {
     pub lakehouse: LakehouseSection,
     #[serde(default)]
     pub deploy: DeploySection,
+    #[serde(default)]
+    pub masking: MaskingSection,
+}
+
+/// Where the key of the `hash` mask comes from. The key itself is never in the project
+/// folder: `kappa check` refuses a `secret` here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaskingSection {
+    /// The environment variable holding the key; `KAPPA_HASH_SECRET` when absent.
+    pub secret_env: Option<String>,
+    /// Only read to refuse it with the reason.
+    #[serde(default, skip_serializing)]
+    secret: Option<String>,
+}
+
+/// The environment variable holding the `hash` mask's key when `kappa.toml` names none.
+pub const DEFAULT_SECRET_ENV: &str = "KAPPA_HASH_SECRET";
+
+impl MaskingSection {
+    /// The environment variable the `hash` mask's key is read from.
+    pub fn secret_env(&self) -> &str {
+        self.secret_env.as_deref().unwrap_or(DEFAULT_SECRET_ENV)
+    }
+}
+
+/// How a column's values are masked before they reach a table (`[mask]` in a model's TOML;
+/// also SQL functions of the same names).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
+pub enum Mask {
+    /// `alice@example.com` → `a***@example.com`.
+    #[serde(rename = "mask_email")]
+    MaskEmail,
+    /// HMAC-SHA256 of the value under the project's secret key, as hex: equal values stay
+    /// equal (joins and counts of distinct values still work), nobody without the key can
+    /// test a guess.
+    #[serde(rename = "hash")]
+    Hash,
+    /// Replaced by `[redacted]` (NULL stays NULL).
+    #[serde(rename = "redact")]
+    Redact,
+    /// A date or timestamp cut to its day.
+    #[serde(rename = "truncate_date")]
+    TruncateDate,
+    /// Only the last four characters kept: `****1234`.
+    #[serde(rename = "last4")]
+    Last4,
+}
+
+impl Mask {
+    /// The SQL function applying it.
+    pub fn function(self) -> &'static str {
+        match self {
+            Mask::MaskEmail => "mask_email",
+            Mask::Hash => "hash",
+            Mask::Redact => "redact",
+            Mask::TruncateDate => "truncate_date",
+            Mask::Last4 => "last4",
+        }
+    }
 }
 
 /// How deploys treat the versions they replace.
@@ -156,6 +218,9 @@ pub struct ModelConfig {
     /// model's logic, so not of its version: changing it replays nothing.
     #[serde(skip)]
     pub audit: Audit,
+    /// Output column → how its values are masked. Part of the logic: a new mask replays.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub mask: BTreeMap<String, Mask>,
 }
 
 /// A model's `[audit]`: what a deploy compares between the old and the new version's tables
@@ -264,6 +329,17 @@ pub fn load(files: &ProjectFiles) -> Result<Project, Vec<Diagnostic>> {
     };
     if let Err(message) = config.deploy.retention_ms() {
         diagnostics.push(Diagnostic::in_file(PROJECT_FILE, message));
+    }
+    if config.masking.secret.is_some() {
+        diagnostics.push(Diagnostic::in_file(
+            PROJECT_FILE,
+            format!(
+                "masking.secret: the key of the hash mask is never stored in the project \
+                 folder; put it in the environment variable {} (or name another with \
+                 masking.secret_env)",
+                config.masking.secret_env()
+            ),
+        ));
     }
 
     let mut topics = BTreeMap::new();
@@ -635,6 +711,8 @@ struct RawModelConfig {
     watermark: Option<Spanned<String>>,
     dedup_horizon: Option<Spanned<String>>,
     audit: Option<RawAudit>,
+    #[serde(default)]
+    mask: BTreeMap<String, Mask>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -709,6 +787,7 @@ fn parse_model_config(
         watermark_ms,
         dedup_horizon_ms,
         audit,
+        mask: raw.mask,
     })
 }
 
@@ -772,6 +851,39 @@ mod tests {
             models/gold/a.toml:2:14: audit.max_change `a lot` is not a percentage like "5%"
         "#]]
         .assert_eq(&got);
+    }
+
+    #[test]
+    fn masks_are_read_their_key_is_refused_in_the_folder() {
+        let sql = ("models/silver/a.sql", "SELECT customer_id FROM orders");
+        let project = load(&files(&[
+            ("kappa.toml", "[masking]\nsecret_env = \"SHOP_KEY\"\n"),
+            ("topics/orders.toml", ORDERS),
+            sql,
+            ("models/silver/a.toml", "[mask]\ncustomer_id = \"hash\"\n"),
+        ]))
+        .expect("loads");
+        assert_eq!(project.config.masking.secret_env(), "SHOP_KEY");
+        let config = &project.models["silver.a"].config;
+        assert_eq!(config.mask["customer_id"], Mask::Hash);
+        assert_ne!(
+            toml::to_string(config).expect("TOML"),
+            toml::to_string(&ModelConfig::default()).expect("TOML"),
+            "masks change what a model outputs, so its version"
+        );
+        let got = report(&[
+            ("kappa.toml", "[masking]\nsecret = \"hunter2\"\n"),
+            ("topics/orders.toml", ORDERS),
+            sql,
+            (
+                "models/silver/a.toml",
+                "[mask]\ncustomer_id = \"scramble\"\n",
+            ),
+        ]);
+        expect![[r#"
+            kappa.toml:1:1: masking.secret: the key of the hash mask is never stored in the project folder; put it in the environment variable KAPPA_HASH_SECRET (or name another with masking.secret_env)
+            models/silver/a.toml:2:15: unknown variant `scramble`, expected one of `mask_email`, `hash`, `redact`, `truncate_date`, `last4`
+        "#]].assert_eq(&got);
     }
 
     #[test]

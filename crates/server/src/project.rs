@@ -53,6 +53,9 @@ pub async fn check_files(
         Ok(project) => project,
         Err(diagnostics) => return Err(diagnostics),
     };
+    // Every path that runs models reads the project here: `hash` takes its key from the
+    // variable this project names.
+    kappa_engine::mask::read_hash_key_from(project.config.masking.secret_env());
     let diagnostics = kappa_engine::check::check(&project).await;
     if diagnostics.is_empty() {
         Ok(project)

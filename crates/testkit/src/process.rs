@@ -21,6 +21,16 @@ impl KappaProcess {
     /// Starts `binary up --data-dir DATA_DIR --http 127.0.0.1:0 EXTRA…` and waits until it
     /// prints its address. Its stderr goes to `DATA_DIR.stderr` for post-mortems.
     pub fn start(binary: &Path, data_dir: &Path, extra: &[&str]) -> std::io::Result<KappaProcess> {
+        KappaProcess::start_with_env(binary, data_dir, extra, &[])
+    }
+
+    /// [`KappaProcess::start`] with `env` added to the child's environment.
+    pub fn start_with_env(
+        binary: &Path,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> std::io::Result<KappaProcess> {
         let stderr_path = data_dir.with_extension("stderr");
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -32,6 +42,7 @@ impl KappaProcess {
             .arg(data_dir)
             .args(["--http", "127.0.0.1:0"])
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)

@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod golden;
 mod processing_crash;
+mod quality;
 
 use std::path::Path;
 use std::process::{Command, Output};
