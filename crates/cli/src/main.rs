@@ -19,6 +19,7 @@ mod produce;
 mod project;
 mod sql;
 mod status;
+mod test;
 mod topics;
 
 /// kappa: the Kappa Architecture as one binary — an infinite replayable log, versioned SQL
@@ -83,6 +84,9 @@ enum Command {
     /// over as a deploy does, once the old version has caught up again. The model's files in
     /// the project folder are written back as they were.
     Rollback(deploy::RollbackArgs),
+    /// Run every model's expectations over its published table and print a table of
+    /// results; fails when an expectation of severity "fail" does.
+    Test(test::TestArgs),
     /// Run a self-contained demonstration and print its figures.
     Demo(demo::DemoArgs),
 }
@@ -154,6 +158,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Produce(args) => produce::run(&global, args).await,
         Command::Consume(args) => consume::run(&global, args).await,
         Command::Sql(args) => sql::run(&global, args).await,
+        Command::Test(args) => test::run(&global, args).await,
         Command::Status(args) => status::run(&global, args).await,
         Command::Plan(args) => plan::run(&global, args).await,
         Command::Deploy(args) => deploy::run(&global, args).await,

@@ -7,6 +7,7 @@ pub mod decode;
 pub mod dedup;
 pub mod deltas;
 pub mod dimension;
+pub mod expect;
 pub mod functions;
 pub mod grouped;
 pub mod mask;

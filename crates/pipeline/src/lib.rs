@@ -19,6 +19,7 @@
 mod dag;
 pub mod deploy;
 pub mod diagnostic;
+pub mod expect;
 mod project;
 pub mod scaffold;
 pub mod schema;

@@ -221,6 +221,27 @@ pub struct ModelConfig {
     /// Output column → how its values are masked. Part of the logic: a new mask replays.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub mask: BTreeMap<String, Mask>,
+    /// `[[expect]]`. Only those of severity "drop" change what the table holds, so only they
+    /// are part of the version.
+    #[serde(serialize_with = "serialize_drops", skip_serializing_if = "no_drops")]
+    pub expectations: Vec<crate::expect::Expectation>,
+}
+
+fn no_drops(expectations: &[crate::expect::Expectation]) -> bool {
+    !expectations
+        .iter()
+        .any(|e| e.severity == crate::expect::Severity::Drop)
+}
+
+fn serialize_drops<S: serde::Serializer>(
+    expectations: &[crate::expect::Expectation],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(
+        expectations
+            .iter()
+            .filter(|e| e.severity == crate::expect::Severity::Drop),
+    )
 }
 
 /// A model's `[audit]`: what a deploy compares between the old and the new version's tables
@@ -415,6 +436,22 @@ pub fn load(files: &ProjectFiles) -> Result<Project, Vec<Diagnostic>> {
     }
     let model_ids: BTreeSet<String> = parsed.iter().map(|(l, n, ..)| format!("{l}.{n}")).collect();
     for (layer, name, file, sql, config, relations) in parsed {
+        for e in &config.expectations {
+            if let crate::expect::Check::Relationships { to, .. } = &e.check
+                && !model_ids.contains(to)
+            {
+                diagnostics.push(Diagnostic::in_file(
+                    &file.replace(".sql", ".toml"),
+                    format!(
+                        "expectation `{}`: relationships names `{to}`, which is no model{}",
+                        e.name,
+                        did_you_mean(to, model_ids.iter().map(String::as_str))
+                            .map(|m| format!("; {m}"))
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
+        }
         let mut inputs = BTreeSet::new();
         for relation in relations {
             match resolve(&relation, &topic_names, &model_ids) {
@@ -713,6 +750,8 @@ struct RawModelConfig {
     audit: Option<RawAudit>,
     #[serde(default)]
     mask: BTreeMap<String, Mask>,
+    #[serde(default)]
+    expect: Vec<Spanned<crate::expect::RawExpectation>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -788,6 +827,7 @@ fn parse_model_config(
         dedup_horizon_ms,
         audit,
         mask: raw.mask,
+        expectations: crate::expect::read(file, text, raw.expect, diagnostics),
     })
 }
 
@@ -851,6 +891,65 @@ mod tests {
             models/gold/a.toml:2:14: audit.max_change `a lot` is not a percentage like "5%"
         "#]]
         .assert_eq(&got);
+    }
+
+    #[test]
+    fn expectations_are_read_named_and_checked() {
+        let expectations = "[[expect]]\nnot_null = \"customer_id\"\n\n\
+                            [[expect]]\nname = \"small\"\nrange = { column = \"quantity\", max = 100 }\nseverity = \"drop\"\n\n\
+                            [[expect]]\naccepted_values = { column = \"customer_id\", values = [\"a\", \"o'b\"] }\nseverity = \"warn\"\n\n\
+                            [[expect]]\nunique = [\"customer_id\", \"quantity\"]\n\n\
+                            [[expect]]\nrow_count = { min = 1 }\n\n\
+                            [[expect]]\nfreshness = { column = \"ts\", max_age = \"1h\" }\n";
+        let project = load(&files(&[
+            ("kappa.toml", ""),
+            ("topics/orders.toml", ORDERS),
+            (
+                "models/silver/a.sql",
+                "SELECT customer_id, quantity FROM orders",
+            ),
+            ("models/silver/a.toml", expectations),
+        ]))
+        .expect("loads");
+        let got: Vec<String> = project.models["silver.a"]
+            .config
+            .expectations
+            .iter()
+            .map(|e| format!("{} {} {:?}", e.name, e.severity.as_str(), e.check))
+            .collect();
+        expect![[r#"
+            [
+                "not_null_customer_id fail NotNull { column: \"customer_id\" }",
+                "small drop Range { column: \"quantity\", min: None, max: Some(\"100\") }",
+                "accepted_values_customer_id warn AcceptedValues { column: \"customer_id\", values: [\"'a'\", \"'o''b'\"] }",
+                "unique_customer_id_quantity fail Unique { columns: [\"customer_id\", \"quantity\"] }",
+                "row_count fail RowCount { min: Some(1), max: None }",
+                "freshness_ts fail Freshness { column: \"ts\", max_age_ms: 3600000 }",
+            ]
+        "#]].assert_debug_eq(&got);
+        let bad = "[[expect]]\nnot_null = \"a\"\nunique = \"a\"\n\n\
+                   [[expect]]\nseverity = \"warn\"\n\n\
+                   [[expect]]\nrow_count = { min = 1 }\nseverity = \"drop\"\n\n\
+                   [[expect]]\nrelationships = { column = \"customer_id\", to = \"silver.b\" }\n\n\
+                   [[expect]]\nrange = { column = \"quantity\", min = [1] }\n\n\
+                   [[expect]]\nfreshness = { column = \"ts\", max_age = \"soon\" }\n";
+        let got = report(&[
+            ("kappa.toml", ""),
+            ("topics/orders.toml", ORDERS),
+            (
+                "models/silver/a.sql",
+                "SELECT customer_id, quantity FROM orders",
+            ),
+            ("models/silver/a.toml", bad),
+        ]);
+        expect![[r#"
+            models/silver/a.toml:1:1: an [[expect]] checks one thing, this one not_null and unique: write one [[expect]] each
+            models/silver/a.toml:1:1: expectation `relationships_customer_id`: relationships names `silver.b`, which is no model; did you mean `silver.a`?
+            models/silver/a.toml:5:1: an [[expect]] says what it checks: one of not_null, accepted_values, range, row, unique, relationships, row_count, freshness, query
+            models/silver/a.toml:10:12: severity "drop" routes failing rows to quarantine, but row_count checks the whole table: use "warn" or "fail"
+            models/silver/a.toml:15:1: range: [1] is not a value a column holds
+            models/silver/a.toml:18:1: freshness: max_age `soon` is not a duration like "1h": expected number at 0
+        "#]].assert_eq(&got);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The trust layer: PII masking.
+//! The trust layer: PII masking and data-quality expectations.
 
 use std::path::{Path, PathBuf};
 
@@ -257,4 +257,187 @@ fn parquet_values(file: &Path) -> Vec<String> {
         }
     }
     values
+}
+
+const ORDERS_TOPIC: &str = "partitions = 1\n\n[schema]\norder_id = \"bigint\"\nstatus = \
+                            \"string\"\namount = \"int\"\nproduct_id = \"string\"\ncoupon = { \
+                            type = \"string\", required = false }\nts = \"timestamp\"\n";
+
+/// Every kind of expectation twice: `<kind>_ok` holds over the test's orders, `<kind>_bad`
+/// does not.
+const ORDER_EXPECTATIONS: &str = r#"
+[[expect]]
+name = "not_null_ok"
+not_null = "order_id"
+[[expect]]
+name = "not_null_bad"
+not_null = "coupon"
+[[expect]]
+name = "accepted_values_ok"
+accepted_values = { column = "status", values = ["new", "paid"] }
+[[expect]]
+name = "accepted_values_bad"
+accepted_values = { column = "status", values = ["new"] }
+[[expect]]
+name = "range_ok"
+range = { column = "amount", min = 1, max = 10 }
+[[expect]]
+name = "range_bad"
+range = { column = "amount", max = 5 }
+[[expect]]
+name = "row_ok"
+row = "amount > 0 OR status = 'paid'"
+[[expect]]
+name = "row_bad"
+row = "status = 'new'"
+[[expect]]
+name = "unique_ok"
+unique = "order_id"
+[[expect]]
+name = "unique_bad"
+unique = ["status"]
+[[expect]]
+name = "relationships_ok"
+relationships = { column = "product_id", to = "silver.products" }
+[[expect]]
+name = "relationships_bad"
+relationships = { column = "product_id", to = "silver.top_products", field = "product_id" }
+[[expect]]
+name = "row_count_ok"
+row_count = { min = 1, max = 10 }
+[[expect]]
+name = "row_count_bad"
+row_count = { max = 3 }
+[[expect]]
+name = "freshness_ok"
+freshness = { column = "ts", max_age = "36500d" }
+[[expect]]
+name = "freshness_bad"
+freshness = { column = "ts", max_age = "1h" }
+severity = "warn"
+[[expect]]
+name = "query_ok"
+query = "SELECT * FROM silver.orders WHERE amount > 1000"
+[[expect]]
+name = "query_bad"
+query = "SELECT * FROM silver.orders o JOIN silver.products p USING (product_id) WHERE o.amount > 8"
+"#;
+
+/// `kappa test` runs every expectation over the published tables, through a running server
+/// and without one, and tells each kind's passing case from its failing one; a failed
+/// expectation of severity "fail" fails the command, one of severity "warn" does not.
+#[test]
+fn kappa_test_runs_every_kind_of_expectation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    for (path, text) in [
+        ("kappa.toml", "[project]\nname = \"shop\"\n"),
+        ("topics/orders.toml", ORDERS_TOPIC),
+        (
+            "topics/products.toml",
+            "partitions = 1\n\n[schema]\nproduct_id = \"string\"\n",
+        ),
+        (
+            "models/silver/orders.sql",
+            "SELECT order_id, status, amount, product_id, coupon, ts FROM orders\n",
+        ),
+        ("models/silver/orders.toml", ORDER_EXPECTATIONS),
+        (
+            "models/silver/products.sql",
+            "SELECT product_id FROM products\n",
+        ),
+        (
+            "models/silver/top_products.sql",
+            "SELECT product_id FROM products WHERE product_id = 'p1'\n",
+        ),
+    ] {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    let data = dir.join(".kappa");
+    std::fs::create_dir_all(&data).unwrap();
+    let project = dir.to_str().unwrap();
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    let orders: String = (1..=10)
+        .map(|i| {
+            let coupon = if i % 4 == 0 {
+                "\"coupon\":\"SPRING\","
+            } else {
+                ""
+            };
+            format!(
+                "{{\"order_id\":{i},\"status\":\"{}\",\"amount\":{i},\"product_id\":\"p{}\",\
+                 {coupon}\"ts\":\"2026-03-01T10:00:{i:02}Z\"}}\n",
+                if i % 2 == 0 { "paid" } else { "new" },
+                1 + i % 3
+            )
+        })
+        .collect();
+    let out = kappa(&data, &["produce", "orders"], Some(orders.as_bytes()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let products = "{\"product_id\":\"p1\"}\n{\"product_id\":\"p2\"}\n{\"product_id\":\"p3\"}\n";
+    let out = kappa(&data, &["produce", "products"], Some(products.as_bytes()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    crate::wait_caught_up(&data, project, 3, std::time::Duration::from_secs(60));
+
+    let results = |args: &[&str]| {
+        let mut all = vec!["--project", project, "test"];
+        all.extend_from_slice(args);
+        let out = kappa(&data, &all, None);
+        (out.status.success(), stdout(&out), stderr(&out))
+    };
+    let (ok, json, err) = results(&["--json"]);
+    assert!(!ok, "failing expectations fail the command");
+    assert!(err.contains("8 of 18 expectations failed"), "{err}");
+    let outcomes: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let got: Vec<(String, String, u64)> = outcomes
+        .iter()
+        .map(|o| {
+            (
+                o["expectation"].as_str().unwrap().to_owned(),
+                o["result"].as_str().unwrap().to_owned(),
+                o["failing"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String, u64)> = [
+        ("not_null_ok", "pass", 0),
+        ("not_null_bad", "fail", 8),
+        ("accepted_values_ok", "pass", 0),
+        ("accepted_values_bad", "fail", 5),
+        ("range_ok", "pass", 0),
+        ("range_bad", "fail", 5),
+        ("row_ok", "pass", 0),
+        ("row_bad", "fail", 5),
+        ("unique_ok", "pass", 0),
+        ("unique_bad", "fail", 2),
+        ("relationships_ok", "pass", 0),
+        ("relationships_bad", "fail", 7),
+        ("row_count_ok", "pass", 0),
+        ("row_count_bad", "fail", 1),
+        ("freshness_ok", "pass", 0),
+        ("freshness_bad", "warn", 1),
+        ("query_ok", "pass", 0),
+        ("query_bad", "fail", 2),
+    ]
+    .iter()
+    .map(|(n, r, c)| ((*n).to_owned(), (*r).to_owned(), *c))
+    .collect();
+    assert_eq!(got, expected);
+    // A table for people, and only the named model's expectations when one is named.
+    let (ok, text, _) = results(&["silver.products"]);
+    assert!(ok, "{text}");
+    assert!(text.starts_with("no expectations"), "{text}");
+    let (_, text, _) = results(&[]);
+    assert!(text.starts_with("MODEL "), "{text}");
+    assert!(
+        text.contains("9 passed, 1 warned, 8 failed, 0 could not run"),
+        "{text}"
+    );
+    assert!(up.terminate().unwrap().success());
+    // Without the server, from the data directory: the same.
+    let (_, json, _) = results(&["--json"]);
+    let stopped: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(stopped, outcomes);
 }
