@@ -97,7 +97,7 @@ impl Lakehouse {
         add: Vec<DataFile>,
         properties: HashMap<String, String>,
     ) -> Result<Table> {
-        self.commit_files(table, remove, add, properties, Operation::Overwrite)
+        self.commit_files(table, remove, add, properties, Operation::Overwrite, None)
             .await
     }
 
@@ -110,19 +110,34 @@ impl Lakehouse {
         add: Vec<DataFile>,
         properties: HashMap<String, String>,
     ) -> Result<Table> {
-        self.commit_files(table, &BTreeSet::new(), add, properties, Operation::Append)
-            .await
+        self.commit_files(
+            table,
+            &BTreeSet::new(),
+            add,
+            properties,
+            Operation::Append,
+            None,
+        )
+        .await
     }
 
-    async fn commit_files(
+    /// Commits to the branch [`Lakehouse::branch_for`] says (main, or the audit branch of a
+    /// staged table, started from main), on top of that branch's head; `to_main` forces main
+    /// and drops the audit branch in the same step (a discard).
+    pub(crate) async fn commit_files(
         &self,
         table: &Table,
         remove: &BTreeSet<String>,
         add: Vec<DataFile>,
         properties: HashMap<String, String>,
         operation: Operation,
+        to_main: Option<()>,
     ) -> Result<Table> {
         let ident = table.identifier().clone();
+        let branch = match to_main {
+            Some(()) => iceberg::spec::MAIN_BRANCH,
+            None => self.branch_for(&ident),
+        };
         let metadata = table.metadata();
         if metadata.format_version() != FormatVersion::V2 {
             return Err(LakehouseError::Unsupported(format!(
@@ -136,7 +151,8 @@ impl Lakehouse {
             .doing(|| format!("locate the metadata of {ident}"))?
             .to_owned();
         let snapshot_id = self.fresh_snapshot_id(table);
-        let parent = metadata.current_snapshot_id();
+        let base = crate::wap::branch_head(table, branch);
+        let parent = base.map(|s| s.snapshot_id());
         let sequence = metadata.next_sequence_number();
         let commit_id = uuid::Uuid::new_v4().simple().to_string();
         let metadata_dir = format!("{}/metadata", metadata.location().trim_end_matches('/'));
@@ -154,7 +170,7 @@ impl Lakehouse {
         let mut carried = Vec::new();
         // The live entries of the manifests this commit rewrites.
         let mut rewritten = Vec::new();
-        if let Some(current) = metadata.current_snapshot() {
+        if let Some(current) = base {
             let list = manifest_list(table, current).await?;
             let live = |m: &iceberg::spec::ManifestFile| {
                 m.added_files_count.unwrap_or(1) + m.existing_files_count.unwrap_or(1) > 0
@@ -292,9 +308,7 @@ impl Lakehouse {
 
         // Totals carry on from the parent's summary, as Iceberg writers keep them.
         let previous = |key: &str| -> u64 {
-            metadata
-                .current_snapshot()
-                .and_then(|s| s.summary().additional_properties.get(key).cloned())
+            base.and_then(|s| s.summary().additional_properties.get(key).cloned())
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0)
         };
@@ -336,20 +350,70 @@ impl Lakehouse {
         by_age.sort_unstable();
         let now = chrono_now_ms();
         let newest_kept = by_age.len().saturating_sub(SNAPSHOTS_KEPT - 1);
+        // The heads of main and of the audit branch are never expired.
+        let heads: Vec<i64> = [iceberg::spec::MAIN_BRANCH, crate::wap::AUDIT_BRANCH]
+            .iter()
+            .filter_map(|b| metadata.snapshot_for_ref(b).map(|s| s.snapshot_id()))
+            .collect();
         let expired: Vec<i64> = by_age
             .windows(2)
             .take(newest_kept)
             .filter(|pair| now - pair[1].1 >= self.replaced_snapshot_ms)
             .map(|pair| pair[0].2)
+            .filter(|id| !heads.contains(id))
             .collect();
+        let audit_head = metadata
+            .snapshot_for_ref(crate::wap::AUDIT_BRANCH)
+            .map(|s| s.snapshot_id());
         let updated = TableMetadataBuilder::new_from_metadata(
             metadata.clone(),
             Some(current_location.clone()),
         )
-        .set_branch_snapshot(snapshot, iceberg::spec::MAIN_BRANCH)
+        .set_branch_snapshot(snapshot, branch)
+        .map(|b| match to_main {
+            Some(()) => b.remove_ref(crate::wap::AUDIT_BRANCH),
+            None => b,
+        })
         .map(|b| b.remove_snapshots(&expired))
         .and_then(TableMetadataBuilder::build)
         .doing(|| format!("build the new metadata of {ident}"))?;
+        let mut requirements = vec![TableRequirement::RefSnapshotIdMatch {
+            r#ref: iceberg::spec::MAIN_BRANCH.to_owned(),
+            snapshot_id: metadata.current_snapshot_id(),
+        }];
+        if branch != iceberg::spec::MAIN_BRANCH || to_main.is_some() {
+            requirements.push(TableRequirement::RefSnapshotIdMatch {
+                r#ref: crate::wap::AUDIT_BRANCH.to_owned(),
+                snapshot_id: audit_head,
+            });
+        }
+        self.commit_metadata(table, updated, requirements).await?;
+        let committed = self.load_table(&ident).await?;
+        if sequence % CLEANUP_EVERY == 0 {
+            // Committed already: a failed clean-up only leaves files for the next one.
+            if let Err(e) = self.remove_orphans(&committed, ORPHAN_GRACE).await {
+                tracing::warn!(table = %ident, error = %e, "removing unreferenced files failed");
+            }
+        }
+        Ok(committed)
+    }
+
+    /// Makes `updated` (built on `table`'s metadata) the table's metadata if the catalog
+    /// still names `table`'s: the SQL catalog's pointer swapped, or the REST catalog's commit
+    /// with `requirements` (plus the table's UUID).
+    pub(crate) async fn commit_metadata(
+        &self,
+        table: &Table,
+        updated: iceberg::spec::TableMetadataBuildResult,
+        mut requirements: Vec<TableRequirement>,
+    ) -> Result<()> {
+        let ident = table.identifier().clone();
+        let metadata = table.metadata();
+        let file_io = table.file_io();
+        let current_location = table
+            .metadata_location_result()
+            .doing(|| format!("locate the metadata of {ident}"))?
+            .to_owned();
         match &self.commits {
             Committer::Sql(pointers) => {
                 let next_location = MetadataLocation::from_str(&current_location)
@@ -371,26 +435,13 @@ impl Lakehouse {
             Committer::Rest(rest) => {
                 // The catalog applies the same changes if the table is still the one they
                 // were built on, and writes the metadata file itself.
-                let requirements = vec![
-                    TableRequirement::UuidMatch {
-                        uuid: metadata.uuid(),
-                    },
-                    TableRequirement::RefSnapshotIdMatch {
-                        r#ref: iceberg::spec::MAIN_BRANCH.to_owned(),
-                        snapshot_id: parent,
-                    },
-                ];
+                requirements.push(TableRequirement::UuidMatch {
+                    uuid: metadata.uuid(),
+                });
                 rest.commit(&ident, requirements, updated.changes).await?;
             }
         }
-        let committed = self.load_table(&ident).await?;
-        if sequence % CLEANUP_EVERY == 0 {
-            // Committed already: a failed clean-up only leaves files for the next one.
-            if let Err(e) = self.remove_orphans(&committed, ORPHAN_GRACE).await {
-                tracing::warn!(table = %ident, error = %e, "removing unreferenced files failed");
-            }
-        }
-        Ok(committed)
+        Ok(())
     }
 
     /// Merges the small files among `live` (those not in `remove`): each size tier with

@@ -46,6 +46,7 @@ mod alias;
 mod changes;
 pub mod commit;
 mod state;
+pub mod wap;
 
 pub use changes::{Added, AddedFile};
 pub use iceberg::table::Table;
@@ -278,6 +279,8 @@ pub struct Lakehouse {
     replaced_snapshot_ms: i64,
     /// Positions of readers of tables as streams (`changes.rs`), shared by every clone.
     holds: Arc<changes::Holds>,
+    /// Tables whose commits go to their audit branch (`wap.rs`), shared by every clone.
+    staged: Arc<std::sync::Mutex<std::collections::HashSet<TableIdent>>>,
 }
 
 /// The partition spec `partition_by` asks for, over an Iceberg `schema`. Each entry is a column
@@ -443,6 +446,7 @@ impl Lakehouse {
             warehouse,
             replaced_snapshot_ms: commit::SNAPSHOT_REPLACED_MIN_MS,
             holds: Arc::default(),
+            staged: Arc::default(),
         })
     }
 
@@ -474,6 +478,7 @@ impl Lakehouse {
             warehouse,
             replaced_snapshot_ms: commit::SNAPSHOT_REPLACED_MIN_MS,
             holds: Arc::default(),
+            staged: Arc::default(),
         })
     }
 
@@ -944,5 +949,93 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("nope"), "{err}");
+    }
+
+    /// A staged table's commits wait on its audit branch: readers see main; the writer's head
+    /// is the branch; publishing fast-forwards main; discarding keeps main's rows and takes
+    /// the branch's position.
+    #[tokio::test]
+    async fn staged_commits_reach_readers_only_when_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let lakehouse = Lakehouse::open(dir.path()).await.unwrap();
+        let ident = table_ident("silver", "orders").unwrap();
+        let table = lakehouse.ensure_table(&ident, &schema()).await.unwrap();
+        let props = |o: &str| HashMap::from([("kappa.offsets".to_owned(), o.to_owned())]);
+        let count = |lakehouse: Lakehouse| async move {
+            let out = lakehouse
+                .query("SELECT count(*) FROM silver.orders")
+                .await
+                .unwrap()
+                .1;
+            out[0]
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .value(0)
+        };
+        let table = lakehouse
+            .append(&table, &[batch(&[1, 2])], props("1"))
+            .await
+            .unwrap();
+        lakehouse.stage(&ident);
+        let table = lakehouse
+            .append(&table, &[batch(&[3])], props("2"))
+            .await
+            .unwrap();
+        let table = lakehouse
+            .append(&table, &[batch(&[4, 5])], props("3"))
+            .await
+            .unwrap();
+        assert_eq!(count(lakehouse.clone()).await, 2, "readers see main");
+        let offsets = |s: Option<&iceberg::spec::SnapshotRef>| {
+            s.unwrap().summary().additional_properties["kappa.offsets"].clone()
+        };
+        assert_eq!(offsets(table.metadata().current_snapshot()), "1");
+        assert_eq!(offsets(wap::head(&table)), "3");
+        // The audit reads the branch under the model's name.
+        let ctx = lakehouse
+            .audit_session("silver", "orders", &table)
+            .await
+            .unwrap();
+        let audited = ctx
+            .sql("SELECT count(*) FROM silver.orders")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let n = audited[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0);
+        assert_eq!(n, 5);
+        let table = lakehouse.publish_audited(&table).await.unwrap();
+        assert!(wap::unpublished(&table).is_none());
+        assert_eq!(count(lakehouse.clone()).await, 5);
+        assert_eq!(offsets(table.metadata().current_snapshot()), "3");
+
+        // Discarding: main keeps its rows and takes the branch's position.
+        let table = lakehouse
+            .append(&table, &[batch(&[6])], props("4"))
+            .await
+            .unwrap();
+        let table = lakehouse.discard(&table, &["kappa.offsets"]).await.unwrap();
+        assert!(wap::unpublished(&table).is_none());
+        assert_eq!(count(lakehouse.clone()).await, 5);
+        assert_eq!(offsets(table.metadata().current_snapshot()), "4");
+        assert_eq!(offsets(wap::head(&table)), "4");
+        // Commits after that start a new branch from main.
+        let table = lakehouse
+            .append(&table, &[batch(&[7])], props("5"))
+            .await
+            .unwrap();
+        assert_eq!(count(lakehouse.clone()).await, 5);
+        lakehouse.unstage(&ident);
+        let table = lakehouse.publish_audited(&table).await.unwrap();
+        assert_eq!(count(lakehouse.clone()).await, 6);
+        assert_eq!(offsets(table.metadata().current_snapshot()), "5");
     }
 }

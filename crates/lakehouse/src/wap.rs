@@ -1,0 +1,196 @@
+//! Write-Audit-Publish: a staged table's commits go to its `audit` branch; readers (every
+//! session, pyiceberg, DuckDB) read `main`, which moves only when the audit passes
+//! ([`Lakehouse::publish_audited`], a fast-forward) or someone publishes anyway; [`Lakehouse::discard`]
+//! drops what the branch holds beyond main.
+//!
+//! ```text
+//!  main  ──●───────────────●   ← publish: main := audit head, the branch is dropped
+//!           \\             /
+//!  audit     ●──●──●──────●      writer commits here (its offsets and state are the head's)
+//! ```
+//!
+//! The branch exists exactly while commits wait for publication; its head is the writer's
+//! position, so a writer restarting (after kill -9) carries on from it, and the decision about
+//! it is taken again.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use datafusion::catalog::{MemorySchemaProvider, SchemaProvider};
+use datafusion::prelude::SessionContext;
+use iceberg::TableIdent;
+use iceberg::TableRequirement;
+use iceberg::spec::{
+    MAIN_BRANCH, Operation, SnapshotRef, SnapshotReference, SnapshotRetention, TableMetadataBuilder,
+};
+use iceberg::table::Table;
+
+use crate::{CATALOG_NAME, Context, Lakehouse, Result, UNQUALIFIED_SCHEMA};
+
+/// The branch a staged table's commits wait on.
+pub const AUDIT_BRANCH: &str = "audit";
+
+/// The head of `branch` of `table`; the audit branch starts from main's head.
+pub fn branch_head<'t>(table: &'t Table, branch: &str) -> Option<&'t SnapshotRef> {
+    let metadata = table.metadata();
+    if branch == AUDIT_BRANCH
+        && let Some(head) = metadata.snapshot_for_ref(AUDIT_BRANCH)
+    {
+        return Some(head);
+    }
+    metadata.current_snapshot()
+}
+
+/// The newest snapshot of `table`, published or not: what its writer carries on from.
+pub fn head(table: &Table) -> Option<&SnapshotRef> {
+    branch_head(table, AUDIT_BRANCH)
+}
+
+/// The snapshot waiting for publication, if any.
+pub fn unpublished(table: &Table) -> Option<&SnapshotRef> {
+    table.metadata().snapshot_for_ref(AUDIT_BRANCH)
+}
+
+impl Lakehouse {
+    /// From now on, commits to `ident` (by any clone of this lakehouse) go to its audit branch.
+    pub fn stage(&self, ident: &TableIdent) {
+        if let Ok(mut staged) = self.staged.lock() {
+            staged.insert(ident.clone());
+        }
+    }
+
+    /// Commits to `ident` go to main again.
+    pub fn unstage(&self, ident: &TableIdent) {
+        if let Ok(mut staged) = self.staged.lock() {
+            staged.remove(ident);
+        }
+    }
+
+    /// The branch commits to `ident` go to.
+    pub fn branch_for(&self, ident: &TableIdent) -> &'static str {
+        let staged = self
+            .staged
+            .lock()
+            .map(|s| s.contains(ident))
+            .unwrap_or(false);
+        if staged { AUDIT_BRANCH } else { MAIN_BRANCH }
+    }
+
+    /// Fast-forwards main to the audit branch's head and drops the branch, in one step; the
+    /// table as it was when there is nothing to publish. Fails with a conflict if either
+    /// branch moved since `table` was loaded.
+    pub async fn publish_audited(&self, table: &Table) -> Result<Table> {
+        let ident = table.identifier().clone();
+        let Some(audited) = unpublished(table).map(|s| s.snapshot_id()) else {
+            return Ok(table.clone());
+        };
+        let metadata = table.metadata();
+        let location = table
+            .metadata_location_result()
+            .doing(|| format!("locate the metadata of {ident}"))?
+            .to_owned();
+        let updated = TableMetadataBuilder::new_from_metadata(metadata.clone(), Some(location))
+            .set_ref(
+                MAIN_BRANCH,
+                SnapshotReference::new(audited, SnapshotRetention::branch(None, None, None)),
+            )
+            .map(|b| b.remove_ref(AUDIT_BRANCH))
+            .and_then(TableMetadataBuilder::build)
+            .doing(|| format!("build the published metadata of {ident}"))?;
+        let requirements = vec![
+            TableRequirement::RefSnapshotIdMatch {
+                r#ref: MAIN_BRANCH.to_owned(),
+                snapshot_id: metadata.current_snapshot_id(),
+            },
+            TableRequirement::RefSnapshotIdMatch {
+                r#ref: AUDIT_BRANCH.to_owned(),
+                snapshot_id: Some(audited),
+            },
+        ];
+        self.commit_metadata(table, updated, requirements).await?;
+        self.load_table(&ident).await
+    }
+
+    /// Drops what the audit branch holds beyond main: main gets one snapshot with its own
+    /// data and summary, except the keys of `position` taken from the branch's head (the
+    /// writer's offsets: what was discarded is not read again), and the branch goes, in one
+    /// step. The table as it was when there is nothing to discard.
+    pub async fn discard(&self, table: &Table, position: &[&str]) -> Result<Table> {
+        let Some(audited) = unpublished(table) else {
+            return Ok(table.clone());
+        };
+        let mut properties: HashMap<String, String> = table
+            .metadata()
+            .current_snapshot()
+            .map(|s| s.summary().additional_properties.clone())
+            .unwrap_or_default();
+        // The totals are the commit's own business.
+        for key in [
+            "added-data-files",
+            "added-records",
+            "deleted-data-files",
+            "deleted-records",
+            "total-data-files",
+            "total-records",
+        ] {
+            properties.remove(key);
+        }
+        for key in position {
+            match audited.summary().additional_properties.get(*key) {
+                Some(value) => properties.insert((*key).to_owned(), value.clone()),
+                None => properties.remove(*key),
+            };
+        }
+        self.commit_files(
+            table,
+            &BTreeSet::new(),
+            Vec::new(),
+            properties,
+            Operation::Append,
+            Some(()),
+        )
+        .await
+    }
+
+    /// A session like [`Lakehouse::session`] in which `layer.name` (and `name` alone, if it is
+    /// reachable so) reads `table` at its unpublished head: what an audit checks.
+    pub async fn audit_session(
+        &self,
+        layer: &str,
+        name: &str,
+        table: &Table,
+    ) -> Result<SessionContext> {
+        let ctx = self.session().await?;
+        let Some(audited) = head(table).map(|s| s.snapshot_id()) else {
+            return Ok(ctx);
+        };
+        let provider: Arc<dyn datafusion::catalog::TableProvider> = Arc::new(
+            iceberg_datafusion::IcebergStaticTableProvider::try_new_from_table_snapshot(
+                table.clone(),
+                audited,
+            )
+            .await
+            .doing(|| format!("read {} at snapshot {audited}", table.identifier()))?,
+        );
+        if let Some(catalog) = ctx.catalog(CATALOG_NAME) {
+            match catalog.schema(layer) {
+                Some(schema) => {
+                    let _ = schema.deregister_table(name);
+                    let _ = schema.register_table(name.to_owned(), provider.clone());
+                }
+                None => {
+                    let schema = MemorySchemaProvider::new();
+                    let _ = schema.register_table(name.to_owned(), provider.clone());
+                    let _ = catalog.register_schema(layer, Arc::new(schema));
+                }
+            }
+            if let Some(unqualified) = catalog.schema(UNQUALIFIED_SCHEMA)
+                && unqualified.table_exist(name)
+            {
+                let _ = unqualified.deregister_table(name);
+                let _ = unqualified.register_table(name.to_owned(), provider);
+            }
+        }
+        Ok(ctx)
+    }
+}
