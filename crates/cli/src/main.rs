@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod audit;
 mod consume;
 mod demo;
 mod deploy;
@@ -87,6 +88,14 @@ enum Command {
     /// Run every model's expectations over its published table and print a table of
     /// results; fails when an expectation of severity "fail" does.
     Test(test::TestArgs),
+    /// A model's expectations over its newest commit, with samples of what failed: why a
+    /// commit waits on the audit branch instead of reaching readers.
+    Audit(audit::AuditArgs),
+    /// Publish the commits waiting on a model's audit branch although their audit failed.
+    Publish(audit::PublishArgs),
+    /// Drop the commits waiting on a model's audit branch; the model carries on after the
+    /// records they came from.
+    Discard(audit::DiscardArgs),
     /// Run a self-contained demonstration and print its figures.
     Demo(demo::DemoArgs),
 }
@@ -159,6 +168,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Consume(args) => consume::run(&global, args).await,
         Command::Sql(args) => sql::run(&global, args).await,
         Command::Test(args) => test::run(&global, args).await,
+        Command::Audit(args) => audit::audit(&global, args).await,
+        Command::Publish(args) => audit::publish(&global, args).await,
+        Command::Discard(args) => audit::discard(&global, args).await,
         Command::Status(args) => status::run(&global, args).await,
         Command::Plan(args) => plan::run(&global, args).await,
         Command::Deploy(args) => deploy::run(&global, args).await,

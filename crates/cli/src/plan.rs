@@ -81,18 +81,7 @@ pub(crate) struct TopicHistory {
 }
 
 pub(crate) async fn run(global: &Global, args: PlanArgs) -> anyhow::Result<()> {
-    let dir = kappa_server::config::project_dir(global.project.as_deref())?;
-    let project = match kappa_server::project::check(&dir).await? {
-        Ok(project) => project,
-        Err(diagnostics) => {
-            let lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
-            anyhow::bail!(
-                "the project in {} has problems (`kappa check`):\n{}",
-                dir.display(),
-                lines.join("\n")
-            );
-        }
-    };
+    let (_, project) = crate::project::checked(global).await?;
     let client = global.connect().await?;
     let report = report(&client, &project).await;
     client.close().await?;

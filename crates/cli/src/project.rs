@@ -19,6 +19,23 @@ pub(crate) struct CheckArgs {
     json: bool,
 }
 
+/// The project folder the command works on, checked: its folder and the project, or an error
+/// listing its problems.
+pub(crate) async fn checked(global: &Global) -> anyhow::Result<(PathBuf, kappa_pipeline::Project)> {
+    let dir = kappa_server::config::project_dir(global.project.as_deref())?;
+    match kappa_server::project::check(&dir).await? {
+        Ok(project) => Ok((dir, project)),
+        Err(diagnostics) => {
+            let lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
+            anyhow::bail!(
+                "the project in {} has problems (`kappa check`):\n{}",
+                dir.display(),
+                lines.join("\n")
+            );
+        }
+    }
+}
+
 pub(crate) fn init(args: InitArgs) -> anyhow::Result<()> {
     let written = kappa_server::project::scaffold(&args.dir)?;
     println!(

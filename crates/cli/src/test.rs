@@ -33,18 +33,7 @@ struct Outcome {
 }
 
 pub(crate) async fn run(global: &Global, args: TestArgs) -> anyhow::Result<()> {
-    let dir = kappa_server::config::project_dir(global.project.as_deref())?;
-    let project = match kappa_server::project::check(&dir).await? {
-        Ok(project) => project,
-        Err(diagnostics) => {
-            let lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
-            anyhow::bail!(
-                "the project in {} has problems (`kappa check`):\n{}",
-                dir.display(),
-                lines.join("\n")
-            );
-        }
-    };
+    let (dir, project) = crate::project::checked(global).await?;
     for model in &args.models {
         if !project.models.contains_key(model) {
             anyhow::bail!(

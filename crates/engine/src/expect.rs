@@ -255,3 +255,115 @@ fn fill_true(passes: &BooleanArray) -> BooleanArray {
     }
     passes.iter().map(|v| Some(v.unwrap_or(true))).collect()
 }
+
+/// One expectation checked over a table.
+#[derive(Debug, Clone)]
+pub struct Audited {
+    pub expectation: Expectation,
+    /// What the check returned (failing rows, duplicated keys, 1 for a table-wide bound).
+    pub failing: u64,
+    /// Up to the asked number of what failed.
+    pub sample: Vec<RecordBatch>,
+    /// The check could not run.
+    pub error: Option<String>,
+}
+
+impl Audited {
+    /// Whether it blocks publication: a `fail` expectation that failed or could not run.
+    pub fn blocks(&self) -> bool {
+        self.expectation.severity == Severity::Fail && (self.failing > 0 || self.error.is_some())
+    }
+
+    /// `expectation `x` (kind) failed on N rows`, or why it could not run.
+    pub fn describe(&self) -> String {
+        match &self.error {
+            Some(e) => format!(
+                "expectation `{}` ({}) could not run: {e}",
+                self.expectation.name,
+                self.expectation.check.kind()
+            ),
+            None => format!(
+                "expectation `{}` ({}) failed: {} failing",
+                self.expectation.name,
+                self.expectation.check.kind(),
+                self.failing
+            ),
+        }
+    }
+}
+
+/// Runs `model`'s expectations over `table` at its newest snapshot (the audit branch's head
+/// when one waits), as `layer.name`; `skip_row_level` leaves out the row-level ones (the
+/// runner counted them on the rows it wrote). With `samples`, keeps that many failing rows
+/// of each.
+pub async fn audit(
+    lakehouse: &kappa_lakehouse::Lakehouse,
+    model: &kappa_pipeline::Model,
+    table: &kappa_lakehouse::Table,
+    skip_row_level: bool,
+    samples: usize,
+) -> kappa_lakehouse::Result<Vec<Audited>> {
+    let ctx = lakehouse
+        .audit_session(&model.layer, &model.name, table)
+        .await?;
+    let name = format!("{}.{}", model.layer, model.name);
+    let mut out = Vec::new();
+    for e in &model.config.expectations {
+        if skip_row_level && e.check.is_row_level() {
+            continue;
+        }
+        let sql = failing_sql(&name, &e.check);
+        let counted = async {
+            let batches = ctx
+                .sql(&format!("SELECT count(*) FROM ({sql}) AS failing"))
+                .await?
+                .collect()
+                .await?;
+            let failing = batches
+                .first()
+                .filter(|b| b.num_rows() > 0)
+                .and_then(|b| {
+                    b.column(0)
+                        .as_any()
+                        .downcast_ref::<arrow::array::Int64Array>()
+                        .map(|a| a.value(0))
+                })
+                .unwrap_or(0);
+            let failing = u64::try_from(failing).unwrap_or(0);
+            let sample = if samples > 0 && failing > 0 {
+                ctx.sql(&format!("SELECT * FROM ({sql}) AS failing LIMIT {samples}"))
+                    .await?
+                    .collect()
+                    .await?
+            } else {
+                Vec::new()
+            };
+            Ok::<_, DataFusionError>((failing, sample))
+        };
+        out.push(match counted.await {
+            Ok((failing, sample)) => Audited {
+                expectation: e.clone(),
+                failing,
+                sample,
+                error: None,
+            },
+            Err(err) => Audited {
+                expectation: e.clone(),
+                failing: 0,
+                sample: Vec::new(),
+                error: Some(err.strip_backtrace()),
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// Whether `model`'s commits wait on the audit branch: it has a table-level expectation, or
+/// one that blocks publication.
+pub fn audits_commits(model: &kappa_pipeline::Model) -> bool {
+    model
+        .config
+        .expectations
+        .iter()
+        .any(|e| !e.check.is_row_level() || e.severity == Severity::Fail)
+}

@@ -88,7 +88,14 @@ pub enum RunnerError {
         #[source]
         source: datafusion::error::DataFusionError,
     },
+    /// A commit failed its audit: it waits on the table's audit branch, main untouched,
+    /// until someone publishes or discards it.
+    #[error("model {model}: quarantined: {reason}")]
+    Quarantined { model: String, reason: String },
 }
+
+/// The row-level expectations' failing rows per expectation, in the commit that wrote them.
+pub const EXPECTATIONS_PROPERTY: &str = "kappa.expectations";
 
 /// A model's computation, by the shape of its query.
 pub(crate) enum Compute {
@@ -291,16 +298,12 @@ impl Compute {
                 Ok(())
             }
             Compute::Grouped(model) => {
-                let properties = table
-                    .metadata()
-                    .current_snapshot()
+                let properties = kappa_lakehouse::wap::head(table)
                     .map(|s| s.summary().additional_properties.clone());
                 model.restore(lakehouse, table, properties.as_ref()).await
             }
             Compute::Windowed(model) => {
-                let properties = table
-                    .metadata()
-                    .current_snapshot()
+                let properties = kappa_lakehouse::wap::head(table)
                     .map(|s| s.summary().additional_properties.clone());
                 model.restore(lakehouse, table, properties.as_ref()).await
             }
@@ -445,10 +448,8 @@ pub async fn run_version(
         publish_if_new,
     )
     .await?;
-    let properties = table
-        .metadata()
-        .current_snapshot()
-        .map(|s| s.summary().additional_properties.clone());
+    let properties =
+        kappa_lakehouse::wap::head(&table).map(|s| s.summary().additional_properties.clone());
     compute
         .restore(&lakehouse, &table)
         .await
@@ -466,6 +467,28 @@ pub async fn run_version(
             .await
             .map_err(lake_err)?;
     }
+
+    let model = &project.models[&model_id];
+    let staged = crate::expect::audits_commits(model);
+    if staged {
+        lakehouse.stage(&ident);
+    } else {
+        lakehouse.unstage(&ident);
+    }
+    let row_checks = match &compute {
+        Compute::Stateless { .. } => crate::expect::RowChecks::new(
+            &crate::stateless::session(),
+            &output_schema,
+            &model.config.expectations,
+        )
+        .map_err(|source| RunnerError::Plan {
+            model: err_model(),
+            source,
+        })?,
+        _ => None,
+    };
+    // A commit that waited for its audit when the runner stopped is decided first.
+    table = settle(&lakehouse, model, table, staged, row_checks.is_some()).await?;
 
     // Resume from what the table says it covers.
     let mut committed: Offsets = properties
@@ -707,6 +730,27 @@ pub async fn run_version(
             }
             None => {}
         }
+        if let (Some(checks), Compute::Stateless { pending, .. }) = (&row_checks, &mut compute) {
+            match checks.check(std::mem::take(pending)) {
+                Ok(checked) => {
+                    *pending = checked.kept;
+                    if !checked.failures.is_empty() {
+                        properties.insert(
+                            EXPECTATIONS_PROPERTY.to_owned(),
+                            serde_json::to_string(&checked.failures).unwrap_or_default(),
+                        );
+                        for (name, count) in &checked.failures {
+                            tracing::warn!(model = %model_id, expectation = %name, rows = count, "expectation failed");
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(model = %model_id, error = %e, "checking the expectations failed; retrying");
+                    start_over!();
+                    continue;
+                }
+            }
+        }
         let landed = match compute.commit(&lakehouse, &table, properties).await {
             Ok(updated) => {
                 table = updated;
@@ -728,6 +772,9 @@ pub async fn run_version(
                 landed
             }
         };
+        if landed && staged {
+            table = settle(&lakehouse, model, table, staged, row_checks.is_some()).await?;
+        }
         if landed {
             if let Some(dedup) = &mut dedup {
                 dedup.landed();
@@ -749,6 +796,94 @@ pub async fn run_version(
             });
         }
     }
+}
+
+/// Whether the table the deployed version of `model_id` writes holds commits waiting for a
+/// decision (after its runner stopped quarantined).
+pub async fn awaits_decision(
+    lakehouse: &Lakehouse,
+    project: &Project,
+    model_id: &str,
+) -> kappa_lakehouse::Result<bool> {
+    let table = lakehouse
+        .load_table(&live_table(project, model_id)?)
+        .await?;
+    Ok(kappa_lakehouse::wap::unpublished(&table).is_some())
+}
+
+/// The table the version of `model_id` in `project` writes.
+pub fn live_table(
+    project: &Project,
+    model_id: &str,
+) -> kappa_lakehouse::Result<kappa_lakehouse::TableIdent> {
+    let (layer, name) = model_id.split_once('.').unwrap_or(("", model_id));
+    version_table(layer, name, &model_version(project, model_id))
+}
+
+/// Decides about `table`'s commits waiting on its audit branch, if any: published when the
+/// model's expectations pass (or it has none that audit any more), quarantined otherwise.
+/// `row_level_counted`: the row-level ones were counted on the rows written
+/// ([`EXPECTATIONS_PROPERTY`]), not to be queried again.
+async fn settle(
+    lakehouse: &Lakehouse,
+    model: &kappa_pipeline::Model,
+    table: kappa_lakehouse::Table,
+    staged: bool,
+    row_level_counted: bool,
+) -> Result<kappa_lakehouse::Table, RunnerError> {
+    let model_id = model.id();
+    let lake_err = |source| RunnerError::Lakehouse {
+        model: model_id.clone(),
+        source,
+    };
+    let Some(head) = kappa_lakehouse::wap::unpublished(&table) else {
+        return Ok(table);
+    };
+    if staged {
+        let mut blocking = Vec::new();
+        if row_level_counted {
+            let counted: BTreeMap<String, u64> = head
+                .summary()
+                .additional_properties
+                .get(EXPECTATIONS_PROPERTY)
+                .and_then(|c| serde_json::from_str(c).ok())
+                .unwrap_or_default();
+            for e in &model.config.expectations {
+                if let Some(n) = counted.get(&e.name)
+                    && e.severity == kappa_pipeline::expect::Severity::Fail
+                {
+                    blocking.push(format!(
+                        "expectation `{}` ({}) failed: {n} failing",
+                        e.name,
+                        e.check.kind()
+                    ));
+                }
+            }
+        }
+        let audited = crate::expect::audit(lakehouse, model, &table, row_level_counted, 0)
+            .await
+            .map_err(lake_err)?;
+        for a in &audited {
+            if a.blocks() {
+                blocking.push(a.describe());
+            } else if a.failing > 0 {
+                tracing::warn!(model = %model_id, "{}", a.describe());
+            }
+        }
+        if !blocking.is_empty() {
+            let reason = format!(
+                "{}; main is untouched — `kappa audit {model_id}` shows what failed, `kappa \
+                 publish {model_id} --force` or `kappa discard {model_id}` decides",
+                blocking.join("; ")
+            );
+            tracing::error!(model = %model_id, "commit quarantined: {reason}");
+            return Err(RunnerError::Quarantined {
+                model: model_id,
+                reason,
+            });
+        }
+    }
+    lakehouse.publish_audited(&table).await.map_err(lake_err)
 }
 
 /// The table the version `version` of `model_id` writes (see [`run_version`]), created as
@@ -786,7 +921,7 @@ pub(crate) async fn open_output(
         .ensure_partitioned_table(&ident, output_schema, partition_by)
         .await
         .map_err(lake_err)?;
-    let written_by = table.metadata().current_snapshot().and_then(|s| {
+    let written_by = kappa_lakehouse::wap::head(&table).and_then(|s| {
         s.summary()
             .additional_properties
             .get(VERSION_PROPERTY)
@@ -853,9 +988,7 @@ pub(crate) async fn commit_landed(
 ) -> (Option<kappa_lakehouse::Table>, bool) {
     match lakehouse.load_table(ident).await {
         Ok(reloaded) => {
-            let ours = reloaded
-                .metadata()
-                .current_snapshot()
+            let ours = kappa_lakehouse::wap::head(&reloaded)
                 .and_then(|s| s.summary().additional_properties.get(ATTEMPT_PROPERTY))
                 .is_some_and(|a| a == attempt);
             (Some(reloaded), ours)
@@ -984,10 +1117,8 @@ async fn recover(
         .restore(lakehouse, &table)
         .await
         .map_err(|e| format!("restoring the model's state failed: {e}"))?;
-    let properties = table
-        .metadata()
-        .current_snapshot()
-        .map(|s| s.summary().additional_properties.clone());
+    let properties =
+        kappa_lakehouse::wap::head(&table).map(|s| s.summary().additional_properties.clone());
     if let Some(dedup) = dedup {
         dedup
             .restore(lakehouse, &table, properties.as_ref())
@@ -1006,9 +1137,7 @@ async fn recover(
 
 /// The offsets a table's current snapshot covers.
 pub(crate) fn committed_offsets(table: &kappa_lakehouse::Table) -> Offsets {
-    table
-        .metadata()
-        .current_snapshot()
+    kappa_lakehouse::wap::head(table)
         .and_then(|s| {
             s.summary()
                 .additional_properties

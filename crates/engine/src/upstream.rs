@@ -496,9 +496,7 @@ fn watermark_at(source: &Table, topic: &str, marks: &mut Watermarks, sequence: i
 
 /// A summary property of `table`'s current snapshot.
 fn last_property(table: &Table, name: &str) -> Option<String> {
-    table
-        .metadata()
-        .current_snapshot()
+    kappa_lakehouse::wap::head(table)
         .and_then(|s| s.summary().additional_properties.get(name).cloned())
 }
 

@@ -1011,13 +1011,13 @@ mod tests {
             ("models/gold/f.sql", "SELECT * FROM silver.x.y"),
         ]);
         expect![[r#"
-            kappa.toml:3:2: unknown field `servr`, expected one of `project`, `server`, `lakehouse`, `deploy`
+            kappa.toml:3:2: unknown field `servr`, expected one of `project`, `server`, `lakehouse`, `deploy`, `masking`
             models/Gold/d.sql:1:1: layer name `Gold` must be lowercase letters, digits and `_`, starting with a letter, so that SQL can name it unquoted
             models/gold/b.sql:1:1: models read each other in a cycle: gold.b → silver.a → gold.b
             models/gold/b.sql:2:20: no topic or model `ordrs`; did you mean `orders`?
             models/gold/c.sql:1:15: no model `silver.missing`
             models/gold/c.sql:1:31: no topic `c`; models are read by layer and name; did you mean `gold.c`?
-            models/gold/c.toml:1:1: unknown field `materialisation`, expected one of `materialization`, `key`, `partition_by`, `event_time`, `watermark`, `dedup_horizon`, `audit`
+            models/gold/c.toml:1:1: unknown field `materialisation`, expected one of `materialization`, `key`, `partition_by`, `event_time`, `watermark`, `dedup_horizon`, `audit`, `mask`, `expect`
             models/gold/e.sql:1:1: SQL: Expected: an SQL statement, found: SELEC
             models/gold/f.sql:1:15: `silver.x.y`: name a topic (`orders`) or a model (`silver.orders`)
             models/gold/orphan.toml:1:1: configuration without a model: there is no models/gold/orphan.sql

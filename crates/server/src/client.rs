@@ -404,6 +404,60 @@ impl Client {
         Ok(())
     }
 
+    /// `model`'s expectations over its newest snapshot, with samples of what failed. A direct
+    /// client audits the table of `model`'s version in `project`; a server its own project's.
+    pub async fn audit(
+        &self,
+        project: &kappa_pipeline::Project,
+        model: &str,
+    ) -> Result<crate::quality::AuditResponse, ClientError> {
+        match self {
+            Client::Http { .. } => {
+                self.get_json(&format!("/v1/models/{}/audit", encode(model)))
+                    .await
+            }
+            Client::Direct { log } => {
+                let lakehouse = self.lakehouse(log).await?;
+                Ok(crate::quality::audit(&lakehouse, project, model).await?)
+            }
+        }
+    }
+
+    /// Publishes or discards the commits waiting on `model`'s audit branch.
+    pub async fn decide(
+        &self,
+        project: &kappa_pipeline::Project,
+        model: &str,
+        decision: crate::quality::Decision,
+    ) -> Result<crate::quality::DecisionResponse, ClientError> {
+        match self {
+            Client::Http { base, http } => {
+                let verb = match decision {
+                    crate::quality::Decision::Publish => "publish",
+                    crate::quality::Decision::Discard => "discard",
+                };
+                decode(
+                    http.post(format!("{base}/v1/models/{}/{verb}", encode(model)))
+                        .send()
+                        .await,
+                )
+                .await
+            }
+            Client::Direct { log } => {
+                let lakehouse = self.lakehouse(log).await?;
+                Ok(crate::quality::decide(&lakehouse, project, model, decision).await?)
+            }
+        }
+    }
+
+    /// The lakehouse of a direct client's data directory.
+    async fn lakehouse(&self, log: &Log) -> Result<kappa_lakehouse::Lakehouse, ClientError> {
+        let data_dir = log.dir().parent().unwrap_or(log.dir()).to_path_buf();
+        kappa_lakehouse::Lakehouse::open(&data_dir)
+            .await
+            .map_err(|e| ClientError::Service(ServiceError::Internal(e.to_string())))
+    }
+
     async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let Client::Http { base, http } = self else {
             return Err(ClientError::Transport("not an HTTP client".into()));

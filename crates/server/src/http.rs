@@ -41,6 +41,9 @@ pub(crate) fn router(state: Arc<AppState>) -> axum::Router {
             "/v1/topics/{topic}/partitions/{partition}/offsets",
             get(partition_offsets),
         )
+        .route("/v1/models/{model}/audit", get(audit))
+        .route("/v1/models/{model}/publish", post(publish))
+        .route("/v1/models/{model}/discard", post(discard))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -311,6 +314,54 @@ async fn deploy_progress(
         Some(deployer) => deployer.progress().await,
         None => crate::deployer::DeployProgress::idle(),
     })
+}
+
+/// The project the server runs, if it runs one.
+fn running_project(state: &AppState) -> Option<Arc<kappa_pipeline::Project>> {
+    state.deployer.as_ref().and_then(|d| d.live_project())
+}
+
+/// What a request about the project answers when the server runs none.
+fn no_project() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "no_project",
+        "this kappa up runs no project folder".into(),
+    )
+}
+
+async fn audit(
+    State(state): State<Arc<AppState>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(model) = path?;
+    let project = running_project(&state).ok_or_else(no_project)?;
+    Ok(Json(crate::quality::audit(&state.lakehouse, &project, &model).await?).into_response())
+}
+
+async fn publish(
+    State(state): State<Arc<AppState>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    decide(state, path, crate::quality::Decision::Publish).await
+}
+
+async fn discard(
+    State(state): State<Arc<AppState>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    decide(state, path, crate::quality::Decision::Discard).await
+}
+
+async fn decide(
+    state: Arc<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    decision: crate::quality::Decision,
+) -> Result<Response, ApiError> {
+    let Path(model) = path?;
+    let project = running_project(&state).ok_or_else(no_project)?;
+    let decided = crate::quality::decide(&state.lakehouse, &project, &model, decision).await?;
+    Ok(Json(decided).into_response())
 }
 
 async fn sql(

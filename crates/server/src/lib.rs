@@ -18,6 +18,7 @@ pub mod http;
 pub mod ingest;
 pub mod pipelines;
 pub mod project;
+pub mod quality;
 pub mod service;
 
 use std::future::Future;

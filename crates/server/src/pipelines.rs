@@ -53,7 +53,13 @@ pub enum RunnerState {
     Restarting(String),
     /// The model cannot run; the reason.
     NotRunning(String),
+    /// A commit failed its audit and waits for `kappa publish --force` or `kappa discard`;
+    /// what failed.
+    Quarantined(String),
 }
+
+/// How often a quarantined model looks whether its commit was decided.
+const DECISION_POLL_MS: u64 = 300;
 
 /// The state of every runner, by model: each runner writes its own cell, which moves with it
 /// when another set adopts it ([`Pipelines::adopt`]).
@@ -245,6 +251,27 @@ async fn run_until_stopped(
                 tracing::warn!(model = %name, "not running: {e}");
                 set(RunnerState::NotRunning(e.to_string()));
                 return;
+            }
+            Err(RunnerError::Quarantined { reason, .. }) => {
+                set(RunnerState::Quarantined(reason));
+                // Runs again once someone published or discarded the commit.
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(std::time::Duration::from_millis(DECISION_POLL_MS)) => {}
+                        _ = stopped.changed() => {}
+                    }
+                    if *stopped.borrow() {
+                        return;
+                    }
+                    match kappa_engine::runner::awaits_decision(&lakehouse, &project, &name).await {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(e) => {
+                            tracing::warn!(model = %name, error = %e, "reading the quarantined table failed")
+                        }
+                    }
+                }
+                continue;
             }
             Err(e) => {
                 set(RunnerState::Restarting(e.to_string()));

@@ -323,8 +323,8 @@ name = "query_bad"
 query = "SELECT * FROM silver.orders o JOIN silver.products p USING (product_id) WHERE o.amount > 8"
 "#;
 
-/// `kappa test` runs every expectation over the published tables, through a running server
-/// and without one, and tells each kind's passing case from its failing one; a failed
+/// `kappa test` runs every expectation the folder declares over the published tables, through
+/// a running server and without one, and tells each kind's passing case from its failing one; a failed
 /// expectation of severity "fail" fails the command, one of severity "warn" does not.
 #[test]
 fn kappa_test_runs_every_kind_of_expectation() {
@@ -341,7 +341,6 @@ fn kappa_test_runs_every_kind_of_expectation() {
             "models/silver/orders.sql",
             "SELECT order_id, status, amount, product_id, coupon, ts FROM orders\n",
         ),
-        ("models/silver/orders.toml", ORDER_EXPECTATIONS),
         (
             "models/silver/products.sql",
             "SELECT product_id FROM products\n",
@@ -380,6 +379,9 @@ fn kappa_test_runs_every_kind_of_expectation() {
     let out = kappa(&data, &["produce", "products"], Some(products.as_bytes()));
     assert!(out.status.success(), "{}", stderr(&out));
     crate::wait_caught_up(&data, project, 3, std::time::Duration::from_secs(60));
+    // Declared now, over published tables (expectations that drop no rows are not part of
+    // the version: nothing replays): `kappa test` runs the folder's expectations on demand.
+    std::fs::write(dir.join("models/silver/orders.toml"), ORDER_EXPECTATIONS).unwrap();
 
     let results = |args: &[&str]| {
         let mut all = vec!["--project", project, "test"];
@@ -440,4 +442,162 @@ fn kappa_test_runs_every_kind_of_expectation() {
     let (_, json, _) = results(&["--json"]);
     let stopped: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
     assert_eq!(stopped, outcomes);
+}
+
+/// Orders whose amounts must not be negative (a row-level `fail`) and whose ids are unique (a
+/// table-level `fail`): every commit waits on the audit branch until both pass.
+const AUDITED_TOML: &str = r#"
+[[expect]]
+name = "no_refunds"
+range = { column = "amount", min = 0 }
+
+[[expect]]
+unique = "order_id"
+"#;
+
+/// The external readers' view of `silver.orders` (pyiceberg and DuckDB, which agree): the
+/// order ids main holds, sorted.
+fn published_ids(data: &Path) -> Vec<i64> {
+    let out = kappa_testkit::python::run_python(
+        kappa_testkit::python::READ_TABLE_SCRIPT,
+        &[data.to_str().unwrap(), "silver.orders"],
+    );
+    let read: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(read["pyiceberg"], read["duckdb"], "{out}");
+    let mut ids: Vec<i64> = read["pyiceberg"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["order_id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// Waits until silver.orders is in `state` ("quarantined", or "running" with nothing left to
+/// read); returns its status.
+fn wait_state(data: &Path, project: &str, state: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let status = crate::status(data, project);
+        let model = status["models"][0].clone();
+        let done = model["state"] == state && (state != "running" || model["lag_records"] == 0);
+        if done {
+            return model;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never {state}: {status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// Write-Audit-Publish, alternating passing and failing batches: external readers of main
+/// (pyiceberg and DuckDB) see every passing batch and never a row of a failing one; the model
+/// says it is quarantined and why; `kappa audit` shows the failing rows; `kappa discard` drops
+/// a failing commit and the model carries on; `kappa publish --force` publishes one; and a
+/// restart meanwhile takes the same decision again.
+#[test]
+fn external_readers_never_see_a_failing_commit_until_it_is_forced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    for (path, text) in [
+        ("kappa.toml", "[project]\nname = \"shop\"\n"),
+        ("topics/orders.toml", ORDERS_TOPIC),
+        (
+            "models/silver/orders.sql",
+            "SELECT order_id, status, amount, product_id, ts FROM orders\n",
+        ),
+        ("models/silver/orders.toml", AUDITED_TOML),
+    ] {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    let data = dir.join(".kappa");
+    std::fs::create_dir_all(&data).unwrap();
+    let project = dir.to_str().unwrap();
+    let mut up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    let produce = |ids: std::ops::RangeInclusive<i64>, amount: i64| {
+        let lines: String = ids
+            .map(|i| {
+                format!(
+                    "{{\"order_id\":{i},\"status\":\"new\",\"amount\":{amount},\"product_id\":\"p1\",\
+                     \"ts\":\"2026-03-01T10:00:00Z\"}}\n"
+                )
+            })
+            .collect();
+        let out = kappa(&data, &["produce", "orders"], Some(lines.as_bytes()));
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--project", project];
+        all.extend_from_slice(args);
+        let out = kappa(&data, &all, None);
+        (out.status.success(), stdout(&out), stderr(&out))
+    };
+    let range = |ids: std::ops::RangeInclusive<i64>| ids.collect::<Vec<i64>>();
+
+    // 1. Passing: published.
+    produce(1..=5, 10);
+    wait_state(&data, project, "running");
+    assert_eq!(published_ids(&data), range(1..=5));
+
+    // 2. Failing (a refund): quarantined with the reason, main untouched.
+    produce(6..=8, -3);
+    let model = wait_state(&data, project, "quarantined");
+    let reason = model["detail"].as_str().unwrap();
+    assert!(reason.contains("no_refunds"), "{reason}");
+    assert_eq!(published_ids(&data), range(1..=5));
+    let (ok, text, err) = cli(&["audit", "silver.orders"]);
+    assert!(ok, "{err}");
+    assert!(text.contains("waits on the audit branch"), "{text}");
+    assert!(text.contains("FAIL no_refunds"), "{text}");
+    assert!(text.contains("PASS unique_order_id"), "{text}");
+    assert!(text.contains("-3"), "the failing rows are shown: {text}");
+    // Records arriving meanwhile wait too.
+    produce(9..=10, 20);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(published_ids(&data), range(1..=5));
+    // A restart takes the same decision again.
+    assert!(up.terminate().unwrap().success());
+    up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    wait_state(&data, project, "quarantined");
+    assert_eq!(published_ids(&data), range(1..=5));
+
+    // 3. Discarded: the refunds never reach main; the model carries on with 9 and 10.
+    let (ok, text, err) = cli(&["publish", "silver.orders"]);
+    assert!(!ok && err.contains("--force"), "{text}{err}");
+    let (ok, text, err) = cli(&["discard", "silver.orders"]);
+    assert!(ok, "{err}");
+    assert!(text.contains("discarded"), "{text}");
+    wait_state(&data, project, "running");
+    let mut expected = range(1..=5);
+    expected.extend(9..=10);
+    assert_eq!(published_ids(&data), expected);
+
+    // 4. A table-level failure (a duplicated id), then forced through.
+    produce(5..=5, 1);
+    let model = wait_state(&data, project, "quarantined");
+    assert!(
+        model["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unique_order_id"),
+        "{model}"
+    );
+    assert_eq!(published_ids(&data), expected);
+    let (ok, text, err) = cli(&["publish", "silver.orders", "--force"]);
+    assert!(ok, "{err}");
+    assert!(text.contains("published"), "{text}");
+    expected.push(5);
+    expected.sort_unstable();
+    assert_eq!(published_ids(&data), expected);
+    // The forced duplicate stays in the table, so every later commit fails its audit as well:
+    // the model says so rather than publishing past it.
+    produce(11..=11, 1);
+    wait_state(&data, project, "quarantined");
+    assert_eq!(published_ids(&data), expected);
+    assert!(up.terminate().unwrap().success());
 }

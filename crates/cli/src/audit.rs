@@ -1,0 +1,119 @@
+//! `kappa audit MODEL`, `kappa publish MODEL --force`, `kappa discard MODEL`: what a model's
+//! audit says, and the decision about commits that failed it.
+
+use clap::Args;
+use kappa_server::quality::Decision;
+
+use crate::{Global, print_json};
+
+#[derive(Debug, Args)]
+pub(crate) struct AuditArgs {
+    /// The model (`silver.orders`).
+    model: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PublishArgs {
+    /// The model (`silver.orders`).
+    model: String,
+    /// Publish although the audit failed (required: publishing is what the audit withheld).
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DiscardArgs {
+    /// The model (`silver.orders`).
+    model: String,
+}
+
+pub(crate) async fn audit(global: &Global, args: AuditArgs) -> anyhow::Result<()> {
+    let (_, project) = crate::project::checked(global).await?;
+    let client = global.connect().await?;
+    let result = client.audit(&project, &args.model).await;
+    client.close().await?;
+    let audit = result?;
+    if args.json {
+        return print_json(&audit);
+    }
+    match audit.waiting {
+        Some(waiting) => println!(
+            "{}: snapshot {waiting} waits on the audit branch; readers see {}",
+            audit.model,
+            audit
+                .published
+                .map_or_else(|| "nothing yet".to_owned(), |p| format!("snapshot {p}"))
+        ),
+        None => println!(
+            "{}: nothing waits for publication; the published table is audited",
+            audit.model
+        ),
+    }
+    if audit.expectations.is_empty() {
+        println!("no expectations: declare them as [[expect]] in the model's .toml");
+        return Ok(());
+    }
+    for e in &audit.expectations {
+        println!(
+            "\n{} {} ({}, severity {}): {} failing",
+            e.result.to_uppercase(),
+            e.name,
+            e.kind,
+            e.severity,
+            e.failing
+        );
+        if let Some(error) = &e.error {
+            println!("  ↳ {error}");
+        }
+        if let Some(sample) = &e.sample {
+            for line in sample.to_table().lines() {
+                println!("  {line}");
+            }
+        }
+    }
+    if audit.waiting.is_some() {
+        println!(
+            "\n`kappa publish {0} --force` publishes it anyway; `kappa discard {0}` drops its rows",
+            audit.model
+        );
+    }
+    Ok(())
+}
+
+pub(crate) async fn publish(global: &Global, args: PublishArgs) -> anyhow::Result<()> {
+    if !args.force {
+        anyhow::bail!(
+            "commits wait on the audit branch because their audit failed; `kappa audit {0}` \
+             shows why, and `kappa publish {0} --force` publishes them anyway",
+            args.model
+        );
+    }
+    decide(global, &args.model, Decision::Publish).await
+}
+
+pub(crate) async fn discard(global: &Global, args: DiscardArgs) -> anyhow::Result<()> {
+    decide(global, &args.model, Decision::Discard).await
+}
+
+async fn decide(global: &Global, model: &str, decision: Decision) -> anyhow::Result<()> {
+    let (_, project) = crate::project::checked(global).await?;
+    let client = global.connect().await?;
+    let result = client.decide(&project, model, decision).await;
+    client.close().await?;
+    let decided = result?;
+    let seen = decided
+        .published
+        .map_or_else(|| "no snapshot".to_owned(), |p| format!("snapshot {p}"));
+    match (decided.decided, decision) {
+        (false, _) => println!("{model}: nothing waited for publication; readers see {seen}"),
+        (true, Decision::Publish) => println!("{model}: published; readers see {seen}"),
+        (true, Decision::Discard) => println!(
+            "{model}: discarded the waiting commits; readers still see {seen}, and the model \
+             carries on after the records they came from"
+        ),
+    }
+    Ok(())
+}
