@@ -321,10 +321,19 @@ mod tests {
                 "models/silver/email.toml",
                 "[mask]\nquantity = \"mask_email\"\n",
             ),
+            (
+                "models/gold/per_region.sql",
+                "SELECT region, count(*) AS n FROM orders GROUP BY region",
+            ),
+            (
+                "models/gold/per_region.toml",
+                "[[expect]]\nrange = { column = \"n\", max = 5 }\nseverity = \"drop\"\n",
+            ),
         ])
         .await;
         expect_test::expect![[r#"
             models/gold/by_order.sql:1:1: Internal error: Function 'sum' failed to match any signature, errors: Error during planning: Function 'sum' requires TypeSignatureClass::Decimal, but received String (DataType: Utf8).,Error during planning: Function 'sum' requires TypeSignatureClass::Native(LogicalType(Native(UInt64), UInt64)), but received String (DataType: Utf8).,Error during planning: Function 'sum' requires TypeSignatureClass::Native(LogicalType(Native(Int64), Int64)), but received String (DataType: Utf8).,Error during planning: Function 'sum' requires TypeSignatureClass::Native(LogicalType(Native(Float64), Float64)), but received String (DataType: Utf8).,Error during planning: Function 'sum' requires TypeSignatureClass::Duration, but received String (DataType: Utf8)..
+            models/gold/per_region.toml:1:1: expectation `range_n`: severity "drop" sets rows aside as the model writes them, which a model that updates its rows (a GROUP BY or windows) does not do; use "warn" or "fail", or drop the rows in the model that reads the topic
             models/silver/email.toml:1:1: [mask]: mask_email() takes text, not Int32
             models/silver/typo.toml:1:1: [mask] names `regoin`, which the model does not output; its columns are region
         "#]].assert_eq(&got);

@@ -259,6 +259,20 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         }
     }
     key_problem(&plan, shape, model).map_err(DataFusionError::Configuration)?;
+    if shape != Shape::RowByRow
+        && let Some(e) = model
+            .config
+            .expectations
+            .iter()
+            .find(|e| e.severity == kappa_pipeline::expect::Severity::Drop)
+    {
+        return Err(DataFusionError::Configuration(format!(
+            "expectation `{}`: severity \"drop\" sets rows aside as the model writes them, \
+             which a model that updates its rows (a GROUP BY or windows) does not do; use \
+             \"warn\" or \"fail\", or drop the rows in the model that reads the topic",
+            e.name
+        )));
+    }
     Ok(PlannedModel {
         ctx,
         topic,

@@ -96,6 +96,60 @@ pub enum RunnerError {
 
 /// The row-level expectations' failing rows per expectation, in the commit that wrote them.
 pub const EXPECTATIONS_PROPERTY: &str = "kappa.expectations";
+/// The rows a commit's `drop` expectations set aside: a state file, delivered to the model's
+/// quarantine table right after the commit lands (and again on start until it is).
+pub const QUARANTINE_PROPERTY: &str = "kappa.quarantine";
+/// In a quarantine table's commit: the state file it delivered.
+pub const QUARANTINE_FROM_PROPERTY: &str = "kappa.quarantine-from";
+
+/// The quarantine table of version `version` of `model_id`: `quarantine.layer__name__version`,
+/// the model's columns and the failed expectations' names.
+pub fn quarantine_table(
+    model_id: &str,
+    version: &str,
+) -> kappa_lakehouse::Result<kappa_lakehouse::TableIdent> {
+    let (layer, name) = model_id.split_once('.').unwrap_or(("", model_id));
+    table_ident("quarantine", &format!("{layer}__{name}__{version}"))
+}
+
+/// Delivers the rows the newest commit of `table` set aside to the quarantine table `into`
+/// (of `schema`), unless that table's last commit delivered them already: exactly once,
+/// whenever the runner stopped.
+async fn deliver_quarantined(
+    lakehouse: &Lakehouse,
+    table: &kappa_lakehouse::Table,
+    into: &kappa_lakehouse::TableIdent,
+    schema: &arrow::datatypes::SchemaRef,
+) -> kappa_lakehouse::Result<()> {
+    let Some(location) = kappa_lakehouse::wap::head(table)
+        .and_then(|s| s.summary().additional_properties.get(QUARANTINE_PROPERTY))
+        .cloned()
+    else {
+        return Ok(());
+    };
+    let quarantine = lakehouse.ensure_table(into, schema).await?;
+    let delivered = quarantine
+        .metadata()
+        .current_snapshot()
+        .and_then(|s| {
+            s.summary()
+                .additional_properties
+                .get(QUARANTINE_FROM_PROPERTY)
+        })
+        .is_some_and(|from| *from == location);
+    if delivered {
+        return Ok(());
+    }
+    let rows = lakehouse.read_state(table, &location).await?;
+    lakehouse
+        .append(
+            &quarantine,
+            &rows,
+            HashMap::from([(QUARANTINE_FROM_PROPERTY.to_owned(), location)]),
+        )
+        .await?;
+    Ok(())
+}
 
 /// A model's computation, by the shape of its query.
 pub(crate) enum Compute {
@@ -469,12 +523,6 @@ pub async fn run_version(
     }
 
     let model = &project.models[&model_id];
-    let staged = crate::expect::audits_commits(model);
-    if staged {
-        lakehouse.stage(&ident);
-    } else {
-        lakehouse.unstage(&ident);
-    }
     let row_checks = match &compute {
         Compute::Stateless { .. } => crate::expect::RowChecks::new(
             &crate::stateless::session(),
@@ -487,6 +535,27 @@ pub async fn run_version(
         })?,
         _ => None,
     };
+    // A model that does not write rows as they come has its row-level expectations checked
+    // over its table, by the audit.
+    let staged = crate::expect::audits_commits(model)
+        || (row_checks.is_none()
+            && model
+                .config
+                .expectations
+                .iter()
+                .any(|e| e.check.is_row_level()));
+    if staged {
+        lakehouse.stage(&ident);
+    } else {
+        lakehouse.unstage(&ident);
+    }
+    let quarantine = quarantine_table(&model_id, &version).map_err(lake_err)?;
+    // What the last commit set aside reaches the quarantine table before anything goes on.
+    if let Some(checks) = row_checks.as_ref().filter(|c| c.drops()) {
+        deliver_quarantined(&lakehouse, &table, &quarantine, checks.quarantine_schema())
+            .await
+            .map_err(lake_err)?;
+    }
     // A commit that waited for its audit when the runner stopped is decided first.
     table = settle(&lakehouse, model, table, staged, row_checks.is_some()).await?;
 
@@ -734,6 +803,26 @@ pub async fn run_version(
             match checks.check(std::mem::take(pending)) {
                 Ok(checked) => {
                     *pending = checked.kept;
+                    if !checked.quarantined.is_empty() {
+                        match lakehouse
+                            .write_state(
+                                &table,
+                                "quarantine",
+                                checks.quarantine_schema(),
+                                &checked.quarantined,
+                            )
+                            .await
+                        {
+                            Ok(location) => {
+                                properties.insert(QUARANTINE_PROPERTY.to_owned(), location);
+                            }
+                            Err(e) => {
+                                tracing::error!(model = %model_id, error = %e, "writing the quarantined rows failed; retrying");
+                                start_over!();
+                                continue;
+                            }
+                        }
+                    }
                     if !checked.failures.is_empty() {
                         properties.insert(
                             EXPECTATIONS_PROPERTY.to_owned(),
@@ -772,6 +861,12 @@ pub async fn run_version(
                 landed
             }
         };
+        if landed && let Some(checks) = row_checks.as_ref().filter(|c| c.drops()) {
+            // A failure here stops the runner: its start delivers them before going on.
+            deliver_quarantined(&lakehouse, &table, &quarantine, checks.quarantine_schema())
+                .await
+                .map_err(lake_err)?;
+        }
         if landed && staged {
             table = settle(&lakehouse, model, table, staged, row_checks.is_some()).await?;
         }

@@ -220,6 +220,21 @@ fn hashing_without_a_key_fails_with_the_reason() {
     assert!(up.terminate().unwrap().success());
 }
 
+/// Asserts `got == expected`, naming only the counts and the first difference.
+fn same_rows(got: &[(i64, String)], expected: &[(i64, String)], what: &str) {
+    if got != expected {
+        let first = got.iter().zip(expected).position(|(g, e)| g != e);
+        let at = first.unwrap_or(got.len().min(expected.len()));
+        panic!(
+            "{what}: {} rows, expected {}; first difference at {at}: {:?} instead of {:?}",
+            got.len(),
+            expected.len(),
+            got.get(at),
+            expected.get(at)
+        );
+    }
+}
+
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -599,5 +614,118 @@ fn external_readers_never_see_a_failing_commit_until_it_is_forced() {
     produce(11..=11, 1);
     wait_state(&data, project, "quarantined");
     assert_eq!(published_ids(&data), expected);
+    assert!(up.terminate().unwrap().success());
+}
+
+/// `drop` sets exactly the violating rows aside into the model's quarantine table, each once,
+/// with the names of what they failed — while `kappa up` is killed with SIGKILL again and
+/// again as it processes them.
+#[test]
+fn dropped_rows_reach_quarantine_exactly_once_under_kill_9() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    let toml = "[[expect]]\nname = \"no_refunds\"\nrange = { column = \"amount\", min = 0 \
+                }\nseverity = \"drop\"\n\n[[expect]]\nname = \"known_product\"\nrow = \
+                \"product_id LIKE 'p%'\"\nseverity = \"drop\"\n\n[[expect]]\nname = \
+                \"small\"\nrange = { column = \"amount\", max = 90 }\nseverity = \"warn\"\n";
+    for (path, text) in [
+        ("kappa.toml", "[project]\nname = \"shop\"\n"),
+        (
+            "topics/orders.toml",
+            ORDERS_TOPIC
+                .replace("partitions = 1", "partitions = 3")
+                .as_str(),
+        ),
+        (
+            "models/silver/orders.sql",
+            "SELECT order_id, status, amount, product_id, ts FROM orders\n",
+        ),
+        ("models/silver/orders.toml", toml),
+    ] {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    let data = dir.join(".kappa");
+    std::fs::create_dir_all(&data).unwrap();
+    let project = dir.to_str().unwrap();
+    // Order i: a refund when i % 7 == 0, an unknown product when i % 11 == 0 (both when both).
+    let order = |i: i64| {
+        let amount = if i % 7 == 0 { -(i % 50) - 1 } else { i % 100 };
+        let product = if i % 11 == 0 { "x9" } else { "p1" };
+        format!(
+            "{{\"order_id\":{i},\"status\":\"new\",\"amount\":{amount},\"product_id\":\"{product}\",\
+             \"ts\":\"2026-03-01T10:00:00Z\"}}\n"
+        )
+    };
+    const BATCHES: i64 = 24;
+    const PER_BATCH: i64 = 250;
+    let mut up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    let mut kills = 0;
+    for b in 0..BATCHES {
+        let lines: String = (b * PER_BATCH..(b + 1) * PER_BATCH).map(order).collect();
+        let out = kappa(
+            &data,
+            &["produce", "orders", "--key", "order_id"],
+            Some(lines.as_bytes()),
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        if b % 3 == 2 {
+            // Somewhere in the processing of what was just produced.
+            std::thread::sleep(std::time::Duration::from_millis(17 * (b as u64 % 5)));
+            up.kill9().unwrap();
+            kills += 1;
+            up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+        }
+    }
+    crate::wait_caught_up(&data, project, 1, std::time::Duration::from_secs(120));
+    let status = crate::status(&data, project);
+    let version = status["models"][0]["version"].as_str().unwrap().to_owned();
+    let ids = |sql: &str| -> Vec<(i64, String)> {
+        let out = kappa(&data, &["sql", sql, "--json"], None);
+        assert!(out.status.success(), "{sql}: {}", stderr(&out));
+        let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        json["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r[0].as_i64().unwrap(),
+                    r[1].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let all = 0..BATCHES * PER_BATCH;
+    let kept: Vec<(i64, String)> = all
+        .clone()
+        .filter(|i| i % 7 != 0 && i % 11 != 0)
+        .map(|i| (i, String::new()))
+        .collect();
+    same_rows(
+        &ids("SELECT order_id, '' FROM silver.orders ORDER BY order_id"),
+        &kept,
+        &format!("silver holds exactly the rows that passed, each once ({kills} kills)"),
+    );
+    let quarantined: Vec<(i64, String)> = all
+        .filter(|i| i % 7 == 0 || i % 11 == 0)
+        .map(|i| {
+            let failed = match (i % 7 == 0, i % 11 == 0) {
+                (true, true) => "no_refunds,known_product",
+                (true, false) => "no_refunds",
+                _ => "known_product",
+            };
+            (i, failed.to_owned())
+        })
+        .collect();
+    same_rows(
+        &ids(&format!(
+            "SELECT order_id, _failed_expectations FROM quarantine.silver__orders__{version} \
+             ORDER BY order_id"
+        )),
+        &quarantined,
+        &format!("the quarantine holds exactly the violating rows, each once ({kills} kills)"),
+    );
     assert!(up.terminate().unwrap().success());
 }
