@@ -37,6 +37,42 @@ pub struct ProjectConfig {
     pub deploy: DeploySection,
     #[serde(default)]
     pub masking: MaskingSection,
+    #[serde(default)]
+    pub alerts: AlertsSection,
+}
+
+/// What raises an alert and where alerts go.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsSection {
+    /// A model's lag (records not yet in its table) over this raises a `lag` alert; none when
+    /// absent.
+    pub lag_records: Option<u64>,
+    /// Webhooks every alert is posted to.
+    #[serde(default)]
+    pub webhooks: Vec<Webhook>,
+}
+
+/// One alert webhook.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    /// `http://…` or `https://…`.
+    pub url: String,
+    #[serde(default)]
+    pub format: WebhookFormat,
+}
+
+/// The body an alert webhook receives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookFormat {
+    /// The alert as a JSON object: kind, model, message, time.
+    #[default]
+    Json,
+    /// `{"text": "…"}`, which Slack's incoming webhooks (and Mattermost, Discord's Slack
+    /// endpoint) accept.
+    Slack,
 }
 
 /// Where the key of the `hash` mask comes from. The key itself is never in the project
@@ -350,6 +386,17 @@ pub fn load(files: &ProjectFiles) -> Result<Project, Vec<Diagnostic>> {
     };
     if let Err(message) = config.deploy.retention_ms() {
         diagnostics.push(Diagnostic::in_file(PROJECT_FILE, message));
+    }
+    for hook in &config.alerts.webhooks {
+        if !(hook.url.starts_with("http://") || hook.url.starts_with("https://")) {
+            diagnostics.push(Diagnostic::in_file(
+                PROJECT_FILE,
+                format!(
+                    "alerts.webhooks: `{}` is not an http:// or https:// URL",
+                    hook.url
+                ),
+            ));
+        }
     }
     if config.masking.secret.is_some() {
         diagnostics.push(Diagnostic::in_file(

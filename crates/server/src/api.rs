@@ -423,6 +423,15 @@ mod tests {
                 replaying,
                 retired,
             ],
+            alerts: vec![crate::alerts::Alert {
+                at: "2026-12-02T11:00:00.000Z".into(),
+                kind: "lag".into(),
+                model: Some("gold.revenue".into()),
+                message: "gold.revenue is 12000 records behind".into(),
+                delivered: 1,
+                failed: 1,
+                attempts: 6,
+            }],
         };
         expect_test::expect![[r#"
             MODEL  STATE              ROWS       LAG  DEAD LETTERS  LAST COMMIT
@@ -433,6 +442,9 @@ mod tests {
               gold.revenue  0a1b2c3d4e5f6071  retired · kept for `kappa rollback gold.revenue`
 
             dead letters: 0
+
+            recent alerts:
+              2026-12-02T11:00:00.000Z lag: gold.revenue is 12000 records behind · delivered to 1, failed at 1
         "#]]
         .assert_eq(&status.to_text());
     }
@@ -522,6 +534,9 @@ pub struct StatusResponse {
     /// Every version of every model kappa knows: live, replaying, auditing, failed, retired.
     #[serde(default)]
     pub versions: Vec<VersionStatus>,
+    /// The last alerts raised, oldest first (a running server's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<crate::alerts::Alert>,
 }
 
 /// One version of a model and what it is doing.
@@ -661,6 +676,18 @@ impl StatusResponse {
                 "  {} from {}: {} (latest: {})\n",
                 d.model, d.topic, d.count, d.last_reason
             ));
+        }
+        if !self.alerts.is_empty() {
+            out.push_str("\nrecent alerts:\n");
+            // The newest five, newest last.
+            for a in self.alerts.iter().skip(self.alerts.len().saturating_sub(5)) {
+                let delivery = match (a.delivered, a.failed) {
+                    (0, 0) => String::new(),
+                    (d, 0) => format!(" · delivered to {d}"),
+                    (d, f) => format!(" · delivered to {d}, failed at {f}"),
+                };
+                out.push_str(&format!("  {} {}: {}{delivery}\n", a.at, a.kind, a.message));
+            }
         }
         out
     }

@@ -41,6 +41,7 @@ pub(crate) fn router(state: Arc<AppState>) -> axum::Router {
             "/v1/topics/{topic}/partitions/{partition}/offsets",
             get(partition_offsets),
         )
+        .route("/v1/alerts", get(alerts))
         .route("/v1/models/{model}/audit", get(audit))
         .route("/v1/models/{model}/publish", post(publish))
         .route("/v1/models/{model}/discard", post(discard))
@@ -210,6 +211,7 @@ async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError
         Some(deployer) => deployer.versions().await,
         None => crate::deployer::recorded_versions(&state.data_dir),
     };
+    status.alerts = state.alerts.recent();
     Ok(Json(status).into_response())
 }
 
@@ -314,6 +316,10 @@ async fn deploy_progress(
         Some(deployer) => deployer.progress().await,
         None => crate::deployer::DeployProgress::idle(),
     })
+}
+
+async fn alerts(State(state): State<Arc<AppState>>) -> Response {
+    Json(serde_json::json!({ "alerts": state.alerts.recent() })).into_response()
 }
 
 /// The project the server runs, if it runs one.

@@ -8,6 +8,7 @@
 //!                                                   └──► the data directory, otherwise
 //! ```
 
+pub mod alerts;
 pub mod api;
 pub mod audit;
 pub mod client;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub lakehouse: kappa_lakehouse::Lakehouse,
     /// The project `kappa up` runs (if any), its runners and deploys.
     pub deployer: Option<Arc<deployer::Deployer>>,
+    /// Alerts raised, and the webhooks they go to.
+    pub alerts: Arc<alerts::Alerts>,
 }
 
 impl AppState {
@@ -133,6 +136,12 @@ impl Server {
             .context("open the Iceberg catalog")?;
         // Recorded once it opened: a refused warehouse must not become the directory's.
         warehouse.record(&data_dir)?;
+        let alerts = alerts::Alerts::new(
+            &project
+                .as_ref()
+                .map(|(p, _)| p.config.alerts.clone())
+                .unwrap_or_default(),
+        );
         let deployer = match project {
             Some((project, files)) => {
                 let ensured = {
@@ -177,6 +186,7 @@ impl Server {
             ingest_budget: Arc::new(tokio::sync::Semaphore::new(ingest_budget_kib)),
             lakehouse,
             deployer: deployer.clone(),
+            alerts,
         });
         Ok(Server {
             state,
@@ -206,6 +216,10 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let router = http::router(self.state.clone());
+        let monitor = tokio::spawn(alerts::monitor(
+            self.state.clone(),
+            self.state.shutdown.clone(),
+        ));
         let shutdown_tx = self.shutdown_tx;
         let signal = async move {
             shutdown.await;
@@ -214,6 +228,7 @@ impl Server {
         let served = axum::serve(self.listener, router)
             .with_graceful_shutdown(signal)
             .await;
+        monitor.abort();
         if let Some(deployer) = self.deployer {
             deployer.stop().await;
         }

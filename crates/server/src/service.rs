@@ -227,6 +227,7 @@ pub async fn status(
         models,
         dead_letters,
         versions: Vec::new(),
+        alerts: Vec::new(),
     })
 }
 

@@ -729,3 +729,175 @@ fn dropped_rows_reach_quarantine_exactly_once_under_kill_9() {
     );
     assert!(up.terminate().unwrap().success());
 }
+
+/// A webhook receiver on 127.0.0.1: records every request's path and body; the first
+/// `failures` requests to `/flaky` get a 500.
+struct Receiver {
+    url: String,
+    got: std::sync::Arc<std::sync::Mutex<Vec<(String, String, u16)>>>,
+}
+
+impl Receiver {
+    fn start(failures: usize) -> Receiver {
+        use std::io::{BufRead, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = got.clone();
+        std::thread::spawn(move || {
+            let mut flaky = 0;
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).is_err() {
+                    continue;
+                }
+                let path = request_line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("")
+                    .to_owned();
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some((name, value)) = line.split_once(':')
+                        && name.eq_ignore_ascii_case("content-length")
+                    {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; length];
+                let _ = reader.read_exact(&mut body);
+                let status = if path == "/flaky" && flaky < failures {
+                    flaky += 1;
+                    500
+                } else {
+                    200
+                };
+                seen.lock().unwrap().push((
+                    path,
+                    String::from_utf8_lossy(&body).into_owned(),
+                    status,
+                ));
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        Receiver { url, got }
+    }
+
+    fn bodies(&self, path: &str, status: u16) -> Vec<serde_json::Value> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _, s)| p == path && *s == status)
+            .map(|(_, b, _)| serde_json::from_str(b).unwrap())
+            .collect()
+    }
+}
+
+/// Alerts reach the webhooks of kappa.toml — generic JSON and Slack-compatible — for dead
+/// letters and for a commit that failed its audit; a webhook that fails gets the alert again
+/// with backoff until it takes it; the last alerts are in `kappa status`.
+#[test]
+fn alerts_reach_webhooks_with_retries() {
+    let receiver = Receiver::start(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    let kappa_toml = format!(
+        "[project]\nname = \"shop\"\n\n[alerts]\nlag_records = 1000000\n\n[[alerts.webhooks]]\n\
+         url = \"{0}/flaky\"\n\n[[alerts.webhooks]]\nurl = \"{0}/slack\"\nformat = \"slack\"\n",
+        receiver.url
+    );
+    for (path, text) in [
+        ("kappa.toml", kappa_toml.as_str()),
+        ("topics/orders.toml", ORDERS_TOPIC),
+        (
+            "models/silver/orders.sql",
+            "SELECT order_id, status, amount, product_id, ts FROM orders\n",
+        ),
+        ("models/silver/orders.toml", AUDITED_TOML),
+    ] {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    let data = dir.join(".kappa");
+    std::fs::create_dir_all(&data).unwrap();
+    let project = dir.to_str().unwrap();
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    // The monitor takes its first look (the dead letters it then finds are not new).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let bad = "{\"order_id\":1,\"status\":\"new\",\"amount\":\"lots\",\"product_id\":\"p1\",\
+               \"ts\":\"2026-03-01T10:00:00Z\"}\n";
+    let out = kappa(&data, &["produce", "orders"], Some(bad.as_bytes()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let refund = "{\"order_id\":2,\"status\":\"new\",\"amount\":-5,\"product_id\":\"p1\",\
+                  \"ts\":\"2026-03-01T10:00:00Z\"}\n";
+    let out = kappa(&data, &["produce", "orders"], Some(refund.as_bytes()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_state(&data, project, "quarantined");
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let kinds = |bodies: &[serde_json::Value], field: &str| -> Vec<String> {
+        let mut kinds: Vec<String> = bodies
+            .iter()
+            .map(|b| b[field].as_str().unwrap_or_default().to_owned())
+            .collect();
+        kinds.sort();
+        kinds
+    };
+    loop {
+        let delivered = receiver.bodies("/flaky", 200);
+        let slack = receiver.bodies("/slack", 200);
+        if delivered.len() >= 2 && slack.len() >= 2 {
+            assert_eq!(
+                kinds(&delivered, "kind"),
+                ["dead_letters", "expectation_failed"],
+                "{delivered:?}"
+            );
+            for body in &delivered {
+                assert_eq!(body["model"], "silver.orders", "{body}");
+                assert_eq!(body["source"], "kappa", "{body}");
+            }
+            let texts = kinds(&slack, "text");
+            assert!(
+                texts[0].starts_with("kappa dead_letters (silver.orders): 1 new dead letters"),
+                "{texts:?}"
+            );
+            assert!(
+                texts[1].starts_with("kappa expectation_failed (silver.orders)"),
+                "{texts:?}"
+            );
+            assert!(texts[1].contains("no_refunds"), "{texts:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "alerts not delivered: {:?}",
+            receiver.got.lock().unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // The failing webhook was retried: two refusals, then it took every alert.
+    assert_eq!(receiver.bodies("/flaky", 500).len(), 2);
+    let status = crate::status(&data, project);
+    let alerts = status["alerts"].as_array().unwrap();
+    assert_eq!(alerts.len(), 2, "{status}");
+    for alert in alerts {
+        assert_eq!(alert["delivered"], 2, "{alert}");
+        assert_eq!(alert["failed"], 0, "{alert}");
+    }
+    let attempts: u64 = alerts.iter().map(|a| a["attempts"].as_u64().unwrap()).sum();
+    assert_eq!(attempts, 4 + 2, "two alerts to two webhooks, two retries");
+    let text = stdout(&kappa(&data, &["--project", project, "status"], None));
+    assert!(text.contains("recent alerts:"), "{text}");
+    assert!(up.terminate().unwrap().success());
+}
