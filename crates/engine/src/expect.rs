@@ -367,3 +367,32 @@ pub fn audits_commits(model: &kappa_pipeline::Model) -> bool {
         .iter()
         .any(|e| !e.check.is_row_level() || e.severity == Severity::Fail)
 }
+
+/// `plan` (of `model`, a row-by-row model) without the rows its `drop` expectations set aside:
+/// what its table holds, for the models that recompute it inline.
+pub fn without_dropped(
+    ctx: &SessionContext,
+    plan: datafusion::logical_expr::LogicalPlan,
+    model: &kappa_pipeline::Model,
+) -> Result<datafusion::logical_expr::LogicalPlan> {
+    let mut keep: Option<datafusion::logical_expr::Expr> = None;
+    for e in &model.config.expectations {
+        if e.severity != Severity::Drop {
+            continue;
+        }
+        let Some(sql) = row_passes_sql(&e.check) else {
+            continue;
+        };
+        let passes = ctx.parse_sql_expr(&sql, plan.schema())?;
+        keep = Some(match keep {
+            None => passes,
+            Some(k) => k.and(passes),
+        });
+    }
+    match keep {
+        None => Ok(plan),
+        Some(keep) => datafusion::logical_expr::LogicalPlanBuilder::from(plan)
+            .filter(keep)?
+            .build(),
+    }
+}

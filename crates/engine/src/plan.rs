@@ -350,6 +350,7 @@ async fn register_inputs(
         let upstream_model = &project.models[id];
         let plan = ctx.state().create_logical_plan(&upstream_model.sql).await?;
         let plan = crate::mask::mask_plan(plan, &upstream_model.config.mask)?;
+        let plan = crate::expect::without_dropped(ctx, plan, upstream_model)?;
         register_schema(ctx, &upstream_model.layer);
         ctx.register_table(
             TableReference::partial(upstream_model.layer.as_str(), upstream_model.name.as_str()),
@@ -623,7 +624,7 @@ fn register_schema(ctx: &SessionContext, layer: &str) {
 }
 
 /// Whether `model_id` reads `other`, directly or through other models.
-fn reads_transitively(project: &Project, model_id: &str, other: &str) -> bool {
+pub fn reads_transitively(project: &Project, model_id: &str, other: &str) -> bool {
     let mut pending = vec![model_id];
     let mut seen = BTreeSet::new();
     while let Some(id) = pending.pop() {

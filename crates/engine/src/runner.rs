@@ -92,6 +92,30 @@ pub enum RunnerError {
     /// until someone publishes or discards it.
     #[error("model {model}: quarantined: {reason}")]
     Quarantined { model: String, reason: String },
+    /// A model it reads stopped until someone decides: it waits for it, without reading on.
+    #[error("model {model}: waits for {upstream}, which is {reason}")]
+    Waiting {
+        model: String,
+        upstream: String,
+        reason: String,
+    },
+}
+
+/// A model `model_id` reads (directly or not) whose writer stopped until someone decides, and
+/// why ([`kappa_lakehouse::Lakehouse::block`]).
+pub fn blocked_upstream(
+    lakehouse: &Lakehouse,
+    project: &Project,
+    model_id: &str,
+) -> Option<(String, String)> {
+    project
+        .order
+        .iter()
+        .filter(|id| crate::plan::reads_transitively(project, model_id, id))
+        .find_map(|id| {
+            let reason = lakehouse.blocked(&live_table(project, id).ok()?)?;
+            Some((id.clone(), reason))
+        })
 }
 
 /// The row-level expectations' failing rows per expectation, in the commit that wrote them.
@@ -642,6 +666,14 @@ pub async fn run_version(
     loop {
         if *stop.borrow() {
             return Ok(());
+        }
+        // What a quarantined model withholds is not computed on by what reads it.
+        if let Some((upstream, reason)) = blocked_upstream(&lakehouse, &project, &model_id) {
+            return Err(RunnerError::Waiting {
+                model: model_id,
+                upstream,
+                reason,
+            });
         }
         // Dimensions first: every event is looked up in what its dimensions hold by now.
         for (dimension, reports) in &mut dims {

@@ -281,6 +281,8 @@ pub struct Lakehouse {
     holds: Arc<changes::Holds>,
     /// Tables whose commits go to their audit branch (`wap.rs`), shared by every clone.
     staged: Arc<std::sync::Mutex<std::collections::HashSet<TableIdent>>>,
+    /// Tables whose writer waits for a decision, and why (`wap.rs`), shared by every clone.
+    blocked: Arc<std::sync::Mutex<HashMap<TableIdent, String>>>,
 }
 
 /// The partition spec `partition_by` asks for, over an Iceberg `schema`. Each entry is a column
@@ -447,6 +449,7 @@ impl Lakehouse {
             replaced_snapshot_ms: commit::SNAPSHOT_REPLACED_MIN_MS,
             holds: Arc::default(),
             staged: Arc::default(),
+            blocked: Arc::default(),
         })
     }
 
@@ -479,6 +482,7 @@ impl Lakehouse {
             replaced_snapshot_ms: commit::SNAPSHOT_REPLACED_MIN_MS,
             holds: Arc::default(),
             staged: Arc::default(),
+            blocked: Arc::default(),
         })
     }
 

@@ -66,6 +66,26 @@ impl Lakehouse {
         }
     }
 
+    /// Says that `ident`'s writer stopped until someone decides (a quarantined commit), and
+    /// why: writers of what is computed from it wait ([`Lakehouse::blocked`]).
+    pub fn block(&self, ident: &TableIdent, reason: &str) {
+        if let Ok(mut blocked) = self.blocked.lock() {
+            blocked.insert(ident.clone(), reason.to_owned());
+        }
+    }
+
+    /// `ident`'s writer runs again.
+    pub fn unblock(&self, ident: &TableIdent) {
+        if let Ok(mut blocked) = self.blocked.lock() {
+            blocked.remove(ident);
+        }
+    }
+
+    /// Why `ident`'s writer stopped, if it did ([`Lakehouse::block`]).
+    pub fn blocked(&self, ident: &TableIdent) -> Option<String> {
+        self.blocked.lock().ok()?.get(ident).cloned()
+    }
+
     /// The branch commits to `ident` go to.
     pub fn branch_for(&self, ident: &TableIdent) -> &'static str {
         let staged = self

@@ -56,6 +56,8 @@ pub enum RunnerState {
     /// A commit failed its audit and waits for `kappa publish --force` or `kappa discard`;
     /// what failed.
     Quarantined(String),
+    /// A model it reads is quarantined: which, and why.
+    Waiting(String),
 }
 
 /// How often a quarantined model looks whether its commit was decided.
@@ -252,7 +254,33 @@ async fn run_until_stopped(
                 set(RunnerState::NotRunning(e.to_string()));
                 return;
             }
+            Err(RunnerError::Waiting {
+                upstream, reason, ..
+            }) => {
+                set(RunnerState::Waiting(format!(
+                    "waits for {upstream}, which is {reason}"
+                )));
+                // Runs again once the model it waits for does.
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(std::time::Duration::from_millis(DECISION_POLL_MS)) => {}
+                        _ = stopped.changed() => {}
+                    }
+                    if *stopped.borrow() {
+                        return;
+                    }
+                    if kappa_engine::runner::blocked_upstream(&lakehouse, &project, &name).is_none()
+                    {
+                        break;
+                    }
+                }
+                continue;
+            }
             Err(RunnerError::Quarantined { reason, .. }) => {
+                let ident = kappa_engine::runner::live_table(&project, &name).ok();
+                if let Some(ident) = &ident {
+                    lakehouse.block(ident, &format!("quarantined: {reason}"));
+                }
                 set(RunnerState::Quarantined(reason));
                 // Runs again once someone published or discarded the commit.
                 loop {
@@ -265,7 +293,12 @@ async fn run_until_stopped(
                     }
                     match kappa_engine::runner::awaits_decision(&lakehouse, &project, &name).await {
                         Ok(true) => {}
-                        Ok(false) => break,
+                        Ok(false) => {
+                            if let Some(ident) = &ident {
+                                lakehouse.unblock(ident);
+                            }
+                            break;
+                        }
                         Err(e) => {
                             tracing::warn!(model = %name, error = %e, "reading the quarantined table failed")
                         }

@@ -267,6 +267,7 @@ async fn model_status(
         Some(crate::pipelines::RunnerState::Restarting(e)) => ("restarting".to_owned(), Some(e)),
         Some(crate::pipelines::RunnerState::NotRunning(e)) => ("not running".to_owned(), Some(e)),
         Some(crate::pipelines::RunnerState::Quarantined(e)) => ("quarantined".to_owned(), Some(e)),
+        Some(crate::pipelines::RunnerState::Waiting(e)) => ("waiting".to_owned(), Some(e)),
     };
     let rows = snapshot
         .as_ref()

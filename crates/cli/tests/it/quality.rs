@@ -492,10 +492,19 @@ fn published_ids(data: &Path) -> Vec<i64> {
 /// Waits until silver.orders is in `state` ("quarantined", or "running" with nothing left to
 /// read); returns its status.
 fn wait_state(data: &Path, project: &str, state: &str) -> serde_json::Value {
+    wait_model_state(data, project, "silver.orders", state)
+}
+
+/// [`wait_state`] of `model`.
+fn wait_model_state(data: &Path, project: &str, model: &str, state: &str) -> serde_json::Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let status = crate::status(data, project);
-        let model = status["models"][0].clone();
+        let model = status["models"]
+            .as_array()
+            .and_then(|all| all.iter().find(|m| m["model"] == model))
+            .cloned()
+            .unwrap_or_default();
         let done = model["state"] == state && (state != "running" || model["lag_records"] == 0);
         if done {
             return model;
@@ -525,6 +534,10 @@ fn external_readers_never_see_a_failing_commit_until_it_is_forced() {
             "SELECT order_id, status, amount, product_id, ts FROM orders\n",
         ),
         ("models/silver/orders.toml", AUDITED_TOML),
+        (
+            "models/gold/per_status.sql",
+            "SELECT status, count(*) AS n FROM silver.orders GROUP BY status\n",
+        ),
     ] {
         let path = dir.join(path);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -564,6 +577,15 @@ fn external_readers_never_see_a_failing_commit_until_it_is_forced() {
     let model = wait_state(&data, project, "quarantined");
     let reason = model["detail"].as_str().unwrap();
     assert!(reason.contains("no_refunds"), "{reason}");
+    // What reads silver waits for it, and says so.
+    let gold = wait_model_state(&data, project, "gold.per_status", "waiting");
+    assert!(
+        gold["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("waits for silver.orders, which is quarantined"),
+        "{gold}"
+    );
     assert_eq!(published_ids(&data), range(1..=5));
     let (ok, text, err) = cli(&["audit", "silver.orders"]);
     assert!(ok, "{err}");
@@ -588,6 +610,7 @@ fn external_readers_never_see_a_failing_commit_until_it_is_forced() {
     assert!(ok, "{err}");
     assert!(text.contains("discarded"), "{text}");
     wait_state(&data, project, "running");
+    wait_model_state(&data, project, "gold.per_status", "running");
     let mut expected = range(1..=5);
     expected.extend(9..=10);
     assert_eq!(published_ids(&data), expected);
@@ -641,6 +664,10 @@ fn dropped_rows_reach_quarantine_exactly_once_under_kill_9() {
             "SELECT order_id, status, amount, product_id, ts FROM orders\n",
         ),
         ("models/silver/orders.toml", toml),
+        (
+            "models/gold/per_product.sql",
+            "SELECT product_id, count(*) AS n FROM silver.orders GROUP BY product_id\n",
+        ),
     ] {
         let path = dir.join(path);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -678,7 +705,7 @@ fn dropped_rows_reach_quarantine_exactly_once_under_kill_9() {
             up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
         }
     }
-    crate::wait_caught_up(&data, project, 1, std::time::Duration::from_secs(120));
+    crate::wait_caught_up(&data, project, 2, std::time::Duration::from_secs(120));
     let status = crate::status(&data, project);
     let version = status["models"][0]["version"].as_str().unwrap().to_owned();
     let ids = |sql: &str| -> Vec<(i64, String)> {
@@ -707,6 +734,12 @@ fn dropped_rows_reach_quarantine_exactly_once_under_kill_9() {
         &ids("SELECT order_id, '' FROM silver.orders ORDER BY order_id"),
         &kept,
         &format!("silver holds exactly the rows that passed, each once ({kills} kills)"),
+    );
+    // A model reading silver (recomputing it inline) counts what silver's table holds.
+    same_rows(
+        &ids("SELECT n, product_id FROM gold.per_product"),
+        &[(kept.len() as i64, "p1".to_owned())],
+        "gold counts silver's rows, not the dropped ones",
     );
     let quarantined: Vec<(i64, String)> = all
         .filter(|i| i % 7 == 0 || i % 11 == 0)
