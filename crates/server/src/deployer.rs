@@ -566,6 +566,28 @@ impl Deployer {
             if *stopped.borrow() {
                 return Ok(());
             }
+            // A new version whose commit failed its audit stops the deploy: the deployed
+            // versions keep serving.
+            if let Some((id, reason)) = switches
+                .iter()
+                .find_map(|(id, _, table)| Some((id, self.lakehouse.blocked(table)?)))
+            {
+                let failure = format!("the new version of {id} is {reason}");
+                tracing::warn!(%failure, "the deploy stops; the deployed versions keep serving");
+                if let Ok(mut audit) = self.audit.lock() {
+                    audit.running = false;
+                    audit.failure = Some(failure);
+                }
+                let mut inner = self.inner.lock().await;
+                if let Some(pending) = inner.pending.take() {
+                    pending.runners.stop().await;
+                }
+                for (_, _, table) in &switches {
+                    self.lakehouse.unblock(table);
+                }
+                self.release_stopped_readers(&inner);
+                return Ok(());
+            }
             let ends = self.input_ends(&project, replaying).await;
             if let Some(before) = &ends_before {
                 let mut all = true;
@@ -681,6 +703,25 @@ impl Deployer {
             .await;
             tracing::info!(model = %id, audit = %report.to_text(), "audited");
             failures.extend(report.failures.iter().map(|f| format!("{id}: {f}")));
+            // The new version's expectations, over what it would publish.
+            match self.lakehouse.load_table(table).await {
+                Ok(new_table) => {
+                    match kappa_engine::expect::audit(&self.lakehouse, model, &new_table, false, 0)
+                        .await
+                    {
+                        Ok(audited) => failures.extend(
+                            audited
+                                .iter()
+                                .filter(|a| a.blocks())
+                                .map(|a| format!("{id}: {}", a.describe())),
+                        ),
+                        Err(e) => {
+                            failures.push(format!("{id}: its expectations could not run: {e}"))
+                        }
+                    }
+                }
+                Err(e) => failures.push(format!("{id}: its new table could not be read: {e}")),
+            }
             set(&|a| a.models.push(report.clone()));
         }
         let failure = (!failures.is_empty())

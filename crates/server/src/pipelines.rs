@@ -289,6 +289,9 @@ async fn run_until_stopped(
                         _ = stopped.changed() => {}
                     }
                     if *stopped.borrow() {
+                        if let Some(ident) = &ident {
+                            lakehouse.unblock(ident);
+                        }
                         return;
                     }
                     match kappa_engine::runner::awaits_decision(&lakehouse, &project, &name).await {

@@ -934,3 +934,68 @@ fn alerts_reach_webhooks_with_retries() {
     assert!(text.contains("recent alerts:"), "{text}");
     assert!(up.terminate().unwrap().success());
 }
+
+/// A deploy whose new version fails its expectations stops before the cutover: the replaying
+/// version's failing commit quarantines it, the deploy fails saying so, and the deployed
+/// version keeps serving what it served.
+#[test]
+fn a_deploy_whose_new_version_fails_its_expectations_does_not_cut_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    let silver = dir.join("models/silver/orders.sql");
+    for (path, text) in [
+        ("kappa.toml", "[project]\nname = \"shop\"\n"),
+        ("topics/orders.toml", ORDERS_TOPIC),
+        (
+            "models/silver/orders.sql",
+            "SELECT order_id, status, amount, product_id, ts FROM orders\n",
+        ),
+        ("models/silver/orders.toml", AUDITED_TOML),
+    ] {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    let data = dir.join(".kappa");
+    std::fs::create_dir_all(&data).unwrap();
+    let project = dir.to_str().unwrap();
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    let lines: String = (1..=20)
+        .map(|i| {
+            format!(
+                "{{\"order_id\":{i},\"status\":\"new\",\"amount\":{i},\"product_id\":\"p1\",\
+                 \"ts\":\"2026-03-01T10:00:00Z\"}}\n"
+            )
+        })
+        .collect();
+    let out = kappa(&data, &["produce", "orders"], Some(lines.as_bytes()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_state(&data, project, "running");
+    assert_eq!(published_ids(&data), (1..=20).collect::<Vec<i64>>());
+
+    // v2 takes a fee off every amount: the small ones go negative.
+    std::fs::write(
+        &silver,
+        "SELECT order_id, status, amount - 5 AS amount, product_id, ts FROM orders\n",
+    )
+    .unwrap();
+    let out = kappa(&data, &["--project", project, "deploy", "--wait"], None);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("the new version of silver.orders is quarantined")
+            && err.contains("no_refunds"),
+        "{err}"
+    );
+    // v1 serves on, unchanged, and keeps running.
+    let status = wait_state(&data, project, "running");
+    assert_eq!(published_ids(&data), (1..=20).collect::<Vec<i64>>());
+    let sum = kappa(
+        &data,
+        &["sql", "SELECT sum(amount) FROM silver.orders", "--json"],
+        None,
+    );
+    let sum: serde_json::Value = serde_json::from_str(&stdout(&sum)).unwrap();
+    assert_eq!(sum["rows"][0][0], 210, "{status}");
+    assert!(up.terminate().unwrap().success());
+}
