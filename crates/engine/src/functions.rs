@@ -89,7 +89,7 @@ fn is_utc(zone: &str) -> bool {
 }
 
 /// `array` (timestamps) with its zone replaced by `zone`; the values are unchanged.
-fn with_zone(array: &ArrayRef, zone: Option<Arc<str>>) -> Result<ArrayRef> {
+pub(crate) fn with_zone(array: &ArrayRef, zone: Option<Arc<str>>) -> Result<ArrayRef> {
     let DataType::Timestamp(unit, _) = array.data_type() else {
         return Ok(array.clone());
     };

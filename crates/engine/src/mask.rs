@@ -236,8 +236,8 @@ fn truncate_to_day(array: &ArrayRef) -> Result<ArrayRef> {
             Arc::new(a.unary::<_, arrow::datatypes::Date64Type>(day(DAY_MS)))
         }
         DataType::Timestamp(unit, zone) => {
-            let zone = zone.clone();
-            match unit {
+            // `unary` drops the zone; it is put back.
+            let truncated: ArrayRef = match unit {
                 TimeUnit::Second => {
                     let a: &TimestampSecondArray = array.as_primitive();
                     Arc::new(a.unary::<_, arrow::datatypes::TimestampSecondType>(day(86_400)))
@@ -261,30 +261,11 @@ fn truncate_to_day(array: &ArrayRef) -> Result<ArrayRef> {
                         DAY_MS * 1_000_000
                     )))
                 }
-            }
-            .pipe_zone(zone)?
+            };
+            crate::functions::with_zone(&truncated, zone.clone())?
         }
         other => return exec_err!("truncate_date() takes a date or a timestamp, not {other}"),
     })
-}
-
-trait PipeZone {
-    fn pipe_zone(self, zone: Option<Arc<str>>) -> Result<ArrayRef>;
-}
-
-impl PipeZone for ArrayRef {
-    /// `unary` drops the time zone of a timestamp array; this puts it back.
-    fn pipe_zone(self, zone: Option<Arc<str>>) -> Result<ArrayRef> {
-        let DataType::Timestamp(unit, _) = self.data_type() else {
-            return Ok(self);
-        };
-        let data = self
-            .to_data()
-            .into_builder()
-            .data_type(DataType::Timestamp(*unit, zone))
-            .build()?;
-        Ok(arrow::array::make_array(data))
-    }
 }
 
 /// `plan` with `masks` applied to its output columns (see the module's notes); an error names

@@ -45,21 +45,18 @@ fn raw(i: usize) -> [String; 4] {
 fn masked_columns_never_reach_the_warehouse_raw() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("crm");
-    for (path, text) in [
-        ("kappa.toml", "[project]\nname = \"crm\"\n"),
-        ("topics/signups.toml", SIGNUPS),
-        ("models/silver/customers.sql", CUSTOMERS_SQL),
-        ("models/silver/customers.toml", CUSTOMERS_TOML),
-        ("models/silver/contacts.sql", CONTACTS_SQL),
-        ("models/silver/contacts.toml", CONTACTS_TOML),
-        ("models/gold/domains.sql", DOMAINS_SQL),
-    ] {
-        let path = dir.join(path);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, text).unwrap();
-    }
-    let data = dir.join(".kappa");
-    std::fs::create_dir_all(&data).unwrap();
+    let data = write_project(
+        &dir,
+        &[
+            ("kappa.toml", "[project]\nname = \"crm\"\n"),
+            ("topics/signups.toml", SIGNUPS),
+            ("models/silver/customers.sql", CUSTOMERS_SQL),
+            ("models/silver/customers.toml", CUSTOMERS_TOML),
+            ("models/silver/contacts.sql", CONTACTS_SQL),
+            ("models/silver/contacts.toml", CONTACTS_TOML),
+            ("models/gold/domains.sql", DOMAINS_SQL),
+        ],
+    );
     let project = dir.to_str().unwrap();
     let up = KappaProcess::start_with_env(
         KAPPA.as_ref(),
@@ -180,21 +177,18 @@ fn masked_columns_never_reach_the_warehouse_raw() {
 fn hashing_without_a_key_fails_with_the_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("crm");
-    for (path, text) in [
-        (
-            "kappa.toml",
-            "[masking]\nsecret_env = \"CRM_KEY_UNSET_IN_TESTS\"\n",
-        ),
-        ("topics/signups.toml", SIGNUPS),
-        ("models/silver/contacts.sql", CONTACTS_SQL),
-        ("models/silver/contacts.toml", CONTACTS_TOML),
-    ] {
-        let path = dir.join(path);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, text).unwrap();
-    }
-    let data = dir.join(".kappa");
-    std::fs::create_dir_all(&data).unwrap();
+    let data = write_project(
+        &dir,
+        &[
+            (
+                "kappa.toml",
+                "[masking]\nsecret_env = \"CRM_KEY_UNSET_IN_TESTS\"\n",
+            ),
+            ("topics/signups.toml", SIGNUPS),
+            ("models/silver/contacts.sql", CONTACTS_SQL),
+            ("models/silver/contacts.toml", CONTACTS_TOML),
+        ],
+    );
     let project = dir.to_str().unwrap();
     let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
     let line = "{\"customer_id\":\"c1\",\"email\":\"a@b.c\",\"phone\":\"1\",\"card\":\"12345\",\
@@ -233,6 +227,19 @@ fn same_rows(got: &[(i64, String)], expected: &[(i64, String)], what: &str) {
             expected.get(at)
         );
     }
+}
+
+/// Writes a project folder at `dir` (path → text) and creates its data directory, which it
+/// returns.
+fn write_project(dir: &Path, files: &[(&str, &str)]) -> PathBuf {
+    for (path, text) in files {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    let data = dir.join(".kappa");
+    std::fs::create_dir_all(&data).unwrap();
+    data
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
@@ -277,6 +284,9 @@ fn parquet_values(file: &Path) -> Vec<String> {
 const ORDERS_TOPIC: &str = "partitions = 1\n\n[schema]\norder_id = \"bigint\"\nstatus = \
                             \"string\"\namount = \"int\"\nproduct_id = \"string\"\ncoupon = { \
                             type = \"string\", required = false }\nts = \"timestamp\"\n";
+
+/// The silver model of the audit tests: the orders as they come.
+const SILVER_ORDERS_SQL: &str = "SELECT order_id, status, amount, product_id, ts FROM orders\n";
 
 /// Every kind of expectation twice: `<kind>_ok` holds over the test's orders, `<kind>_bad`
 /// does not.
@@ -345,32 +355,29 @@ query = "SELECT * FROM silver.orders o JOIN silver.products p USING (product_id)
 fn kappa_test_runs_every_kind_of_expectation() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("shop");
-    for (path, text) in [
-        ("kappa.toml", "[project]\nname = \"shop\"\n"),
-        ("topics/orders.toml", ORDERS_TOPIC),
-        (
-            "topics/products.toml",
-            "partitions = 1\n\n[schema]\nproduct_id = \"string\"\n",
-        ),
-        (
-            "models/silver/orders.sql",
-            "SELECT order_id, status, amount, product_id, coupon, ts FROM orders\n",
-        ),
-        (
-            "models/silver/products.sql",
-            "SELECT product_id FROM products\n",
-        ),
-        (
-            "models/silver/top_products.sql",
-            "SELECT product_id FROM products WHERE product_id = 'p1'\n",
-        ),
-    ] {
-        let path = dir.join(path);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, text).unwrap();
-    }
-    let data = dir.join(".kappa");
-    std::fs::create_dir_all(&data).unwrap();
+    let data = write_project(
+        &dir,
+        &[
+            ("kappa.toml", "[project]\nname = \"shop\"\n"),
+            ("topics/orders.toml", ORDERS_TOPIC),
+            (
+                "topics/products.toml",
+                "partitions = 1\n\n[schema]\nproduct_id = \"string\"\n",
+            ),
+            (
+                "models/silver/orders.sql",
+                "SELECT order_id, status, amount, product_id, coupon, ts FROM orders\n",
+            ),
+            (
+                "models/silver/products.sql",
+                "SELECT product_id FROM products\n",
+            ),
+            (
+                "models/silver/top_products.sql",
+                "SELECT product_id FROM products WHERE product_id = 'p1'\n",
+            ),
+        ],
+    );
     let project = dir.to_str().unwrap();
     let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
     let orders: String = (1..=10)
@@ -526,25 +533,19 @@ fn wait_model_state(data: &Path, project: &str, model: &str, state: &str) -> ser
 fn external_readers_never_see_a_failing_commit_until_it_is_forced() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("shop");
-    for (path, text) in [
-        ("kappa.toml", "[project]\nname = \"shop\"\n"),
-        ("topics/orders.toml", ORDERS_TOPIC),
-        (
-            "models/silver/orders.sql",
-            "SELECT order_id, status, amount, product_id, ts FROM orders\n",
-        ),
-        ("models/silver/orders.toml", AUDITED_TOML),
-        (
-            "models/gold/per_status.sql",
-            "SELECT status, count(*) AS n FROM silver.orders GROUP BY status\n",
-        ),
-    ] {
-        let path = dir.join(path);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, text).unwrap();
-    }
-    let data = dir.join(".kappa");
-    std::fs::create_dir_all(&data).unwrap();
+    let data = write_project(
+        &dir,
+        &[
+            ("kappa.toml", "[project]\nname = \"shop\"\n"),
+            ("topics/orders.toml", ORDERS_TOPIC),
+            ("models/silver/orders.sql", SILVER_ORDERS_SQL),
+            ("models/silver/orders.toml", AUDITED_TOML),
+            (
+                "models/gold/per_status.sql",
+                "SELECT status, count(*) AS n FROM silver.orders GROUP BY status\n",
+            ),
+        ],
+    );
     let project = dir.to_str().unwrap();
     let mut up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
     let produce = |ids: std::ops::RangeInclusive<i64>, amount: i64| {
@@ -651,30 +652,24 @@ fn dropped_rows_reach_quarantine_exactly_once_under_kill_9() {
                 }\nseverity = \"drop\"\n\n[[expect]]\nname = \"known_product\"\nrow = \
                 \"product_id LIKE 'p%'\"\nseverity = \"drop\"\n\n[[expect]]\nname = \
                 \"small\"\nrange = { column = \"amount\", max = 90 }\nseverity = \"warn\"\n";
-    for (path, text) in [
-        ("kappa.toml", "[project]\nname = \"shop\"\n"),
-        (
-            "topics/orders.toml",
-            ORDERS_TOPIC
-                .replace("partitions = 1", "partitions = 3")
-                .as_str(),
-        ),
-        (
-            "models/silver/orders.sql",
-            "SELECT order_id, status, amount, product_id, ts FROM orders\n",
-        ),
-        ("models/silver/orders.toml", toml),
-        (
-            "models/gold/per_product.sql",
-            "SELECT product_id, count(*) AS n FROM silver.orders GROUP BY product_id\n",
-        ),
-    ] {
-        let path = dir.join(path);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, text).unwrap();
-    }
-    let data = dir.join(".kappa");
-    std::fs::create_dir_all(&data).unwrap();
+    let data = write_project(
+        &dir,
+        &[
+            ("kappa.toml", "[project]\nname = \"shop\"\n"),
+            (
+                "topics/orders.toml",
+                ORDERS_TOPIC
+                    .replace("partitions = 1", "partitions = 3")
+                    .as_str(),
+            ),
+            ("models/silver/orders.sql", SILVER_ORDERS_SQL),
+            ("models/silver/orders.toml", toml),
+            (
+                "models/gold/per_product.sql",
+                "SELECT product_id, count(*) AS n FROM silver.orders GROUP BY product_id\n",
+            ),
+        ],
+    );
     let project = dir.to_str().unwrap();
     // Order i: a refund when i % 7 == 0, an unknown product when i % 11 == 0 (both when both).
     let order = |i: i64| {
@@ -849,21 +844,15 @@ fn alerts_reach_webhooks_with_retries() {
          url = \"{0}/flaky\"\n\n[[alerts.webhooks]]\nurl = \"{0}/slack\"\nformat = \"slack\"\n",
         receiver.url
     );
-    for (path, text) in [
-        ("kappa.toml", kappa_toml.as_str()),
-        ("topics/orders.toml", ORDERS_TOPIC),
-        (
-            "models/silver/orders.sql",
-            "SELECT order_id, status, amount, product_id, ts FROM orders\n",
-        ),
-        ("models/silver/orders.toml", AUDITED_TOML),
-    ] {
-        let path = dir.join(path);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, text).unwrap();
-    }
-    let data = dir.join(".kappa");
-    std::fs::create_dir_all(&data).unwrap();
+    let data = write_project(
+        &dir,
+        &[
+            ("kappa.toml", kappa_toml.as_str()),
+            ("topics/orders.toml", ORDERS_TOPIC),
+            ("models/silver/orders.sql", SILVER_ORDERS_SQL),
+            ("models/silver/orders.toml", AUDITED_TOML),
+        ],
+    );
     let project = dir.to_str().unwrap();
     let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
     // The monitor takes its first look (the dead letters it then finds are not new).
@@ -943,21 +932,15 @@ fn a_deploy_whose_new_version_fails_its_expectations_does_not_cut_over() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("shop");
     let silver = dir.join("models/silver/orders.sql");
-    for (path, text) in [
-        ("kappa.toml", "[project]\nname = \"shop\"\n"),
-        ("topics/orders.toml", ORDERS_TOPIC),
-        (
-            "models/silver/orders.sql",
-            "SELECT order_id, status, amount, product_id, ts FROM orders\n",
-        ),
-        ("models/silver/orders.toml", AUDITED_TOML),
-    ] {
-        let path = dir.join(path);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, text).unwrap();
-    }
-    let data = dir.join(".kappa");
-    std::fs::create_dir_all(&data).unwrap();
+    let data = write_project(
+        &dir,
+        &[
+            ("kappa.toml", "[project]\nname = \"shop\"\n"),
+            ("topics/orders.toml", ORDERS_TOPIC),
+            ("models/silver/orders.sql", SILVER_ORDERS_SQL),
+            ("models/silver/orders.toml", AUDITED_TOML),
+        ],
+    );
     let project = dir.to_str().unwrap();
     let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
     let lines: String = (1..=20)
