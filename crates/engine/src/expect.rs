@@ -292,19 +292,20 @@ impl Audited {
     }
 }
 
-/// Runs `model`'s expectations over `table` at its newest snapshot (the audit branch's head
-/// when one waits), as `layer.name`; `skip_row_level` leaves out the row-level ones (the
-/// runner counted them on the rows it wrote). With `samples`, keeps that many failing rows
-/// of each.
+/// Runs `model`'s expectations over `table` at snapshot `at` — by default its newest (the
+/// audit branch's head when one waits) — as `layer.name`; `skip_row_level` leaves out the
+/// row-level ones (the runner counted them on the rows it wrote). With `samples`, keeps that
+/// many failing rows of each.
 pub async fn audit(
     lakehouse: &kappa_lakehouse::Lakehouse,
     model: &kappa_pipeline::Model,
     table: &kappa_lakehouse::Table,
+    at: Option<i64>,
     skip_row_level: bool,
     samples: usize,
 ) -> kappa_lakehouse::Result<Vec<Audited>> {
     let ctx = lakehouse
-        .audit_session(&model.layer, &model.name, table)
+        .audit_session(&model.layer, &model.name, table, at)
         .await?;
     let name = format!("{}.{}", model.layer, model.name);
     let mut out = Vec::new();
@@ -394,5 +395,15 @@ pub fn without_dropped(
         Some(keep) => datafusion::logical_expr::LogicalPlanBuilder::from(plan)
             .filter(keep)?
             .build(),
+    }
+}
+
+/// What `check` returns over an empty table: a minimum row count and freshness fail (one row
+/// each), the rest pass.
+pub fn fails_when_empty(check: &Check) -> u64 {
+    match check {
+        Check::RowCount { min: Some(min), .. } if *min > 0 => 1,
+        Check::Freshness { .. } => 1,
+        _ => 0,
     }
 }

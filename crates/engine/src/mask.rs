@@ -4,8 +4,8 @@
 //! Masks are applied where a row leaves the model: a projection on top of its plan, so the
 //! model's own SQL computes with the real values and its table holds only masked ones. A
 //! deduplicating model keeps candidate rows in its state until the watermark passes them; the
-//! masked columns that are not its key or order are masked before the deduplication, so that
-//! state never holds their raw values either. (Group keys and join buffers keep the values
+//! masked columns that are not its key or order, and that the SQL above it only passes on, are
+//! masked before the deduplication, so that state never holds their raw values either. (Group keys and join buffers keep the values
 //! they are keyed on: mask a column in the model that reads them, not one that groups by it.)
 //!
 //! `hash` is HMAC-SHA256 under a key read from the environment (the variable named by
@@ -355,15 +355,41 @@ fn mask_before_dedup(
         .iter()
         .map(|f| f.name().as_str())
         .collect();
+    // Above the window, a column masked early may only be passed on as it is: computed with
+    // (`coalesce(email, alt)`, `email LIKE …`, renamed), it is masked at the output instead,
+    // where the model's SQL has seen the real values.
+    let target = LogicalPlan::Window(window.clone());
+    let mut computed = Vec::new();
+    let _ = plan.apply(|node| {
+        if *node == target {
+            return Ok(TreeNodeRecursion::Jump);
+        }
+        for expr in node.expressions() {
+            let passed_on = match &expr {
+                Expr::Column(_) => true,
+                Expr::Alias(alias) => {
+                    matches!(alias.expr.as_ref(), Expr::Column(c) if c.name == alias.name)
+                }
+                _ => false,
+            };
+            if !passed_on {
+                computed.extend(expr.column_refs().into_iter().map(|c| c.name.clone()));
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
     let early: BTreeMap<String, Mask> = masks
         .iter()
-        .filter(|(column, _)| input_columns.contains(&column.as_str()) && !used.contains(column))
+        .filter(|(column, _)| {
+            input_columns.contains(&column.as_str())
+                && !used.contains(column)
+                && !computed.contains(column)
+        })
         .map(|(c, m)| (c.clone(), *m))
         .collect();
     if early.is_empty() {
         return Ok((plan, Vec::new()));
     }
-    let target = LogicalPlan::Window(window.clone());
     let masked_input = project_masks(window.input.as_ref().clone(), &early)?;
     let plan = plan
         .transform_down(|node| {

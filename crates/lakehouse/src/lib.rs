@@ -999,7 +999,7 @@ mod tests {
         assert_eq!(offsets(wap::head(&table)), "3");
         // The audit reads the branch under the model's name.
         let ctx = lakehouse
-            .audit_session("silver", "orders", &table)
+            .audit_session("silver", "orders", &table, None)
             .await
             .unwrap();
         let audited = ctx
@@ -1026,7 +1026,10 @@ mod tests {
             .append(&table, &[batch(&[6])], props("4"))
             .await
             .unwrap();
-        let table = lakehouse.discard(&table, &["kappa.offsets"]).await.unwrap();
+        let table = lakehouse
+            .discard(&table, &["kappa.offsets"], &[])
+            .await
+            .unwrap();
         assert!(wap::unpublished(&table).is_none());
         assert_eq!(count(lakehouse.clone()).await, 5);
         assert_eq!(offsets(table.metadata().current_snapshot()), "4");

@@ -133,9 +133,15 @@ impl Lakehouse {
 
     /// Drops what the audit branch holds beyond main: main gets one snapshot with its own
     /// data and summary, except the keys of `position` taken from the branch's head (the
-    /// writer's offsets: what was discarded is not read again), and the branch goes, in one
-    /// step. The table as it was when there is nothing to discard.
-    pub async fn discard(&self, table: &Table, position: &[&str]) -> Result<Table> {
+    /// writer's offsets: what was discarded is not read again), without the keys of `forget`
+    /// (what only the commit it copies did), and the branch goes, in one step. The table as
+    /// it was when there is nothing to discard.
+    pub async fn discard(
+        &self,
+        table: &Table,
+        position: &[&str],
+        forget: &[&str],
+    ) -> Result<Table> {
         let Some(audited) = unpublished(table) else {
             return Ok(table.clone());
         };
@@ -155,6 +161,9 @@ impl Lakehouse {
         ] {
             properties.remove(key);
         }
+        for key in forget {
+            properties.remove(*key);
+        }
         for key in position {
             match audited.summary().additional_properties.get(*key) {
                 Some(value) => properties.insert((*key).to_owned(), value.clone()),
@@ -173,15 +182,17 @@ impl Lakehouse {
     }
 
     /// A session like [`Lakehouse::session`] in which `layer.name` (and `name` alone, if it is
-    /// reachable so) reads `table` at its unpublished head: what an audit checks.
+    /// reachable so) reads `table` at snapshot `at`, by default its newest (the unpublished
+    /// head): what an audit checks.
     pub async fn audit_session(
         &self,
         layer: &str,
         name: &str,
         table: &Table,
+        at: Option<i64>,
     ) -> Result<SessionContext> {
         let ctx = self.session().await?;
-        let Some(audited) = head(table).map(|s| s.snapshot_id()) else {
+        let Some(audited) = at.or_else(|| head(table).map(|s| s.snapshot_id())) else {
             return Ok(ctx);
         };
         let provider: Arc<dyn datafusion::catalog::TableProvider> = Arc::new(

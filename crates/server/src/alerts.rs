@@ -285,7 +285,7 @@ pub async fn monitor(state: Arc<AppState>, mut shutdown: tokio::sync::watch::Rec
             if noted.is_empty() {
                 continue;
             }
-            let Ok(ident) = kappa_engine::runner::live_table(&project, id) else {
+            let Ok(ident) = kappa_engine::runner::live_table(&state.lakehouse, &project, id) else {
                 continue;
             };
             let Ok(table) = state.lakehouse.load_table(&ident).await else {

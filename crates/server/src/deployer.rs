@@ -706,8 +706,15 @@ impl Deployer {
             // The new version's expectations, over what it would publish.
             match self.lakehouse.load_table(table).await {
                 Ok(new_table) => {
-                    match kappa_engine::expect::audit(&self.lakehouse, model, &new_table, false, 0)
-                        .await
+                    match kappa_engine::expect::audit(
+                        &self.lakehouse,
+                        model,
+                        &new_table,
+                        None,
+                        false,
+                        0,
+                    )
+                    .await
                     {
                         Ok(audited) => failures.extend(
                             audited

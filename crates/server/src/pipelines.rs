@@ -277,7 +277,7 @@ async fn run_until_stopped(
                 continue;
             }
             Err(RunnerError::Quarantined { reason, .. }) => {
-                let ident = kappa_engine::runner::live_table(&project, &name).ok();
+                let ident = kappa_engine::runner::live_table(&lakehouse, &project, &name).ok();
                 if let Some(ident) = &ident {
                     lakehouse.block(ident, &format!("quarantined: {reason}"));
                 }

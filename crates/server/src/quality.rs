@@ -20,6 +20,13 @@ const POSITION: &[&str] = &[
     VERSION_PROPERTY,
 ];
 
+/// What a discard does not copy from main's last commit: what only that commit did (its
+/// expectation counts, the rows it set aside — delivered already).
+const FORGET: &[&str] = &[
+    kappa_engine::runner::EXPECTATIONS_PROPERTY,
+    kappa_engine::runner::QUARANTINE_PROPERTY,
+];
+
 /// `GET /v1/models/{model}/audit`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditResponse {
@@ -83,7 +90,8 @@ async fn live(
     project: &Project,
     model: &str,
 ) -> Result<kappa_lakehouse::Table, ServiceError> {
-    let ident = live_table(project, model).map_err(|e| ServiceError::Internal(e.to_string()))?;
+    let ident =
+        live_table(lakehouse, project, model).map_err(|e| ServiceError::Internal(e.to_string()))?;
     lakehouse.load_table(&ident).await.map_err(|e| {
         ServiceError::BadRequest(format!("{model} has no table yet (is it deployed?): {e}"))
     })
@@ -97,7 +105,7 @@ pub async fn audit(
 ) -> Result<AuditResponse, ServiceError> {
     let spec = model_of(project, model)?;
     let table = live(lakehouse, project, model).await?;
-    let audited = kappa_engine::expect::audit(lakehouse, spec, &table, false, SAMPLE_ROWS)
+    let audited = kappa_engine::expect::audit(lakehouse, spec, &table, None, false, SAMPLE_ROWS)
         .await
         .map_err(|e| ServiceError::Internal(e.to_string()))?;
     let mut expectations = Vec::new();
@@ -145,7 +153,7 @@ pub async fn decide(
     let decided = kappa_lakehouse::wap::unpublished(&table).is_some();
     let table = match decision {
         Decision::Publish => lakehouse.publish_audited(&table).await,
-        Decision::Discard => lakehouse.discard(&table, POSITION).await,
+        Decision::Discard => lakehouse.discard(&table, POSITION, FORGET).await,
     }
     .map_err(|e| ServiceError::Internal(e.to_string()))?;
     tracing::info!(%model, ?decision, decided, "decided about the quarantined commits");

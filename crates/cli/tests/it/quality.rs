@@ -633,10 +633,20 @@ fn external_readers_never_see_a_failing_commit_until_it_is_forced() {
     expected.push(5);
     expected.sort_unstable();
     assert_eq!(published_ids(&data), expected);
-    // The forced duplicate stays in the table, so every later commit fails its audit as well:
-    // the model says so rather than publishing past it.
+    // The forced duplicate stays in the table; a commit fails `unique` only by adding another.
     produce(11..=11, 1);
-    wait_state(&data, project, "quarantined");
+    wait_state(&data, project, "running");
+    expected.push(11);
+    assert_eq!(published_ids(&data), expected);
+    produce(9..=9, 1);
+    let model = wait_state(&data, project, "quarantined");
+    assert!(
+        model["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unique_order_id"),
+        "{model}"
+    );
     assert_eq!(published_ids(&data), expected);
     assert!(up.terminate().unwrap().success());
 }
