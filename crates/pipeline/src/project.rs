@@ -1058,7 +1058,7 @@ mod tests {
             ("models/gold/f.sql", "SELECT * FROM silver.x.y"),
         ]);
         expect![[r#"
-            kappa.toml:3:2: unknown field `servr`, expected one of `project`, `server`, `lakehouse`, `deploy`, `masking`
+            kappa.toml:3:2: unknown field `servr`, expected one of `project`, `server`, `lakehouse`, `deploy`, `masking`, `alerts`
             models/Gold/d.sql:1:1: layer name `Gold` must be lowercase letters, digits and `_`, starting with a letter, so that SQL can name it unquoted
             models/gold/b.sql:1:1: models read each other in a cycle: gold.b → silver.a → gold.b
             models/gold/b.sql:2:20: no topic or model `ordrs`; did you mean `orders`?
