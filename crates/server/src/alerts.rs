@@ -288,24 +288,38 @@ pub async fn monitor(state: Arc<AppState>, mut shutdown: tokio::sync::watch::Rec
             let Ok(ident) = kappa_engine::runner::live_table(&state.lakehouse, &project, id) else {
                 continue;
             };
+            // A table without commits yet (or not created yet) has seen none: its first ones
+            // count.
             let Ok(table) = state.lakehouse.load_table(&ident).await else {
+                seen_commit.entry(id.clone()).or_insert(0);
                 continue;
             };
             let Some(head) = kappa_lakehouse::wap::head(&table) else {
+                seen_commit.entry(id.clone()).or_insert(0);
                 continue;
             };
-            let first_look = !seen_commit.contains_key(id);
-            if seen_commit.insert(id.clone(), head.snapshot_id()) == Some(head.snapshot_id())
-                || first_look
-            {
+            // Every commit since the last look (by its parents), not only the newest.
+            let Some(seen) = seen_commit.insert(id.clone(), head.sequence_number()) else {
                 continue;
+            };
+            let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+            let mut commits = 0;
+            let mut at = Some(head);
+            while let Some(snapshot) = at.filter(|s| s.sequence_number() > seen) {
+                commits += 1;
+                let these: BTreeMap<String, u64> = snapshot
+                    .summary()
+                    .additional_properties
+                    .get(kappa_engine::runner::EXPECTATIONS_PROPERTY)
+                    .and_then(|c| serde_json::from_str(c).ok())
+                    .unwrap_or_default();
+                for (name, n) in these {
+                    *counts.entry(name).or_default() += n;
+                }
+                at = snapshot
+                    .parent_snapshot_id()
+                    .and_then(|p| table.metadata().snapshot_by_id(p));
             }
-            let counts: BTreeMap<String, u64> = head
-                .summary()
-                .additional_properties
-                .get(kappa_engine::runner::EXPECTATIONS_PROPERTY)
-                .and_then(|c| serde_json::from_str(c).ok())
-                .unwrap_or_default();
             let failed: Vec<String> = counts
                 .iter()
                 .filter(|(name, _)| noted.contains(&name.as_str()))
@@ -315,7 +329,11 @@ pub async fn monitor(state: Arc<AppState>, mut shutdown: tokio::sync::watch::Rec
                 state.alerts.raise(
                     "expectation_warning",
                     Some(id),
-                    format!("{id}: the last commit's rows failed {}", failed.join(", ")),
+                    format!(
+                        "{id}: rows of {commits} new commit{} failed {}",
+                        if commits == 1 { "" } else { "s" },
+                        failed.join(", ")
+                    ),
                 );
             }
         }

@@ -847,6 +847,10 @@ impl Receiver {
 #[test]
 fn alerts_reach_webhooks_with_retries() {
     let receiver = Receiver::start(2);
+    let warned = format!(
+        "{AUDITED_TOML}\n[[expect]]\nname = \"small\"\nrange = {{ column = \"amount\", max = 90 \
+         }}\nseverity = \"warn\"\n"
+    );
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("shop");
     let kappa_toml = format!(
@@ -860,7 +864,7 @@ fn alerts_reach_webhooks_with_retries() {
             ("kappa.toml", kappa_toml.as_str()),
             ("topics/orders.toml", ORDERS_TOPIC),
             ("models/silver/orders.sql", SILVER_ORDERS_SQL),
-            ("models/silver/orders.toml", AUDITED_TOML),
+            ("models/silver/orders.toml", &warned),
         ],
     );
     let project = dir.to_str().unwrap();
@@ -871,6 +875,11 @@ fn alerts_reach_webhooks_with_retries() {
                \"ts\":\"2026-03-01T10:00:00Z\"}\n";
     let out = kappa(&data, &["produce", "orders"], Some(bad.as_bytes()));
     assert!(out.status.success(), "{}", stderr(&out));
+    let big = "{\"order_id\":3,\"status\":\"new\",\"amount\":95,\"product_id\":\"p1\",\
+               \"ts\":\"2026-03-01T10:00:00Z\"}\n";
+    let out = kappa(&data, &["produce", "orders"], Some(big.as_bytes()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_state(&data, project, "running");
     let refund = "{\"order_id\":2,\"status\":\"new\",\"amount\":-5,\"product_id\":\"p1\",\
                   \"ts\":\"2026-03-01T10:00:00Z\"}\n";
     let out = kappa(&data, &["produce", "orders"], Some(refund.as_bytes()));
@@ -889,10 +898,10 @@ fn alerts_reach_webhooks_with_retries() {
     loop {
         let delivered = receiver.bodies("/flaky", 200);
         let slack = receiver.bodies("/slack", 200);
-        if delivered.len() >= 2 && slack.len() >= 2 {
+        if delivered.len() >= 3 && slack.len() >= 3 {
             assert_eq!(
                 kinds(&delivered, "kind"),
-                ["dead_letters", "expectation_failed"],
+                ["dead_letters", "expectation_failed", "expectation_warning"],
                 "{delivered:?}"
             );
             for body in &delivered {
@@ -909,6 +918,11 @@ fn alerts_reach_webhooks_with_retries() {
                 "{texts:?}"
             );
             assert!(texts[1].contains("no_refunds"), "{texts:?}");
+            assert!(
+                texts[2].starts_with("kappa expectation_warning (silver.orders)")
+                    && texts[2].contains("`small` on 1 rows"),
+                "{texts:?}"
+            );
             break;
         }
         assert!(
@@ -922,13 +936,13 @@ fn alerts_reach_webhooks_with_retries() {
     assert_eq!(receiver.bodies("/flaky", 500).len(), 2);
     let status = crate::status(&data, project);
     let alerts = status["alerts"].as_array().unwrap();
-    assert_eq!(alerts.len(), 2, "{status}");
+    assert_eq!(alerts.len(), 3, "{status}");
     for alert in alerts {
         assert_eq!(alert["delivered"], 2, "{alert}");
         assert_eq!(alert["failed"], 0, "{alert}");
     }
     let attempts: u64 = alerts.iter().map(|a| a["attempts"].as_u64().unwrap()).sum();
-    assert_eq!(attempts, 4 + 2, "two alerts to two webhooks, two retries");
+    assert_eq!(attempts, 6 + 2, "three alerts to two webhooks, two retries");
     let text = stdout(&kappa(&data, &["--project", project, "status"], None));
     assert!(text.contains("recent alerts:"), "{text}");
     assert!(up.terminate().unwrap().success());
