@@ -569,6 +569,15 @@ pub async fn run_version(
                 .iter()
                 .any(|e| e.check.is_row_level()));
     if staged {
+        // Iceberg catalogs only branch from a snapshot: an empty table gets an empty one on
+        // main first (readers see no rows either way).
+        if table.metadata().current_snapshot().is_none() {
+            lakehouse.unstage(&ident);
+            table = lakehouse
+                .append_files(&table, Vec::new(), HashMap::new())
+                .await
+                .map_err(lake_err)?;
+        }
         lakehouse.stage(&ident);
     } else {
         lakehouse.unstage(&ident);

@@ -759,7 +759,14 @@ impl RestCommits {
             .map_err(|e| unknown(e.to_string()))?;
         match response.status() {
             reqwest::StatusCode::OK => Ok(()),
-            reqwest::StatusCode::CONFLICT => Err(LakehouseError::Conflict(ident.to_string())),
+            reqwest::StatusCode::CONFLICT => {
+                // The catalog says which requirement failed.
+                let body = response.text().await.unwrap_or_default();
+                Err(LakehouseError::Conflict(format!(
+                    "{ident} ({})",
+                    body.trim()
+                )))
+            }
             status => {
                 let body = response.text().await.unwrap_or_default();
                 Err(unknown(format!("{status}: {}", body.trim())))

@@ -204,20 +204,30 @@ impl Lakehouse {
             .doing(|| format!("read {} at snapshot {audited}", table.identifier()))?,
         );
         if let Some(catalog) = ctx.catalog(CATALOG_NAME) {
-            match catalog.schema(layer) {
-                Some(schema) => {
-                    let _ = schema.deregister_table(name);
-                    let _ = schema.register_table(name.to_owned(), provider.clone());
-                }
-                None => {
-                    let schema = MemorySchemaProvider::new();
-                    let _ = schema.register_table(name.to_owned(), provider.clone());
-                    let _ = catalog.register_schema(layer, Arc::new(schema));
+            // The layer's tables in a schema of our own (a catalog's schema may not take
+            // tables), the audited one in place of its published state.
+            let schema = MemorySchemaProvider::new();
+            if let Some(existing) = catalog.schema(layer) {
+                for other in existing.table_names() {
+                    if other != name
+                        && let Ok(Some(table)) = existing.table(&other).await
+                    {
+                        let _ = schema.register_table(other, table);
+                    }
                 }
             }
+            let _ = schema.register_table(name.to_owned(), provider.clone());
+            catalog
+                .register_schema(layer, Arc::new(schema))
+                .map_err(|e| {
+                    crate::LakehouseError::Query(format!(
+                        "register the audited {layer}.{name}: {e}"
+                    ))
+                })?;
             if let Some(unqualified) = catalog.schema(UNQUALIFIED_SCHEMA)
                 && unqualified.table_exist(name)
             {
+                // Built by the session as a memory schema, which takes tables.
                 let _ = unqualified.deregister_table(name);
                 let _ = unqualified.register_table(name.to_owned(), provider);
             }

@@ -717,7 +717,8 @@ print(json.dumps([table.num_rows, str(pc.sum(table["amount"]))]))
 }
 
 /// Runs the example project with `lakehouse` as its `[lakehouse]` section (plus the S3
-/// properties of `s3`) and a model `silver.amounts`; checks that `kappa sql` answers through
+/// properties of `s3`) and a model `silver.amounts` with expectations (so its commits are
+/// audited on a branch, then published); checks that `kappa sql` answers through
 /// the server and, after it stopped, from the data directory alone, and that the table's
 /// files are in the bucket, not the data directory. Returns the rows of
 /// `SELECT count(*), sum(amount)`.
@@ -736,6 +737,13 @@ fn serve_amounts_from(s3: &kappa_testkit::python::S3Server, lakehouse: &str) -> 
     std::fs::write(
         dir.join("models/silver/amounts.sql"),
         "SELECT order_id, quantity * unit_price AS amount FROM orders WHERE quantity > 0",
+    )
+    .unwrap();
+    // Audited: every commit goes to the table's audit branch first and is published by a
+    // fast-forward of main (through the catalog, faults included).
+    std::fs::write(
+        dir.join("models/silver/amounts.toml"),
+        "[[expect]]\nrow_count = { min = 1 }\n\n[[expect]]\nrange = { column = \"amount\", min = 0 }\n",
     )
     .unwrap();
     let data = dir.join(".kappa");
