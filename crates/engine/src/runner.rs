@@ -108,14 +108,41 @@ pub fn blocked_upstream(
     project: &Project,
     model_id: &str,
 ) -> Option<(String, String)> {
+    first_blocked(lakehouse, &upstream_tables(lakehouse, project, model_id))
+}
+
+/// The models `model_id` reads (directly or not) with the tables they write.
+fn upstream_tables(
+    lakehouse: &Lakehouse,
+    project: &Project,
+    model_id: &str,
+) -> Vec<(String, kappa_lakehouse::TableIdent)> {
+    // Every version at once: one hash of the project, not one per model.
+    let versions = kappa_pipeline::deploy::versions(project);
     project
         .order
         .iter()
         .filter(|id| crate::plan::reads_transitively(project, model_id, id))
-        .find_map(|id| {
-            let reason = lakehouse.blocked(&live_table(lakehouse, project, id).ok()?)?;
-            Some((id.clone(), reason))
+        .filter_map(|id| {
+            let (layer, name) = id.split_once('.')?;
+            let ident = if lakehouse.supports_aliases() {
+                version_table(layer, name, versions.get(id)?).ok()?
+            } else {
+                table_ident(layer, name).ok()?
+            };
+            Some((id.clone(), ident))
         })
+        .collect()
+}
+
+/// The first of `upstream` whose writer is blocked, and why.
+fn first_blocked(
+    lakehouse: &Lakehouse,
+    upstream: &[(String, kappa_lakehouse::TableIdent)],
+) -> Option<(String, String)> {
+    upstream
+        .iter()
+        .find_map(|(id, ident)| Some((id.clone(), lakehouse.blocked(ident)?)))
 }
 
 /// The row-level expectations' failing rows per expectation, in the commit that wrote them.
@@ -589,6 +616,8 @@ pub async fn run_version(
             .await
             .map_err(lake_err)?;
     }
+    // The tables of the models this one reads, looked at before each read.
+    let upstream = upstream_tables(&lakehouse, &project, &model_id);
     // A commit that waited for its audit when the runner stopped is decided first.
     table = settle(&lakehouse, model, table, staged, row_checks.is_some()).await?;
 
@@ -677,7 +706,7 @@ pub async fn run_version(
             return Ok(());
         }
         // What a quarantined model withholds is not computed on by what reads it.
-        if let Some((upstream, reason)) = blocked_upstream(&lakehouse, &project, &model_id) {
+        if let Some((upstream, reason)) = first_blocked(&lakehouse, &upstream) {
             return Err(RunnerError::Waiting {
                 model: model_id,
                 upstream,
