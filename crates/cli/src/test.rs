@@ -1,7 +1,7 @@
 //! `kappa test`: every expectation of every model, run on demand over the published tables.
 
 use clap::Args;
-use kappa_pipeline::expect::{Expectation, Severity};
+use kappa_pipeline::expect::Expectation;
 
 use crate::{Global, print_json};
 
@@ -80,13 +80,11 @@ async fn run_one(client: &kappa_server::client::Client, model: &str, e: &Expecta
                 .and_then(|r| r.first())
                 .and_then(serde_json::Value::as_u64)
                 .unwrap_or(0);
-            let result = match (failing, e.severity) {
-                (0, _) => "pass",
-                (_, Severity::Warn) => "warn",
-                (_, Severity::Drop) => "warn",
-                (_, Severity::Fail) => "fail",
-            };
-            (result, failing, None)
+            (
+                kappa_engine::expect::result_of(e.severity, failing, false),
+                failing,
+                None,
+            )
         }
         Err(err) => ("error", 0, Some(err.to_string())),
     };

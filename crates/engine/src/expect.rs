@@ -407,3 +407,14 @@ pub fn fails_when_empty(check: &Check) -> u64 {
         _ => 0,
     }
 }
+
+/// How an expectation of `severity` that returned `failing` rows (or could not run) reads in a
+/// report: `pass`, `warn` (failed, not blocking), `fail` or `error`.
+pub fn result_of(severity: Severity, failing: u64, errored: bool) -> &'static str {
+    match (errored, failing, severity) {
+        (true, ..) => "error",
+        (false, 0, _) => "pass",
+        (false, _, Severity::Fail) => "fail",
+        (false, ..) => "warn",
+    }
+}

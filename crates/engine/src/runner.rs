@@ -125,11 +125,7 @@ fn upstream_tables(
         .filter(|id| crate::plan::reads_transitively(project, model_id, id))
         .filter_map(|id| {
             let (layer, name) = id.split_once('.')?;
-            let ident = if lakehouse.supports_aliases() {
-                version_table(layer, name, versions.get(id)?).ok()?
-            } else {
-                table_ident(layer, name).ok()?
-            };
+            let ident = written_table(lakehouse, layer, name, versions.get(id)?).ok()?;
             Some((id.clone(), ident))
         })
         .collect()
@@ -976,15 +972,26 @@ pub async fn awaits_decision(
     Ok(kappa_lakehouse::wap::unpublished(&table).is_some())
 }
 
-/// The table the version of `model_id` in `project` writes (as [`open_output`] names it).
+/// The table the version of `model_id` in `project` writes.
 pub fn live_table(
     lakehouse: &Lakehouse,
     project: &Project,
     model_id: &str,
 ) -> kappa_lakehouse::Result<kappa_lakehouse::TableIdent> {
     let (layer, name) = model_id.split_once('.').unwrap_or(("", model_id));
+    written_table(lakehouse, layer, name, &model_version(project, model_id))
+}
+
+/// The table version `version` of `layer.name` writes: its own (`version_table`) where the
+/// catalog has aliases to switch readers with, else the public name itself.
+pub fn written_table(
+    lakehouse: &Lakehouse,
+    layer: &str,
+    name: &str,
+    version: &str,
+) -> kappa_lakehouse::Result<kappa_lakehouse::TableIdent> {
     if lakehouse.supports_aliases() {
-        version_table(layer, name, &model_version(project, model_id))
+        version_table(layer, name, version)
     } else {
         table_ident(layer, name)
     }
@@ -1098,11 +1105,7 @@ pub(crate) async fn open_output(
     let err_model = || model_id.to_owned();
     let (public, ident) = table_ident(&model.layer, &model.name)
         .and_then(|public| {
-            let ident = if lakehouse.supports_aliases() {
-                version_table(&model.layer, &model.name, version)?
-            } else {
-                public.clone()
-            };
+            let ident = written_table(lakehouse, &model.layer, &model.name, version)?;
             Ok((public, ident))
         })
         .map_err(|source| RunnerError::Lakehouse {

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::datasource::TableProvider;
-use kappa_lakehouse::{Lakehouse, Table, TableIdent, table_ident};
+use kappa_lakehouse::{Lakehouse, Table, TableIdent};
 use kappa_pipeline::Project;
 
 use kappa_log::{Log, Record};
@@ -33,7 +33,7 @@ use crate::runner::{
     GROUPED_COMMIT_RECORDS_MAX, LIVE_COMMIT_INTERVAL_MS, OFFSETS_PROPERTY, Offsets,
     PROGRESS_COMMIT_INTERVAL_MS, RunnerError, VERSION_PROPERTY, commit_landed, committed_offsets,
     dead_letter, dead_letter_topic, dead_letters_after, model_version, open_dimensions,
-    open_output, reset_dimensions, sleep_or_stop, version_table,
+    open_output, reset_dimensions, sleep_or_stop,
 };
 use crate::watermark::{WATERMARKS_PROPERTY, Watermarks};
 
@@ -61,35 +61,17 @@ pub fn upstream_table(
     project: &Project,
     upstream_id: &str,
 ) -> kappa_lakehouse::Result<TableIdent> {
-    let upstream = project.models.get(upstream_id).ok_or_else(|| {
-        kappa_lakehouse::LakehouseError::Query(format!("no model `{upstream_id}`"))
-    })?;
-    if lakehouse.supports_aliases() {
-        version_table(
-            &upstream.layer,
-            &upstream.name,
-            &model_version(project, upstream_id),
-        )
-    } else {
-        table_ident(&upstream.layer, &upstream.name)
-    }
+    crate::runner::live_table(lakehouse, project, upstream_id)
 }
 
 /// Holds position 0 on the upstream table `model_id` reads, if it reads one: nothing of it is
 /// merged until the model's runner has read its own position. Called before a runner starts,
 /// so that the upstream's runner, starting beside it, cannot merge past that position first.
 pub fn hold_before_start(lakehouse: &Lakehouse, project: &Project, model_id: &str) {
-    let (Some(upstream_id), Some(model)) = (
-        project.reads_tables.get(model_id),
-        project.models.get(model_id),
-    ) else {
+    let Some(upstream_id) = project.reads_tables.get(model_id) else {
         return;
     };
-    let reader = if lakehouse.supports_aliases() {
-        version_table(&model.layer, &model.name, &model_version(project, model_id))
-    } else {
-        table_ident(&model.layer, &model.name)
-    };
+    let reader = crate::runner::live_table(lakehouse, project, model_id);
     if let (Ok(upstream), Ok(reader)) = (upstream_table(lakehouse, project, upstream_id), reader) {
         lakehouse.hold(&upstream, &reader.to_string(), 0);
     }

@@ -117,12 +117,8 @@ pub async fn audit(
             ),
             None => None,
         };
-        let result = match (&a.error, a.failing, a.expectation.severity) {
-            (Some(_), ..) => "error",
-            (None, 0, _) => "pass",
-            (None, _, kappa_pipeline::expect::Severity::Fail) => "fail",
-            (None, ..) => "warn",
-        };
+        let result =
+            kappa_engine::expect::result_of(a.expectation.severity, a.failing, a.error.is_some());
         expectations.push(AuditedExpectation {
             name: a.expectation.name.clone(),
             kind: a.expectation.check.kind().to_owned(),

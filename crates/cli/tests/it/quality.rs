@@ -502,6 +502,13 @@ fn wait_state(data: &Path, project: &str, state: &str) -> serde_json::Value {
     wait_model_state(data, project, "silver.orders", state)
 }
 
+/// Waits until silver.orders is quarantined and asserts its reason names `expectation`.
+fn quarantined_by(data: &Path, project: &str, expectation: &str) {
+    let model = wait_state(data, project, "quarantined");
+    let reason = model["detail"].as_str().unwrap_or_default();
+    assert!(reason.contains(expectation), "{model}");
+}
+
 /// [`wait_state`] of `model`.
 fn wait_model_state(data: &Path, project: &str, model: &str, state: &str) -> serde_json::Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -575,9 +582,7 @@ fn external_readers_never_see_a_failing_commit_until_it_is_forced() {
 
     // 2. Failing (a refund): quarantined with the reason, main untouched.
     produce(6..=8, -3);
-    let model = wait_state(&data, project, "quarantined");
-    let reason = model["detail"].as_str().unwrap();
-    assert!(reason.contains("no_refunds"), "{reason}");
+    quarantined_by(&data, project, "no_refunds");
     // What reads silver waits for it, and says so.
     let gold = wait_model_state(&data, project, "gold.per_status", "waiting");
     assert!(
@@ -618,14 +623,7 @@ fn external_readers_never_see_a_failing_commit_until_it_is_forced() {
 
     // 4. A table-level failure (a duplicated id), then forced through.
     produce(5..=5, 1);
-    let model = wait_state(&data, project, "quarantined");
-    assert!(
-        model["detail"]
-            .as_str()
-            .unwrap()
-            .contains("unique_order_id"),
-        "{model}"
-    );
+    quarantined_by(&data, project, "unique_order_id");
     assert_eq!(published_ids(&data), expected);
     let (ok, text, err) = cli(&["publish", "silver.orders", "--force"]);
     assert!(ok, "{err}");
@@ -639,14 +637,7 @@ fn external_readers_never_see_a_failing_commit_until_it_is_forced() {
     expected.push(11);
     assert_eq!(published_ids(&data), expected);
     produce(9..=9, 1);
-    let model = wait_state(&data, project, "quarantined");
-    assert!(
-        model["detail"]
-            .as_str()
-            .unwrap()
-            .contains("unique_order_id"),
-        "{model}"
-    );
+    quarantined_by(&data, project, "unique_order_id");
     assert_eq!(published_ids(&data), expected);
     assert!(up.terminate().unwrap().success());
 }
