@@ -106,6 +106,24 @@ pub async fn check(project: &Project) -> Vec<Diagnostic> {
                         why,
                     ));
                 }
+                // A dimension's readers see the columns it adds (versions, surrogate key).
+                let schema = match project.is_dimension(&model.id()) {
+                    false => schema,
+                    true => match crate::scd::ScdSpec::new(model, stored.clone()) {
+                        Ok(spec) => spec.output_schema().clone(),
+                        Err(e) => {
+                            let reason = match e {
+                                DataFusionError::Configuration(reason) => reason,
+                                other => other.to_string(),
+                            };
+                            diagnostics.push(Diagnostic::in_file(
+                                &model.file.replace(".sql", ".toml"),
+                                reason,
+                            ));
+                            schema
+                        }
+                    },
+                };
                 let name = TableReference::partial(model.layer.as_str(), model.name.as_str());
                 if let Err(e) = ctx.register_table(name, Arc::new(EmptyTable::new(schema))) {
                     diagnostics.push(Diagnostic::in_file(
@@ -297,6 +315,54 @@ mod tests {
              models/gold/bad_downstream.sql:1:8: no column `price`; columns are: amount, order_id, region, ts\n\
              models/gold/bad_function.sql:1:8: Invalid function 'frobnicate'.\n"
         );
+    }
+
+    #[tokio::test]
+    async fn dimensions_run_row_by_row_and_readers_see_their_versions() {
+        let got = report(&[
+            (
+                "models/gold/regions.sql",
+                "SELECT region, upper(region) AS label, ts FROM orders",
+            ),
+            (
+                "models/gold/regions.toml",
+                "materialization = \"scd2\"\nkey = [\"region\"]\nupdated_at = \"ts\"\n",
+            ),
+            (
+                "models/gold/sales.sql",
+                "SELECT o.order_id, r.regions_key, r.label FROM orders o JOIN gold.regions r \
+                 ON o.region = r.region AND o.ts >= r.valid_from AND (r.valid_to IS NULL OR \
+                 o.ts < r.valid_to)",
+            ),
+            (
+                "models/gold/counts.sql",
+                "SELECT region, count(*) AS n, max(ts) AS ts FROM orders GROUP BY region",
+            ),
+            (
+                "models/gold/counts.toml",
+                "materialization = \"scd1\"\nkey = [\"region\"]\n",
+            ),
+            (
+                "models/gold/clash.sql",
+                "SELECT region, ts AS valid_to FROM orders",
+            ),
+            (
+                "models/gold/clash.toml",
+                "materialization = \"scd2\"\nkey = [\"region\"]\nupdated_at = \"valid_to\"\n",
+            ),
+            (
+                "models/gold/not_current.sql",
+                "SELECT o.order_id, r.is_current FROM orders o JOIN gold.regions r ON o.region = \
+                 r.region WHERE r.valid_too IS NULL",
+            ),
+        ])
+        .await;
+        expect_test::expect![[r#"
+            models/gold/clash.toml:1:1: the dimension adds the column `valid_to`, which its SQL gives already; rename that column (or set surrogate_key = "…")
+            models/gold/counts.sql:1:57: not incremental: a dimension (materialization = "scd1" or "scd2") is computed row by row from its topic: one row per record, which it keeps as the versions of its key; no GROUP BY, windows, deduplication or join of two streams (lookups of other dimensions are fine)
+            models/gold/not_current.sql:1:96: no column `valid_too`; columns are: is_current, label, order_id, price, quantity, region, regions_key, ts, valid_from, valid_to; did you mean `valid_to`?
+        "#]]
+        .assert_eq(&got);
     }
 
     #[tokio::test]

@@ -31,7 +31,9 @@ use kappa_pipeline::TopicSpec;
 
 use crate::decode::{Decoder, Raw, Rejected};
 use crate::runner::{READ_BYTES, collect_records};
+use crate::scd::ScdState;
 use crate::schema::topic_schema;
+use crate::stateless::StatelessModel;
 
 /// The current rows of a dimension, as a DataFusion table. Its own type, so that a plan can
 /// tell a dimension's scan from the stream's.
@@ -138,23 +140,35 @@ pub fn lookup_join_problem(join: &Join) -> Option<String> {
     })
 }
 
-/// One dimension of a running model: its topic read to the end, the latest record per key.
+/// One dimension of a running model: its topic read to the end, kept as a topic of kind
+/// "table" (the latest record per key) or as a dimension model computes it (`scd.rs`).
 pub struct Dimension {
     pub topic_name: String,
     topic: Arc<Topic>,
     decoder: Decoder,
-    key_index: usize,
+    rows: Rows,
     table: Arc<DimensionTable>,
-    /// Key (as text) → the latest record's value.
-    latest: BTreeMap<String, Vec<u8>>,
     readers: Vec<PartitionReader>,
+}
+
+/// How a dimension keeps its rows.
+enum Rows {
+    /// A topic of kind "table": key (as text) → the latest record's value.
+    Latest {
+        key_index: usize,
+        latest: BTreeMap<String, Vec<u8>>,
+    },
+    /// A dimension model: its SQL over each run of records, its versions kept per key.
+    Model {
+        sql: Box<StatelessModel>,
+        state: Box<ScdState>,
+    },
 }
 
 impl std::fmt::Debug for Dimension {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dimension")
             .field("topic", &self.topic_name)
-            .field("rows", &self.latest.len())
             .finish_non_exhaustive()
     }
 }
@@ -178,17 +192,44 @@ impl Dimension {
             topic_name: spec.name.clone(),
             topic,
             decoder: Decoder::new(spec),
-            key_index,
+            rows: Rows::Latest {
+                key_index,
+                latest: BTreeMap::new(),
+            },
             table,
-            latest: BTreeMap::new(),
             readers: Vec::new(),
         })
     }
 
+    /// A dimension model over `topic` (declared by `spec`): `sql` computes its rows from the
+    /// records, `state` keeps their versions; they go to `table`.
+    pub fn of_model(
+        topic: Arc<Topic>,
+        spec: &TopicSpec,
+        table: Arc<DimensionTable>,
+        sql: StatelessModel,
+        state: ScdState,
+    ) -> Dimension {
+        Dimension {
+            topic_name: spec.name.clone(),
+            topic,
+            decoder: Decoder::new(spec),
+            rows: Rows::Model {
+                sql: Box::new(sql),
+                state: Box::new(state),
+            },
+            table,
+            readers: Vec::new(),
+        }
+    }
+
     /// Rebuilds the rows from the start of the topic up to `upto` (the next offset of each
     /// partition; a partition not named contributes nothing), and positions the readers there.
-    pub async fn reset(&mut self, upto: Option<&BTreeMap<u32, u64>>) -> kappa_log::Result<()> {
-        self.latest.clear();
+    pub async fn reset(&mut self, upto: Option<&BTreeMap<u32, u64>>) -> Result<()> {
+        match &mut self.rows {
+            Rows::Latest { latest, .. } => latest.clear(),
+            Rows::Model { state, .. } => state.clear(),
+        }
         let mut readers = Vec::new();
         let topic = self.topic.clone();
         for partition in topic.partitions() {
@@ -197,10 +238,10 @@ impl Dimension {
                 .copied()
                 .unwrap_or(0);
             if target > 0 {
-                let mut reader = partition.reader(StartAt::Beginning)?;
+                let mut reader = partition.reader(StartAt::Beginning).map_err(log_error)?;
                 let mut chunks = Vec::new();
                 while reader.next_offset() < target {
-                    let Some(chunk) = reader.read(READ_BYTES)? else {
+                    let Some(chunk) = reader.read(READ_BYTES).map_err(log_error)? else {
                         break;
                     };
                     chunks.push(chunk);
@@ -211,22 +252,26 @@ impl Dimension {
                 }
                 raws.retain(|r| r.offset < target);
                 // Records that did not fit were reported before the commit that passed them.
-                let _ = self.apply(&raws);
+                self.apply(&raws).await?;
             }
-            readers.push(partition.reader(if target == 0 {
-                StartAt::Beginning
-            } else {
-                StartAt::Offset(target)
-            })?);
+            readers.push(
+                partition
+                    .reader(if target == 0 {
+                        StartAt::Beginning
+                    } else {
+                        StartAt::Offset(target)
+                    })
+                    .map_err(log_error)?,
+            );
         }
         self.readers = readers;
-        self.refresh().await;
-        Ok(())
+        self.refresh().await
     }
 
     /// Reads what the topic has past the readers and applies it; returns the records that do
-    /// not fit the topic's schema or have no key.
-    pub async fn catch_up(&mut self) -> Vec<Rejected> {
+    /// not fit the topic's schema or have no key. An error (a dimension model's SQL failing
+    /// at run time) leaves the dimension to be [`Dimension::reset`].
+    pub async fn catch_up(&mut self) -> Result<Vec<Rejected>> {
         let mut chunks = Vec::new();
         for reader in &mut self.readers {
             loop {
@@ -245,11 +290,11 @@ impl Dimension {
             collect_records(chunk, *partition, &mut raws);
         }
         if raws.is_empty() {
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        let rejected = self.apply(&raws);
-        self.refresh().await;
-        rejected
+        let rejected = self.apply(&raws).await?;
+        self.refresh().await?;
+        Ok(rejected)
     }
 
     /// The next offset of every partition.
@@ -260,14 +305,23 @@ impl Dimension {
             .collect()
     }
 
-    /// Folds records, in log order, into the latest row per key.
-    fn apply(&mut self, raws: &[Raw<'_>]) -> Vec<Rejected> {
+    /// Folds records, in log order, into the rows.
+    async fn apply(&mut self, raws: &[Raw<'_>]) -> Result<Vec<Rejected>> {
         let (batch, mut rejected, rows) = self.decoder.decode_indexed(raws);
-        let keys = match cast(batch.column(self.key_index), &DataType::Utf8) {
+        let (key_index, latest) = match &mut self.rows {
+            Rows::Latest { key_index, latest } => (*key_index, latest),
+            Rows::Model { sql, state } => {
+                for rows in sql.run(batch).await? {
+                    state.push(&rows)?;
+                }
+                return Ok(rejected);
+            }
+        };
+        let keys = match cast(batch.column(key_index), &DataType::Utf8) {
             Ok(keys) => keys,
             Err(e) => {
                 tracing::error!(error = %e, topic = %self.topic_name, "reading dimension keys failed");
-                return rejected;
+                return Ok(rejected);
             }
         };
         let keys = keys.as_any().downcast_ref::<arrow::array::StringArray>();
@@ -279,7 +333,7 @@ impl Dimension {
             } = raws[i];
             match keys.filter(|k| !k.is_null(row)).map(|k| k.value(row)) {
                 Some(key) => {
-                    self.latest.insert(key.to_owned(), value.to_vec());
+                    latest.insert(key.to_owned(), value.to_vec());
                 }
                 None => rejected.push(Rejected {
                     partition,
@@ -289,18 +343,28 @@ impl Dimension {
                 }),
             }
         }
-        rejected
+        Ok(rejected)
     }
 
     /// Puts the current rows into the table.
-    async fn refresh(&self) {
-        let (batch, _, _) = self
-            .decoder
-            .decode_positioned(self.latest.values().map(|v| Raw {
-                partition: 0,
-                offset: 0,
-                value: v,
-            }));
+    async fn refresh(&mut self) -> Result<()> {
+        let batch = match &mut self.rows {
+            Rows::Latest { latest, .. } => {
+                self.decoder
+                    .decode_positioned(latest.values().map(|v| Raw {
+                        partition: 0,
+                        offset: 0,
+                        value: v,
+                    }))
+                    .0
+            }
+            Rows::Model { state, .. } => state.all()?,
+        };
         self.table.set(batch).await;
+        Ok(())
     }
+}
+
+fn log_error(e: kappa_log::LogError) -> datafusion::error::DataFusionError {
+    datafusion::error::DataFusionError::External(Box::new(e))
 }

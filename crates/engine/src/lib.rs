@@ -13,6 +13,7 @@ pub mod grouped;
 pub mod mask;
 pub mod plan;
 pub mod runner;
+pub mod scd;
 pub mod schema;
 pub mod stateless;
 pub mod stream_join;

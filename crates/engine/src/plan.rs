@@ -258,7 +258,19 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
             ));
         }
     }
-    key_problem(&plan, shape, model).map_err(DataFusionError::Configuration)?;
+    if project.is_dimension(model_id) {
+        if shape != Shape::RowByRow || dedup.is_some() || join.is_some() {
+            return Err(DataFusionError::NotImplemented(
+                "a dimension (materialization = \"scd1\" or \"scd2\") is computed row by row \
+                 from its topic: one row per record, which it keeps as the versions of its key; \
+                 no GROUP BY, windows, deduplication or join of two streams (lookups of other \
+                 dimensions are fine)"
+                    .into(),
+            ));
+        }
+    } else {
+        key_problem(&plan, shape, model).map_err(DataFusionError::Configuration)?;
+    }
     if shape != Shape::RowByRow
         && let Some(e) = model
             .config
@@ -294,6 +306,7 @@ pub fn upstream_of(project: &Project, model_id: &str) -> Option<String> {
     let mut upstream = None;
     for input in &model.inputs {
         match input {
+            kappa_pipeline::Input::Model(m) if project.is_dimension(m) => {}
             kappa_pipeline::Input::Model(m) if upstream.is_none() => upstream = Some(m.clone()),
             kappa_pipeline::Input::Topic(t)
                 if project
@@ -318,7 +331,7 @@ async fn register_inputs(
     Vec<(String, Arc<MemTable>)>,
     Vec<(String, Arc<DimensionTable>)>,
 )> {
-    let topics = project.source_topics(model_id);
+    let topics = project.stream_topics(model_id);
     let (streams, tables) = stream_and_tables(project, &topics)?;
     let mut slots = Vec::new();
     for name in &streams {
@@ -340,11 +353,23 @@ async fn register_inputs(
         ctx.register_table(TableReference::bare(name.as_str()), table.clone())?;
         dimensions.push((name, table));
     }
+    // Dimension models are looked up: their rows (every version) are put in a table.
+    for id in project.dimension_models(model_id) {
+        let dimension = &project.models[&id];
+        let schema = dimension_schema(project, &id).await?;
+        let table = Arc::new(DimensionTable::new(schema)?);
+        register_schema(ctx, &dimension.layer);
+        ctx.register_table(
+            TableReference::partial(dimension.layer.as_str(), dimension.name.as_str()),
+            table.clone(),
+        )?;
+        dimensions.push((id, table));
+    }
     // Upstream models become views, in dependency order.
     let upstream: BTreeSet<&String> = project
         .order
         .iter()
-        .filter(|id| id.as_str() != model_id && reads_transitively(project, model_id, id.as_str()))
+        .filter(|id| id.as_str() != model_id && recomputes(project, model_id, id.as_str()))
         .collect();
     for id in project.order.iter().filter(|id| upstream.contains(id)) {
         let upstream_model = &project.models[id];
@@ -383,6 +408,11 @@ pub async fn plan_over_upstream(
         .models
         .get(&upstream_id)
         .ok_or_else(|| DataFusionError::Plan(format!("no model `{upstream_id}`")))?;
+    if project.is_dimension(model_id) {
+        return Err(DataFusionError::NotImplemented(
+            "a dimension recomputes what it reads".into(),
+        ));
+    }
     let ctx = session();
     let (_, _, dimensions) = register_inputs(&ctx, project, model_id).await?;
     // Its own lookups; the upstream's are in the upstream's table.
@@ -392,6 +422,9 @@ pub async fn plan_over_upstream(
             model
                 .inputs
                 .contains(&kappa_pipeline::Input::Topic(name.clone()))
+                || model
+                    .inputs
+                    .contains(&kappa_pipeline::Input::Model(name.clone()))
         })
         .collect();
     let reference = TableReference::partial(upstream.layer.as_str(), upstream.name.as_str());
@@ -621,6 +654,44 @@ fn register_schema(ctx: &SessionContext, layer: &str) {
     {
         let _ = catalog.register_schema(layer, Arc::new(MemorySchemaProvider::new()));
     }
+}
+
+/// The table schema of the dimension model `id`: its SQL's columns and those the dimension
+/// adds (`scd::ScdSpec`).
+pub async fn dimension_schema(project: &Project, id: &str) -> Result<arrow::datatypes::SchemaRef> {
+    let planned = Box::pin(plan_model(project, id)).await?;
+    let rows = crate::stateless::storable_schema(planned.plan.schema().as_arrow());
+    let spec = crate::scd::ScdSpec::new(&project.models[id], rows)?;
+    Ok(spec.output_schema().clone())
+}
+
+/// Whether `model_id` recomputes `other` inline: reads it, directly or through other models,
+/// and not through a dimension model (whose rows it looks up; a dimension is not recomputed).
+fn recomputes(project: &Project, model_id: &str, other: &str) -> bool {
+    if project.is_dimension(other) {
+        return false;
+    }
+    let mut pending = vec![model_id];
+    let mut seen = BTreeSet::new();
+    while let Some(id) = pending.pop() {
+        if !seen.insert(id) {
+            continue;
+        }
+        let Some(model) = project.models.get(id) else {
+            continue;
+        };
+        for input in &model.inputs {
+            if let Input::Model(m) = input {
+                if m == other {
+                    return true;
+                }
+                if !project.is_dimension(m) {
+                    pending.push(m);
+                }
+            }
+        }
+    }
+    false
 }
 
 /// Whether `model_id` reads `other`, directly or through other models.

@@ -209,6 +209,8 @@ pub(crate) enum Compute {
     Grouped(Box<GroupedModel>),
     /// GROUP BY a window over event time: windows are appended when they close.
     Windowed(Box<WindowedModel>),
+    /// A slowly changing dimension: versions kept per key, rewritten in place (buckets).
+    Dimension(Box<crate::scd::ScdModel>),
 }
 
 /// A model ready to run: its source topics, an optional dedup or join stage, and its
@@ -267,13 +269,20 @@ impl Compute {
             )?),
             _ => None,
         };
-        let compute = Compute::new(
-            planned.shape,
-            planned.ctx,
-            input_slot,
-            planned.plan,
-            planned.event_time,
-        )?;
+        let compute = match project.models.get(model_id) {
+            Some(model) if project.is_dimension(model_id) => {
+                let rows = StatelessModel::from_plan(planned.ctx, input_slot, planned.plan)?;
+                let spec = crate::scd::ScdSpec::new(model, rows.output_schema().clone())?;
+                Compute::Dimension(Box::new(crate::scd::ScdModel::new(rows, spec)))
+            }
+            _ => Compute::new(
+                planned.shape,
+                planned.ctx,
+                input_slot,
+                planned.plan,
+                planned.event_time,
+            )?,
+        };
         Ok(Planned {
             sources,
             dimensions,
@@ -321,6 +330,7 @@ impl Compute {
             Compute::Stateless { model, .. } => model.output_schema(),
             Compute::Grouped(model) => model.output_schema(),
             Compute::Windowed(model) => model.output_schema(),
+            Compute::Dimension(model) => model.output_schema(),
         }
     }
 
@@ -342,6 +352,7 @@ impl Compute {
             }
             Compute::Grouped(model) => model.push(batch).await,
             Compute::Windowed(model) => model.push(batch, watermark).await,
+            Compute::Dimension(model) => model.push(batch).await,
         }
     }
 
@@ -350,6 +361,7 @@ impl Compute {
             Compute::Stateless { pending, .. } => !pending.is_empty(),
             Compute::Grouped(model) => model.has_changes(),
             Compute::Windowed(model) => model.has_changes(),
+            Compute::Dimension(model) => model.has_changes(),
         }
     }
 
@@ -375,6 +387,7 @@ impl Compute {
             }
             Compute::Grouped(model) => model.commit(lakehouse, table, properties).await,
             Compute::Windowed(model) => model.commit(lakehouse, table, properties).await,
+            Compute::Dimension(model) => model.commit(lakehouse, table, properties).await,
         }
     }
 
@@ -384,6 +397,7 @@ impl Compute {
             Compute::Stateless { pending, .. } => pending.clear(),
             Compute::Grouped(model) => model.landed(),
             Compute::Windowed(model) => model.landed(),
+            Compute::Dimension(model) => model.landed(),
         }
     }
 
@@ -404,6 +418,11 @@ impl Compute {
                 model.restore(lakehouse, table, properties.as_ref()).await
             }
             Compute::Windowed(model) => {
+                let properties = kappa_lakehouse::wap::head(table)
+                    .map(|s| s.summary().additional_properties.clone());
+                model.restore(lakehouse, table, properties.as_ref()).await
+            }
+            Compute::Dimension(model) => {
                 let properties = kappa_lakehouse::wap::head(table)
                     .map(|s| s.summary().additional_properties.clone());
                 model.restore(lakehouse, table, properties.as_ref()).await
@@ -528,7 +547,7 @@ pub async fn run_version(
             name,
         });
     }
-    let mut dims = open_dimensions(&log, &project, &model_id, dimensions)?;
+    let mut dims = open_dimensions(&log, &project, &model_id, dimensions).await?;
     let dead_letters = dead_letter_topic(&log).map_err(|source| RunnerError::Log {
         model: err_model(),
         source,
@@ -710,8 +729,16 @@ pub async fn run_version(
             });
         }
         // Dimensions first: every event is looked up in what its dimensions hold by now.
+        let mut dimension_failed = false;
         for (dimension, reports) in &mut dims {
-            let rejected = dimension.catch_up().await;
+            let rejected = match dimension.catch_up().await {
+                Ok(rejected) => rejected,
+                Err(e) => {
+                    tracing::error!(model = %model_id, topic = %dimension.topic_name, error = %e, "computing a dimension failed");
+                    dimension_failed = true;
+                    break;
+                }
+            };
             if *reports {
                 dim_rejected.extend(
                     rejected
@@ -719,6 +746,10 @@ pub async fn run_version(
                         .map(|r| (dimension.topic_name.clone(), r)),
                 );
             }
+        }
+        if dimension_failed {
+            start_over!();
+            continue;
         }
         if !far_behind {
             let since = last_commit.elapsed();
@@ -814,7 +845,7 @@ pub async fn run_version(
         // Far behind, a GROUP BY's changes wait for more records (its state is its groups; the
         // commit rewrites them all). A crash meanwhile rereads from the last commit, as always.
         let grouped_waits = far_behind
-            && matches!(compute, Compute::Grouped(_))
+            && matches!(compute, Compute::Grouped(_) | Compute::Dimension(_))
             && uncommitted < GROUPED_COMMIT_RECORDS_MAX;
         if nothing_to_write || grouped_waits {
             // The offsets are recorded with the next commit.
@@ -1155,7 +1186,7 @@ pub(crate) async fn open_output(
 
 /// The dimensions `model_id` looks up, each with whether this model reports the records of
 /// its topic that do not fit its schema.
-pub(crate) fn open_dimensions(
+pub(crate) async fn open_dimensions(
     log: &Log,
     project: &Project,
     model_id: &str,
@@ -1163,6 +1194,13 @@ pub(crate) fn open_dimensions(
 ) -> Result<Vec<(Dimension, bool)>, RunnerError> {
     let mut dims = Vec::new();
     for (name, table) in dimensions {
+        if project.is_dimension(&name) {
+            dims.push((
+                open_dimension_model(log, project, model_id, &name, table).await?,
+                false,
+            ));
+            continue;
+        }
         let topic = log.topic(&name).map_err(|source| RunnerError::Log {
             model: model_id.to_owned(),
             source,
@@ -1176,7 +1214,69 @@ pub(crate) fn open_dimensions(
         let reports = rejects_reporter(project, &name).as_deref() == Some(model_id);
         dims.push((dimension, reports));
     }
+    // Each dimension's offsets are committed under its topic's name.
+    let mut topics = BTreeSet::new();
+    if let Some((twice, _)) = dims
+        .iter()
+        .find(|(d, _)| !topics.insert(d.topic_name.clone()))
+    {
+        return Err(RunnerError::Unsupported {
+            model: model_id.to_owned(),
+            reason: format!(
+                "it looks up topic `{}` twice (as a table and through a dimension model, or \
+                 through two dimension models); look it up once",
+                twice.topic_name
+            ),
+        });
+    }
     Ok(dims)
+}
+
+/// The dimension model `name`, looked up by `model_id`: computed from its topic in this
+/// runner (the dimension's own runner reports the records that do not fit).
+async fn open_dimension_model(
+    log: &Log,
+    project: &Project,
+    model_id: &str,
+    name: &str,
+    table: Arc<crate::dimension::DimensionTable>,
+) -> Result<Dimension, RunnerError> {
+    let plan_error = |source| RunnerError::Plan {
+        model: model_id.to_owned(),
+        source,
+    };
+    let planned = plan_model(project, name).await.map_err(plan_error)?;
+    if !planned.dimensions.is_empty() {
+        return Err(RunnerError::Unsupported {
+            model: model_id.to_owned(),
+            reason: format!(
+                "it looks up the dimension {name}, which itself looks up dimensions; look them                  up in {model_id} instead"
+            ),
+        });
+    }
+    let spec = project.topics.get(&planned.topic).ok_or_else(|| {
+        plan_error(datafusion::error::DataFusionError::Plan(format!(
+            "no topic `{}`",
+            planned.topic
+        )))
+    })?;
+    let topic = log
+        .topic(&planned.topic)
+        .map_err(|source| RunnerError::Log {
+            model: model_id.to_owned(),
+            source,
+        })?;
+    let slot = planned.input_slot();
+    let sql = StatelessModel::from_plan(planned.ctx, slot, planned.plan).map_err(plan_error)?;
+    let scd = crate::scd::ScdSpec::new(&project.models[name], sql.output_schema().clone())
+        .map_err(plan_error)?;
+    Ok(Dimension::of_model(
+        topic,
+        spec,
+        table,
+        sql,
+        crate::scd::ScdState::new(scd),
+    ))
 }
 
 /// After a commit reported an error, whose outcome is therefore unknown: the table read again

@@ -126,7 +126,7 @@ pub(crate) async fn run_over_upstream(
         }
     };
     let slot_schema: SchemaRef = planned.slot.schema();
-    let mut dims = open_dimensions(&log, &project, &model_id, planned.dimensions.clone())?;
+    let mut dims = open_dimensions(&log, &project, &model_id, planned.dimensions.clone()).await?;
     let dead_letters = dead_letter_topic(&log).map_err(|source| RunnerError::Log {
         model: model_id.clone(),
         source,
@@ -234,8 +234,16 @@ pub(crate) async fn run_over_upstream(
             }
         }
         // Dimensions first: every row is looked up in what its dimensions hold by now.
+        let mut dimension_failed = false;
         for (dimension, reports) in &mut dims {
-            let rejected = dimension.catch_up().await;
+            let rejected = match dimension.catch_up().await {
+                Ok(rejected) => rejected,
+                Err(e) => {
+                    tracing::error!(model = %model_id, topic = %dimension.topic_name, error = %e, "computing a dimension failed");
+                    dimension_failed = true;
+                    break;
+                }
+            };
             if *reports {
                 dim_rejected.extend(
                     rejected
@@ -243,6 +251,10 @@ pub(crate) async fn run_over_upstream(
                         .map(|r| (dimension.topic_name.clone(), r)),
                 );
             }
+        }
+        if dimension_failed {
+            start_over!();
+            continue;
         }
         let source = match lakehouse.load_table(&upstream).await {
             Ok(source) => source,
@@ -368,7 +380,7 @@ pub(crate) async fn run_over_upstream(
         position = target;
         uncommitted += records;
         let grouped_waits = far_behind
-            && matches!(compute, Compute::Grouped(_))
+            && matches!(compute, Compute::Grouped(_) | Compute::Dimension(_))
             && uncommitted < GROUPED_COMMIT_RECORDS_MAX;
         if grouped_waits || (!compute.has_changes() && !progress_due && dim_rejected.is_empty()) {
             continue;

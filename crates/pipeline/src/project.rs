@@ -233,6 +233,19 @@ pub enum Materialization {
     Append,
     /// Rows are keyed; a new row for a key replaces the old one.
     Upsert,
+    /// A dimension, slowly changing type 1: the latest row per `key` (by `updated_at` when
+    /// given, else the last read), plus a surrogate key.
+    Scd1,
+    /// A dimension, slowly changing type 2: every version of each `key`, one per `updated_at`,
+    /// with `valid_from`, `valid_to`, `is_current` and a surrogate key per version.
+    Scd2,
+}
+
+impl Materialization {
+    /// Whether the model is a slowly changing dimension (`scd1` or `scd2`).
+    pub fn is_dimension(self) -> bool {
+        matches!(self, Materialization::Scd1 | Materialization::Scd2)
+    }
 }
 
 /// A model's `<name>.toml`.
@@ -240,8 +253,15 @@ pub enum Materialization {
 pub struct ModelConfig {
     /// Absent: `upsert` for a GROUP BY (keyed by the group keys), `append` otherwise.
     pub materialization: Option<Materialization>,
-    /// Upsert key columns; absent: the GROUP BY keys.
+    /// Upsert key columns; absent: the GROUP BY keys. A dimension's business key.
     pub key: Vec<String>,
+    /// A dimension's column saying when a row's values took effect (`scd2`: required, the
+    /// versions' `valid_from`; `scd1`: which row is the latest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+    /// The name of a dimension's surrogate key column; absent: `<model name>_key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub surrogate_key: Option<String>,
     /// Partition transforms of the table, e.g. `day(ts)`, `region`.
     pub partition_by: Vec<String>,
     /// The column that carries event time, for windows and watermarks.
@@ -317,6 +337,67 @@ pub struct Model {
 }
 
 impl Project {
+    /// Whether `model_id` is a slowly changing dimension, which the models reading it look
+    /// up rather than recompute as a stream.
+    pub fn is_dimension(&self, model_id: &str) -> bool {
+        self.models.get(model_id).is_some_and(|m| {
+            m.config
+                .materialization
+                .is_some_and(Materialization::is_dimension)
+        })
+    }
+
+    /// The dimension models `model_id` reads, directly or through the models it recomputes.
+    pub fn dimension_models(&self, model_id: &str) -> BTreeSet<String> {
+        let mut found = BTreeSet::new();
+        let mut pending = vec![model_id.to_owned()];
+        let mut seen = BTreeSet::new();
+        while let Some(id) = pending.pop() {
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            let Some(model) = self.models.get(&id) else {
+                continue;
+            };
+            for input in &model.inputs {
+                match input {
+                    Input::Model(m) if self.is_dimension(m) => {
+                        found.insert(m.clone());
+                    }
+                    Input::Model(m) => pending.push(m.clone()),
+                    Input::Topic(_) => {}
+                }
+            }
+        }
+        found
+    }
+
+    /// The topics `model_id` reads as streams or table topics: [`Project::source_topics`]
+    /// without those it reaches only through dimension models, which it looks up.
+    pub fn stream_topics(&self, model_id: &str) -> BTreeSet<String> {
+        let mut topics = BTreeSet::new();
+        let mut pending = vec![model_id.to_owned()];
+        let mut seen = BTreeSet::new();
+        while let Some(id) = pending.pop() {
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            let Some(model) = self.models.get(&id) else {
+                continue;
+            };
+            for input in &model.inputs {
+                match input {
+                    Input::Topic(t) => {
+                        topics.insert(t.clone());
+                    }
+                    Input::Model(m) if !self.is_dimension(m) => pending.push(m.clone()),
+                    Input::Model(_) => {}
+                }
+            }
+        }
+        topics
+    }
+
     /// The topics a model's rows come from, through the models it reads.
     pub fn source_topics(&self, model_id: &str) -> BTreeSet<String> {
         let mut topics = BTreeSet::new();
@@ -789,6 +870,8 @@ struct RawModelConfig {
     materialization: Option<Materialization>,
     #[serde(default)]
     key: Vec<String>,
+    updated_at: Option<String>,
+    surrogate_key: Option<String>,
     #[serde(default)]
     partition_by: Vec<String>,
     event_time: Option<String>,
@@ -865,8 +948,30 @@ fn parse_model_config(
             }
         }
     };
+    let dimension = raw.materialization.filter(|m| m.is_dimension());
+    let problem = match (dimension, &raw.updated_at, &raw.surrogate_key) {
+        (Some(_), _, _) if raw.key.is_empty() => Some(
+            "a dimension (materialization = \"scd1\" or \"scd2\") needs its business key: \
+             key = [\"<column>\"]",
+        ),
+        (Some(Materialization::Scd2), None, _) => Some(
+            "materialization = \"scd2\" needs updated_at = \"<column>\": the column saying \
+             when each row's values took effect, which becomes its version's valid_from",
+        ),
+        (None, Some(_), _) | (None, _, Some(_)) => Some(
+            "updated_at and surrogate_key are for dimensions: materialization = \"scd1\" or \
+             \"scd2\"",
+        ),
+        _ => None,
+    };
+    if let Some(problem) = problem {
+        diagnostics.push(Diagnostic::in_file(file, problem.to_owned()));
+        return None;
+    }
     Some(ModelConfig {
         materialization: raw.materialization,
+        updated_at: raw.updated_at,
+        surrogate_key: raw.surrogate_key,
         key: raw.key,
         partition_by: raw.partition_by,
         event_time: raw.event_time,
@@ -1033,6 +1138,38 @@ mod tests {
     }
 
     #[test]
+    fn dimensions_need_a_key_and_scd2_its_time() {
+        let sql = |name: &'static str| -> (&'static str, &'static str) {
+            (name, "SELECT customer_id, quantity FROM orders")
+        };
+        let got = report(&[
+            ("kappa.toml", "[project]\nname = \"x\"\n"),
+            ("topics/orders.toml", ORDERS),
+            sql("models/gold/a.sql"),
+            ("models/gold/a.toml", "materialization = \"scd1\"\n"),
+            sql("models/gold/b.sql"),
+            (
+                "models/gold/b.toml",
+                "materialization = \"scd2\"\nkey = [\"customer_id\"]\n",
+            ),
+            sql("models/gold/c.sql"),
+            ("models/gold/c.toml", "updated_at = \"quantity\"\n"),
+        ]);
+        expect![[r#"
+            models/gold/a.toml:1:1: a dimension (materialization = "scd1" or "scd2") needs its business key: key = ["<column>"]
+            models/gold/b.toml:1:1: materialization = "scd2" needs updated_at = "<column>": the column saying when each row's values took effect, which becomes its version's valid_from
+            models/gold/c.toml:1:1: updated_at and surrogate_key are for dimensions: materialization = "scd1" or "scd2"
+        "#]]
+        .assert_eq(&got);
+        // A model that is no dimension keeps the version it had.
+        let plain = ModelConfig::default();
+        assert_eq!(
+            toml::to_string(&plain).expect("TOML"),
+            "key = []\npartition_by = []\n"
+        );
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_place() {
         let got = report(&[
             (
@@ -1064,7 +1201,7 @@ mod tests {
             models/gold/b.sql:2:20: no topic or model `ordrs`; did you mean `orders`?
             models/gold/c.sql:1:15: no model `silver.missing`
             models/gold/c.sql:1:31: no topic `c`; models are read by layer and name; did you mean `gold.c`?
-            models/gold/c.toml:1:1: unknown field `materialisation`, expected one of `materialization`, `key`, `partition_by`, `event_time`, `watermark`, `dedup_horizon`, `audit`, `mask`, `expect`
+            models/gold/c.toml:1:1: unknown field `materialisation`, expected one of `materialization`, `key`, `updated_at`, `surrogate_key`, `partition_by`, `event_time`, `watermark`, `dedup_horizon`, `audit`, `mask`, `expect`
             models/gold/e.sql:1:1: SQL: Expected: an SQL statement, found: SELEC
             models/gold/f.sql:1:15: `silver.x.y`: name a topic (`orders`) or a model (`silver.orders`)
             models/gold/orphan.toml:1:1: configuration without a model: there is no models/gold/orphan.sql

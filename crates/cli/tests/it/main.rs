@@ -7,6 +7,7 @@
 
 mod cli;
 mod crash;
+mod dimensions;
 mod golden;
 mod processing_crash;
 mod quality;

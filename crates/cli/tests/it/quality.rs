@@ -231,7 +231,7 @@ fn same_rows(got: &[(i64, String)], expected: &[(i64, String)], what: &str) {
 
 /// Writes a project folder at `dir` (path → text) and creates its data directory, which it
 /// returns.
-fn write_project(dir: &Path, files: &[(&str, &str)]) -> PathBuf {
+pub(crate) fn write_project(dir: &Path, files: &[(&str, &str)]) -> PathBuf {
     for (path, text) in files {
         let path = dir.join(path);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
