@@ -46,14 +46,6 @@ const PROJECT: &[(&str, &str)] = &[
         include_str!("demo/topics/products.toml"),
     ),
     (
-        "models/bronze/orders.sql",
-        include_str!("demo/models/bronze/orders.sql"),
-    ),
-    (
-        "models/bronze/orders.toml",
-        include_str!("demo/models/bronze/orders.toml"),
-    ),
-    (
         "models/silver/orders.sql",
         include_str!("demo/models/silver/orders.sql"),
     ),
@@ -145,7 +137,8 @@ struct Orders {
     times: Vec<i64>,
     /// The latest order time per partition: the watermark follows the least of them.
     partition_last: BTreeMap<u32, i64>,
-    /// The rows these events make in bronze.orders (redelivered copies included).
+    /// The rows these events make in bronze.orders (redelivered copies and malformed events
+    /// included: bronze keeps every record).
     bronze_rows: u64,
 }
 
@@ -194,6 +187,7 @@ impl Orders {
             self.bronze_rows += 1;
         }
         if id.is_multiple_of(BAD_EVERY) {
+            self.bronze_rows += 1;
             out.push_str(&format!(
                 "{{\"order_id\":{id},\"customer_id\":\"c{customer}\",\"product_id\":\"p{product}\",\"region\":\"{region}\",\"quantity\":\"a few\",\"unit_price\":1.00,\"ts\":{ts}}}\n"
             ));
@@ -308,8 +302,8 @@ async fn story(args: &DemoArgs, project: &Path, base: &str) -> anyhow::Result<()
     let client = Client::http(base);
     println!(
         "[1/7] the project: topics `orders` (4 partitions) and `products` (a table with each \
-         product's VAT rate); models bronze.orders → silver.orders (duplicates dropped) → \
-         {GOLD} (v1)"
+         product's VAT rate), each kept raw in bronze.<topic>; models silver.orders (typed, \
+         duplicates dropped) → {GOLD} (v1)"
     );
     let mut products = String::new();
     for p in 1..=PRODUCTS {
@@ -372,6 +366,7 @@ async fn story(args: &DemoArgs, project: &Path, base: &str) -> anyhow::Result<()
         status
             .models
             .iter()
+            .chain(&status.bronze)
             .find(|m| m.model == model)
             .and_then(|m| m.rows)
             .unwrap_or(0)
@@ -399,6 +394,12 @@ async fn story(args: &DemoArgs, project: &Path, base: &str) -> anyhow::Result<()
     // Each request's send time and the live rows in bronze once it is in, and a reader
     // counting the live rows bronze.orders shows: an event's latency to visible is from its
     // send to the first count that includes it.
+    // Every record appended from here on is a live one.
+    let since = kappa_server::api::format_timestamp(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+    );
     let live_stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(std::sync::Mutex::new(Vec::<(Instant, u64)>::new()));
     let live = {
@@ -426,10 +427,7 @@ async fn story(args: &DemoArgs, project: &Path, base: &str) -> anyhow::Result<()
     let reader_stop = Arc::new(AtomicBool::new(false));
     let reader = {
         let (stop, reader) = (reader_stop.clone(), Client::http(base));
-        let sql = format!(
-            "SELECT count(*) FROM bronze.orders WHERE order_id > {}",
-            args.events
-        );
+        let sql = format!("SELECT count(*) FROM bronze.orders WHERE \"timestamp\" >= '{since}'");
         tokio::spawn(async move {
             let mut seen = Vec::new();
             while !stop.load(Ordering::Relaxed) {
@@ -693,6 +691,7 @@ async fn caught_up(
         if status
             .models
             .iter()
+            .chain(&status.bronze)
             .all(|m| m.lag_records == 0 && m.rows.is_some())
         {
             settled += 1;

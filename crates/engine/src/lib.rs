@@ -2,6 +2,7 @@
 //! of the topics and models it reads.
 
 pub mod aggregate;
+pub mod bronze;
 pub mod check;
 pub mod decode;
 pub mod dedup;

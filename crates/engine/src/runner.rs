@@ -1507,11 +1507,11 @@ fn restore_marks(
 }
 
 /// Chunks read from a topic's partitions (each with its partition), and what they hold.
-struct Read {
-    chunks: Vec<(u32, kappa_log::RecordChunk)>,
-    records: usize,
+pub(crate) struct Read {
+    pub(crate) chunks: Vec<(u32, kappa_log::RecordChunk)>,
+    pub(crate) records: usize,
     /// The offset after what was read, per partition.
-    next: BTreeMap<u32, u64>,
+    pub(crate) next: BTreeMap<u32, u64>,
 }
 
 /// Appends a chunk's records to `raws` (borrowing their bytes from the chunk: no copy). A
@@ -1543,7 +1543,7 @@ pub(crate) fn collect_records<'a>(
 /// stay close in event time. Read round-robin instead, a large partition fell behind the rest
 /// all through a replay, and the watermark (their minimum) with it: the rows waiting on it grew
 /// with the length of the log.
-fn read_some(
+pub(crate) fn read_some(
     partitions: &[kappa_log::Partition],
     readers: &mut [PartitionReader],
     max: usize,

@@ -27,9 +27,9 @@ mod sql;
 
 pub use diagnostic::Diagnostic;
 pub use project::{
-    AlertsSection, Audit, DEFAULT_RETENTION_MS, DEFAULT_SECRET_ENV, DeploySection, Input, Mask,
-    MaskingSection, Materialization, Model, ModelConfig, PROJECT_FILE, Project, ProjectConfig,
-    ProjectFiles, ProjectSection, ServerSection, TopicKind, TopicSpec, Webhook, WebhookFormat,
-    load,
+    AlertsSection, Audit, BRONZE_LAYER, DEFAULT_RETENTION_MS, DEFAULT_SECRET_ENV, DeploySection,
+    Input, Mask, MaskingSection, Materialization, Model, ModelConfig, PROJECT_FILE, Project,
+    ProjectConfig, ProjectFiles, ProjectSection, ServerSection, TopicKind, TopicSpec, Webhook,
+    WebhookFormat, load,
 };
 pub use schema::{Field, FieldType};

@@ -20,6 +20,10 @@ use crate::schema::{Field, FieldType};
 /// The files of a project folder: path relative to the folder (with `/`) → contents.
 pub type ProjectFiles = BTreeMap<String, String>;
 
+/// The layer of the tables kappa keeps of every topic, `bronze.<topic>`: records exactly as
+/// they arrived.
+pub const BRONZE_LAYER: &str = "bronze";
+
 /// The project file.
 pub const PROJECT_FILE: &str = "kappa.toml";
 
@@ -547,6 +551,15 @@ pub fn load(files: &ProjectFiles) -> Result<Project, Vec<Diagnostic>> {
                 ));
             }
         }
+        if layer == BRONZE_LAYER && topic_names.contains(name) {
+            diagnostics.push(Diagnostic::in_file(
+                sql_path,
+                format!(
+                    "`bronze.{name}` is the table kappa keeps of topic `{name}`: its records \
+                     exactly as they arrived; name this model otherwise (silver.{name}, say)"
+                ),
+            ));
+        }
         let config = toml_path
             .and_then(|p| parse_model_config(p, &files[p], &mut diagnostics))
             .unwrap_or_default();
@@ -678,6 +691,14 @@ fn resolve(
             let id = format!("{layer}.{model}");
             if models.contains(&id) {
                 Ok(Input::Model(id))
+            } else if layer == BRONZE_LAYER && topics.contains(model) {
+                Err((
+                    format!(
+                        "`{id}` is the table of topic `{model}`'s raw records (bytes), which \
+                         models do not read"
+                    ),
+                    Some(format!("read the topic, typed by its schema: FROM {model}")),
+                ))
             } else {
                 Err((format!("no model `{id}`"), did_you_mean(&id, everything())))
             }
@@ -1135,6 +1156,30 @@ mod tests {
             kappa.toml:1:1: masking.secret: the key of the hash mask is never stored in the project folder; put it in the environment variable KAPPA_HASH_SECRET (or name another with masking.secret_env)
             models/silver/a.toml:2:15: unknown variant `scramble`, expected one of `mask_email`, `hash`, `redact`, `truncate_date`, `last4`
         "#]].assert_eq(&got);
+    }
+
+    #[test]
+    fn bronze_tables_of_topics_are_kappas() {
+        let got = report(&[
+            ("kappa.toml", "[project]\nname = \"x\"\n"),
+            ("topics/orders.toml", ORDERS),
+            ("models/bronze/orders.sql", "SELECT * FROM orders"),
+            ("models/bronze/typed.sql", "SELECT * FROM orders"),
+            ("models/silver/a.sql", "SELECT * FROM bronze.orders"),
+        ]);
+        expect![[r#"
+            models/bronze/orders.sql:1:1: `bronze.orders` is the table kappa keeps of topic `orders`: its records exactly as they arrived; name this model otherwise (silver.orders, say)
+        "#]]
+        .assert_eq(&got);
+        let got = report(&[
+            ("kappa.toml", "[project]\nname = \"x\"\n"),
+            ("topics/orders.toml", ORDERS),
+            ("models/silver/a.sql", "SELECT * FROM bronze.orders"),
+        ]);
+        expect![[r#"
+            models/silver/a.sql:1:15: `bronze.orders` is the table of topic `orders`'s raw records (bytes), which models do not read; read the topic, typed by its schema: FROM orders
+        "#]]
+        .assert_eq(&got);
     }
 
     #[test]

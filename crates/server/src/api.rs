@@ -417,6 +417,7 @@ mod tests {
         retired.detail = Some("kept for `kappa rollback gold.revenue`".into());
         let status = StatusResponse {
             models: Vec::new(),
+            bronze: Vec::new(),
             dead_letters: Vec::new(),
             versions: vec![
                 VersionStatus::new("gold.revenue", "c46e19e1d11804a3", "live"),
@@ -529,6 +530,10 @@ mod tests {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusResponse {
     pub models: Vec<ModelStatus>,
+    /// `bronze.<topic>` of every topic: its records as they arrived (`model` is the table,
+    /// `version` is `raw`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bronze: Vec<ModelStatus>,
     /// Dead letters per model and input topic.
     pub dead_letters: Vec<DeadLetterCount>,
     /// Every version of every model kappa knows: live, replaying, auditing, failed, retired.
@@ -619,8 +624,9 @@ impl StatusResponse {
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         let width = self
-            .models
+            .bronze
             .iter()
+            .chain(&self.models)
             .map(|m| m.model.len())
             .max()
             .unwrap_or(5)
@@ -629,7 +635,7 @@ impl StatusResponse {
             "{:<width$}  {:<11}  {:>10}  {:>8}  {:>12}  LAST COMMIT\n",
             "MODEL", "STATE", "ROWS", "LAG", "DEAD LETTERS"
         ));
-        for m in &self.models {
+        for m in self.bronze.iter().chain(&self.models) {
             out.push_str(&format!(
                 "{:<width$}  {:<11}  {:>10}  {:>8}  {:>12}  {}\n",
                 m.model,

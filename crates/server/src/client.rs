@@ -334,6 +334,9 @@ impl Client {
                 });
                 let mut status = service::status(log, &lakehouse, project.as_ref(), None).await?;
                 status.versions = crate::deployer::recorded_versions(&data_dir);
+                if let Some(project) = &project {
+                    status.bronze = service::bronze_status(log, &lakehouse, project, None).await;
+                }
                 Ok(status)
             }
         }

@@ -43,6 +43,9 @@ pub struct Deployer {
     live: std::sync::RwLock<Option<(Arc<Project>, RunnerStates)>>,
     /// The audit of the deploy in progress or of the last one.
     audit: std::sync::Mutex<AuditState>,
+    /// `bronze.<topic>` for every topic a deploy brought.
+    bronze: tokio::sync::Mutex<crate::pipelines::Bronze>,
+    bronze_states: RunnerStates,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -119,6 +122,8 @@ impl Deployer {
         project: Arc<Project>,
         files: ProjectFiles,
     ) -> anyhow::Result<Arc<Deployer>> {
+        let bronze = crate::pipelines::Bronze::default();
+        let bronze_states = bronze.states();
         let deployer = Arc::new(Deployer {
             log,
             lakehouse,
@@ -126,6 +131,8 @@ impl Deployer {
             inner: tokio::sync::Mutex::new(Inner::default()),
             live: std::sync::RwLock::new(None),
             audit: std::sync::Mutex::new(AuditState::default()),
+            bronze: tokio::sync::Mutex::new(bronze),
+            bronze_states,
         });
         // The last audit, as a restart found it (a deploy at start replaces it).
         if let Ok(text) = std::fs::read(deployer.data_dir.join(AUDIT_FILE))
@@ -166,6 +173,12 @@ impl Deployer {
         project: Arc<Project>,
         files: ProjectFiles,
     ) -> anyhow::Result<Vec<String>> {
+        // Every topic's records are kept in bronze from the moment it is deployed.
+        self.bronze
+            .lock()
+            .await
+            .ensure(&self.log, &self.lakehouse, &project)
+            .await;
         let mut inner = self.inner.lock().await;
         if let Some(pending) = inner.pending.take() {
             tracing::info!(models = ?pending.replaying, "a new deploy replaces the one in progress");
@@ -516,8 +529,14 @@ impl Deployer {
         all
     }
 
+    /// What the bronze runners are doing, by topic.
+    pub fn bronze_states(&self) -> RunnerStates {
+        self.bronze_states.clone()
+    }
+
     /// Stops every runner and the deploy in progress.
     pub async fn stop(&self) {
+        self.bronze.lock().await.stop().await;
         let mut inner = self.inner.lock().await;
         if let Some(pending) = inner.pending.take() {
             pending.cutover.abort();

@@ -211,6 +211,17 @@ async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError
         Some(deployer) => deployer.versions().await,
         None => crate::deployer::recorded_versions(&state.data_dir),
     };
+    if let Some(deployer) = &state.deployer
+        && let Some(project) = deployer.live_project()
+    {
+        status.bronze = service::bronze_status(
+            &state.log,
+            &state.lakehouse,
+            &project,
+            Some(&deployer.bronze_states()),
+        )
+        .await;
+    }
     status.alerts = state.alerts.recent();
     Ok(Json(status).into_response())
 }

@@ -335,3 +335,108 @@ fn panic_message(e: tokio::task::JoinError) -> String {
         Err(e) => e.to_string(),
     }
 }
+
+/// The bronze runners: one per topic (`bronze.<topic>`), started once the topic is part of a
+/// deployed project and run until the server stops; no versions, no deploys.
+#[derive(Debug, Default)]
+pub struct Bronze {
+    runners: BTreeMap<String, (Runner, kappa_engine::bronze::Redactions)>,
+    states: RunnerStates,
+}
+
+impl Bronze {
+    /// Starts a runner for each of `project`'s topics that has none, and restarts those whose
+    /// redactions the project changes (records already kept stay as they were written).
+    pub async fn ensure(&mut self, log: &Arc<Log>, lakehouse: &Lakehouse, project: &Project) {
+        for topic in project.topics.keys() {
+            let redact = kappa_engine::bronze::redacted_fields(project, topic);
+            match self.runners.get(topic) {
+                Some((_, running)) if *running == redact => continue,
+                Some(_) => self.stop_topic(topic).await,
+                None => {}
+            }
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let state: StateCell = Arc::new(std::sync::Mutex::new(RunnerState::Running));
+            let task = tokio::spawn(run_bronze_until_stopped(
+                log.clone(),
+                lakehouse.clone(),
+                topic.clone(),
+                redact.clone(),
+                state.clone(),
+                stopped,
+            ));
+            self.states.insert(topic, state.clone());
+            self.runners
+                .insert(topic.clone(), (Runner { stop, task, state }, redact));
+        }
+    }
+
+    async fn stop_topic(&mut self, topic: &str) {
+        if let Some((runner, _)) = self.runners.remove(topic) {
+            let _ = runner.stop.send(true);
+            self.states.remove(topic);
+            if let Err(e) = runner.task.await {
+                tracing::error!(%topic, error = %e, "bronze task failed");
+            }
+        }
+    }
+
+    /// What every bronze runner is doing, by topic.
+    pub fn states(&self) -> RunnerStates {
+        self.states.clone()
+    }
+
+    /// Stops every runner at its next step and waits for them.
+    pub async fn stop(&mut self) {
+        for (runner, _) in self.runners.values() {
+            let _ = runner.stop.send(true);
+        }
+        for (topic, (runner, _)) in std::mem::take(&mut self.runners) {
+            self.states.remove(&topic);
+            if let Err(e) = runner.task.await {
+                tracing::error!(%topic, error = %e, "bronze task failed");
+            }
+        }
+    }
+}
+
+/// One topic's bronze runner, restarted after a failure (from its last commit, after a pause)
+/// until `stopped`.
+async fn run_bronze_until_stopped(
+    log: Arc<Log>,
+    lakehouse: Lakehouse,
+    topic: String,
+    redact: kappa_engine::bronze::Redactions,
+    state: StateCell,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let set = |to: RunnerState| {
+        if let Ok(mut state) = state.lock() {
+            *state = to;
+        }
+    };
+    loop {
+        set(RunnerState::Running);
+        let run = tokio::spawn(kappa_engine::bronze::run_bronze(
+            log.clone(),
+            lakehouse.clone(),
+            topic.clone(),
+            redact.clone(),
+            stopped.clone(),
+        ));
+        let error = match run.await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("panicked: {}", panic_message(e)),
+        };
+        tracing::error!(%topic, "bronze stopped: {error}; restarting in {RESTART_DELAY_MS} ms");
+        set(RunnerState::Restarting(error));
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_millis(RESTART_DELAY_MS)) => {}
+            _ = stopped.changed() => {}
+        }
+        if *stopped.borrow() {
+            return;
+        }
+    }
+}

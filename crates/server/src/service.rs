@@ -225,6 +225,7 @@ pub async fn status(
     }
     Ok(crate::api::StatusResponse {
         models,
+        bronze: Vec::new(),
         dead_letters,
         versions: Vec::new(),
         alerts: Vec::new(),
@@ -261,14 +262,7 @@ async fn model_status(
         Some(upstream) => upstream_lag(log, lakehouse, project, upstream, &committed).await,
         None => topic_lag(log, project, id, &committed),
     };
-    let (state, detail) = match runners.and_then(|r| r.get(id)) {
-        None => ("stopped".to_owned(), None),
-        Some(crate::pipelines::RunnerState::Running) => ("running".to_owned(), None),
-        Some(crate::pipelines::RunnerState::Restarting(e)) => ("restarting".to_owned(), Some(e)),
-        Some(crate::pipelines::RunnerState::NotRunning(e)) => ("not running".to_owned(), Some(e)),
-        Some(crate::pipelines::RunnerState::Quarantined(e)) => ("quarantined".to_owned(), Some(e)),
-        Some(crate::pipelines::RunnerState::Waiting(e)) => ("waiting".to_owned(), Some(e)),
-    };
+    let (state, detail) = runner_state(runners.and_then(|r| r.get(id)));
     let rows = snapshot
         .as_ref()
         .and_then(|(p, _)| p.get("total-records"))
@@ -292,6 +286,79 @@ async fn model_status(
             .filter(|d| d.model == id)
             .map(|d| d.count)
             .sum(),
+    }
+}
+
+/// `bronze.<topic>` of each of the project's topics: its runner's state (from `runners`, by
+/// topic), rows and lag.
+pub async fn bronze_status(
+    log: &Log,
+    lakehouse: &kappa_lakehouse::Lakehouse,
+    project: &kappa_pipeline::Project,
+    runners: Option<&crate::pipelines::RunnerStates>,
+) -> Vec<crate::api::ModelStatus> {
+    use kappa_engine::runner::{OFFSETS_PROPERTY, Offsets};
+
+    let mut all = Vec::new();
+    for topic_name in project.topics.keys() {
+        let snapshot = match kappa_engine::bronze::bronze_table(topic_name) {
+            Ok(ident) => lakehouse.load_table(&ident).await.ok().and_then(|table| {
+                table
+                    .metadata()
+                    .current_snapshot()
+                    .map(|s| (s.summary().additional_properties.clone(), s.timestamp_ms()))
+            }),
+            Err(_) => None,
+        };
+        let committed: Offsets = snapshot
+            .as_ref()
+            .and_then(|(p, _)| p.get(OFFSETS_PROPERTY))
+            .and_then(|o| serde_json::from_str(o).ok())
+            .unwrap_or_default();
+        let mut lag_records = 0;
+        if let Ok(topic) = log.topic(topic_name) {
+            for partition in topic.partitions() {
+                let offsets = partition.offsets();
+                let done = committed
+                    .get(topic_name)
+                    .and_then(|p| p.get(&partition.id()))
+                    .copied()
+                    .unwrap_or(offsets.start_offset);
+                lag_records += offsets.visible_offset.saturating_sub(done);
+            }
+        }
+        let (state, detail) = runner_state(runners.and_then(|r| r.get(topic_name)));
+        all.push(crate::api::ModelStatus {
+            model: format!("{}.{topic_name}", kappa_engine::bronze::BRONZE_LAYER),
+            state,
+            detail,
+            version: "raw".to_owned(),
+            table_version: None,
+            rows: snapshot
+                .as_ref()
+                .and_then(|(p, _)| p.get("total-records"))
+                .and_then(|n| n.parse().ok())
+                .or(snapshot.as_ref().map(|_| 0)),
+            last_commit: snapshot
+                .as_ref()
+                .map(|(_, ms)| crate::api::format_timestamp(*ms)),
+            lag_records,
+            dead_letters: 0,
+        });
+    }
+    all
+}
+
+/// A runner's state as the status words it, with its detail.
+fn runner_state(state: Option<crate::pipelines::RunnerState>) -> (String, Option<String>) {
+    use crate::pipelines::RunnerState;
+    match state {
+        None => ("stopped".to_owned(), None),
+        Some(RunnerState::Running) => ("running".to_owned(), None),
+        Some(RunnerState::Restarting(e)) => ("restarting".to_owned(), Some(e)),
+        Some(RunnerState::NotRunning(e)) => ("not running".to_owned(), Some(e)),
+        Some(RunnerState::Quarantined(e)) => ("quarantined".to_owned(), Some(e)),
+        Some(RunnerState::Waiting(e)) => ("waiting".to_owned(), Some(e)),
     }
 }
 

@@ -5,6 +5,7 @@
     reason = "tests fail loudly on unexpected errors"
 )]
 
+mod bronze;
 mod cli;
 mod crash;
 mod dimensions;
