@@ -111,6 +111,20 @@ pub fn blocked_upstream(
     first_blocked(lakehouse, &upstream_tables(lakehouse, project, model_id))
 }
 
+/// The reason a failing model's table is blocked with, so that the models reading it wait.
+pub const FAILING: &str = "failing";
+
+/// A runner committed, or found nothing to commit, without failing: a block its failures set
+/// (not a quarantine's) is lifted.
+pub(crate) fn recovered(lakehouse: &Lakehouse, ident: &kappa_lakehouse::TableIdent) {
+    if lakehouse
+        .blocked(ident)
+        .is_some_and(|reason| reason.starts_with(FAILING))
+    {
+        lakehouse.unblock(ident);
+    }
+}
+
 /// The models `model_id` reads (directly or not) with the tables they write.
 fn upstream_tables(
     lakehouse: &Lakehouse,
@@ -633,6 +647,19 @@ pub async fn run_version(
     }
     // The tables of the models this one reads, looked at before each read.
     let upstream = upstream_tables(&lakehouse, &project, &model_id);
+    // A quarantine outlives a restart in its table (the audit branch), before its runner
+    // blocks it again: what this model would compute on waits for it from the start.
+    for (id, upstream_ident) in &upstream {
+        if let Ok(upstream_table) = lakehouse.load_table(upstream_ident).await
+            && kappa_lakehouse::wap::unpublished(&upstream_table).is_some()
+        {
+            return Err(RunnerError::Waiting {
+                model: model_id,
+                upstream: id.clone(),
+                reason: "awaiting the audit of its last commit".into(),
+            });
+        }
+    }
     // A commit that waited for its audit when the runner stopped is decided first.
     table = settle(&lakehouse, model, table, staged, row_checks.is_some()).await?;
 
@@ -775,6 +802,7 @@ pub async fn run_version(
         let progress_due = target != table_offsets
             && last_commit.elapsed() >= Duration::from_millis(PROGRESS_COMMIT_INTERVAL_MS);
         if records == 0 && !progress_due {
+            recovered(&lakehouse, &ident);
             wait_for_records(&sources, &mut stop).await;
             continue;
         }
@@ -851,6 +879,7 @@ pub async fn run_version(
             // The offsets are recorded with the next commit.
             committed = target;
             dim_rejected.clear();
+            recovered(&lakehouse, &ident);
             continue;
         }
         let attempt = uuid_like();
@@ -968,6 +997,7 @@ pub async fn run_version(
             table = settle(&lakehouse, model, table, staged, row_checks.is_some()).await?;
         }
         if landed {
+            recovered(&lakehouse, &ident);
             if let Some(dedup) = &mut dedup {
                 dedup.landed();
             }

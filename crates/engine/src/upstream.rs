@@ -233,6 +233,17 @@ pub(crate) async fn run_over_upstream(
                 continue;
             }
         }
+        // It reads only what its upstream published, but says why nothing comes while the
+        // upstream (or one above it) waits for a decision or fails.
+        if let Some((upstream, reason)) =
+            crate::runner::blocked_upstream(&lakehouse, &project, &model_id)
+        {
+            return Err(RunnerError::Waiting {
+                model: model_id,
+                upstream,
+                reason,
+            });
+        }
         // Dimensions first: every row is looked up in what its dimensions hold by now.
         let mut dimension_failed = false;
         for (dimension, reports) in &mut dims {
@@ -326,6 +337,7 @@ pub(crate) async fn run_over_upstream(
             if target != position {
                 position = target;
             }
+            crate::runner::recovered(&lakehouse, &ident);
             sleep_or_stop(&mut stop, POLL_MS).await;
             continue;
         }
@@ -383,6 +395,7 @@ pub(crate) async fn run_over_upstream(
             && matches!(compute, Compute::Grouped(_) | Compute::Dimension(_))
             && uncommitted < GROUPED_COMMIT_RECORDS_MAX;
         if grouped_waits || (!compute.has_changes() && !progress_due && dim_rejected.is_empty()) {
+            crate::runner::recovered(&lakehouse, &ident);
             continue;
         }
         let fresh: Vec<&(String, Rejected)> = dim_rejected
@@ -450,6 +463,7 @@ pub(crate) async fn run_over_upstream(
             }
         };
         if landed {
+            crate::runner::recovered(&lakehouse, &ident);
             table_position = position;
             uncommitted = 0;
             last_commit = Instant::now();

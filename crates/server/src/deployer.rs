@@ -277,6 +277,9 @@ impl Deployer {
         let mut project = Arc::unwrap_or_clone(project);
         project.reads_tables.clear();
         let Some(live) = live else {
+            if self.lakehouse.supports_aliases() {
+                self.read_audited_tables(&mut project).await;
+            }
             return project;
         };
         for (id, upstream) in &live.reads_tables {
@@ -287,6 +290,7 @@ impl Deployer {
         if !self.lakehouse.supports_aliases() {
             return project;
         }
+        self.read_audited_tables(&mut project).await;
         let versions = kappa_pipeline::deploy::versions(&project);
         for id in replaying {
             let Some(upstream) = kappa_engine::upstream::readable_upstream(&project, id).await
@@ -296,24 +300,57 @@ impl Deployer {
             if replaying.contains(&upstream) || !live.models.contains_key(&upstream) {
                 continue;
             }
-            let model = &project.models[id];
-            let version = versions.get(id).cloned().unwrap_or_default();
-            let from_topics = match version_table(&model.layer, &model.name, &version) {
-                Ok(table) => {
-                    let committed = committed_offsets(&self.lakehouse, &table).await;
-                    !committed.is_empty()
-                        && !committed
-                            .keys()
-                            .any(|k| k.starts_with(kappa_engine::upstream::TABLE_KEY_PREFIX))
-                }
-                Err(_) => true,
-            };
-            if !from_topics {
+            if !self.written_from_topics(&project, &versions, id).await {
                 tracing::info!(model = %id, %upstream, "reads its unchanged upstream's table instead of recomputing it");
                 project.reads_tables.insert(id.clone(), upstream);
             }
         }
         project
+    }
+
+    /// Whether `id`'s version wrote its table from the topics (a version keeps its source).
+    async fn written_from_topics(
+        &self,
+        project: &Project,
+        versions: &BTreeMap<String, String>,
+        id: &str,
+    ) -> bool {
+        let model = &project.models[id];
+        let version = versions.get(id).cloned().unwrap_or_default();
+        match version_table(&model.layer, &model.name, &version) {
+            Ok(table) => {
+                let committed = committed_offsets(&self.lakehouse, &table).await;
+                !committed.is_empty()
+                    && !committed
+                        .keys()
+                        .any(|k| k.starts_with(kappa_engine::upstream::TABLE_KEY_PREFIX))
+            }
+            Err(_) => true,
+        }
+    }
+
+    /// A model over an audited model (whose commits wait for their audit) reads what that model
+    /// published rather than recomputing it: it then never computes on rows a quarantine holds
+    /// back or a discard drops. Where it can (`readable_upstream`), and unless its version's
+    /// table was written from the topics already.
+    async fn read_audited_tables(&self, project: &mut Project) {
+        let versions = kappa_pipeline::deploy::versions(project);
+        for id in project.order.clone() {
+            if project.reads_tables.contains_key(&id) {
+                continue;
+            }
+            let Some(upstream) = kappa_engine::upstream::readable_upstream(project, &id).await
+            else {
+                continue;
+            };
+            if !kappa_engine::expect::audits_commits(&project.models[&upstream]) {
+                continue;
+            }
+            if !self.written_from_topics(project, &versions, &id).await {
+                tracing::info!(model = %id, %upstream, "reads its audited upstream's published table");
+                project.reads_tables.insert(id, upstream);
+            }
+        }
     }
 
     /// Releases the holds on upstream tables of versions neither the live project nor the

@@ -247,10 +247,36 @@ async fn run_until_stopped(
                 reason: panic_message(e),
             }),
         };
+        // A failing model's table is blocked, so that the models reading it wait (and say
+        // why) instead of computing on; its runner lifts the block once it starts cleanly.
+        let failing = |e: &RunnerError| {
+            if let Ok(ident) = kappa_engine::runner::live_table(&lakehouse, &project, &name) {
+                let reason = format!("{}: {e}", kappa_engine::runner::FAILING);
+                if lakehouse
+                    .blocked(&ident)
+                    .is_none_or(|r| r.starts_with(kappa_engine::runner::FAILING))
+                {
+                    lakehouse.block(&ident, &reason);
+                }
+            }
+        };
+        let unblock_failing = || {
+            if let Ok(ident) = kappa_engine::runner::live_table(&lakehouse, &project, &name)
+                && lakehouse
+                    .blocked(&ident)
+                    .is_some_and(|r| r.starts_with(kappa_engine::runner::FAILING))
+            {
+                lakehouse.unblock(&ident);
+            }
+        };
         match outcome {
-            Ok(()) => return,
+            Ok(()) => {
+                unblock_failing();
+                return;
+            }
             Err(e @ RunnerError::Unsupported { .. }) => {
                 tracing::warn!(model = %name, "not running: {e}");
+                failing(&e);
                 set(RunnerState::NotRunning(e.to_string()));
                 return;
             }
@@ -310,6 +336,7 @@ async fn run_until_stopped(
                 continue;
             }
             Err(e) => {
+                failing(&e);
                 set(RunnerState::Restarting(e.to_string()));
                 tracing::error!(model = %name, "stopped: {e}; restarting in {RESTART_DELAY_MS} ms")
             }

@@ -619,10 +619,15 @@ fn external_readers_never_see_a_failing_commit_until_it_is_forced() {
     produce(9..=10, 20);
     std::thread::sleep(std::time::Duration::from_secs(1));
     assert_eq!(published_ids(&data), range(1..=5));
-    // A restart takes the same decision again.
+    // A restart takes the same decision again, and what reads silver waits from its start (it
+    // does not count the orders the quarantine holds back before silver is quarantined anew).
+    let gold_rows = || cli(&["sql", "SELECT status, n FROM gold.per_status", "--json"]).1;
+    let before = gold_rows();
     assert!(up.terminate().unwrap().success());
     up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
     wait_state(&data, project, "quarantined");
+    wait_model_state(&data, project, "gold.per_status", "waiting");
+    assert_eq!(gold_rows(), before);
     assert_eq!(published_ids(&data), range(1..=5));
 
     // 3. Discarded: the refunds never reach main; the model carries on with 9 and 10.
@@ -636,6 +641,18 @@ fn external_readers_never_see_a_failing_commit_until_it_is_forced() {
     let mut expected = range(1..=5);
     expected.extend(9..=10);
     assert_eq!(published_ids(&data), expected);
+    // What reads silver reads what silver published: the discarded refunds are not counted.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let counted =
+        || serde_json::from_str::<serde_json::Value>(&gold_rows()).unwrap()["rows"].clone();
+    while counted() != serde_json::json!([["new", 7]]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gold.per_status: {}",
+            gold_rows()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 
     // 4. A table-level failure (a duplicated id), then forced through.
     produce(5..=5, 1);
@@ -1011,5 +1028,61 @@ fn a_deploy_whose_new_version_fails_its_expectations_does_not_cut_over() {
     );
     let sum: serde_json::Value = serde_json::from_str(&stdout(&sum)).unwrap();
     assert_eq!(sum["rows"][0][0], 210, "{status}");
+    assert!(up.terminate().unwrap().success());
+}
+
+/// A model whose upstream keeps failing waits, and says for what, instead of computing on; it
+/// goes on once the upstream runs cleanly again.
+#[test]
+fn models_wait_while_what_they_read_is_failing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    // silver.amounts' audit query names a table that does not exist yet: every commit's audit
+    // fails to run, and the runner restarts.
+    let data = write_project(
+        &dir,
+        &[
+            ("kappa.toml", "[project]\nname = \"shop\"\n"),
+            (
+                "topics/orders.toml",
+                "partitions = 1\n\n[schema]\nid = \"bigint\"\namount = \"bigint\"\n",
+            ),
+            (
+                "models/silver/amounts.sql",
+                "SELECT id, amount FROM orders\n",
+            ),
+            (
+                "models/silver/amounts.toml",
+                "[[expect]]\nname = \"known\"\nquery = \"SELECT a.id FROM silver.amounts a \
+                 JOIN gold.allowed w ON a.id = w.id WHERE false\"\n",
+            ),
+            (
+                "models/gold/big.sql",
+                "SELECT id, amount FROM silver.amounts WHERE amount > 10\n",
+            ),
+        ],
+    );
+    let project = dir.to_str().unwrap();
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    let line = "{\"id\":1,\"amount\":50}\n";
+    let out = kappa(&data, &["produce", "orders"], Some(line.as_bytes()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let waiting = wait_model_state(&data, project, "gold.big", "waiting");
+    let detail = waiting["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("waits for silver.amounts, which is failing") && detail.contains("allowed"),
+        "{waiting}"
+    );
+    // The table the audit needs arrives with a deploy: silver's audits run, it publishes, and
+    // gold goes on.
+    std::fs::write(
+        dir.join("models/gold/allowed.sql"),
+        "SELECT id FROM orders\n",
+    )
+    .unwrap();
+    let out = kappa(&data, &["--project", project, "deploy", "--wait"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let running = wait_model_state(&data, project, "gold.big", "running");
+    assert_eq!(running["rows"], 1, "{running}");
     assert!(up.terminate().unwrap().success());
 }
