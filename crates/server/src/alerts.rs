@@ -191,7 +191,7 @@ pub async fn monitor(state: Arc<AppState>, mut shutdown: tokio::sync::watch::Rec
         let Some(project) = project else {
             continue;
         };
-        let status = match crate::service::status(
+        let mut status = match crate::service::status(
             &state.log,
             &state.lakehouse,
             Some(&project),
@@ -205,8 +205,16 @@ pub async fn monitor(state: Arc<AppState>, mut shutdown: tokio::sync::watch::Rec
                 continue;
             }
         };
+        // Bronze tables fail and lag like models.
+        status.bronze = crate::service::bronze_status(
+            &state.log,
+            &state.lakehouse,
+            &project,
+            Some(&deployer.bronze_states()),
+        )
+        .await;
         let config = &project.config.alerts;
-        for m in &status.models {
+        for m in status.models.iter().chain(&status.bronze) {
             let kind = match m.state.as_str() {
                 "quarantined" => Some("expectation_failed"),
                 "restarting" | "not running" => Some("pipeline_failed"),
