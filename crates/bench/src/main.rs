@@ -71,7 +71,7 @@ enum Command {
         #[arg(long, default_value_t = 2048)]
         mib: u64,
     },
-    /// Replay throughput of the reference pipelines Q1–Q5, next to DuckDB.
+    /// Replay throughput of the reference pipelines Q1–Q6, next to DuckDB.
     Pipelines {
         /// Generated order events (redelivered copies come on top).
         #[arg(long, default_value_t = 10_000_000)]

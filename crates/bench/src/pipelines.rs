@@ -8,6 +8,7 @@
 //! Q3  1-minute tumbling window per region
 //! Q4  dedup by order id
 //! Q5  the gold fact: dedup + products lookup + GROUP BY region, category, day
+//! Q6  Q4 with expectations, one of them table-level: every commit is audited on a branch
 //! ```
 //!
 //! kappa: one model runner replays the whole `orders` log (already written, page cache warm)
@@ -103,6 +104,15 @@ fn queries() -> Vec<Query> {
                  GROUP BY o.region, p.category, date_trunc('day', o.ts)"
             ),
             toml: "event_time = \"ts\"\nwatermark = \"5s\"\n",
+        },
+        Query {
+            name: "Q6",
+            what: "Q4 audited: not_null, range and unique order_id over the whole table on every \
+                   commit (Write-Audit-Publish)",
+            sql: DEDUP.into(),
+            toml: "event_time = \"ts\"\nwatermark = \"5s\"\n\n[[expect]]\nnot_null = \
+                   \"customer_id\"\n\n[[expect]]\nrange = { column = \"quantity\", min = 1 \
+                   }\n\n[[expect]]\nunique = \"order_id\"\n",
         },
     ]
 }
