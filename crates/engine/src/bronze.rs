@@ -117,6 +117,16 @@ pub async fn run_bronze(
         .ensure_partitioned_table(&ident, &schema, &[BRONZE_PARTITION_BY.to_owned()])
         .await
         .map_err(lake_err)?;
+    if !lakehouse.schema_matches(&table, &schema) {
+        return Err(RunnerError::Unsupported {
+            model: name.clone(),
+            reason: format!(
+                "the table {name} exists but is not a bronze table (an earlier model of that \
+                 name wrote it?); bronze keeps every record of the topic from its start, in a \
+                 table of its own schema: drop that table, or use a fresh data directory"
+            ),
+        });
+    }
     let committed = committed_offsets(&table)
         .remove(&topic_name)
         .unwrap_or_default();

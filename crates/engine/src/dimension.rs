@@ -35,6 +35,9 @@ use crate::scd::ScdState;
 use crate::schema::topic_schema;
 use crate::stateless::StatelessModel;
 
+/// The `kappa.offsets` key prefix of a dimension model's offsets.
+pub const DIMENSION_KEY_PREFIX: &str = "dimension:";
+
 /// The current rows of a dimension, as a DataFusion table. Its own type, so that a plan can
 /// tell a dimension's scan from the stream's.
 #[derive(Debug)]
@@ -144,6 +147,12 @@ pub fn lookup_join_problem(join: &Join) -> Option<String> {
 /// "table" (the latest record per key) or as a dimension model computes it (`scd.rs`).
 pub struct Dimension {
     pub topic_name: String,
+    /// Where its offsets are committed in `kappa.offsets`: the topic's name for a topic of
+    /// kind "table", `dimension:<model>` for a dimension model (so that a model may also read
+    /// that topic as its stream).
+    pub offsets_key: String,
+    /// A rebuild failed: nothing is read until [`Dimension::reset`] succeeds.
+    broken: bool,
     topic: Arc<Topic>,
     decoder: Decoder,
     rows: Rows,
@@ -190,6 +199,8 @@ impl Dimension {
             .map_err(|_| format!("key `{key}` is not a field of topic `{}`", spec.name))?;
         Ok(Dimension {
             topic_name: spec.name.clone(),
+            offsets_key: spec.name.clone(),
+            broken: false,
             topic,
             decoder: Decoder::new(spec),
             rows: Rows::Latest {
@@ -204,6 +215,7 @@ impl Dimension {
     /// A dimension model over `topic` (declared by `spec`): `sql` computes its rows from the
     /// records, `state` keeps their versions; they go to `table`.
     pub fn of_model(
+        model: &str,
         topic: Arc<Topic>,
         spec: &TopicSpec,
         table: Arc<DimensionTable>,
@@ -212,6 +224,8 @@ impl Dimension {
     ) -> Dimension {
         Dimension {
             topic_name: spec.name.clone(),
+            offsets_key: format!("{DIMENSION_KEY_PREFIX}{model}"),
+            broken: false,
             topic,
             decoder: Decoder::new(spec),
             rows: Rows::Model {
@@ -226,6 +240,9 @@ impl Dimension {
     /// Rebuilds the rows from the start of the topic up to `upto` (the next offset of each
     /// partition; a partition not named contributes nothing), and positions the readers there.
     pub async fn reset(&mut self, upto: Option<&BTreeMap<u32, u64>>) -> Result<()> {
+        // Until the rebuild is done, the dimension is not to be read on from where it was.
+        self.broken = true;
+        self.readers.clear();
         match &mut self.rows {
             Rows::Latest { latest, .. } => latest.clear(),
             Rows::Model { state, .. } => state.clear(),
@@ -265,13 +282,21 @@ impl Dimension {
             );
         }
         self.readers = readers;
-        self.refresh().await
+        self.refresh().await?;
+        self.broken = false;
+        Ok(())
     }
 
     /// Reads what the topic has past the readers and applies it; returns the records that do
     /// not fit the topic's schema or have no key. An error (a dimension model's SQL failing
     /// at run time) leaves the dimension to be [`Dimension::reset`].
     pub async fn catch_up(&mut self) -> Result<Vec<Rejected>> {
+        if self.broken {
+            return Err(datafusion::error::DataFusionError::Execution(format!(
+                "the dimension over `{}` could not be rebuilt; retrying",
+                self.topic_name
+            )));
+        }
         let mut chunks = Vec::new();
         for reader in &mut self.readers {
             loop {

@@ -111,12 +111,66 @@ pub fn blocked_upstream(
     first_blocked(lakehouse, &upstream_tables(lakehouse, project, model_id))
 }
 
+/// What `model_id` waits for before it starts: a blocked model it reads (directly or not), or
+/// one whose last commit awaits its audit on the audit branch — which outlives a restart, when
+/// the blocks (in memory) do not. `None`: it may run.
+pub async fn waits_for(
+    lakehouse: &Lakehouse,
+    project: &Project,
+    model_id: &str,
+) -> Option<(String, String)> {
+    let upstream = upstream_tables(lakehouse, project, model_id);
+    if let Some(blocked) = first_blocked(lakehouse, &upstream) {
+        return Some(blocked);
+    }
+    for (id, ident) in &upstream {
+        if let Ok(table) = lakehouse.load_table(ident).await
+            && kappa_lakehouse::wap::unpublished(&table).is_some()
+        {
+            return Some((id.clone(), "awaiting the audit of its last commit".into()));
+        }
+    }
+    None
+}
+
+/// Blocks the table of `model_id` (which keeps failing with `error`) so that the models reading
+/// it wait; a quarantine's block stays as it is.
+pub fn block_failing(lakehouse: &Lakehouse, project: &Project, model_id: &str, error: &str) {
+    if let Ok(ident) = live_table(lakehouse, project, model_id)
+        && lakehouse
+            .blocked(&ident)
+            .is_none_or(|reason| reason.starts_with(FAILING))
+    {
+        lakehouse.block(&ident, &format!("{FAILING}: {error}"));
+    }
+}
+
+/// The topics `model_id`'s commits record offsets of, each with its key in `kappa.offsets`: a
+/// topic it reads (as a stream or a table topic) under its name, a dimension model's topic
+/// under `dimension:<model>` ([`crate::dimension::DIMENSION_KEY_PREFIX`]).
+pub fn offset_keys(project: &Project, model_id: &str) -> Vec<(String, String)> {
+    let mut keys: Vec<(String, String)> = project
+        .stream_topics(model_id)
+        .into_iter()
+        .map(|t| (t.clone(), t))
+        .collect();
+    for dimension in project.dimension_models(model_id) {
+        for topic in project.stream_topics(&dimension) {
+            keys.push((
+                topic,
+                format!("{}{dimension}", crate::dimension::DIMENSION_KEY_PREFIX),
+            ));
+        }
+    }
+    keys
+}
+
 /// The reason a failing model's table is blocked with, so that the models reading it wait.
 pub const FAILING: &str = "failing";
 
 /// A runner committed, or found nothing to commit, without failing: a block its failures set
 /// (not a quarantine's) is lifted.
-pub(crate) fn recovered(lakehouse: &Lakehouse, ident: &kappa_lakehouse::TableIdent) {
+pub fn recovered(lakehouse: &Lakehouse, ident: &kappa_lakehouse::TableIdent) {
     if lakehouse
         .blocked(ident)
         .is_some_and(|reason| reason.starts_with(FAILING))
@@ -649,16 +703,12 @@ pub async fn run_version(
     let upstream = upstream_tables(&lakehouse, &project, &model_id);
     // A quarantine outlives a restart in its table (the audit branch), before its runner
     // blocks it again: what this model would compute on waits for it from the start.
-    for (id, upstream_ident) in &upstream {
-        if let Ok(upstream_table) = lakehouse.load_table(upstream_ident).await
-            && kappa_lakehouse::wap::unpublished(&upstream_table).is_some()
-        {
-            return Err(RunnerError::Waiting {
-                model: model_id,
-                upstream: id.clone(),
-                reason: "awaiting the audit of its last commit".into(),
-            });
-        }
+    if let Some((upstream, reason)) = waits_for(&lakehouse, &project, &model_id).await {
+        return Err(RunnerError::Waiting {
+            model: model_id,
+            upstream,
+            reason,
+        });
     }
     // A commit that waited for its audit when the runner stopped is decided first.
     table = settle(&lakehouse, model, table, staged, row_checks.is_some()).await?;
@@ -860,7 +910,7 @@ pub async fn run_version(
             }
         }
         for (dimension, _) in &dims {
-            target.insert(dimension.topic_name.clone(), dimension.next_offsets());
+            target.insert(dimension.offsets_key.clone(), dimension.next_offsets());
         }
         let state_changed = dedup.as_ref().is_some_and(Dedup::has_changes)
             || join.as_ref().is_some_and(StreamJoin::has_changes);
@@ -1244,21 +1294,6 @@ pub(crate) async fn open_dimensions(
         let reports = rejects_reporter(project, &name).as_deref() == Some(model_id);
         dims.push((dimension, reports));
     }
-    // Each dimension's offsets are committed under its topic's name.
-    let mut topics = BTreeSet::new();
-    if let Some((twice, _)) = dims
-        .iter()
-        .find(|(d, _)| !topics.insert(d.topic_name.clone()))
-    {
-        return Err(RunnerError::Unsupported {
-            model: model_id.to_owned(),
-            reason: format!(
-                "it looks up topic `{}` twice (as a table and through a dimension model, or \
-                 through two dimension models); look it up once",
-                twice.topic_name
-            ),
-        });
-    }
     Ok(dims)
 }
 
@@ -1276,14 +1311,6 @@ async fn open_dimension_model(
         source,
     };
     let planned = plan_model(project, name).await.map_err(plan_error)?;
-    if !planned.dimensions.is_empty() {
-        return Err(RunnerError::Unsupported {
-            model: model_id.to_owned(),
-            reason: format!(
-                "it looks up the dimension {name}, which itself looks up dimensions; look them                  up in {model_id} instead"
-            ),
-        });
-    }
     let spec = project.topics.get(&planned.topic).ok_or_else(|| {
         plan_error(datafusion::error::DataFusionError::Plan(format!(
             "no topic `{}`",
@@ -1297,10 +1324,14 @@ async fn open_dimension_model(
             source,
         })?;
     let slot = planned.input_slot();
-    let sql = StatelessModel::from_plan(planned.ctx, slot, planned.plan).map_err(plan_error)?;
+    // What the dimension's table holds: without the rows its `drop` expectations set aside.
+    let plan = crate::expect::without_dropped(&planned.ctx, planned.plan, &project.models[name])
+        .map_err(plan_error)?;
+    let sql = StatelessModel::from_plan(planned.ctx, slot, plan).map_err(plan_error)?;
     let scd = crate::scd::ScdSpec::new(&project.models[name], sql.output_schema().clone())
         .map_err(plan_error)?;
     Ok(Dimension::of_model(
+        name,
         topic,
         spec,
         table,
@@ -1422,7 +1453,7 @@ pub(crate) async fn reset_dimensions(
     model: &str,
 ) {
     for (dimension, _) in dims.iter_mut() {
-        if let Err(e) = dimension.reset(committed.get(&dimension.topic_name)).await {
+        if let Err(e) = dimension.reset(committed.get(&dimension.offsets_key)).await {
             tracing::error!(model, topic = %dimension.topic_name, error = %e, "rebuilding a dimension failed");
         }
     }

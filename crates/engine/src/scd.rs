@@ -13,8 +13,10 @@
 //!
 //! A version arriving late (older than the current one) slots into the history: the versions
 //! around it get their `valid_to` from it, as a batch run over all records would give. The
-//! result depends only on the set of records (ties of a key and `updated_at` go to the one read
-//! last), so a replay, a restart from the state files or a clean run agree.
+//! result depends only on the set of records, except for ties — records of one key and one
+//! `updated_at` (or, in scd1 without `updated_at`, of one key): the one read last wins, which is
+//! the one last in the log when a key's records share a partition (a topic keyed by the
+//! dimension's key). A null `updated_at` sorts before every time: the oldest version.
 //!
 //! The surrogate key is a 64-bit FNV-1a hash of the business key's values as text (and, for
 //! scd2, of `valid_from`): stable across replays and versions of the model, so facts that

@@ -422,7 +422,7 @@ pub(crate) async fn run_over_upstream(
             BTreeMap::from([(0, u64::try_from(position).unwrap_or(0))]),
         )]);
         for (dimension, _) in &dims {
-            offsets.insert(dimension.topic_name.clone(), dimension.next_offsets());
+            offsets.insert(dimension.offsets_key.clone(), dimension.next_offsets());
         }
         let properties = HashMap::from([
             (

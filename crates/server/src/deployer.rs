@@ -624,10 +624,11 @@ impl Deployer {
             }
             // A new version whose commit failed its audit stops the deploy: the deployed
             // versions keep serving.
-            if let Some((id, reason)) = switches
-                .iter()
-                .find_map(|(id, _, table)| Some((id, self.lakehouse.blocked(table)?)))
-            {
+            if let Some((id, reason)) = switches.iter().find_map(|(id, _, table)| {
+                // A failing runner restarts; only a quarantine decides the deploy.
+                let reason = self.lakehouse.blocked(table)?;
+                (!reason.starts_with(kappa_engine::runner::FAILING)).then_some((id, reason))
+            }) {
                 let failure = format!("the new version of {id} is {reason}");
                 tracing::warn!(%failure, "the deploy stops; the deployed versions keep serving");
                 if let Ok(mut audit) = self.audit.lock() {
@@ -978,20 +979,21 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The end of every partition of each model's source topics, by model.
+/// The end of every partition of the topics each model reads, keyed as its commits record them
+/// (`offset_keys`), by model.
 fn topic_ends(log: &Log, project: &Project, models: &[String]) -> BTreeMap<String, Offsets> {
     models
         .iter()
         .map(|id| {
             let mut ends = Offsets::new();
-            for name in project.source_topics(id) {
+            for (name, key) in kappa_engine::runner::offset_keys(project, id) {
                 if let Ok(topic) = log.topic(&name) {
                     let partitions = topic
                         .partitions()
                         .iter()
                         .map(|p| (p.id(), p.offsets().visible_offset))
                         .collect();
-                    ends.insert(name, partitions);
+                    ends.insert(key, partitions);
                 }
             }
             (id.clone(), ends)

@@ -248,25 +248,13 @@ async fn run_until_stopped(
             }),
         };
         // A failing model's table is blocked, so that the models reading it wait (and say
-        // why) instead of computing on; its runner lifts the block once it starts cleanly.
+        // why) instead of computing on; its runner lifts the block once it commits again.
         let failing = |e: &RunnerError| {
-            if let Ok(ident) = kappa_engine::runner::live_table(&lakehouse, &project, &name) {
-                let reason = format!("{}: {e}", kappa_engine::runner::FAILING);
-                if lakehouse
-                    .blocked(&ident)
-                    .is_none_or(|r| r.starts_with(kappa_engine::runner::FAILING))
-                {
-                    lakehouse.block(&ident, &reason);
-                }
-            }
+            kappa_engine::runner::block_failing(&lakehouse, &project, &name, &e.to_string());
         };
         let unblock_failing = || {
-            if let Ok(ident) = kappa_engine::runner::live_table(&lakehouse, &project, &name)
-                && lakehouse
-                    .blocked(&ident)
-                    .is_some_and(|r| r.starts_with(kappa_engine::runner::FAILING))
-            {
-                lakehouse.unblock(&ident);
+            if let Ok(ident) = kappa_engine::runner::live_table(&lakehouse, &project, &name) {
+                kappa_engine::runner::recovered(&lakehouse, &ident);
             }
         };
         match outcome {
@@ -295,7 +283,9 @@ async fn run_until_stopped(
                     if *stopped.borrow() {
                         return;
                     }
-                    if kappa_engine::runner::blocked_upstream(&lakehouse, &project, &name).is_none()
+                    if kappa_engine::runner::waits_for(&lakehouse, &project, &name)
+                        .await
+                        .is_none()
                     {
                         break;
                     }
@@ -346,6 +336,7 @@ async fn run_until_stopped(
             _ = stopped.changed() => {}
         }
         if *stopped.borrow() {
+            unblock_failing();
             return;
         }
     }
@@ -372,15 +363,23 @@ pub struct Bronze {
 }
 
 impl Bronze {
-    /// Starts a runner for each of `project`'s topics that has none, and restarts those whose
-    /// redactions the project changes (records already kept stay as they were written).
+    /// Starts a runner for each of `project`'s topics that has none, and restarts those that
+    /// the project gives more fields to redact (records already kept stay as they were
+    /// written).
     pub async fn ensure(&mut self, log: &Arc<Log>, lakehouse: &Lakehouse, project: &Project) {
         for topic in project.topics.keys() {
-            let redact = kappa_engine::bronze::redacted_fields(project, topic);
-            match self.runners.get(topic) {
-                Some((_, running)) if *running == redact => continue,
-                Some(_) => self.stop_topic(topic).await,
-                None => {}
+            let mut redact = kappa_engine::bronze::redacted_fields(project, topic);
+            // A deploy may yet fail and leave the running project's masks in force: what
+            // either masks stays redacted (until the server restarts).
+            if let Some((_, running)) = self.runners.get(topic) {
+                let mut union = running.clone();
+                union.fields.extend(redact.fields.iter().cloned());
+                union.key |= redact.key;
+                if union == *running {
+                    continue;
+                }
+                redact = union;
+                self.stop_topic(topic).await;
             }
             let (stop, stopped) = tokio::sync::watch::channel(false);
             let state: StateCell = Arc::new(std::sync::Mutex::new(RunnerState::Running));

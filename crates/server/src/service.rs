@@ -369,15 +369,16 @@ fn topic_lag(
     id: &str,
     committed: &kappa_engine::runner::Offsets,
 ) -> u64 {
+    let read = kappa_engine::runner::offset_keys(project, id);
     let mut lag = 0;
-    for topic_name in project.source_topics(id) {
+    for (topic_name, key) in read {
         let Ok(topic) = log.topic(&topic_name) else {
             continue;
         };
         for partition in topic.partitions() {
             let offsets = partition.offsets();
             let done = committed
-                .get(&topic_name)
+                .get(&key)
                 .and_then(|p| p.get(&partition.id()))
                 .copied()
                 .unwrap_or(offsets.start_offset);
