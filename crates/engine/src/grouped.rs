@@ -153,46 +153,29 @@ impl GroupedModel {
         &mut self,
         lakehouse: &Lakehouse,
         table: &Table,
-        mut properties: HashMap<String, String>,
+        properties: HashMap<String, String>,
     ) -> Result<Table, LakehouseError> {
-        self.pending.clear();
-        let mut remove = BTreeSet::new();
-        let mut add = Vec::new();
+        let mut commit = BucketCommit::new(&self.committed);
         for b in 0..GROUP_BUCKETS {
             if !self.buckets[b].dirty {
                 continue;
             }
             let (state, values) = self.buckets[b].evaluate(&self.plan, true).map_err(df)?;
             let rows = self.plan.output(values).await.map_err(df)?;
-            let files = if rows.is_empty() {
-                Vec::new()
-            } else {
-                lakehouse
-                    .write_data_files(table, &rows, &format!("b{b}-"))
-                    .await?
-            };
-            let state = lakehouse
-                .write_state(table, &format!("b{b}"), &self.plan.state_schema, &[state])
+            commit
+                .bucket(
+                    lakehouse,
+                    table,
+                    b,
+                    &rows,
+                    &self.plan.state_schema,
+                    &[state],
+                )
                 .await?;
-            if let Some(old) = self.committed.get(&b) {
-                remove.extend(old.data.iter().cloned());
-            }
-            self.pending.insert(
-                b,
-                BucketFiles {
-                    data: files.iter().map(|f| f.file_path().to_owned()).collect(),
-                    state,
-                },
-            );
-            add.extend(files);
         }
-        let mut buckets = self.committed.clone();
-        buckets.extend(self.pending.clone());
-        properties.insert(
-            BUCKETS_PROPERTY.to_owned(),
-            serde_json::to_string(&buckets).unwrap_or_default(),
-        );
-        let table = lakehouse.overwrite(table, &remove, add, properties).await?;
+        let table = commit
+            .finish(lakehouse, table, &mut self.pending, properties)
+            .await?;
         self.landed();
         Ok(table)
     }
@@ -231,6 +214,82 @@ impl GroupedModel {
             self.buckets[b].dirty = false;
         }
         Ok(())
+    }
+}
+
+/// One copy-on-write commit of bucketed rows (a GROUP BY's groups, a dimension's versions):
+/// each changed bucket's rows become new data files and its state a new state file, its old
+/// data files leave the table, and `kappa.buckets` names every bucket's files.
+pub(crate) struct BucketCommit<'a> {
+    committed: &'a BucketMap,
+    written: BucketMap,
+    remove: BTreeSet<String>,
+    add: Vec<kappa_lakehouse::DataFile>,
+}
+
+impl<'a> BucketCommit<'a> {
+    pub(crate) fn new(committed: &'a BucketMap) -> BucketCommit<'a> {
+        BucketCommit {
+            committed,
+            written: BucketMap::new(),
+            remove: BTreeSet::new(),
+            add: Vec::new(),
+        }
+    }
+
+    /// Writes bucket `b`'s new `rows` and `state`.
+    pub(crate) async fn bucket(
+        &mut self,
+        lakehouse: &Lakehouse,
+        table: &Table,
+        b: usize,
+        rows: &[RecordBatch],
+        state_schema: &SchemaRef,
+        state: &[RecordBatch],
+    ) -> Result<(), LakehouseError> {
+        let files = if rows.iter().all(|r| r.num_rows() == 0) {
+            Vec::new()
+        } else {
+            lakehouse
+                .write_data_files(table, rows, &format!("b{b}-"))
+                .await?
+        };
+        let state = lakehouse
+            .write_state(table, &format!("b{b}"), state_schema, state)
+            .await?;
+        if let Some(old) = self.committed.get(&b) {
+            self.remove.extend(old.data.iter().cloned());
+        }
+        self.written.insert(
+            b,
+            BucketFiles {
+                data: files.iter().map(|f| f.file_path().to_owned()).collect(),
+                state,
+            },
+        );
+        self.add.extend(files);
+        Ok(())
+    }
+
+    /// Commits the written buckets in one overwrite snapshot carrying `properties`; `pending`
+    /// gets their files (the caller's until it knows the commit landed).
+    pub(crate) async fn finish(
+        self,
+        lakehouse: &Lakehouse,
+        table: &Table,
+        pending: &mut BucketMap,
+        mut properties: HashMap<String, String>,
+    ) -> Result<Table, LakehouseError> {
+        *pending = self.written;
+        let mut buckets = self.committed.clone();
+        buckets.extend(pending.clone());
+        properties.insert(
+            BUCKETS_PROPERTY.to_owned(),
+            serde_json::to_string(&buckets).unwrap_or_default(),
+        );
+        lakehouse
+            .overwrite(table, &self.remove, self.add, properties)
+            .await
     }
 }
 

@@ -674,53 +674,16 @@ pub async fn dimension_schema(project: &Project, id: &str) -> Result<arrow::data
 /// Whether `model_id` recomputes `other` inline: reads it, directly or through other models,
 /// and not through a dimension model (whose rows it looks up; a dimension is not recomputed).
 fn recomputes(project: &Project, model_id: &str, other: &str) -> bool {
-    if project.is_dimension(other) {
-        return false;
-    }
-    let mut pending = vec![model_id];
-    let mut seen = BTreeSet::new();
-    while let Some(id) = pending.pop() {
-        if !seen.insert(id) {
-            continue;
-        }
-        let Some(model) = project.models.get(id) else {
-            continue;
-        };
-        for input in &model.inputs {
-            if let Input::Model(m) = input {
-                if m == other {
-                    return true;
-                }
-                if !project.is_dimension(m) {
-                    pending.push(m);
-                }
-            }
-        }
-    }
-    false
+    !project.is_dimension(other)
+        && project
+            .reachable(model_id, &|m| !project.is_dimension(m))
+            .1
+            .contains(other)
 }
 
 /// Whether `model_id` reads `other`, directly or through other models.
 pub fn reads_transitively(project: &Project, model_id: &str, other: &str) -> bool {
-    let mut pending = vec![model_id];
-    let mut seen = BTreeSet::new();
-    while let Some(id) = pending.pop() {
-        if !seen.insert(id) {
-            continue;
-        }
-        let Some(model) = project.models.get(id) else {
-            continue;
-        };
-        for input in &model.inputs {
-            if let Input::Model(m) = input {
-                if m == other {
-                    return true;
-                }
-                pending.push(m);
-            }
-        }
-    }
-    false
+    project.reads_transitively(model_id, other)
 }
 
 /// `SELECT DISTINCT …` is a GROUP BY of every column with no aggregates.

@@ -806,25 +806,7 @@ pub async fn run_version(
             });
         }
         // Dimensions first: every event is looked up in what its dimensions hold by now.
-        let mut dimension_failed = false;
-        for (dimension, reports) in &mut dims {
-            let rejected = match dimension.catch_up().await {
-                Ok(rejected) => rejected,
-                Err(e) => {
-                    tracing::error!(model = %model_id, topic = %dimension.topic_name, error = %e, "computing a dimension failed");
-                    dimension_failed = true;
-                    break;
-                }
-            };
-            if *reports {
-                dim_rejected.extend(
-                    rejected
-                        .into_iter()
-                        .map(|r| (dimension.topic_name.clone(), r)),
-                );
-            }
-        }
-        if dimension_failed {
+        if !catch_up_dimensions(&mut dims, &mut dim_rejected, &model_id).await {
             start_over!();
             continue;
         }
@@ -1444,6 +1426,29 @@ async fn push_stages(
     };
     let rows = dedup_push(dedup, batch, first).await?;
     compute.push(rows, first).await
+}
+
+/// Catches every dimension up to the end of its topic; the records that do not fit, of those
+/// whose topic this model reports, are added to `rejected`. False when one failed (it is to be
+/// rebuilt: start over).
+pub(crate) async fn catch_up_dimensions(
+    dims: &mut [(Dimension, bool)],
+    rejected: &mut Vec<(String, Rejected)>,
+    model: &str,
+) -> bool {
+    for (dimension, reports) in dims.iter_mut() {
+        match dimension.catch_up().await {
+            Ok(found) if *reports => {
+                rejected.extend(found.into_iter().map(|r| (dimension.topic_name.clone(), r)))
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(model, topic = %dimension.topic_name, error = %e, "computing a dimension failed");
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// Rebuilds every dimension to the offsets `committed` names.

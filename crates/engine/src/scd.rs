@@ -34,7 +34,7 @@ use datafusion::error::{DataFusionError, Result};
 use kappa_lakehouse::{Lakehouse, LakehouseError, Table};
 use kappa_pipeline::{Materialization, Model};
 
-use crate::grouped::{BUCKETS_PROPERTY, BucketFiles, BucketMap, GROUP_BUCKETS, df};
+use crate::grouped::{BUCKETS_PROPERTY, BucketCommit, BucketMap, GROUP_BUCKETS, df};
 use crate::stateless::StatelessModel;
 
 /// The columns an scd2 dimension adds after its SQL's.
@@ -398,52 +398,29 @@ impl ScdModel {
         &mut self,
         lakehouse: &Lakehouse,
         table: &Table,
-        mut properties: HashMap<String, String>,
+        properties: HashMap<String, String>,
     ) -> std::result::Result<Table, LakehouseError> {
-        self.pending.clear();
-        let mut remove = BTreeSet::new();
-        let mut add = Vec::new();
+        let mut commit = BucketCommit::new(&self.committed);
         for b in 0..GROUP_BUCKETS {
             if !self.state.buckets[b].dirty {
                 continue;
             }
-            let rows = self.state.output(b).map_err(df)?;
-            let files = match &rows {
-                Some(rows) => {
-                    lakehouse
-                        .write_data_files(table, std::slice::from_ref(rows), &format!("b{b}-"))
-                        .await?
-                }
-                None => Vec::new(),
-            };
+            let rows: Vec<RecordBatch> = self.state.output(b).map_err(df)?.into_iter().collect();
             let settled: Vec<RecordBatch> = self.state.buckets[b].rows.iter().cloned().collect();
-            let state = lakehouse
-                .write_state(
+            commit
+                .bucket(
+                    lakehouse,
                     table,
-                    &format!("b{b}"),
+                    b,
+                    &rows,
                     &self.state.spec.rows_schema,
                     &settled,
                 )
                 .await?;
-            if let Some(old) = self.committed.get(&b) {
-                remove.extend(old.data.iter().cloned());
-            }
-            self.pending.insert(
-                b,
-                BucketFiles {
-                    data: files.iter().map(|f| f.file_path().to_owned()).collect(),
-                    state,
-                },
-            );
-            add.extend(files);
         }
-        let mut buckets = self.committed.clone();
-        buckets.extend(self.pending.clone());
-        properties.insert(
-            BUCKETS_PROPERTY.to_owned(),
-            serde_json::to_string(&buckets).unwrap_or_default(),
-        );
-        let table = lakehouse.overwrite(table, &remove, add, properties).await?;
+        let table = commit
+            .finish(lakehouse, table, &mut self.pending, properties)
+            .await?;
         self.landed();
         Ok(table)
     }

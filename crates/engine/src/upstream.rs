@@ -31,9 +31,9 @@ use crate::plan::plan_over_upstream;
 use crate::runner::{
     ATTEMPT_PROPERTY, COMMIT_RECORDS_MAX, Compute, DEAD_LETTERS_PROPERTY,
     GROUPED_COMMIT_RECORDS_MAX, LIVE_COMMIT_INTERVAL_MS, OFFSETS_PROPERTY, Offsets,
-    PROGRESS_COMMIT_INTERVAL_MS, RunnerError, VERSION_PROPERTY, commit_landed, committed_offsets,
-    dead_letter, dead_letter_topic, dead_letters_after, model_version, open_dimensions,
-    open_output, reset_dimensions, sleep_or_stop,
+    PROGRESS_COMMIT_INTERVAL_MS, RunnerError, VERSION_PROPERTY, catch_up_dimensions, commit_landed,
+    committed_offsets, dead_letter, dead_letter_topic, dead_letters_after, model_version,
+    open_dimensions, open_output, reset_dimensions, sleep_or_stop,
 };
 use crate::watermark::{WATERMARKS_PROPERTY, Watermarks};
 
@@ -245,25 +245,7 @@ pub(crate) async fn run_over_upstream(
             });
         }
         // Dimensions first: every row is looked up in what its dimensions hold by now.
-        let mut dimension_failed = false;
-        for (dimension, reports) in &mut dims {
-            let rejected = match dimension.catch_up().await {
-                Ok(rejected) => rejected,
-                Err(e) => {
-                    tracing::error!(model = %model_id, topic = %dimension.topic_name, error = %e, "computing a dimension failed");
-                    dimension_failed = true;
-                    break;
-                }
-            };
-            if *reports {
-                dim_rejected.extend(
-                    rejected
-                        .into_iter()
-                        .map(|r| (dimension.topic_name.clone(), r)),
-                );
-            }
-        }
-        if dimension_failed {
+        if !catch_up_dimensions(&mut dims, &mut dim_rejected, &model_id).await {
             start_over!();
             continue;
         }

@@ -28,6 +28,7 @@ use datafusion::catalog::{
 use datafusion::prelude::{SessionConfig, SessionContext};
 pub use iceberg::TableIdent;
 use iceberg::arrow::{arrow_schema_to_schema_auto_assign_ids, schema_to_arrow_schema};
+pub use iceberg::spec::DataFile;
 use iceberg::spec::DataFileFormat;
 use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
 use iceberg::writer::file_writer::ParquetWriterBuilder;

@@ -353,58 +353,37 @@ impl Project {
 
     /// The dimension models `model_id` reads, directly or through the models it recomputes.
     pub fn dimension_models(&self, model_id: &str) -> BTreeSet<String> {
-        let mut found = BTreeSet::new();
-        let mut pending = vec![model_id.to_owned()];
-        let mut seen = BTreeSet::new();
-        while let Some(id) = pending.pop() {
-            if !seen.insert(id.clone()) {
-                continue;
-            }
-            let Some(model) = self.models.get(&id) else {
-                continue;
-            };
-            for input in &model.inputs {
-                match input {
-                    Input::Model(m) if self.is_dimension(m) => {
-                        found.insert(m.clone());
-                    }
-                    Input::Model(m) => pending.push(m.clone()),
-                    Input::Topic(_) => {}
-                }
-            }
-        }
-        found
+        let (_, models) = self.reachable(model_id, &|m| !self.is_dimension(m));
+        models
+            .into_iter()
+            .filter(|m| self.is_dimension(m))
+            .collect()
     }
 
     /// The topics `model_id` reads as streams or table topics: [`Project::source_topics`]
     /// without those it reaches only through dimension models, which it looks up.
     pub fn stream_topics(&self, model_id: &str) -> BTreeSet<String> {
-        let mut topics = BTreeSet::new();
-        let mut pending = vec![model_id.to_owned()];
-        let mut seen = BTreeSet::new();
-        while let Some(id) = pending.pop() {
-            if !seen.insert(id.clone()) {
-                continue;
-            }
-            let Some(model) = self.models.get(&id) else {
-                continue;
-            };
-            for input in &model.inputs {
-                match input {
-                    Input::Topic(t) => {
-                        topics.insert(t.clone());
-                    }
-                    Input::Model(m) if !self.is_dimension(m) => pending.push(m.clone()),
-                    Input::Model(_) => {}
-                }
-            }
-        }
-        topics
+        self.reachable(model_id, &|m| !self.is_dimension(m)).0
     }
 
     /// The topics a model's rows come from, through the models it reads.
     pub fn source_topics(&self, model_id: &str) -> BTreeSet<String> {
-        let mut topics = BTreeSet::new();
+        self.reachable(model_id, &|_| true).0
+    }
+
+    /// Whether `model_id` reads `other`, directly or through other models.
+    pub fn reads_transitively(&self, model_id: &str, other: &str) -> bool {
+        self.reachable(model_id, &|_| true).1.contains(other)
+    }
+
+    /// The topics and models `model_id` reads: its inputs, and the inputs of each model read
+    /// that `through` lets the walk go into.
+    pub fn reachable(
+        &self,
+        model_id: &str,
+        through: &dyn Fn(&str) -> bool,
+    ) -> (BTreeSet<String>, BTreeSet<String>) {
+        let (mut topics, mut models) = (BTreeSet::new(), BTreeSet::new());
         let mut pending = vec![model_id.to_owned()];
         let mut seen = BTreeSet::new();
         while let Some(id) = pending.pop() {
@@ -419,11 +398,16 @@ impl Project {
                     Input::Topic(t) => {
                         topics.insert(t.clone());
                     }
-                    Input::Model(m) => pending.push(m.clone()),
+                    Input::Model(m) => {
+                        models.insert(m.clone());
+                        if through(m) {
+                            pending.push(m.clone());
+                        }
+                    }
                 }
             }
         }
-        topics
+        (topics, models)
     }
 }
 

@@ -241,23 +241,15 @@ async fn model_status(
     runners: Option<&crate::pipelines::RunnerStates>,
     dead_letters: &[crate::api::DeadLetterCount],
 ) -> crate::api::ModelStatus {
-    use kappa_engine::runner::{OFFSETS_PROPERTY, Offsets, VERSION_PROPERTY, model_version};
+    use kappa_engine::runner::{VERSION_PROPERTY, model_version};
 
     let model = &project.models[id];
-    let snapshot = match kappa_lakehouse::table_ident(&model.layer, &model.name) {
-        Ok(ident) => lakehouse.load_table(&ident).await.ok().and_then(|table| {
-            table
-                .metadata()
-                .current_snapshot()
-                .map(|s| (s.summary().additional_properties.clone(), s.timestamp_ms()))
-        }),
-        Err(_) => None,
-    };
-    let committed: Offsets = snapshot
-        .as_ref()
-        .and_then(|(p, _)| p.get(OFFSETS_PROPERTY))
-        .and_then(|o| serde_json::from_str(o).ok())
-        .unwrap_or_default();
+    let snapshot = published(
+        lakehouse,
+        kappa_lakehouse::table_ident(&model.layer, &model.name),
+    )
+    .await;
+    let committed = offsets_of(snapshot.as_ref());
     let lag_records = match project.reads_tables.get(id) {
         Some(upstream) => upstream_lag(log, lakehouse, project, upstream, &committed).await,
         None => topic_lag(log, project, id, &committed),
@@ -297,24 +289,10 @@ pub async fn bronze_status(
     project: &kappa_pipeline::Project,
     runners: Option<&crate::pipelines::RunnerStates>,
 ) -> Vec<crate::api::ModelStatus> {
-    use kappa_engine::runner::{OFFSETS_PROPERTY, Offsets};
-
     let mut all = Vec::new();
     for topic_name in project.topics.keys() {
-        let snapshot = match kappa_engine::bronze::bronze_table(topic_name) {
-            Ok(ident) => lakehouse.load_table(&ident).await.ok().and_then(|table| {
-                table
-                    .metadata()
-                    .current_snapshot()
-                    .map(|s| (s.summary().additional_properties.clone(), s.timestamp_ms()))
-            }),
-            Err(_) => None,
-        };
-        let committed: Offsets = snapshot
-            .as_ref()
-            .and_then(|(p, _)| p.get(OFFSETS_PROPERTY))
-            .and_then(|o| serde_json::from_str(o).ok())
-            .unwrap_or_default();
+        let snapshot = published(lakehouse, kappa_engine::bronze::bronze_table(topic_name)).await;
+        let committed = offsets_of(snapshot.as_ref());
         let mut lag_records = 0;
         if let Ok(topic) = log.topic(topic_name) {
             for partition in topic.partitions() {
@@ -347,6 +325,28 @@ pub async fn bronze_status(
         });
     }
     all
+}
+
+/// The properties and time of the published snapshot of the table `ident` names, if it has one.
+async fn published(
+    lakehouse: &kappa_lakehouse::Lakehouse,
+    ident: kappa_lakehouse::Result<kappa_lakehouse::TableIdent>,
+) -> Option<(std::collections::HashMap<String, String>, i64)> {
+    let table = lakehouse.load_table(&ident.ok()?).await.ok()?;
+    table
+        .metadata()
+        .current_snapshot()
+        .map(|s| (s.summary().additional_properties.clone(), s.timestamp_ms()))
+}
+
+/// The offsets a snapshot's `kappa.offsets` records.
+fn offsets_of(
+    snapshot: Option<&(std::collections::HashMap<String, String>, i64)>,
+) -> kappa_engine::runner::Offsets {
+    snapshot
+        .and_then(|(p, _)| p.get(kappa_engine::runner::OFFSETS_PROPERTY))
+        .and_then(|o| serde_json::from_str(o).ok())
+        .unwrap_or_default()
 }
 
 /// A runner's state as the status words it, with its detail.
