@@ -260,6 +260,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let config = kappa_server::ServerConfig {
         data_dir: data_dir.clone(),
         http_addr: "127.0.0.1:0".parse()?,
+        pg_addr: "127.0.0.1:0".parse()?,
         max_request_bytes: kappa_server::config::REQUEST_BYTES_MAX_DEFAULT,
         body_read_timeout_ms: kappa_server::config::BODY_READ_TIMEOUT_MS_DEFAULT,
         project_dir: Some(project.clone()),

@@ -105,6 +105,10 @@ struct UpArgs {
     /// Address of the HTTP API [default: 127.0.0.1:7878, or kappa.toml's server.http]
     #[arg(long, value_name = "ADDR")]
     http: Option<SocketAddr>,
+    /// Address of the Postgres wire endpoint [default: 127.0.0.1:5433, or kappa.toml's
+    /// server.pg]
+    #[arg(long, value_name = "ADDR")]
+    pg: Option<SocketAddr>,
     /// Largest request body accepted, in bytes [default: 33554432]
     #[arg(long, value_name = "BYTES")]
     max_request_bytes: Option<usize>,
@@ -205,14 +209,16 @@ impl Global {
 async fn up(global: &Global, args: UpArgs) -> anyhow::Result<()> {
     let overrides = kappa_server::config::Overrides {
         http_addr: args.http,
+        pg_addr: args.pg,
         max_request_bytes: args.max_request_bytes,
         ..global.overrides()
     };
     let config = kappa_server::ServerConfig::resolve(&overrides)?;
     let server = kappa_server::Server::start(config).await?;
     println!(
-        "kappa is up: HTTP API on http://{}, data in {}",
+        "kappa is up: HTTP API on http://{}, Postgres on {}, data in {}",
         server.http_addr(),
+        server.pg_addr(),
         server.data_dir().display()
     );
     std::io::stdout().flush()?;

@@ -10,6 +10,9 @@ use kappa_pipeline::ProjectConfig;
 /// Default address of the HTTP API and web UI.
 pub const HTTP_ADDR_DEFAULT: &str = "127.0.0.1:7878";
 
+/// Default address of the Postgres wire endpoint.
+pub const PG_ADDR_DEFAULT: &str = "127.0.0.1:5433";
+
 /// Default cap on one HTTP request body, in bytes.
 pub const REQUEST_BYTES_MAX_DEFAULT: usize = 32 * 1024 * 1024;
 
@@ -33,6 +36,8 @@ pub use kappa_pipeline::PROJECT_FILE;
 pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub http_addr: SocketAddr,
+    /// The Postgres wire endpoint.
+    pub pg_addr: SocketAddr,
     /// Larger request bodies are answered with 413 before they are read.
     pub max_request_bytes: usize,
     /// A body that takes longer to arrive is answered with 408 (slow or stalled clients).
@@ -47,6 +52,7 @@ pub struct Overrides {
     pub project: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
     pub http_addr: Option<SocketAddr>,
+    pub pg_addr: Option<SocketAddr>,
     pub max_request_bytes: Option<usize>,
 }
 
@@ -74,9 +80,28 @@ impl ServerConfig {
                 .parse()
                 .context("parse the default HTTP address")?,
         };
+        let configured_pg = file
+            .server
+            .pg
+            .as_deref()
+            .map(|a| {
+                a.parse::<SocketAddr>().with_context(|| {
+                    format!(
+                        "{PROJECT_FILE}: [server] pg `{a}` is not an address like 127.0.0.1:5433"
+                    )
+                })
+            })
+            .transpose()?;
+        let pg_addr = match overrides.pg_addr.or(configured_pg) {
+            Some(addr) => addr,
+            None => PG_ADDR_DEFAULT
+                .parse()
+                .context("parse the default Postgres address")?,
+        };
         Ok(ServerConfig {
             data_dir: data_dir(&project, overrides.data_dir.as_deref()),
             http_addr,
+            pg_addr,
             max_request_bytes: overrides
                 .max_request_bytes
                 .or(file.server.max_request_bytes)

@@ -17,6 +17,7 @@ pub mod deployer;
 pub mod deployment;
 pub mod http;
 pub mod ingest;
+pub mod pg;
 pub mod pipelines;
 pub mod project;
 pub mod quality;
@@ -42,6 +43,9 @@ pub struct ServerFile {
     pub pid: u32,
     /// Base URL of the HTTP API.
     pub http: String,
+    /// Address of the Postgres wire endpoint.
+    #[serde(default)]
+    pub pg: String,
 }
 
 /// State shared by every request handler.
@@ -82,6 +86,8 @@ pub struct Server {
     state: Arc<AppState>,
     listener: tokio::net::TcpListener,
     http_addr: SocketAddr,
+    pg_listener: tokio::net::TcpListener,
+    pg_addr: SocketAddr,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
     deployer: Option<Arc<deployer::Deployer>>,
 }
@@ -171,9 +177,16 @@ impl Server {
         let http_addr = listener
             .local_addr()
             .context("read the bound HTTP address")?;
+        let pg_listener = tokio::net::TcpListener::bind(config.pg_addr)
+            .await
+            .with_context(|| format!("bind the Postgres endpoint to {}", config.pg_addr))?;
+        let pg_addr = pg_listener
+            .local_addr()
+            .context("read the bound Postgres address")?;
         let file = ServerFile {
             pid: std::process::id(),
             http: format!("http://{http_addr}"),
+            pg: pg_addr.to_string(),
         };
         write_server_file(&data_dir, &file)?;
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
@@ -192,6 +205,8 @@ impl Server {
             state,
             listener,
             http_addr,
+            pg_listener,
+            pg_addr,
             shutdown_tx,
             deployer,
         })
@@ -199,6 +214,11 @@ impl Server {
 
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// Where the Postgres wire endpoint listens.
+    pub fn pg_addr(&self) -> SocketAddr {
+        self.pg_addr
     }
 
     pub fn log(&self) -> &Arc<Log> {
@@ -225,10 +245,16 @@ impl Server {
             shutdown.await;
             let _ = shutdown_tx.send(true);
         };
+        let pg = tokio::spawn(pg::serve(
+            self.pg_listener,
+            self.state.lakehouse.clone(),
+            self.state.shutdown.clone(),
+        ));
         let served = axum::serve(self.listener, router)
             .with_graceful_shutdown(signal)
             .await;
         monitor.abort();
+        pg.abort();
         if let Some(deployer) = self.deployer {
             deployer.stop().await;
         }

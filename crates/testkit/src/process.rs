@@ -18,8 +18,8 @@ pub struct KappaProcess {
 }
 
 impl KappaProcess {
-    /// Starts `binary up --data-dir DATA_DIR --http 127.0.0.1:0 EXTRA…` and waits until it
-    /// prints its address. Its stderr goes to `DATA_DIR.stderr` for post-mortems.
+    /// Starts `binary up --data-dir DATA_DIR --http 127.0.0.1:0 --pg 127.0.0.1:0 EXTRA…` and
+    /// waits until it prints its address. Its stderr goes to `DATA_DIR.stderr` for post-mortems.
     pub fn start(binary: &Path, data_dir: &Path, extra: &[&str]) -> std::io::Result<KappaProcess> {
         KappaProcess::start_with_env(binary, data_dir, extra, &[])
     }
@@ -40,7 +40,7 @@ impl KappaProcess {
             .arg("up")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--http", "127.0.0.1:0"])
+            .args(["--http", "127.0.0.1:0", "--pg", "127.0.0.1:0"])
             .args(extra)
             .envs(env.iter().copied())
             .stdin(Stdio::null())

@@ -233,6 +233,8 @@ fn a_second_server_on_the_same_data_directory_is_refused() {
             "up",
             "--http",
             "127.0.0.1:0",
+            "--pg",
+            "127.0.0.1:0",
         ])
         .output()
         .unwrap();
@@ -416,6 +418,8 @@ fn up_runs_models_into_iceberg_and_sql_reads_them() {
             dir.to_str().unwrap(),
             "up",
             "--http",
+            "127.0.0.1:0",
+            "--pg",
             "127.0.0.1:0",
         ])
         .stdout(Stdio::piped())

@@ -27,6 +27,7 @@ impl TestServer {
         let config = ServerConfig {
             data_dir: dir.path().join("data"),
             http_addr: "127.0.0.1:0".parse().unwrap(),
+            pg_addr: "127.0.0.1:0".parse().unwrap(),
             max_request_bytes: TEST_BODY_LIMIT,
             body_read_timeout_ms: TEST_BODY_TIMEOUT_MS,
             project_dir: None,

@@ -1,0 +1,177 @@
+//! The Postgres wire endpoint of `kappa up`, driven by Debian's real `psql`.
+
+use std::path::Path;
+use std::process::Command;
+
+use kappa_testkit::process::KappaProcess;
+
+use crate::quality::write_project;
+use crate::{KAPPA, kappa, stderr};
+
+const ORDERS: &str = "partitions = 2\nkey = \"customer_id\"\n\n[schema]\norder_id = \
+                      \"bigint\"\ncustomer_id = \"string\"\namount = \"decimal(10,2)\"\nts = \
+                      \"timestamp\"\npaid = \"boolean\"\n";
+const CUSTOMERS: &str = "kind = \"table\"\nkey = \"customer_id\"\n\n[schema]\ncustomer_id = \
+                         \"string\"\nregion = \"string\"\n";
+
+/// `psql` against the endpoint `kappa up` recorded in the data directory: unaligned, no
+/// headers, errors verbose (with their SQLSTATE); returns (success, stdout, stderr).
+fn psql(data: &Path, args: &[&str]) -> (bool, String, String) {
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("server.json")).unwrap()).unwrap();
+    let addr = file["pg"].as_str().unwrap();
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "VERBOSITY=verbose",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
+        .args(["-h", host, "-p", port, "-U", "kappa", "-d", "kappa"])
+        .args(args)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .expect("psql runs (postgresql-client, installed by .ci/run)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `\dt` and `\d` list the published tables (not the versions' own), a join across layers and
+/// a prepared statement answer, errors carry their SQLSTATE, and a new commit is visible to the
+/// next query.
+#[test]
+fn psql_lists_describes_joins_and_prepares() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    let data = write_project(
+        &dir,
+        &[
+            ("kappa.toml", "[project]\nname = \"shop\"\n"),
+            ("topics/orders.toml", ORDERS),
+            ("topics/customers.toml", CUSTOMERS),
+            (
+                "models/silver/orders.sql",
+                "SELECT o.order_id, o.customer_id, c.region, o.amount, o.ts, o.paid FROM orders o \
+                 LEFT JOIN customers c ON o.customer_id = c.customer_id\n",
+            ),
+            (
+                "models/gold/by_region.sql",
+                "SELECT region, count(*) AS orders, sum(amount) AS revenue FROM silver.orders \
+                 GROUP BY region\n",
+            ),
+        ],
+    );
+    let project = dir.to_str().unwrap();
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    let produce = |topic: &str, key: &str, lines: &str| {
+        let out = kappa(
+            &data,
+            &["produce", topic, "--key", key],
+            Some(lines.as_bytes()),
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    produce(
+        "customers",
+        "customer_id",
+        "{\"customer_id\":\"c1\",\"region\":\"north\"}\n{\"customer_id\":\"c2\",\"region\":\"south\"}\n",
+    );
+    let orders: String = (1..=6)
+        .map(|i| {
+            format!(
+                "{{\"order_id\":{i},\"customer_id\":\"c{}\",\"amount\":\"{i}.50\",\"ts\":\
+                 \"2026-03-0{i}T10:00:00Z\",\"paid\":{}}}\n",
+                1 + i % 2,
+                i % 3 == 0
+            )
+        })
+        .collect();
+    produce("orders", "customer_id", &orders);
+    crate::wait_caught_up(&data, project, 2, std::time::Duration::from_secs(60));
+
+    let (ok, tables, err) = psql(&data, &["-c", "\\dt"]);
+    assert!(ok, "{err}");
+    for table in [
+        "bronze|orders|table",
+        "bronze|customers|table",
+        "silver|orders|table",
+        "gold|by_region|table",
+    ] {
+        assert!(tables.contains(table), "{table} missing from:\n{tables}");
+    }
+    assert!(!tables.contains("kappa_versions"), "{tables}");
+
+    let (ok, columns, err) = psql(&data, &["-c", "\\d silver.orders"]);
+    assert!(ok, "{err}");
+    for column in [
+        "order_id|bigint",
+        "customer_id|text",
+        "amount|numeric",
+        "paid|boolean",
+    ] {
+        assert!(
+            columns.contains(column),
+            "{column} missing from:\n{columns}"
+        );
+    }
+
+    let (ok, joined, err) = psql(
+        &data,
+        &[
+            "-c",
+            "SELECT o.region, count(*), sum(o.amount), max(b.\"offset\") >= 0 FROM silver.orders o \
+             JOIN gold.by_region g ON o.region = g.region JOIN bronze.orders b ON \
+             CAST(b.value AS VARCHAR) LIKE '%\"order_id\":' || o.order_id || ',%' GROUP BY \
+             o.region ORDER BY o.region",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(joined, "north|3|13.50|t\nsouth|3|10.50|t\n", "{joined}");
+
+    let (ok, prepared, err) = psql(
+        &data,
+        &[
+            "-c",
+            "PREPARE by_id(bigint) AS SELECT order_id, region, amount, paid FROM silver.orders \
+             WHERE order_id = $1",
+            "-c",
+            "EXECUTE by_id(3)",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(prepared.contains("3|south|3.50|t"), "{prepared}");
+
+    for (sql, state) in [
+        ("SELECT nope FROM silver.orders", "42703"),
+        ("SELECT * FROM silver.nothere", "42P01"),
+        ("SELEC 1", "42601"),
+    ] {
+        let (ok, _, err) = psql(&data, &["-c", sql]);
+        assert!(!ok && err.contains(state), "{sql}: {err}");
+    }
+
+    // A commit is visible to the next query (the endpoint follows the catalog).
+    produce(
+        "orders",
+        "customer_id",
+        "{\"order_id\":7,\"customer_id\":\"c1\",\"amount\":\"1.00\",\"ts\":\"2026-03-07T10:00:00Z\",\"paid\":true}\n",
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (ok, count, err) = psql(&data, &["-c", "SELECT count(*) FROM silver.orders"]);
+        assert!(ok, "{err}");
+        if count.trim() == "7" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {count}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(up.terminate().unwrap().success());
+}
