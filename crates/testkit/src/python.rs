@@ -1,4 +1,4 @@
-//! Independent readers for the tests: pyiceberg and DuckDB, in a virtualenv the tests create
+//! Independent readers and clients for the tests: pyiceberg, DuckDB and psycopg, in a virtualenv the tests create
 //! themselves (under `target/`, once, then reused), so `cargo test` works on a fresh machine.
 
 use std::path::{Path, PathBuf};
@@ -12,6 +12,8 @@ pub const REQUIREMENTS: &[&str] = &[
     "duckdb-ext-avro==1.4.4.20260205",
     // An S3-compatible server on loopback for the object-store warehouse.
     "moto[server]==5.2.5",
+    // A Postgres driver for the wire endpoint (extended query protocol, typed values).
+    "psycopg[binary]==3.3.9",
 ];
 
 /// The workspace's `target/` directory, found from the running test binary.
@@ -52,7 +54,7 @@ pub fn python() -> PathBuf {
             Command::new(&python)
                 .args(["-m", "pip", "install", "--quiet"])
                 .args(REQUIREMENTS),
-            "install pyiceberg, duckdb and moto",
+            "install pyiceberg, duckdb, moto and psycopg",
         );
         std::fs::write(&marker, &wanted).expect("write the venv marker");
     }

@@ -175,3 +175,86 @@ fn psql_lists_describes_joins_and_prepares() {
     }
     assert!(up.terminate().unwrap().success());
 }
+
+/// Reads every supported type through psycopg (server-side binding: the extended protocol),
+/// with parameters of several types; prints one JSON object.
+const PSYCOPG: &str = r#"
+import datetime, decimal, json, sys
+import psycopg
+host, port = sys.argv[1], int(sys.argv[2])
+with psycopg.connect(host=host, port=port, user="kappa", dbname="kappa", autocommit=True, connect_timeout=10) as conn:
+    cur = conn.execute(
+        "SELECT id, small, amount, ratio, name, ok, day, ts, local_ts, note FROM silver.typed "
+        "WHERE id = %s AND name = %s AND amount >= %s AND ok = %s AND day >= %s ORDER BY id",
+        (2, "b", decimal.Decimal("1.25"), False, datetime.date(2026, 1, 1)))
+    columns = [c.name for c in cur.description]
+    rows = [{c: [type(v).__name__, None if v is None else str(v)] for c, v in zip(columns, r)} for r in cur.fetchall()]
+    tz = [r[0].tzinfo is not None for r in conn.execute("SELECT ts FROM silver.typed WHERE id = %s", (1,)).fetchall()]
+    naive = [r[0].tzinfo is None for r in conn.execute("SELECT local_ts FROM silver.typed WHERE id = %s", (1,)).fetchall()]
+    nulls = conn.execute("SELECT count(*) FROM silver.typed WHERE note IS NULL").fetchone()[0]
+    try:
+        conn.execute("SELECT nope FROM silver.typed")
+        error = None
+    except psycopg.Error as e:
+        error = e.sqlstate
+print(json.dumps({"rows": rows, "tz": tz, "naive": naive, "nulls": nulls, "error": error}))
+"#;
+
+/// A Python driver reads each supported type as its own Python type, with parameterised
+/// queries (integers, text, numeric, bool and date parameters) and a SQLSTATE on error.
+#[test]
+fn psycopg_reads_every_type_with_parameters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("types");
+    let data = write_project(
+        &dir,
+        &[
+            ("kappa.toml", "[project]\nname = \"types\"\n"),
+            (
+                "topics/things.toml",
+                "partitions = 1\n\n[schema]\nid = \"bigint\"\nsmall = \"int\"\namount = \
+                 \"decimal(10,2)\"\nratio = \"double\"\nname = \"string\"\nok = \"boolean\"\nday = \
+                 \"date\"\nts = \"timestamp\"\nnote = { type = \"string\", required = false }\n",
+            ),
+            (
+                "models/silver/typed.sql",
+                "SELECT id, small, amount, ratio, name, ok, day, ts, arrow_cast(ts, \
+                 'Timestamp(Microsecond, None)') AS local_ts, note FROM things\n",
+            ),
+        ],
+    );
+    let project = dir.to_str().unwrap();
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    let lines = "{\"id\":1,\"small\":7,\"amount\":\"1.25\",\"ratio\":0.5,\"name\":\"a\",\"ok\":true,\
+                 \"day\":\"2026-02-03\",\"ts\":\"2026-02-03T04:05:06Z\",\"note\":\"hi\"}\n\
+                 {\"id\":2,\"small\":-3,\"amount\":\"99.99\",\"ratio\":2.25,\"name\":\"b\",\"ok\":false,\
+                 \"day\":\"2026-03-04\",\"ts\":\"2026-03-04T05:06:07Z\",\"note\":null}\n";
+    let out = kappa(&data, &["produce", "things"], Some(lines.as_bytes()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    crate::wait_caught_up(&data, project, 1, std::time::Duration::from_secs(60));
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("server.json")).unwrap()).unwrap();
+    let (host, port) = file["pg"].as_str().unwrap().rsplit_once(':').unwrap();
+    let out = kappa_testkit::python::run_python(PSYCOPG, &[host, port]);
+    let json: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let row = &json["rows"][0];
+    let expected = serde_json::json!({
+        "id": ["int", "2"],
+        "small": ["int", "-3"],
+        "amount": ["Decimal", "99.99"],
+        "ratio": ["float", "2.25"],
+        "name": ["str", "b"],
+        "ok": ["bool", "False"],
+        "day": ["date", "2026-03-04"],
+        "ts": ["datetime", "2026-03-04 05:06:07+00:00"],
+        "local_ts": ["datetime", "2026-03-04 05:06:07"],
+        "note": ["NoneType", null],
+    });
+    assert_eq!(row, &expected, "{json}");
+    assert_eq!(json["rows"].as_array().unwrap().len(), 1, "{json}");
+    assert_eq!(json["tz"], serde_json::json!([true]), "{json}");
+    assert_eq!(json["naive"], serde_json::json!([true]), "{json}");
+    assert_eq!(json["nulls"], serde_json::json!(1), "{json}");
+    assert_eq!(json["error"], serde_json::json!("42703"), "{json}");
+    assert!(up.terminate().unwrap().success());
+}
