@@ -163,7 +163,10 @@ pub async fn run_bronze(
             ),
             (ATTEMPT_PROPERTY.to_owned(), attempt.clone()),
         ]);
-        match lakehouse.append(&table, &[batch], properties).await {
+        let commit_started = Instant::now();
+        let appended = lakehouse.append(&table, &[batch], properties).await;
+        crate::metrics::COMMIT_SECONDS.observe(commit_started.elapsed());
+        match appended {
             Ok(next) => table = next,
             Err(e) => {
                 // The outcome is unknown: the table says whether this attempt landed.

@@ -12,6 +12,7 @@ pub mod expect;
 pub mod functions;
 pub mod grouped;
 pub mod mask;
+pub mod metrics;
 pub mod plan;
 pub mod runner;
 pub mod scd;

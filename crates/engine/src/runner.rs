@@ -998,7 +998,10 @@ pub async fn run_version(
                 }
             }
         }
-        let landed = match compute.commit(&lakehouse, &table, properties).await {
+        let commit_started = Instant::now();
+        let committed_now = compute.commit(&lakehouse, &table, properties).await;
+        crate::metrics::COMMIT_SECONDS.observe(commit_started.elapsed());
+        let landed = match committed_now {
             Ok(updated) => {
                 table = updated;
                 tracing::debug!(model = %model_id, records, ms = started.elapsed().as_millis() as u64, "committed");

@@ -424,7 +424,10 @@ pub(crate) async fn run_over_upstream(
                     .to_string(),
             ),
         ]);
-        let landed = match compute.commit(&lakehouse, &table, properties).await {
+        let commit_started = Instant::now();
+        let committed_now = compute.commit(&lakehouse, &table, properties).await;
+        crate::metrics::COMMIT_SECONDS.observe(commit_started.elapsed());
+        let landed = match committed_now {
             Ok(updated) => {
                 table = updated;
                 true

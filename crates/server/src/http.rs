@@ -25,6 +25,7 @@ pub const NEXT_OFFSET_HEADER: &str = "kappa-next-offset";
 pub(crate) fn router(state: Arc<AppState>) -> axum::Router {
     axum::Router::new()
         .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/v1/sql", post(sql))
         .route("/v1/status", get(status))
         .route("/v1/deployment", get(deployment))
@@ -392,7 +393,32 @@ async fn sql(
             format!("invalid SQL request: {e}"),
         )
     })?;
-    Ok(Json(service::sql(&state.lakehouse, &request.sql).await?).into_response())
+    let started = std::time::Instant::now();
+    let answer = service::sql(&state.lakehouse, &request.sql).await;
+    state.metrics.query_seconds.observe(started.elapsed());
+    state
+        .metrics
+        .queries
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if answer.is_err() {
+        state
+            .metrics
+            .query_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(Json(answer?).into_response())
+}
+
+/// `GET /metrics`: Prometheus' text format.
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(&state).await,
+    )
+        .into_response()
 }
 
 async fn list_topics(State(state): State<Arc<AppState>>) -> Response {
@@ -500,7 +526,16 @@ async fn produce(
             ));
         }
     };
+    let bytes = body.len() as u64;
     let response = service::produce(&state.log, &topic, body, query.key).await?;
+    state
+        .metrics
+        .ingest_records
+        .fetch_add(response.records, std::sync::atomic::Ordering::Relaxed);
+    state
+        .metrics
+        .ingest_bytes
+        .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
     Ok(Json(response).into_response())
 }
 

@@ -17,6 +17,7 @@ pub mod deployer;
 pub mod deployment;
 pub mod http;
 pub mod ingest;
+pub mod metrics;
 pub mod pg;
 pub mod pipelines;
 pub mod project;
@@ -66,6 +67,8 @@ pub struct AppState {
     pub deployer: Option<Arc<deployer::Deployer>>,
     /// Alerts raised, and the webhooks they go to.
     pub alerts: Arc<alerts::Alerts>,
+    /// Counters for `GET /metrics`.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl AppState {
@@ -200,6 +203,7 @@ impl Server {
             lakehouse,
             deployer: deployer.clone(),
             alerts,
+            metrics: Arc::default(),
         });
         Ok(Server {
             state,

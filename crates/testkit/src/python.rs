@@ -14,6 +14,8 @@ pub const REQUIREMENTS: &[&str] = &[
     "moto[server]==5.2.5",
     // A Postgres driver for the wire endpoint (extended query protocol, typed values).
     "psycopg[binary]==3.3.9",
+    // A Prometheus text-format parser for `GET /metrics`.
+    "prometheus-client==0.26.0",
 ];
 
 /// The workspace's `target/` directory, found from the running test binary.
@@ -54,7 +56,7 @@ pub fn python() -> PathBuf {
             Command::new(&python)
                 .args(["-m", "pip", "install", "--quiet"])
                 .args(REQUIREMENTS),
-            "install pyiceberg, duckdb, moto and psycopg",
+            "install the test venv's packages",
         );
         std::fs::write(&marker, &wanted).expect("write the venv marker");
     }

@@ -10,6 +10,7 @@ mod cli;
 mod crash;
 mod dimensions;
 mod golden;
+mod metrics;
 mod pg;
 mod processing_crash;
 mod quality;
