@@ -26,36 +26,50 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Writes `# HELP` and `# TYPE` for a metric family.
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+/// One metric family: `# HELP`, `# TYPE` and a sample per (labels, value), labels as
+/// `(name, value)` pairs.
+fn family<'a, V: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Vec<(&'a str, &'a str)>, V)>,
+) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", label(v)))
+            .collect();
+        match labels.is_empty() {
+            true => {
+                let _ = writeln!(out, "{name} {value}");
+            }
+            false => {
+                let _ = writeln!(out, "{name}{{{}}} {value}", labels.join(","));
+            }
+        }
+    }
 }
 
 /// The whole exposition.
 pub async fn render(state: &AppState) -> String {
     let mut out = String::new();
     let m = &state.metrics;
+    let counter = |c: &AtomicU64| [(Vec::new(), c.load(Ordering::Relaxed))];
     family(
         &mut out,
         "kappa_ingest_records_total",
         "counter",
         "Records appended over HTTP.",
-    );
-    let _ = writeln!(
-        out,
-        "kappa_ingest_records_total {}",
-        m.ingest_records.load(Ordering::Relaxed)
+        counter(&m.ingest_records),
     );
     family(
         &mut out,
         "kappa_ingest_bytes_total",
         "counter",
         "Request bytes of appended records.",
-    );
-    let _ = writeln!(
-        out,
-        "kappa_ingest_bytes_total {}",
-        m.ingest_bytes.load(Ordering::Relaxed)
+        counter(&m.ingest_bytes),
     );
 
     let topics = crate::service::topics(&state.log);
@@ -64,29 +78,20 @@ pub async fn render(state: &AppState) -> String {
         "kappa_log_size_bytes",
         "gauge",
         "Bytes the log keeps, per topic.",
+        topics.iter().map(|t| {
+            let bytes: u64 = t.partitions.iter().map(|p| p.size_bytes).sum();
+            (vec![("topic", t.name.as_str())], bytes)
+        }),
     );
-    for t in &topics {
-        let bytes: u64 = t.partitions.iter().map(|p| p.size_bytes).sum();
-        let _ = writeln!(
-            out,
-            "kappa_log_size_bytes{{topic=\"{}\"}} {bytes}",
-            label(&t.name)
-        );
-    }
     family(
         &mut out,
         "kappa_log_records",
         "gauge",
         "Records the log keeps, per topic.",
+        topics
+            .iter()
+            .map(|t| (vec![("topic", t.name.as_str())], t.record_count())),
     );
-    for t in &topics {
-        let _ = writeln!(
-            out,
-            "kappa_log_records{{topic=\"{}\"}} {}",
-            label(&t.name),
-            t.record_count()
-        );
-    }
 
     let project = state.deployer.as_ref().and_then(|d| d.live_project());
     let runners = state.deployer.as_ref().and_then(|d| d.states());
@@ -113,90 +118,60 @@ pub async fn render(state: &AppState) -> String {
             "kappa_model_lag_records",
             "gauge",
             "Records of a model's inputs its table's last commit does not cover.",
+            all.iter()
+                .map(|s| (vec![("model", s.model.as_str())], s.lag_records)),
         );
-        for s in &all {
-            let _ = writeln!(
-                out,
-                "kappa_model_lag_records{{model=\"{}\"}} {}",
-                label(&s.model),
-                s.lag_records
-            );
-        }
         family(
             &mut out,
             "kappa_model_rows",
             "gauge",
             "Rows in a model's published table.",
+            all.iter()
+                .filter_map(|s| Some((vec![("model", s.model.as_str())], s.rows?))),
         );
-        for s in &all {
-            if let Some(rows) = s.rows {
-                let _ = writeln!(
-                    out,
-                    "kappa_model_rows{{model=\"{}\"}} {rows}",
-                    label(&s.model)
-                );
-            }
-        }
         family(
             &mut out,
             "kappa_model_up",
             "gauge",
             "1 while a model's runner runs; its state as a label.",
+            all.iter().map(|s| {
+                (
+                    vec![("model", s.model.as_str()), ("state", s.state.as_str())],
+                    u8::from(s.state == "running"),
+                )
+            }),
         );
-        for s in &all {
-            let up = u8::from(s.state == "running");
-            let _ = writeln!(
-                out,
-                "kappa_model_up{{model=\"{}\",state=\"{}\"}} {up}",
-                label(&s.model),
-                label(&s.state)
-            );
-        }
         family(
             &mut out,
             "kappa_model_last_commit_seconds",
             "gauge",
             "When a model's table was last committed (seconds since the epoch).",
+            all.iter().filter_map(|s| {
+                let at = humantime::parse_rfc3339(s.last_commit.as_deref()?).ok()?;
+                let seconds = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
+                Some((vec![("model", s.model.as_str())], seconds))
+            }),
         );
-        for s in &all {
-            if let Some(at) = s
-                .last_commit
-                .as_deref()
-                .and_then(|t| humantime::parse_rfc3339(t).ok())
-            {
-                let secs = at
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0.0, |d| d.as_secs_f64());
-                let _ = writeln!(
-                    out,
-                    "kappa_model_last_commit_seconds{{model=\"{}\"}} {secs}",
-                    label(&s.model)
-                );
-            }
-        }
         family(
             &mut out,
             "kappa_dead_letters",
             "gauge",
             "Records a model sent to the dead-letter topic, per input topic.",
+            status.dead_letters.iter().map(|d| {
+                (
+                    vec![("model", d.model.as_str()), ("topic", d.topic.as_str())],
+                    d.count,
+                )
+            }),
         );
-        for d in &status.dead_letters {
-            let _ = writeln!(
-                out,
-                "kappa_dead_letters{{model=\"{}\",topic=\"{}\"}} {}",
-                label(&d.model),
-                label(&d.topic),
-                d.count
-            );
-        }
+        let quarantined = all.iter().filter(|s| s.state == "quarantined").count();
         family(
             &mut out,
             "kappa_models_quarantined",
             "gauge",
             "Models whose last commit failed its audit.",
+            [(Vec::new(), quarantined)],
         );
-        let quarantined = all.iter().filter(|s| s.state == "quarantined").count();
-        let _ = writeln!(out, "kappa_models_quarantined {quarantined}");
     }
 
     if let Some(deployer) = &state.deployer {
@@ -206,31 +181,21 @@ pub async fn render(state: &AppState) -> String {
             "kappa_replay_records_done",
             "gauge",
             "Input records a replaying version has committed.",
+            progress
+                .models
+                .iter()
+                .map(|r| (replaying(r), r.records_done)),
         );
-        for r in &progress.models {
-            let _ = writeln!(
-                out,
-                "kappa_replay_records_done{{model=\"{}\",version=\"{}\"}} {}",
-                label(&r.model),
-                label(&r.version),
-                r.records_done
-            );
-        }
         family(
             &mut out,
             "kappa_replay_records_total",
             "gauge",
             "Input records a replaying version has to read.",
+            progress
+                .models
+                .iter()
+                .map(|r| (replaying(r), r.records_total)),
         );
-        for r in &progress.models {
-            let _ = writeln!(
-                out,
-                "kappa_replay_records_total{{model=\"{}\",version=\"{}\"}} {}",
-                label(&r.model),
-                label(&r.version),
-                r.records_total
-            );
-        }
     }
 
     kappa_engine::metrics::COMMIT_SECONDS.render(
@@ -243,22 +208,14 @@ pub async fn render(state: &AppState) -> String {
         "kappa_queries_total",
         "counter",
         "SQL queries answered over HTTP.",
-    );
-    let _ = writeln!(
-        out,
-        "kappa_queries_total {}",
-        m.queries.load(Ordering::Relaxed)
+        counter(&m.queries),
     );
     family(
         &mut out,
         "kappa_query_errors_total",
         "counter",
         "SQL queries over HTTP that failed.",
-    );
-    let _ = writeln!(
-        out,
-        "kappa_query_errors_total {}",
-        m.query_errors.load(Ordering::Relaxed)
+        counter(&m.query_errors),
     );
     m.query_seconds.render(
         "kappa_query_seconds",
@@ -266,4 +223,9 @@ pub async fn render(state: &AppState) -> String {
         &mut out,
     );
     out
+}
+
+/// The labels of a replaying version.
+fn replaying(r: &crate::deployer::ReplayProgress) -> Vec<(&str, &str)> {
+    vec![("model", r.model.as_str()), ("version", r.version.as_str())]
 }
