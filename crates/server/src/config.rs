@@ -98,6 +98,11 @@ impl ServerConfig {
                 .parse()
                 .context("parse the default Postgres address")?,
         };
+        anyhow::ensure!(
+            pg_addr.ip().is_loopback(),
+            "the Postgres endpoint has no authentication yet: bind it to a loopback address \
+             (127.0.0.1 or ::1), not {pg_addr}"
+        );
         Ok(ServerConfig {
             data_dir: data_dir(&project, overrides.data_dir.as_deref()),
             http_addr,

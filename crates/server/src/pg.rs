@@ -47,7 +47,9 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let live = Arc::new(LiveCatalog::default());
     let ctx = Arc::new(session(live.clone())?);
-    tokio::spawn(refresh(lakehouse, live, shutdown.clone()));
+    // The tables are there before the first client is answered.
+    let seen = refresh_once(&lakehouse, &live, None).await;
+    tokio::spawn(refresh(lakehouse, live, seen, shutdown.clone()));
     let handlers = Arc::new(Handlers::new(ctx));
     loop {
         let accepted = tokio::select! {
@@ -66,7 +68,11 @@ pub async fn serve(
                     }
                 });
             }
-            Err(e) => tracing::warn!(error = %e, "accepting a Postgres connection failed"),
+            Err(e) => {
+                // E.g. out of file descriptors: do not spin.
+                tracing::warn!(error = %e, "accepting a Postgres connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
 }
@@ -96,37 +102,56 @@ fn session(live: Arc<LiveCatalog>) -> anyhow::Result<SessionContext> {
 async fn refresh(
     lakehouse: Lakehouse,
     live: Arc<LiveCatalog>,
+    mut seen: Option<CatalogState>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut seen = None;
     loop {
-        match lakehouse.catalog_state().await {
-            Ok(state) if seen.as_ref() != Some(&state) => match lakehouse.session().await {
-                Ok(ctx) => {
-                    if let Some(catalog) = ctx.catalog(kappa_lakehouse::CATALOG_NAME) {
-                        live.set(catalog);
-                        seen = Some(state);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading the catalog for Postgres clients failed")
-                }
-            },
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "reading the catalog for Postgres clients failed"),
-        }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(REFRESH_MS)) => {}
             _ = shutdown.changed() => return,
         }
+        seen = refresh_once(&lakehouse, &live, seen).await;
     }
 }
 
-/// The `kappa` catalog as of the last refresh, plus the schemas registered into it
-/// (pg_catalog).
+type CatalogState = Vec<(String, String, String)>;
+
+/// Puts the catalog's current state in `live` if it differs from `seen`; returns the state
+/// `live` holds.
+async fn refresh_once(
+    lakehouse: &Lakehouse,
+    live: &LiveCatalog,
+    seen: Option<CatalogState>,
+) -> Option<CatalogState> {
+    let state = match lakehouse.catalog_state().await {
+        Ok(state) if seen.as_ref() != Some(&state) => state,
+        Ok(_) => return seen,
+        Err(e) => {
+            tracing::debug!(error = %e, "reading the catalog for Postgres clients failed");
+            return seen;
+        }
+    };
+    match lakehouse.session().await {
+        Ok(ctx) => match ctx.catalog(kappa_lakehouse::CATALOG_NAME) {
+            Some(catalog) => {
+                live.set(catalog);
+                Some(state)
+            }
+            None => seen,
+        },
+        Err(e) => {
+            // Tried again at the next look (the state is not recorded as seen).
+            tracing::debug!(error = %e, "reading the catalog for Postgres clients failed");
+            seen
+        }
+    }
+}
+
+/// The `kappa` catalog as of the last refresh, plus pg_catalog. Read-only to clients: DDL
+/// (`DROP TABLE`, `CREATE TABLE`, `CREATE SCHEMA`) is refused, since every client shares it.
 #[derive(Debug, Default)]
 struct LiveCatalog {
-    current: RwLock<Option<Arc<dyn CatalogProvider>>>,
+    current: Arc<RwLock<Option<Arc<dyn CatalogProvider>>>>,
     extra: RwLock<BTreeMap<String, Arc<dyn SchemaProvider>>>,
 }
 
@@ -138,8 +163,12 @@ impl LiveCatalog {
     }
 
     fn current(&self) -> Option<Arc<dyn CatalogProvider>> {
-        self.current.read().ok().and_then(|c| c.clone())
+        current(&self.current)
     }
+}
+
+fn current(cell: &RwLock<Option<Arc<dyn CatalogProvider>>>) -> Option<Arc<dyn CatalogProvider>> {
+    cell.read().ok().and_then(|c| c.clone())
 }
 
 impl CatalogProvider for LiveCatalog {
@@ -166,17 +195,11 @@ impl CatalogProvider for LiveCatalog {
         if let Some(schema) = self.extra.read().ok().and_then(|e| e.get(name).cloned()) {
             return Some(schema);
         }
-        let current = self.current()?;
-        let schema = current.schema(name)?;
-        if name != kappa_lakehouse::UNQUALIFIED_SCHEMA {
-            return Some(schema);
-        }
-        // The unqualified names, without those of the version tables.
-        let hidden = current
-            .schema(HIDDEN_SCHEMA)
-            .map(|s| s.table_names())
-            .unwrap_or_default();
-        Some(Arc::new(Without { schema, hidden }))
+        self.current()?.schema(name)?;
+        Some(Arc::new(LiveSchema {
+            catalog: self.current.clone(),
+            name: name.to_owned(),
+        }))
     }
 
     fn register_schema(
@@ -184,6 +207,9 @@ impl CatalogProvider for LiveCatalog {
         name: &str,
         schema: Arc<dyn SchemaProvider>,
     ) -> DfResult<Option<Arc<dyn SchemaProvider>>> {
+        if name != "pg_catalog" {
+            return Err(read_only());
+        }
         Ok(self
             .extra
             .write()
@@ -192,36 +218,133 @@ impl CatalogProvider for LiveCatalog {
     }
 }
 
-/// A schema without some of its table names in listings.
+fn read_only() -> datafusion::error::DataFusionError {
+    datafusion::error::DataFusionError::NotImplemented(
+        "the tables are kappa's: models write them, clients only read (read-only endpoint)".into(),
+    )
+}
+
+/// One schema (a layer, or the unqualified names) of the live catalog, read-only. Its tables
+/// are found again when a query runs (`LiveTable`), not when it was planned: a statement a
+/// driver prepared once keeps reading the newest published state.
 #[derive(Debug)]
-struct Without {
-    schema: Arc<dyn SchemaProvider>,
-    hidden: Vec<String>,
+struct LiveSchema {
+    catalog: Arc<RwLock<Option<Arc<dyn CatalogProvider>>>>,
+    name: String,
+}
+
+impl LiveSchema {
+    fn schema(&self) -> Option<Arc<dyn SchemaProvider>> {
+        current(&self.catalog)?.schema(&self.name)
+    }
 }
 
 #[async_trait::async_trait]
-impl SchemaProvider for Without {
+impl SchemaProvider for LiveSchema {
     fn as_any(&self) -> &dyn Any {
         self
     }
 
     fn table_names(&self) -> Vec<String> {
-        self.schema
-            .table_names()
-            .into_iter()
-            .filter(|t| !self.hidden.contains(t))
-            .collect()
+        let names = self.schema().map(|s| s.table_names()).unwrap_or_default();
+        if self.name != kappa_lakehouse::UNQUALIFIED_SCHEMA {
+            return names;
+        }
+        // The unqualified names, without those of the version tables.
+        let hidden = current(&self.catalog)
+            .and_then(|c| c.schema(HIDDEN_SCHEMA))
+            .map(|s| s.table_names())
+            .unwrap_or_default();
+        names.into_iter().filter(|t| !hidden.contains(t)).collect()
     }
 
     async fn table(
         &self,
         name: &str,
     ) -> DfResult<Option<Arc<dyn datafusion::catalog::TableProvider>>> {
-        self.schema.table(name).await
+        let Some(schema) = self.schema() else {
+            return Ok(None);
+        };
+        let Some(table) = schema.table(name).await? else {
+            return Ok(None);
+        };
+        Ok(Some(Arc::new(LiveTable {
+            catalog: self.catalog.clone(),
+            schema: self.name.clone(),
+            name: name.to_owned(),
+            planned: table,
+        })))
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.schema.table_exist(name)
+        self.schema().is_some_and(|s| s.table_exist(name))
+    }
+
+    fn register_table(
+        &self,
+        _name: String,
+        _table: Arc<dyn datafusion::catalog::TableProvider>,
+    ) -> DfResult<Option<Arc<dyn datafusion::catalog::TableProvider>>> {
+        Err(read_only())
+    }
+
+    fn deregister_table(
+        &self,
+        _name: &str,
+    ) -> DfResult<Option<Arc<dyn datafusion::catalog::TableProvider>>> {
+        Err(read_only())
+    }
+}
+
+/// A table found again in the live catalog each time a plan over it runs; `planned` is the
+/// state it was planned against (its schema).
+#[derive(Debug)]
+struct LiveTable {
+    catalog: Arc<RwLock<Option<Arc<dyn CatalogProvider>>>>,
+    schema: String,
+    name: String,
+    planned: Arc<dyn datafusion::catalog::TableProvider>,
+}
+
+#[async_trait::async_trait]
+impl datafusion::catalog::TableProvider for LiveTable {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn schema(&self) -> arrow::datatypes::SchemaRef {
+        self.planned.schema()
+    }
+
+    fn table_type(&self) -> datafusion::datasource::TableType {
+        self.planned.table_type()
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn datafusion::catalog::Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[datafusion::logical_expr::Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        let now = match current(&self.catalog).and_then(|c| c.schema(&self.schema)) {
+            Some(schema) => schema.table(&self.name).await?,
+            None => None,
+        };
+        let table = match now {
+            // The same columns: the newest state. Otherwise the plan is of another version's
+            // table; it reads what it was planned on (prepare again to see the new one).
+            Some(now) if now.schema() == self.planned.schema() => now,
+            _ => self.planned.clone(),
+        };
+        table.scan(state, projection, filters, limit).await
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&datafusion::logical_expr::Expr],
+    ) -> DfResult<Vec<datafusion::logical_expr::TableProviderFilterPushDown>> {
+        self.planned.supports_filters_pushdown(filters)
     }
 }
 

@@ -116,6 +116,23 @@ fn metrics_parse_and_lag_moves() {
             >= 2.0,
         "{samples}"
     );
+    // Cumulative buckets, in order, ending at the count.
+    let bounds = [
+        "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "30", "+Inf",
+    ];
+    let counts: Vec<f64> = bounds
+        .iter()
+        .map(|b| {
+            samples[format!("kappa_commit_seconds_bucket{{le={b}}}").as_str()]
+                .as_f64()
+                .unwrap_or_else(|| panic!("bucket {b}: {samples}"))
+        })
+        .collect();
+    assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{counts:?}");
+    assert_eq!(
+        counts.last(),
+        samples["kappa_commit_seconds_count{}"].as_f64().as_ref()
+    );
 
     // The lag follows what arrives.
     produce(10, 15);

@@ -106,7 +106,12 @@ fn psql_lists_describes_joins_and_prepares() {
     ] {
         assert!(tables.contains(table), "{table} missing from:\n{tables}");
     }
-    assert!(!tables.contains("kappa_versions"), "{tables}");
+    // The versions' own tables (kappa_versions.<layer>__<model>__<version>) are not listed,
+    // in their schema or unqualified.
+    assert!(
+        !tables.contains("kappa_versions") && !tables.contains("__"),
+        "{tables}"
+    );
 
     let (ok, columns, err) = psql(&data, &["-c", "\\d silver.orders"]);
     assert!(ok, "{err}");
@@ -179,7 +184,7 @@ fn psql_lists_describes_joins_and_prepares() {
 /// Reads every supported type through psycopg (server-side binding: the extended protocol),
 /// with parameters of several types; prints one JSON object.
 const PSYCOPG: &str = r#"
-import datetime, decimal, json, sys
+import datetime, decimal, json, sys, time, urllib.request
 import psycopg
 host, port = sys.argv[1], int(sys.argv[2])
 with psycopg.connect(host=host, port=port, user="kappa", dbname="kappa", autocommit=True, connect_timeout=10) as conn:
@@ -197,7 +202,19 @@ with psycopg.connect(host=host, port=port, user="kappa", dbname="kappa", autocom
         error = None
     except psycopg.Error as e:
         error = e.sqlstate
-print(json.dumps({"rows": rows, "tz": tz, "naive": naive, "nulls": nulls, "error": error}))
+    # A statement the driver prepared (named, on the server) sees later commits.
+    conn.prepare_threshold = 0
+    count = lambda: conn.execute("SELECT count(*) FROM silver.typed WHERE id >= %s", (0,), prepare=True).fetchone()[0]
+    before = [count() for _ in range(6)]
+    line = json.dumps({"id": 3, "small": 1, "amount": "1.00", "ratio": 1.0, "name": "c", "ok": True,
+                       "day": "2026-04-05", "ts": "2026-04-05T00:00:00Z", "note": None})
+    urllib.request.urlopen(urllib.request.Request(sys.argv[3] + "/v1/topics/things/records", data=(line + "\n").encode(), method="POST"), timeout=10).read()
+    deadline = time.time() + 30
+    after = count()
+    while after != 3 and time.time() < deadline:
+        time.sleep(0.2)
+        after = count()
+print(json.dumps({"rows": rows, "tz": tz, "naive": naive, "nulls": nulls, "error": error, "prepared": before + [after]}))
 "#;
 
 /// A Python driver reads each supported type as its own Python type, with parameterised
@@ -235,7 +252,8 @@ fn psycopg_reads_every_type_with_parameters() {
     let file: serde_json::Value =
         serde_json::from_slice(&std::fs::read(data.join("server.json")).unwrap()).unwrap();
     let (host, port) = file["pg"].as_str().unwrap().rsplit_once(':').unwrap();
-    let out = kappa_testkit::python::run_python(PSYCOPG, &[host, port]);
+    let base = file["http"].as_str().unwrap();
+    let out = kappa_testkit::python::run_python(PSYCOPG, &[host, port, base]);
     let json: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let row = &json["rows"][0];
     let expected = serde_json::json!({
@@ -256,5 +274,10 @@ fn psycopg_reads_every_type_with_parameters() {
     assert_eq!(json["naive"], serde_json::json!([true]), "{json}");
     assert_eq!(json["nulls"], serde_json::json!(1), "{json}");
     assert_eq!(json["error"], serde_json::json!("42703"), "{json}");
+    assert_eq!(
+        json["prepared"],
+        serde_json::json!([2, 2, 2, 2, 2, 2, 3]),
+        "{json}"
+    );
     assert!(up.terminate().unwrap().success());
 }
