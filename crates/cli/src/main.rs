@@ -214,6 +214,9 @@ async fn up(global: &Global, args: UpArgs) -> anyhow::Result<()> {
         ..global.overrides()
     };
     let config = kappa_server::ServerConfig::resolve(&overrides)?;
+    // Signals are caught from before the address is printed: whoever starts `kappa up` may
+    // stop it as soon as it reads that line.
+    let shutdown = shutdown_signal()?;
     let server = kappa_server::Server::start(config).await?;
     println!(
         "kappa is up: HTTP API on http://{}, Postgres on {}, data in {}",
@@ -222,27 +225,21 @@ async fn up(global: &Global, args: UpArgs) -> anyhow::Result<()> {
         server.data_dir().display()
     );
     std::io::stdout().flush()?;
-    server.run(shutdown_signal()).await
+    server.run(shutdown).await
 }
 
-/// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// A future that completes on Ctrl-C (SIGINT) or SIGTERM; both are caught from this call on.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {},
+            _ = terminate.recv() => {},
         }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-    tracing::info!("shutting down");
+        tracing::info!("shutting down");
+    })
 }
 
 /// Prints a value as pretty JSON on stdout.
