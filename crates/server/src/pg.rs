@@ -16,6 +16,7 @@
 
 use std::any::Any;
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -47,9 +48,13 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let live = Arc::new(LiveCatalog::default());
     let ctx = Arc::new(session(live.clone())?);
-    // The tables are there before the first client is answered.
-    let seen = refresh_once(&lakehouse, &live, None).await;
-    tokio::spawn(refresh(lakehouse, live, seen, shutdown.clone()));
+    let refresher = Arc::new(Refresher {
+        lakehouse,
+        live,
+        seen: tokio::sync::Mutex::new(None),
+        clients: std::sync::atomic::AtomicUsize::new(0),
+    });
+    tokio::spawn(refresh(refresher.clone(), shutdown.clone()));
     let handlers = Arc::new(Handlers::new(ctx));
     loop {
         let accepted = tokio::select! {
@@ -58,14 +63,20 @@ pub async fn serve(
         };
         match accepted {
             Ok((socket, peer)) => {
-                let handlers = handlers.clone();
+                let (handlers, refresher) = (handlers.clone(), refresher.clone());
                 tokio::spawn(async move {
+                    // Without clients the catalog is not followed: the first one brings it up
+                    // to date before it is answered.
+                    if refresher.clients.fetch_add(1, Ordering::SeqCst) == 0 {
+                        refresher.refresh().await;
+                    }
                     if let Err(e) =
                         datafusion_postgres::pgwire::tokio::process_socket(socket, None, handlers)
                             .await
                     {
                         tracing::debug!(%peer, error = %e, "a Postgres connection ended with an error");
                     }
+                    refresher.clients.fetch_sub(1, Ordering::SeqCst);
                 });
             }
             Err(e) => {
@@ -74,6 +85,23 @@ pub async fn serve(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// Keeps the live catalog on the catalog's state while clients are connected.
+struct Refresher {
+    lakehouse: Lakehouse,
+    live: Arc<LiveCatalog>,
+    /// The state `live` holds.
+    seen: tokio::sync::Mutex<Option<CatalogState>>,
+    /// Connections open now.
+    clients: std::sync::atomic::AtomicUsize,
+}
+
+impl Refresher {
+    async fn refresh(&self) {
+        let mut seen = self.seen.lock().await;
+        *seen = refresh_once(&self.lakehouse, &self.live, seen.take()).await;
     }
 }
 
@@ -97,20 +125,17 @@ fn session(live: Arc<LiveCatalog>) -> anyhow::Result<SessionContext> {
     Ok(ctx)
 }
 
-/// Keeps `live` on the catalog's current state: rebuilt (every table pinned in one read) when
-/// the SQL catalog's rows change.
-async fn refresh(
-    lakehouse: Lakehouse,
-    live: Arc<LiveCatalog>,
-    mut seen: Option<CatalogState>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
+/// Every [`REFRESH_MS`] while clients are connected, brings the live catalog up to date:
+/// rebuilt (every table pinned in one read) when the SQL catalog's rows changed.
+async fn refresh(refresher: Arc<Refresher>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(REFRESH_MS)) => {}
             _ = shutdown.changed() => return,
         }
-        seen = refresh_once(&lakehouse, &live, seen).await;
+        if refresher.clients.load(Ordering::SeqCst) > 0 {
+            refresher.refresh().await;
+        }
     }
 }
 
