@@ -222,11 +222,7 @@ async fn run_until_stopped(
     state: StateCell,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
-    let set = |to: RunnerState| {
-        if let Ok(mut state) = state.lock() {
-            *state = to;
-        }
-    };
+    let set = |to: RunnerState| set_state(&state, to);
     loop {
         set(RunnerState::Running);
         // Each attempt is a task of its own: a panic (a bug, in kappa or a library) ends the
@@ -342,6 +338,13 @@ async fn run_until_stopped(
     }
 }
 
+/// Records what a runner is doing in its cell.
+fn set_state(cell: &StateCell, to: RunnerState) {
+    if let Ok(mut state) = cell.lock() {
+        *state = to;
+    }
+}
+
 /// What a runner task that did not finish says about why.
 fn panic_message(e: tokio::task::JoinError) -> String {
     match e.try_into_panic() {
@@ -436,11 +439,7 @@ async fn run_bronze_until_stopped(
     state: StateCell,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
-    let set = |to: RunnerState| {
-        if let Ok(mut state) = state.lock() {
-            *state = to;
-        }
-    };
+    let set = |to: RunnerState| set_state(&state, to);
     loop {
         set(RunnerState::Running);
         let run = tokio::spawn(kappa_engine::bronze::run_bronze(

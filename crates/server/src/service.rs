@@ -255,11 +255,7 @@ async fn model_status(
         None => topic_lag(log, project, id, &committed),
     };
     let (state, detail) = runner_state(runners.and_then(|r| r.get(id)));
-    let rows = snapshot
-        .as_ref()
-        .and_then(|(p, _)| p.get("total-records"))
-        .and_then(|n| n.parse().ok())
-        .or(snapshot.as_ref().map(|_| 0));
+    let rows = rows_of(snapshot.as_ref());
     crate::api::ModelStatus {
         model: id.to_owned(),
         state,
@@ -312,11 +308,7 @@ pub async fn bronze_status(
             detail,
             version: "raw".to_owned(),
             table_version: None,
-            rows: snapshot
-                .as_ref()
-                .and_then(|(p, _)| p.get("total-records"))
-                .and_then(|n| n.parse().ok())
-                .or(snapshot.as_ref().map(|_| 0)),
+            rows: rows_of(snapshot.as_ref()),
             last_commit: snapshot
                 .as_ref()
                 .map(|(_, ms)| crate::api::format_timestamp(*ms)),
@@ -337,6 +329,17 @@ async fn published(
         .metadata()
         .current_snapshot()
         .map(|s| (s.summary().additional_properties.clone(), s.timestamp_ms()))
+}
+
+/// The rows a published snapshot holds (its `total-records`); `None` without a snapshot.
+fn rows_of(snapshot: Option<&(std::collections::HashMap<String, String>, i64)>) -> Option<u64> {
+    let (properties, _) = snapshot?;
+    Some(
+        properties
+            .get("total-records")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
+    )
 }
 
 /// The offsets a snapshot's `kappa.offsets` records.

@@ -80,6 +80,11 @@ pub fn wait_caught_up(data_dir: &Path, project: &str, models: usize, timeout: st
     }
 }
 
+/// The `server.json` of a running `kappa up`: its pid and addresses (`http`, `pg`).
+pub fn server_file(data_dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(data_dir.join("server.json")).unwrap()).unwrap()
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

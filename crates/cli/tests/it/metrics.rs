@@ -49,8 +49,7 @@ fn metrics_parse_and_lag_moves() {
     );
     let project = dir.to_str().unwrap();
     let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
-    let file: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(data.join("server.json")).unwrap()).unwrap();
+    let file: serde_json::Value = crate::server_file(&data);
     let base = file["http"].as_str().unwrap().to_owned();
     let produce = |from: usize, to: usize| {
         let lines: String = (from..to)

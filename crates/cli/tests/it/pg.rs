@@ -17,8 +17,7 @@ const CUSTOMERS: &str = "kind = \"table\"\nkey = \"customer_id\"\n\n[schema]\ncu
 /// `psql` against the endpoint `kappa up` recorded in the data directory: unaligned, no
 /// headers, errors verbose (with their SQLSTATE); returns (success, stdout, stderr).
 fn psql(data: &Path, args: &[&str]) -> (bool, String, String) {
-    let file: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(data.join("server.json")).unwrap()).unwrap();
+    let file: serde_json::Value = crate::server_file(data);
     let addr = file["pg"].as_str().unwrap();
     let (host, port) = addr.rsplit_once(':').unwrap();
     let out = Command::new("psql")
@@ -249,8 +248,7 @@ fn psycopg_reads_every_type_with_parameters() {
     let out = kappa(&data, &["produce", "things"], Some(lines.as_bytes()));
     assert!(out.status.success(), "{}", stderr(&out));
     crate::wait_caught_up(&data, project, 1, std::time::Duration::from_secs(60));
-    let file: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(data.join("server.json")).unwrap()).unwrap();
+    let file: serde_json::Value = crate::server_file(&data);
     let (host, port) = file["pg"].as_str().unwrap().rsplit_once(':').unwrap();
     let base = file["http"].as_str().unwrap();
     let out = kappa_testkit::python::run_python(PSYCOPG, &[host, port, base]);
