@@ -180,6 +180,7 @@ pub async fn run_bronze(
                 }
             }
         }
+        crate::metrics::THROUGHPUT.add(&name, "raw", read.records as u64);
         if !far_behind {
             let since = last_commit.elapsed();
             let interval = Duration::from_millis(LIVE_COMMIT_INTERVAL_MS);

@@ -66,3 +66,115 @@ impl Default for Histogram {
 
 /// How long commits to the lakehouse take (every model's and bronze's, landed or not).
 pub static COMMIT_SECONDS: Histogram = Histogram::new();
+
+/// Input records each version of each model (and each `bronze.<topic>`, version `raw`)
+/// committed since the process started, with what is needed for a recent rate. By version, so
+/// that a replaying new version does not count as the live one's rate.
+#[derive(Debug, Default)]
+pub struct Throughput {
+    models: std::sync::Mutex<std::collections::BTreeMap<(String, String), Committed>>,
+}
+
+/// How far back [`Throughput::rate`] looks.
+pub const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+struct Committed {
+    total: u64,
+    /// (when, total then) of the commits within the rate window, oldest first.
+    recent: std::collections::VecDeque<(std::time::Instant, u64)>,
+}
+
+impl Throughput {
+    pub const fn new() -> Throughput {
+        Throughput {
+            models: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+        }
+    }
+
+    /// Version `version` of `model` committed `records` more input records.
+    pub fn add(&self, model: &str, version: &str, records: u64) {
+        let Ok(mut models) = self.models.lock() else {
+            return;
+        };
+        let entry = models
+            .entry((model.to_owned(), version.to_owned()))
+            .or_default();
+        let now = std::time::Instant::now();
+        if entry.recent.is_empty() {
+            // The rate starts from the total before this commit.
+            entry.recent.push_back((now, entry.total));
+        }
+        entry.total += records;
+        entry.recent.push_back((now, entry.total));
+        while entry.recent.len() > 2
+            && entry
+                .recent
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > RATE_WINDOW)
+        {
+            entry.recent.pop_front();
+        }
+    }
+
+    /// Every (model, version)'s total, by name.
+    pub fn totals(&self) -> Vec<(String, String, u64)> {
+        self.models
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|((model, version), v)| (model.clone(), version.clone(), v.total))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Input records per second `model` committed over the last [`RATE_WINDOW`]: 0 when it
+    /// committed nothing in that time, absent when it never committed in this process.
+    pub fn rate(&self, model: &str, version: &str) -> Option<f64> {
+        let models = self.models.lock().ok()?;
+        let entry = models.get(&(model.to_owned(), version.to_owned()))?;
+        let now = std::time::Instant::now();
+        let (first_at, first_total) = entry
+            .recent
+            .iter()
+            .find(|(at, _)| now.duration_since(*at) <= RATE_WINDOW)
+            .copied()
+            .or_else(|| entry.recent.back().copied())?;
+        if now.duration_since(first_at) > RATE_WINDOW {
+            return Some(0.0);
+        }
+        // Over the time since the window's first commit, at least a second, so that one
+        // commit a moment ago does not read as a huge rate.
+        let seconds = now.duration_since(first_at).as_secs_f64().max(1.0);
+        Some((entry.total - first_total) as f64 / seconds)
+    }
+}
+
+/// Input records committed per model (and per `bronze.<topic>`).
+pub static THROUGHPUT: Throughput = Throughput::new();
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throughput_counts_and_rates_what_was_committed() {
+        let t = Throughput::new();
+        assert_eq!(t.rate("silver.orders", "v1"), None);
+        t.add("silver.orders", "v1", 500);
+        t.add("silver.orders", "v1", 700);
+        t.add("silver.orders", "v2", 10);
+        assert_eq!(
+            t.totals(),
+            vec![
+                ("silver.orders".to_owned(), "v1".to_owned(), 1200),
+                ("silver.orders".to_owned(), "v2".to_owned(), 10)
+            ]
+        );
+        // Within the first second the rate is over one second.
+        let rate = t.rate("silver.orders", "v1").expect("committed");
+        assert!((rate - 1200.0).abs() < 1.0, "{rate}");
+        assert_eq!(t.rate("silver.orders", "v2"), Some(10.0));
+    }
+}

@@ -1041,6 +1041,7 @@ pub async fn run_version(
             }
             table_offsets = target.clone();
             last_commit = Instant::now();
+            crate::metrics::THROUGHPUT.add(&model_id, &version, uncommitted as u64);
             uncommitted = 0;
             committed = target;
             dim_rejected.clear();

@@ -450,6 +450,7 @@ pub(crate) async fn run_over_upstream(
         if landed {
             crate::runner::recovered(&lakehouse, &ident);
             table_position = position;
+            crate::metrics::THROUGHPUT.add(&model_id, &version, uncommitted as u64);
             uncommitted = 0;
             last_commit = Instant::now();
             lakehouse.hold(&upstream, &holder, position);

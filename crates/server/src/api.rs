@@ -605,6 +605,13 @@ pub struct ModelStatus {
     pub last_commit: Option<String>,
     /// Records of its input topics not covered by the last commit.
     pub lag_records: u64,
+    /// How far behind in time: 0 when nothing lags, otherwise the age of the last commit
+    /// (absent before the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<f64>,
+    /// Input records per second it committed over the last 10 s (a running server's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records_per_second: Option<f64>,
     /// Records of its inputs this model sent to the dead-letter topic.
     pub dead_letters: u64,
 }

@@ -24,11 +24,15 @@ pub const NEXT_OFFSET_HEADER: &str = "kappa-next-offset";
 
 pub(crate) fn router(state: Arc<AppState>) -> axum::Router {
     axum::Router::new()
+        .route("/", get(crate::ui::index))
+        .route("/ui/app.js", get(crate::ui::script))
+        .route("/ui/app.css", get(crate::ui::style))
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/sql", post(sql))
         .route("/v1/status", get(status))
         .route("/v1/deployment", get(deployment))
+        .route("/v1/deployments", get(deployments))
         .route("/v1/deploy", get(deploy_progress).post(deploy))
         .route("/v1/rollback", post(rollback))
         .route("/v1/topics", get(list_topics).post(create_topic))
@@ -43,6 +47,7 @@ pub(crate) fn router(state: Arc<AppState>) -> axum::Router {
             get(partition_offsets),
         )
         .route("/v1/alerts", get(alerts))
+        .route("/v1/models", get(models))
         .route("/v1/models/{model}/audit", get(audit))
         .route("/v1/models/{model}/publish", post(publish))
         .route("/v1/models/{model}/discard", post(discard))
@@ -231,6 +236,13 @@ async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError
 async fn deployment(
     State(state): State<Arc<AppState>>,
 ) -> Result<Json<kappa_pipeline::deploy::Deployment>, ApiError> {
+    Ok(Json(recorded_deployment(&state).await?))
+}
+
+/// What the data directory records as deployed (empty before the first deploy).
+async fn recorded_deployment(
+    state: &AppState,
+) -> Result<kappa_pipeline::deploy::Deployment, ApiError> {
     let recorded = crate::deployment::load(&state.data_dir).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -238,7 +250,38 @@ async fn deployment(
             format!("{e:#}"),
         )
     })?;
-    Ok(Json(recorded.unwrap_or_default()))
+    Ok(recorded.unwrap_or_default())
+}
+
+/// `GET /v1/deployments`: what serves, what it replaced (kept for rollback), the deploy in
+/// progress and every version known.
+async fn deployments(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let recorded = recorded_deployment(&state).await?;
+    let summary = |role: &str, d: &kappa_pipeline::deploy::Deployment| {
+        serde_json::json!({
+            "role": role,
+            "models": d.models.iter().map(|(m, v)| (m.clone(), v.version.clone()))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+            "retired_at_ms": d.retired_at_ms,
+        })
+    };
+    let mut deployments = vec![summary("serving", &recorded)];
+    if let Some(previous) = &recorded.previous {
+        deployments.push(summary("previous", previous));
+    }
+    let (progress, versions) = match &state.deployer {
+        Some(deployer) => (deployer.progress().await, deployer.versions().await),
+        None => (
+            crate::deployer::DeployProgress::idle(),
+            crate::deployer::recorded_versions(&state.data_dir),
+        ),
+    };
+    Ok(Json(serde_json::json!({
+        "deployments": deployments,
+        "deploying": progress,
+        "versions": versions,
+    }))
+    .into_response())
 }
 
 /// Deploys the project folder `kappa up` runs from: `{"replaying": [models]}` (empty when the
@@ -348,6 +391,11 @@ fn no_project() -> ApiError {
     )
 }
 
+async fn models(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let project = running_project(&state).ok_or_else(no_project)?;
+    Ok(Json(crate::models::models(&state.log, &state.lakehouse, &project).await).into_response())
+}
+
 async fn audit(
     State(state): State<Arc<AppState>>,
     path: Result<Path<String>, PathRejection>,
@@ -382,10 +430,19 @@ async fn decide(
     Ok(Json(decided).into_response())
 }
 
+/// The media type of an Arrow IPC stream, which `POST /v1/sql` answers in when asked.
+pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
+
 async fn sql(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let arrow = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().starts_with(ARROW_STREAM)));
     let request: crate::api::SqlRequest = serde_json::from_slice(&body?).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -394,7 +451,15 @@ async fn sql(
         )
     })?;
     let started = std::time::Instant::now();
-    let answer = service::sql(&state.lakehouse, &request.sql).await;
+    let answer = if arrow {
+        service::sql_arrow(&state.lakehouse, &request.sql)
+            .await
+            .map(|bytes| ([(header::CONTENT_TYPE, ARROW_STREAM)], bytes).into_response())
+    } else {
+        service::sql(&state.lakehouse, &request.sql)
+            .await
+            .map(|rows| Json(rows).into_response())
+    };
     state.metrics.query_seconds.observe(started.elapsed());
     state
         .metrics
@@ -406,7 +471,7 @@ async fn sql(
             .query_errors
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    Ok(Json(answer?).into_response())
+    Ok(answer?)
 }
 
 /// `GET /metrics`: Prometheus' text format.

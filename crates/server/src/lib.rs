@@ -18,11 +18,13 @@ pub mod deployment;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod models;
 pub mod pg;
 pub mod pipelines;
 pub mod project;
 pub mod quality;
 pub mod service;
+mod ui;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -123,6 +123,22 @@ pub async fn render(state: &AppState) -> String {
         );
         family(
             &mut out,
+            "kappa_model_lag_seconds",
+            "gauge",
+            "How far behind in time a model is: 0 when nothing lags, else its last commit's age.",
+            all.iter()
+                .filter_map(|s| Some((vec![("model", s.model.as_str())], s.lag_seconds?))),
+        );
+        family(
+            &mut out,
+            "kappa_model_records_per_second",
+            "gauge",
+            "Input records per second a model committed over the last 10 s.",
+            all.iter()
+                .filter_map(|s| Some((vec![("model", s.model.as_str())], s.records_per_second?))),
+        );
+        family(
+            &mut out,
             "kappa_model_rows",
             "gauge",
             "Rows in a model's published table.",
@@ -198,6 +214,19 @@ pub async fn render(state: &AppState) -> String {
         );
     }
 
+    let committed = kappa_engine::metrics::THROUGHPUT.totals();
+    family(
+        &mut out,
+        "kappa_model_records_total",
+        "counter",
+        "Input records a model's version (or a bronze table) committed since the server started.",
+        committed.iter().map(|(model, version, n)| {
+            (
+                vec![("model", model.as_str()), ("version", version.as_str())],
+                *n,
+            )
+        }),
+    );
     kappa_engine::metrics::COMMIT_SECONDS.render(
         "kappa_commit_seconds",
         "How long commits to the Iceberg tables take.",

@@ -168,16 +168,36 @@ pub fn offsets(
     })
 }
 
+/// A query's failure: the query's fault (400) or the server's.
+fn query_error(e: kappa_lakehouse::LakehouseError) -> ServiceError {
+    match e {
+        kappa_lakehouse::LakehouseError::Query(message) => ServiceError::BadRequest(message),
+        other => ServiceError::Internal(other.to_string()),
+    }
+}
+
 /// Runs SQL over the serving tables.
 pub async fn sql(
     lakehouse: &kappa_lakehouse::Lakehouse,
     sql: &str,
 ) -> Result<crate::api::SqlResponse, ServiceError> {
-    let (schema, batches) = lakehouse.query(sql).await.map_err(|e| match e {
-        kappa_lakehouse::LakehouseError::Query(message) => ServiceError::BadRequest(message),
-        other => ServiceError::Internal(other.to_string()),
-    })?;
+    let (schema, batches) = lakehouse.query(sql).await.map_err(query_error)?;
     crate::api::SqlResponse::from_batches(&schema, &batches).map_err(ServiceError::Internal)
+}
+
+/// Runs SQL over the serving tables; the result as an Arrow IPC stream.
+pub async fn sql_arrow(
+    lakehouse: &kappa_lakehouse::Lakehouse,
+    sql: &str,
+) -> Result<Vec<u8>, ServiceError> {
+    let (schema, batches) = lakehouse.query(sql).await.map_err(query_error)?;
+    let internal = |e: arrow::error::ArrowError| ServiceError::Internal(e.to_string());
+    let mut writer =
+        arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &schema).map_err(internal)?;
+    for batch in &batches {
+        writer.write(batch).map_err(internal)?;
+    }
+    writer.into_inner().map_err(internal)
 }
 
 pub fn topics(log: &Log) -> Vec<TopicInfo> {
@@ -256,11 +276,13 @@ async fn model_status(
     };
     let (state, detail) = runner_state(runners.and_then(|r| r.get(id)));
     let rows = rows_of(snapshot.as_ref());
+    let version = model_version(project, id);
+    let records_per_second = kappa_engine::metrics::THROUGHPUT.rate(id, &version);
     crate::api::ModelStatus {
         model: id.to_owned(),
         state,
         detail,
-        version: model_version(project, id),
+        version,
         table_version: snapshot
             .as_ref()
             .and_then(|(p, _)| p.get(VERSION_PROPERTY).cloned()),
@@ -268,6 +290,8 @@ async fn model_status(
         last_commit: snapshot
             .as_ref()
             .map(|(_, ms)| crate::api::format_timestamp(*ms)),
+        lag_seconds: lag_seconds(lag_records, snapshot.as_ref().map(|(_, ms)| *ms)),
+        records_per_second,
         lag_records,
         dead_letters: dead_letters
             .iter()
@@ -275,6 +299,18 @@ async fn model_status(
             .map(|d| d.count)
             .sum(),
     }
+}
+
+/// How far behind in time a table is that lags `lag_records` and last committed at
+/// `last_commit_ms`: 0 when nothing lags, otherwise the age of its last commit.
+fn lag_seconds(lag_records: u64, last_commit_ms: Option<i64>) -> Option<f64> {
+    if lag_records == 0 {
+        return Some(0.0);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    last_commit_ms.map(|ms| (now - ms).max(0) as f64 / 1000.0)
 }
 
 /// `bronze.<topic>` of each of the project's topics: its runner's state (from `runners`, by
@@ -302,8 +338,11 @@ pub async fn bronze_status(
             }
         }
         let (state, detail) = runner_state(runners.and_then(|r| r.get(topic_name)));
+        let model = format!("{}.{topic_name}", kappa_engine::bronze::BRONZE_LAYER);
         all.push(crate::api::ModelStatus {
-            model: format!("{}.{topic_name}", kappa_engine::bronze::BRONZE_LAYER),
+            lag_seconds: lag_seconds(lag_records, snapshot.as_ref().map(|(_, ms)| *ms)),
+            records_per_second: kappa_engine::metrics::THROUGHPUT.rate(&model, "raw"),
+            model,
             state,
             detail,
             version: "raw".to_owned(),

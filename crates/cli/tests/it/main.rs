@@ -14,6 +14,7 @@ mod metrics;
 mod pg;
 mod processing_crash;
 mod quality;
+mod ui;
 
 use std::path::Path;
 use std::process::{Command, Output};

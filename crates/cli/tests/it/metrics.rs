@@ -104,6 +104,37 @@ fn metrics_parse_and_lag_moves() {
         samples["kappa_model_rows{model=silver.names}"], 10.0,
         "{samples}"
     );
+    // Caught up: no lag in time either; the one that never committed has no age to give.
+    assert_eq!(
+        samples["kappa_model_lag_seconds{model=silver.names}"], 0.0,
+        "{samples}"
+    );
+    assert!(
+        samples
+            .get("kappa_model_lag_seconds{model=silver.phones}")
+            .is_none(),
+        "{samples}"
+    );
+    // Committed input records, per version: every record once.
+    let committed: Vec<(&String, &serde_json::Value)> = samples
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("kappa_model_records_total{model=silver.names,version="))
+        .collect();
+    assert_eq!(committed.len(), 1, "{samples}");
+    assert_eq!(committed[0].1, 10.0, "{samples}");
+    assert_eq!(
+        samples["kappa_model_records_total{model=bronze.signups,version=raw}"], 10.0,
+        "{samples}"
+    );
+    assert!(
+        samples["kappa_model_records_per_second{model=silver.names}"]
+            .as_f64()
+            .unwrap()
+            > 0.0,
+        "{samples}"
+    );
     assert!(
         samples["kappa_commit_seconds_count{}"].as_f64().unwrap() >= 2.0,
         "{samples}"
