@@ -264,6 +264,8 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         max_request_bytes: kappa_server::config::REQUEST_BYTES_MAX_DEFAULT,
         body_read_timeout_ms: kappa_server::config::BODY_READ_TIMEOUT_MS_DEFAULT,
         project_dir: Some(project.clone()),
+        query_limits: Default::default(),
+        pg_auth: None,
     };
     let started = Instant::now();
     let server = kappa_server::Server::start(config).await?;

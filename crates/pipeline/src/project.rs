@@ -197,6 +197,16 @@ pub struct ServerSection {
     /// Postgres wire endpoint, e.g. `127.0.0.1:5433`.
     pub pg: Option<String>,
     pub max_request_bytes: Option<usize>,
+    /// How long one query (Postgres endpoint) may run, e.g. `"30s"`.
+    pub query_timeout: Option<String>,
+    /// How much memory one query's operators (joins, sorts, aggregations) may hold, e.g.
+    /// `"512MiB"`.
+    pub query_memory: Option<String>,
+    /// With `pg_password_env`: the one user the Postgres endpoint accepts, by SCRAM-SHA-256.
+    pub pg_user: Option<String>,
+    /// The environment variable holding that user's password (never the password itself: the
+    /// project folder is in git).
+    pub pg_password_env: Option<String>,
 }
 
 /// A topic as the project declares it.

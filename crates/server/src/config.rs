@@ -26,6 +26,12 @@ pub const INGEST_BYTES_IN_FLIGHT_MAX: usize = 256 * 1024 * 1024;
 /// How long a request waits for room under [`INGEST_BYTES_IN_FLIGHT_MAX`].
 pub const INGEST_WAIT_MS: u64 = 5_000;
 
+/// How long one query may run when `kappa.toml` does not say.
+pub const QUERY_TIMEOUT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// How much memory one query's operators may hold when `kappa.toml` does not say.
+pub const QUERY_MEMORY_DEFAULT: usize = 1024 * 1024 * 1024;
+
 /// Name of the data directory inside a project folder.
 pub const DATA_DIR_NAME: &str = ".kappa";
 
@@ -44,6 +50,74 @@ pub struct ServerConfig {
     pub body_read_timeout_ms: u64,
     /// The project folder whose topics and models `kappa up` runs, when it holds a kappa.toml.
     pub project_dir: Option<PathBuf>,
+    /// What one query may take.
+    pub query_limits: QueryLimits,
+    /// The user the Postgres endpoint asks for, when it asks (SCRAM-SHA-256), and where its
+    /// password is.
+    pub pg_auth: Option<PgAuthConfig>,
+}
+
+/// What one query may take before it is stopped with an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryLimits {
+    pub timeout: std::time::Duration,
+    /// Bytes the query's operators may reserve (hash tables, sort buffers, aggregation state).
+    pub memory_bytes: usize,
+}
+
+impl Default for QueryLimits {
+    fn default() -> Self {
+        QueryLimits {
+            timeout: QUERY_TIMEOUT_DEFAULT,
+            memory_bytes: QUERY_MEMORY_DEFAULT,
+        }
+    }
+}
+
+/// The one user of the Postgres endpoint and the environment variable holding its password
+/// (read by `kappa up` only: the client commands do not need it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgAuthConfig {
+    pub user: String,
+    pub password_env: String,
+}
+
+impl PgAuthConfig {
+    /// The user and its password, or why the password cannot be read.
+    pub fn resolve(&self) -> anyhow::Result<PgAuth> {
+        let var = &self.password_env;
+        let password = std::env::var(var).map_err(|_| {
+            anyhow::anyhow!(
+                "{PROJECT_FILE}: [server] pg_password_env names `{var}`, which is not set: set \
+                 it to the password of the Postgres user `{}`",
+                self.user
+            )
+        })?;
+        anyhow::ensure!(
+            !password.is_empty(),
+            "{PROJECT_FILE}: [server] pg_password_env `{var}` is empty"
+        );
+        Ok(PgAuth {
+            user: self.user.clone(),
+            password,
+        })
+    }
+}
+
+/// The one user of the Postgres endpoint and its password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PgAuth {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for PgAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgAuth")
+            .field("user", &self.user)
+            .field("password", &"…")
+            .finish()
+    }
 }
 
 /// Command-line choices that override the project file.
@@ -98,11 +172,30 @@ impl ServerConfig {
                 .parse()
                 .context("parse the default Postgres address")?,
         };
+        let pg_auth = pg_auth(&file.server)?;
         anyhow::ensure!(
-            pg_addr.ip().is_loopback(),
-            "the Postgres endpoint has no authentication yet: bind it to a loopback address \
-             (127.0.0.1 or ::1), not {pg_addr}"
+            pg_addr.ip().is_loopback() || pg_auth.is_some(),
+            "the Postgres endpoint asks for no password unless [server] pg_user and \
+             pg_password_env say which: bind it to a loopback address (127.0.0.1 or ::1), not \
+             {pg_addr}, or configure them"
         );
+        let mut query_limits = QueryLimits::default();
+        if let Some(text) = &file.server.query_timeout {
+            query_limits.timeout = humantime::parse_duration(text).map_err(|e| {
+                anyhow::anyhow!(
+                    "{PROJECT_FILE}: [server] query_timeout `{text}` is not a duration like \
+                     \"30s\": {e}"
+                )
+            })?;
+        }
+        if let Some(text) = &file.server.query_memory {
+            query_limits.memory_bytes = parse_bytes(text).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{PROJECT_FILE}: [server] query_memory `{text}` is not a size like \
+                     \"512MiB\" or \"2GiB\""
+                )
+            })?;
+        }
         Ok(ServerConfig {
             data_dir: data_dir(&project, overrides.data_dir.as_deref()),
             http_addr,
@@ -116,6 +209,8 @@ impl ServerConfig {
                 .join(PROJECT_FILE)
                 .is_file()
                 .then(|| project.clone()),
+            query_limits,
+            pg_auth,
         })
     }
 
@@ -123,6 +218,42 @@ impl ServerConfig {
     pub fn log_dir(&self) -> PathBuf {
         log_dir(&self.data_dir)
     }
+}
+
+/// The Postgres endpoint's user, when `[server]` names one and where its password is.
+fn pg_auth(server: &kappa_pipeline::ServerSection) -> anyhow::Result<Option<PgAuthConfig>> {
+    match (&server.pg_user, &server.pg_password_env) {
+        (None, None) => Ok(None),
+        (Some(user), Some(var)) => Ok(Some(PgAuthConfig {
+            user: user.clone(),
+            password_env: var.clone(),
+        })),
+        _ => anyhow::bail!(
+            "{PROJECT_FILE}: [server] pg_user and pg_password_env go together (the user, and \
+             the environment variable holding its password)"
+        ),
+    }
+}
+
+/// A size like `512MiB`, `2GiB`, `100MB`, `64KiB` or a number of bytes.
+pub fn parse_bytes(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: usize = number.parse().ok()?;
+    let factor: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1000 * 1000,
+        "MiB" => 1 << 20,
+        "GB" => 1000 * 1000 * 1000,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(factor)
 }
 
 /// The project folder: `--project`, else the current directory.
@@ -170,6 +301,17 @@ fn read_project_file(project: &Path) -> anyhow::Result<ProjectConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_read_in_binary_and_decimal_units() {
+        assert_eq!(parse_bytes("512MiB"), Some(512 << 20));
+        assert_eq!(parse_bytes("2GiB"), Some(2 << 30));
+        assert_eq!(parse_bytes("100 MB"), Some(100_000_000));
+        assert_eq!(parse_bytes("4096"), Some(4096));
+        assert_eq!(parse_bytes("1.5GiB"), None);
+        assert_eq!(parse_bytes("lots"), None);
+        assert_eq!(parse_bytes("99999999999999999999GiB"), None);
+    }
 
     #[test]
     fn flags_beat_the_project_file_which_beats_defaults() {

@@ -93,6 +93,8 @@ pub struct Server {
     http_addr: SocketAddr,
     pg_listener: tokio::net::TcpListener,
     pg_addr: SocketAddr,
+    /// The Postgres endpoint's user and password, when it asks for one.
+    pg_auth: Option<config::PgAuth>,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
     deployer: Option<Arc<deployer::Deployer>>,
 }
@@ -100,6 +102,12 @@ pub struct Server {
 impl Server {
     /// Opens the data directory (recovering the log) and binds the HTTP listener.
     pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
+        // Before anything starts: a missing password stops here, with the variable's name.
+        let pg_auth = config
+            .pg_auth
+            .as_ref()
+            .map(config::PgAuthConfig::resolve)
+            .transpose()?;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
         let data_dir = std::fs::canonicalize(&config.data_dir)
@@ -213,6 +221,7 @@ impl Server {
             http_addr,
             pg_listener,
             pg_addr,
+            pg_auth,
             shutdown_tx,
             deployer,
         })
@@ -251,11 +260,26 @@ impl Server {
             shutdown.await;
             let _ = shutdown_tx.send(true);
         };
-        let pg = tokio::spawn(pg::serve(
-            self.pg_listener,
-            self.state.lakehouse.clone(),
-            self.state.shutdown.clone(),
-        ));
+        let pg = tokio::spawn({
+            let (lakehouse, limits, metrics, shutdown) = (
+                self.state.lakehouse.clone(),
+                self.state.config.query_limits,
+                self.state.metrics.pg.clone(),
+                self.state.shutdown.clone(),
+            );
+            let auth = self.pg_auth;
+            async move {
+                pg::serve(
+                    self.pg_listener,
+                    lakehouse,
+                    limits,
+                    auth.as_ref(),
+                    metrics,
+                    shutdown,
+                )
+                .await
+            }
+        });
         let served = axum::serve(self.listener, router)
             .with_graceful_shutdown(signal)
             .await;

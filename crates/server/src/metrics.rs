@@ -2,6 +2,7 @@
 //! model's and bronze table's lag and progress, dead letters, replays, commits and queries.
 
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use kappa_engine::metrics::Histogram;
@@ -16,6 +17,18 @@ pub struct Metrics {
     pub queries: AtomicU64,
     pub query_errors: AtomicU64,
     pub query_seconds: Histogram,
+    /// Queries over the Postgres endpoint.
+    pub pg: Arc<PgMetrics>,
+}
+
+/// What the Postgres endpoint counts.
+#[derive(Debug, Default)]
+pub struct PgMetrics {
+    pub queries: AtomicU64,
+    /// Failed, timed out, cancelled or over their memory.
+    pub errors: AtomicU64,
+    /// From the query's arrival to its last row.
+    pub seconds: Histogram,
 }
 
 /// A label value, escaped as the text format wants.
@@ -249,6 +262,25 @@ pub async fn render(state: &AppState) -> String {
     m.query_seconds.render(
         "kappa_query_seconds",
         "How long SQL queries over HTTP take.",
+        &mut out,
+    );
+    family(
+        &mut out,
+        "kappa_pg_queries_total",
+        "counter",
+        "Statements run over the Postgres endpoint.",
+        counter(&m.pg.queries),
+    );
+    family(
+        &mut out,
+        "kappa_pg_query_errors_total",
+        "counter",
+        "Statements over the Postgres endpoint that failed, timed out or were cancelled.",
+        counter(&m.pg.errors),
+    );
+    m.pg.seconds.render(
+        "kappa_pg_query_seconds",
+        "How long statements over the Postgres endpoint take, to their last row.",
         &mut out,
     );
     out

@@ -25,14 +25,29 @@ use datafusion::error::Result as DfResult;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion_postgres::DfSessionService;
 use datafusion_postgres::pgwire::api::auth::noop::NoopStartupHandler;
-use datafusion_postgres::pgwire::api::cancel::DefaultCancelHandler;
-use datafusion_postgres::pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use datafusion_postgres::pgwire::api::{
-    ClientInfo, ConnectionManager, ErrorHandler, PgWireServerHandlers,
+use datafusion_postgres::pgwire::api::auth::sasl::scram::ScramAuth;
+use datafusion_postgres::pgwire::api::auth::sasl::{SASLAuthStartupHandler, scram};
+use datafusion_postgres::pgwire::api::auth::{
+    AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
 };
-use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError};
+use datafusion_postgres::pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
+use datafusion_postgres::pgwire::api::portal::Portal;
+use datafusion_postgres::pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use datafusion_postgres::pgwire::api::results::{Response, SendableRowStream};
+use datafusion_postgres::pgwire::api::store::PortalStore;
+use datafusion_postgres::pgwire::api::{
+    ClientInfo, ClientPortalStore, ConnectionManager, ErrorHandler, PgWireServerHandlers,
+};
+use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use datafusion_postgres::pgwire::messages::cancel::CancelRequest;
+use datafusion_postgres::pgwire::messages::data::DataRow;
+use datafusion_postgres::pgwire::messages::startup::SecretKey;
+use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
+use futures::Sink;
 use kappa_lakehouse::Lakehouse;
 use tokio::net::TcpListener;
+
+use crate::config::QueryLimits;
 
 /// The schema of the versions' own tables (`kappa_versions`), not listed to clients.
 const HIDDEN_SCHEMA: &str = "kappa_versions";
@@ -44,10 +59,20 @@ const REFRESH_MS: u64 = 100;
 pub async fn serve(
     listener: TcpListener,
     lakehouse: Lakehouse,
+    limits: QueryLimits,
+    auth: Option<&crate::config::PgAuth>,
+    metrics: Arc<crate::metrics::PgMetrics>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let live = Arc::new(LiveCatalog::default());
-    let ctx = Arc::new(session(live.clone())?);
+    let shared = Shared {
+        ctx: Arc::new(session(live.clone())?),
+        limits,
+        auth: auth.map(|a| Arc::new(Scram::new(a))),
+        connections: Arc::new(ConnectionManager::new()),
+        running: Arc::new(Running::default()),
+        metrics,
+    };
     let refresher = Arc::new(Refresher {
         lakehouse,
         live,
@@ -55,7 +80,7 @@ pub async fn serve(
         clients: std::sync::atomic::AtomicUsize::new(0),
     });
     tokio::spawn(refresh(refresher.clone(), shutdown.clone()));
-    let handlers = Arc::new(Handlers::new(ctx));
+    let main = tokio::runtime::Handle::current();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -63,12 +88,38 @@ pub async fn serve(
         };
         match accepted {
             Ok((socket, peer)) => {
-                let (handlers, refresher) = (handlers.clone(), refresher.clone());
-                tokio::spawn(async move {
-                    // Without clients the catalog is not followed: the first one brings it up
-                    // to date before it is answered.
-                    if refresher.clients.fetch_add(1, Ordering::SeqCst) == 0 {
-                        refresher.refresh().await;
+                let handlers = match Handlers::for_connection(&shared) {
+                    Ok(handlers) => Arc::new(handlers),
+                    Err(e) => {
+                        tracing::error!(%peer, error = %e, "setting up a Postgres connection failed");
+                        continue;
+                    }
+                };
+                let (refresher, main) = (refresher.clone(), main.clone());
+                // Moved to the connection's own runtime.
+                let socket = match socket.into_std() {
+                    Ok(socket) => socket,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "taking a Postgres connection failed");
+                        continue;
+                    }
+                };
+                spawn_connection(peer, async move {
+                    let socket = match tokio::net::TcpStream::from_std(socket) {
+                        Ok(socket) => socket,
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "taking a Postgres connection failed");
+                            return;
+                        }
+                    };
+                    // Without clients the catalog is not followed: each new one brings it up
+                    // to date (one read of the catalog when nothing changed) before it is
+                    // answered — also when it comes while another is doing so.
+                    refresher.clients.fetch_add(1, Ordering::SeqCst);
+                    // On the server's runtime, whose catalog connections these are.
+                    let refreshing = refresher.clone();
+                    if let Err(e) = main.spawn(async move { refreshing.refresh().await }).await {
+                        tracing::warn!(%peer, error = %e, "bringing the catalog up to date failed");
                     }
                     if let Err(e) =
                         datafusion_postgres::pgwire::tokio::process_socket(socket, None, handlers)
@@ -85,6 +136,34 @@ pub async fn serve(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// Runs one connection on a thread and runtime of its own (as Postgres runs a process per
+/// connection): DataFusion's operators compute inside `poll` for long stretches, so queries
+/// sharing a runtime's threads can hold them all while a short one waits; across threads, the
+/// operating system shares the cores fairly. The pipelines and the HTTP API are spared too. A
+/// query keeps its parallelism: the runtime has a worker per core.
+fn spawn_connection(
+    peer: std::net::SocketAddr,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let started = std::thread::Builder::new()
+        .name("kappa-pg".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .thread_name("kappa-pg-query")
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(task),
+                Err(e) => tracing::error!(%peer, error = %e, "starting a Postgres connection's threads failed"),
+            }
+        });
+    if let Err(e) = started {
+        tracing::error!(%peer, error = %e, "starting a Postgres connection's thread failed");
     }
 }
 
@@ -165,8 +244,9 @@ async fn refresh_once(
             None => seen,
         },
         Err(e) => {
-            // Tried again at the next look (the state is not recorded as seen).
-            tracing::debug!(error = %e, "reading the catalog for Postgres clients failed");
+            // Tried again at the next look (the state is not recorded as seen); meanwhile
+            // clients read the state before.
+            tracing::warn!(error = %e, "reading the catalog for Postgres clients failed");
             seen
         }
     }
@@ -373,52 +453,388 @@ impl datafusion::catalog::TableProvider for LiveTable {
     }
 }
 
-/// The pgwire handlers: DataFusion's session service for both query protocols, no
-/// authentication (the endpoint binds to loopback), cancel requests honoured.
+/// What every connection shares: the session its own is made from, the limits, the running
+/// queries cancel requests reach, the password, the counters.
+struct Shared {
+    ctx: Arc<SessionContext>,
+    limits: QueryLimits,
+    auth: Option<Arc<Scram>>,
+    connections: Arc<ConnectionManager>,
+    running: Arc<Running>,
+    metrics: Arc<crate::metrics::PgMetrics>,
+}
+
+/// The pgwire handlers of one connection: DataFusion's session service over a session of its
+/// own — the shared catalog, its own memory pool of `limits.memory_bytes` (a connection runs one
+/// query at a time, so that is the query's) — behind [`Limited`]; SCRAM-SHA-256 when a password
+/// is configured; cancel requests honoured.
 struct Handlers {
-    service: Arc<DfSessionService>,
+    query: Arc<Limited>,
     startup: Arc<Startup>,
-    cancel: Arc<DefaultCancelHandler>,
+    cancel: Arc<Canceller>,
+    errors: Arc<SqlStates>,
 }
 
 impl Handlers {
-    fn new(ctx: Arc<SessionContext>) -> Handlers {
-        let connections = Arc::new(ConnectionManager::new());
-        Handlers {
-            service: Arc::new(DfSessionService::new(ctx)),
-            startup: Arc::new(Startup {
-                connections: connections.clone(),
+    fn for_connection(shared: &Shared) -> anyhow::Result<Handlers> {
+        use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+        // No spilling: a query over the limit stops with an error instead of filling the disk.
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_memory_limit(shared.limits.memory_bytes, 1.0)
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            )
+            .build_arc()
+            .map_err(|e| anyhow::anyhow!("a query memory pool: {e}"))?;
+        let state =
+            datafusion::execution::SessionStateBuilder::new_from_existing(shared.ctx.state())
+                .with_runtime_env(runtime)
+                .build();
+        let ctx = Arc::new(SessionContext::new_with_state(state));
+        let startup = match &shared.auth {
+            None => Startup::Open(OpenStartup {
+                connections: shared.connections.clone(),
             }),
-            cancel: Arc::new(DefaultCancelHandler::new(connections)),
-        }
+            Some(scram) => {
+                let mut method = ScramAuth::new(scram.clone());
+                method.set_iterations(SCRAM_ITERATIONS);
+                Startup::Scram(Box::new(
+                    SASLAuthStartupHandler::new(
+                        Arc::new(DefaultServerParameterProvider::default()),
+                    )
+                    .with_scram(method)
+                    .with_connection_manager(shared.connections.clone()),
+                ))
+            }
+        };
+        Ok(Handlers {
+            query: Arc::new(Limited {
+                inner: DfSessionService::new(ctx),
+                limits: shared.limits,
+                running: shared.running.clone(),
+                metrics: shared.metrics.clone(),
+            }),
+            startup: Arc::new(startup),
+            cancel: Arc::new(Canceller {
+                connections: DefaultCancelHandler::new(shared.connections.clone()),
+                running: shared.running.clone(),
+            }),
+            errors: Arc::new(SqlStates {
+                limits: shared.limits,
+            }),
+        })
     }
 }
 
 impl PgWireServerHandlers for Handlers {
     fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
-        self.service.clone()
+        self.query.clone()
     }
 
     fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
-        self.service.clone()
+        self.query.clone()
     }
 
-    fn startup_handler(&self) -> Arc<impl datafusion_postgres::pgwire::api::auth::StartupHandler> {
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
         self.startup.clone()
     }
 
-    fn cancel_handler(&self) -> Arc<impl datafusion_postgres::pgwire::api::cancel::CancelHandler> {
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
         self.cancel.clone()
     }
 
     fn error_handler(&self) -> Arc<impl ErrorHandler> {
-        Arc::new(SqlStates)
+        self.errors.clone()
+    }
+}
+
+/// The queries running now, by connection (the backend pid a client is given at startup), so
+/// that a cancel request stops one wherever it is: planning, or streaming its rows.
+#[derive(Default)]
+struct Running {
+    by_pid: std::sync::Mutex<std::collections::HashMap<i32, (SecretKey, CancelCell)>>,
+}
+
+/// Counts the cancel requests a connection got; a query stops when the count moves past the
+/// one its start saw. Held by the connection (its session extensions), so it goes with it.
+type CancelCell = std::sync::Weak<tokio::sync::watch::Sender<u64>>;
+
+impl Running {
+    /// The cancel counter of `client`'s connection, registered on first use.
+    fn cell<C: ClientInfo>(&self, client: &C) -> Arc<tokio::sync::watch::Sender<u64>> {
+        let cell = client
+            .session_extensions()
+            .get_or_insert_with(|| tokio::sync::watch::Sender::new(0u64));
+        let (pid, secret) = client.pid_and_secret_key();
+        if let Ok(mut by_pid) = self.by_pid.lock() {
+            by_pid.retain(|_, (_, weak)| weak.strong_count() > 0);
+            by_pid
+                .entry(pid)
+                .or_insert_with(|| (secret, Arc::downgrade(&cell)));
+        }
+        cell
+    }
+
+    /// Stops what the connection `pid` runs, if the secret matches.
+    fn cancel(&self, pid: i32, secret: &SecretKey) {
+        let cell = self.by_pid.lock().ok().and_then(|by_pid| {
+            let (known, weak) = by_pid.get(&pid)?;
+            // The same 4 bytes may arrive as another variant on the cancel's own connection.
+            known.eq_value(secret).then(|| weak.upgrade()).flatten()
+        });
+        if let Some(cell) = cell {
+            cell.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+/// Honours a cancel request (psql's Ctrl+C, a driver's `cancel()`): pgwire's own (which stops
+/// a query being planned) and [`Running`] (which stops one streaming its rows).
+struct Canceller {
+    connections: DefaultCancelHandler,
+    running: Arc<Running>,
+}
+
+#[async_trait::async_trait]
+impl CancelHandler for Canceller {
+    async fn on_cancel_request(&self, request: CancelRequest) {
+        self.running.cancel(request.pid, &request.secret_key);
+        self.connections.on_cancel_request(request).await;
+    }
+}
+
+/// DataFusion's session service with every query bounded: its time (`limits.timeout`, or the
+/// session's `statement_timeout` if shorter), cancel requests, and — through the connection's
+/// memory pool — its memory. Each bound stops the query with an error naming it.
+struct Limited {
+    inner: DfSessionService,
+    limits: QueryLimits,
+    running: Arc<Running>,
+    metrics: Arc<crate::metrics::PgMetrics>,
+}
+
+/// The session setting datafusion-postgres keeps `SET statement_timeout` in (milliseconds).
+const STATEMENT_TIMEOUT_KEY: &str = "statement_timeout_ms";
+
+impl Limited {
+    /// Starts bounding a query of `client`.
+    fn start<C: ClientInfo>(&self, client: &C) -> Bounds {
+        let session = client
+            .metadata()
+            .get(STATEMENT_TIMEOUT_KEY)
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis);
+        let (timeout, by_session) = match session {
+            Some(t) if t < self.limits.timeout => (t, true),
+            _ => (self.limits.timeout, false),
+        };
+        let cell = self.running.cell(client);
+        let mut seen = cell.subscribe();
+        let at_start = *seen.borrow_and_update();
+        self.metrics.queries.fetch_add(1, Ordering::Relaxed);
+        Bounds {
+            deadline: tokio::time::Instant::now() + timeout,
+            timeout,
+            by_session,
+            cancelled: Box::pin(async move {
+                if seen.wait_for(|n| *n > at_start).await.is_err() {
+                    // The connection is gone: nobody can cancel any more.
+                    std::future::pending::<()>().await;
+                }
+            }),
+            started: std::time::Instant::now(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The bounds of one running query; it is counted as done (latency) when they drop.
+struct Bounds {
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    /// Whether the deadline is the session's `statement_timeout` (not the server's limit).
+    by_session: bool,
+    cancelled: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    started: std::time::Instant,
+    metrics: Arc<crate::metrics::PgMetrics>,
+}
+
+impl Bounds {
+    /// Runs `planning` within the bounds.
+    async fn plan<T>(
+        &mut self,
+        planning: impl std::future::Future<Output = PgWireResult<T>>,
+    ) -> PgWireResult<T> {
+        let outcome = tokio::select! {
+            planned = planning => planned,
+            () = tokio::time::sleep_until(self.deadline) => Err(self.timed_out()),
+            () = &mut self.cancelled => Err(cancelled()),
+        };
+        if outcome.is_err() {
+            self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        outcome
+    }
+
+    fn timed_out(&self) -> PgWireError {
+        let limit = humantime::format_duration(self.timeout);
+        let why = if self.by_session {
+            format!("the session's statement_timeout ({limit})")
+        } else {
+            format!("the server's per-query limit ({limit}, [server] query_timeout in kappa.toml)")
+        };
+        PgWireError::UserError(Box::new(ErrorInfo::new(
+            "ERROR".into(),
+            "57014".into(),
+            format!(
+                "canceling statement due to statement timeout: the query ran longer than {why}"
+            ),
+        )))
+    }
+
+    /// Bounds the rows of `response` too (they are computed as they are sent).
+    fn stream(self, response: Response) -> Response {
+        match response {
+            Response::Query(mut query) => {
+                let rows =
+                    std::mem::replace(&mut query.data_rows, Box::pin(futures::stream::empty()));
+                query.data_rows = Box::pin(BoundedRows {
+                    deadline: Box::pin(tokio::time::sleep_until(self.deadline)),
+                    rows,
+                    done: false,
+                    bounds: self,
+                });
+                Response::Query(query)
+            }
+            other => other,
+        }
+    }
+}
+
+impl Drop for Bounds {
+    fn drop(&mut self) {
+        self.metrics.seconds.observe(self.started.elapsed());
+    }
+}
+
+fn cancelled() -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "ERROR".into(),
+        "57014".into(),
+        "canceling statement due to user request".into(),
+    )))
+}
+
+/// A query's rows, ended by an error when its deadline passes or a cancel request comes.
+struct BoundedRows {
+    rows: SendableRowStream,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    bounds: Bounds,
+    done: bool,
+}
+
+impl futures::Stream for BoundedRows {
+    type Item = PgWireResult<DataRow>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let stopped = if this.bounds.cancelled.as_mut().poll(cx).is_ready() {
+            Some(cancelled())
+        } else if this.deadline.as_mut().poll(cx).is_ready() {
+            Some(this.bounds.timed_out())
+        } else {
+            None
+        };
+        let next = match stopped {
+            Some(error) => Poll::Ready(Some(Err(error))),
+            None => this.rows.as_mut().poll_next(cx),
+        };
+        match &next {
+            Poll::Ready(Some(Err(_))) => {
+                this.done = true;
+                this.bounds.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Poll::Ready(None) => this.done = true,
+            _ => {}
+        }
+        next
+    }
+}
+
+#[async_trait::async_trait]
+impl SimpleQueryHandler for Limited {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: std::fmt::Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let mut bounds = self.start(client);
+        let mut responses = bounds
+            .plan(SimpleQueryHandler::do_query(&self.inner, client, query))
+            .await?;
+        // A query string of several statements: the bounds follow the last one's rows (the
+        // earlier ones are sent first).
+        if let Some(last) = responses
+            .iter()
+            .rposition(|r| matches!(r, Response::Query(_)))
+        {
+            let response = responses.remove(last);
+            responses.insert(last, bounds.stream(response));
+        }
+        Ok(responses)
+    }
+}
+
+#[async_trait::async_trait]
+impl ExtendedQueryHandler for Limited {
+    type Statement = <DfSessionService as ExtendedQueryHandler>::Statement;
+    type QueryParser = <DfSessionService as ExtendedQueryHandler>::QueryParser;
+
+    fn query_parser(&self) -> Arc<Self::QueryParser> {
+        self.inner.query_parser()
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<Self::Statement>,
+        max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: std::fmt::Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let mut bounds = self.start(client);
+        let response = bounds
+            .plan(ExtendedQueryHandler::do_query(
+                &self.inner,
+                client,
+                portal,
+                max_rows,
+            ))
+            .await?;
+        Ok(bounds.stream(response))
     }
 }
 
 /// Gives DataFusion's errors (all `XX000`, internal error, as they come) the SQLSTATE a
-/// Postgres client expects, so that drivers and BI tools can tell a typo from a crash.
-struct SqlStates;
+/// Postgres client expects, so that drivers and BI tools can tell a typo from a crash; a query
+/// over its memory is told which limit it hit.
+struct SqlStates {
+    limits: QueryLimits,
+}
 
 impl ErrorHandler for SqlStates {
     fn on_error<C: ClientInfo>(&self, _client: &C, error: &mut PgWireError) {
@@ -434,6 +850,14 @@ impl ErrorHandler for SqlStates {
             && info.code == "XX000"
         {
             info.code = sqlstate(&info.message).to_owned();
+            if info.code == "53200" {
+                info.message = format!(
+                    "the query needs more memory than one query may use ({} MiB, [server] \
+                     query_memory in kappa.toml): {}",
+                    self.limits.memory_bytes >> 20,
+                    info.message
+                );
+            }
         }
     }
 }
@@ -467,14 +891,75 @@ fn sqlstate(message: &str) -> &'static str {
     }
 }
 
+/// How a connection starts: open (the endpoint is on loopback), or by SCRAM-SHA-256.
+enum Startup {
+    Open(OpenStartup),
+    Scram(Box<SASLAuthStartupHandler<DefaultServerParameterProvider>>),
+}
+
+#[async_trait::async_trait]
+impl StartupHandler for Startup {
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: std::fmt::Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match self {
+            Startup::Open(open) => open.on_startup(client, message).await,
+            Startup::Scram(scram) => scram.on_startup(client, message).await,
+        }
+    }
+}
+
 /// Accepts every client (loopback only) and registers it for cancel requests.
-struct Startup {
+struct OpenStartup {
     connections: Arc<ConnectionManager>,
 }
 
 #[async_trait::async_trait]
-impl NoopStartupHandler for Startup {
+impl NoopStartupHandler for OpenStartup {
     fn connection_manager(&self) -> Option<Arc<ConnectionManager>> {
         Some(self.connections.clone())
+    }
+}
+
+/// The one user's password, salted and hashed once as SCRAM-SHA-256 wants it.
+#[derive(Debug)]
+struct Scram {
+    user: String,
+    salt: Vec<u8>,
+    salted: Vec<u8>,
+}
+
+/// PBKDF2 rounds of the salted password (RFC 7677's minimum, Postgres' default).
+const SCRAM_ITERATIONS: usize = 4096;
+
+impl Scram {
+    fn new(auth: &crate::config::PgAuth) -> Scram {
+        let salt = scram::random_nonce().into_bytes();
+        let salted = scram::gen_salted_password(&auth.password, &salt, SCRAM_ITERATIONS);
+        Scram {
+            user: auth.user.clone(),
+            salt,
+            salted,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl AuthSource for Scram {
+    async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
+        match login.user() {
+            Some(user) if user == self.user => {
+                Ok(Password::new(Some(self.salt.clone()), self.salted.clone()))
+            }
+            Some(user) => Err(PgWireError::InvalidPassword(user.to_owned())),
+            None => Err(PgWireError::UserNameRequired),
+        }
     }
 }

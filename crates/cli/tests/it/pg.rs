@@ -17,6 +17,16 @@ const CUSTOMERS: &str = "kind = \"table\"\nkey = \"customer_id\"\n\n[schema]\ncu
 /// `psql` against the endpoint `kappa up` recorded in the data directory: unaligned, no
 /// headers, errors verbose (with their SQLSTATE); returns (success, stdout, stderr).
 fn psql(data: &Path, args: &[&str]) -> (bool, String, String) {
+    psql_as(data, "kappa", None, args)
+}
+
+/// [`psql`] as `user`, with `password` (in `PGPASSWORD`) when given.
+fn psql_as(
+    data: &Path,
+    user: &str,
+    password: Option<&str>,
+    args: &[&str],
+) -> (bool, String, String) {
     let file: serde_json::Value = crate::server_file(data);
     let addr = file["pg"].as_str().unwrap();
     let (host, port) = addr.rsplit_once(':').unwrap();
@@ -30,9 +40,10 @@ fn psql(data: &Path, args: &[&str]) -> (bool, String, String) {
             "-v",
             "ON_ERROR_STOP=1",
         ])
-        .args(["-h", host, "-p", port, "-U", "kappa", "-d", "kappa"])
+        .args(["-h", host, "-p", port, "-U", user, "-d", "kappa"])
         .args(args)
         .env("PGCONNECT_TIMEOUT", "10")
+        .env("PGPASSWORD", password.unwrap_or(""))
         .output()
         .expect("psql runs (postgresql-client, installed by .ci/run)");
     (
@@ -277,5 +288,205 @@ fn psycopg_reads_every_type_with_parameters() {
         serde_json::json!([2, 2, 2, 2, 2, 2, 3]),
         "{json}"
     );
+    assert!(up.terminate().unwrap().success());
+}
+
+/// Three runaway queries in sessions of their own — a cross join of 900 million rows that runs
+/// past the server's time limit, the same grouped past the memory limit, and one cancelled by the
+/// client — while a fourth session keeps asking a simple query. Prints one JSON object.
+const RUNAWAY: &str = r#"
+import json, sys, threading, time
+import psycopg
+host, port = sys.argv[1], int(sys.argv[2])
+connect = lambda: psycopg.connect(host=host, port=port, user="kappa", dbname="kappa", autocommit=True, connect_timeout=10)
+EXPLOSION = "SELECT count(*) FROM silver.nums a, silver.nums b WHERE a.n + b.n >= 0"
+GROUPS = "SELECT a.n, b.n, count(*) FROM silver.nums a CROSS JOIN silver.nums b GROUP BY a.n, b.n"
+out = {}
+def runaway(key, sql, cancel_after=None):
+    conn = connect()
+    started = time.monotonic()
+    if cancel_after is not None:
+        threading.Timer(cancel_after, conn.cancel).start()
+    try:
+        rows = conn.execute(sql).fetchall()
+        out[key] = {"rows": len(rows)}
+    except psycopg.Error as e:
+        out[key] = {"sqlstate": e.sqlstate, "message": str(e).strip()}
+    out[key]["seconds"] = time.monotonic() - started
+    # The session goes on after its query was stopped.
+    out[key]["after"] = conn.execute("SELECT count(*) FROM silver.nums").fetchone()[0]
+    conn.close()
+threads = [threading.Thread(target=runaway, args=a) for a in
+           [("timeout", EXPLOSION), ("memory", GROUPS), ("cancel", EXPLOSION, 1.0)]]
+for t in threads:
+    t.start()
+other = connect()
+latencies, answers = [], set()
+while any(t.is_alive() for t in threads):
+    started = time.monotonic()
+    answers.add(other.execute("SELECT count(*) FROM silver.nums").fetchone()[0])
+    latencies.append(time.monotonic() - started)
+    time.sleep(0.1)
+for t in threads:
+    t.join()
+out["other"] = {"queries": len(latencies), "max_seconds": max(latencies), "answers": sorted(answers)}
+print(json.dumps(out))
+"#;
+
+/// The per-query limits: past the time limit a query is stopped with SQLSTATE 57014 and a
+/// message naming the limit; past the memory limit with 53200 naming it; a cancel request
+/// stops one mid-stream; each session goes on, and another session answers all along.
+#[test]
+fn runaway_queries_are_stopped_while_other_sessions_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("limits");
+    let data = write_project(
+        &dir,
+        &[
+            (
+                "kappa.toml",
+                "[project]\nname = \"limits\"\n\n[server]\nquery_timeout = \"6s\"\nquery_memory = \
+                 \"32MiB\"\n",
+            ),
+            (
+                "topics/numbers.toml",
+                "partitions = 1\n\n[schema]\nn = \"bigint\"\n",
+            ),
+            ("models/silver/nums.sql", "SELECT n FROM numbers\n"),
+        ],
+    );
+    let project = dir.to_str().unwrap();
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    const ROWS: u64 = 30_000;
+    let lines: String = (0..ROWS).map(|n| format!("{{\"n\":{n}}}\n")).collect();
+    let out = kappa(&data, &["produce", "numbers"], Some(lines.as_bytes()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    crate::wait_caught_up(&data, project, 1, std::time::Duration::from_secs(60));
+    let file: serde_json::Value = crate::server_file(&data);
+    let (host, port) = file["pg"].as_str().unwrap().rsplit_once(':').unwrap();
+    let out = kappa_testkit::python::run_python(RUNAWAY, &[host, port]);
+    let json: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    eprintln!("{json:#}");
+
+    let timeout = &json["timeout"];
+    assert_eq!(timeout["sqlstate"], "57014", "{json}");
+    let message = timeout["message"].as_str().unwrap();
+    assert!(
+        message.contains("statement timeout") && message.contains("query_timeout"),
+        "{message}"
+    );
+    let seconds = timeout["seconds"].as_f64().unwrap();
+    assert!((5.5..20.0).contains(&seconds), "stopped after {seconds} s");
+
+    let memory = &json["memory"];
+    assert_eq!(memory["sqlstate"], "53200", "{json}");
+    let message = memory["message"].as_str().unwrap();
+    assert!(
+        message.contains("32 MiB") && message.contains("query_memory"),
+        "{message}"
+    );
+
+    let cancel = &json["cancel"];
+    assert_eq!(cancel["sqlstate"], "57014", "{json}");
+    assert!(
+        cancel["message"].as_str().unwrap().contains("user request"),
+        "{json}"
+    );
+    assert!(cancel["seconds"].as_f64().unwrap() < 4.0, "{json}");
+
+    for key in ["timeout", "memory", "cancel"] {
+        assert_eq!(json[key]["after"], ROWS, "{key} session: {json}");
+    }
+    let other = &json["other"];
+    assert_eq!(other["answers"], serde_json::json!([ROWS]), "{json}");
+    assert!(other["queries"].as_u64().unwrap() >= 10, "{json}");
+    assert!(other["max_seconds"].as_f64().unwrap() < 3.0, "{json}");
+
+    // Counted: the runaway queries among the errors.
+    let metrics = reqwest_text(&format!("{}/metrics", file["http"].as_str().unwrap()));
+    let errors = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kappa_pg_query_errors_total "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(errors >= 3.0, "{metrics}");
+    assert!(up.terminate().unwrap().success());
+}
+
+/// A GET's body as text.
+fn reqwest_text(url: &str) -> String {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() })
+}
+
+/// With `[server] pg_user` and `pg_password_env`, the endpoint asks for the password by
+/// SCRAM-SHA-256: the right one gets in, a wrong one, another user or none do not; a missing
+/// variable stops `kappa up` with a message naming it.
+#[test]
+fn a_configured_password_is_asked_by_scram() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("locked");
+    let data = write_project(
+        &dir,
+        &[
+            (
+                "kappa.toml",
+                "[project]\nname = \"locked\"\n\n[server]\npg_user = \"bi\"\npg_password_env = \
+                 \"KAPPA_TEST_PG_PASSWORD\"\n",
+            ),
+            (
+                "topics/numbers.toml",
+                "partitions = 1\n\n[schema]\nn = \"bigint\"\n",
+            ),
+            ("models/silver/nums.sql", "SELECT n FROM numbers\n"),
+        ],
+    );
+    let project = dir.to_str().unwrap();
+    // Without the variable, kappa up refuses to start and says which one.
+    let out = kappa(&data, &["--project", project, "up"], None);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("KAPPA_TEST_PG_PASSWORD"),
+        "{}",
+        stderr(&out)
+    );
+    let up = KappaProcess::start_with_env(
+        KAPPA.as_ref(),
+        &data,
+        &["--project", project],
+        &[("KAPPA_TEST_PG_PASSWORD", "s3cret pass")],
+    )
+    .unwrap();
+    let out = kappa(
+        &data,
+        &["produce", "numbers"],
+        Some(b"{\"n\":1}\n{\"n\":2}\n"),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    crate::wait_caught_up(&data, project, 1, std::time::Duration::from_secs(60));
+
+    let (ok, rows, err) = psql_as(
+        &data,
+        "bi",
+        Some("s3cret pass"),
+        &["-c", "SELECT sum(n) FROM silver.nums"],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(rows.trim(), "3");
+    for (user, password) in [
+        ("bi", Some("wrong")),
+        ("kappa", Some("s3cret pass")),
+        ("bi", None),
+    ] {
+        let (ok, _, err) = psql_as(&data, user, password, &["-c", "SELECT 1"]);
+        assert!(!ok, "{user} with {password:?} got in");
+        assert!(
+            err.to_lowercase().contains("password"),
+            "{user} with {password:?}: {err}"
+        );
+    }
     assert!(up.terminate().unwrap().success());
 }

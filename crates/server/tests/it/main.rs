@@ -31,6 +31,8 @@ impl TestServer {
             max_request_bytes: TEST_BODY_LIMIT,
             body_read_timeout_ms: TEST_BODY_TIMEOUT_MS,
             project_dir: None,
+            query_limits: Default::default(),
+            pg_auth: None,
         };
         let server = Server::start(config).await.unwrap();
         let base = format!("http://{}", server.http_addr());
