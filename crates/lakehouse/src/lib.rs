@@ -47,6 +47,7 @@ mod alias;
 mod changes;
 pub mod commit;
 mod state;
+mod time_travel;
 pub mod wap;
 
 pub use changes::{Added, AddedFile};
@@ -796,7 +797,8 @@ impl Lakehouse {
         .await
         .map_err(|e| LakehouseError::Catalog(format!("read the catalog: {e}")))?;
         let catalog = MemoryCatalogProvider::new();
-        let mut layers: BTreeMap<String, Arc<MemorySchemaProvider>> = BTreeMap::new();
+        let mut layers: BTreeMap<String, (Arc<MemorySchemaProvider>, HashMap<String, Table>)> =
+            BTreeMap::new();
         let mut seen: HashMap<String, usize> = HashMap::new();
         let mut tables: Vec<(String, Arc<dyn datafusion::catalog::TableProvider>)> = Vec::new();
         let mut file_io = None;
@@ -813,14 +815,15 @@ impl Lakehouse {
                     .doing(|| format!("read {location}"))?
                     .into_table();
             let provider: Arc<dyn datafusion::catalog::TableProvider> = Arc::new(
-                iceberg_datafusion::IcebergStaticTableProvider::try_new_from_table(table)
+                iceberg_datafusion::IcebergStaticTableProvider::try_new_from_table(table.clone())
                     .await
                     .doing(|| format!("read {namespace}.{name}"))?,
             );
-            let layer = layers
+            let (layer, history) = layers
                 .entry(namespace)
-                .or_insert_with(|| Arc::new(MemorySchemaProvider::new()));
+                .or_insert_with(|| (Arc::new(MemorySchemaProvider::new()), HashMap::new()));
             let _ = layer.register_table(name.clone(), provider.clone());
+            history.insert(name.clone(), table);
             *seen.entry(name.clone()).or_default() += 1;
             tables.push((name, provider));
         }
@@ -831,8 +834,13 @@ impl Lakehouse {
                 let _ = unqualified.register_table(name, table);
             }
         }
-        for (layer, schema) in layers {
-            let _ = catalog.register_schema(&layer, schema);
+        for (layer, (tables, history)) in layers {
+            let schema = time_travel::TimeTravelSchema {
+                layer: layer.clone(),
+                tables,
+                history,
+            };
+            let _ = catalog.register_schema(&layer, Arc::new(schema));
         }
         let _ = catalog.register_schema(UNQUALIFIED_SCHEMA, Arc::new(unqualified));
         ctx.register_catalog(CATALOG_NAME, Arc::new(catalog));

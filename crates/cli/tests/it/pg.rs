@@ -490,3 +490,82 @@ fn a_configured_password_is_asked_by_scram() {
     }
     assert!(up.terminate().unwrap().success());
 }
+
+/// `layer."model@SNAPSHOT"` and `layer."model@TIME"` read a table as it was published then,
+/// over psql and `kappa sql` alike; an unknown snapshot is an error naming the table's history.
+#[test]
+fn tables_read_as_of_a_snapshot_or_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("travel");
+    let data = write_project(
+        &dir,
+        &[
+            ("kappa.toml", "[project]\nname = \"travel\"\n"),
+            (
+                "topics/numbers.toml",
+                "partitions = 1\n\n[schema]\nn = \"bigint\"\n",
+            ),
+            ("models/silver/nums.sql", "SELECT n FROM numbers\n"),
+        ],
+    );
+    let project = dir.to_str().unwrap();
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    let produce = |from: u64, to: u64| {
+        let lines: String = (from..to).map(|n| format!("{{\"n\":{n}}}\n")).collect();
+        let out = kappa(&data, &["produce", "numbers"], Some(lines.as_bytes()));
+        assert!(out.status.success(), "{}", stderr(&out));
+        crate::wait_caught_up(&data, project, 1, std::time::Duration::from_secs(60));
+    };
+    produce(0, 10);
+    let audit = kappa(
+        &data,
+        &["--project", project, "audit", "silver.nums", "--json"],
+        None,
+    );
+    assert!(audit.status.success(), "{}", stderr(&audit));
+    let audit: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();
+    let first = audit["published"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{audit}"));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let between = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    produce(10, 25);
+
+    let count = |table: &str| {
+        let (ok, out, err) = psql(&data, &["-c", &format!("SELECT count(*) FROM {table}")]);
+        assert!(ok, "{table}: {err}");
+        out.trim().to_owned()
+    };
+    assert_eq!(count("silver.nums"), "25");
+    assert_eq!(count(&format!("silver.\"nums@{first}\"")), "10");
+    assert_eq!(count(&format!("silver.\"nums@{between}\"")), "10");
+    // The same through kappa sql (the HTTP API's sessions).
+    let out = kappa(
+        &data,
+        &[
+            "sql",
+            "--json",
+            &format!("SELECT count(*) FROM silver.\"nums@{first}\""),
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["rows"][0][0], 10, "{answer}");
+    // Before the table's first commit, and a snapshot that is not in its history.
+    let (ok, _, err) = psql(
+        &data,
+        &[
+            "-c",
+            "SELECT count(*) FROM silver.\"nums@2000-01-01T00:00:00Z\"",
+        ],
+    );
+    assert!(
+        !ok && err.contains("no published snapshot at or before"),
+        "{err}"
+    );
+    let (ok, _, err) = psql(&data, &["-c", "SELECT count(*) FROM silver.\"nums@42\""]);
+    assert!(!ok && err.contains("no published snapshot 42"), "{err}");
+    assert!(up.terminate().unwrap().success());
+}
