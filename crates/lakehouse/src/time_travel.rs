@@ -64,7 +64,8 @@ pub(crate) fn snapshot_at(table: &Table, at: &str) -> Result<i64, String> {
     // main's history, newest first: its snapshot and that one's ancestors.
     let mut history = Vec::new();
     let mut next = metadata.current_snapshot();
-    while let Some(snapshot) = next {
+    // Bounded by the snapshots there are, should the metadata hold a cycle.
+    while let Some(snapshot) = next.filter(|_| history.len() < metadata.snapshots().len()) {
         history.push((snapshot.snapshot_id(), snapshot.timestamp_ms()));
         next = snapshot
             .parent_snapshot_id()

@@ -181,18 +181,21 @@ impl ServerConfig {
         );
         let mut query_limits = QueryLimits::default();
         if let Some(text) = &file.server.query_timeout {
-            query_limits.timeout = humantime::parse_duration(text).map_err(|e| {
-                anyhow::anyhow!(
-                    "{PROJECT_FILE}: [server] query_timeout `{text}` is not a duration like \
-                     \"30s\": {e}"
-                )
-            })?;
+            query_limits.timeout = humantime::parse_duration(text)
+                .ok()
+                .filter(|t| !t.is_zero())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{PROJECT_FILE}: [server] query_timeout `{text}` is not a duration \
+                         above zero like \"30s\""
+                    )
+                })?;
         }
         if let Some(text) = &file.server.query_memory {
-            query_limits.memory_bytes = parse_bytes(text).ok_or_else(|| {
+            query_limits.memory_bytes = parse_bytes(text).filter(|b| *b > 0).ok_or_else(|| {
                 anyhow::anyhow!(
-                    "{PROJECT_FILE}: [server] query_memory `{text}` is not a size like \
-                     \"512MiB\" or \"2GiB\""
+                    "{PROJECT_FILE}: [server] query_memory `{text}` is not a size above zero \
+                     like \"512MiB\" or \"2GiB\""
                 )
             })?;
         }

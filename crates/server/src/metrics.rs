@@ -268,19 +268,19 @@ pub async fn render(state: &AppState) -> String {
         &mut out,
         "kappa_pg_queries_total",
         "counter",
-        "Statements run over the Postgres endpoint.",
+        "Queries over the Postgres endpoint (a query string, or one execution of a prepared statement).",
         counter(&m.pg.queries),
     );
     family(
         &mut out,
         "kappa_pg_query_errors_total",
         "counter",
-        "Statements over the Postgres endpoint that failed, timed out or were cancelled.",
+        "Queries over the Postgres endpoint that failed, timed out, ran out of memory or were cancelled.",
         counter(&m.pg.errors),
     );
     m.pg.seconds.render(
         "kappa_pg_query_seconds",
-        "How long statements over the Postgres endpoint take, to their last row.",
+        "How long queries over the Postgres endpoint take, to their last row.",
         &mut out,
     );
     out

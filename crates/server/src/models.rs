@@ -86,7 +86,9 @@ pub async fn models(
         .collect();
     let mut models = Vec::new();
     for id in &project.order {
-        let model = &project.models[id];
+        let Some(model) = project.models.get(id) else {
+            continue;
+        };
         let counted = last_commit_failures(lakehouse, project, id).await;
         models.push(ModelNode {
             model: id.clone(),

@@ -2,8 +2,9 @@
 //! and drivers query the published tables through DataFusion.
 //!
 //! ```text
-//!  client ──pgwire (simple + extended query)──► DfSessionService (datafusion-postgres)
-//!                                                   │ one SessionContext for every session
+//!  client ──pgwire──► a thread + runtime per connection: Limited (time, cancel, memory)
+//!                       └► DfSessionService (datafusion-postgres) over a SessionContext of the
+//!                          connection's own, made from the shared one
 //!                                                   ▼
 //!            catalog `kappa`: LiveCatalog ──► the catalog as Lakehouse::session pins it,
 //!                                             rebuilt when the SQL catalog's rows change
@@ -24,6 +25,7 @@ use datafusion::catalog::{CatalogProvider, SchemaProvider};
 use datafusion::error::Result as DfResult;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion_postgres::DfSessionService;
+use datafusion_postgres::pgwire::api::RandomPidSecretKeyGenerator;
 use datafusion_postgres::pgwire::api::auth::noop::NoopStartupHandler;
 use datafusion_postgres::pgwire::api::auth::sasl::scram::ScramAuth;
 use datafusion_postgres::pgwire::api::auth::sasl::{SASLAuthStartupHandler, scram};
@@ -72,6 +74,8 @@ pub async fn serve(
         connections: Arc::new(ConnectionManager::new()),
         running: Arc::new(Running::default()),
         metrics,
+        pids: Arc::new(RandomPidSecretKeyGenerator::default()),
+        slots: Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX)),
     };
     let refresher = Arc::new(Refresher {
         lakehouse,
@@ -88,6 +92,10 @@ pub async fn serve(
         };
         match accepted {
             Ok((socket, peer)) => {
+                let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "refused a Postgres connection: {CONNECTIONS_MAX} are open");
+                    continue;
+                };
                 let handlers = match Handlers::for_connection(&shared) {
                     Ok(handlers) => Arc::new(handlers),
                     Err(e) => {
@@ -95,7 +103,8 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let (refresher, main) = (refresher.clone(), main.clone());
+                let (refresher, main, mut stop) =
+                    (refresher.clone(), main.clone(), shutdown.clone());
                 // Moved to the connection's own runtime.
                 let socket = match socket.into_std() {
                     Ok(socket) => socket,
@@ -121,13 +130,17 @@ pub async fn serve(
                     if let Err(e) = main.spawn(async move { refreshing.refresh().await }).await {
                         tracing::warn!(%peer, error = %e, "bringing the catalog up to date failed");
                     }
-                    if let Err(e) =
-                        datafusion_postgres::pgwire::tokio::process_socket(socket, None, handlers)
-                            .await
-                    {
-                        tracing::debug!(%peer, error = %e, "a Postgres connection ended with an error");
+                    // Until the client leaves or the server stops.
+                    tokio::select! {
+                        served = datafusion_postgres::pgwire::tokio::process_socket(socket, None, handlers) => {
+                            if let Err(e) = served {
+                                tracing::debug!(%peer, error = %e, "a Postgres connection ended with an error");
+                            }
+                        }
+                        _ = stop.wait_for(|stopping| *stopping) => {}
                     }
                     refresher.clients.fetch_sub(1, Ordering::SeqCst);
+                    drop(slot);
                 });
             }
             Err(e) => {
@@ -184,8 +197,8 @@ impl Refresher {
     }
 }
 
-/// The session every connection shares: the live catalog as `kappa` (the default, with the
-/// unqualified names in `public`), information_schema and pg_catalog.
+/// The session every connection's own is made from: the live catalog as `kappa` (the default,
+/// with the unqualified names in `public`), information_schema and pg_catalog.
 fn session(live: Arc<LiveCatalog>) -> anyhow::Result<SessionContext> {
     let config = SessionConfig::new()
         .with_information_schema(true)
@@ -462,7 +475,15 @@ struct Shared {
     connections: Arc<ConnectionManager>,
     running: Arc<Running>,
     metrics: Arc<crate::metrics::PgMetrics>,
+    /// Backend pids and secrets, unique across connections (cancel requests name them).
+    pids: Arc<RandomPidSecretKeyGenerator>,
+    /// Connections that may be open at once.
+    slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Connections the endpoint serves at once; more are closed at once (each holds a thread per
+/// core and a memory pool).
+pub const CONNECTIONS_MAX: usize = 64;
 
 /// The pgwire handlers of one connection: DataFusion's session service over a session of its
 /// own — the shared catalog, its own memory pool of `limits.memory_bytes` (a connection runs one
@@ -503,6 +524,7 @@ impl Handlers {
                         Arc::new(DefaultServerParameterProvider::default()),
                     )
                     .with_scram(method)
+                    .with_pid_secret_key_generator(shared.pids.clone())
                     .with_connection_manager(shared.connections.clone()),
                 ))
             }
@@ -552,7 +574,8 @@ impl PgWireServerHandlers for Handlers {
 /// that a cancel request stops one wherever it is: planning, or streaming its rows.
 #[derive(Default)]
 struct Running {
-    by_pid: std::sync::Mutex<std::collections::HashMap<i32, (SecretKey, CancelCell)>>,
+    /// By (pid, secret), as pgwire's `ConnectionManager` keys them.
+    by_key: std::sync::Mutex<std::collections::HashMap<(i32, bytes::Bytes), CancelCell>>,
 }
 
 /// Counts the cancel requests a connection got; a query stops when the count moves past the
@@ -566,22 +589,24 @@ impl Running {
             .session_extensions()
             .get_or_insert_with(|| tokio::sync::watch::Sender::new(0u64));
         let (pid, secret) = client.pid_and_secret_key();
-        if let Ok(mut by_pid) = self.by_pid.lock() {
-            by_pid.retain(|_, (_, weak)| weak.strong_count() > 0);
-            by_pid
-                .entry(pid)
-                .or_insert_with(|| (secret, Arc::downgrade(&cell)));
+        if let Ok(mut by_key) = self.by_key.lock() {
+            by_key.retain(|_, weak| weak.strong_count() > 0);
+            by_key
+                .entry((pid, secret.to_bytes()))
+                .or_insert_with(|| Arc::downgrade(&cell));
         }
         cell
     }
 
-    /// Stops what the connection `pid` runs, if the secret matches.
+    /// Stops what the connection `pid` with `secret` runs.
     fn cancel(&self, pid: i32, secret: &SecretKey) {
-        let cell = self.by_pid.lock().ok().and_then(|by_pid| {
-            let (known, weak) = by_pid.get(&pid)?;
-            // The same 4 bytes may arrive as another variant on the cancel's own connection.
-            known.eq_value(secret).then(|| weak.upgrade()).flatten()
-        });
+        // As bytes: the same 4 bytes may arrive as another variant on the cancel's own
+        // connection.
+        let cell = self
+            .by_key
+            .lock()
+            .ok()
+            .and_then(|by_key| by_key.get(&(pid, secret.to_bytes()))?.upgrade());
         if let Some(cell) = cell {
             cell.send_modify(|n| *n += 1);
         }
@@ -630,49 +655,75 @@ impl Limited {
             _ => (self.limits.timeout, false),
         };
         let cell = self.running.cell(client);
-        let mut seen = cell.subscribe();
-        let at_start = *seen.borrow_and_update();
+        let at_start = *cell.borrow();
         self.metrics.queries.fetch_add(1, Ordering::Relaxed);
         Bounds {
             deadline: tokio::time::Instant::now() + timeout,
             timeout,
             by_session,
-            cancelled: Box::pin(async move {
-                if seen.wait_for(|n| *n > at_start).await.is_err() {
-                    // The connection is gone: nobody can cancel any more.
-                    std::future::pending::<()>().await;
-                }
+            cell,
+            at_start,
+            timer: Arc::new(QueryTimer {
+                started: std::time::Instant::now(),
+                metrics: self.metrics.clone(),
             }),
-            started: std::time::Instant::now(),
-            metrics: self.metrics.clone(),
         }
     }
 }
 
-/// The bounds of one running query; it is counted as done (latency) when they drop.
+/// The bounds of one running query (one query string: all its statements).
+#[derive(Clone)]
 struct Bounds {
     deadline: tokio::time::Instant,
     timeout: Duration,
     /// Whether the deadline is the session's `statement_timeout` (not the server's limit).
     by_session: bool,
-    cancelled: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    /// The connection's cancel counter, and its value when the query started.
+    cell: Arc<tokio::sync::watch::Sender<u64>>,
+    at_start: u64,
+    /// Records the latency once the last of the query's row streams is done.
+    timer: Arc<QueryTimer>,
+}
+
+/// Observes a query's latency when dropped (with the last of its row streams).
+struct QueryTimer {
     started: std::time::Instant,
     metrics: Arc<crate::metrics::PgMetrics>,
 }
 
+impl Drop for QueryTimer {
+    fn drop(&mut self) {
+        self.metrics.seconds.observe(self.started.elapsed());
+    }
+}
+
+type Stop = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 impl Bounds {
+    /// Resolves when a cancel request for the connection comes after the query started.
+    fn cancelled(&self) -> Stop {
+        let mut seen = self.cell.subscribe();
+        let at_start = self.at_start;
+        Box::pin(async move {
+            if seen.wait_for(|n| *n > at_start).await.is_err() {
+                // The connection is gone: nobody can cancel any more.
+                std::future::pending::<()>().await;
+            }
+        })
+    }
+
     /// Runs `planning` within the bounds.
     async fn plan<T>(
-        &mut self,
+        &self,
         planning: impl std::future::Future<Output = PgWireResult<T>>,
     ) -> PgWireResult<T> {
         let outcome = tokio::select! {
             planned = planning => planned,
             () = tokio::time::sleep_until(self.deadline) => Err(self.timed_out()),
-            () = &mut self.cancelled => Err(cancelled()),
+            () = self.cancelled() => Err(cancelled()),
         };
         if outcome.is_err() {
-            self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            self.timer.metrics.errors.fetch_add(1, Ordering::Relaxed);
         }
         outcome
     }
@@ -694,27 +745,22 @@ impl Bounds {
     }
 
     /// Bounds the rows of `response` too (they are computed as they are sent).
-    fn stream(self, response: Response) -> Response {
+    fn stream(&self, response: Response) -> Response {
         match response {
             Response::Query(mut query) => {
                 let rows =
                     std::mem::replace(&mut query.data_rows, Box::pin(futures::stream::empty()));
                 query.data_rows = Box::pin(BoundedRows {
                     deadline: Box::pin(tokio::time::sleep_until(self.deadline)),
+                    cancelled: self.cancelled(),
                     rows,
                     done: false,
-                    bounds: self,
+                    bounds: self.clone(),
                 });
                 Response::Query(query)
             }
             other => other,
         }
-    }
-}
-
-impl Drop for Bounds {
-    fn drop(&mut self) {
-        self.metrics.seconds.observe(self.started.elapsed());
     }
 }
 
@@ -726,10 +772,37 @@ fn cancelled() -> PgWireError {
     )))
 }
 
+/// Refuses to change the engine's own settings (`SET datafusion.…`, `RESET …`): they include
+/// the memory pool and the spill directory, which are the server's (`kappa.toml`), not a
+/// client's. `SET statement_timeout` and the like pass.
+fn refuse_engine_settings(query: &str) -> PgWireResult<()> {
+    use datafusion::sql::sqlparser::{dialect::PostgreSqlDialect, parser::Parser};
+    let Ok(statements) = Parser::parse_sql(&PostgreSqlDialect {}, query) else {
+        // The engine's parser reports it.
+        return Ok(());
+    };
+    for statement in statements {
+        let text = statement.to_string().to_ascii_lowercase();
+        if (text.starts_with("set ") || text.starts_with("reset ")) && text.contains("datafusion.")
+        {
+            return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+                "ERROR".into(),
+                "42501".into(),
+                format!(
+                    "`{statement}`: the engine's settings are the server's (the per-query limits \
+                     are [server] query_timeout and query_memory in kappa.toml)"
+                ),
+            ))));
+        }
+    }
+    Ok(())
+}
+
 /// A query's rows, ended by an error when its deadline passes or a cancel request comes.
 struct BoundedRows {
     rows: SendableRowStream,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    cancelled: Stop,
     bounds: Bounds,
     done: bool,
 }
@@ -746,7 +819,7 @@ impl futures::Stream for BoundedRows {
         if this.done {
             return Poll::Ready(None);
         }
-        let stopped = if this.bounds.cancelled.as_mut().poll(cx).is_ready() {
+        let stopped = if this.cancelled.as_mut().poll(cx).is_ready() {
             Some(cancelled())
         } else if this.deadline.as_mut().poll(cx).is_ready() {
             Some(this.bounds.timed_out())
@@ -760,7 +833,11 @@ impl futures::Stream for BoundedRows {
         match &next {
             Poll::Ready(Some(Err(_))) => {
                 this.done = true;
-                this.bounds.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                this.bounds
+                    .timer
+                    .metrics
+                    .errors
+                    .fetch_add(1, Ordering::Relaxed);
             }
             Poll::Ready(None) => this.done = true,
             _ => {}
@@ -778,20 +855,13 @@ impl SimpleQueryHandler for Limited {
         C::Error: std::fmt::Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let mut bounds = self.start(client);
-        let mut responses = bounds
+        refuse_engine_settings(query)?;
+        let bounds = self.start(client);
+        let responses = bounds
             .plan(SimpleQueryHandler::do_query(&self.inner, client, query))
             .await?;
-        // A query string of several statements: the bounds follow the last one's rows (the
-        // earlier ones are sent first).
-        if let Some(last) = responses
-            .iter()
-            .rposition(|r| matches!(r, Response::Query(_)))
-        {
-            let response = responses.remove(last);
-            responses.insert(last, bounds.stream(response));
-        }
-        Ok(responses)
+        // Every statement of the string streams within the same bounds.
+        Ok(responses.into_iter().map(|r| bounds.stream(r)).collect())
     }
 }
 
@@ -816,7 +886,8 @@ impl ExtendedQueryHandler for Limited {
         C::Error: std::fmt::Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let mut bounds = self.start(client);
+        refuse_engine_settings(&portal.statement.statement.0)?;
+        let bounds = self.start(client);
         let response = bounds
             .plan(ExtendedQueryHandler::do_query(
                 &self.inner,
@@ -929,11 +1000,17 @@ impl NoopStartupHandler for OpenStartup {
 }
 
 /// The one user's password, salted and hashed once as SCRAM-SHA-256 wants it.
-#[derive(Debug)]
 struct Scram {
     user: String,
     salt: Vec<u8>,
     salted: Vec<u8>,
+}
+
+impl std::fmt::Debug for Scram {
+    // The salted password opens the door as the password does: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scram").field("user", &self.user).finish()
+    }
 }
 
 /// PBKDF2 rounds of the salted password (RFC 7677's minimum, Postgres' default).

@@ -308,7 +308,8 @@ def runaway(key, sql, cancel_after=None):
     if cancel_after is not None:
         threading.Timer(cancel_after, conn.cancel).start()
     try:
-        rows = conn.execute(sql).fetchall()
+        # The simple query protocol (a client-side cursor), which takes several statements.
+        rows = psycopg.ClientCursor(conn).execute(sql).fetchall()
         out[key] = {"rows": len(rows)}
     except psycopg.Error as e:
         out[key] = {"sqlstate": e.sqlstate, "message": str(e).strip()}
@@ -316,8 +317,16 @@ def runaway(key, sql, cancel_after=None):
     # The session goes on after its query was stopped.
     out[key]["after"] = conn.execute("SELECT count(*) FROM silver.nums").fetchone()[0]
     conn.close()
+# A client may not lift the limits.
+with connect() as conn:
+    try:
+        conn.execute("SET datafusion.runtime.memory_limit = '1T'")
+        out["set"] = "accepted"
+    except psycopg.Error as e:
+        out["set"] = e.sqlstate
 threads = [threading.Thread(target=runaway, args=a) for a in
-           [("timeout", EXPLOSION), ("memory", GROUPS), ("cancel", EXPLOSION, 1.0)]]
+           [("timeout", EXPLOSION), ("memory", GROUPS), ("cancel", EXPLOSION, 1.0),
+            ("first_of_two", EXPLOSION + "; SELECT 1")]]
 for t in threads:
     t.start()
 other = connect()
@@ -386,6 +395,10 @@ fn runaway_queries_are_stopped_while_other_sessions_answer() {
         "{message}"
     );
 
+    // A runaway statement followed by another in one query string is bounded too.
+    assert_eq!(json["first_of_two"]["sqlstate"], "57014", "{json}");
+    assert_eq!(json["set"], "42501", "{json}");
+
     let cancel = &json["cancel"];
     assert_eq!(cancel["sqlstate"], "57014", "{json}");
     assert!(
@@ -394,7 +407,7 @@ fn runaway_queries_are_stopped_while_other_sessions_answer() {
     );
     assert!(cancel["seconds"].as_f64().unwrap() < 4.0, "{json}");
 
-    for key in ["timeout", "memory", "cancel"] {
+    for key in ["timeout", "memory", "cancel", "first_of_two"] {
         assert_eq!(json[key]["after"], ROWS, "{key} session: {json}");
     }
     let other = &json["other"];
@@ -409,7 +422,7 @@ fn runaway_queries_are_stopped_while_other_sessions_answer() {
         .find_map(|l| l.strip_prefix("kappa_pg_query_errors_total "))
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or_else(|| panic!("{metrics}"));
-    assert!(errors >= 3.0, "{metrics}");
+    assert!(errors >= 4.0, "{metrics}");
     assert!(up.terminate().unwrap().success());
 }
 
@@ -488,8 +501,39 @@ fn a_configured_password_is_asked_by_scram() {
             "{user} with {password:?}: {err}"
         );
     }
+    // Cancel requests reach the right connection when a password is asked: two sessions, the
+    // second's long query cancelled.
+    let file: serde_json::Value = crate::server_file(&data);
+    let (host, port) = file["pg"].as_str().unwrap().rsplit_once(':').unwrap();
+    let out = kappa_testkit::python::run_python(SCRAM_CANCEL, &[host, port]);
+    let json: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(json["first"], 3, "{json}");
+    assert_eq!(json["sqlstate"], "57014", "{json}");
+    assert!(
+        json["message"].as_str().unwrap().contains("user request"),
+        "{json}"
+    );
+    assert!(json["seconds"].as_f64().unwrap() < 5.0, "{json}");
     assert!(up.terminate().unwrap().success());
 }
+
+/// Two password-authenticated sessions; the second's endless query is cancelled after 0.5 s.
+const SCRAM_CANCEL: &str = r#"
+import json, sys, threading, time
+import psycopg
+host, port = sys.argv[1], int(sys.argv[2])
+connect = lambda: psycopg.connect(host=host, port=port, user="bi", password="s3cret pass", dbname="kappa", autocommit=True, connect_timeout=10)
+first, second = connect(), connect()
+out = {"first": first.execute("SELECT sum(n) FROM silver.nums").fetchone()[0]}
+threading.Timer(0.5, second.cancel).start()
+started = time.monotonic()
+try:
+    second.execute("SELECT count(*) FROM range(100000000000) WHERE value >= 0").fetchall()
+except psycopg.Error as e:
+    out.update(sqlstate=e.sqlstate, message=str(e).strip())
+out["seconds"] = time.monotonic() - started
+print(json.dumps(out))
+"#;
 
 /// `layer."model@SNAPSHOT"` and `layer."model@TIME"` read a table as it was published then,
 /// over psql and `kappa sql` alike; an unknown snapshot is an error naming the table's history.

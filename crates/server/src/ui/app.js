@@ -14,6 +14,7 @@ let graph = null;      // GET /v1/models
 let status = null;     // GET /v1/status
 let selected = null;   // the model whose details show
 let lastResult = null; // the last query's answer
+let queries = 0;       // queries sent: only the newest one's answer is shown
 let polls = 0;
 
 function el(tag, attrs, ...children) {
@@ -37,7 +38,9 @@ async function api(path, options) {
   const body = await response.json().catch(() => null);
   if (!response.ok) {
     const message = body && body.error ? body.error.message : response.status + " " + response.statusText;
-    throw new Error(message);
+    const error = new Error(message);
+    error.status = response.status;
+    throw error;
   }
   return body;
 }
@@ -251,17 +254,22 @@ async function runQuery() {
   const result = document.getElementById("result");
   note.textContent = "running…";
   const started = performance.now();
+  const mine = ++queries;
+  let answer;
   try {
-    lastResult = await api("/v1/sql", {
+    answer = await api("/v1/sql", {
       method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ sql }),
     });
   } catch (e) {
+    if (mine !== queries) return; // a newer query was sent meanwhile
     lastResult = null;
     note.textContent = "";
     result.replaceChildren(el("div", { class: "error", id: "query-error" }, e.message));
     document.getElementById("chart").replaceChildren();
     return;
   }
+  if (mine !== queries) return;
+  lastResult = answer;
   note.textContent = `${lastResult.rows.length} rows in ${Math.round(performance.now() - started)} ms`;
   chooseAxes();
   drawResult();
@@ -338,7 +346,14 @@ function drawChart() {
 async function poll() {
   try {
     if (!graph || polls % MODELS_EVERY === 0) {
-      graph = await api("/v1/models");
+      try {
+        graph = await api("/v1/models");
+      } catch (e) {
+        if (e.status !== 409) throw e;
+        // A server without a project: no graph, the rest still shows.
+        if (!graph) document.getElementById("server").textContent += " · " + e.message;
+        graph = { topics: [], models: [] };
+      }
       drawTables();
     }
     status = await api("/v1/status");
