@@ -299,7 +299,7 @@ impl Client {
                 let lakehouse = kappa_lakehouse::Lakehouse::open(&data_dir)
                     .await
                     .map_err(|e| ClientError::Service(ServiceError::Internal(e.to_string())))?;
-                Ok(service::sql(&lakehouse, sql).await?)
+                Ok(service::sql(&lakehouse, sql, None).await?)
             }
         }
     }

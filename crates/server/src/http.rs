@@ -452,13 +452,21 @@ async fn sql(
     })?;
     let started = std::time::Instant::now();
     let answer = if arrow {
-        service::sql_arrow(&state.lakehouse, &request.sql)
-            .await
-            .map(|bytes| ([(header::CONTENT_TYPE, ARROW_STREAM)], bytes).into_response())
+        service::sql_arrow(
+            &state.lakehouse,
+            &request.sql,
+            Some(state.config.query_limits),
+        )
+        .await
+        .map(|bytes| ([(header::CONTENT_TYPE, ARROW_STREAM)], bytes).into_response())
     } else {
-        service::sql(&state.lakehouse, &request.sql)
-            .await
-            .map(|rows| Json(rows).into_response())
+        service::sql(
+            &state.lakehouse,
+            &request.sql,
+            Some(state.config.query_limits),
+        )
+        .await
+        .map(|rows| Json(rows).into_response())
     };
     state.metrics.query_seconds.observe(started.elapsed());
     state

@@ -17,6 +17,7 @@ pub mod deployer;
 pub mod deployment;
 pub mod http;
 pub mod ingest;
+mod isolated;
 pub mod metrics;
 pub mod models;
 pub mod pg;

@@ -35,7 +35,7 @@ use datafusion_postgres::pgwire::api::auth::{
 use datafusion_postgres::pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
 use datafusion_postgres::pgwire::api::portal::Portal;
 use datafusion_postgres::pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use datafusion_postgres::pgwire::api::results::{Response, SendableRowStream};
+use datafusion_postgres::pgwire::api::results::Response;
 use datafusion_postgres::pgwire::api::store::PortalStore;
 use datafusion_postgres::pgwire::api::{
     ClientInfo, ClientPortalStore, ConnectionManager, ErrorHandler, PgWireServerHandlers,
@@ -45,7 +45,7 @@ use datafusion_postgres::pgwire::messages::cancel::CancelRequest;
 use datafusion_postgres::pgwire::messages::data::DataRow;
 use datafusion_postgres::pgwire::messages::startup::SecretKey;
 use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
-use futures::Sink;
+use futures::{Sink, StreamExt as _};
 use kappa_lakehouse::Lakehouse;
 use tokio::net::TcpListener;
 
@@ -113,7 +113,9 @@ pub async fn serve(
                         continue;
                     }
                 };
-                spawn_connection(peer, async move {
+                // On a thread and runtime of its own (as Postgres runs a process per
+                // connection): its queries cannot starve the other sessions or the pipelines.
+                let started = crate::isolated::spawn("kappa-pg", async move {
                     let socket = match tokio::net::TcpStream::from_std(socket) {
                         Ok(socket) => socket,
                         Err(e) => {
@@ -142,6 +144,9 @@ pub async fn serve(
                     refresher.clients.fetch_sub(1, Ordering::SeqCst);
                     drop(slot);
                 });
+                if let Err(e) = started {
+                    tracing::error!(%peer, error = %e, "starting a Postgres connection's thread failed");
+                }
             }
             Err(e) => {
                 // E.g. out of file descriptors: do not spin.
@@ -149,34 +154,6 @@ pub async fn serve(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-    }
-}
-
-/// Runs one connection on a thread and runtime of its own (as Postgres runs a process per
-/// connection): DataFusion's operators compute inside `poll` for long stretches, so queries
-/// sharing a runtime's threads can hold them all while a short one waits; across threads, the
-/// operating system shares the cores fairly. The pipelines and the HTTP API are spared too. A
-/// query keeps its parallelism: the runtime has a worker per core.
-fn spawn_connection(
-    peer: std::net::SocketAddr,
-    task: impl std::future::Future<Output = ()> + Send + 'static,
-) {
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let started = std::thread::Builder::new()
-        .name("kappa-pg".into())
-        .spawn(move || {
-            match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(workers)
-                .thread_name("kappa-pg-query")
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime.block_on(task),
-                Err(e) => tracing::error!(%peer, error = %e, "starting a Postgres connection's threads failed"),
-            }
-        });
-    if let Err(e) = started {
-        tracing::error!(%peer, error = %e, "starting a Postgres connection's thread failed");
     }
 }
 
@@ -498,20 +475,12 @@ struct Handlers {
 
 impl Handlers {
     fn for_connection(shared: &Shared) -> anyhow::Result<Handlers> {
-        use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-        // No spilling: a query over the limit stops with an error instead of filling the disk.
-        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-            .with_memory_limit(shared.limits.memory_bytes, 1.0)
-            .with_disk_manager_builder(
-                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
-            )
-            .build_arc()
-            .map_err(|e| anyhow::anyhow!("a query memory pool: {e}"))?;
-        let state =
-            datafusion::execution::SessionStateBuilder::new_from_existing(shared.ctx.state())
-                .with_runtime_env(runtime)
-                .build();
-        let ctx = Arc::new(SessionContext::new_with_state(state));
+        // Its own memory pool: a connection runs one query at a time, so the pool is the
+        // query's.
+        let ctx = Arc::new(crate::isolated::bounded(
+            &shared.ctx,
+            shared.limits.memory_bytes,
+        )?);
         let startup = match &shared.auth {
             None => Startup::Open(OpenStartup {
                 connections: shared.connections.clone(),
@@ -744,16 +713,27 @@ impl Bounds {
         )))
     }
 
-    /// Bounds the rows of `response` too (they are computed as they are sent).
+    /// Bounds the rows of `response` too (they are computed as they are sent). They are
+    /// computed by a task of their own: one poll of DataFusion's stream can compute for
+    /// seconds, and the deadline and cancel requests must be answered meanwhile.
     fn stream(&self, response: Response) -> Response {
         match response {
             Response::Query(mut query) => {
-                let rows =
+                let mut rows =
                     std::mem::replace(&mut query.data_rows, Box::pin(futures::stream::empty()));
+                let (tx, rx) = tokio::sync::mpsc::channel(ROWS_AHEAD);
+                let pump = tokio::spawn(async move {
+                    while let Some(row) = rows.next().await {
+                        if tx.send(row).await.is_err() {
+                            break;
+                        }
+                    }
+                });
                 query.data_rows = Box::pin(BoundedRows {
                     deadline: Box::pin(tokio::time::sleep_until(self.deadline)),
                     cancelled: self.cancelled(),
-                    rows,
+                    rows: rx,
+                    pump: pump.abort_handle(),
                     done: false,
                     bounds: self.clone(),
                 });
@@ -798,9 +778,14 @@ fn refuse_engine_settings(query: &str) -> PgWireResult<()> {
     Ok(())
 }
 
-/// A query's rows, ended by an error when its deadline passes or a cancel request comes.
+/// Rows computed ahead of the client.
+const ROWS_AHEAD: usize = 256;
+
+/// A query's rows, ended by an error when its deadline passes or a cancel request comes; the
+/// task computing them is stopped when they are dropped.
 struct BoundedRows {
-    rows: SendableRowStream,
+    rows: tokio::sync::mpsc::Receiver<PgWireResult<DataRow>>,
+    pump: tokio::task::AbortHandle,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
     cancelled: Stop,
     bounds: Bounds,
@@ -828,7 +813,7 @@ impl futures::Stream for BoundedRows {
         };
         let next = match stopped {
             Some(error) => Poll::Ready(Some(Err(error))),
-            None => this.rows.as_mut().poll_next(cx),
+            None => this.rows.poll_recv(cx),
         };
         match &next {
             Poll::Ready(Some(Err(_))) => {
@@ -843,6 +828,12 @@ impl futures::Stream for BoundedRows {
             _ => {}
         }
         next
+    }
+}
+
+impl Drop for BoundedRows {
+    fn drop(&mut self) {
+        self.pump.abort();
     }
 }
 
@@ -921,14 +912,8 @@ impl ErrorHandler for SqlStates {
             && info.code == "XX000"
         {
             info.code = sqlstate(&info.message).to_owned();
-            if info.code == "53200" {
-                info.message = format!(
-                    "the query needs more memory than one query may use ({} MiB, [server] \
-                     query_memory in kappa.toml): {}",
-                    self.limits.memory_bytes >> 20,
-                    info.message
-                );
-            }
+            info.message =
+                crate::isolated::with_memory_hint(std::mem::take(&mut info.message), &self.limits);
         }
     }
 }

@@ -168,6 +168,25 @@ pub fn offsets(
     })
 }
 
+/// Runs `sql` within `limits` on a thread of its own, or here without them.
+async fn answer(
+    lakehouse: &kappa_lakehouse::Lakehouse,
+    sql: &str,
+    limits: Option<crate::config::QueryLimits>,
+) -> Result<crate::isolated::Answer, ServiceError> {
+    let Some(limits) = limits else {
+        return lakehouse.query(sql).await.map_err(query_error);
+    };
+    // The catalog is read here, on the server's runtime, whose catalog connections these are.
+    let ctx = lakehouse.session().await.map_err(query_error)?;
+    crate::isolated::query(ctx, sql.to_owned(), limits)
+        .await
+        .map_err(|e| match e {
+            crate::isolated::QueryError::Query(message) => ServiceError::BadRequest(message),
+            crate::isolated::QueryError::Internal(message) => ServiceError::Internal(message),
+        })
+}
+
 /// A query's failure: the query's fault (400) or the server's.
 fn query_error(e: kappa_lakehouse::LakehouseError) -> ServiceError {
     match e {
@@ -177,20 +196,24 @@ fn query_error(e: kappa_lakehouse::LakehouseError) -> ServiceError {
 }
 
 /// Runs SQL over the serving tables.
+/// `limits`: a server's queries run within them on a thread of their own (so that none can
+/// starve the pipelines); a command's own run here, unbounded.
 pub async fn sql(
     lakehouse: &kappa_lakehouse::Lakehouse,
     sql: &str,
+    limits: Option<crate::config::QueryLimits>,
 ) -> Result<crate::api::SqlResponse, ServiceError> {
-    let (schema, batches) = lakehouse.query(sql).await.map_err(query_error)?;
+    let (schema, batches) = answer(lakehouse, sql, limits).await?;
     crate::api::SqlResponse::from_batches(&schema, &batches).map_err(ServiceError::Internal)
 }
 
-/// Runs SQL over the serving tables; the result as an Arrow IPC stream.
+/// Runs SQL over the serving tables; the result as an Arrow IPC stream. `limits` as [`sql`]'s.
 pub async fn sql_arrow(
     lakehouse: &kappa_lakehouse::Lakehouse,
     sql: &str,
+    limits: Option<crate::config::QueryLimits>,
 ) -> Result<Vec<u8>, ServiceError> {
-    let (schema, batches) = lakehouse.query(sql).await.map_err(query_error)?;
+    let (schema, batches) = answer(lakehouse, sql, limits).await?;
     let internal = |e: arrow::error::ArrowError| ServiceError::Internal(e.to_string());
     let mut writer =
         arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &schema).map_err(internal)?;

@@ -415,6 +415,61 @@ fn runaway_queries_are_stopped_while_other_sessions_answer() {
     assert!(other["queries"].as_u64().unwrap() >= 10, "{json}");
     assert!(other["max_seconds"].as_f64().unwrap() < 3.0, "{json}");
 
+    // POST /v1/sql (the UI's query box) is bounded alike, while a simple query answers.
+    let base = file["http"].as_str().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let post = |sql: &str| {
+        let request = http
+            .post(format!("{base}/v1/sql"))
+            .json(&serde_json::json!({ "sql": sql }))
+            .send();
+        async move {
+            let response = request.await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let ((timeout, timeout_body), (memory, memory_body), simple) = runtime.block_on(async {
+        let simple = async {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let started = std::time::Instant::now();
+            let answer = post("SELECT count(*) FROM silver.nums").await;
+            (answer, started.elapsed())
+        };
+        tokio::join!(
+            post("SELECT count(*) FROM silver.nums a, silver.nums b WHERE a.n + b.n >= 0"),
+            post("SELECT a.n, b.n, count(*) FROM silver.nums a CROSS JOIN silver.nums b GROUP BY a.n, b.n"),
+            simple
+        )
+    });
+    assert_eq!(timeout, 400, "{timeout_body}");
+    assert!(
+        timeout_body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("query_timeout"),
+        "{timeout_body}"
+    );
+    assert_eq!(memory, 400, "{memory_body}");
+    assert!(
+        memory_body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("query_memory"),
+        "{memory_body}"
+    );
+    let ((status, answer), took) = simple;
+    assert_eq!(
+        (status, &answer["rows"][0][0]),
+        (200, &serde_json::json!(ROWS)),
+        "{answer}"
+    );
+    assert!(took < std::time::Duration::from_secs(3), "{took:?}");
+
     // Counted: the runaway queries among the errors.
     let metrics = reqwest_text(&format!("{}/metrics", file["http"].as_str().unwrap()));
     let errors = metrics
