@@ -176,3 +176,44 @@ fn metrics_parse_and_lag_moves() {
     assert_eq!(samples["kappa_ingest_records_total{}"], 15.0, "{samples}");
     assert!(up.terminate().unwrap().success());
 }
+
+/// `--log-format json`: every line `kappa up` logs is a JSON object with its level, target and
+/// fields (what log shippers expect); the default is text.
+#[test]
+fn logs_are_json_lines_on_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("logs");
+    let data = write_project(
+        &dir,
+        &[
+            ("kappa.toml", "[project]\nname = \"logs\"\n"),
+            (
+                "topics/events.toml",
+                "partitions = 1\n\n[schema]\nid = \"bigint\"\n",
+            ),
+            ("models/silver/events.sql", "SELECT id FROM events\n"),
+        ],
+    );
+    let project = dir.to_str().unwrap();
+    let up = KappaProcess::start(
+        KAPPA.as_ref(),
+        &data,
+        &["--project", project, "--log-format", "json"],
+    )
+    .unwrap();
+    // A malformed record: the runner logs it.
+    let out = kappa(&data, &["produce", "events"], Some(b"{\"id\":\"x\"}\n"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(up.terminate().unwrap().success());
+    let log = std::fs::read_to_string(data.with_extension("stderr")).unwrap();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "kappa up logged nothing");
+    for line in lines {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(event["level"].is_string(), "{line}");
+        assert!(event["target"].is_string(), "{line}");
+        assert!(event["fields"].is_object(), "{line}");
+    }
+}
