@@ -154,6 +154,49 @@ impl Throughput {
 /// Input records committed per model (and per `bronze.<topic>`).
 pub static THROUGHPUT: Throughput = Throughput::new();
 
+/// Rows of landed commits that failed each row-level expectation, by (model, expectation).
+#[derive(Debug, Default)]
+pub struct ExpectationFailures {
+    counts: std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>,
+}
+
+impl ExpectationFailures {
+    pub const fn new() -> ExpectationFailures {
+        ExpectationFailures {
+            counts: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+        }
+    }
+
+    /// A commit of `model` landed with these failing rows per expectation.
+    pub fn add(&self, model: &str, failed: &std::collections::BTreeMap<String, u64>) {
+        if failed.is_empty() {
+            return;
+        }
+        if let Ok(mut counts) = self.counts.lock() {
+            for (expectation, rows) in failed {
+                *counts
+                    .entry((model.to_owned(), expectation.clone()))
+                    .or_default() += rows;
+            }
+        }
+    }
+
+    /// Every (model, expectation, rows), by model.
+    pub fn totals(&self) -> Vec<(String, String, u64)> {
+        self.counts
+            .lock()
+            .map(|c| {
+                c.iter()
+                    .map(|((m, e), n)| (m.clone(), e.clone(), *n))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Failing rows per model and expectation since the process started.
+pub static EXPECTATION_FAILURES: ExpectationFailures = ExpectationFailures::new();
+
 #[cfg(test)]
 mod tests {
     use super::*;

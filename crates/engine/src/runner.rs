@@ -737,6 +737,8 @@ pub async fn run_version(
     tracing::info!(model = %model_id, offsets = ?committed, "model starts");
     // Records of dimensions that do not fit their schema, until the commit that passes them.
     let mut dim_rejected: Vec<(String, Rejected)> = Vec::new();
+    // Rows of the commit being made that failed each row-level expectation.
+    let mut failed_rows: BTreeMap<String, u64> = BTreeMap::new();
     // The offsets the table records, and when it last did: progress over records that add
     // no rows (skipped, filtered out) is committed after a while, so the table's lag is true.
     let mut table_offsets = committed.clone();
@@ -986,6 +988,7 @@ pub async fn run_version(
                             EXPECTATIONS_PROPERTY.to_owned(),
                             serde_json::to_string(&checked.failures).unwrap_or_default(),
                         );
+                        failed_rows = checked.failures.clone();
                         for (name, count) in &checked.failures {
                             tracing::warn!(model = %model_id, expectation = %name, rows = count, "expectation failed");
                         }
@@ -1042,6 +1045,7 @@ pub async fn run_version(
             table_offsets = target.clone();
             last_commit = Instant::now();
             crate::metrics::THROUGHPUT.add(&model_id, &version, uncommitted as u64);
+            crate::metrics::EXPECTATION_FAILURES.add(&model_id, &std::mem::take(&mut failed_rows));
             uncommitted = 0;
             committed = target;
             dim_rejected.clear();

@@ -240,6 +240,22 @@ pub async fn render(state: &AppState) -> String {
             )
         }),
     );
+    let failed = kappa_engine::metrics::EXPECTATION_FAILURES.totals();
+    family(
+        &mut out,
+        "kappa_expectation_failed_rows_total",
+        "counter",
+        "Rows of landed commits that failed a row-level expectation, since the server started.",
+        failed.iter().map(|(model, expectation, n)| {
+            (
+                vec![
+                    ("model", model.as_str()),
+                    ("expectation", expectation.as_str()),
+                ],
+                *n,
+            )
+        }),
+    );
     kappa_engine::metrics::COMMIT_SECONDS.render(
         "kappa_commit_seconds",
         "How long commits to the Iceberg tables take.",

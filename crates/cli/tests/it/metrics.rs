@@ -42,6 +42,10 @@ fn metrics_parse_and_lag_moves() {
                 "SELECT customer_id FROM signups\n",
             ),
             (
+                "models/silver/names.toml",
+                "[[expect]]\nname = \"not_c1\"\nrow = \"customer_id <> 'c1'\"\nseverity = \"warn\"\n",
+            ),
+            (
                 "models/silver/phones.sql",
                 "SELECT customer_id, hash(phone) AS phone FROM signups\n",
             ),
@@ -113,6 +117,11 @@ fn metrics_parse_and_lag_moves() {
         samples
             .get("kappa_model_lag_seconds{model=silver.phones}")
             .is_none(),
+        "{samples}"
+    );
+    // The warned rows are counted (c1 is one of the ten).
+    assert_eq!(
+        samples["kappa_expectation_failed_rows_total{expectation=not_c1,model=silver.names}"], 1.0,
         "{samples}"
     );
     // Committed input records, per version: every record once.
