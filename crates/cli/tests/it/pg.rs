@@ -348,21 +348,11 @@ print(json.dumps(out))
 #[test]
 fn runaway_queries_are_stopped_while_other_sessions_answer() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("limits");
-    let data = write_project(
-        &dir,
-        &[
-            (
-                "kappa.toml",
-                "[project]\nname = \"limits\"\n\n[server]\nquery_timeout = \"6s\"\nquery_memory = \
+    let (dir, data) = numbers_project(
+        tmp.path(),
+        "limits",
+        "[project]\nname = \"limits\"\n\n[server]\nquery_timeout = \"6s\"\nquery_memory = \
                  \"32MiB\"\n",
-            ),
-            (
-                "topics/numbers.toml",
-                "partitions = 1\n\n[schema]\nn = \"bigint\"\n",
-            ),
-            ("models/silver/nums.sql", "SELECT n FROM numbers\n"),
-        ],
     );
     let project = dir.to_str().unwrap();
     let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
@@ -496,21 +486,11 @@ fn reqwest_text(url: &str) -> String {
 #[test]
 fn a_configured_password_is_asked_by_scram() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("locked");
-    let data = write_project(
-        &dir,
-        &[
-            (
-                "kappa.toml",
-                "[project]\nname = \"locked\"\n\n[server]\npg_user = \"bi\"\npg_password_env = \
+    let (dir, data) = numbers_project(
+        tmp.path(),
+        "locked",
+        "[project]\nname = \"locked\"\n\n[server]\npg_user = \"bi\"\npg_password_env = \
                  \"KAPPA_TEST_PG_PASSWORD\"\n",
-            ),
-            (
-                "topics/numbers.toml",
-                "partitions = 1\n\n[schema]\nn = \"bigint\"\n",
-            ),
-            ("models/silver/nums.sql", "SELECT n FROM numbers\n"),
-        ],
     );
     let project = dir.to_str().unwrap();
     // Without the variable, kappa up refuses to start and says which one.
@@ -595,18 +575,7 @@ print(json.dumps(out))
 #[test]
 fn tables_read_as_of_a_snapshot_or_a_time() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("travel");
-    let data = write_project(
-        &dir,
-        &[
-            ("kappa.toml", "[project]\nname = \"travel\"\n"),
-            (
-                "topics/numbers.toml",
-                "partitions = 1\n\n[schema]\nn = \"bigint\"\n",
-            ),
-            ("models/silver/nums.sql", "SELECT n FROM numbers\n"),
-        ],
-    );
+    let (dir, data) = numbers_project(tmp.path(), "travel", "[project]\nname = \"travel\"\n");
     let project = dir.to_str().unwrap();
     let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
     let produce = |from: u64, to: u64| {
@@ -667,4 +636,26 @@ fn tables_read_as_of_a_snapshot_or_a_time() {
     let (ok, _, err) = psql(&data, &["-c", "SELECT count(*) FROM silver.\"nums@42\""]);
     assert!(!ok && err.contains("no published snapshot 42"), "{err}");
     assert!(up.terminate().unwrap().success());
+}
+
+/// A project `name` under `root` with `kappa_toml`, a topic `numbers` ({"n": bigint}) and the
+/// model `silver.nums` reading it; the folder and its data directory.
+fn numbers_project(
+    root: &Path,
+    name: &str,
+    kappa_toml: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = root.join(name);
+    let data = write_project(
+        &dir,
+        &[
+            ("kappa.toml", kappa_toml),
+            (
+                "topics/numbers.toml",
+                "partitions = 1\n\n[schema]\nn = \"bigint\"\n",
+            ),
+            ("models/silver/nums.sql", "SELECT n FROM numbers\n"),
+        ],
+    );
+    (dir, data)
 }
