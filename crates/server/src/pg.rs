@@ -69,6 +69,7 @@ pub async fn serve(
     let live = Arc::new(LiveCatalog::default());
     let shared = Shared {
         ctx: Arc::new(session(live.clone())?),
+        live: live.clone(),
         limits,
         auth: auth.map(|a| Arc::new(Scram::new(a))),
         connections: Arc::new(ConnectionManager::new()),
@@ -244,16 +245,35 @@ async fn refresh_once(
 
 /// The `kappa` catalog as of the last refresh, plus pg_catalog. Read-only to clients: DDL
 /// (`DROP TABLE`, `CREATE TABLE`, `CREATE SCHEMA`) is refused, since every client shares it.
+///
+/// The endpoint's one follows the catalog; each connection has its own ([`LiveCatalog::pinned`])
+/// set to the endpoint's state as each query starts, so every table of one query is of one
+/// state of the catalog — all of a cutover or none of it — however long the query runs.
 #[derive(Debug, Default)]
 struct LiveCatalog {
     current: Arc<RwLock<Option<Arc<dyn CatalogProvider>>>>,
-    extra: RwLock<BTreeMap<String, Arc<dyn SchemaProvider>>>,
+    extra: Arc<RwLock<BTreeMap<String, Arc<dyn SchemaProvider>>>>,
 }
 
 impl LiveCatalog {
     fn set(&self, catalog: Arc<dyn CatalogProvider>) {
         if let Ok(mut current) = self.current.write() {
             *current = Some(catalog);
+        }
+    }
+
+    /// A connection's own: `self`'s state now, and the same pg_catalog.
+    fn pinned(&self) -> LiveCatalog {
+        LiveCatalog {
+            current: Arc::new(RwLock::new(self.current())),
+            extra: self.extra.clone(),
+        }
+    }
+
+    /// Takes `endpoint`'s state (as a query starts).
+    fn pin(&self, endpoint: &LiveCatalog) {
+        if let Some(catalog) = endpoint.current() {
+            self.set(catalog);
         }
     }
 
@@ -447,6 +467,8 @@ impl datafusion::catalog::TableProvider for LiveTable {
 /// queries cancel requests reach, the password, the counters.
 struct Shared {
     ctx: Arc<SessionContext>,
+    /// The catalog as the endpoint follows it.
+    live: Arc<LiveCatalog>,
     limits: QueryLimits,
     auth: Option<Arc<Scram>>,
     connections: Arc<ConnectionManager>,
@@ -476,11 +498,17 @@ struct Handlers {
 impl Handlers {
     fn for_connection(shared: &Shared) -> anyhow::Result<Handlers> {
         // Its own memory pool: a connection runs one query at a time, so the pool is the
-        // query's.
-        let ctx = Arc::new(crate::isolated::bounded(
-            &shared.ctx,
-            shared.limits.memory_bytes,
-        )?);
+        // query's. Its own `kappa` catalog, pinned as each query starts.
+        let bounded = crate::isolated::bounded(&shared.ctx, shared.limits.memory_bytes)?;
+        let pinned = Arc::new(shared.live.pinned());
+        let state = datafusion::execution::SessionStateBuilder::new_from_existing(bounded.state())
+            .with_catalog_list(Arc::new(
+                datafusion::catalog::MemoryCatalogProviderList::new(),
+            ))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
+        ctx.register_catalog(kappa_lakehouse::CATALOG_NAME, pinned.clone());
+        let ctx = Arc::new(ctx);
         let startup = match &shared.auth {
             None => Startup::Open(OpenStartup {
                 connections: shared.connections.clone(),
@@ -501,6 +529,8 @@ impl Handlers {
         Ok(Handlers {
             query: Arc::new(Limited {
                 inner: DfSessionService::new(ctx),
+                pinned,
+                live: shared.live.clone(),
                 limits: shared.limits,
                 running: shared.running.clone(),
                 metrics: shared.metrics.clone(),
@@ -602,6 +632,9 @@ impl CancelHandler for Canceller {
 /// memory pool — its memory. Each bound stops the query with an error naming it.
 struct Limited {
     inner: DfSessionService,
+    /// The connection's catalog, and the endpoint's it is pinned to as each query starts.
+    pinned: Arc<LiveCatalog>,
+    live: Arc<LiveCatalog>,
     limits: QueryLimits,
     running: Arc<Running>,
     metrics: Arc<crate::metrics::PgMetrics>,
@@ -623,6 +656,7 @@ impl Limited {
             Some(t) if t < self.limits.timeout => (t, true),
             _ => (self.limits.timeout, false),
         };
+        self.pinned.pin(&self.live);
         let cell = self.running.cell(client);
         let at_start = *cell.borrow();
         self.metrics.queries.fetch_add(1, Ordering::Relaxed);
@@ -861,7 +895,10 @@ impl ExtendedQueryHandler for Limited {
     type Statement = <DfSessionService as ExtendedQueryHandler>::Statement;
     type QueryParser = <DfSessionService as ExtendedQueryHandler>::QueryParser;
 
+    /// Asked for as a statement is parsed (planned), which is the start of a query too: the
+    /// connection's catalog is pinned to the endpoint's state first.
     fn query_parser(&self) -> Arc<Self::QueryParser> {
+        self.pinned.pin(&self.live);
         self.inner.query_parser()
     }
 
@@ -1023,5 +1060,71 @@ impl AuthSource for Scram {
             Some(user) => Err(PgWireError::InvalidPassword(user.to_owned())),
             None => Err(PgWireError::UserNameRequired),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::catalog::{MemTable, MemoryCatalogProvider, MemorySchemaProvider};
+
+    use super::*;
+
+    /// A catalog whose schema `gold` has tables `a` and `b`, each one row of `value`.
+    fn state(value: i64) -> Arc<dyn CatalogProvider> {
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new("v", arrow::datatypes::DataType::Int64, false),
+        ]));
+        let batch = arrow::array::RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from(vec![value]))],
+        )
+        .unwrap();
+        let layer = MemorySchemaProvider::new();
+        for name in ["a", "b"] {
+            let table = MemTable::try_new(schema.clone(), vec![vec![batch.clone()]]).unwrap();
+            layer.register_table(name.into(), Arc::new(table)).unwrap();
+        }
+        let catalog = MemoryCatalogProvider::new();
+        catalog.register_schema("gold", Arc::new(layer)).unwrap();
+        Arc::new(catalog)
+    }
+
+    /// A query planned on one state of the catalog reads that state in all its tables, though
+    /// the endpoint moves on (a cutover) before it runs; the connection's next query reads the
+    /// new state.
+    #[tokio::test]
+    async fn a_query_reads_one_catalog_state_in_all_its_tables() {
+        let endpoint = LiveCatalog::default();
+        endpoint.set(state(1));
+        let connection = Arc::new(endpoint.pinned());
+        let ctx = SessionContext::new();
+        ctx.register_catalog("kappa", connection.clone());
+        let sql = "SELECT a.v, b.v FROM kappa.gold.a a CROSS JOIN kappa.gold.b b";
+        let planned = ctx.sql(sql).await.unwrap();
+        // The cutover lands between the plan and the scans.
+        endpoint.set(state(2));
+        let rows = planned.collect().await.unwrap();
+        let values: Vec<i64> = (0..2)
+            .map(|c| {
+                rows[0]
+                    .column(c)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .value(0)
+            })
+            .collect();
+        assert_eq!(values, [1, 1]);
+        // The next query starts by pinning the endpoint's state.
+        connection.pin(&endpoint);
+        let rows = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+        let a = rows[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0);
+        assert_eq!(a, 2);
     }
 }
