@@ -963,6 +963,7 @@ pub async fn run_version(
             match checks.check(std::mem::take(pending)) {
                 Ok(checked) => {
                     *pending = checked.kept;
+                    failed_rows = checked.failures.clone();
                     if !checked.quarantined.is_empty() {
                         match lakehouse
                             .write_state(
@@ -988,7 +989,6 @@ pub async fn run_version(
                             EXPECTATIONS_PROPERTY.to_owned(),
                             serde_json::to_string(&checked.failures).unwrap_or_default(),
                         );
-                        failed_rows = checked.failures.clone();
                         for (name, count) in &checked.failures {
                             tracing::warn!(model = %model_id, expectation = %name, rows = count, "expectation failed");
                         }

@@ -67,7 +67,13 @@ pub(crate) async fn query(
         // A task of its own: one poll of DataFusion's streams can compute for seconds, and the
         // deadline must be answered meanwhile.
         let run = tokio::spawn(async move {
-            let frame = ctx.sql(&sql).await?;
+            // Read-only: no DDL, no DML (`COPY … TO` writes files), no `SET` of the engine's
+            // settings (the memory pool is the server's).
+            let options = datafusion::execution::context::SQLOptions::new()
+                .with_allow_ddl(false)
+                .with_allow_dml(false)
+                .with_allow_statements(false);
+            let frame = ctx.sql_with_options(&sql, options).await?;
             let schema = Arc::new(frame.schema().as_arrow().clone());
             let batches = frame.collect().await?;
             Ok::<_, datafusion::error::DataFusionError>((schema, batches))

@@ -753,21 +753,14 @@ impl Bounds {
     fn stream(&self, response: Response) -> Response {
         match response {
             Response::Query(mut query) => {
-                let mut rows =
+                let rows =
                     std::mem::replace(&mut query.data_rows, Box::pin(futures::stream::empty()));
-                let (tx, rx) = tokio::sync::mpsc::channel(ROWS_AHEAD);
-                let pump = tokio::spawn(async move {
-                    while let Some(row) = rows.next().await {
-                        if tx.send(row).await.is_err() {
-                            break;
-                        }
-                    }
-                });
                 query.data_rows = Box::pin(BoundedRows {
                     deadline: Box::pin(tokio::time::sleep_until(self.deadline)),
                     cancelled: self.cancelled(),
-                    rows: rx,
-                    pump: pump.abort_handle(),
+                    source: Some(rows),
+                    rows: None,
+                    pump: None,
                     done: false,
                     bounds: self.clone(),
                 });
@@ -778,6 +771,20 @@ impl Bounds {
     }
 }
 
+/// Computes `rows` into `tx`, then `None` to say they are all there (a channel closed without
+/// it means the computation failed).
+async fn pump(
+    mut rows: datafusion_postgres::pgwire::api::results::SendableRowStream,
+    tx: tokio::sync::mpsc::Sender<Option<PgWireResult<DataRow>>>,
+) {
+    while let Some(row) = rows.next().await {
+        if tx.send(Some(row)).await.is_err() {
+            return;
+        }
+    }
+    let _ = tx.send(None).await;
+}
+
 fn cancelled() -> PgWireError {
     PgWireError::UserError(Box::new(ErrorInfo::new(
         "ERROR".into(),
@@ -786,40 +793,102 @@ fn cancelled() -> PgWireError {
     )))
 }
 
-/// Refuses to change the engine's own settings (`SET datafusion.…`, `RESET …`): they include
-/// the memory pool and the spill directory, which are the server's (`kappa.toml`), not a
-/// client's. `SET statement_timeout` and the like pass.
+/// Refuses what a client may not do through the engine: change its settings (`SET` or `RESET`
+/// of `datafusion.…` — they include the memory pool and the spill directory, which are the
+/// server's) and write files (`COPY … TO`). Read on the text with quotes and comments removed,
+/// statement by statement, so that `SET "datafusion".runtime…` or a statement after one the
+/// parser does not know cannot slip by. `SET statement_timeout` and the like pass.
 fn refuse_engine_settings(query: &str) -> PgWireResult<()> {
-    use datafusion::sql::sqlparser::{dialect::PostgreSqlDialect, parser::Parser};
-    let Ok(statements) = Parser::parse_sql(&PostgreSqlDialect {}, query) else {
-        // The engine's parser reports it.
-        return Ok(());
-    };
-    for statement in statements {
-        let text = statement.to_string().to_ascii_lowercase();
-        if (text.starts_with("set ") || text.starts_with("reset ")) && text.contains("datafusion.")
-        {
+    for statement in normalized_statements(query) {
+        let words: Vec<&str> = statement.split_whitespace().collect();
+        let setting = match words.as_slice() {
+            ["set" | "reset", "session" | "local", rest @ ..] | ["set" | "reset", rest @ ..] => {
+                // The name up to `=` or `to`, its parts joined as the engine joins them.
+                let name: String = rest
+                    .iter()
+                    .take_while(|w| **w != "to" && !w.starts_with('='))
+                    .flat_map(|w| w.split('='))
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                Some(name)
+            }
+            _ => None,
+        };
+        let refused = match (setting, words.first()) {
+            (Some(name), _) if name.starts_with("datafusion") => Some(
+                "the engine's settings are the server's (the per-query limits are [server] \
+                 query_timeout and query_memory in kappa.toml)",
+            ),
+            (_, Some(&"copy")) => Some("the endpoint is read-only: COPY is refused"),
+            _ => None,
+        };
+        if let Some(why) = refused {
             return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
                 "ERROR".into(),
                 "42501".into(),
-                format!(
-                    "`{statement}`: the engine's settings are the server's (the per-query limits \
-                     are [server] query_timeout and query_memory in kappa.toml)"
-                ),
+                format!("`{statement}`: {why}"),
             ))));
         }
     }
     Ok(())
 }
 
+/// The statements of `query`, lowercased, without comments and double quotes, and with the
+/// spaces around dots removed (`datafusion . runtime` is one name); split at semicolons.
+fn normalized_statements(query: &str) -> Vec<String> {
+    let mut text = String::with_capacity(query.len());
+    let mut chars = query.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, chars.peek()) {
+            ('-', Some('-')) => {
+                // A line comment.
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        break;
+                    }
+                }
+                text.push(' ');
+            }
+            ('/', Some('*')) => {
+                chars.next();
+                let mut last = ' ';
+                for c in chars.by_ref() {
+                    if last == '*' && c == '/' {
+                        break;
+                    }
+                    last = c;
+                }
+                text.push(' ');
+            }
+            ('"', _) => {}
+            _ => text.extend(c.to_lowercase()),
+        }
+    }
+    let mut joined = String::with_capacity(text.len());
+    for word in text.split_whitespace() {
+        if !joined.is_empty() && !joined.ends_with('.') && !word.starts_with('.') {
+            joined.push(' ');
+        }
+        joined.push_str(word);
+    }
+    joined
+        .split(';')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
 /// Rows computed ahead of the client.
 const ROWS_AHEAD: usize = 256;
 
 /// A query's rows, ended by an error when its deadline passes or a cancel request comes; the
-/// task computing them is stopped when they are dropped.
+/// task computing them starts when they are first asked for (the statements of one query
+/// string run one after the other) and is stopped when they stop or are dropped.
 struct BoundedRows {
-    rows: tokio::sync::mpsc::Receiver<PgWireResult<DataRow>>,
-    pump: tokio::task::AbortHandle,
+    source: Option<datafusion_postgres::pgwire::api::results::SendableRowStream>,
+    rows: Option<tokio::sync::mpsc::Receiver<Option<PgWireResult<DataRow>>>>,
+    pump: Option<tokio::task::AbortHandle>,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
     cancelled: Stop,
     bounds: Bounds,
@@ -847,27 +916,59 @@ impl futures::Stream for BoundedRows {
         };
         let next = match stopped {
             Some(error) => Poll::Ready(Some(Err(error))),
-            None => this.rows.poll_recv(cx),
+            None => {
+                if let Some(source) = this.source.take() {
+                    let (tx, rx) = tokio::sync::mpsc::channel(ROWS_AHEAD);
+                    this.pump = Some(tokio::spawn(pump(source, tx)).abort_handle());
+                    this.rows = Some(rx);
+                }
+                match this.rows.as_mut().map(|rows| rows.poll_recv(cx)) {
+                    Some(Poll::Ready(Some(Some(row)))) => Poll::Ready(Some(row)),
+                    Some(Poll::Ready(Some(None))) => Poll::Ready(None),
+                    Some(Poll::Ready(None)) | None => {
+                        Poll::Ready(Some(Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+                            "ERROR".into(),
+                            "XX000".into(),
+                            "the query's computation ended before its last row (see the server's \
+                             log)"
+                                .into(),
+                        ))))))
+                    }
+                    Some(Poll::Pending) => Poll::Pending,
+                }
+            }
         };
         match &next {
             Poll::Ready(Some(Err(_))) => {
-                this.done = true;
+                this.stop();
                 this.bounds
                     .timer
                     .metrics
                     .errors
                     .fetch_add(1, Ordering::Relaxed);
             }
-            Poll::Ready(None) => this.done = true,
+            Poll::Ready(None) => this.stop(),
             _ => {}
         }
         next
     }
 }
 
+impl BoundedRows {
+    /// No more rows: the computation stops, its memory is given back.
+    fn stop(&mut self) {
+        self.done = true;
+        if let Some(pump) = self.pump.take() {
+            pump.abort();
+        }
+        self.rows = None;
+        self.source = None;
+    }
+}
+
 impl Drop for BoundedRows {
     fn drop(&mut self) {
-        self.pump.abort();
+        self.stop();
     }
 }
 
@@ -1088,6 +1189,38 @@ mod tests {
         let catalog = MemoryCatalogProvider::new();
         catalog.register_schema("gold", Arc::new(layer)).unwrap();
         Arc::new(catalog)
+    }
+
+    /// The engine's settings and file writes are refused however they are spelled; the
+    /// session's own settings and queries that merely mention the word pass.
+    #[test]
+    fn engine_settings_and_copy_are_refused_however_spelled() {
+        for refused in [
+            "SET datafusion.runtime.memory_limit = '1T'",
+            "SET \"datafusion\".runtime.memory_limit='100G'",
+            "RESET \"datafusion\".runtime.memory_limit",
+            "ABORT; SET datafusion.runtime.memory_limit='1T'",
+            "/* hi */ set datafusion . runtime.temp_directory = '/x'",
+            "-- note\nSET SESSION datafusion.execution.target_partitions TO 64",
+            "COPY (SELECT 1) TO '/tmp/x.csv'",
+        ] {
+            let refused_as = refuse_engine_settings(refused).unwrap_err().to_string();
+            assert!(
+                refused_as.contains("42501")
+                    || refused_as.contains("refused")
+                    || refused_as.contains("server's"),
+                "{refused}: {refused_as}"
+            );
+        }
+        for passes in [
+            "SET statement_timeout = '5s'",
+            "SET application_name = 'datafusion.x'",
+            "SET application_name TO 'datafusion.x'",
+            "SELECT 'datafusion.runtime' AS x",
+            "SELECT count(*) FROM silver.orders",
+        ] {
+            assert!(refuse_engine_settings(passes).is_ok(), "{passes}");
+        }
     }
 
     /// A query planned on one state of the catalog reads that state in all its tables, though

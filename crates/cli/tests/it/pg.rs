@@ -452,6 +452,16 @@ fn runaway_queries_are_stopped_while_other_sessions_answer() {
             .contains("query_memory"),
         "{memory_body}"
     );
+    // Read-only: no file is written, no setting changed.
+    let copy_to = tmp.path().join("out.csv");
+    for sql in [
+        format!("COPY (SELECT 1) TO '{}'", copy_to.display()),
+        "SET datafusion.runtime.memory_limit = '1T'".to_owned(),
+    ] {
+        let (status, body) = runtime.block_on(post(&sql));
+        assert_eq!(status, 400, "{sql}: {body}");
+    }
+    assert!(!copy_to.exists());
     let ((status, answer), took) = simple;
     assert_eq!(
         (status, &answer["rows"][0][0]),
