@@ -136,42 +136,18 @@ impl ServerConfig {
     pub fn resolve(overrides: &Overrides) -> anyhow::Result<ServerConfig> {
         let project = project_dir(overrides.project.as_deref())?;
         let file = read_project_file(&project)?;
-        let configured = file
-            .server
-            .http
-            .as_deref()
-            .map(|a| {
-                a.parse::<SocketAddr>().with_context(|| {
-                    format!(
-                        "{PROJECT_FILE}: [server] http `{a}` is not an address like 127.0.0.1:7878"
-                    )
-                })
-            })
-            .transpose()?;
-        let http_addr = match overrides.http_addr.or(configured) {
-            Some(addr) => addr,
-            None => HTTP_ADDR_DEFAULT
-                .parse()
-                .context("parse the default HTTP address")?,
-        };
-        let configured_pg = file
-            .server
-            .pg
-            .as_deref()
-            .map(|a| {
-                a.parse::<SocketAddr>().with_context(|| {
-                    format!(
-                        "{PROJECT_FILE}: [server] pg `{a}` is not an address like 127.0.0.1:5433"
-                    )
-                })
-            })
-            .transpose()?;
-        let pg_addr = match overrides.pg_addr.or(configured_pg) {
-            Some(addr) => addr,
-            None => PG_ADDR_DEFAULT
-                .parse()
-                .context("parse the default Postgres address")?,
-        };
+        let http_addr = address(
+            overrides.http_addr,
+            file.server.http.as_deref(),
+            "http",
+            HTTP_ADDR_DEFAULT,
+        )?;
+        let pg_addr = address(
+            overrides.pg_addr,
+            file.server.pg.as_deref(),
+            "pg",
+            PG_ADDR_DEFAULT,
+        )?;
         let pg_auth = pg_auth(&file.server)?;
         anyhow::ensure!(
             pg_addr.ip().is_loopback() || pg_auth.is_some(),
@@ -220,6 +196,26 @@ impl ServerConfig {
     /// Where the log keeps its topics.
     pub fn log_dir(&self) -> PathBuf {
         log_dir(&self.data_dir)
+    }
+}
+
+/// An address: the flag's, else `[server] KEY` of the project file, else `default`. A
+/// malformed one in the file is an error even when the flag overrides it.
+fn address(
+    flag: Option<SocketAddr>,
+    configured: Option<&str>,
+    key: &str,
+    default: &str,
+) -> anyhow::Result<SocketAddr> {
+    let parse = |text: &str| {
+        text.parse::<SocketAddr>().with_context(|| {
+            format!("{PROJECT_FILE}: [server] {key} `{text}` is not an address like {default}")
+        })
+    };
+    let configured = configured.map(parse).transpose()?;
+    match flag.or(configured) {
+        Some(addr) => Ok(addr),
+        None => parse(default),
     }
 }
 

@@ -236,27 +236,27 @@ async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError
 async fn deployment(
     State(state): State<Arc<AppState>>,
 ) -> Result<Json<kappa_pipeline::deploy::Deployment>, ApiError> {
-    Ok(Json(recorded_deployment(&state).await?))
+    Ok(Json(recorded_deployment(&state).map_err(storage_error)?))
 }
 
 /// What the data directory records as deployed (empty before the first deploy).
-async fn recorded_deployment(
-    state: &AppState,
-) -> Result<kappa_pipeline::deploy::Deployment, ApiError> {
-    let recorded = crate::deployment::load(&state.data_dir).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "storage_error",
-            format!("{e:#}"),
-        )
-    })?;
-    Ok(recorded.unwrap_or_default())
+fn recorded_deployment(state: &AppState) -> anyhow::Result<kappa_pipeline::deploy::Deployment> {
+    Ok(crate::deployment::load(&state.data_dir)?.unwrap_or_default())
+}
+
+/// A failure to read the data directory, as the API answers it.
+fn storage_error(e: anyhow::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "storage_error",
+        format!("{e:#}"),
+    )
 }
 
 /// `GET /v1/deployments`: what serves, what it replaced (kept for rollback), the deploy in
 /// progress and every version known.
 async fn deployments(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let recorded = recorded_deployment(&state).await?;
+    let recorded = recorded_deployment(&state).map_err(storage_error)?;
     let summary = |role: &str, d: &kappa_pipeline::deploy::Deployment| {
         serde_json::json!({
             "role": role,

@@ -33,7 +33,7 @@ pub struct ModelNode {
     pub name: String,
     /// As configured (`append`, `upsert`, `scd1`, `scd2`); absent: chosen from the SQL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub materialization: Option<String>,
+    pub materialization: Option<kappa_pipeline::Materialization>,
     pub version: String,
     /// What it reads: `{"kind": "topic" | "model", "name": …}`.
     pub inputs: Vec<InputRef>,
@@ -94,11 +94,7 @@ pub async fn models(
             model: id.clone(),
             layer: model.layer.clone(),
             name: model.name.clone(),
-            materialization: model.config.materialization.and_then(|m| {
-                serde_json::to_value(m)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-            }),
+            materialization: model.config.materialization,
             version: kappa_engine::runner::model_version(project, id),
             inputs: model
                 .inputs

@@ -407,10 +407,7 @@ fn runaway_queries_are_stopped_while_other_sessions_answer() {
 
     // POST /v1/sql (the UI's query box) is bounded alike, while a simple query answers.
     let base = file["http"].as_str().unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
     let http = reqwest::Client::new();
     let post = |sql: &str| {
         let request = http
@@ -483,9 +480,7 @@ fn runaway_queries_are_stopped_while_other_sessions_answer() {
 
 /// A GET's body as text.
 fn reqwest_text(url: &str) -> String {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() })
 }

@@ -50,10 +50,7 @@ impl Browser {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("{CHROMEDRIVER} (Debian's chromium-driver): {e}"));
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
         let profile = tempfile::tempdir().unwrap();
         let mut browser = Browser {
             driver,
@@ -466,10 +463,7 @@ fn the_web_ui_shows_the_pipeline_runs_queries_and_follows_a_replay() {
 /// The API the page is built on: the graph, the deployments, and SQL as JSON and as an Arrow
 /// IPC stream that arrow-rs reads back to the same values.
 fn api_answers_in_json_and_arrow(base: &str) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
     let http = reqwest::Client::new();
     let get = |path: &str| -> Value {
         runtime.block_on(async {
