@@ -83,6 +83,8 @@ struct Counts {
     added_records: u64,
     deleted_files: u64,
     deleted_records: u64,
+    added_bytes: u64,
+    removed_bytes: u64,
 }
 
 impl Lakehouse {
@@ -251,6 +253,7 @@ impl Lakehouse {
             if remove.contains(&path) || compacted.contains(&path) {
                 counts.deleted_files += 1;
                 counts.deleted_records += kept.file.record_count();
+                counts.removed_bytes += kept.file.file_size_in_bytes();
                 writer
                     .add_delete_file(kept.file, kept.data_sequence, kept.file_sequence)
                     .doing(|| format!("mark a file of {ident} deleted"))?;
@@ -277,6 +280,7 @@ impl Lakehouse {
             }
             counts.added_files += 1;
             counts.added_records += file.record_count();
+            counts.added_bytes += file.file_size_in_bytes();
             writer
                 .add_file(file, data_sequence)
                 .doing(|| format!("add a file to {ident}"))?;
@@ -316,6 +320,8 @@ impl Lakehouse {
             .saturating_sub(counts.deleted_files);
         let total_records = (previous("total-records") + counts.added_records)
             .saturating_sub(counts.deleted_records);
+        let total_bytes = (previous("total-files-size") + counts.added_bytes)
+            .saturating_sub(counts.removed_bytes);
         let mut summary = properties;
         for (key, value) in [
             ("added-data-files", counts.added_files),
@@ -324,6 +330,9 @@ impl Lakehouse {
             ("deleted-records", counts.deleted_records),
             ("total-data-files", total_files),
             ("total-records", total_records),
+            ("added-files-size", counts.added_bytes),
+            ("removed-files-size", counts.removed_bytes),
+            ("total-files-size", total_bytes),
         ] {
             summary.insert(key.to_owned(), value.to_string());
         }
@@ -546,34 +555,20 @@ impl Lakehouse {
                 }
             }
         }
-        let now = std::time::SystemTime::now();
-        let mut removed = 0;
-        let mut pending = vec![root];
-        while let Some(dir) = pending.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                let path = entry.path();
-                let Ok(meta) = entry.metadata() else { continue };
-                if meta.is_dir() {
-                    pending.push(path);
-                    continue;
-                }
-                let text = path.to_string_lossy().into_owned();
-                let old = meta
-                    .modified()
-                    .ok()
-                    .and_then(|m| now.duration_since(m).ok())
-                    .is_some_and(|age| age >= grace);
-                let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-                let named = file_name.is_some_and(|n| summaries.contains(&n));
-                if old && !used.contains(&text) && !named && std::fs::remove_file(&path).is_ok() {
-                    removed += 1;
-                }
-            }
-        }
-        Ok(removed)
+        // The file names the summaries name (state files), as whole names: a file whose name
+        // merely contains a named one's is not kept for it.
+        let named: BTreeSet<String> = summaries
+            .split(|c: char| {
+                c.is_whitespace()
+                    || matches!(c, '"' | '\'' | ',' | ':' | '{' | '}' | '[' | ']' | '/')
+            })
+            .filter(|token| !token.is_empty())
+            .map(str::to_owned)
+            .collect();
+        // The walk and the removals are blocking file system calls: off the async threads.
+        tokio::task::spawn_blocking(move || remove_unused(root, &used, &named, grace))
+            .await
+            .map_err(|e| LakehouseError::Catalog(format!("join the orphan removal: {e}")))
     }
 
     /// A snapshot id not used in `table`, positive as the spec asks.
@@ -792,4 +787,76 @@ fn chrono_now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Removes every file below `root` older than `grace` that is neither in `used` (full paths)
+/// nor named in `named` (file names); how many it removed.
+fn remove_unused(
+    root: std::path::PathBuf,
+    used: &BTreeSet<String>,
+    named: &BTreeSet<String>,
+    grace: std::time::Duration,
+) -> usize {
+    let now = std::time::SystemTime::now();
+    let mut removed = 0;
+    let mut pending = vec![root];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let text = path.to_string_lossy().into_owned();
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .is_some_and(|age| age >= grace);
+            let is_named = path
+                .file_name()
+                .is_some_and(|n| named.contains(n.to_string_lossy().as_ref()));
+            if old && !used.contains(&text) && !is_named && std::fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file is kept for a summary's mention only by its whole name: `b0-state.arrow` named
+    /// keeps that file, not `xb0-state.arrow` (kept by a substring match before).
+    #[test]
+    fn orphans_are_kept_by_whole_names_only() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let root = dir.path().join("table");
+        std::fs::create_dir_all(root.join("state")).expect("folders");
+        for name in [
+            "b0-state.arrow",
+            "xb0-state.arrow",
+            "data.parquet",
+            "used.parquet",
+        ] {
+            std::fs::write(root.join("state").join(name), b"x").expect("a file");
+        }
+        let used = BTreeSet::from([root.join("state/used.parquet").display().to_string()]);
+        let named = BTreeSet::from(["b0-state.arrow".to_owned()]);
+        let removed = remove_unused(root.clone(), &used, &named, std::time::Duration::ZERO);
+        assert_eq!(removed, 2);
+        let mut left: Vec<String> = std::fs::read_dir(root.join("state"))
+            .expect("the folder")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["b0-state.arrow", "used.parquet"]);
+    }
 }

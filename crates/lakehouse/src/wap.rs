@@ -158,6 +158,9 @@ impl Lakehouse {
             "deleted-records",
             "total-data-files",
             "total-records",
+            "added-files-size",
+            "removed-files-size",
+            "total-files-size",
         ] {
             properties.remove(key);
         }

@@ -83,6 +83,7 @@ async fn overwrites_replace_files_for_every_reader() {
         .await
         .unwrap();
     let north_path = north[0].file_path().to_owned();
+    let south_bytes = south[0].file_size_in_bytes();
     let first = lakehouse
         .overwrite(
             &table,
@@ -98,6 +99,7 @@ async fn overwrites_replace_files_for_every_reader() {
         .write_data_files(&first, &[batch(&["north", "east"], &[3, 7])], "b0-")
         .await
         .unwrap();
+    let north2_bytes = north2[0].file_size_in_bytes();
     let second = lakehouse
         .overwrite(
             &first,
@@ -137,6 +139,20 @@ async fn overwrites_replace_files_for_every_reader() {
         .write_data_files(&third, &[batch(&["west"], &[2])], "")
         .await
         .unwrap();
+    let west_bytes = west[0].file_size_in_bytes();
+    // Data files are written with zstd.
+    let west_path = west[0].file_path().trim_start_matches("file://").to_owned();
+    let reader =
+        parquet::file::reader::SerializedFileReader::new(std::fs::File::open(&west_path).unwrap())
+            .unwrap();
+    let row_group = parquet::file::reader::FileReader::metadata(&reader).row_group(0);
+    for column in row_group.columns() {
+        assert!(
+            matches!(column.compression(), parquet::basic::Compression::ZSTD(_)),
+            "{:?}",
+            column.compression()
+        );
+    }
     let fourth = lakehouse
         .append_files(
             &third,
@@ -153,6 +169,11 @@ async fn overwrites_replace_files_for_every_reader() {
         .additional_properties;
     assert_eq!(summary["total-records"], "4");
     assert_eq!(summary["total-data-files"], "3");
+    // The bytes of what the table holds now: the rewritten north, south and west.
+    assert_eq!(
+        summary["total-files-size"],
+        (north2_bytes + south_bytes + west_bytes).to_string()
+    );
     let second = fourth;
 
     // State files round-trip.
