@@ -16,18 +16,20 @@ use std::time::{Duration, Instant};
 use arrow::array::RecordBatch;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use futures::FutureExt;
 use kappa_lakehouse::{Lakehouse, table_ident};
-use kappa_log::{Log, PartitionReader, Record, StartAt, Topic};
+use kappa_log::{Log, Record, StartAt, Topic};
 use kappa_pipeline::Project;
 
-use crate::decode::{Decoder, Raw, Rejected};
+use crate::decode::{Decoder, Rejected};
 use crate::dedup::Dedup;
 use crate::dimension::Dimension;
 use crate::grouped::GroupedModel;
 use crate::plan::{Shape, plan_model};
+use crate::source::{Source, SourceError};
 use crate::stateless::StatelessModel;
 use crate::stream_join::StreamJoin;
+use crate::topic_source::TopicSource;
+pub(crate) use crate::topic_source::{collect_records, read_some};
 use crate::watermark::{WATERMARKS_PROPERTY, Watermarks};
 use crate::windowed::WindowedModel;
 
@@ -88,6 +90,9 @@ pub enum RunnerError {
         #[source]
         source: datafusion::error::DataFusionError,
     },
+    /// One of its sources cannot be read.
+    #[error("model {model}: {reason}")]
+    Source { model: String, reason: String },
     /// A commit failed its audit: it waits on the table's audit branch, main untouched,
     /// until someone publishes or discards it.
     #[error("model {model}: quarantined: {reason}")]
@@ -281,8 +286,8 @@ pub(crate) enum Compute {
     Dimension(Box<crate::scd::ScdModel>),
 }
 
-/// A model ready to run: its source topics, an optional dedup or join stage, and its
-/// computation.
+/// A model planned over its topics: the stream topics, an optional dedup or join stage, and
+/// its computation.
 struct Planned {
     /// The stream topics it reads (two when it joins them, the left side first), each with its
     /// event time.
@@ -291,6 +296,123 @@ struct Planned {
     compute: Compute,
     dedup: Option<Dedup>,
     join: Option<StreamJoin>,
+}
+
+/// A model ready to run: what it reads, its lookups, its stages and its computation.
+struct Ready {
+    sources: Vec<Box<dyn Source>>,
+    dimensions: Vec<(String, Arc<crate::dimension::DimensionTable>)>,
+    compute: Compute,
+    dedup: Option<Dedup>,
+    join: Option<StreamJoin>,
+}
+
+/// A planning error as the runner reports it: a shape that cannot run incrementally is
+/// `Unsupported`, the rest a planning error.
+fn planning_error(model_id: &str, error: datafusion::error::DataFusionError) -> RunnerError {
+    match error {
+        datafusion::error::DataFusionError::NotImplemented(reason) => RunnerError::Unsupported {
+            model: model_id.to_owned(),
+            reason,
+        },
+        source => RunnerError::Plan {
+            model: model_id.to_owned(),
+            source,
+        },
+    }
+}
+
+/// `model_id` planned over its stream topics, each read from the log.
+async fn over_topics(log: &Log, project: &Project, model_id: &str) -> Result<Ready, RunnerError> {
+    let Planned {
+        sources: source_plans,
+        dimensions,
+        compute,
+        dedup,
+        join,
+    } = Compute::plan(project, model_id)
+        .await
+        .map_err(|e| planning_error(model_id, e))?;
+    let needs_event_time = compute.uses_event_time() || dedup.is_some() || join.is_some();
+    let mut sources: Vec<Box<dyn Source>> = Vec::with_capacity(source_plans.len());
+    for (name, event_time) in source_plans {
+        let topic = log.topic(&name).map_err(|source| RunnerError::Log {
+            model: model_id.to_owned(),
+            source,
+        })?;
+        // Late records are reported by the model that declares the event time, if it uses
+        // it; otherwise by each model that does.
+        let reports_late = match &event_time {
+            Some(et) if et.declared_by != model_id => !plan_model(project, &et.declared_by)
+                .await
+                .is_ok_and(|p| p.uses_event_time()),
+            _ => true,
+        };
+        // Event time at the source: late records set aside, the watermark advanced.
+        let marks = match (&event_time, needs_event_time) {
+            (Some(et), true) => Some(Watermarks::new(
+                &et.column,
+                et.index,
+                et.delay_ms,
+                topic.partition_count(),
+            )),
+            _ => None,
+        };
+        sources.push(Box::new(TopicSource {
+            decoder: Decoder::new(&project.topics[&name]),
+            // A record that does not fit its topic's schema is reported once, by one model.
+            reports_rejects: rejects_reporter(project, &name).as_deref() == Some(model_id),
+            reports_late,
+            marks,
+            readers: Vec::new(),
+            topic,
+            name,
+        }));
+    }
+    Ok(Ready {
+        sources,
+        dimensions,
+        compute,
+        dedup,
+        join,
+    })
+}
+
+/// `model_id` planned over the table its upstream `upstream_id` published.
+async fn over_table(
+    log: &Log,
+    lakehouse: &Lakehouse,
+    project: &Project,
+    model_id: &str,
+    upstream_id: &str,
+) -> Result<Ready, RunnerError> {
+    let (planned, _) = crate::plan::plan_over_upstream(project, model_id)
+        .await
+        .map_err(|e| planning_error(model_id, e))?;
+    let source = crate::upstream::TableSource::new(
+        log,
+        lakehouse,
+        project,
+        model_id,
+        upstream_id,
+        datafusion::datasource::TableProvider::schema(planned.slot.as_ref()),
+        planned.upstream_marks.as_ref(),
+    )?;
+    let compute = Compute::new(
+        planned.shape,
+        planned.ctx,
+        planned.slot,
+        planned.plan,
+        planned.event_time,
+    )
+    .map_err(|e| planning_error(model_id, e))?;
+    Ok(Ready {
+        sources: vec![Box::new(source)],
+        dimensions: planned.dimensions,
+        compute,
+        dedup: None,
+        join: None,
+    })
 }
 
 impl Compute {
@@ -545,76 +667,17 @@ pub async fn run_version(
     publish_if_new: bool,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), RunnerError> {
-    if let Some(upstream) = project.reads_tables.get(&model_id) {
-        return crate::upstream::run_over_upstream(
-            log,
-            lakehouse,
-            project.clone(),
-            model_id.clone(),
-            upstream.clone(),
-            publish_if_new,
-            stop,
-        )
-        .await;
-    }
     let err_model = || model_id.clone();
-    let Planned {
-        sources: source_plans,
+    let Ready {
+        mut sources,
         dimensions,
         mut compute,
         mut dedup,
         mut join,
-    } = match Compute::plan(&project, &model_id).await {
-        Ok(planned) => planned,
-        Err(datafusion::error::DataFusionError::NotImplemented(reason)) => {
-            return Err(RunnerError::Unsupported {
-                model: model_id,
-                reason,
-            });
-        }
-        Err(source) => {
-            return Err(RunnerError::Plan {
-                model: err_model(),
-                source,
-            });
-        }
+    } = match project.reads_tables.get(&model_id) {
+        Some(upstream) => over_table(&log, &lakehouse, &project, &model_id, upstream).await?,
+        None => over_topics(&log, &project, &model_id).await?,
     };
-    let needs_event_time = compute.uses_event_time() || dedup.is_some() || join.is_some();
-    let mut sources = Vec::with_capacity(source_plans.len());
-    for (name, event_time) in source_plans {
-        let topic = log.topic(&name).map_err(|source| RunnerError::Log {
-            model: err_model(),
-            source,
-        })?;
-        // Late records are reported by the model that declares the event time, if it uses
-        // it; otherwise by each model that does.
-        let reports_late = match &event_time {
-            Some(et) if et.declared_by != model_id => !plan_model(&project, &et.declared_by)
-                .await
-                .is_ok_and(|p| p.uses_event_time()),
-            _ => true,
-        };
-        // Event time at the source: late records set aside, the watermark advanced.
-        let marks = match (&event_time, needs_event_time) {
-            (Some(et), true) => Some(Watermarks::new(
-                &et.column,
-                et.index,
-                et.delay_ms,
-                topic.partition_count(),
-            )),
-            _ => None,
-        };
-        sources.push(Source {
-            decoder: Decoder::new(&project.topics[&name]),
-            // A record that does not fit its topic's schema is reported once, by one model.
-            reports_rejects: rejects_reporter(&project, &name).as_deref() == Some(&model_id),
-            reports_late,
-            marks,
-            readers: Vec::new(),
-            topic,
-            name,
-        });
-    }
     let mut dims = open_dimensions(&log, &project, &model_id, dimensions).await?;
     let dead_letters = dead_letter_topic(&log).map_err(|source| RunnerError::Log {
         model: err_model(),
@@ -644,6 +707,9 @@ pub async fn run_version(
         .map_err(lake_err)?;
     restore_marks(&mut sources, properties.as_ref())
         .map_err(|reason| lake_err(kappa_lakehouse::LakehouseError::Query(reason)))?;
+    for source in &mut sources {
+        source.restore(properties.as_ref());
+    }
     if let Some(dedup) = &mut dedup {
         dedup
             .restore(&lakehouse, &table, properties.as_ref())
@@ -724,14 +790,17 @@ pub async fn run_version(
         .and_then(|p| p.get(DEAD_LETTERS_PROPERTY))
         .and_then(|o| o.parse::<u64>().ok())
         .unwrap_or(0);
-    let mut already_dead = dead_letters_after(&dead_letters, dead_letters_from, &model_id);
+    let mut already_dead = dead_letters_after(&dead_letters, dead_letters_from, &model_id)
+        .map_err(|source| RunnerError::Log {
+            model: err_model(),
+            source,
+        })?;
     for source in &mut sources {
-        source
-            .rewind(&committed)
-            .map_err(|source| RunnerError::Log {
-                model: err_model(),
-                source,
-            })?;
+        source.rewind(&committed).map_err(|e| RunnerError::Source {
+            model: err_model(),
+            reason: e.to_string(),
+        })?;
+        source.landed(&committed);
     }
     reset_dimensions(&mut dims, &committed, &model_id).await;
     tracing::info!(model = %model_id, offsets = ?committed, "model starts");
@@ -751,6 +820,8 @@ pub async fn run_version(
     let mut far_behind = true;
     // Input records read since the last commit.
     let mut uncommitted = 0usize;
+    // The sources' watermarks after the last read.
+    let mut last_watermarks: Vec<Option<i64>> = Vec::new();
 
     // After a failure: the state back to the last commit, the readers and dimensions back to
     // its offsets, and a pause before reading again.
@@ -823,50 +894,71 @@ pub async fn run_version(
             }
         }
         // Take what is there, up to a commit's worth; while live, wait a little for more.
-        let reads: Vec<Read> = sources
-            .iter_mut()
-            .map(|s| read_some(s.topic.partitions(), &mut s.readers, share, READ_BYTES))
-            .collect();
-        let records: usize = reads.iter().map(|r| r.records).sum();
-        far_behind = reads.iter().any(|r| r.records >= share);
+        let mut taken = Vec::with_capacity(sources.len());
+        let mut read_failed = None;
+        for source in &mut sources {
+            match source.read(share).await {
+                Ok(t) => taken.push(t),
+                Err(e) => {
+                    read_failed = Some(e);
+                    break;
+                }
+            }
+        }
+        match read_failed {
+            None => {}
+            Some(SourceError::Read(e)) => {
+                tracing::error!(model = %model_id, error = %e, "reading failed; retrying");
+                start_over!();
+                continue;
+            }
+            Some(SourceError::Restart(why)) => {
+                // What it read is gone: its table is rebuilt from the start of its sources.
+                tracing::warn!(model = %model_id, %why, "rebuilding the model's table from the start");
+                table = lakehouse
+                    .replace_table(&ident, &output_schema, &model.config.partition_by)
+                    .await
+                    .map_err(lake_err)?;
+                start_over!();
+                continue;
+            }
+        }
+        let records: usize = taken.iter().map(|t| t.records).sum();
+        far_behind = taken.iter().any(|t| t.full);
         let mut target = committed.clone();
-        for (source, Read { next, .. }) in sources.iter().zip(&reads) {
-            target.insert(source.name.clone(), next.clone());
+        for source in &sources {
+            target.insert(source.key().to_owned(), source.position());
         }
         let progress_due = target != table_offsets
             && last_commit.elapsed() >= Duration::from_millis(PROGRESS_COMMIT_INTERVAL_MS);
         if records == 0 && !progress_due {
             recovered(&lakehouse, &ident);
-            wait_for_records(&sources, &mut stop).await;
+            crate::source::wait_for_more(
+                &sources,
+                &mut stop,
+                Duration::from_millis(LIVE_COMMIT_INTERVAL_MS),
+            )
+            .await;
             continue;
         }
         let started = Instant::now();
         let mut rejected: Vec<(String, Rejected)> = Vec::new();
         let mut kept = Vec::with_capacity(sources.len());
         let mut watermarks = Vec::with_capacity(sources.len());
-        let mut failed = None;
-        for (source, read) in sources.iter_mut().zip(&reads) {
-            let mut raws = Vec::with_capacity(read.records);
-            for (partition, chunk) in &read.chunks {
-                collect_records(chunk, *partition, &mut raws);
-            }
-            match source.take(&raws) {
-                Ok((batch, rejects)) => {
-                    kept.push(batch);
-                    rejected.extend(rejects.into_iter().map(|r| (source.name.clone(), r)));
-                    watermarks.push(source.marks.as_ref().and_then(Watermarks::watermark));
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
+        for (source, t) in sources.iter().zip(taken) {
+            rejected.extend(t.rejected.into_iter().map(|r| (source.key().to_owned(), r)));
+            kept.push(t.batch);
+            watermarks.push(t.watermark);
         }
-        let pushed = match failed {
-            Some(e) => Err(e),
-            None if records == 0 => Ok(()),
-            None => push_stages(&mut compute, &mut dedup, &mut join, kept, &watermarks).await,
+        // A watermark that moved without records (an upstream's commit of no rows) still
+        // closes what it passes.
+        let marks_moved = watermarks != last_watermarks;
+        let pushed = if records == 0 && !marks_moved {
+            Ok(())
+        } else {
+            push_stages(&mut compute, &mut dedup, &mut join, kept, &watermarks).await
         };
+        last_watermarks = watermarks;
         if let Err(e) = pushed {
             tracing::error!(model = %model_id, error = %e, "computing a micro-batch failed; retrying");
             start_over!();
@@ -927,7 +1019,7 @@ pub async fn run_version(
         ]);
         let marks: serde_json::Map<String, serde_json::Value> = sources
             .iter()
-            .filter_map(|s| s.marks.as_ref().map(|m| (s.name.clone(), m.save())))
+            .filter_map(|s| s.save_marks().map(|m| (s.key().to_owned(), m)))
             .collect();
         if !marks.is_empty() {
             properties.insert(
@@ -943,6 +1035,9 @@ pub async fn run_version(
                 .unwrap_or(0)
                 .to_string(),
         );
+        for source in &sources {
+            source.properties(&mut properties);
+        }
         let saved = match (&mut dedup, &mut join) {
             (Some(stage), _) => Some(stage.checkpoint(&lakehouse, &table).await),
             (None, Some(stage)) => Some(stage.checkpoint(&lakehouse, &table).await),
@@ -1043,6 +1138,9 @@ pub async fn run_version(
                 join.landed();
             }
             table_offsets = target.clone();
+            for source in &sources {
+                source.landed(&target);
+            }
             last_commit = Instant::now();
             crate::metrics::THROUGHPUT.add(&model_id, &version, uncommitted as u64);
             crate::metrics::EXPECTATION_FAILURES.add(&model_id, &std::mem::take(&mut failed_rows));
@@ -1348,65 +1446,6 @@ pub(crate) async fn commit_landed(
     }
 }
 
-/// A stream topic a model reads: its readers, decoder and event-time progress.
-struct Source {
-    name: String,
-    topic: Arc<Topic>,
-    decoder: Decoder,
-    readers: Vec<PartitionReader>,
-    marks: Option<Watermarks>,
-    /// Whether this model reports the topic's records that do not fit its schema.
-    reports_rejects: bool,
-    /// Whether this model reports the topic's late records.
-    reports_late: bool,
-}
-
-impl Source {
-    /// Decodes records read from the topic and sets the late ones aside: the rows that go on,
-    /// and the records this model reports.
-    fn take(
-        &mut self,
-        raws: &[Raw<'_>],
-    ) -> datafusion::error::Result<(RecordBatch, Vec<Rejected>)> {
-        let (batch, mut rejected, rows) = self.decoder.decode_indexed(raws);
-        if !self.reports_rejects {
-            rejected.clear();
-        }
-        let Some(marks) = &mut self.marks else {
-            return Ok((batch, rejected));
-        };
-        if raws.is_empty() {
-            return Ok((batch, rejected));
-        }
-        let partitions: Vec<u32> = rows.iter().map(|&i| raws[i].partition).collect();
-        let (kept, _, late) = marks.apply(&batch, &partitions)?;
-        if self.reports_late {
-            set_aside(&mut rejected, late, &rows, raws);
-        }
-        Ok((kept, rejected))
-    }
-
-    /// Puts the readers at the offsets `committed` names for this topic.
-    fn rewind(&mut self, committed: &Offsets) -> kappa_log::Result<()> {
-        let mut fresh = Vec::new();
-        for partition in self.topic.partitions() {
-            let next = committed
-                .get(&self.name)
-                .and_then(|p| p.get(&partition.id()))
-                .copied()
-                .unwrap_or(0);
-            let start = if next == 0 {
-                StartAt::Beginning
-            } else {
-                StartAt::Offset(next)
-            };
-            fresh.push(partition.reader(start)?);
-        }
-        self.readers = fresh;
-        Ok(())
-    }
-}
-
 /// Runs one micro-batch (one batch per source) through the model's stages: the dedup or the
 /// join when there is one, then the computation.
 async fn push_stages(
@@ -1479,7 +1518,7 @@ async fn recover(
     compute: &mut Compute,
     dedup: &mut Option<Dedup>,
     join: &mut Option<StreamJoin>,
-    sources: &mut [Source],
+    sources: &mut [Box<dyn Source>],
     lakehouse: &Lakehouse,
     table: &kappa_lakehouse::Table,
 ) -> Result<kappa_lakehouse::Table, String> {
@@ -1506,6 +1545,9 @@ async fn recover(
     }
     restore_marks(sources, properties.as_ref())
         .map_err(|e| format!("restoring the watermarks failed: {e}"))?;
+    for source in sources {
+        source.restore(properties.as_ref());
+    }
     Ok(table)
 }
 
@@ -1520,25 +1562,6 @@ pub(crate) fn committed_offsets(table: &kappa_lakehouse::Table) -> Offsets {
         })
         .and_then(|o| serde_json::from_str(&o).ok())
         .unwrap_or_default()
-}
-
-/// Adds the records the source set aside (late, no event time) to the rejects.
-fn set_aside(
-    rejected: &mut Vec<Rejected>,
-    late: Vec<crate::watermark::Late>,
-    rows: &[usize],
-    raws: &[Raw<'_>],
-) {
-    for l in late {
-        // `rows` maps the decoded batch's rows to `raws`, which they were decoded from.
-        let raw = raws[rows[l.row]];
-        rejected.push(Rejected {
-            partition: raw.partition,
-            offset: raw.offset,
-            reason: l.reason,
-            raw: raw.value.to_vec(),
-        });
-    }
 }
 
 /// Runs the dedup stage: the rows it decides, as one batch for the model.
@@ -1560,7 +1583,7 @@ async fn dedup_push(
 /// Puts every source's watermarks back to what the table's current snapshot (`properties`)
 /// saved.
 fn restore_marks(
-    sources: &mut [Source],
+    sources: &mut [Box<dyn Source>],
     properties: Option<&HashMap<String, String>>,
 ) -> Result<(), String> {
     let mut saved: BTreeMap<String, serde_json::Value> =
@@ -1569,151 +1592,14 @@ fn restore_marks(
     if !saved.is_empty() && saved.keys().all(|k| k.parse::<u32>().is_ok()) {
         let legacy = serde_json::Value::Object(std::mem::take(&mut saved).into_iter().collect());
         if let Some(first) = sources.first() {
-            saved.insert(first.name.clone(), legacy);
+            saved.insert(first.key().to_owned(), legacy);
         }
     }
     for source in sources {
-        if let Some(marks) = &mut source.marks {
-            marks.load(saved.get(&source.name))?;
-        }
+        let key = source.key().to_owned();
+        source.load_marks(saved.get(&key))?;
     }
     Ok(())
-}
-
-/// Chunks read from a topic's partitions (each with its partition), and what they hold.
-pub(crate) struct Read {
-    pub(crate) chunks: Vec<(u32, kappa_log::RecordChunk)>,
-    pub(crate) records: usize,
-    /// The offset after what was read, per partition.
-    pub(crate) next: BTreeMap<u32, u64>,
-}
-
-/// Appends a chunk's records to `raws` (borrowing their bytes from the chunk: no copy). A
-/// record in a batch that passed its CRC but does not decode is corruption the log reports; it
-/// cannot be read, so it is logged, not guessed.
-pub(crate) fn collect_records<'a>(
-    chunk: &'a kappa_log::RecordChunk,
-    partition: u32,
-    raws: &mut Vec<Raw<'a>>,
-) {
-    for record in chunk.records() {
-        match record {
-            Ok(record) => raws.push(Raw {
-                partition,
-                offset: record.offset,
-                value: record.value,
-            }),
-            Err(e) => tracing::error!(error = %e, partition, "unreadable record"),
-        }
-    }
-}
-
-/// Reads about `max` records across a source's partitions (whole chunks); returns them with
-/// the offsets after them.
-///
-/// The next chunk always comes from the partition least far through what it holds (its share of
-/// the records between its first kept offset and its end): partitions are read in step, so
-/// those of one topic (which cover the same stretch of event time, however unequal their sizes)
-/// stay close in event time. Read round-robin instead, a large partition fell behind the rest
-/// all through a replay, and the watermark (their minimum) with it: the rows waiting on it grew
-/// with the length of the log.
-pub(crate) fn read_some(
-    partitions: &[kappa_log::Partition],
-    readers: &mut [PartitionReader],
-    max: usize,
-    chunk_bytes: usize,
-) -> Read {
-    // (first kept offset, end) of each partition, fixed for this read.
-    let spans: Vec<(u64, u64)> = partitions
-        .iter()
-        .map(|p| {
-            let o = p.offsets();
-            (o.start_offset, o.visible_offset)
-        })
-        .collect();
-    let mut done = vec![false; readers.len()];
-    let mut chunks = Vec::new();
-    let mut records = 0;
-    while records < max {
-        let behind = (0..readers.len()).filter(|&i| !done[i]).min_by(|&a, &b| {
-            through(readers[a].next_offset(), spans.get(a))
-                .cmp_fraction(through(readers[b].next_offset(), spans.get(b)))
-        });
-        let Some(i) = behind else {
-            break;
-        };
-        let reader = &mut readers[i];
-        match reader.read(chunk_bytes) {
-            Ok(Some(chunk)) => {
-                records += usize::try_from(chunk.record_count()).unwrap_or(usize::MAX);
-                chunks.push((reader.partition(), chunk));
-            }
-            Ok(None) => done[i] = true,
-            Err(e) => {
-                done[i] = true;
-                tracing::error!(error = %e, partition = reader.partition(), "reading the log failed")
-            }
-        }
-    }
-    let next = readers
-        .iter()
-        .map(|r| (r.partition(), r.next_offset()))
-        .collect();
-    Read {
-        chunks,
-        records,
-        next,
-    }
-}
-
-/// How far a reader at `next` is through a partition spanning `span` (first kept offset, end):
-/// records read ÷ records held.
-fn through(next: u64, span: Option<&(u64, u64)>) -> Fraction {
-    match span {
-        Some(&(first, end)) if end > first => Fraction {
-            read: next.clamp(first, end) - first,
-            of: end - first,
-        },
-        // An empty partition (or one the reader does not know) is read first: it costs
-        // nothing to find it has nothing.
-        _ => Fraction { read: 0, of: 1 },
-    }
-}
-
-/// `read` of `of` records, compared exactly.
-#[derive(Debug, Clone, Copy)]
-struct Fraction {
-    read: u64,
-    of: u64,
-}
-
-impl Fraction {
-    fn cmp_fraction(self, other: Fraction) -> std::cmp::Ordering {
-        (u128::from(self.read) * u128::from(other.of))
-            .cmp(&(u128::from(other.read) * u128::from(self.of)))
-    }
-}
-
-/// Waits until a partition of a source has new records, for at most the live commit interval.
-async fn wait_for_records(sources: &[Source], stop: &mut tokio::sync::watch::Receiver<bool>) {
-    let mut watchers = Vec::new();
-    let mut behind = false;
-    for source in sources {
-        for (partition, reader) in source.topic.partitions().iter().zip(&source.readers) {
-            let watcher = partition.watch_visible();
-            behind |= *watcher.borrow() > reader.next_offset();
-            watchers.push(watcher);
-        }
-    }
-    if behind {
-        return;
-    }
-    let changes = futures::future::select_all(watchers.iter_mut().map(|w| w.changed().boxed()));
-    tokio::select! {
-        _ = changes => tokio::time::sleep(Duration::from_millis(LIVE_COMMIT_INTERVAL_MS)).await,
-        _ = stop.changed() => {}
-        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-    }
 }
 
 pub(crate) async fn sleep_or_stop(stop: &mut tokio::sync::watch::Receiver<bool>, ms: u64) {
@@ -1762,7 +1648,7 @@ pub fn dead_letter_topic(log: &Log) -> kappa_log::Result<Arc<Topic>> {
 }
 
 pub(crate) fn dead_letter(model: &str, topic: &str, rejected: &Rejected) -> Record {
-    let value = serde_json::json!({
+    let mut value = serde_json::json!({
         "model": model,
         "topic": topic,
         "partition": rejected.partition,
@@ -1770,31 +1656,36 @@ pub(crate) fn dead_letter(model: &str, topic: &str, rejected: &Rejected) -> Reco
         "reason": rejected.reason,
         "raw_base64": BASE64.encode(&rejected.raw),
     });
+    // The raw bytes as text too when they are UTF-8, for people reading the topic.
+    if let (Ok(text), Some(fields)) = (std::str::from_utf8(&rejected.raw), value.as_object_mut()) {
+        fields.insert("raw".to_owned(), text.into());
+    }
     Record::keyed(model.to_owned(), value.to_string())
 }
 
 /// The records this model already put in the dead-letter topic after `from`: a commit that
-/// failed after its dead letters were written must not write them twice.
+/// failed after its dead letters were written must not write them twice. A read error is an
+/// error, never a shorter set (which would write the letters past it again).
 pub(crate) fn dead_letters_after(
     topic: &Topic,
     from: u64,
     model: &str,
-) -> BTreeSet<(String, u32, u64)> {
+) -> Result<BTreeSet<(String, u32, u64)>, kappa_log::LogError> {
     let mut seen = BTreeSet::new();
-    let Ok(partition) = topic.partition(0) else {
-        return seen;
-    };
+    let partition = topic.partition(0)?;
+    if from >= partition.offsets().visible_offset {
+        return Ok(seen);
+    }
     let start = if from == 0 {
         StartAt::Beginning
     } else {
         StartAt::Offset(from)
     };
-    let Ok(mut reader) = partition.reader(start) else {
-        return seen;
-    };
-    while let Ok(Some(chunk)) = reader.read(READ_BYTES) {
-        for record in chunk.records().flatten() {
-            let Ok(letter) = serde_json::from_slice::<serde_json::Value>(record.value) else {
+    let mut reader = partition.reader(start)?;
+    while let Some(chunk) = reader.read(READ_BYTES)? {
+        for record in chunk.records() {
+            // A letter that is not JSON is not one of ours.
+            let Ok(letter) = serde_json::from_slice::<serde_json::Value>(record?.value) else {
                 continue;
             };
             if letter["model"] == model
@@ -1808,7 +1699,7 @@ pub(crate) fn dead_letters_after(
             }
         }
     }
-    seen
+    Ok(seen)
 }
 
 /// A unique id for a commit attempt.
@@ -1824,62 +1715,66 @@ pub(crate) fn uuid_like() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kappa_log::{FsyncPolicy, TopicConfig};
+    use kappa_log::TopicConfig;
 
-    /// Two partitions of one topic, one three times the other: however many records a read
-    /// takes, each partition is as far through what it holds as the other, within a chunk.
-    /// (Read round-robin, the small one was done while the large one was a third through.)
+    /// A damaged letter in the middle of the dead-letter topic is an error, not the letters
+    /// before it: with those only, the runner would write the letters after it again.
     #[test]
-    fn reads_keep_unequal_partitions_in_step() {
+    fn dead_letters_after_a_damaged_letter_are_an_error_not_a_short_set() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let log = Log::open(dir.path()).expect("a log in a fresh directory");
-        let topic = log
-            .create_topic(
-                "orders",
-                TopicConfig {
-                    partitions: 2,
-                    fsync: FsyncPolicy::Interval { interval_ms: 1000 },
-                    ..TopicConfig::default()
-                },
-            )
-            .expect("a new topic");
-        let sizes = [3000u64, 1000];
-        for (partition, &n) in topic.partitions().iter().zip(&sizes) {
-            for i in 0..n {
-                let record = Record {
-                    key: None,
-                    value: format!("{{\"i\":{i:0>90}}}").into_bytes().into(),
-                    headers: Vec::new(),
+        {
+            let log = Log::open(dir.path()).expect("a log in a fresh directory");
+            let topic = log
+                .create_topic(DEAD_LETTER_TOPIC, TopicConfig::default())
+                .expect("a new topic");
+            let partition = topic.partition(0).expect("partition 0");
+            for offset in 0..3 {
+                let rejected = Rejected {
+                    partition: 0,
+                    offset,
+                    reason: "bad".into(),
+                    raw: b"{\"x\":".to_vec(),
                 };
-                // One batch per record: chunks end on any record.
-                partition.append_blocking(&[record]).expect("an append");
+                partition
+                    .append_blocking(&[dead_letter("silver.orders", "orders", &rejected)])
+                    .expect("an append");
+            }
+            let found = dead_letters_after(&topic, 0, "silver.orders").expect("a whole topic");
+            assert_eq!(found.len(), 3);
+            log.close().expect("a clean close");
+        }
+        // Flip a byte of the second letter's value.
+        let segment = walk(dir.path())
+            .into_iter()
+            .find(|p| p.extension().is_some_and(|e| e == "log"))
+            .expect("a segment file");
+        let mut bytes = std::fs::read(&segment).expect("the segment");
+        let second = bytes
+            .windows(5)
+            .enumerate()
+            .filter(|(_, w)| *w == b"model")
+            .nth(1)
+            .expect("a second letter")
+            .0;
+        bytes[second] ^= 0x20;
+        std::fs::write(&segment, bytes).expect("the damaged segment");
+        let log =
+            Log::open(dir.path()).expect("the log opens: the damage is before the durable point");
+        let topic = log.topic(DEAD_LETTER_TOPIC).expect("the topic");
+        assert!(dead_letters_after(&topic, 0, "silver.orders").is_err());
+    }
+
+    /// Every file below `dir`.
+    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).expect("a readable folder").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                files.extend(walk(&path));
+            } else {
+                files.push(path);
             }
         }
-        let mut readers: Vec<PartitionReader> = topic
-            .partitions()
-            .iter()
-            .map(|p| p.reader(StartAt::Beginning).expect("a reader"))
-            .collect();
-        let chunk_bytes = 1024;
-        let mut total = 0;
-        loop {
-            let read = read_some(topic.partitions(), &mut readers, 50, chunk_bytes);
-            if read.records == 0 {
-                break;
-            }
-            total += read.records;
-            let through: Vec<f64> = readers
-                .iter()
-                .zip(&sizes)
-                .map(|(r, &n)| r.next_offset() as f64 / n as f64)
-                .collect();
-            // A chunk is under 10 records: 1 % of the small partition.
-            assert!(
-                (through[0] - through[1]).abs() <= 0.011,
-                "after {total} records the partitions are {through:?} through"
-            );
-        }
-        assert_eq!(total as u64, sizes.iter().sum::<u64>());
-        log.close().expect("a clean close");
+        files
     }
 }

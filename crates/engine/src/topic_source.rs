@@ -1,0 +1,339 @@
+//! A topic of the log as a [`Source`]: its partitions read in step from the committed
+//! offsets, each record decoded from JSON to the topic's Arrow schema, the late ones set aside
+//! at the source (event time, watermarks), the rest handed on.
+//!
+//! ```text
+//!   partitions ──read_some (least far through first)──► decode ──► watermarks ──► Taken
+//!                                                         └─ rejects, late ─► dead letters
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use kappa_log::{PartitionReader, StartAt, Topic};
+
+use crate::decode::{Decoder, Raw, Rejected};
+use crate::runner::{Offsets, READ_BYTES};
+use crate::source::{Source, SourceError, Taken, Waiter};
+use crate::watermark::Watermarks;
+
+/// A stream topic a model reads: its readers, decoder and event-time progress.
+pub(crate) struct TopicSource {
+    pub(crate) name: String,
+    pub(crate) topic: Arc<Topic>,
+    pub(crate) decoder: Decoder,
+    pub(crate) readers: Vec<PartitionReader>,
+    pub(crate) marks: Option<Watermarks>,
+    /// Whether this model reports the topic's records that do not fit its schema.
+    pub(crate) reports_rejects: bool,
+    /// Whether this model reports the topic's late records.
+    pub(crate) reports_late: bool,
+}
+
+impl std::fmt::Debug for TopicSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TopicSource")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TopicSource {
+    /// Decodes records read from the topic and sets the late ones aside: the rows that go on,
+    /// and the records this model reports.
+    fn take(
+        &mut self,
+        raws: &[Raw<'_>],
+    ) -> datafusion::error::Result<(RecordBatch, Vec<Rejected>)> {
+        let (batch, mut rejected, rows) = self.decoder.decode_indexed(raws);
+        if !self.reports_rejects {
+            rejected.clear();
+        }
+        let Some(marks) = &mut self.marks else {
+            return Ok((batch, rejected));
+        };
+        if raws.is_empty() {
+            return Ok((batch, rejected));
+        }
+        let partitions: Vec<u32> = rows.iter().map(|&i| raws[i].partition).collect();
+        let (kept, _, late) = marks.apply(&batch, &partitions)?;
+        if self.reports_late {
+            set_aside(&mut rejected, late, &rows, raws);
+        }
+        Ok((kept, rejected))
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for TopicSource {
+    fn key(&self) -> &str {
+        &self.name
+    }
+
+    fn rewind(&mut self, committed: &Offsets) -> Result<(), SourceError> {
+        let mut fresh = Vec::new();
+        for partition in self.topic.partitions() {
+            let next = committed
+                .get(&self.name)
+                .and_then(|p| p.get(&partition.id()))
+                .copied()
+                .unwrap_or(0);
+            let start = if next == 0 {
+                StartAt::Beginning
+            } else {
+                StartAt::Offset(next)
+            };
+            fresh.push(
+                partition
+                    .reader(start)
+                    .map_err(|e| SourceError::Read(format!("{}: {e}", self.name)))?,
+            );
+        }
+        self.readers = fresh;
+        Ok(())
+    }
+
+    async fn read(&mut self, max: usize) -> Result<Taken, SourceError> {
+        let read = read_some(self.topic.partitions(), &mut self.readers, max, READ_BYTES);
+        let mut raws = Vec::with_capacity(read.records);
+        for (partition, chunk) in &read.chunks {
+            collect_records(chunk, *partition, &mut raws);
+        }
+        let (batch, rejected) = self
+            .take(&raws)
+            .map_err(|e| SourceError::Read(format!("{}: {e}", self.name)))?;
+        Ok(Taken {
+            batch,
+            rejected,
+            watermark: self.marks.as_ref().and_then(Watermarks::watermark),
+            records: read.records,
+            full: read.records >= max,
+        })
+    }
+
+    fn position(&self) -> BTreeMap<u32, u64> {
+        self.readers
+            .iter()
+            .map(|r| (r.partition(), r.next_offset()))
+            .collect()
+    }
+
+    fn load_marks(&mut self, saved: Option<&serde_json::Value>) -> Result<(), String> {
+        match &mut self.marks {
+            Some(marks) => marks.load(saved),
+            None => Ok(()),
+        }
+    }
+
+    fn save_marks(&self) -> Option<serde_json::Value> {
+        self.marks.as_ref().map(Watermarks::save)
+    }
+
+    fn waiter(&self) -> Waiter {
+        Waiter::Watch(
+            self.topic
+                .partitions()
+                .iter()
+                .zip(&self.readers)
+                .map(|(partition, reader)| (partition.watch_visible(), reader.next_offset()))
+                .collect(),
+        )
+    }
+}
+
+/// Adds the records the source set aside (late, no event time) to the rejects.
+fn set_aside(
+    rejected: &mut Vec<Rejected>,
+    late: Vec<crate::watermark::Late>,
+    rows: &[usize],
+    raws: &[Raw<'_>],
+) {
+    for l in late {
+        // `rows` maps the decoded batch's rows to `raws`, which they were decoded from.
+        let raw = raws[rows[l.row]];
+        rejected.push(Rejected {
+            partition: raw.partition,
+            offset: raw.offset,
+            reason: l.reason,
+            raw: raw.value.to_vec(),
+        });
+    }
+}
+
+/// Chunks read from a topic's partitions (each with its partition), and what they hold.
+pub(crate) struct Read {
+    pub(crate) chunks: Vec<(u32, kappa_log::RecordChunk)>,
+    pub(crate) records: usize,
+    /// The offset after what was read, per partition.
+    pub(crate) next: BTreeMap<u32, u64>,
+}
+
+/// Appends a chunk's records to `raws` (borrowing their bytes from the chunk: no copy). A
+/// record in a batch that passed its CRC but does not decode is corruption the log reports; it
+/// cannot be read, so it is logged, not guessed.
+pub(crate) fn collect_records<'a>(
+    chunk: &'a kappa_log::RecordChunk,
+    partition: u32,
+    raws: &mut Vec<Raw<'a>>,
+) {
+    for record in chunk.records() {
+        match record {
+            Ok(record) => raws.push(Raw {
+                partition,
+                offset: record.offset,
+                value: record.value,
+            }),
+            Err(e) => tracing::error!(error = %e, partition, "unreadable record"),
+        }
+    }
+}
+
+/// Reads about `max` records across a source's partitions (whole chunks); returns them with
+/// the offsets after them.
+///
+/// The next chunk always comes from the partition least far through what it holds (its share of
+/// the records between its first kept offset and its end): partitions are read in step, so
+/// those of one topic (which cover the same stretch of event time, however unequal their sizes)
+/// stay close in event time. Read round-robin instead, a large partition fell behind the rest
+/// all through a replay, and the watermark (their minimum) with it: the rows waiting on it grew
+/// with the length of the log.
+pub(crate) fn read_some(
+    partitions: &[kappa_log::Partition],
+    readers: &mut [PartitionReader],
+    max: usize,
+    chunk_bytes: usize,
+) -> Read {
+    // (first kept offset, end) of each partition, fixed for this read.
+    let spans: Vec<(u64, u64)> = partitions
+        .iter()
+        .map(|p| {
+            let o = p.offsets();
+            (o.start_offset, o.visible_offset)
+        })
+        .collect();
+    let mut done = vec![false; readers.len()];
+    let mut chunks = Vec::new();
+    let mut records = 0;
+    while records < max {
+        let behind = (0..readers.len()).filter(|&i| !done[i]).min_by(|&a, &b| {
+            through(readers[a].next_offset(), spans.get(a))
+                .cmp_fraction(through(readers[b].next_offset(), spans.get(b)))
+        });
+        let Some(i) = behind else {
+            break;
+        };
+        let reader = &mut readers[i];
+        match reader.read(chunk_bytes) {
+            Ok(Some(chunk)) => {
+                records += usize::try_from(chunk.record_count()).unwrap_or(usize::MAX);
+                chunks.push((reader.partition(), chunk));
+            }
+            Ok(None) => done[i] = true,
+            Err(e) => {
+                done[i] = true;
+                tracing::error!(error = %e, partition = reader.partition(), "reading the log failed")
+            }
+        }
+    }
+    let next = readers
+        .iter()
+        .map(|r| (r.partition(), r.next_offset()))
+        .collect();
+    Read {
+        chunks,
+        records,
+        next,
+    }
+}
+
+/// How far a reader at `next` is through a partition spanning `span` (first kept offset, end):
+/// records read ÷ records held.
+fn through(next: u64, span: Option<&(u64, u64)>) -> Fraction {
+    match span {
+        Some(&(first, end)) if end > first => Fraction {
+            read: next.clamp(first, end) - first,
+            of: end - first,
+        },
+        // An empty partition (or one the reader does not know) is read first: it costs
+        // nothing to find it has nothing.
+        _ => Fraction { read: 0, of: 1 },
+    }
+}
+
+/// `read` of `of` records, compared exactly.
+#[derive(Debug, Clone, Copy)]
+struct Fraction {
+    read: u64,
+    of: u64,
+}
+
+impl Fraction {
+    fn cmp_fraction(self, other: Fraction) -> std::cmp::Ordering {
+        (u128::from(self.read) * u128::from(other.of))
+            .cmp(&(u128::from(other.read) * u128::from(self.of)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kappa_log::{FsyncPolicy, Log, Record, TopicConfig};
+
+    /// Two partitions of one topic, one three times the other: however many records a read
+    /// takes, each partition is as far through what it holds as the other, within a chunk.
+    /// (Read round-robin, the small one was done while the large one was a third through.)
+    #[test]
+    fn reads_keep_unequal_partitions_in_step() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let log = Log::open(dir.path()).expect("a log in a fresh directory");
+        let topic = log
+            .create_topic(
+                "orders",
+                TopicConfig {
+                    partitions: 2,
+                    fsync: FsyncPolicy::Interval { interval_ms: 1000 },
+                    ..TopicConfig::default()
+                },
+            )
+            .expect("a new topic");
+        let sizes = [3000u64, 1000];
+        for (partition, &n) in topic.partitions().iter().zip(&sizes) {
+            for i in 0..n {
+                let record = Record {
+                    key: None,
+                    value: format!("{{\"i\":{i:0>90}}}").into_bytes().into(),
+                    headers: Vec::new(),
+                };
+                // One batch per record: chunks end on any record.
+                partition.append_blocking(&[record]).expect("an append");
+            }
+        }
+        let mut readers: Vec<PartitionReader> = topic
+            .partitions()
+            .iter()
+            .map(|p| p.reader(StartAt::Beginning).expect("a reader"))
+            .collect();
+        let chunk_bytes = 1024;
+        let mut total = 0;
+        loop {
+            let read = read_some(topic.partitions(), &mut readers, 50, chunk_bytes);
+            if read.records == 0 {
+                break;
+            }
+            total += read.records;
+            let through: Vec<f64> = readers
+                .iter()
+                .zip(&sizes)
+                .map(|(r, &n)| r.next_offset() as f64 / n as f64)
+                .collect();
+            // A chunk is under 10 records: 1 % of the small partition.
+            assert!(
+                (through[0] - through[1]).abs() <= 0.011,
+                "after {total} records the partitions are {through:?} through"
+            );
+        }
+        assert_eq!(total as u64, sizes.iter().sum::<u64>());
+        log.close().expect("a clean close");
+    }
+}
