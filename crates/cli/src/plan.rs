@@ -40,6 +40,8 @@ struct Summary {
     new: usize,
     changed: usize,
     downstream: usize,
+    /// Models whose expectations alone changed: they run on, checking with the new ones.
+    checks: usize,
     unchanged: usize,
     removed: usize,
     /// Models a deploy builds from the beginning of their inputs.
@@ -60,12 +62,14 @@ struct ModelReport {
     reads_table: Option<UpstreamRead>,
 }
 
-/// The committed table of an unchanged upstream model a replay reads.
+/// The published table of the upstream model a replay reads.
 #[derive(Debug, Clone, Serialize)]
 struct UpstreamRead {
     model: String,
     /// Its rows now (unknown when it cannot be counted).
     rows: Option<u64>,
+    /// Whether the upstream replays too (its new version's table is read as it is written).
+    replays: bool,
 }
 
 /// What a replay reads of one topic.
@@ -101,6 +105,11 @@ pub(crate) async fn report(
     let deployed = client.deployment().await?;
     let plans = kappa_pipeline::deploy::plan(project, &deployed);
     let table_reads = table_reads(project, &plans).await;
+    let plans_replaying: Vec<String> = plans
+        .iter()
+        .filter(|p| p.change.replays())
+        .map(|p| p.model.clone())
+        .collect();
     let mut histories: BTreeMap<String, TopicHistory> = BTreeMap::new();
     let mut models = Vec::new();
     for plan in plans {
@@ -112,6 +121,7 @@ pub(crate) async fn report(
                     reads_table = Some(UpstreamRead {
                         model: u.clone(),
                         rows: count_rows(client, u).await,
+                        replays: plans_replaying.contains(u),
                     });
                     project.models[&plan.model]
                         .inputs
@@ -157,6 +167,7 @@ fn summarize(models: &[ModelReport]) -> Summary {
             Change::New => summary.new += 1,
             Change::Changed => summary.changed += 1,
             Change::Downstream => summary.downstream += 1,
+            Change::Checks => summary.checks += 1,
             Change::Unchanged => summary.unchanged += 1,
             Change::Removed => summary.removed += 1,
         }
@@ -167,23 +178,17 @@ fn summarize(models: &[ModelReport]) -> Summary {
     summary
 }
 
-/// The models of `plans` a deploy would have read their unchanged upstream's committed table
-/// instead of recomputing it (as `kappa_server::deployer` decides with the SQL catalog), with
-/// that upstream.
+/// The models of `plans` a deploy would have read their upstream's published table (as
+/// `kappa_server::deployer` decides: every model whose shape runs over a table), with that
+/// upstream.
 async fn table_reads(
     project: &kappa_pipeline::Project,
     plans: &[ModelPlan],
 ) -> BTreeMap<String, String> {
-    let unchanged: Vec<&str> = plans
-        .iter()
-        .filter(|p| p.change == Change::Unchanged)
-        .map(|p| p.model.as_str())
-        .collect();
     let mut reads = BTreeMap::new();
     for plan in plans.iter().filter(|p| p.change.replays()) {
         if let Some(upstream) =
             kappa_engine::upstream::readable_upstream(project, &plan.model).await
-            && unchanged.contains(&upstream.as_str())
         {
             reads.insert(plan.model.clone(), upstream);
         }
@@ -244,8 +249,18 @@ async fn topic_history(client: &Client, topic: &str) -> anyhow::Result<TopicHist
 pub(crate) fn render(report: &PlanReport) -> String {
     let s = &report.summary;
     let mut out = format!(
-        "Plan: {} new, {} changed, {} downstream, {} unchanged, {} removed; {} to replay.\n",
-        s.new, s.changed, s.downstream, s.unchanged, s.removed, s.replaying
+        "Plan: {} new, {} changed, {} downstream, {}{} unchanged, {} removed; {} to replay.\n",
+        s.new,
+        s.changed,
+        s.downstream,
+        if s.checks > 0 {
+            format!("{} with changed expectations, ", s.checks)
+        } else {
+            String::new()
+        },
+        s.unchanged,
+        s.removed,
+        s.replaying
     );
     for m in &report.models {
         let p = &m.plan;
@@ -269,6 +284,14 @@ pub(crate) fn render(report: &PlanReport) -> String {
                     short(&p.version)
                 ),
             ),
+            Change::Checks => (
+                '!',
+                format!(
+                    "expectations changed, {}; runs on and checks its next commits with them, \
+                     no replay",
+                    short(&p.version)
+                ),
+            ),
             Change::Unchanged => ('=', format!("unchanged, {}", short(&p.version))),
             Change::Removed => (
                 '-',
@@ -276,7 +299,12 @@ pub(crate) fn render(report: &PlanReport) -> String {
             ),
         };
         let _ = writeln!(out, "\n{mark} {} ({what})", p.model);
-        for (title, diff) in [("SQL", &p.sql_diff), ("config", &p.config_diff)] {
+        let config_title = if p.change == Change::Checks {
+            "expectations"
+        } else {
+            "config"
+        };
+        for (title, diff) in [("SQL", &p.sql_diff), (config_title, &p.config_diff)] {
             if diff.iter().any(|l| !matches!(l, DiffLine::Same(_))) {
                 let _ = writeln!(out, "    {title}:");
                 for line in diff {
@@ -295,12 +323,19 @@ pub(crate) fn render(report: &PlanReport) -> String {
                     .rows
                     .map(|r| format!(" ({} rows)", thousands(r)))
                     .unwrap_or_default();
-                let _ = writeln!(
-                    out,
-                    "    reads the committed table of {}{rows}, which is unchanged, instead of \
-                     recomputing it",
-                    read.model
-                );
+                if read.replays {
+                    let _ = writeln!(
+                        out,
+                        "    reads what the new version of {} publishes, as it replays",
+                        read.model
+                    );
+                } else {
+                    let _ = writeln!(
+                        out,
+                        "    reads the table {} publishes{rows}, which is unchanged",
+                        read.model
+                    );
+                }
             }
             for h in &m.history {
                 let offsets = if h.first_offsets.values().all(|&o| o == 0) {
@@ -373,6 +408,11 @@ mod tests {
         let reads = tokio::runtime::Runtime::new()
             .unwrap()
             .block_on(table_reads(&project(now), &plans));
+        let replaying: Vec<String> = plans
+            .iter()
+            .filter(|p| p.change.replays())
+            .map(|p| p.model.clone())
+            .collect();
         let models: Vec<ModelReport> = plans
             .into_iter()
             .map(|plan| {
@@ -380,6 +420,7 @@ mod tests {
                 let reads_table = reads.get(&plan.model).map(|u| UpstreamRead {
                     model: u.clone(),
                     rows: Some(1_000_000),
+                    replays: replaying.contains(u),
                 });
                 // Over a table, the history is the table (the models here read no dimension).
                 let history = if replays && reads_table.is_none() {
@@ -428,7 +469,7 @@ mod tests {
                 estimated 2.0 s at 500,000 records/s
 
             + gold.revenue (new, 82a1ff10)
-                replays topic orders: 1,020,000 records, 147.8 MiB from offset 0 (first appended 2026-01-01T00:00:00.000Z)
+                reads what the new version of silver.orders publishes, as it replays
                 estimated 2.0 s at 500,000 records/s
         "#]]
         .assert_eq(&rendered(&[], &[SILVER, GOLD]));
@@ -453,11 +494,11 @@ mod tests {
                 estimated 2.0 s at 500,000 records/s
 
             > gold.counts (downstream of silver.orders, 98ec1c47 -> 685d8628)
-                replays topic orders: 1,020,000 records, 147.8 MiB from offset 0 (first appended 2026-01-01T00:00:00.000Z)
+                reads what the new version of silver.orders publishes, as it replays
                 estimated 2.0 s at 500,000 records/s
 
             > gold.revenue (downstream of silver.orders, 82a1ff10 -> cb0b4408)
-                replays topic orders: 1,020,000 records, 147.8 MiB from offset 0 (first appended 2026-01-01T00:00:00.000Z)
+                reads what the new version of silver.orders publishes, as it replays
                 estimated 2.0 s at 500,000 records/s
         "#]]
         .assert_eq(&rendered(&[SILVER, GOLD, COUNTS], &[fixed, GOLD, COUNTS]));
@@ -472,7 +513,7 @@ mod tests {
             = silver.orders (unchanged, ac3355f8)
 
             + gold.counts (new, 98ec1c47)
-                reads the committed table of silver.orders (1,000,000 rows), which is unchanged, instead of recomputing it
+                reads the table silver.orders publishes (1,000,000 rows), which is unchanged
                 estimated 2.0 s at 500,000 records/s
 
             ~ gold.revenue (changed, 82a1ff10 -> 16d9f7d3)
@@ -480,15 +521,37 @@ mod tests {
                   key = []
                 - partition_by = []
                 + partition_by = ["region"]
-                reads the committed table of silver.orders (1,000,000 rows), which is unchanged, instead of recomputing it
+                reads the table silver.orders publishes (1,000,000 rows), which is unchanged
                 estimated 2.0 s at 500,000 records/s
 
             - gold.gone (removed, 0664e5af; it stops, its table stays)
         "#]]
         .assert_eq(&rendered(
-            &[SILVER, GOLD, ("models/gold/gone.sql", "SELECT id FROM silver.orders")],
+            &[
+                SILVER,
+                GOLD,
+                ("models/gold/gone.sql", "SELECT id FROM silver.orders"),
+            ],
             &[SILVER, GOLD, COUNTS, partitioned],
         ));
+    }
+
+    #[test]
+    fn an_added_expectation_shows_and_replays_nothing() {
+        let checked = (
+            "models/silver/orders.toml",
+            "[[expect]]\nnot_null = \"region\"\nseverity = \"fail\"\n",
+        );
+        expect_test::expect![[r#"
+            Plan: 0 new, 0 changed, 0 downstream, 1 with changed expectations, 1 unchanged, 0 removed; 0 to replay.
+
+            ! silver.orders (expectations changed, ac3355f8; runs on and checks its next commits with them, no replay)
+                expectations:
+                + not_null_region (fail): { not_null = { column = "region" } }
+
+            = gold.revenue (unchanged, 82a1ff10)
+        "#]]
+        .assert_eq(&rendered(&[SILVER, GOLD], &[SILVER, checked, GOLD]));
     }
 
     #[test]

@@ -214,6 +214,21 @@ fn config_text(model: &Model) -> String {
     toml::to_string(&model.config).unwrap_or_else(|_| format!("{:?}", model.config))
 }
 
+/// A model's expectations of every severity, one line each (`name (severity): check`): what a
+/// [`Change::Checks`] shows as its diff.
+fn checks_text(model: &Model) -> String {
+    model
+        .config
+        .expectations
+        .iter()
+        .map(|e| {
+            let check = toml::Value::try_from(&e.check)
+                .map_or_else(|_| format!("{:?}", e.check), |v| v.to_string());
+            format!("{} ({}): {check}\n", e.name, e.severity.as_str())
+        })
+        .collect()
+}
+
 /// 64-bit FNV-1a over length-prefixed parts: stable across builds and platforms, which std's
 /// hasher does not promise.
 struct Fnv(u64);
@@ -249,6 +264,10 @@ pub enum Change {
     Changed,
     /// Unchanged itself, but something it reads changed: a new version replays.
     Downstream,
+    /// Only its expectations changed (those that keep no rows out, which are not part of its
+    /// version): the deployed version runs on, checking its next commits with them; nothing
+    /// replays.
+    Checks,
     Unchanged,
     /// Deployed, no longer in the project: stopped, its table kept.
     Removed,
@@ -293,6 +312,8 @@ pub enum DiffLine {
 /// dependency order, then the removed ones.
 pub fn plan(project: &Project, deployed: &Deployment) -> Vec<ModelPlan> {
     let versions = versions(project);
+    // The deployed models' full configuration (expectations included), when it still loads.
+    let deployed_project = deployed.project();
     let mut plans = Vec::new();
     for id in &project.order {
         let Some(model) = project.models.get(id) else {
@@ -323,6 +344,12 @@ pub fn plan(project: &Project, deployed: &Deployment) -> Vec<ModelPlan> {
                 } else if Some(&old.version) != version.as_ref() {
                     plan.change = Change::Downstream;
                     plan.because = changed_inputs(model, project, &versions, deployed);
+                } else if let Some(before) =
+                    deployed_project.as_ref().and_then(|p| p.models.get(id))
+                    && before.config.expectations != model.config.expectations
+                {
+                    plan.change = Change::Checks;
+                    plan.config_diff = diff_lines(&checks_text(before), &checks_text(model));
                 }
             }
         }
