@@ -22,17 +22,23 @@ pub(crate) struct PublishArgs {
     /// Publish although the audit failed (required: publishing is what the audit withheld).
     #[arg(long)]
     force: bool,
+    /// Print JSON: {model, decision, decided, published} (the snapshot id as a string).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct DiscardArgs {
     /// The model (`silver.orders`).
     model: String,
+    /// Print JSON: {model, decision, decided, published} (the snapshot id as a string).
+    #[arg(long)]
+    json: bool,
 }
 
 pub(crate) async fn audit(global: &Global, args: AuditArgs) -> anyhow::Result<()> {
     let (_, project) = crate::project::checked(global).await?;
-    let client = global.connect().await?;
+    let client = global.connect_existing().await?;
     let result = client.audit(&project, &args.model).await;
     client.close().await?;
     let audit = result?;
@@ -91,19 +97,27 @@ pub(crate) async fn publish(global: &Global, args: PublishArgs) -> anyhow::Resul
             args.model
         );
     }
-    decide(global, &args.model, Decision::Publish).await
+    decide(global, &args.model, Decision::Publish, args.json).await
 }
 
 pub(crate) async fn discard(global: &Global, args: DiscardArgs) -> anyhow::Result<()> {
-    decide(global, &args.model, Decision::Discard).await
+    decide(global, &args.model, Decision::Discard, args.json).await
 }
 
-async fn decide(global: &Global, model: &str, decision: Decision) -> anyhow::Result<()> {
+async fn decide(
+    global: &Global,
+    model: &str,
+    decision: Decision,
+    json: bool,
+) -> anyhow::Result<()> {
     let (_, project) = crate::project::checked(global).await?;
-    let client = global.connect().await?;
+    let client = global.connect_existing().await?;
     let result = client.decide(&project, model, decision).await;
     client.close().await?;
     let decided = result?;
+    if json {
+        return print_json(&decided);
+    }
     let seen = decided
         .published
         .map_or_else(|| "no snapshot".to_owned(), |p| format!("snapshot {p}"));

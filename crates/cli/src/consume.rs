@@ -46,7 +46,7 @@ pub(crate) struct ConsumeArgs {
 }
 
 pub(crate) async fn run(global: &Global, args: ConsumeArgs) -> anyhow::Result<()> {
-    let client = global.connect().await?;
+    let client = global.connect_existing().await?;
     let result = consume(&client, &args).await;
     client.close().await?;
     result

@@ -238,11 +238,22 @@ fn merge(into: &mut BTreeMap<u32, MonthTally>, from: &BTreeMap<u32, MonthTally>)
     }
 }
 
-pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
+/// Runs the demo; its data directory is `data_dir` when given (it must be new or empty, and
+/// it is kept), else `.kappa/` in the demo's temporary project folder.
+pub(crate) async fn run(args: DemoArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.events > 0 && args.live_rate > 0,
         "--events and --live-rate must be positive"
     );
+    if let Some(dir) = &data_dir
+        && std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
+    {
+        anyhow::bail!(
+            "the data directory {} is not empty: the demo starts from nothing (name a new or \
+             empty folder, or leave --data-dir out to use a temporary one)",
+            dir.display()
+        );
+    }
     let root: PathBuf = std::env::temp_dir().join(format!("kappa-demo-{}", std::process::id()));
     if root.exists() {
         std::fs::remove_dir_all(&root).with_context(|| format!("clear {}", root.display()))?;
@@ -256,7 +267,8 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
         std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
     }
-    let data_dir = project.join(".kappa");
+    let named = data_dir.is_some();
+    let data_dir = data_dir.unwrap_or_else(|| project.join(".kappa"));
     let config = kappa_server::ServerConfig {
         data_dir: data_dir.clone(),
         http_addr: "127.0.0.1:0".parse()?,
@@ -276,13 +288,15 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }));
     println!("kappa demo — a tax bug found, fixed, replayed over all of history, cut over live");
     println!(
-        "  project {} ({}), data in .kappa/, HTTP API {base}",
+        "  project {} ({}), data in {}{}, HTTP API {base}",
         project.display(),
         if args.keep {
             "kept"
         } else {
             "removed at the end; --keep keeps it"
-        }
+        },
+        data_dir.display(),
+        if named { " (kept)" } else { "" }
     );
 
     let result = story(&args, &project, &base).await;

@@ -15,18 +15,7 @@ pub(crate) fn thousands(n: u64) -> String {
 
 /// A byte count in B, KiB, MiB, GiB or TiB.
 pub(crate) fn bytes(n: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < units.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", units[unit])
-    }
+    kappa_server::api::format_bytes(n)
 }
 
 #[cfg(test)]

@@ -179,7 +179,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(args) => plan::run(&global, args).await,
         Command::Deploy(args) => deploy::run(&global, args).await,
         Command::Rollback(args) => deploy::rollback(&global, args).await,
-        Command::Demo(args) => demo::run(args).await,
+        Command::Demo(args) => demo::run(args, global.data_dir.clone()).await,
     }
 }
 
@@ -202,6 +202,20 @@ impl Global {
     /// Connects to a running server for the data directory, or opens the directory.
     async fn connect(&self) -> anyhow::Result<kappa_server::client::Client> {
         let config = kappa_server::ServerConfig::resolve(&self.overrides())?;
+        kappa_server::client::connect(&config.data_dir, self.server.as_deref()).await
+    }
+
+    /// [`Global::connect`] for commands that only read: a data directory that does not exist
+    /// is an error that says where it looked, not a new empty one left behind.
+    async fn connect_existing(&self) -> anyhow::Result<kappa_server::client::Client> {
+        let config = kappa_server::ServerConfig::resolve(&self.overrides())?;
+        if self.server.is_none() && !config.data_dir.exists() {
+            anyhow::bail!(
+                "no kappa data directory at {}: nothing has run here yet (run `kappa up` in a \
+                 project folder, or name one with --project DIR or --data-dir DIR)",
+                config.data_dir.display()
+            );
+        }
         kappa_server::client::connect(&config.data_dir, self.server.as_deref()).await
     }
 }

@@ -8,7 +8,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::Args;
 use kappa_server::client::Client;
-use kappa_server::ingest::{IngestError, count_lines, parse_ndjson};
+use kappa_server::ingest::{IngestError, KeyFrom, count_lines, parse_ndjson};
 
 use crate::{Global, print_json};
 
@@ -21,7 +21,8 @@ pub(crate) struct ProduceArgs {
     /// NDJSON file; standard input when absent or `-`.
     file: Option<PathBuf>,
     /// JSON field whose value is the record key (records with one key stay in order in one
-    /// partition).
+    /// partition); every record must have it. Default: the topic's declared `key`
+    /// (topics/<topic>.toml), taken from the records that have it.
     #[arg(long, value_name = "FIELD")]
     key: Option<String>,
     /// Print JSON.
@@ -140,7 +141,8 @@ fn validate(
     let (mut lines, mut bytes) = (0u64, 0u64);
     while let Some(chunk) = next_chunk(&mut reader, chunk_bytes)? {
         let chunk = Bytes::from(chunk);
-        parse_ndjson(&chunk, key).map_err(|e| located(source, &e.shifted(lines, bytes)))?;
+        parse_ndjson(&chunk, key.map_or(KeyFrom::Nothing, KeyFrom::Field))
+            .map_err(|e| located(source, &e.shifted(lines, bytes)))?;
         if let Some(max) = limit
             && chunk.len() > max
         {

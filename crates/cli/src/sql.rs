@@ -24,7 +24,7 @@ pub(crate) async fn run(global: &Global, args: SqlArgs) -> anyhow::Result<()> {
             q
         }
     };
-    let client = global.connect().await?;
+    let client = global.connect_existing().await?;
     let result = client.sql(&query).await;
     client.close().await?;
     let result = result?;

@@ -14,7 +14,7 @@ pub(crate) struct StatusArgs {
 }
 
 pub(crate) async fn run(global: &Global, args: StatusArgs) -> anyhow::Result<()> {
-    let client = global.connect().await?;
+    let client = global.connect_existing().await?;
     // Without a server, the project folder says which models there are.
     let project = match (&client, global.project_dir()) {
         (kappa_server::client::Client::Direct { .. }, Some(dir)) => {

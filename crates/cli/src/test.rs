@@ -43,7 +43,7 @@ pub(crate) async fn run(global: &Global, args: TestArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let client = global.connect().await?;
+    let client = global.connect_existing().await?;
     let mut outcomes = Vec::new();
     for id in &project.order {
         if !args.models.is_empty() && !args.models.contains(id) {

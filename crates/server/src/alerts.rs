@@ -47,6 +47,9 @@ pub struct Alert {
     pub attempts: u32,
 }
 
+/// The file in the data directory that keeps the recent alerts across restarts.
+pub const ALERTS_FILE: &str = "alerts.json";
+
 /// The alerts raised and where they go.
 #[derive(Debug)]
 pub struct Alerts {
@@ -54,16 +57,76 @@ pub struct Alerts {
     next_id: std::sync::atomic::AtomicU64,
     webhooks: Vec<Webhook>,
     http: reqwest::Client,
+    /// Where the recent alerts are kept (`<data>/alerts.json`), so that a restart — a kill -9
+    /// too — still shows what was raised before it; `None` keeps them in memory only.
+    file: Option<std::path::PathBuf>,
+    /// Held while writing `file`: each write takes the list as it is once it holds this, so
+    /// the last write holds the newest list.
+    writing: Mutex<()>,
 }
 
 impl Alerts {
-    pub fn new(config: &AlertsSection) -> Arc<Alerts> {
+    /// Alerts going to `config`'s webhooks, kept in `data_dir` when given (the alerts kept
+    /// there from before are the first recent ones).
+    pub fn new(config: &AlertsSection, data_dir: Option<&std::path::Path>) -> Arc<Alerts> {
+        let file = data_dir.map(|d| d.join(ALERTS_FILE));
+        let kept: Vec<Alert> = file
+            .as_deref()
+            .and_then(|f| match std::fs::read(f) {
+                Ok(bytes) => Some(bytes),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    tracing::warn!(file = %f.display(), error = %e, "the alerts kept before this start cannot be read");
+                    None
+                }
+            })
+            .and_then(|bytes| match serde_json::from_slice(&bytes) {
+                Ok(kept) => Some(kept),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the alerts kept before this start are not a list of alerts; starting without them");
+                    None
+                }
+            })
+            .unwrap_or_default();
+        let next_id = kept.len() as u64;
         Arc::new(Alerts {
-            recent: Mutex::new(VecDeque::new()),
-            next_id: std::sync::atomic::AtomicU64::new(0),
+            recent: Mutex::new(
+                kept.into_iter()
+                    .enumerate()
+                    .map(|(i, a)| (i as u64, a))
+                    .collect(),
+            ),
+            next_id: std::sync::atomic::AtomicU64::new(next_id),
             webhooks: config.webhooks.clone(),
             http: reqwest::Client::new(),
+            file,
+            writing: Mutex::new(()),
         })
+    }
+
+    /// Writes the recent alerts to the data directory (off the async threads; a failure is
+    /// logged: alerts still go to the webhooks and the status).
+    fn keep(self: &Arc<Self>) {
+        if self.file.is_none() {
+            return;
+        }
+        let alerts = self.clone();
+        let write = move || {
+            let Ok(_writing) = alerts.writing.lock() else {
+                return;
+            };
+            let list = alerts.recent();
+            let (Some(file), Ok(bytes)) = (&alerts.file, serde_json::to_vec(&list)) else {
+                return;
+            };
+            if let Err(e) = crate::deployment::replace_file(file, &bytes) {
+                tracing::warn!(file = %file.display(), error = %e, "keeping the alerts failed");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(write)),
+            Err(_) => write(),
+        }
     }
 
     /// The last alerts, oldest first.
@@ -100,6 +163,7 @@ impl Alerts {
                 recent.pop_front();
             }
         }
+        self.keep();
         for hook in &self.webhooks {
             let alerts = self.clone();
             let hook = hook.clone();
@@ -119,6 +183,7 @@ impl Alerts {
                         a.failed += 1;
                     }
                 }
+                alerts.keep();
             });
         }
     }
@@ -196,6 +261,7 @@ pub async fn monitor(state: Arc<AppState>, mut shutdown: tokio::sync::watch::Rec
             &state.lakehouse,
             Some(&project),
             deployer.states().as_ref(),
+            &state.dead_letters,
         )
         .await
         {

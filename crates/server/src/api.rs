@@ -368,6 +368,49 @@ impl Text {
     }
 }
 
+/// A byte count in B, KiB, MiB, GiB or TiB.
+pub fn format_bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
+}
+
+/// Iceberg snapshot ids in JSON as strings: they are random 63-bit numbers, and jq or
+/// JavaScript round numbers above 2^53. Reads a number too.
+pub mod snapshot_id {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+        match id {
+            Some(id) => s.serialize_str(&id.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Id {
+            Text(String),
+            Number(i64),
+        }
+        match Option::<Id>::deserialize(d)? {
+            None => Ok(None),
+            Some(Id::Number(n)) => Ok(Some(n)),
+            Some(Id::Text(t)) => t.parse().map(Some).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// Milliseconds since the epoch as RFC 3339 (UTC, millisecond precision).
 pub fn format_timestamp(ms: i64) -> String {
     // RFC 3339 has four-digit years; later (or earlier) instants are shown as the number.
@@ -416,7 +459,20 @@ mod tests {
         let mut retired = VersionStatus::new("gold.revenue", "0a1b2c3d4e5f6071", "retired");
         retired.detail = Some("kept for `kappa rollback gold.revenue`".into());
         let status = StatusResponse {
-            models: Vec::new(),
+            models: vec![ModelStatus {
+                model: "gold.revenue".into(),
+                state: "running".into(),
+                detail: None,
+                version: "c46e19e1d11804a3".into(),
+                table_version: None,
+                rows: Some(12),
+                bytes: Some(48_310),
+                last_commit: Some("2026-12-02T10:59:59.500Z".into()),
+                lag_records: 0,
+                lag_seconds: Some(0.0),
+                records_per_second: None,
+                dead_letters: 0,
+            }],
             bronze: Vec::new(),
             dead_letters: Vec::new(),
             versions: vec![
@@ -435,7 +491,8 @@ mod tests {
             }],
         };
         expect_test::expect![[r#"
-            MODEL  STATE              ROWS       LAG  DEAD LETTERS  LAST COMMIT
+            MODEL         STATE              ROWS        SIZE       LAG  DEAD LETTERS  LAST COMMIT
+            gold.revenue  running              12    47.2 KiB         0             0  2026-12-02T10:59:59.500Z
 
             versions:
               gold.revenue  c46e19e1d11804a3  live
@@ -600,6 +657,10 @@ pub struct ModelStatus {
     /// Rows in the table's current snapshot; absent when there is no table yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows: Option<u64>,
+    /// Bytes of the data files of the table's current snapshot (Parquet, zstd); absent when
+    /// there is no table yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
     /// When the last commit was made (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_commit: Option<String>,
@@ -639,15 +700,16 @@ impl StatusResponse {
             .unwrap_or(5)
             .max(5);
         out.push_str(&format!(
-            "{:<width$}  {:<11}  {:>10}  {:>8}  {:>12}  LAST COMMIT\n",
-            "MODEL", "STATE", "ROWS", "LAG", "DEAD LETTERS"
+            "{:<width$}  {:<11}  {:>10}  {:>10}  {:>8}  {:>12}  LAST COMMIT\n",
+            "MODEL", "STATE", "ROWS", "SIZE", "LAG", "DEAD LETTERS"
         ));
         for m in self.bronze.iter().chain(&self.models) {
             out.push_str(&format!(
-                "{:<width$}  {:<11}  {:>10}  {:>8}  {:>12}  {}\n",
+                "{:<width$}  {:<11}  {:>10}  {:>10}  {:>8}  {:>12}  {}\n",
                 m.model,
                 m.state,
                 m.rows.map_or_else(|| "-".to_owned(), |r| r.to_string()),
+                m.bytes.map_or_else(|| "-".to_owned(), format_bytes),
                 m.lag_records,
                 m.dead_letters,
                 m.last_commit.as_deref().unwrap_or("-"),

@@ -22,6 +22,12 @@ pub struct ModelAudit {
     /// The predicate choosing the rows compared; absent: all rows.
     pub filter: Option<String>,
     pub measures: Vec<Measure>,
+    /// Columns the new version has and the old one does not (measured in the new only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub added_columns: Vec<String>,
+    /// Columns the old version has and the new one does not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed_columns: Vec<String>,
     /// Why the audit stops the cutover: a measure changed beyond `max_change`, or the audit
     /// could not be computed. Empty: the cutover may go on.
     pub failures: Vec<String>,
@@ -53,6 +59,8 @@ pub async fn audit(
         new_version: new.0.to_owned(),
         filter: audit.filter.clone(),
         measures: Vec::new(),
+        added_columns: Vec::new(),
+        removed_columns: Vec::new(),
         failures: Vec::new(),
     };
     if let Err(e) = measure(lakehouse, audit, old.map(|(_, t)| t), new.1, &mut report).await {
@@ -79,66 +87,107 @@ async fn measure(
         Some(table) if written(lakehouse, table).await => Some(table),
         _ => None,
     };
-    let columns = if audit.columns.is_empty() {
-        let (schema, _) = lakehouse
-            .query(&format!("SELECT * FROM {} LIMIT 0", sql_name(new)))
-            .await
-            .map_err(|e| e.to_string())?;
-        schema
-            .fields()
+    let schema_of = |table: &TableIdent| {
+        let sql = format!("SELECT * FROM {} LIMIT 0", sql_name(table));
+        async move {
+            let (schema, _) = lakehouse.query(&sql).await.map_err(|e| e.to_string())?;
+            Ok::<Vec<(String, DataType)>, String>(
+                schema
+                    .fields()
+                    .iter()
+                    .map(|f| (f.name().clone(), f.data_type().clone()))
+                    .collect(),
+            )
+        }
+    };
+    let new_fields = schema_of(new).await?;
+    let old_fields = match old {
+        Some(table) => Some(schema_of(table).await?),
+        None => None,
+    };
+    let has = |fields: &[(String, DataType)], column: &str| fields.iter().any(|(n, _)| n == column);
+    if let Some(old_fields) = &old_fields {
+        report.added_columns = new_fields
             .iter()
-            .filter(|f| {
-                f.data_type().is_numeric() || matches!(f.data_type(), DataType::Decimal128(..))
-            })
-            .map(|f| f.name().clone())
+            .filter(|(n, _)| !has(old_fields, n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        report.removed_columns = old_fields
+            .iter()
+            .filter(|(n, _)| !has(&new_fields, n))
+            .map(|(n, _)| n.clone())
+            .collect();
+    }
+    let columns: Vec<String> = if audit.columns.is_empty() {
+        new_fields
+            .iter()
+            .filter(|(_, t)| t.is_numeric() || matches!(t, DataType::Decimal128(..)))
+            .map(|(n, _)| n.clone())
             .collect()
     } else {
         audit.columns.clone()
     };
-    let mut select = vec!["CAST(count(*) AS VARCHAR)".to_owned()];
-    select.extend(
-        columns
-            .iter()
-            .map(|c| format!("CAST(sum(\"{}\") AS VARCHAR)", c.replace('"', "\"\""))),
-    );
     let filter = audit
         .filter
         .as_ref()
         .map(|f| format!(" WHERE {f}"))
         .unwrap_or_default();
-    let values = |table: &TableIdent| {
+    // The row count, then the sum of each of `columns` the table has (`None` for the others).
+    let values = |table: &TableIdent, fields: &[(String, DataType)]| {
+        let present: Vec<&String> = columns.iter().filter(|c| has(fields, c)).collect();
+        let mut select = vec!["CAST(count(*) AS VARCHAR)".to_owned()];
+        select.extend(
+            present
+                .iter()
+                .map(|c| format!("CAST(sum(\"{}\") AS VARCHAR)", c.replace('"', "\"\""))),
+        );
         let sql = format!(
             "SELECT {} FROM {}{filter}",
             select.join(", "),
             sql_name(table)
         );
+        let shape: Vec<bool> = columns.iter().map(|c| has(fields, c)).collect();
         async move {
             let (schema, batches) = lakehouse.query(&sql).await.map_err(|e| e.to_string())?;
             let answer = crate::api::SqlResponse::from_batches(&schema, &batches)?;
             let row = answer.rows.into_iter().next().unwrap_or_default();
-            Ok::<Vec<String>, String>(
-                row.into_iter()
-                    .map(|v| match v {
-                        serde_json::Value::String(s) => s,
-                        serde_json::Value::Null => "NULL".to_owned(),
-                        other => other.to_string(),
-                    })
-                    .collect(),
-            )
+            let mut found = row.into_iter().map(|v| match v {
+                serde_json::Value::String(s) => s,
+                serde_json::Value::Null => "NULL".to_owned(),
+                other => other.to_string(),
+            });
+            let rows = found.next();
+            let mut out = vec![rows];
+            for present in shape {
+                out.push(if present { found.next() } else { None });
+            }
+            Ok::<Vec<Option<String>>, String>(out)
         }
     };
-    let new_values = values(new).await?;
-    let old_values = match old {
-        Some(table) => Some(values(table).await?),
-        None => None,
+    let new_values = values(new, &new_fields).await?;
+    let old_values = match (old, &old_fields) {
+        (Some(table), Some(fields)) => Some(values(table, fields).await?),
+        _ => None,
     };
     let names =
         std::iter::once("rows".to_owned()).chain(columns.iter().map(|c| format!("sum({c})")));
     for (i, name) in names.enumerate() {
-        let new = new_values.get(i).cloned().unwrap_or_else(|| "NULL".into());
+        let Some(new) = new_values.get(i).cloned().flatten() else {
+            return Err(format!(
+                "the new version's table has no column `{}` to measure ([audit] columns); its \
+                 columns are: {}",
+                columns.get(i.wrapping_sub(1)).map_or("", String::as_str),
+                new_fields
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        };
+        // A column the old version lacks has no old value (and no change).
         let old = old_values
             .as_ref()
-            .map(|o| o.get(i).cloned().unwrap_or_else(|| "NULL".into()));
+            .and_then(|o| o.get(i).cloned().flatten());
         let change = old.as_deref().and_then(|old| relative_change(old, &new));
         if let (Some(limit), Some(change)) = (audit.max_change_bp, change)
             && change.abs() * 10_000.0 > limit as f64
@@ -225,6 +274,18 @@ impl ModelAudit {
                     .unwrap_or_else(|| "-".into())
             ));
         }
+        if !self.added_columns.is_empty() {
+            out.push_str(&format!(
+                "  new columns: {}\n",
+                self.added_columns.join(", ")
+            ));
+        }
+        if !self.removed_columns.is_empty() {
+            out.push_str(&format!(
+                "  removed columns: {}\n",
+                self.removed_columns.join(", ")
+            ));
+        }
         for failure in &self.failures {
             out.push_str(&format!("  FAILED: {failure}\n"));
         }
@@ -258,6 +319,73 @@ mod tests {
         assert!(report.measures.is_empty());
     }
 
+    /// A new version that adds a column is compared on the columns both have; the new one is
+    /// measured in the new version only and listed (it was a schema error naming the old
+    /// version's table).
+    #[tokio::test]
+    async fn a_column_only_the_new_version_has_is_listed_not_an_error() {
+        use arrow::array::{Int64Array, RecordBatch};
+        use arrow::datatypes::{Field, Schema};
+        use std::sync::Arc;
+
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let lakehouse = Lakehouse::open(dir.path()).await.expect("a lakehouse");
+        let write = |name: &'static str, columns: &'static [&'static str]| {
+            let lakehouse = lakehouse.clone();
+            async move {
+                let ident = kappa_lakehouse::table_ident("gold", name).expect("a name");
+                let schema = Arc::new(Schema::new(
+                    columns
+                        .iter()
+                        .map(|c| Field::new(*c, DataType::Int64, false))
+                        .collect::<Vec<_>>(),
+                ));
+                let batch = RecordBatch::try_new(
+                    schema.clone(),
+                    columns
+                        .iter()
+                        .map(|_| Arc::new(Int64Array::from(vec![1, 2, 3])) as _)
+                        .collect(),
+                )
+                .expect("a batch");
+                let table = lakehouse
+                    .ensure_table(&ident, &schema)
+                    .await
+                    .expect("a table");
+                lakehouse
+                    .append(&table, &[batch], Default::default())
+                    .await
+                    .expect("a commit");
+                ident
+            }
+        };
+        let old = write("v1", &["total"]).await;
+        let new = write("v2", &["total", "biggest"]).await;
+        let report = audit(
+            &lakehouse,
+            "gold.x",
+            &Audit::default(),
+            Some(("v1", &old)),
+            ("v2", &new),
+        )
+        .await;
+        assert_eq!(report.failures, Vec::<String>::new());
+        assert_eq!(report.added_columns, ["biggest"]);
+        let measured: Vec<(&str, Option<&str>, &str)> = report
+            .measures
+            .iter()
+            .map(|m| (m.name.as_str(), m.old.as_deref(), m.new.as_str()))
+            .collect();
+        assert_eq!(
+            measured,
+            [
+                ("rows", Some("3"), "3"),
+                ("sum(total)", Some("6"), "6"),
+                ("sum(biggest)", None, "6")
+            ]
+        );
+    }
+
     #[test]
     fn changes_are_relative_to_the_old_value() {
         assert_eq!(relative_change("200", "250"), Some(0.25));
@@ -287,6 +415,8 @@ mod tests {
                     change: relative_change("38911700.38", "45513379.63"),
                 },
             ],
+            added_columns: vec!["biggest".into()],
+            removed_columns: Vec::new(),
             failures: vec!["sum(tax) changed by +16.97 %".into()],
         };
         expect_test::expect![[r#"
@@ -294,6 +424,7 @@ mod tests {
                                 old          new  change
               rows               12           12  +0.00 %
               sum(tax)  38911700.38  45513379.63  +16.97 %
+              new columns: biggest
               FAILED: sum(tax) changed by +16.97 %
         "#]]
         .assert_eq(&audit.to_text());

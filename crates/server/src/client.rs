@@ -85,6 +85,14 @@ pub async fn connect(data_dir: &Path, server: Option<&str>) -> anyhow::Result<Cl
     }
 }
 
+/// The key the deployed project (the data directory's `deployment.json`) declares for `topic`:
+/// without a server, records are keyed as `kappa up` would key them.
+fn deployed_key(log: &Log, topic: &str) -> Option<String> {
+    let data_dir = log.dir().parent()?;
+    let deployment = crate::deployment::load(data_dir).ok().flatten()?;
+    deployment.project()?.topics.get(topic)?.key.clone()
+}
+
 /// The server named in the data directory's `server.json`, if it answers for this directory
 /// within `timeout_ms`.
 async fn server_of(data_dir: &Path, timeout_ms: u64) -> Option<Client> {
@@ -191,7 +199,11 @@ impl Client {
                 .await
             }
             Client::Direct { log } => {
-                Ok(service::produce(log, topic, body, key.map(str::to_owned)).await?)
+                let declared = match key {
+                    Some(_) => None,
+                    None => deployed_key(log, topic),
+                };
+                Ok(service::produce(log, topic, body, key.map(str::to_owned), declared).await?)
             }
         }
     }
@@ -332,7 +344,9 @@ impl Client {
                     }
                     p
                 });
-                let mut status = service::status(log, &lakehouse, project.as_ref(), None).await?;
+                let tally = crate::dead_letters::DeadLetterTally::new();
+                let mut status =
+                    service::status(log, &lakehouse, project.as_ref(), None, &tally).await?;
                 status.versions = crate::deployer::recorded_versions(&data_dir);
                 if let Some(project) = &project {
                     status.bronze = service::bronze_status(log, &lakehouse, project, None).await;

@@ -14,7 +14,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kappa_engine::runner::{OFFSETS_PROPERTY, Offsets, version_table};
+use anyhow::Context as _;
+
+use kappa_engine::runner::{OFFSETS_PROPERTY, Offsets, version_table, written_table};
 use kappa_lakehouse::{Lakehouse, TableIdent};
 use kappa_log::Log;
 use kappa_pipeline::deploy::Deployment;
@@ -142,11 +144,41 @@ impl Deployer {
             *audit = last;
         }
         let deployed = deployment::load(&deployer.data_dir)?.and_then(|d| d.project());
-        if let Some(deployed) = deployed {
-            let mut inner = deployer.inner.lock().await;
-            deployer.go_live(&mut inner, Arc::new(deployed));
+        match deployed {
+            Some(deployed) => {
+                let deployed = Arc::new(deployed);
+                // Every deployed topic's records are kept in bronze, as a deploy started them.
+                deployer
+                    .bronze
+                    .lock()
+                    .await
+                    .ensure(&deployer.log, &deployer.lakehouse, &deployed)
+                    .await;
+                let mut inner = deployer.inner.lock().await;
+                deployer.go_live(&mut inner, deployed);
+                drop(inner);
+                // A deploy in progress when the server stopped carries on.
+                if let Some(target) = deployment::load_target(&deployer.data_dir)?
+                    && let Some(project) = target.project()
+                {
+                    tracing::info!("a deploy was in progress when kappa stopped: it carries on");
+                    let project = Arc::new(project);
+                    let ensured = {
+                        let (log, project) = (deployer.log.clone(), project.clone());
+                        tokio::task::spawn_blocking(move || {
+                            crate::pipelines::ensure_topics(&log, &project)
+                        })
+                        .await
+                    };
+                    ensured.context("join topic creation")??;
+                    deployer.deploy(project, target.files).await?;
+                }
+            }
+            // The first start: the folder is deployed.
+            None => {
+                deployer.deploy(project, files).await?;
+            }
         }
-        deployer.deploy(project, files).await?;
         // Retired versions expire while the server runs: a look a minute.
         let weak = Arc::downgrade(&deployer);
         tokio::spawn(async move {
@@ -208,7 +240,30 @@ impl Deployer {
             .as_ref()
             .is_some_and(|l| l.models.keys().eq(project.models.keys()));
         if replaying.is_empty() && same_models && inner.live.is_some() {
-            // The same versions (the files may differ in spacing or comments).
+            // The same versions (the files may differ in spacing or comments). A model whose
+            // expectations changed runs on from its table with them: its runner starts again.
+            let rechecked: Vec<String> = match &live {
+                Some(before) => project
+                    .order
+                    .iter()
+                    .filter(|m| !same_checks(before, &project, m))
+                    .cloned()
+                    .collect(),
+                None => Vec::new(),
+            };
+            if let Some(running) = inner.live.as_mut()
+                && !rechecked.is_empty()
+            {
+                tracing::info!(models = ?rechecked, "deploying changed expectations: these runners start again with them");
+                running.stop_models(&rechecked).await;
+                running.start_more(
+                    self.log.clone(),
+                    self.lakehouse.clone(),
+                    project.clone(),
+                    &rechecked,
+                    &|_| true,
+                );
+            }
             if let Ok(mut live) = self.live.write()
                 && let Some((running, _)) = live.as_mut()
             {
@@ -232,6 +287,8 @@ impl Deployer {
             return Ok(replaying);
         }
         tracing::info!(models = ?replaying, "deploying: new versions replay beside the live ones");
+        // Recorded first, so that a restart carries the deploy on.
+        deployment::save_target(&self.data_dir, Some(&record))?;
         let runners = Pipelines::start_versions(
             self.log.clone(),
             self.lakehouse.clone(),
@@ -261,13 +318,12 @@ impl Deployer {
         });
         Ok(replaying)
     }
-
-    /// `project` with what each model reads: a model that `live` runs unchanged reads as it
-    /// does there; a model of `replaying` whose one upstream model is not replaying reads that
-    /// model's committed table as a stream ([`kappa_engine::upstream`]) when its result does not
-    /// depend on the order of its rows and its version's table was not already written from
-    /// the topics (a rollback to it resumes as it was written); every other model recomputes
-    /// its upstream models from their topics.
+    /// Which models read their upstream's published table (`Project::reads_tables`): every
+    /// model over one model whose shape runs over a table (`readable_upstream`), so that it
+    /// computes on what that model published — never on rows an audit holds back or a
+    /// discard drops — and the upstream is computed once. A version keeps the source it
+    /// started with: one whose table was written from the topics (by an earlier kappa) goes
+    /// on reading them.
     async fn choose_sources(
         &self,
         project: Arc<Project>,
@@ -276,33 +332,25 @@ impl Deployer {
     ) -> Project {
         let mut project = Arc::unwrap_or_clone(project);
         project.reads_tables.clear();
-        let Some(live) = live else {
-            if self.lakehouse.supports_aliases() {
-                self.read_audited_tables(&mut project).await;
-            }
-            return project;
-        };
-        for (id, upstream) in &live.reads_tables {
-            if !replaying.contains(id) && project.models.contains_key(id) {
-                project.reads_tables.insert(id.clone(), upstream.clone());
+        if let Some(live) = live {
+            for (id, upstream) in &live.reads_tables {
+                if !replaying.contains(id) && project.models.contains_key(id) {
+                    project.reads_tables.insert(id.clone(), upstream.clone());
+                }
             }
         }
-        if !self.lakehouse.supports_aliases() {
-            return project;
-        }
-        self.read_audited_tables(&mut project).await;
         let versions = kappa_pipeline::deploy::versions(&project);
-        for id in replaying {
-            let Some(upstream) = kappa_engine::upstream::readable_upstream(&project, id).await
+        for id in project.order.clone() {
+            if project.reads_tables.contains_key(&id) {
+                continue;
+            }
+            let Some(upstream) = kappa_engine::upstream::readable_upstream(&project, &id).await
             else {
                 continue;
             };
-            if replaying.contains(&upstream) || !live.models.contains_key(&upstream) {
-                continue;
-            }
-            if !self.written_from_topics(&project, &versions, id).await {
-                tracing::info!(model = %id, %upstream, "reads its unchanged upstream's table instead of recomputing it");
-                project.reads_tables.insert(id.clone(), upstream);
+            if !self.written_from_topics(&project, &versions, &id).await {
+                tracing::info!(model = %id, %upstream, "reads its upstream's published table");
+                project.reads_tables.insert(id, upstream);
             }
         }
         project
@@ -317,7 +365,7 @@ impl Deployer {
     ) -> bool {
         let model = &project.models[id];
         let version = versions.get(id).cloned().unwrap_or_default();
-        match version_table(&model.layer, &model.name, &version) {
+        match written_table(&self.lakehouse, &model.layer, &model.name, &version) {
             Ok(table) => {
                 let committed = committed_offsets(&self.lakehouse, &table).await;
                 !committed.is_empty()
@@ -326,30 +374,6 @@ impl Deployer {
                         .any(|k| k.starts_with(kappa_engine::upstream::TABLE_KEY_PREFIX))
             }
             Err(_) => true,
-        }
-    }
-
-    /// A model over an audited model (whose commits wait for their audit) reads what that model
-    /// published rather than recomputing it: it then never computes on rows a quarantine holds
-    /// back or a discard drops. Where it can (`readable_upstream`), and unless its version's
-    /// table was written from the topics already.
-    async fn read_audited_tables(&self, project: &mut Project) {
-        let versions = kappa_pipeline::deploy::versions(project);
-        for id in project.order.clone() {
-            if project.reads_tables.contains_key(&id) {
-                continue;
-            }
-            let Some(upstream) = kappa_engine::upstream::readable_upstream(project, &id).await
-            else {
-                continue;
-            };
-            if !kappa_engine::expect::audits_commits(&project.models[&upstream]) {
-                continue;
-            }
-            if !self.written_from_topics(project, &versions, &id).await {
-                tracing::info!(model = %id, %upstream, "reads its audited upstream's published table");
-                project.reads_tables.insert(id, upstream);
-            }
         }
     }
 
@@ -642,6 +666,7 @@ impl Deployer {
                 for (_, _, table) in &switches {
                     self.lakehouse.unblock(table);
                 }
+                self.forget_target();
                 self.release_stopped_readers(&inner);
                 return Ok(());
             }
@@ -650,7 +675,16 @@ impl Deployer {
                 let mut all = true;
                 for (id, _, table) in &switches {
                     let committed = committed_offsets(&self.lakehouse, table).await;
-                    all &= before.get(id).is_none_or(|ends| passed(&committed, ends));
+                    // A topic reader has caught up once it passed where its topics ended at
+                    // the last look; a reader of an upstream's table once it passed that
+                    // table's last commit now, so that it covers all its upstream covers
+                    // (which may itself be replaying, and passed its own ends meanwhile).
+                    let target = if project.reads_tables.contains_key(id) {
+                        ends.get(id)
+                    } else {
+                        before.get(id)
+                    };
+                    all &= target.is_none_or(|ends| passed(&committed, ends));
                 }
                 if all {
                     break;
@@ -668,6 +702,7 @@ impl Deployer {
             if let Some(pending) = inner.pending.take() {
                 pending.runners.stop().await;
             }
+            self.forget_target();
             self.release_stopped_readers(&inner);
             return Ok(());
         }
@@ -809,6 +844,8 @@ impl Deployer {
     /// Records `record` as deployed. When it `replaces` the recorded deployment (other
     /// versions), that one becomes its previous, for a rollback; otherwise the recorded one's
     /// previous stays.
+    /// Records `record` as what is deployed (`replaces`: as a new deployment the current one
+    /// retires to, kept for rollback); no deploy is in progress after it.
     fn record(&self, mut record: Deployment, replaces: bool) -> anyhow::Result<()> {
         let current = deployment::load(&self.data_dir)?;
         record.previous = match current {
@@ -820,7 +857,16 @@ impl Deployer {
             Some(current) => current.previous,
             None => None,
         };
-        deployment::save(&self.data_dir, &record)
+        deployment::save(&self.data_dir, &record)?;
+        deployment::save_target(&self.data_dir, None)
+    }
+
+    /// Forgets the deploy in progress (it stopped without a cutover): a restart serves what
+    /// is deployed and does not try it again.
+    fn forget_target(&self) {
+        if let Err(e) = deployment::save_target(&self.data_dir, None) {
+            tracing::warn!(error = %format!("{e:#}"), "forgetting the stopped deploy failed; a restart tries it again");
+        }
     }
 
     /// Drops the tables of the replaced deployment's versions once the live project's
@@ -961,7 +1007,10 @@ pub fn recorded_versions(data_dir: &std::path::Path) -> Vec<VersionStatus> {
 /// `after`: the model is there with the same version (not among `replaying`), and it reports
 /// the rejected records of the same topics (which model does can change with the others).
 fn runs_on(before: &Project, after: &Project, replaying: &[String], model: &str) -> bool {
-    if replaying.iter().any(|m| m == model) || !after.models.contains_key(model) {
+    if replaying.iter().any(|m| m == model)
+        || !after.models.contains_key(model)
+        || !same_checks(before, after, model)
+    {
         return false;
     }
     after.topics.keys().all(|topic| {
@@ -970,6 +1019,13 @@ fn runs_on(before: &Project, after: &Project, replaying: &[String], model: &str)
         };
         reports(before) == reports(after)
     })
+}
+
+/// Whether `model` has the same expectations in `before` and `after` (those of severity
+/// `drop` are part of its version; the others only decide what its runner checks).
+fn same_checks(before: &Project, after: &Project, model: &str) -> bool {
+    let checks = |p: &Project| p.models.get(model).map(|m| m.config.expectations.clone());
+    checks(before) == checks(after)
 }
 
 /// Milliseconds since the epoch.

@@ -10,10 +10,39 @@ use kappa_pipeline::deploy::Deployment;
 /// The file in the data directory.
 pub const DEPLOYMENT_FILE: &str = "deployment.json";
 
+/// The file in the data directory naming the deploy in progress (its project), so that a
+/// restart carries it on: `kappa up` serves what is deployed and changes it only through a
+/// deploy, never by reading the folder again.
+pub const TARGET_FILE: &str = "deploying.json";
+
 /// The deployment recorded in `data_dir`, if any.
 pub fn load(data_dir: &Path) -> anyhow::Result<Option<Deployment>> {
-    let path = data_dir.join(DEPLOYMENT_FILE);
-    let text = match std::fs::read_to_string(&path) {
+    load_file(&data_dir.join(DEPLOYMENT_FILE))
+}
+
+/// The deploy in progress recorded in `data_dir`, if one is.
+pub fn load_target(data_dir: &Path) -> anyhow::Result<Option<Deployment>> {
+    load_file(&data_dir.join(TARGET_FILE))
+}
+
+/// Records `target` as the deploy in progress in `data_dir`, or that none is (`None`).
+pub fn save_target(data_dir: &Path, target: Option<&Deployment>) -> anyhow::Result<()> {
+    let path = data_dir.join(TARGET_FILE);
+    match target {
+        Some(target) => {
+            let text = serde_json::to_vec_pretty(target).context("serialize the deploy")?;
+            replace_file(&path, &text).with_context(|| format!("write {}", path.display()))
+        }
+        None => match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("remove {}", path.display())),
+        },
+    }
+}
+
+fn load_file(path: &Path) -> anyhow::Result<Option<Deployment>> {
+    let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),

@@ -211,6 +211,7 @@ async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError
             .and_then(|d| d.live_project())
             .as_deref(),
         state.deployer.as_ref().and_then(|d| d.states()).as_ref(),
+        &state.dead_letters,
     )
     .await?;
     status.versions = match &state.deployer {
@@ -600,7 +601,9 @@ async fn produce(
         }
     };
     let bytes = body.len() as u64;
-    let response = service::produce(&state.log, &topic, body, query.key).await?;
+    // Without `?key=`, records are keyed as the running project declares the topic's key.
+    let declared = running_project(&state).and_then(|p| p.topics.get(&topic)?.key.clone());
+    let response = service::produce(&state.log, &topic, body, query.key, declared).await?;
     state
         .metrics
         .ingest_records

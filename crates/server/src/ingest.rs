@@ -32,12 +32,37 @@ impl IngestError {
     }
 }
 
+/// Where the records of a produce request get their keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFrom<'a> {
+    /// No key: the log spreads the records over the partitions.
+    Nothing,
+    /// The field the request names (`--key`, `?key=`): every record must be an object that
+    /// has it.
+    Field(&'a str),
+    /// The key the topic declares (`key` in `topics/<topic>.toml`), used when no field is
+    /// named: a record that is no object or lacks the field has no key (the models that read
+    /// the topic judge it), so that producers and the declared partitioning agree.
+    Declared(&'a str),
+}
+
+impl<'a> KeyFrom<'a> {
+    /// The field named by a request, else the topic's declared key, else none.
+    pub fn of(named: Option<&'a str>, declared: Option<&'a str>) -> KeyFrom<'a> {
+        match (named, declared) {
+            (Some(field), _) => KeyFrom::Field(field),
+            (None, Some(field)) => KeyFrom::Declared(field),
+            (None, None) => KeyFrom::Nothing,
+        }
+    }
+}
+
 /// Parses an NDJSON body into records. Blank lines are skipped; every other line must be one
-/// JSON value. With `key_field`, every record must be an object and its key is that field
-/// (a string's text, or the JSON text of any other value; `null` means no key).
+/// JSON value. The key of a record is the field `key` says (a string's text, or the JSON text
+/// of any other value; `null` means no key).
 ///
 /// All or nothing: the first bad line fails the whole body.
-pub fn parse_ndjson(body: &Bytes, key_field: Option<&str>) -> Result<Vec<Record>, IngestError> {
+pub fn parse_ndjson(body: &Bytes, key: KeyFrom<'_>) -> Result<Vec<Record>, IngestError> {
     let mut records = Vec::new();
     let mut start = 0usize;
     let mut line_no = 0u64;
@@ -50,7 +75,7 @@ pub fn parse_ndjson(body: &Bytes, key_field: Option<&str>) -> Result<Vec<Record>
         }
         let line = &body[start..line_end];
         if !line.iter().all(u8::is_ascii_whitespace) {
-            let key = check_line(line, key_field).map_err(|(at, reason)| IngestError {
+            let key = check_line(line, key).map_err(|(at, reason)| IngestError {
                 line: line_no,
                 byte_offset: (start + at) as u64,
                 reason,
@@ -71,7 +96,7 @@ pub fn count_lines(body: &[u8]) -> u64 {
     memchr::memchr_iter(b'\n', body).count() as u64
 }
 
-fn check_line(line: &[u8], key_field: Option<&str>) -> Result<Option<Bytes>, (usize, String)> {
+fn check_line(line: &[u8], key_from: KeyFrom<'_>) -> Result<Option<Bytes>, (usize, String)> {
     let at = |e: &serde_json::Error| match e.classify() {
         // The line ended too early: the problem is where it ends.
         serde_json::error::Category::Eof => line.len(),
@@ -97,13 +122,24 @@ fn check_line(line: &[u8], key_field: Option<&str>) -> Result<Option<Bytes>, (us
         ));
     }
     let mut de = serde_json::Deserializer::from_slice(line);
-    let key = match key_field {
-        None => {
+    // A declared key is taken from objects that have it; any other value is read as JSON only.
+    let declared = match key_from {
+        KeyFrom::Declared(field) => {
+            let mut probe = serde_json::Deserializer::from_slice(line);
+            match (KeyOf { field }).deserialize(&mut probe) {
+                Ok(Some(value)) if probe.end().is_ok() => Some(value),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    let key = match key_from {
+        KeyFrom::Nothing | KeyFrom::Declared(_) => {
             <IgnoredAny as serde::Deserialize>::deserialize(&mut de)
                 .map_err(|e| (at(&e), reason(e)))?;
-            None
+            declared.and_then(key_bytes)
         }
-        Some(field) => {
+        KeyFrom::Field(field) => {
             let found = KeyOf { field }
                 .deserialize(&mut de)
                 .map_err(|e| (at(&e), reason(e)))?;
@@ -114,9 +150,7 @@ fn check_line(line: &[u8], key_field: Option<&str>) -> Result<Option<Bytes>, (us
                         format!("field `{field}` is missing; --key needs it in every record"),
                     ));
                 }
-                Some(serde_json::Value::Null) => None,
-                Some(serde_json::Value::String(s)) => Some(Bytes::from(s)),
-                Some(other) => Some(Bytes::from(other.to_string())),
+                Some(value) => key_bytes(value),
             }
         }
     };
@@ -132,6 +166,16 @@ fn check_line(line: &[u8], key_field: Option<&str>) -> Result<Option<Bytes>, (us
         return Err((at, format!("nested deeper than {JSON_DEPTH_MAX} levels")));
     }
     Ok(key)
+}
+
+/// A key field's value as the record's key: a string's text, or the JSON text of any other
+/// value; `null` is no key.
+fn key_bytes(value: serde_json::Value) -> Option<Bytes> {
+    match value {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(Bytes::from(s)),
+        other => Some(Bytes::from(other.to_string())),
+    }
 }
 
 /// Where valid JSON first nests deeper than [`JSON_DEPTH_MAX`], if it does.
@@ -200,7 +244,10 @@ mod tests {
     use super::*;
 
     fn parse(s: &str, key: Option<&str>) -> Result<Vec<Record>, IngestError> {
-        parse_ndjson(&Bytes::copy_from_slice(s.as_bytes()), key)
+        parse_ndjson(
+            &Bytes::copy_from_slice(s.as_bytes()),
+            key.map_or(KeyFrom::Nothing, KeyFrom::Field),
+        )
     }
 
     #[test]
@@ -229,6 +276,36 @@ mod tests {
                 Some(Bytes::from("y"))
             ]
         );
+    }
+
+    #[test]
+    fn a_declared_key_is_taken_where_records_have_it() {
+        let body = "{\"c\":\"x\"}\n{\"n\":1}\n[1]\n{\"c\":7}\n\"text\"\n";
+        let keys: Vec<Option<Bytes>> = parse_ndjson(&Bytes::from(body), KeyFrom::Declared("c"))
+            .unwrap()
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                Some(Bytes::from("x")),
+                None,
+                None,
+                Some(Bytes::from("7")),
+                None
+            ]
+        );
+        // Invalid JSON is refused as without a key.
+        let err = parse_ndjson(
+            &Bytes::from("{\"c\":1}\n{\"c\" 2}\n"),
+            KeyFrom::Declared("c"),
+        )
+        .unwrap_err();
+        assert_eq!(err.line, 2);
+        assert_eq!(KeyFrom::of(Some("a"), Some("b")), KeyFrom::Field("a"));
+        assert_eq!(KeyFrom::of(None, Some("b")), KeyFrom::Declared("b"));
+        assert_eq!(KeyFrom::of(None, None), KeyFrom::Nothing);
     }
 
     #[test]
@@ -264,7 +341,8 @@ mod tests {
             err.reason
         );
 
-        let err = parse_ndjson(&Bytes::from_static(b"{}\n\"\xff\"\n"), None).unwrap_err();
+        let err =
+            parse_ndjson(&Bytes::from_static(b"{}\n\"\xff\"\n"), KeyFrom::Nothing).unwrap_err();
         assert_eq!((err.line, err.byte_offset), (2, 4));
         assert!(err.reason.contains("invalid UTF-8"), "{}", err.reason);
 
@@ -292,8 +370,9 @@ mod tests {
         #[test]
         fn any_bytes_give_records_or_an_error_never_a_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
             let body = Bytes::from(bytes);
-            let _ = parse_ndjson(&body, None);
-            let _ = parse_ndjson(&body, Some("k"));
+            let _ = parse_ndjson(&body, KeyFrom::Nothing);
+            let _ = parse_ndjson(&body, KeyFrom::Field("k"));
+            let _ = parse_ndjson(&body, KeyFrom::Declared("k"));
         }
     }
 }

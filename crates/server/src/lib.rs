@@ -13,6 +13,7 @@ pub mod api;
 pub mod audit;
 pub mod client;
 pub mod config;
+pub mod dead_letters;
 pub mod deployer;
 pub mod deployment;
 pub mod http;
@@ -72,6 +73,8 @@ pub struct AppState {
     pub alerts: Arc<alerts::Alerts>,
     /// Counters for `GET /metrics`.
     pub metrics: Arc<metrics::Metrics>,
+    /// The dead letters counted so far, for the status.
+    pub dead_letters: Arc<dead_letters::DeadLetterTally>,
 }
 
 impl AppState {
@@ -118,8 +121,33 @@ impl Server {
             tracing::info!(?event, "recovery");
         }
         let log = Arc::new(log);
-        let project = match &config.project_dir {
-            Some(dir) => {
+        // The ports first: a start that cannot bind them fails before any runner starts.
+        let listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("bind the HTTP API to {}", config.http_addr))?;
+        let http_addr = listener
+            .local_addr()
+            .context("read the bound HTTP address")?;
+        let pg_listener = tokio::net::TcpListener::bind(config.pg_addr)
+            .await
+            .with_context(|| format!("bind the Postgres endpoint to {}", config.pg_addr))?;
+        let pg_addr = pg_listener
+            .local_addr()
+            .context("read the bound Postgres address")?;
+        // What runs: what is deployed, or — the first time — the folder. The folder changes
+        // what runs only through `kappa deploy`, so an edit not deployed (even one that does
+        // not check) never stops the deployed versions from serving after a restart.
+        let deployed = deployment::load(&data_dir)?.and_then(|d| {
+            let project = d.project()?;
+            Some((Arc::new(project), d.files))
+        });
+        let project = match (&config.project_dir, deployed) {
+            (Some(dir), Some((deployed, files))) => {
+                kappa_engine::mask::read_hash_key_from(deployed.config.masking.secret_env());
+                project::warn_if_not_deployed(dir, &deployed, &files).await;
+                Some((deployed, files))
+            }
+            (Some(dir), None) => {
                 let files = project::read_files(dir)?;
                 match project::check_files(&files).await {
                     Ok(project) => Some((Arc::new(project), files)),
@@ -134,7 +162,7 @@ impl Server {
                     }
                 }
             }
-            None => None,
+            (None, _) => None,
         };
         // The project says where the warehouse is; it is recorded in the data directory for
         // the commands that work on it without a project or a server.
@@ -161,6 +189,7 @@ impl Server {
                 .as_ref()
                 .map(|(p, _)| p.config.alerts.clone())
                 .unwrap_or_default(),
+            Some(&data_dir),
         );
         let deployer = match project {
             Some((project, files)) => {
@@ -185,18 +214,6 @@ impl Server {
             }
             None => None,
         };
-        let listener = tokio::net::TcpListener::bind(config.http_addr)
-            .await
-            .with_context(|| format!("bind the HTTP API to {}", config.http_addr))?;
-        let http_addr = listener
-            .local_addr()
-            .context("read the bound HTTP address")?;
-        let pg_listener = tokio::net::TcpListener::bind(config.pg_addr)
-            .await
-            .with_context(|| format!("bind the Postgres endpoint to {}", config.pg_addr))?;
-        let pg_addr = pg_listener
-            .local_addr()
-            .context("read the bound Postgres address")?;
         let file = ServerFile {
             pid: std::process::id(),
             http: format!("http://{http_addr}"),
@@ -215,6 +232,7 @@ impl Server {
             deployer: deployer.clone(),
             alerts,
             metrics: Arc::default(),
+            dead_letters: dead_letters::DeadLetterTally::new(),
         });
         Ok(Server {
             state,

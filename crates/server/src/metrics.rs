@@ -113,6 +113,7 @@ pub async fn render(state: &AppState) -> String {
         &state.lakehouse,
         project.as_deref(),
         runners.as_ref(),
+        &state.dead_letters,
     )
     .await
     {

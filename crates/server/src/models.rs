@@ -85,17 +85,20 @@ pub async fn models(
         })
         .collect();
     let mut models = Vec::new();
+    // Every model's version at once: each hashes the versions of what it reads.
+    let versions = kappa_pipeline::deploy::versions(project);
     for id in &project.order {
         let Some(model) = project.models.get(id) else {
             continue;
         };
-        let counted = last_commit_failures(lakehouse, project, id).await;
+        let version = versions.get(id).cloned().unwrap_or_default();
+        let counted = last_commit_failures(lakehouse, model, &version).await;
         models.push(ModelNode {
             model: id.clone(),
             layer: model.layer.clone(),
             name: model.name.clone(),
             materialization: model.config.materialization,
-            version: kappa_engine::runner::model_version(project, id),
+            version,
             inputs: model
                 .inputs
                 .iter()
@@ -138,10 +141,11 @@ pub async fn models(
 /// The failing-row counts `model`'s newest commit recorded; absent without a commit.
 async fn last_commit_failures(
     lakehouse: &kappa_lakehouse::Lakehouse,
-    project: &Project,
-    model: &str,
+    model: &kappa_pipeline::Model,
+    version: &str,
 ) -> Option<BTreeMap<String, u64>> {
-    let ident = kappa_engine::runner::live_table(lakehouse, project, model).ok()?;
+    let ident =
+        kappa_engine::runner::written_table(lakehouse, &model.layer, &model.name, version).ok()?;
     let table = lakehouse.load_table(&ident).await.ok()?;
     let head = kappa_lakehouse::wap::head(&table)?;
     Some(

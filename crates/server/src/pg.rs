@@ -830,9 +830,28 @@ fn refuse_engine_settings(query: &str) -> PgWireResult<()> {
                 format!("`{statement}`: {why}"),
             ))));
         }
+        // Writes get the one error Postgres gives them on a read-only transaction, whatever
+        // the engine would have said (a missing table, an unsupported statement).
+        if let Some(write) = words.first().filter(|w| WRITES.contains(w)) {
+            return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+                "ERROR".into(),
+                "25006".into(),
+                format!(
+                    "cannot execute {} in a read-only transaction: the endpoint serves the \
+                     tables kappa's models write, and clients only read them",
+                    write.to_uppercase()
+                ),
+            ))));
+        }
     }
     Ok(())
 }
+
+/// The first words of statements that write: refused as read-only (SQLSTATE 25006).
+const WRITES: &[&str] = &[
+    "insert", "update", "delete", "merge", "upsert", "create", "drop", "alter", "truncate",
+    "grant", "revoke", "vacuum",
+];
 
 /// The statements of `query`, lowercased, without comments and double quotes, and with the
 /// spaces around dots removed (`datafusion . runtime` is one name); split at semicolons.
@@ -1220,6 +1239,18 @@ mod tests {
             "SELECT count(*) FROM silver.orders",
         ] {
             assert!(refuse_engine_settings(passes).is_ok(), "{passes}");
+        }
+        for write in [
+            "INSERT INTO silver.orders VALUES (1)",
+            "delete from gold.revenue",
+            "SELECT 1; DROP TABLE silver.orders",
+            "/* x */ CREATE TABLE t (a int)",
+        ] {
+            let refused_as = refuse_engine_settings(write).unwrap_err().to_string();
+            assert!(
+                refused_as.contains("25006") && refused_as.contains("read-only"),
+                "{write}: {refused_as}"
+            );
         }
     }
 

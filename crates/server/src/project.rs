@@ -64,6 +64,45 @@ pub async fn check_files(
     }
 }
 
+/// Says (as a warning) when the folder `dir` holds something other than what is deployed
+/// (`deployed`, from `files`): `kappa up` serves what is deployed, and the folder's changes
+/// wait for `kappa deploy`.
+pub async fn warn_if_not_deployed(
+    dir: &Path,
+    deployed: &kappa_pipeline::Project,
+    files: &ProjectFiles,
+) {
+    let folder = match read_files(dir) {
+        Ok(folder) => folder,
+        Err(e) => {
+            tracing::warn!(folder = %dir.display(), error = %format!("{e:#}"), "the project folder cannot be read; serving what is deployed");
+            return;
+        }
+    };
+    if &folder == files {
+        return;
+    }
+    match check_files(&folder).await {
+        Err(diagnostics) => {
+            let lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
+            tracing::warn!(folder = %dir.display(), "the project folder has problems; serving what is deployed until a deploy of a folder that checks clean:\n{}", lines.join("\n"));
+        }
+        Ok(project) => {
+            let record = kappa_pipeline::deploy::Deployment::of(deployed, files);
+            let changed: Vec<String> = kappa_pipeline::deploy::plan(&project, &record)
+                .into_iter()
+                .filter(|p| p.change != kappa_pipeline::deploy::Change::Unchanged)
+                .map(|p| p.model)
+                .collect();
+            if !changed.is_empty() {
+                tracing::warn!(folder = %dir.display(), models = ?changed, "the project folder differs from what is deployed; serving what is deployed (`kappa plan` shows the difference, `kappa deploy` applies it)");
+            }
+        }
+    }
+    // The folder's check read its hash key; what runs is the deployed project.
+    kappa_engine::mask::read_hash_key_from(deployed.config.masking.secret_env());
+}
+
 /// Puts the project file `relative` (`models/gold/revenue.sql`) of the folder `dir` back to
 /// `text`, or removes it when `text` is `None`; durable when this returns.
 pub fn restore_file(dir: &Path, relative: &str, text: Option<&str>) -> anyhow::Result<()> {

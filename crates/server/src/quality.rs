@@ -31,9 +31,12 @@ const FORGET: &[&str] = &[
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditResponse {
     pub model: String,
-    /// The snapshot readers see.
+    /// The snapshot readers see (its id as a string: ids exceed what JSON numbers hold
+    /// exactly in jq or JavaScript).
+    #[serde(with = "crate::api::snapshot_id")]
     pub published: Option<i64>,
     /// The newest snapshot waiting for publication on the audit branch, if one waits.
+    #[serde(with = "crate::api::snapshot_id")]
     pub waiting: Option<i64>,
     pub expectations: Vec<AuditedExpectation>,
 }
@@ -69,7 +72,8 @@ pub struct DecisionResponse {
     pub decision: Decision,
     /// False when no commit waited.
     pub decided: bool,
-    /// The snapshot readers see now.
+    /// The snapshot readers see now (its id as a string).
+    #[serde(with = "crate::api::snapshot_id")]
     pub published: Option<i64>,
 }
 

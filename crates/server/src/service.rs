@@ -8,7 +8,7 @@ use bytes::Bytes;
 use kappa_log::{Log, LogError, StartAt};
 
 use crate::api::{ConsumedRecord, OffsetsResponse, ProduceResponse, TopicInfo};
-use crate::ingest::{IngestError, parse_ndjson};
+use crate::ingest::{IngestError, KeyFrom, parse_ndjson};
 
 /// Most records one read returns.
 pub const READ_RECORDS_MAX: usize = 100_000;
@@ -32,17 +32,21 @@ pub enum ServiceError {
     Internal(String),
 }
 
-/// Parses an NDJSON body and appends it; all or nothing on parse errors.
+/// Parses an NDJSON body and appends it; all or nothing on parse errors. Records are keyed by
+/// the field `named` (every record must have it), else by the topic's `declared` key.
 pub async fn produce(
     log: &Log,
     topic: &str,
     body: Bytes,
-    key_field: Option<String>,
+    named: Option<String>,
+    declared: Option<String>,
 ) -> Result<ProduceResponse, ServiceError> {
     let topic = log.topic(topic)?;
-    let records = tokio::task::spawn_blocking(move || parse_ndjson(&body, key_field.as_deref()))
-        .await
-        .map_err(|e| ServiceError::Internal(e.to_string()))??;
+    let records = tokio::task::spawn_blocking(move || {
+        parse_ndjson(&body, KeyFrom::of(named.as_deref(), declared.as_deref()))
+    })
+    .await
+    .map_err(|e| ServiceError::Internal(e.to_string()))??;
     let offsets = topic.append(records).await?;
     Ok(ProduceResponse {
         topic: topic.name().to_owned(),
@@ -174,17 +178,61 @@ async fn answer(
     sql: &str,
     limits: Option<crate::config::QueryLimits>,
 ) -> Result<crate::isolated::Answer, ServiceError> {
-    let Some(limits) = limits else {
-        return lakehouse.query(sql).await.map_err(query_error);
+    let answered = match limits {
+        None => lakehouse.query(sql).await.map_err(query_error),
+        Some(limits) => {
+            // The catalog is read here, on the server's runtime, whose catalog connections
+            // these are.
+            let ctx = lakehouse.session().await.map_err(query_error)?;
+            crate::isolated::query(ctx, sql.to_owned(), limits)
+                .await
+                .map_err(|e| match e {
+                    crate::isolated::QueryError::Query(message) => {
+                        ServiceError::BadRequest(message)
+                    }
+                    crate::isolated::QueryError::Internal(message) => {
+                        ServiceError::Internal(message)
+                    }
+                })
+        }
     };
-    // The catalog is read here, on the server's runtime, whose catalog connections these are.
-    let ctx = lakehouse.session().await.map_err(query_error)?;
-    crate::isolated::query(ctx, sql.to_owned(), limits)
-        .await
-        .map_err(|e| match e {
-            crate::isolated::QueryError::Query(message) => ServiceError::BadRequest(message),
-            crate::isolated::QueryError::Internal(message) => ServiceError::Internal(message),
+    match answered {
+        Err(ServiceError::BadRequest(message)) => Err(ServiceError::BadRequest(
+            with_candidates(lakehouse, message).await,
+        )),
+        other => other,
+    }
+}
+
+/// A query's "table not found" with the tables of that name in the layers appended
+/// (`orders` → `bronze.orders`, `silver.orders`), so the reader knows what to write.
+async fn with_candidates(lakehouse: &kappa_lakehouse::Lakehouse, message: String) -> String {
+    // DataFusion: "Error during planning: table 'kappa.public.orders' not found".
+    let Some(missing) = message
+        .split_once("table '")
+        .and_then(|(_, rest)| rest.split_once("' not found"))
+        .map(|(name, _)| name.rsplit('.').next().unwrap_or(name).to_owned())
+    else {
+        return message;
+    };
+    let Ok(tables) = lakehouse.catalog_state().await else {
+        return message;
+    };
+    let candidates: Vec<String> = tables
+        .into_iter()
+        .filter(|(namespace, name, _)| {
+            name == &missing && !namespace.is_empty() && !namespace.starts_with("kappa_")
         })
+        .map(|(namespace, name, _)| format!("{namespace}.{name}"))
+        .collect();
+    match candidates.as_slice() {
+        [] => message,
+        [one] => format!("{message}; did you mean {one}?"),
+        many => format!(
+            "{message}; `{missing}` is in several layers, name one: {}",
+            many.join(", ")
+        ),
+    }
 }
 
 /// A query's failure: the query's fault (400) or the server's.
@@ -245,25 +293,31 @@ pub async fn create_topic(
     .map_err(|e| ServiceError::Internal(e.to_string()))?
 }
 
-/// Every model's state, table and lag, and the dead letters. `runners` is what a running
-/// `kappa up` knows of its runners; without it every model is `stopped`.
+/// Every model's state, table and lag, and the dead letters (counted by `tally`, which reads
+/// only the letters that arrived since it last did). `runners` is what a running `kappa up`
+/// knows of its runners; without it every model is `stopped`.
 pub async fn status(
     log: &Arc<Log>,
     lakehouse: &kappa_lakehouse::Lakehouse,
     project: Option<&kappa_pipeline::Project>,
     runners: Option<&crate::pipelines::RunnerStates>,
+    tally: &Arc<crate::dead_letters::DeadLetterTally>,
 ) -> Result<crate::api::StatusResponse, ServiceError> {
     let dead_letters = {
-        let log = log.clone();
-        tokio::task::spawn_blocking(move || dead_letter_counts(&log))
+        let (log, tally) = (log.clone(), tally.clone());
+        tokio::task::spawn_blocking(move || tally.counts(&log))
             .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))?
+            .map_err(|e| ServiceError::Internal(e.to_string()))??
     };
     let mut models = Vec::new();
     // Without a project there are no models to report, only the dead letters.
     if let Some(project) = project {
+        let versions = kappa_pipeline::deploy::versions(project);
         for id in &project.order {
-            models.push(model_status(log, lakehouse, project, id, runners, &dead_letters).await);
+            let version = versions.get(id).cloned().unwrap_or_default();
+            models.push(
+                model_status(log, lakehouse, project, id, version, runners, &dead_letters).await,
+            );
         }
     }
     Ok(crate::api::StatusResponse {
@@ -281,10 +335,11 @@ async fn model_status(
     lakehouse: &kappa_lakehouse::Lakehouse,
     project: &kappa_pipeline::Project,
     id: &str,
+    version: String,
     runners: Option<&crate::pipelines::RunnerStates>,
     dead_letters: &[crate::api::DeadLetterCount],
 ) -> crate::api::ModelStatus {
-    use kappa_engine::runner::{VERSION_PROPERTY, model_version};
+    use kappa_engine::runner::VERSION_PROPERTY;
 
     let model = &project.models[id];
     let snapshot = published(
@@ -299,7 +354,6 @@ async fn model_status(
     };
     let (state, detail) = runner_state(runners.and_then(|r| r.get(id)));
     let rows = rows_of(snapshot.as_ref());
-    let version = model_version(project, id);
     let records_per_second = kappa_engine::metrics::THROUGHPUT.rate(id, &version);
     crate::api::ModelStatus {
         model: id.to_owned(),
@@ -310,6 +364,7 @@ async fn model_status(
             .as_ref()
             .and_then(|(p, _)| p.get(VERSION_PROPERTY).cloned()),
         rows,
+        bytes: bytes_of(snapshot.as_ref()),
         last_commit: snapshot
             .as_ref()
             .map(|(_, ms)| crate::api::format_timestamp(*ms)),
@@ -371,6 +426,7 @@ pub async fn bronze_status(
             version: "raw".to_owned(),
             table_version: None,
             rows: rows_of(snapshot.as_ref()),
+            bytes: bytes_of(snapshot.as_ref()),
             last_commit: snapshot
                 .as_ref()
                 .map(|(_, ms)| crate::api::format_timestamp(*ms)),
@@ -402,6 +458,13 @@ fn rows_of(snapshot: Option<&(std::collections::HashMap<String, String>, i64)>) 
             .and_then(|n| n.parse().ok())
             .unwrap_or(0),
     )
+}
+
+/// The bytes of data files a published snapshot holds (its `total-files-size`, which every
+/// commit writes); `None` without a snapshot or before commits recorded it.
+fn bytes_of(snapshot: Option<&(std::collections::HashMap<String, String>, i64)>) -> Option<u64> {
+    let (properties, _) = snapshot?;
+    properties.get("total-files-size")?.parse().ok()
 }
 
 /// The offsets a snapshot's `kappa.offsets` records.
@@ -490,42 +553,4 @@ async fn upstream_lag(
         Err(_) => 0,
     };
     topic_lag(log, project, upstream, &upstream_committed) + unread
-}
-
-/// Counts the dead-letter topic's records per model and topic.
-fn dead_letter_counts(log: &Log) -> Vec<crate::api::DeadLetterCount> {
-    let mut counts: std::collections::BTreeMap<(String, String), (u64, String)> =
-        Default::default();
-    let Ok(topic) = log.topic(kappa_engine::runner::DEAD_LETTER_TOPIC) else {
-        return Vec::new();
-    };
-    for partition in topic.partitions() {
-        let Ok(mut reader) = partition.reader(StartAt::Beginning) else {
-            continue;
-        };
-        while let Ok(Some(chunk)) = reader.read(1 << 20) {
-            for record in chunk.records().flatten() {
-                let Ok(letter) = serde_json::from_slice::<serde_json::Value>(record.value) else {
-                    continue;
-                };
-                let text = |k: &str| letter[k].as_str().unwrap_or("?").to_owned();
-                let entry = counts
-                    .entry((text("model"), text("topic")))
-                    .or_insert((0, String::new()));
-                entry.0 += 1;
-                entry.1 = text("reason");
-            }
-        }
-    }
-    counts
-        .into_iter()
-        .map(
-            |((model, topic), (count, last_reason))| crate::api::DeadLetterCount {
-                model,
-                topic,
-                count,
-                last_reason,
-            },
-        )
-        .collect()
 }

@@ -103,6 +103,79 @@ fn topics_produce_and_consume_on_a_data_directory() {
     );
 }
 
+/// Without `--key`, records are keyed by the topic's declared key (the example's orders by
+/// `customer_id`), through a server and without one: one customer's orders share a partition.
+#[test]
+fn produce_keys_records_by_the_topics_declared_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    init(&dir);
+    let data = dir.join(".kappa");
+    let project = dir.to_str().unwrap();
+    let order = |id: u32, customer: &str| {
+        format!(
+            "{{\"order_id\":{id},\"customer_id\":\"{customer}\",\"product_id\":\"p1\",\
+             \"region\":\"north\",\"quantity\":1,\"unit_price\":\"1.00\",\
+             \"ts\":\"2026-01-05T08:00:00Z\"}}\n"
+        )
+    };
+    let mut orders = String::new();
+    for id in 0..16 {
+        orders.push_str(&order(id, &format!("c-{}", id % 3)));
+    }
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    let out = kappa(&data, &["produce", "orders"], Some(orders.as_bytes()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(up.terminate().unwrap().success());
+    // Without a server: keyed as the deployed project declares.
+    let out = kappa(
+        &data,
+        &["produce", "orders"],
+        Some(order(99, "c-1").as_bytes()),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = kappa(&data, &["consume", "orders", "--json"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut partitions: std::collections::BTreeMap<String, std::collections::BTreeSet<u64>> =
+        Default::default();
+    for line in stdout(&out).lines() {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(record["key"], record["value"]["customer_id"], "{line}");
+        partitions
+            .entry(record["key"].as_str().unwrap().to_owned())
+            .or_default()
+            .insert(record["partition"].as_u64().unwrap());
+    }
+    assert_eq!(partitions.len(), 3, "{partitions:?}");
+    assert!(partitions.values().all(|p| p.len() == 1), "{partitions:?}");
+}
+
+/// Commands that only read leave nothing behind where nothing ran: `kappa status` in an
+/// empty folder says where it looked, and creates no `.kappa/`.
+#[test]
+fn reading_commands_outside_a_project_create_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    for args in [
+        &["status"][..],
+        &["sql", "SELECT 1"],
+        &["consume", "orders"],
+    ] {
+        let out = Command::new(KAPPA)
+            .args(args)
+            .current_dir(tmp.path())
+            .env_remove("KAPPA_DATA_DIR")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            stderr(&out).contains("no kappa data directory at"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    assert!(!tmp.path().join(".kappa").exists());
+}
+
 #[test]
 fn bad_input_fails_with_a_located_reason_and_appends_nothing() {
     let tmp = tempfile::tempdir().unwrap();
@@ -601,6 +674,23 @@ fn up_runs_models_into_iceberg_and_sql_reads_them() {
         "{running}"
     );
     assert_eq!(running["models"][3]["rows"], 11);
+    // Each table's size is its data files' bytes.
+    assert!(
+        running["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["bytes"].as_u64().is_some_and(|b| b > 0)),
+        "{running}"
+    );
+    // A table named without its layer: the error names the layers that have it.
+    let out = with_project(&["sql", "SELECT * FROM orders"], None);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("name one: bronze.orders, silver.orders"),
+        "{}",
+        stderr(&out)
+    );
     let text = stdout(&with_project(&["status"], None));
     assert!(text.starts_with("MODEL "), "{text}");
     assert!(text.contains("dead letters: 2"), "{text}");
@@ -959,7 +1049,7 @@ fn plan_compares_the_folder_with_what_up_deployed() {
         "{changed}"
     );
     assert!(
-        text.contains("reads the committed table of silver.orders"),
+        text.contains("reads the table silver.orders publishes"),
         "{text}"
     );
     assert!(up.terminate().unwrap().success());
@@ -968,10 +1058,11 @@ fn plan_compares_the_folder_with_what_up_deployed() {
     assert_eq!(changes(&stopped), changes(&live));
 }
 
-/// A changed model, deployed by restarting `kappa up` on the edited folder: its new version
-/// replays into a table of its own while the old one keeps serving, then its public name
-/// switches; `kappa plan` shows nothing left to deploy, the unchanged upstream model kept its
-/// table, and the answer equals the same computation done another way.
+/// A changed model, deployed with `kappa deploy`: its new version replays into a table of its
+/// own while the old one keeps serving, then its public name switches; `kappa plan` shows
+/// nothing left to deploy, the unchanged upstream model kept its table, and the answer equals
+/// the same computation done another way. A restart on the edited folder (with a model that
+/// does not even check) serves what is deployed until then.
 #[test]
 fn a_changed_model_replays_beside_the_old_one_then_serves() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1009,7 +1100,20 @@ fn a_changed_model_replays_beside_the_old_one_then_serves() {
         sql.replace("sum(amount) AS revenue", "2 * sum(amount) AS revenue"),
     )
     .unwrap();
+    let typo = dir.join("models/gold/typo.sql");
+    std::fs::write(&typo, "SELECT nothing_here FROM silver.orders").unwrap();
     let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    crate::wait_caught_up(&data, project, models, std::time::Duration::from_secs(60));
+    assert_eq!(query(revenue), before, "a restart deploys nothing");
+    let out = kappa(&data, &["--project", project, "deploy"], None);
+    assert!(
+        !out.status.success(),
+        "a folder with problems is not deployed"
+    );
+    assert!(stderr(&out).contains("nothing_here"), "{}", stderr(&out));
+    std::fs::remove_file(&typo).unwrap();
+    let out = kappa(&data, &["--project", project, "deploy"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
     // Until the cutover readers get v1's answer, then v2's; never anything else.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let doubled = loop {
@@ -1281,12 +1385,11 @@ fn a_downstream_only_change_reads_its_upstreams_table() {
     assert!(up.terminate().unwrap().success());
     let log = std::fs::read_to_string(data.with_extension("stderr")).unwrap();
     assert!(
-        log.contains("model starts over its upstream's table"),
+        log.contains("reads its upstream's published table"),
         "{log}"
     );
 
-    // A from-scratch run of the same folder and records (gold recomputes silver inline)
-    // gives the rows the deploys did.
+    // A from-scratch run of the same folder and records gives the rows the deploys did.
     let scratch = tmp.path().join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
     let up = KappaProcess::start(KAPPA.as_ref(), &scratch, &["--project", project]).unwrap();

@@ -597,8 +597,10 @@ fn tables_read_as_of_a_snapshot_or_a_time() {
     );
     assert!(audit.status.success(), "{}", stderr(&audit));
     let audit: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();
-    let first = audit["published"]
-        .as_i64()
+    // Snapshot ids are strings in JSON (they exceed 2^53).
+    let first: i64 = audit["published"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
         .unwrap_or_else(|| panic!("{audit}"));
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let between = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();

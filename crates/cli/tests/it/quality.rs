@@ -675,6 +675,88 @@ fn external_readers_never_see_a_failing_commit_until_it_is_forced() {
     assert!(up.terminate().unwrap().success());
 }
 
+/// Expectations added to a running model take effect with `kappa deploy`: the plan shows
+/// them, nothing replays, the next commits are audited; and what reads the model reads what it
+/// published — rows its audit holds back, and then discards, never reach gold (they did when
+/// gold recomputed silver from the topic).
+#[test]
+fn expectations_deployed_later_guard_what_reads_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    let data = write_project(
+        &dir,
+        &[
+            ("kappa.toml", "[project]\nname = \"shop\"\n"),
+            ("topics/orders.toml", ORDERS_TOPIC),
+            ("models/silver/orders.sql", SILVER_ORDERS_SQL),
+            (
+                "models/gold/per_status.sql",
+                "SELECT status, count(*) AS n, sum(amount) AS total FROM silver.orders \
+                 GROUP BY status\n",
+            ),
+        ],
+    );
+    let project = dir.to_str().unwrap();
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    let produce = |ids: std::ops::RangeInclusive<i64>, amount: i64| {
+        let lines: String = ids
+            .map(|i| {
+                format!(
+                    "{{\"order_id\":{i},\"status\":\"new\",\"amount\":{amount},\"product_id\":\"p1\",\
+                     \"ts\":\"2026-03-01T10:00:00Z\"}}\n"
+                )
+            })
+            .collect();
+        let out = kappa(&data, &["produce", "orders"], Some(lines.as_bytes()));
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--project", project];
+        all.extend_from_slice(args);
+        let out = kappa(&data, &all, None);
+        (out.status.success(), stdout(&out), stderr(&out))
+    };
+    let gold = || {
+        let (ok, out, err) = cli(&["sql", "SELECT n, total FROM gold.per_status", "--json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["rows"].clone()
+    };
+    let wait_gold = |expected: serde_json::Value| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while gold() != expected {
+            assert!(std::time::Instant::now() < deadline, "gold: {}", gold());
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    produce(1..=5, 10);
+    wait_gold(serde_json::json!([[5, 50]]));
+
+    // The expectation arrives with a deploy: shown by the plan, applied without a replay.
+    std::fs::write(dir.join("models/silver/orders.toml"), AUDITED_TOML).unwrap();
+    let (ok, text, err) = cli(&["plan"]);
+    assert!(ok, "{err}");
+    assert!(text.contains("1 with changed expectations"), "{text}");
+    assert!(text.contains("+ no_refunds (fail)"), "{text}");
+    let (ok, text, err) = cli(&["deploy", "--wait"]);
+    assert!(ok, "{err}");
+    let (ok, text2, err) = cli(&["plan"]);
+    assert!(ok, "{err}");
+    assert!(text2.contains("0 to replay") && !text2.contains("expectations changed"), "{text}\n{text2}");
+
+    // Refunds fail it: silver is quarantined, and gold does not count them.
+    produce(6..=8, -3);
+    quarantined_by(&data, project, "no_refunds");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(gold(), serde_json::json!([[5, 50]]));
+    // Discarded: gold never counts them, and goes on with what comes next.
+    let (ok, _, err) = cli(&["discard", "silver.orders"]);
+    assert!(ok, "{err}");
+    produce(9..=9, 20);
+    wait_state(&data, project, "running");
+    wait_gold(serde_json::json!([[6, 70]]));
+    assert!(up.terminate().unwrap().success());
+}
+
 /// `drop` sets exactly the violating rows aside into the model's quarantine table, each once,
 /// with the names of what they failed — while `kappa up` is killed with SIGKILL again and
 /// again as it processes them.
@@ -969,6 +1051,26 @@ fn alerts_reach_webhooks_with_retries() {
     assert_eq!(attempts, 6 + 2, "three alerts to two webhooks, two retries");
     let text = stdout(&kappa(&data, &["--project", project, "status"], None));
     assert!(text.contains("recent alerts:"), "{text}");
+    // Killed and started again, the server still shows what was raised before, and the model
+    // still waits for its decision.
+    up.kill9().unwrap();
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    wait_state(&data, project, "quarantined");
+    let status = crate::status(&data, project);
+    let kept: Vec<&serde_json::Value> = status["alerts"].as_array().unwrap().iter().collect();
+    assert!(kept.len() >= 3, "{status}");
+    assert_eq!(
+        kept[..3]
+            .iter()
+            .map(|a| a["delivered"].as_u64())
+            .collect::<Vec<_>>(),
+        [Some(2); 3],
+        "{status}"
+    );
+    assert!(
+        kept.iter().any(|a| a["kind"] == "expectation_failed"),
+        "{status}"
+    );
     assert!(up.terminate().unwrap().success());
 }
 
