@@ -10,6 +10,8 @@
 //!                          vs DuckDB running the same SQL over the same events as NDJSON
 //! kappa-bench decode       JSON records -> Arrow batches, vs arrow-json on the same bytes
 //! kappa-bench live-latency commit cadence and live event -> visible latency
+//! kappa-bench status       dead-letter counts of a status with 1 M dead letters, counted as
+//!                          they arrive, vs counting the whole topic
 //! ```
 //!
 //! Run with `cargo run --release -p kappa-bench -- log-append` (see docs/benchmarks.md).
@@ -17,6 +19,7 @@
 mod decode;
 mod latency;
 mod pipelines;
+mod status;
 
 use std::fs::File;
 use std::io::Write;
@@ -101,6 +104,12 @@ enum Command {
         #[arg(long, default_value_t = 30.0)]
         seconds: f64,
     },
+    /// What a status pays for the dead-letter counts with a large dead-letter topic.
+    Status {
+        /// Dead letters in the topic.
+        #[arg(long, default_value_t = 1_000_000)]
+        letters: u64,
+    },
     /// The plain-file write reference alone, run by `log-append` in a child process so that
     /// its buffer does not count in the benchmark's peak RSS. Prints MB/s.
     #[command(hide = true)]
@@ -136,6 +145,9 @@ fn main() -> anyhow::Result<()> {
             rate,
             seconds,
         } => latency::run(&work, backlog, rate, seconds).and_then(|r| Ok(serde_json::to_value(r)?)),
+        Command::Status { letters } => {
+            status::run(&work, letters).and_then(|r| Ok(serde_json::to_value(r)?))
+        }
         Command::RawWrite { distinct } => raw_write_fsync(&work.join("raw-write"), distinct)
             .and_then(|r| Ok(serde_json::to_value(r)?)),
     };

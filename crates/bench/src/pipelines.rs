@@ -9,6 +9,8 @@
 //! Q4  dedup by order id
 //! Q5  the gold fact: dedup + products lookup + GROUP BY region, category, day
 //! Q6  Q4 with expectations, one of them table-level: every commit is audited on a branch
+//! Q5c Q5 as a chain: silver deduplicates, gold reads silver's published table (lookup +
+//!     GROUP BY); both runners at once, done when gold covers all silver covers
 //! ```
 //!
 //! kappa: one model runner replays the whole `orders` log (already written, page cache warm)
@@ -25,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use kappa_lakehouse::{Lakehouse, table_ident};
 use kappa_log::{Log, Record, TopicConfig};
-use kappa_pipeline::{Project, ProjectFiles};
+use kappa_pipeline::ProjectFiles;
 use serde::Serialize;
 
 use crate::{note, peak_rss_bytes};
@@ -56,6 +58,10 @@ struct Query {
     what: &'static str,
     sql: String,
     toml: &'static str,
+    /// A chain: `silver.s` runs this SQL and configuration, and the model (`sql`, over
+    /// `silver.s`) reads its published table. DuckDB runs `batch_sql` instead.
+    upstream: Option<(&'static str, &'static str)>,
+    batch_sql: Option<String>,
 }
 
 fn queries() -> Vec<Query> {
@@ -69,6 +75,8 @@ fn queries() -> Vec<Query> {
                   FROM orders o JOIN products p ON o.product_id = p.product_id"
                     .into(),
             toml: "",
+            upstream: None,
+            batch_sql: None,
         },
         Query {
             name: "Q2",
@@ -77,6 +85,8 @@ fn queries() -> Vec<Query> {
                   max(ts) AS last_order FROM orders GROUP BY customer_id"
                 .into(),
             toml: "",
+            upstream: None,
+            batch_sql: None,
         },
         Query {
             name: "Q3",
@@ -86,12 +96,16 @@ fn queries() -> Vec<Query> {
                   GROUP BY date_trunc('minute', ts), region"
                 .into(),
             toml: "event_time = \"ts\"\nwatermark = \"5s\"\n",
+            upstream: None,
+            batch_sql: None,
         },
         Query {
             name: "Q4",
             what: "dedup by order id",
             sql: DEDUP.into(),
             toml: "event_time = \"ts\"\nwatermark = \"5s\"\n",
+            upstream: None,
+            batch_sql: None,
         },
         Query {
             name: "Q5",
@@ -104,6 +118,8 @@ fn queries() -> Vec<Query> {
                  GROUP BY o.region, p.category, date_trunc('day', o.ts)"
             ),
             toml: "event_time = \"ts\"\nwatermark = \"5s\"\n",
+            upstream: None,
+            batch_sql: None,
         },
         Query {
             name: "Q6",
@@ -113,6 +129,28 @@ fn queries() -> Vec<Query> {
             toml: "event_time = \"ts\"\nwatermark = \"5s\"\n\n[[expect]]\nnot_null = \
                    \"customer_id\"\n\n[[expect]]\nrange = { column = \"quantity\", min = 1 \
                    }\n\n[[expect]]\nunique = \"order_id\"\n",
+            upstream: None,
+            batch_sql: None,
+        },
+        Query {
+            name: "Q5c",
+            what: "Q5 as a chain: silver dedup, gold over silver's published table",
+            sql:
+                "SELECT o.region, p.category, date_trunc('day', o.ts) AS day, count(*) AS orders, \
+                  sum(o.quantity * o.unit_price) AS revenue, \
+                  sum(o.quantity * o.unit_price * p.tax_rate) AS tax \
+                  FROM silver.s o JOIN products p ON o.product_id = p.product_id \
+                  GROUP BY o.region, p.category, date_trunc('day', o.ts)"
+                    .into(),
+            toml: "",
+            upstream: Some((DEDUP, "event_time = \"ts\"\nwatermark = \"5s\"\n")),
+            batch_sql: Some(format!(
+                "SELECT o.region, p.category, date_trunc('day', o.ts) AS day, count(*) AS orders, \
+                 sum(o.quantity * o.unit_price) AS revenue, \
+                 sum(o.quantity * o.unit_price * p.tax_rate) AS tax \
+                 FROM ({DEDUP}) o JOIN products p ON o.product_id = p.product_id \
+                 GROUP BY o.region, p.category, date_trunc('day', o.ts)"
+            )),
         },
     ]
 }
@@ -207,12 +245,13 @@ pub fn run(
         let (kappa_seconds, kappa_rows, kappa_peak) =
             runtime.block_on(replay(&log, work, &query, records))?;
         let out = work.join(format!("{}.parquet", query.name));
-        let one = duckdb(python, &orders_file, &products_file, &query.sql, 1, &out)?;
+        let batch_sql = query.batch_sql.as_ref().unwrap_or(&query.sql);
+        let one = duckdb(python, &orders_file, &products_file, batch_sql, 1, &out)?;
         let all = duckdb(
             python,
             &orders_file,
             &products_file,
-            &query.sql,
+            batch_sql,
             threads,
             &out,
         )?;
@@ -384,7 +423,11 @@ async fn replay(
     if !query.toml.is_empty() {
         files.insert("models/gold/q.toml".into(), query.toml.into());
     }
-    let project: Arc<Project> = Arc::new(kappa_pipeline::load(&files).map_err(|d| {
+    if let Some((sql, toml)) = query.upstream {
+        files.insert("models/silver/s.sql".into(), sql.into());
+        files.insert("models/silver/s.toml".into(), toml.into());
+    }
+    let mut project = kappa_pipeline::load(&files).map_err(|d| {
         anyhow::anyhow!(
             "{}: {}",
             query.name,
@@ -393,7 +436,13 @@ async fn replay(
                 .collect::<Vec<_>>()
                 .join("; ")
         )
-    })?);
+    })?;
+    if query.upstream.is_some() {
+        project
+            .reads_tables
+            .insert("gold.q".into(), "silver.s".into());
+    }
+    let project = Arc::new(project);
     let data = work.join(format!("lake-{}", query.name));
     let lakehouse = Lakehouse::open(&data).await?;
     let ident = table_ident("gold", "q")?;
@@ -410,36 +459,85 @@ async fn replay(
     reset_peak_rss();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let started = Instant::now();
-    let runner = tokio::spawn(kappa_engine::runner::run_model(
-        log.clone(),
-        lakehouse.clone(),
-        project,
-        "gold.q".into(),
-        stop_rx,
-    ));
+    let models: Vec<&str> = if query.upstream.is_some() {
+        vec!["silver.s", "gold.q"]
+    } else {
+        vec!["gold.q"]
+    };
+    let runners: Vec<_> = models
+        .iter()
+        .map(|model| {
+            tokio::spawn(kappa_engine::runner::run_model(
+                log.clone(),
+                lakehouse.clone(),
+                project.clone(),
+                (*model).to_owned(),
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
+    let covers_the_log = |props: &std::collections::HashMap<String, String>| {
+        props
+            .get(kappa_engine::runner::OFFSETS_PROPERTY)
+            .and_then(|o| serde_json::from_str::<kappa_engine::runner::Offsets>(o).ok())
+            .and_then(|offsets| offsets.get("orders").cloned())
+            .is_some_and(|done| {
+                ends.iter()
+                    .enumerate()
+                    .all(|(p, end)| done.get(&(p as u32)) == Some(end))
+            })
+    };
+    let silver = table_ident("silver", "s")?;
+    // Gold's position names the table silver's version writes.
+    let silver_key = kappa_engine::upstream::upstream_table(&lakehouse, &project, "silver.s")
+        .map(|t| kappa_engine::upstream::table_key(&t))
+        .unwrap_or_default();
     let seconds = loop {
-        if runner.is_finished() {
+        if runners.iter().any(tokio::task::JoinHandle::is_finished) {
             break None;
         }
-        if let Ok(Some(props)) = lakehouse.last_commit(&ident).await
-            && let Some(offsets) = props.get(kappa_engine::runner::OFFSETS_PROPERTY)
-            && let Ok(offsets) = serde_json::from_str::<kappa_engine::runner::Offsets>(offsets)
-            && let Some(done) = offsets.get("orders")
-            && ends
-                .iter()
-                .enumerate()
-                .all(|(p, end)| done.get(&(p as u32)) == Some(end))
-        {
+        let done = match query.upstream {
+            // The chain: silver covers the log, and gold has read silver's last commit.
+            Some(_) => match (
+                lakehouse.load_table(&silver).await,
+                lakehouse.last_commit(&ident).await,
+            ) {
+                (Ok(s), Ok(Some(gold))) => {
+                    let silver_props = s
+                        .metadata()
+                        .current_snapshot()
+                        .map(|snap| snap.summary().additional_properties.clone());
+                    let last = s
+                        .metadata()
+                        .current_snapshot()
+                        .map_or(0, |snap| snap.sequence_number());
+                    let read = gold
+                        .get(kappa_engine::runner::OFFSETS_PROPERTY)
+                        .and_then(|o| serde_json::from_str::<kappa_engine::runner::Offsets>(o).ok())
+                        .and_then(|o| o.get(&silver_key).and_then(|p| p.get(&0)).copied())
+                        .unwrap_or(0);
+                    silver_props.as_ref().is_some_and(covers_the_log)
+                        && i64::try_from(read).is_ok_and(|r| r >= last)
+                }
+                _ => false,
+            },
+            None => {
+                matches!(lakehouse.last_commit(&ident).await, Ok(Some(p)) if covers_the_log(&p))
+            }
+        };
+        if done {
             break Some(started.elapsed().as_secs_f64());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let peak = peak_rss_bytes();
     let _ = stop_tx.send(true);
-    runner
-        .await
-        .context("join the runner")?
-        .with_context(|| format!("{} failed", query.name))?;
+    for runner in runners {
+        runner
+            .await
+            .context("join the runner")?
+            .with_context(|| format!("{} failed", query.name))?;
+    }
     let seconds = seconds.with_context(|| format!("{} stopped before the end", query.name))?;
     let table = lakehouse.load_table(&ident).await?;
     let rows = table
