@@ -29,7 +29,7 @@ use kappa_log::{Log, PartitionReader, StartAt};
 
 use crate::runner::{
     ATTEMPT_PROPERTY, COMMIT_RECORDS_MAX, LIVE_COMMIT_INTERVAL_MS, OFFSETS_PROPERTY, Offsets,
-    READ_BYTES, RunnerError, commit_landed, committed_offsets, read_some, sleep_or_stop, uuid_like,
+    READ_BYTES, RunnerError, commit_landed, read_some, sleep_or_stop, uuid_like,
 };
 
 pub use kappa_pipeline::BRONZE_LAYER;
@@ -127,7 +127,12 @@ pub async fn run_bronze(
             ),
         });
     }
-    let committed = committed_offsets(&table)
+    let committed = crate::commit_record::CommitRecord::of_table(&table)
+        .map_err(|source| RunnerError::CorruptCommit {
+            model: name.clone(),
+            source,
+        })?
+        .offsets
         .remove(&topic_name)
         .unwrap_or_default();
     let mut readers = open_readers(topic.partitions(), &committed).map_err(log_err)?;

@@ -421,6 +421,10 @@ mod tests {
                 "SELECT region, rank() OVER (ORDER BY amount) AS r FROM silver.orders",
             ),
             (
+                "models/silver/numbered.sql",
+                "SELECT order_id, ROW_NUMBER() OVER (PARTITION BY order_id ORDER BY ts) AS rn FROM orders",
+            ),
+            (
                 "models/gold/both.sql",
                 "SELECT o.region FROM orders o JOIN raw r ON o.region = r.value",
             ),
@@ -547,6 +551,7 @@ mod tests {
             models/gold/unpaid.sql:1:48: not incremental: a left join of two streams would have to wait until no partner can come to emit an unmatched row; that is not supported yet — use JOIN (inner) with a time bound, ON p.order_id = o.id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'
             models/gold/untimed.toml:1:1: event_time `region` of topic `orders` is not a timestamp
             models/gold/waits.sql:2:23: column `waited` is of type Duration(µs), which an Iceberg table cannot store; make it a number, e.g. date_part('epoch', p.ts) - date_part('epoch', o.ts) for seconds, or a string
+            models/silver/numbered.sql:1:59: not incremental: ROW_NUMBER() runs as a deduplication only when the same model keeps the first row of each key: SELECT … FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY <key> ORDER BY <event time>) AS rn FROM <topic>) WHERE rn = 1; a model runs row by row (projections, filters) or as one GROUP BY
         "#]]
         .assert_eq(&got);
     }

@@ -20,6 +20,7 @@ use kappa_lakehouse::{Lakehouse, table_ident};
 use kappa_log::{Log, Record, StartAt, Topic};
 use kappa_pipeline::Project;
 
+use crate::commit_record::CommitRecord;
 use crate::decode::{Decoder, Rejected};
 use crate::dedup::Dedup;
 use crate::dimension::Dimension;
@@ -93,6 +94,13 @@ pub enum RunnerError {
     /// One of its sources cannot be read.
     #[error("model {model}: {reason}")]
     Source { model: String, reason: String },
+    /// Its table's last commit does not say where its rows end.
+    #[error("model {model}: {source}")]
+    CorruptCommit {
+        model: String,
+        #[source]
+        source: crate::commit_record::CorruptRecord,
+    },
     /// A commit failed its audit: it waits on the table's audit branch, main untouched,
     /// until someone publishes or discards it.
     #[error("model {model}: quarantined: {reason}")]
@@ -701,6 +709,15 @@ pub async fn run_version(
     .await?;
     let properties =
         kappa_lakehouse::wap::head(&table).map(|s| s.summary().additional_properties.clone());
+    // A version keeps the source it began with: a table its topics wrote goes on from them,
+    // whatever the deployment says (read from the table at its position, it would take the
+    // upstream's rows from its start again on top of the ones it holds).
+    if project.reads_tables.contains_key(&model_id) && written_from_topics(properties.as_ref()) {
+        tracing::warn!(model = %model_id, "its table was written from its topics: it goes on reading them");
+        let ready = over_topics(&log, &project, &model_id).await?;
+        (sources, compute, dedup, join) = (ready.sources, ready.compute, ready.dedup, ready.join);
+        dims = open_dimensions(&log, &project, &model_id, ready.dimensions).await?;
+    }
     compute
         .restore(&lakehouse, &table)
         .await
@@ -780,16 +797,13 @@ pub async fn run_version(
     table = settle(&lakehouse, model, table, staged, row_checks.is_some()).await?;
 
     // Resume from what the table says it covers.
-    let mut committed: Offsets = properties
-        .as_ref()
-        .and_then(|p| p.get(OFFSETS_PROPERTY))
-        .and_then(|o| serde_json::from_str(o).ok())
-        .unwrap_or_default();
-    let dead_letters_from = properties
-        .as_ref()
-        .and_then(|p| p.get(DEAD_LETTERS_PROPERTY))
-        .and_then(|o| o.parse::<u64>().ok())
-        .unwrap_or(0);
+    let record =
+        CommitRecord::of(properties.as_ref()).map_err(|source| RunnerError::CorruptCommit {
+            model: err_model(),
+            source,
+        })?;
+    let mut committed = record.offsets;
+    let dead_letters_from = record.dead_letters_offset;
     let mut already_dead = dead_letters_after(&dead_letters, dead_letters_from, &model_id)
         .map_err(|source| RunnerError::Log {
             model: err_model(),
@@ -841,9 +855,17 @@ pub async fn run_version(
                 {
                     Ok(reloaded) => {
                         table = reloaded;
-                        committed = committed_offsets(&table);
+                        committed = CommitRecord::of_table(&table)
+                            .map_err(|source| RunnerError::CorruptCommit {
+                                model: model_id.clone(),
+                                source,
+                            })?
+                            .offsets;
                         table_offsets = committed.clone();
                         uncommitted = 0;
+                        // What the sources saw last is unknown again: a watermark is pushed
+                        // anew even when the reread brings no record.
+                        last_watermarks.clear();
                         break;
                     }
                     Err(e) => {
@@ -859,6 +881,8 @@ pub async fn run_version(
                 if let Err(e) = source.rewind(&committed) {
                     tracing::error!(model = %model_id, error = %e, "repositioning a reader failed");
                 }
+                // Back to the committed position: what an upstream may merge follows it.
+                source.landed(&committed);
             }
             reset_dimensions(&mut dims, &committed, &model_id).await;
             dim_rejected.clear();
@@ -907,7 +931,14 @@ pub async fn run_version(
         }
         match read_failed {
             None => {}
-            Some(SourceError::Read(e)) => {
+            // Nothing was consumed: the same read again after a pause, the work since the
+            // last commit kept (unless another source had read meanwhile).
+            Some(SourceError::Unavailable(e)) if taken.is_empty() => {
+                tracing::warn!(model = %model_id, error = %e, "reading failed; trying again");
+                sleep_or_stop(&mut stop, RETRY_DELAY_MS).await;
+                continue;
+            }
+            Some(SourceError::Read(e) | SourceError::Unavailable(e)) => {
                 tracing::error!(model = %model_id, error = %e, "reading failed; retrying");
                 start_over!();
                 continue;
@@ -919,6 +950,15 @@ pub async fn run_version(
                     .replace_table(&ident, &output_schema, &model.config.partition_by)
                     .await
                     .map_err(lake_err)?;
+                if staged {
+                    // As at the start: the audit branch starts from a snapshot on main.
+                    lakehouse.unstage(&ident);
+                    table = lakehouse
+                        .append_files(&table, Vec::new(), HashMap::new())
+                        .await
+                        .map_err(lake_err)?;
+                    lakehouse.stage(&ident);
+                }
                 start_over!();
                 continue;
             }
@@ -1551,17 +1591,18 @@ async fn recover(
     Ok(table)
 }
 
-/// The offsets a table's current snapshot covers.
-pub(crate) fn committed_offsets(table: &kappa_lakehouse::Table) -> Offsets {
-    kappa_lakehouse::wap::head(table)
-        .and_then(|s| {
-            s.summary()
-                .additional_properties
-                .get(OFFSETS_PROPERTY)
-                .cloned()
-        })
-        .and_then(|o| serde_json::from_str(&o).ok())
-        .unwrap_or_default()
+/// Whether the commit whose summary is `properties` records positions in topics and none in
+/// an upstream's table (dimensions aside).
+/// (A record that does not read is reported where it is read for the start.)
+fn written_from_topics(properties: Option<&HashMap<String, String>>) -> bool {
+    let committed = CommitRecord::of(properties)
+        .map(|r| r.offsets)
+        .unwrap_or_default();
+    let key = |k: &String| !k.starts_with(crate::dimension::DIMENSION_KEY_PREFIX);
+    committed.keys().any(key)
+        && !committed
+            .keys()
+            .any(|k| k.starts_with(crate::upstream::TABLE_KEY_PREFIX))
 }
 
 /// Runs the dedup stage: the rows it decides, as one batch for the model.

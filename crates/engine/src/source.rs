@@ -40,9 +40,14 @@ pub(crate) struct Taken {
 /// Why a read failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SourceError {
-    /// A read or decode failed: the runner goes back to its last commit and tries again.
+    /// A read or decode failed after the position moved: the runner goes back to its last
+    /// commit and tries again.
     #[error("{0}")]
     Read(String),
+    /// What the source reads could not be reached; the position did not move, so the same
+    /// read can simply be tried again.
+    #[error("{0}")]
+    Unavailable(String),
     /// What the source reads no longer continues from the committed position (an upstream
     /// table rebuilt or merged across it): the model is rebuilt from the source's start.
     #[error("{0}")]

@@ -104,6 +104,12 @@ fn not_row_by_row(node: &LogicalPlan) -> Option<String> {
         LogicalPlan::Limit(_) => "LIMIT over an endless stream has no stable answer; select \
                                   rows with WHERE, or summarise them with GROUP BY"
             .into(),
+        LogicalPlan::Window(w) if is_row_number(w) => {
+            "ROW_NUMBER() runs as a deduplication only when the same model keeps the first row \
+             of each key: SELECT … FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY <key> ORDER \
+             BY <event time>) AS rn FROM <topic>) WHERE rn = 1"
+                .into()
+        }
         LogicalPlan::Window(_) => "window functions (OVER …) are not incremental; for \
                                    running totals use GROUP BY"
             .into(),
@@ -200,6 +206,21 @@ impl StatelessModel {
             .map(|b| to_storable(b, &self.output_schema))
             .collect()
     }
+}
+
+/// Whether a window node computes `row_number()` alone over partitions (a deduplication
+/// written without its `WHERE rn = 1`, or with it in another model).
+fn is_row_number(window: &datafusion::logical_expr::Window) -> bool {
+    use datafusion::logical_expr::Expr;
+    let function = match window.window_expr.as_slice() {
+        [Expr::WindowFunction(f)] => f,
+        [Expr::Alias(a)] => match a.expr.as_ref() {
+            Expr::WindowFunction(f) => f,
+            _ => return false,
+        },
+        _ => return false,
+    };
+    function.fun.name() == "row_number" && !function.params.partition_by.is_empty()
 }
 
 #[cfg(test)]

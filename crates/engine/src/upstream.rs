@@ -256,11 +256,11 @@ impl Source for TableSource {
                 .await
                 .map_err(read_err)?
             {
-                batches.push(conform(&batch, &self.slot_schema).map_err(SourceError::Read)?);
+                batches.push(conform(&batch, &self.slot_schema).map_err(SourceError::Unavailable)?);
             }
         }
         let batch = arrow::compute::concat_batches(&self.slot_schema, &batches)
-            .map_err(|e| SourceError::Read(e.to_string()))?;
+            .map_err(|e| SourceError::Unavailable(e.to_string()))?;
         // Every row of the commits up to `complete` has been read: a file still to read
         // (merged before this reader held its position) may hold rows of earlier commits than
         // the ones just read, which the watermark must not have passed.

@@ -891,3 +891,92 @@ async fn orders_meet_their_payments_within_a_time_bound() {
         );
     }
 }
+
+/// A commit whose `kappa.offsets` does not read stops the model with the reason: it does not
+/// start again from offset 0 (which wrote every row a second time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_record_that_does_not_read_stops_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path().join("log")).unwrap());
+    let topic = log
+        .create_topic(
+            "orders",
+            TopicConfig {
+                partitions: 2,
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
+    log.create_topic("payments", TopicConfig::default())
+        .unwrap();
+    let lakehouse = Lakehouse::open(dir.path()).await.unwrap();
+    let project = project("SELECT id, customer FROM orders", "");
+    topic
+        .append((0..20).flat_map(orders).collect())
+        .await
+        .unwrap();
+    let run = |stop| {
+        run_model(
+            log.clone(),
+            lakehouse.clone(),
+            project.clone(),
+            "silver.orders".into(),
+            stop,
+        )
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let runner = tokio::spawn(run(stop_rx));
+    let ident = kappa_engine::runner::live_table(&lakehouse, &project, "silver.orders").unwrap();
+    let rows = loop {
+        if let Ok(table) = lakehouse.load_table(&ident).await
+            && let Some(s) = table.metadata().current_snapshot()
+            && s.summary()
+                .additional_properties
+                .contains_key(OFFSETS_PROPERTY)
+        {
+            break s.summary().additional_properties["total-records"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    stop_tx.send(true).unwrap();
+    runner.await.unwrap().unwrap();
+    // A commit whose offsets were damaged.
+    let table = lakehouse.load_table(&ident).await.unwrap();
+    let version = kappa_engine::runner::model_version(&project, "silver.orders");
+    lakehouse
+        .append_files(
+            &table,
+            Vec::new(),
+            std::collections::HashMap::from([
+                (
+                    OFFSETS_PROPERTY.to_owned(),
+                    "{\"orders\":{\"0\":".to_owned(),
+                ),
+                (kappa_engine::runner::VERSION_PROPERTY.to_owned(), version),
+            ]),
+        )
+        .await
+        .unwrap();
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let outcome = tokio::time::timeout(Duration::from_secs(30), run(stop_rx))
+        .await
+        .expect("the runner stops by itself");
+    let error = outcome.expect_err("a damaged record is an error");
+    assert!(
+        matches!(
+            error,
+            kappa_engine::runner::RunnerError::CorruptCommit { .. }
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("kappa.offsets"), "{error}");
+    // Nothing was written again.
+    let table = lakehouse.load_table(&ident).await.unwrap();
+    let summary = &table
+        .metadata()
+        .current_snapshot()
+        .unwrap()
+        .summary()
+        .additional_properties;
+    assert_eq!(summary["total-records"], rows);
+}
