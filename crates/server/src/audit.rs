@@ -226,6 +226,17 @@ fn relative_change(old: &str, new: &str) -> Option<f64> {
     (old != 0.0 && old.is_finite() && new.is_finite()).then(|| (new - old) / old.abs())
 }
 
+/// A measure as people read it: a float's sum (`38911757.004203897`) to two decimals; exact
+/// numbers (counts, decimals of up to five places) as SQL printed them.
+fn shown(value: &str) -> String {
+    match (value.split_once('.'), value.parse::<f64>()) {
+        (Some((_, fraction)), Ok(number)) if fraction.len() > 5 && number.is_finite() => {
+            format!("{number:.2}")
+        }
+        _ => value.to_owned(),
+    }
+}
+
 impl ModelAudit {
     /// The audit as text: a header, then `measure  old  new  change` lines.
     pub fn to_text(&self) -> String {
@@ -248,14 +259,14 @@ impl ModelAudit {
         let old_width = self
             .measures
             .iter()
-            .map(|m| m.old.as_deref().map_or(1, str::len))
+            .map(|m| m.old.as_deref().map_or(1, |v| shown(v).len()))
             .max()
             .unwrap_or(0)
             .max(3);
         let new_width = self
             .measures
             .iter()
-            .map(|m| m.new.len())
+            .map(|m| shown(&m.new).len())
             .max()
             .unwrap_or(0)
             .max(3);
@@ -267,8 +278,8 @@ impl ModelAudit {
             out.push_str(&format!(
                 "  {:<width$}  {:>old_width$}  {:>new_width$}  {}\n",
                 m.name,
-                m.old.as_deref().unwrap_or("-"),
-                m.new,
+                m.old.as_deref().map_or_else(|| "-".to_owned(), shown),
+                shown(&m.new),
                 m.change
                     .map(|c| format!("{:+.2} %", c * 100.0))
                     .unwrap_or_else(|| "-".into())
@@ -384,6 +395,14 @@ mod tests {
                 ("sum(biggest)", None, "6")
             ]
         );
+    }
+
+    #[test]
+    fn float_sums_show_two_decimals_and_exact_numbers_as_they_are() {
+        assert_eq!(shown("38911757.004203897"), "38911757.00");
+        assert_eq!(shown("9.87220"), "9.87220");
+        assert_eq!(shown("12"), "12");
+        assert_eq!(shown("NULL"), "NULL");
     }
 
     #[test]

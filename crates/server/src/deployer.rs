@@ -642,6 +642,16 @@ impl Deployer {
             ));
         }
         let mut ends_before: Option<BTreeMap<String, Offsets>> = None;
+        // Every version has caught up once it passed where its inputs ended at the previous
+        // check. A version reading a replaying upstream's table must pass where that table
+        // ended once the upstream had caught up: so the checks must pass in a row once per
+        // level of such a chain (silver → gold: twice), however much keeps arriving.
+        let passes_needed = replaying
+            .iter()
+            .map(|id| chain_depth(&project, replaying, id))
+            .max()
+            .unwrap_or(1);
+        let mut passes = 0;
         loop {
             if *stopped.borrow() {
                 return Ok(());
@@ -670,27 +680,20 @@ impl Deployer {
                 self.release_stopped_readers(&inner);
                 return Ok(());
             }
-            let ends = self.input_ends(&project, replaying).await;
             if let Some(before) = &ends_before {
                 let mut all = true;
                 for (id, _, table) in &switches {
                     let committed = committed_offsets(&self.lakehouse, table).await;
-                    // A topic reader has caught up once it passed where its topics ended at
-                    // the last look; a reader of an upstream's table once it passed that
-                    // table's last commit now, so that it covers all its upstream covers
-                    // (which may itself be replaying, and passed its own ends meanwhile).
-                    let target = if project.reads_tables.contains_key(id) {
-                        ends.get(id)
-                    } else {
-                        before.get(id)
-                    };
-                    all &= target.is_none_or(|ends| passed(&committed, ends));
+                    all &= before.get(id).is_none_or(|ends| passed(&committed, ends));
                 }
-                if all {
+                passes = if all { passes + 1 } else { 0 };
+                if passes >= passes_needed {
                     break;
                 }
             }
-            ends_before = Some(ends);
+            // Read after the check: an upstream that passed its ends has committed them by
+            // the time its table's end is read here.
+            ends_before = Some(self.input_ends(&project, replaying).await);
             tokio::select! {
                 () = tokio::time::sleep(std::time::Duration::from_millis(CUTOVER_CHECK_MS)) => {}
                 _ = stopped.changed() => {}
@@ -1019,6 +1022,21 @@ fn runs_on(before: &Project, after: &Project, replaying: &[String], model: &str)
         };
         reports(before) == reports(after)
     })
+}
+
+/// 1 for a version that reads topics or an upstream that is not replaying; one more per
+/// replaying upstream whose table it reads, through the chain.
+fn chain_depth(project: &Project, replaying: &[String], model: &str) -> usize {
+    let mut depth = 1;
+    let mut at = model;
+    while let Some(upstream) = project.reads_tables.get(at)
+        && replaying.iter().any(|m| m == upstream)
+        && depth <= replaying.len()
+    {
+        depth += 1;
+        at = upstream;
+    }
+    depth
 }
 
 /// Whether `model` has the same expectations in `before` and `after` (those of severity

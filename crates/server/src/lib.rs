@@ -22,6 +22,7 @@ mod isolated;
 pub mod metrics;
 pub mod models;
 pub mod pg;
+mod pg_types;
 pub mod pipelines;
 pub mod project;
 pub mod quality;

@@ -178,22 +178,37 @@ impl Refresher {
 /// The session every connection's own is made from: the live catalog as `kappa` (the default,
 /// with the unqualified names in `public`), information_schema and pg_catalog.
 fn session(live: Arc<LiveCatalog>) -> anyhow::Result<SessionContext> {
+    // DataFusion's own information_schema would name Arrow's types: the catalog holds one
+    // that names Postgres' (`crate::pg_types`).
     let config = SessionConfig::new()
-        .with_information_schema(true)
+        .with_information_schema(false)
         .with_default_catalog_and_schema(
             kappa_lakehouse::CATALOG_NAME,
             kappa_lakehouse::UNQUALIFIED_SCHEMA,
         );
     let ctx = SessionContext::new_with_config(config);
-    ctx.register_catalog(kappa_lakehouse::CATALOG_NAME, live);
+    ctx.register_catalog(kappa_lakehouse::CATALOG_NAME, live.clone());
     datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog(
         &ctx,
         kappa_lakehouse::CATALOG_NAME,
         datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider,
     )
     .map_err(|e| anyhow::anyhow!("set up pg_catalog: {e}"))?;
+    let information_schema = crate::pg_types::InformationSchemaTypes {
+        inner: Arc::new(
+            datafusion::catalog::information_schema::InformationSchemaProvider::new(
+                ctx.state().catalog_list().clone(),
+            ),
+        ),
+    };
+    live.register_schema(INFORMATION_SCHEMA, Arc::new(information_schema))
+        .map_err(|e| anyhow::anyhow!("set up information_schema: {e}"))?;
+    ctx.register_udf(crate::pg_types::pg_typeof());
     Ok(ctx)
 }
+
+/// The schema of the SQL standard's catalog views.
+const INFORMATION_SCHEMA: &str = "information_schema";
 
 /// Every [`REFRESH_MS`] while clients are connected, brings the live catalog up to date:
 /// rebuilt (every table pinned in one read) when the SQL catalog's rows changed.
@@ -322,9 +337,20 @@ impl CatalogProvider for LiveCatalog {
         name: &str,
         schema: Arc<dyn SchemaProvider>,
     ) -> DfResult<Option<Arc<dyn SchemaProvider>>> {
-        if name != "pg_catalog" {
-            return Err(read_only());
-        }
+        // pg_catalog (set up by datafusion-pg-catalog) with Postgres' types in pg_attribute,
+        // and information_schema: the endpoint's own, never a client's.
+        let schema: Arc<dyn SchemaProvider> = match name {
+            "pg_catalog" => Arc::new(crate::pg_types::PgCatalogTypes { inner: schema }),
+            INFORMATION_SCHEMA
+                if !self
+                    .extra
+                    .read()
+                    .is_ok_and(|e| e.contains_key(INFORMATION_SCHEMA)) =>
+            {
+                schema
+            }
+            _ => return Err(read_only()),
+        };
         Ok(self
             .extra
             .write()
@@ -447,10 +473,20 @@ impl datafusion::catalog::TableProvider for LiveTable {
             None => None,
         };
         let table = match now {
-            // The same columns: the newest state. Otherwise the plan is of another version's
-            // table; it reads what it was planned on (prepare again to see the new one).
+            // The same columns: the newest state.
             Some(now) if now.schema() == self.planned.schema() => now,
-            _ => self.planned.clone(),
+            // Another version's table, with other columns (a deploy changed them since the
+            // statement was planned): reading the old one beside the other tables' new state
+            // would mix versions. Postgres' own error for it makes drivers prepare again.
+            Some(_) => {
+                return Err(datafusion::error::DataFusionError::Execution(format!(
+                    "{CHANGED_RESULT_TYPE}: {}.{} changed its columns since the statement was \
+                     prepared (a deploy); prepare it again",
+                    self.schema, self.name
+                )));
+            }
+            // Gone from the catalog: what it was planned on.
+            None => self.planned.clone(),
         };
         table.scan(state, projection, filters, limit).await
     }
@@ -1075,11 +1111,16 @@ impl ErrorHandler for SqlStates {
     }
 }
 
+/// Postgres' message when a prepared statement's tables changed their columns.
+const CHANGED_RESULT_TYPE: &str = "cached plan must not change result type";
+
 /// The SQLSTATE of a DataFusion error message.
 fn sqlstate(message: &str) -> &'static str {
     let m = message.to_ascii_lowercase();
     let has = |s: &str| m.contains(s);
-    if has("no field named") || has("column") && has("not found") {
+    if has(CHANGED_RESULT_TYPE) {
+        "0A000" // feature_not_supported, as Postgres answers it
+    } else if has("no field named") || has("column") && has("not found") {
         "42703" // undefined_column
     } else if has("table") && has("not found") {
         "42P01" // undefined_table
@@ -1290,5 +1331,32 @@ mod tests {
             .unwrap()
             .value(0);
         assert_eq!(a, 2);
+    }
+
+    /// A statement planned before a deploy changed a table's columns fails with Postgres'
+    /// "cached plan must not change result type" (0A000), so that drivers prepare it again,
+    /// instead of reading the old version beside the others' new state.
+    #[tokio::test]
+    async fn a_plan_over_changed_columns_fails_as_postgres_does() {
+        let endpoint = LiveCatalog::default();
+        endpoint.set(state(1));
+        let connection = Arc::new(endpoint.pinned());
+        let ctx = SessionContext::new();
+        ctx.register_catalog("kappa", connection.clone());
+        let planned = ctx.sql("SELECT v FROM kappa.gold.a").await.unwrap();
+        // The deploy: gold.a now has a column of another type.
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new("v", arrow::datatypes::DataType::Utf8, false),
+        ]));
+        let layer = MemorySchemaProvider::new();
+        let table = MemTable::try_new(schema, vec![vec![]]).unwrap();
+        layer.register_table("a".into(), Arc::new(table)).unwrap();
+        let catalog = MemoryCatalogProvider::new();
+        catalog.register_schema("gold", Arc::new(layer)).unwrap();
+        endpoint.set(Arc::new(catalog));
+        connection.pin(&endpoint);
+        let error = planned.collect().await.unwrap_err().to_string();
+        assert!(error.contains(CHANGED_RESULT_TYPE), "{error}");
+        assert_eq!(sqlstate(&error), "0A000");
     }
 }

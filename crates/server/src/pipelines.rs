@@ -258,7 +258,8 @@ async fn run_until_stopped(
                 unblock_failing();
                 return;
             }
-            Err(e @ RunnerError::Unsupported { .. }) => {
+            // Neither gets better by itself: it stays stopped, saying why (its readers wait).
+            Err(e @ (RunnerError::Unsupported { .. } | RunnerError::CorruptCommit { .. })) => {
                 tracing::warn!(model = %name, "not running: {e}");
                 failing(&e);
                 set(RunnerState::NotRunning(e.to_string()));

@@ -128,7 +128,8 @@ fn psql_lists_describes_joins_and_prepares() {
     for column in [
         "order_id|bigint",
         "customer_id|text",
-        "amount|numeric",
+        "amount|numeric(10,2)",
+        "ts|timestamp with time zone",
         "paid|boolean",
     ] {
         assert!(
@@ -136,6 +137,55 @@ fn psql_lists_describes_joins_and_prepares() {
             "{column} missing from:\n{columns}"
         );
     }
+    // What BI tools introspect: information_schema (Grafana), pg_attribute with format_type
+    // (pgjdbc for Metabase, SQLAlchemy for Superset), pg_typeof.
+    let (ok, described, err) = psql(
+        &data,
+        &[
+            "-c",
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = \
+             'silver' AND table_name = 'orders' ORDER BY ordinal_position",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        described.trim(),
+        "order_id|bigint\ncustomer_id|text\nregion|text\namount|numeric\nts|timestamp with \
+         time zone\npaid|boolean",
+        "{described}"
+    );
+    let (ok, attributes, err) = psql(
+        &data,
+        &[
+            "-c",
+            "SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), t.typname FROM \
+             pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON a.attrelid = c.oid JOIN \
+             pg_catalog.pg_namespace n ON c.relnamespace = n.oid JOIN pg_catalog.pg_type t ON \
+             a.atttypid = t.oid WHERE n.nspname = 'silver' AND c.relname = 'orders' AND \
+             a.attnum > 0 ORDER BY a.attnum",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        attributes.trim(),
+        "order_id|bigint|int8\ncustomer_id|text|text\nregion|text|text\namount|numeric(10,2)|\
+         numeric\nts|timestamp with time zone|timestamptz\npaid|boolean|bool",
+        "{attributes}"
+    );
+    let (ok, typed, err) = psql(
+        &data,
+        &[
+            "-c",
+            "SELECT pg_typeof(ts), pg_typeof(amount), pg_typeof(order_id) FROM silver.orders \
+             LIMIT 1",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        typed.trim(),
+        "timestamp with time zone|numeric|bigint",
+        "{typed}"
+    );
 
     let (ok, joined, err) = psql(
         &data,

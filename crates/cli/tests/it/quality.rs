@@ -741,7 +741,10 @@ fn expectations_deployed_later_guard_what_reads_the_model() {
     assert!(ok, "{err}");
     let (ok, text2, err) = cli(&["plan"]);
     assert!(ok, "{err}");
-    assert!(text2.contains("0 to replay") && !text2.contains("expectations changed"), "{text}\n{text2}");
+    assert!(
+        text2.contains("0 to replay") && !text2.contains("expectations changed"),
+        "{text}\n{text2}"
+    );
 
     // Refunds fail it: silver is quarantined, and gold does not count them.
     produce(6..=8, -3);
