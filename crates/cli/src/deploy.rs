@@ -33,12 +33,48 @@ pub(crate) struct RollbackArgs {
 pub(crate) async fn run(global: &Global, args: DeployArgs) -> anyhow::Result<()> {
     let client = global.connect().await?;
     let started = Instant::now();
+    let before = client.deployment().await.ok();
     let result = match client.deploy().await {
         Ok(replaying) => follow(&client, replaying, &args).await,
         Err(e) => Err(e.into()),
     };
+    let after = client.deployment().await.ok();
     client.close().await?;
-    report(result?, &args, started)
+    let result = result?;
+    if !args.json {
+        for model in rechecked(before.as_ref(), after.as_ref()) {
+            println!("{model}: its changed expectations check its next commits (no replay)");
+        }
+    }
+    report(result, &args, started)
+}
+
+/// The models whose expectations differ between two deployments (both still serving the same
+/// version: a change of checks alone).
+fn rechecked(
+    before: Option<&kappa_pipeline::deploy::Deployment>,
+    after: Option<&kappa_pipeline::deploy::Deployment>,
+) -> Vec<String> {
+    let (Some(before), Some(after)) = (before, after) else {
+        return Vec::new();
+    };
+    let (Some(old), Some(new)) = (before.project(), after.project()) else {
+        return Vec::new();
+    };
+    let version = |d: &kappa_pipeline::deploy::Deployment, id: &str| {
+        d.models.get(id).map(|m| m.version.clone())
+    };
+    new.order
+        .iter()
+        .filter(|id| {
+            version(before, id) == version(after, id)
+                && old
+                    .models
+                    .get(*id)
+                    .is_some_and(|m| m.config.expectations != new.models[*id].config.expectations)
+        })
+        .cloned()
+        .collect()
 }
 
 pub(crate) async fn rollback(global: &Global, args: RollbackArgs) -> anyhow::Result<()> {

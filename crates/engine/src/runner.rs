@@ -761,20 +761,9 @@ pub async fn run_version(
                 .expectations
                 .iter()
                 .any(|e| e.check.is_row_level()));
-    if staged {
-        // Iceberg catalogs only branch from a snapshot: an empty table gets an empty one on
-        // main first (readers see no rows either way).
-        if table.metadata().current_snapshot().is_none() {
-            lakehouse.unstage(&ident);
-            table = lakehouse
-                .append_files(&table, Vec::new(), HashMap::new())
-                .await
-                .map_err(lake_err)?;
-        }
-        lakehouse.stage(&ident);
-    } else {
-        lakehouse.unstage(&ident);
-    }
+    table = set_staging(&lakehouse, &ident, table, staged)
+        .await
+        .map_err(lake_err)?;
     let quarantine = quarantine_table(&model_id, &version).map_err(lake_err)?;
     // What the last commit set aside reaches the quarantine table before anything goes on.
     if let Some(checks) = row_checks.as_ref().filter(|c| c.drops()) {
@@ -950,15 +939,9 @@ pub async fn run_version(
                     .replace_table(&ident, &output_schema, &model.config.partition_by)
                     .await
                     .map_err(lake_err)?;
-                if staged {
-                    // As at the start: the audit branch starts from a snapshot on main.
-                    lakehouse.unstage(&ident);
-                    table = lakehouse
-                        .append_files(&table, Vec::new(), HashMap::new())
-                        .await
-                        .map_err(lake_err)?;
-                    lakehouse.stage(&ident);
-                }
+                table = set_staging(&lakehouse, &ident, table, staged)
+                    .await
+                    .map_err(lake_err)?;
                 start_over!();
                 continue;
             }
@@ -1587,6 +1570,27 @@ async fn recover(
         .map_err(|e| format!("restoring the watermarks failed: {e}"))?;
     for source in sources {
         source.restore(properties.as_ref());
+    }
+    Ok(table)
+}
+
+/// Stages `table` (its commits go to the audit branch) when `staged`, unstages it otherwise.
+/// Iceberg catalogs only branch from a snapshot: a staged table without one first gets an
+/// empty one on main (readers see no rows either way).
+async fn set_staging(
+    lakehouse: &Lakehouse,
+    ident: &kappa_lakehouse::TableIdent,
+    mut table: kappa_lakehouse::Table,
+    staged: bool,
+) -> kappa_lakehouse::Result<kappa_lakehouse::Table> {
+    lakehouse.unstage(ident);
+    if staged {
+        if table.metadata().current_snapshot().is_none() {
+            table = lakehouse
+                .append_files(&table, Vec::new(), HashMap::new())
+                .await?;
+        }
+        lakehouse.stage(ident);
     }
     Ok(table)
 }
