@@ -578,6 +578,7 @@ impl Handlers {
             }),
             errors: Arc::new(SqlStates {
                 limits: shared.limits,
+                live: shared.live.clone(),
             }),
         })
     }
@@ -1089,6 +1090,8 @@ impl ExtendedQueryHandler for Limited {
 /// over its memory is told which limit it hit.
 struct SqlStates {
     limits: QueryLimits,
+    /// The tables a "table not found" names candidates from.
+    live: Arc<LiveCatalog>,
 }
 
 impl ErrorHandler for SqlStates {
@@ -1107,6 +1110,24 @@ impl ErrorHandler for SqlStates {
             info.code = sqlstate(&info.message).to_owned();
             info.message =
                 crate::isolated::with_memory_hint(std::mem::take(&mut info.message), &self.limits);
+            if info.code == "42P01" {
+                let tables: Vec<(String, String)> = self
+                    .live
+                    .schema_names()
+                    .into_iter()
+                    .filter_map(|schema| Some((self.live.schema(&schema)?, schema)))
+                    .flat_map(|(provider, schema)| {
+                        provider
+                            .table_names()
+                            .into_iter()
+                            .map(move |table| (schema.clone(), table))
+                    })
+                    .collect();
+                info.message = crate::service::name_candidates(
+                    std::mem::take(&mut info.message),
+                    tables.into_iter(),
+                );
+            }
         }
     }
 }

@@ -207,24 +207,49 @@ async fn answer(
 /// A query's "table not found" with the tables of that name in the layers appended
 /// (`orders` → `bronze.orders`, `silver.orders`), so the reader knows what to write.
 async fn with_candidates(lakehouse: &kappa_lakehouse::Lakehouse, message: String) -> String {
-    // DataFusion: "Error during planning: table 'kappa.public.orders' not found".
-    let Some(missing) = message
+    if missing_table(&message).is_none() {
+        return message;
+    }
+    match lakehouse.catalog_state().await {
+        Ok(tables) => name_candidates(
+            message,
+            tables
+                .into_iter()
+                .map(|(namespace, name, _)| (namespace, name)),
+        ),
+        Err(_) => message,
+    }
+}
+
+/// The bare name of the table DataFusion says it did not find ("Error during planning: table
+/// 'kappa.public.orders' not found"), if the message says that.
+fn missing_table(message: &str) -> Option<&str> {
+    message
         .split_once("table '")
         .and_then(|(_, rest)| rest.split_once("' not found"))
-        .map(|(name, _)| name.rsplit('.').next().unwrap_or(name).to_owned())
-    else {
+        .map(|(name, _)| name.rsplit('.').next().unwrap_or(name))
+}
+
+/// `message` — a query's "table not found" — with the layers' tables of that name among
+/// `tables` (schema, name) appended; the message as it is otherwise.
+pub(crate) fn name_candidates(
+    message: String,
+    tables: impl Iterator<Item = (String, String)>,
+) -> String {
+    let Some(missing) = missing_table(&message).map(str::to_owned) else {
         return message;
     };
-    let Ok(tables) = lakehouse.catalog_state().await else {
-        return message;
-    };
-    let candidates: Vec<String> = tables
-        .into_iter()
-        .filter(|(namespace, name, _)| {
-            name == &missing && !namespace.is_empty() && !namespace.starts_with("kappa_")
+    let mut candidates: Vec<String> = tables
+        .filter(|(namespace, name)| {
+            *name == missing
+                && !namespace.is_empty()
+                && !namespace.starts_with("kappa_")
+                && !["public", "pg_catalog", "information_schema"].contains(&namespace.as_str())
         })
-        .map(|(namespace, name, _)| format!("{namespace}.{name}"))
+        .map(|(namespace, name)| format!("{namespace}.{name}"))
         .collect();
+    candidates.sort();
+    candidates.dedup();
     match candidates.as_slice() {
         [] => message,
         [one] => format!("{message}; did you mean {one}?"),

@@ -137,6 +137,13 @@ fn psql_lists_describes_joins_and_prepares() {
             "{column} missing from:\n{columns}"
         );
     }
+    // A name in two layers: the error names both.
+    let (ok, _, err) = psql(&data, &["-c", "SELECT * FROM orders"]);
+    assert!(!ok);
+    assert!(
+        err.contains("42P01") && err.contains("name one: bronze.orders, silver.orders"),
+        "{err}"
+    );
     // What BI tools introspect: information_schema (Grafana), pg_attribute with format_type
     // (pgjdbc for Metabase, SQLAlchemy for Superset), pg_typeof.
     let (ok, described, err) = psql(
