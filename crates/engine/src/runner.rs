@@ -1717,9 +1717,31 @@ pub(crate) fn dead_letters_after(
     model: &str,
 ) -> Result<BTreeSet<(String, u32, u64)>, kappa_log::LogError> {
     let mut seen = BTreeSet::new();
-    let partition = topic.partition(0)?;
+    each_letter(topic.partition(0)?, from, |letter| {
+        if letter["model"] == model
+            && let (Some(topic), Some(p), Some(o)) = (
+                letter["topic"].as_str(),
+                letter["partition"].as_u64(),
+                letter["offset"].as_u64(),
+            )
+        {
+            seen.insert((topic.to_owned(), p as u32, o));
+        }
+    })?;
+    Ok(seen)
+}
+
+/// Calls `each` with every letter of a dead-letter `partition` from offset `from` to its end
+/// (a record that is not JSON is not one of ours, and is passed over); returns the offset after
+/// the last record read. A read error is an error, never a shorter read.
+pub fn each_letter(
+    partition: &kappa_log::Partition,
+    from: u64,
+    mut each: impl FnMut(&serde_json::Value),
+) -> Result<u64, kappa_log::LogError> {
+    let mut next = from;
     if from >= partition.offsets().visible_offset {
-        return Ok(seen);
+        return Ok(next);
     }
     let start = if from == 0 {
         StartAt::Beginning
@@ -1729,22 +1751,14 @@ pub(crate) fn dead_letters_after(
     let mut reader = partition.reader(start)?;
     while let Some(chunk) = reader.read(READ_BYTES)? {
         for record in chunk.records() {
-            // A letter that is not JSON is not one of ours.
-            let Ok(letter) = serde_json::from_slice::<serde_json::Value>(record?.value) else {
-                continue;
-            };
-            if letter["model"] == model
-                && let (Some(topic), Some(p), Some(o)) = (
-                    letter["topic"].as_str(),
-                    letter["partition"].as_u64(),
-                    letter["offset"].as_u64(),
-                )
-            {
-                seen.insert((topic.to_owned(), p as u32, o));
+            let record = record?;
+            next = record.offset + 1;
+            if let Ok(letter) = serde_json::from_slice::<serde_json::Value>(record.value) {
+                each(&letter);
             }
         }
     }
-    Ok(seen)
+    Ok(next)
 }
 
 /// A unique id for a commit attempt.

@@ -5,12 +5,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use kappa_log::{Log, LogError, StartAt};
+use kappa_log::{Log, LogError};
 
 use crate::api::DeadLetterCount;
-
-/// Bytes of the dead-letter topic read at a time.
-const READ_BYTES: usize = 1 << 20;
 
 /// The dead letters per (model, topic), and how far each partition of the topic has been read.
 #[derive(Debug, Default)]
@@ -32,8 +29,8 @@ impl DeadLetterTally {
     }
 
     /// The counts, after reading what was appended since the last call (blocking I/O: call it
-    /// off the async threads). A read error leaves the counts where the last whole letter
-    /// left them, to be continued by the next call.
+    /// off the async threads). A read error changes nothing: the next call reads the same
+    /// letters again.
     pub fn counts(&self, log: &Log) -> Result<Vec<DeadLetterCount>, LogError> {
         let mut tally = self
             .inner
@@ -51,22 +48,16 @@ impl DeadLetterTally {
                 .get(&partition.id())
                 .copied()
                 .unwrap_or(0);
-            if from >= partition.offsets().visible_offset {
-                continue;
+            // Counted aside, and kept only once the whole read succeeded.
+            let mut fresh = Tally::default();
+            let next =
+                kappa_engine::runner::each_letter(partition, from, |letter| fresh.count(letter))?;
+            for (key, (count, reason)) in fresh.counts {
+                let entry = tally.counts.entry(key).or_insert((0, String::new()));
+                entry.0 += count;
+                entry.1 = reason;
             }
-            let start = if from == 0 {
-                StartAt::Beginning
-            } else {
-                StartAt::Offset(from)
-            };
-            let mut reader = partition.reader(start)?;
-            while let Some(chunk) = reader.read(READ_BYTES)? {
-                for record in chunk.records() {
-                    let record = record?;
-                    tally.count(record.value);
-                    tally.next_offsets.insert(partition.id(), record.offset + 1);
-                }
-            }
+            tally.next_offsets.insert(partition.id(), next);
         }
         Ok(tally
             .counts
@@ -82,11 +73,8 @@ impl DeadLetterTally {
 }
 
 impl Tally {
-    /// Counts one letter (a value that is not JSON is not one of ours and is passed over).
-    fn count(&mut self, value: &[u8]) {
-        let Ok(letter) = serde_json::from_slice::<serde_json::Value>(value) else {
-            return;
-        };
+    /// Counts one letter.
+    fn count(&mut self, letter: &serde_json::Value) {
         let text = |k: &str| letter[k].as_str().unwrap_or("?").to_owned();
         let entry = self
             .counts

@@ -194,12 +194,13 @@ fn session(live: Arc<LiveCatalog>) -> anyhow::Result<SessionContext> {
         datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider,
     )
     .map_err(|e| anyhow::anyhow!("set up pg_catalog: {e}"))?;
-    let information_schema = crate::pg_types::InformationSchemaTypes {
+    let information_schema = crate::pg_types::TypedSchema {
         inner: Arc::new(
             datafusion::catalog::information_schema::InformationSchemaProvider::new(
                 ctx.state().catalog_list().clone(),
             ),
         ),
+        catalog: crate::pg_types::Catalog::InformationSchema,
     };
     live.register_schema(INFORMATION_SCHEMA, Arc::new(information_schema))
         .map_err(|e| anyhow::anyhow!("set up information_schema: {e}"))?;
@@ -340,7 +341,10 @@ impl CatalogProvider for LiveCatalog {
         // pg_catalog (set up by datafusion-pg-catalog) with Postgres' types in pg_attribute,
         // and information_schema: the endpoint's own, never a client's.
         let schema: Arc<dyn SchemaProvider> = match name {
-            "pg_catalog" => Arc::new(crate::pg_types::PgCatalogTypes { inner: schema }),
+            "pg_catalog" => Arc::new(crate::pg_types::TypedSchema {
+                inner: schema,
+                catalog: crate::pg_types::Catalog::PgCatalog,
+            }),
             INFORMATION_SCHEMA
                 if !self
                     .extra

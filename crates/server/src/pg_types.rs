@@ -137,14 +137,25 @@ async fn rescan(
         .await
 }
 
-/// pg_catalog with [`AttributeTypes`] for `pg_attribute`; every other table as it was.
+/// Which catalog schema a [`TypedSchema`] wraps, and so which of its tables it corrects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Catalog {
+    /// datafusion-pg-catalog's pg_catalog: `pg_attribute` gets [`AttributeTypes`].
+    PgCatalog,
+    /// DataFusion's information_schema: `columns` gets [`ColumnTypes`].
+    InformationSchema,
+}
+
+/// A catalog schema whose type-describing table names Postgres' types; every other table as
+/// it was.
 #[derive(Debug)]
-pub(crate) struct PgCatalogTypes {
+pub(crate) struct TypedSchema {
     pub inner: Arc<dyn SchemaProvider>,
+    pub catalog: Catalog,
 }
 
 #[async_trait::async_trait]
-impl SchemaProvider for PgCatalogTypes {
+impl SchemaProvider for TypedSchema {
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -155,21 +166,26 @@ impl SchemaProvider for PgCatalogTypes {
 
     async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
         let table = self.inner.table(name).await?;
-        if name != "pg_attribute" {
-            return Ok(table);
-        }
-        let (Some(attributes), Some(classes), Some(namespaces)) = (
-            table,
-            self.inner.table("pg_class").await?,
-            self.inner.table("pg_namespace").await?,
-        ) else {
+        let Some(table) = table else {
             return Ok(None);
         };
-        Ok(Some(Arc::new(AttributeTypes {
-            attributes,
-            classes,
-            namespaces,
-        })))
+        Ok(Some(match (self.catalog, name) {
+            (Catalog::PgCatalog, "pg_attribute") => {
+                let (Some(classes), Some(namespaces)) = (
+                    self.inner.table("pg_class").await?,
+                    self.inner.table("pg_namespace").await?,
+                ) else {
+                    return Ok(None);
+                };
+                Arc::new(AttributeTypes {
+                    attributes: table,
+                    classes,
+                    namespaces,
+                })
+            }
+            (Catalog::InformationSchema, "columns") => Arc::new(ColumnTypes { columns: table }),
+            _ => table,
+        }))
     }
 
     fn table_exist(&self, name: &str) -> bool {
@@ -284,35 +300,6 @@ fn replace_columns(batch: &RecordBatch, replaced: &[(&str, ArrayRef)]) -> DfResu
         })
         .collect();
     Ok(RecordBatch::try_new(schema, columns)?)
-}
-
-/// DataFusion's information_schema with [`ColumnTypes`] for `columns`.
-#[derive(Debug)]
-pub(crate) struct InformationSchemaTypes {
-    pub inner: Arc<dyn SchemaProvider>,
-}
-
-#[async_trait::async_trait]
-impl SchemaProvider for InformationSchemaTypes {
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn table_names(&self) -> Vec<String> {
-        self.inner.table_names()
-    }
-
-    async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
-        let table = self.inner.table(name).await?;
-        Ok(match table {
-            Some(columns) if name == "columns" => Some(Arc::new(ColumnTypes { columns })),
-            other => other,
-        })
-    }
-
-    fn table_exist(&self, name: &str) -> bool {
-        self.inner.table_exist(name)
-    }
 }
 
 /// `information_schema.columns` with `data_type` as Postgres names it (`bigint`, `text`,
