@@ -3,9 +3,9 @@
 //! atttypmod)`), `information_schema.columns` (Grafana's query builder), and `pg_typeof`.
 //!
 //! ```text
-//!   pg_catalog (datafusion-pg-catalog) ──pg_attribute──► AttributeTypes: atttypid/atttypmod from
+//!   pg_catalog (datafusion-pg-catalog) ──pg_attribute──► TypedTable: atttypid/atttypmod from
 //!                                                         the table's Arrow schema
-//!   information_schema (DataFusion's)  ──columns──────► ColumnTypes: data_type as Postgres says it
+//!   information_schema (DataFusion's)  ──columns──────► TypedTable: data_type as Postgres says it
 //! ```
 //!
 //! datafusion-pg-catalog maps types it does not know (a timestamp with a time zone) to `text`
@@ -123,26 +123,12 @@ fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> DfResult<&'a T>
         })
 }
 
-/// `rows` (already corrected) put through `projection`, `filters` and `limit` as a scan would.
-async fn rescan(
-    schema: SchemaRef,
-    rows: Vec<RecordBatch>,
-    state: &dyn Session,
-    projection: Option<&Vec<usize>>,
-    filters: &[Expr],
-    limit: Option<usize>,
-) -> DfResult<Arc<dyn ExecutionPlan>> {
-    MemTable::try_new(schema, vec![rows])?
-        .scan(state, projection, filters, limit)
-        .await
-}
-
 /// Which catalog schema a [`TypedSchema`] wraps, and so which of its tables it corrects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Catalog {
-    /// datafusion-pg-catalog's pg_catalog: `pg_attribute` gets [`AttributeTypes`].
+    /// datafusion-pg-catalog's pg_catalog: `pg_attribute` gets [`TypedTable`].
     PgCatalog,
-    /// DataFusion's information_schema: `columns` gets [`ColumnTypes`].
+    /// DataFusion's information_schema: `columns` gets [`TypedTable`].
     InformationSchema,
 }
 
@@ -177,13 +163,18 @@ impl SchemaProvider for TypedSchema {
                 ) else {
                     return Ok(None);
                 };
-                Arc::new(AttributeTypes {
-                    attributes: table,
-                    classes,
-                    namespaces,
+                Arc::new(TypedTable {
+                    table,
+                    fix: Fix::Attributes {
+                        classes,
+                        namespaces,
+                    },
                 })
             }
-            (Catalog::InformationSchema, "columns") => Arc::new(ColumnTypes { columns: table }),
+            (Catalog::InformationSchema, "columns") => Arc::new(TypedTable {
+                table,
+                fix: Fix::Columns,
+            }),
             _ => table,
         }))
     }
@@ -193,27 +184,37 @@ impl SchemaProvider for TypedSchema {
     }
 }
 
-/// `pg_attribute` with each column's `atttypid`, `atttypmod` and `attlen` taken from its
-/// table's Arrow schema ([`pg_type`]), found through `pg_class` and `pg_namespace`.
+/// How a [`TypedTable`] corrects its table's rows.
 #[derive(Debug)]
-struct AttributeTypes {
-    attributes: Arc<dyn TableProvider>,
-    classes: Arc<dyn TableProvider>,
-    namespaces: Arc<dyn TableProvider>,
+enum Fix {
+    /// `pg_attribute`, whose tables are found through these two.
+    Attributes {
+        classes: Arc<dyn TableProvider>,
+        namespaces: Arc<dyn TableProvider>,
+    },
+    /// `information_schema.columns`.
+    Columns,
+}
+
+/// A catalog table that describes columns, its types corrected to Postgres' at each scan.
+#[derive(Debug)]
+struct TypedTable {
+    table: Arc<dyn TableProvider>,
+    fix: Fix,
 }
 
 #[async_trait::async_trait]
-impl TableProvider for AttributeTypes {
+impl TableProvider for TypedTable {
     fn as_any(&self) -> &dyn Any {
         self
     }
 
     fn schema(&self) -> SchemaRef {
-        self.attributes.schema()
+        self.table.schema()
     }
 
     fn table_type(&self) -> TableType {
-        self.attributes.table_type()
+        self.table.table_type()
     }
 
     async fn scan(
@@ -223,66 +224,130 @@ impl TableProvider for AttributeTypes {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let catalogs = catalogs(state)?;
-        let mut namespace_of: HashMap<i32, String> = HashMap::new();
-        for batch in scan_all(self.namespaces.as_ref(), state).await? {
-            let oids = column::<Int32Array>(&batch, "oid")?;
-            let names = column::<StringArray>(&batch, "nspname")?;
-            for i in 0..batch.num_rows() {
-                namespace_of.insert(oids.value(i), names.value(i).to_owned());
-            }
-        }
-        let mut relation_of: HashMap<i32, (String, String)> = HashMap::new();
-        for batch in scan_all(self.classes.as_ref(), state).await? {
-            let oids = column::<Int32Array>(&batch, "oid")?;
-            let names = column::<StringArray>(&batch, "relname")?;
-            let namespaces = column::<Int32Array>(&batch, "relnamespace")?;
-            for i in 0..batch.num_rows() {
-                if let Some(namespace) = namespace_of.get(&namespaces.value(i)) {
-                    relation_of.insert(
-                        oids.value(i),
-                        (namespace.clone(), names.value(i).to_owned()),
-                    );
-                }
-            }
-        }
-        let mut cache = HashMap::new();
-        let mut fixed = Vec::new();
-        for batch in scan_all(self.attributes.as_ref(), state).await? {
-            let relations = column::<Int32Array>(&batch, "attrelid")?;
-            let names = column::<StringArray>(&batch, "attname")?;
-            let mut type_ids: Vec<i32> =
-                column::<Int32Array>(&batch, "atttypid")?.values().to_vec();
-            let mut typmods: Vec<i32> =
-                column::<Int32Array>(&batch, "atttypmod")?.values().to_vec();
-            let mut lens: Vec<i16> = column::<Int16Array>(&batch, "attlen")?.values().to_vec();
-            for i in 0..batch.num_rows() {
-                let Some((schema, table)) = relation_of.get(&relations.value(i)) else {
-                    continue;
-                };
-                let found = column_type(
-                    catalogs.as_ref(),
-                    kappa_lakehouse::CATALOG_NAME,
-                    schema,
-                    table,
-                    names.value(i),
-                    &mut cache,
+        let rows = match &self.fix {
+            Fix::Attributes {
+                classes,
+                namespaces,
+            } => {
+                attribute_rows(
+                    self.table.as_ref(),
+                    classes.as_ref(),
+                    namespaces.as_ref(),
+                    state,
                 )
-                .await;
-                if let Some(data_type) = found {
-                    let t = pg_type(&data_type);
-                    (type_ids[i], typmods[i], lens[i]) = (t.oid, t.typmod, t.len);
-                }
+                .await?
             }
-            let replaced: [(&str, ArrayRef); 3] = [
-                ("atttypid", Arc::new(Int32Array::from(type_ids))),
-                ("atttypmod", Arc::new(Int32Array::from(typmods))),
-                ("attlen", Arc::new(Int16Array::from(lens))),
-            ];
-            fixed.push(replace_columns(&batch, &replaced)?);
-        }
-        rescan(self.schema(), fixed, state, projection, filters, limit).await
+            Fix::Columns => column_rows(self.table.as_ref(), state).await?,
+        };
+        MemTable::try_new(self.schema(), vec![rows])?
+            .scan(state, projection, filters, limit)
+            .await
     }
+}
+
+/// The rows of `pg_attribute` with each column's `atttypid`, `atttypmod` and `attlen` taken
+/// from its table's Arrow schema ([`pg_type`]), the table found through `pg_class` and
+/// `pg_namespace`.
+async fn attribute_rows(
+    attributes: &dyn TableProvider,
+    classes: &dyn TableProvider,
+    namespaces: &dyn TableProvider,
+    state: &dyn Session,
+) -> DfResult<Vec<RecordBatch>> {
+    let catalogs = catalogs(state)?;
+    let mut namespace_of: HashMap<i32, String> = HashMap::new();
+    for batch in scan_all(namespaces, state).await? {
+        let oids = column::<Int32Array>(&batch, "oid")?;
+        let names = column::<StringArray>(&batch, "nspname")?;
+        for i in 0..batch.num_rows() {
+            namespace_of.insert(oids.value(i), names.value(i).to_owned());
+        }
+    }
+    let mut relation_of: HashMap<i32, (String, String)> = HashMap::new();
+    for batch in scan_all(classes, state).await? {
+        let oids = column::<Int32Array>(&batch, "oid")?;
+        let names = column::<StringArray>(&batch, "relname")?;
+        let namespaces = column::<Int32Array>(&batch, "relnamespace")?;
+        for i in 0..batch.num_rows() {
+            if let Some(namespace) = namespace_of.get(&namespaces.value(i)) {
+                relation_of.insert(
+                    oids.value(i),
+                    (namespace.clone(), names.value(i).to_owned()),
+                );
+            }
+        }
+    }
+    let mut cache = HashMap::new();
+    let mut fixed = Vec::new();
+    for batch in scan_all(attributes, state).await? {
+        let relations = column::<Int32Array>(&batch, "attrelid")?;
+        let names = column::<StringArray>(&batch, "attname")?;
+        let mut type_ids: Vec<i32> = column::<Int32Array>(&batch, "atttypid")?.values().to_vec();
+        let mut typmods: Vec<i32> = column::<Int32Array>(&batch, "atttypmod")?.values().to_vec();
+        let mut lens: Vec<i16> = column::<Int16Array>(&batch, "attlen")?.values().to_vec();
+        for i in 0..batch.num_rows() {
+            let Some((schema, table)) = relation_of.get(&relations.value(i)) else {
+                continue;
+            };
+            let found = column_type(
+                catalogs.as_ref(),
+                kappa_lakehouse::CATALOG_NAME,
+                schema,
+                table,
+                names.value(i),
+                &mut cache,
+            )
+            .await;
+            if let Some(data_type) = found {
+                let t = pg_type(&data_type);
+                (type_ids[i], typmods[i], lens[i]) = (t.oid, t.typmod, t.len);
+            }
+        }
+        let replaced: [(&str, ArrayRef); 3] = [
+            ("atttypid", Arc::new(Int32Array::from(type_ids))),
+            ("atttypmod", Arc::new(Int32Array::from(typmods))),
+            ("attlen", Arc::new(Int16Array::from(lens))),
+        ];
+        fixed.push(replace_columns(&batch, &replaced)?);
+    }
+    Ok(fixed)
+}
+
+/// The rows of `information_schema.columns` with `data_type` as Postgres names it (`bigint`,
+/// `text`, `timestamp with time zone`, `numeric`) instead of Arrow's names.
+async fn column_rows(
+    columns: &dyn TableProvider,
+    state: &dyn Session,
+) -> DfResult<Vec<RecordBatch>> {
+    let catalogs = catalogs(state)?;
+    let mut cache = HashMap::new();
+    let mut fixed = Vec::new();
+    for batch in scan_all(columns, state).await? {
+        let catalog = column::<StringArray>(&batch, "table_catalog")?;
+        let schema = column::<StringArray>(&batch, "table_schema")?;
+        let table = column::<StringArray>(&batch, "table_name")?;
+        let name = column::<StringArray>(&batch, "column_name")?;
+        let before = column::<StringArray>(&batch, "data_type")?;
+        let mut types: Vec<Option<String>> = Vec::with_capacity(batch.num_rows());
+        for i in 0..batch.num_rows() {
+            let found = column_type(
+                catalogs.as_ref(),
+                catalog.value(i),
+                schema.value(i),
+                table.value(i),
+                name.value(i),
+                &mut cache,
+            )
+            .await;
+            types.push(match found {
+                Some(data_type) => Some(pg_type(&data_type).name.to_owned()),
+                None => before.is_valid(i).then(|| before.value(i).to_owned()),
+            });
+        }
+        let data_type: ArrayRef = Arc::new(StringArray::from(types));
+        fixed.push(replace_columns(&batch, &[("data_type", data_type)])?);
+    }
+    Ok(fixed)
 }
 
 /// `batch` with the named columns replaced.
@@ -300,66 +365,6 @@ fn replace_columns(batch: &RecordBatch, replaced: &[(&str, ArrayRef)]) -> DfResu
         })
         .collect();
     Ok(RecordBatch::try_new(schema, columns)?)
-}
-
-/// `information_schema.columns` with `data_type` as Postgres names it (`bigint`, `text`,
-/// `timestamp with time zone`, `numeric`) instead of Arrow's names.
-#[derive(Debug)]
-struct ColumnTypes {
-    columns: Arc<dyn TableProvider>,
-}
-
-#[async_trait::async_trait]
-impl TableProvider for ColumnTypes {
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn schema(&self) -> SchemaRef {
-        self.columns.schema()
-    }
-
-    fn table_type(&self) -> TableType {
-        self.columns.table_type()
-    }
-
-    async fn scan(
-        &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
-    ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let catalogs = catalogs(state)?;
-        let mut cache = HashMap::new();
-        let mut fixed = Vec::new();
-        for batch in scan_all(self.columns.as_ref(), state).await? {
-            let catalog = column::<StringArray>(&batch, "table_catalog")?;
-            let schema = column::<StringArray>(&batch, "table_schema")?;
-            let table = column::<StringArray>(&batch, "table_name")?;
-            let name = column::<StringArray>(&batch, "column_name")?;
-            let before = column::<StringArray>(&batch, "data_type")?;
-            let mut types: Vec<Option<String>> = Vec::with_capacity(batch.num_rows());
-            for i in 0..batch.num_rows() {
-                let found = column_type(
-                    catalogs.as_ref(),
-                    catalog.value(i),
-                    schema.value(i),
-                    table.value(i),
-                    name.value(i),
-                    &mut cache,
-                )
-                .await;
-                types.push(match found {
-                    Some(data_type) => Some(pg_type(&data_type).name.to_owned()),
-                    None => before.is_valid(i).then(|| before.value(i).to_owned()),
-                });
-            }
-            let data_type: ArrayRef = Arc::new(StringArray::from(types));
-            fixed.push(replace_columns(&batch, &[("data_type", data_type)])?);
-        }
-        rescan(self.schema(), fixed, state, projection, filters, limit).await
-    }
 }
 
 /// `pg_typeof(value)`: the Postgres name of the value's type, as text.

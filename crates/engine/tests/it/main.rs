@@ -38,6 +38,21 @@ fn project(model_sql: &str, model_toml: &str) -> Arc<Project> {
     Arc::new(kappa_pipeline::load(&files).unwrap())
 }
 
+/// A log in `dir/log` with the two-partition `orders` topic.
+fn log_with_orders(dir: &std::path::Path) -> (Arc<Log>, Arc<kappa_log::Topic>) {
+    let log = Arc::new(Log::open(dir.join("log")).unwrap());
+    let topic = log
+        .create_topic(
+            "orders",
+            TopicConfig {
+                partitions: 2,
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
+    (log, topic)
+}
+
 /// 2026-01-05T10:00:00Z, in seconds.
 const BASE_SECONDS: u64 = 1_767_607_200;
 
@@ -449,16 +464,7 @@ async fn a_group_by_model_updates_in_place_and_equals_the_batch_query() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_by_far_behind_commits_many_micro_batches_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(Log::open(dir.path().join("log")).unwrap());
-    let topic = log
-        .create_topic(
-            "orders",
-            TopicConfig {
-                partitions: 2,
-                ..TopicConfig::default()
-            },
-        )
-        .unwrap();
+    let (log, topic) = log_with_orders(dir.path());
     let records = 800_000u64;
     for start in (0..records).step_by(100_000) {
         let burst: Vec<Record> = (start..start + 100_000)
@@ -897,16 +903,7 @@ async fn orders_meet_their_payments_within_a_time_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_record_that_does_not_read_stops_the_model() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(Log::open(dir.path().join("log")).unwrap());
-    let topic = log
-        .create_topic(
-            "orders",
-            TopicConfig {
-                partitions: 2,
-                ..TopicConfig::default()
-            },
-        )
-        .unwrap();
+    let (log, topic) = log_with_orders(dir.path());
     log.create_topic("payments", TopicConfig::default())
         .unwrap();
     let lakehouse = Lakehouse::open(dir.path()).await.unwrap();
