@@ -16,6 +16,17 @@ pub(crate) struct CommitRecord {
     pub dead_letters_offset: u64,
 }
 
+/// Whether `offsets` (a commit's) hold positions in topics and none in an upstream's table
+/// (dimensions aside): the version was written from its topics, and keeps reading them.
+pub fn from_topics(offsets: &Offsets) -> bool {
+    offsets
+        .keys()
+        .any(|k| !k.starts_with(crate::dimension::DIMENSION_KEY_PREFIX))
+        && !offsets
+            .keys()
+            .any(|k| k.starts_with(crate::upstream::TABLE_KEY_PREFIX))
+}
+
 /// A commit field that does not read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(

@@ -1599,14 +1599,7 @@ async fn set_staging(
 /// an upstream's table (dimensions aside).
 /// (A record that does not read is reported where it is read for the start.)
 fn written_from_topics(properties: Option<&HashMap<String, String>>) -> bool {
-    let committed = CommitRecord::of(properties)
-        .map(|r| r.offsets)
-        .unwrap_or_default();
-    let key = |k: &String| !k.starts_with(crate::dimension::DIMENSION_KEY_PREFIX);
-    committed.keys().any(key)
-        && !committed
-            .keys()
-            .any(|k| k.starts_with(crate::upstream::TABLE_KEY_PREFIX))
+    CommitRecord::of(properties).is_ok_and(|r| crate::commit_record::from_topics(&r.offsets))
 }
 
 /// Runs the dedup stage: the rows it decides, as one batch for the model.

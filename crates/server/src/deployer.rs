@@ -366,13 +366,9 @@ impl Deployer {
         let model = &project.models[id];
         let version = versions.get(id).cloned().unwrap_or_default();
         match written_table(&self.lakehouse, &model.layer, &model.name, &version) {
-            Ok(table) => {
-                let committed = committed_offsets(&self.lakehouse, &table).await;
-                !committed.is_empty()
-                    && !committed
-                        .keys()
-                        .any(|k| k.starts_with(kappa_engine::upstream::TABLE_KEY_PREFIX))
-            }
+            Ok(table) => kappa_engine::commit_record::from_topics(
+                &committed_offsets(&self.lakehouse, &table).await,
+            ),
             Err(_) => true,
         }
     }
