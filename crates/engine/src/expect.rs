@@ -269,6 +269,16 @@ pub struct Audited {
 }
 
 impl Audited {
+    /// `e` found failing `failing` times without a query (no sample).
+    pub fn counted(e: &Expectation, failing: u64) -> Audited {
+        Audited {
+            expectation: e.clone(),
+            failing,
+            sample: Vec::new(),
+            error: None,
+        }
+    }
+
     /// Whether it blocks publication: a `fail` expectation that failed or could not run.
     pub fn blocks(&self) -> bool {
         self.expectation.severity == Severity::Fail && (self.failing > 0 || self.error.is_some())
@@ -313,50 +323,60 @@ pub async fn audit(
         if skip_row_level && e.check.is_row_level() {
             continue;
         }
-        let sql = failing_sql(&name, &e.check);
-        let counted = async {
-            let batches = ctx
-                .sql(&format!("SELECT count(*) FROM ({sql}) AS failing"))
-                .await?
-                .collect()
-                .await?;
-            let failing = batches
-                .first()
-                .filter(|b| b.num_rows() > 0)
-                .and_then(|b| {
-                    b.column(0)
-                        .as_any()
-                        .downcast_ref::<arrow::array::Int64Array>()
-                        .map(|a| a.value(0))
-                })
-                .unwrap_or(0);
-            let failing = u64::try_from(failing).unwrap_or(0);
-            let sample = if samples > 0 && failing > 0 {
-                ctx.sql(&format!("SELECT * FROM ({sql}) AS failing LIMIT {samples}"))
-                    .await?
-                    .collect()
-                    .await?
-            } else {
-                Vec::new()
-            };
-            Ok::<_, DataFusionError>((failing, sample))
-        };
-        out.push(match counted.await {
-            Ok((failing, sample)) => Audited {
-                expectation: e.clone(),
-                failing,
-                sample,
-                error: None,
-            },
-            Err(err) => Audited {
-                expectation: e.clone(),
-                failing: 0,
-                sample: Vec::new(),
-                error: Some(err.strip_backtrace()),
-            },
-        });
+        out.push(count_failing(&ctx, &failing_sql(&name, &e.check), e, samples).await);
     }
     Ok(out)
+}
+
+/// Runs `sql`, the query returning what fails `e`, in `ctx`: how much it returns and, with
+/// `samples`, up to that many of it.
+pub async fn count_failing(
+    ctx: &SessionContext,
+    sql: &str,
+    e: &Expectation,
+    samples: usize,
+) -> Audited {
+    let counted = async {
+        let batches = ctx
+            .sql(&format!("SELECT count(*) FROM ({sql}) AS failing"))
+            .await?
+            .collect()
+            .await?;
+        let failing = batches
+            .first()
+            .filter(|b| b.num_rows() > 0)
+            .and_then(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<arrow::array::Int64Array>()
+                    .map(|a| a.value(0))
+            })
+            .unwrap_or(0);
+        let failing = u64::try_from(failing).unwrap_or(0);
+        let sample = if samples > 0 && failing > 0 {
+            ctx.sql(&format!("SELECT * FROM ({sql}) AS failing LIMIT {samples}"))
+                .await?
+                .collect()
+                .await?
+        } else {
+            Vec::new()
+        };
+        Ok::<_, DataFusionError>((failing, sample))
+    };
+    match counted.await {
+        Ok((failing, sample)) => Audited {
+            expectation: e.clone(),
+            failing,
+            sample,
+            error: None,
+        },
+        Err(err) => Audited {
+            expectation: e.clone(),
+            failing: 0,
+            sample: Vec::new(),
+            error: Some(err.strip_backtrace()),
+        },
+    }
 }
 
 /// Whether `model`'s commits wait on the audit branch: it has a table-level expectation, or

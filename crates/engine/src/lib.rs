@@ -4,6 +4,7 @@
 pub mod aggregate;
 pub mod bronze;
 pub mod check;
+pub mod commit_audit;
 pub mod commit_record;
 pub mod decode;
 pub mod dedup;

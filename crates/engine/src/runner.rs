@@ -783,7 +783,16 @@ pub async fn run_version(
         });
     }
     // A commit that waited for its audit when the runner stopped is decided first.
-    table = settle(&lakehouse, model, table, staged, row_checks.is_some()).await?;
+    let mut audit = crate::commit_audit::CommitAudit::default();
+    table = settle(
+        &lakehouse,
+        model,
+        table,
+        staged,
+        row_checks.is_some(),
+        &mut audit,
+    )
+    .await?;
 
     // Resume from what the table says it covers.
     let record =
@@ -1150,7 +1159,15 @@ pub async fn run_version(
                 .map_err(lake_err)?;
         }
         if landed && staged {
-            table = settle(&lakehouse, model, table, staged, row_checks.is_some()).await?;
+            table = settle(
+                &lakehouse,
+                model,
+                table,
+                staged,
+                row_checks.is_some(),
+                &mut audit,
+            )
+            .await?;
         }
         if landed {
             recovered(&lakehouse, &ident);
@@ -1229,6 +1246,7 @@ async fn settle(
     table: kappa_lakehouse::Table,
     staged: bool,
     row_level_counted: bool,
+    audit: &mut crate::commit_audit::CommitAudit,
 ) -> Result<kappa_lakehouse::Table, RunnerError> {
     let model_id = model.id();
     let lake_err = |source| RunnerError::Lakehouse {
@@ -1259,41 +1277,25 @@ async fn settle(
                 }
             }
         }
-        let audited = crate::expect::audit(lakehouse, model, &table, None, row_level_counted, 0)
+        let judged = audit
+            .judge(lakehouse, model, &table, row_level_counted)
             .await
             .map_err(lake_err)?;
         // A check that cannot run is retried (a table it reads may not exist yet), not a
         // reason to withhold the commit.
-        if let Some(a) = audited.iter().find(|a| a.error.is_some()) {
+        if let Some(j) = judged.iter().find(|j| j.audited.error.is_some()) {
             return Err(lake_err(kappa_lakehouse::LakehouseError::Query(
-                a.describe(),
+                j.audited.describe(),
             )));
         }
-        // Over the whole table, a commit fails a check only by making it worse than what is
-        // published: a forced publication, an empty table's freshness or a row count still
-        // growing to its minimum do not hold back every commit after it.
-        let failing = audited.iter().any(|a| a.blocks());
-        let published = match (failing, table.metadata().current_snapshot_id()) {
-            (true, Some(main)) => {
-                crate::expect::audit(lakehouse, model, &table, Some(main), row_level_counted, 0)
-                    .await
-                    .map_err(lake_err)?
-            }
-            _ => Vec::new(),
-        };
-        for a in &audited {
-            let before = match published
-                .iter()
-                .find(|p| p.expectation.name == a.expectation.name)
-            {
-                Some(p) => p.failing,
-                // Nothing published yet: what an empty table fails.
-                None => crate::expect::fails_when_empty(&a.expectation.check),
-            };
-            if a.blocks() && a.failing > before {
-                blocking.push(a.describe());
-            } else if a.failing > 0 {
-                tracing::warn!(model = %model_id, "{}", a.describe());
+        // A commit fails a check only by making it worse than what is published: a forced
+        // publication, an empty table's freshness or a row count still growing to its minimum
+        // do not hold back every commit after it.
+        for j in &judged {
+            if j.blocks() {
+                blocking.push(j.audited.describe());
+            } else if j.audited.failing > 0 {
+                tracing::warn!(model = %model_id, "{}", j.audited.describe());
             }
         }
         if !blocking.is_empty() {

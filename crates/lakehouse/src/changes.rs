@@ -123,11 +123,21 @@ impl Lakehouse {
     /// The live data files of `table`'s current snapshot whose rows were added after the data
     /// sequence number `after`, oldest first.
     pub async fn added_after(&self, table: &Table, after: i64) -> Result<Added> {
+        match table.metadata().current_snapshot() {
+            Some(current) => self.added_in(table, current, after).await,
+            None => Ok(Added::default()),
+        }
+    }
+
+    /// The live data files of snapshot `current` of `table` (a branch's head, say) whose rows
+    /// were added after the data sequence number `after`, oldest first.
+    pub async fn added_in(
+        &self,
+        table: &Table,
+        current: &iceberg::spec::Snapshot,
+        after: i64,
+    ) -> Result<Added> {
         let ident = table.identifier();
-        let metadata = table.metadata();
-        let Some(current) = metadata.current_snapshot() else {
-            return Ok(Added::default());
-        };
         let file_io = table.file_io();
         let list = crate::commit::manifest_list(table, current).await?;
         let mut files = Vec::new();
@@ -174,6 +184,16 @@ impl Lakehouse {
 
     /// The rows of one of `table`'s data files, as its Parquet holds them.
     pub async fn read_data_file(&self, table: &Table, file: &DataFile) -> Result<Vec<RecordBatch>> {
+        self.read_data_file_columns(table, file, None).await
+    }
+
+    /// The rows of one of `table`'s data files, only the `columns` named (all when `None`).
+    pub async fn read_data_file_columns(
+        &self,
+        table: &Table,
+        file: &DataFile,
+        columns: Option<&[String]>,
+    ) -> Result<Vec<RecordBatch>> {
         let bytes = table
             .file_io()
             .new_input(file.file_path())
@@ -182,7 +202,16 @@ impl Lakehouse {
             .await
             .doing(|| format!("read {}", file.file_path()))?;
         let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .and_then(|builder| builder.build())
+            .and_then(|builder| match columns {
+                None => builder.build(),
+                Some(columns) => {
+                    let mask = parquet::arrow::ProjectionMask::columns(
+                        builder.parquet_schema(),
+                        columns.iter().map(String::as_str),
+                    );
+                    builder.with_projection(mask).build()
+                }
+            })
             .map_err(|e| LakehouseError::Query(format!("read {}: {e}", file.file_path())))?;
         reader
             .map(|batch| {

@@ -28,8 +28,8 @@ use datafusion::catalog::{
 use datafusion::prelude::{SessionConfig, SessionContext};
 pub use iceberg::TableIdent;
 use iceberg::arrow::{arrow_schema_to_schema_auto_assign_ids, schema_to_arrow_schema};
-pub use iceberg::spec::DataFile;
 use iceberg::spec::DataFileFormat;
+pub use iceberg::spec::{DataFile, Snapshot};
 use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
 use iceberg::writer::file_writer::ParquetWriterBuilder;
 use iceberg::writer::file_writer::location_generator::{
