@@ -193,7 +193,7 @@ impl AggregatePlan {
     ) -> Result<AggregatePlan> {
         let state = ctx.state();
         let aggregate = aggregate_shape(&plan)
-            .map_err(DataFusionError::NotImplemented)?
+            .map_err(crate::error::unsupported)?
             .clone();
         let input_plan = aggregate.input.as_ref().clone();
         let input_df_schema = input_plan.schema().clone();

@@ -27,10 +27,12 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use kappa_lakehouse::{Lakehouse, TableIdent};
 use kappa_log::{Log, PartitionReader, StartAt};
 
+use crate::commit_record::{ATTEMPT_PROPERTY, OFFSETS_PROPERTY, Offsets};
 use crate::runner::{
-    ATTEMPT_PROPERTY, COMMIT_RECORDS_MAX, LIVE_COMMIT_INTERVAL_MS, OFFSETS_PROPERTY, Offsets,
-    READ_BYTES, RunnerError, commit_landed, read_some, sleep_or_stop, uuid_like,
+    COMMIT_RECORDS_MAX, LIVE_COMMIT_INTERVAL_MS, RunnerError, commit_landed, sleep_or_stop,
+    uuid_like,
 };
+use crate::topic_source::{READ_BYTES, read_some};
 
 pub use kappa_pipeline::BRONZE_LAYER;
 

@@ -54,7 +54,8 @@ pub async fn check(project: &Project) -> Vec<Diagnostic> {
             Ok(plan) => {
                 // Valid SQL; can the engine run it incrementally?
                 match crate::plan::plan_model(project, &model.id()).await {
-                    Err(DataFusionError::NotImplemented(reason)) => {
+                    Err(e) if crate::error::unsupported_reason(&e).is_some() => {
+                        let reason = crate::error::unsupported_reason(&e).unwrap_or_default();
                         let (line, column) = locate_construct(&model.sql, &reason);
                         diagnostics.push(Diagnostic {
                             file: model.file.clone(),
@@ -74,7 +75,8 @@ pub async fn check(project: &Project) -> Vec<Diagnostic> {
                 }
                 // What readers of the model see: its masked columns (a problem with them was
                 // reported above, through plan_model).
-                let plan = crate::mask::mask_plan(plan.clone(), &model.config.mask).unwrap_or(plan);
+                let plan =
+                    crate::mask_plan::mask_plan(plan.clone(), &model.config.mask).unwrap_or(plan);
                 let schema = Arc::new(plan.schema().as_arrow().clone());
                 let stored = crate::stateless::storable_schema(&schema);
                 for field in stored.fields() {

@@ -3,9 +3,71 @@
 //! does not read is an error that stops the model with the reason in its status — never a
 //! silent start from offset 0, which would write every row a second time.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
-use crate::runner::{DEAD_LETTERS_PROPERTY, OFFSETS_PROPERTY, Offsets};
+use kappa_pipeline::Project;
+
+/// Snapshot property: the next offset of every input partition the table covers.
+pub const OFFSETS_PROPERTY: &str = "kappa.offsets";
+
+/// Snapshot property: the model version that wrote the snapshot.
+pub const VERSION_PROPERTY: &str = "kappa.version";
+
+/// Snapshot property: the dead-letter topic's end when the snapshot was written.
+pub const DEAD_LETTERS_PROPERTY: &str = "kappa.dead_letters_offset";
+
+/// Snapshot property: a fresh id per commit attempt, to recognise our own commit after an
+/// error whose outcome is unknown.
+pub const ATTEMPT_PROPERTY: &str = "kappa.attempt";
+
+/// The row-level expectations' failing rows per expectation, in the commit that wrote them.
+pub const EXPECTATIONS_PROPERTY: &str = "kappa.expectations";
+
+/// The rows a commit's `drop` expectations set aside: a state file, delivered to the model's
+/// quarantine table right after the commit lands (and again on start until it is).
+pub const QUARANTINE_PROPERTY: &str = "kappa.quarantine";
+
+/// In a quarantine table's commit: the state file it delivered.
+pub const QUARANTINE_FROM_PROPERTY: &str = "kappa.quarantine-from";
+
+/// The offsets a table covers: topic → partition → next offset.
+pub type Offsets = BTreeMap<String, BTreeMap<u32, u64>>;
+
+/// The topics `model_id`'s commits record offsets of, each with its key in `kappa.offsets`: a
+/// topic it reads (as a stream or a table topic) under its name, a dimension model's topic
+/// under `dimension:<model>` ([`DIMENSION_KEY_PREFIX`]).
+pub fn offset_keys(project: &Project, model_id: &str) -> Vec<(String, String)> {
+    let mut keys: Vec<(String, String)> = project
+        .stream_topics(model_id)
+        .into_iter()
+        .map(|t| (t.clone(), t))
+        .collect();
+    for dimension in project.dimension_models(model_id) {
+        for topic in project.stream_topics(&dimension) {
+            keys.push((topic, format!("{}{dimension}", DIMENSION_KEY_PREFIX)));
+        }
+    }
+    keys
+}
+
+/// The `kappa.offsets` key prefix of a dimension model's offsets.
+pub const DIMENSION_KEY_PREFIX: &str = "dimension:";
+/// How a position on a table is named in `kappa.offsets`: `table:<namespace>.<name>`.
+pub const TABLE_KEY_PREFIX: &str = "table:";
+
+/// The JSON value a snapshot summary (`properties`) holds under `key`, or the default when
+/// there is no snapshot or no such key; a value that does not parse is an error naming `key`.
+pub(crate) fn summary_json<T: serde::de::DeserializeOwned + Default>(
+    properties: Option<&HashMap<String, String>>,
+    key: &str,
+) -> Result<T, kappa_lakehouse::LakehouseError> {
+    properties
+        .and_then(|p| p.get(key))
+        .map(|v| serde_json::from_str(v))
+        .transpose()
+        .map_err(|e| kappa_lakehouse::LakehouseError::Query(format!("{key}: {e}")))
+        .map(Option::unwrap_or_default)
+}
 
 /// The positions a commit records.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -19,12 +81,8 @@ pub(crate) struct CommitRecord {
 /// Whether `offsets` (a commit's) hold positions in topics and none in an upstream's table
 /// (dimensions aside): the version was written from its topics, and keeps reading them.
 pub fn from_topics(offsets: &Offsets) -> bool {
-    offsets
-        .keys()
-        .any(|k| !k.starts_with(crate::dimension::DIMENSION_KEY_PREFIX))
-        && !offsets
-            .keys()
-            .any(|k| k.starts_with(crate::upstream::TABLE_KEY_PREFIX))
+    offsets.keys().any(|k| !k.starts_with(DIMENSION_KEY_PREFIX))
+        && !offsets.keys().any(|k| k.starts_with(TABLE_KEY_PREFIX))
 }
 
 /// A commit field that does not read.

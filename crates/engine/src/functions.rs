@@ -88,19 +88,6 @@ fn is_utc(zone: &str) -> bool {
     matches!(zone, "+00:00" | "+00" | "+0000" | "UTC" | "Z" | "Etc/UTC")
 }
 
-/// `array` (timestamps) with its zone replaced by `zone`; the values are unchanged.
-pub(crate) fn with_zone(array: &ArrayRef, zone: Option<Arc<str>>) -> Result<ArrayRef> {
-    let DataType::Timestamp(unit, _) = array.data_type() else {
-        return Ok(array.clone());
-    };
-    let data = array
-        .to_data()
-        .into_builder()
-        .data_type(DataType::Timestamp(*unit, zone))
-        .build()?;
-    Ok(arrow::array::make_array(data))
-}
-
 impl ScalarUDFImpl for UtcDateTrunc {
     fn as_any(&self) -> &dyn Any {
         self
@@ -152,7 +139,7 @@ impl ScalarUDFImpl for UtcDateTrunc {
             return self.inner.invoke_with_args(args);
         };
         if let Some(ColumnarValue::Array(a)) = args.args.get_mut(1) {
-            *a = with_zone(a, None)?;
+            *a = crate::mask::with_zone(a, None)?;
         }
         let naive_field = |f: &arrow::datatypes::FieldRef| match f.data_type() {
             DataType::Timestamp(unit, _) => Arc::new(
@@ -167,7 +154,10 @@ impl ScalarUDFImpl for UtcDateTrunc {
         }
         args.return_field = naive_field(&args.return_field);
         match self.inner.invoke_with_args(args)? {
-            ColumnarValue::Array(out) => Ok(ColumnarValue::Array(with_zone(&out, Some(zone))?)),
+            ColumnarValue::Array(out) => Ok(ColumnarValue::Array(crate::mask::with_zone(
+                &out,
+                Some(zone),
+            )?)),
             scalar => Ok(scalar),
         }
     }

@@ -198,7 +198,7 @@ impl GroupedModel {
         properties: Option<&HashMap<String, String>>,
     ) -> Result<(), LakehouseError> {
         self.pending.clear();
-        self.committed = crate::summary_json(properties, BUCKETS_PROPERTY)?;
+        self.committed = crate::commit_record::summary_json(properties, BUCKETS_PROPERTY)?;
         for b in 0..GROUP_BUCKETS {
             self.buckets[b] = self.plan.empty_set().map_err(df)?;
         }

@@ -8,13 +8,18 @@ pub mod commit_audit;
 pub mod commit_record;
 pub mod decode;
 pub mod dedup;
+pub mod dedup_shape;
 pub mod deltas;
 pub mod dimension;
+pub mod error;
 pub mod expect;
 pub mod functions;
 pub mod grouped;
+pub mod lookup;
 pub mod mask;
+pub mod mask_plan;
 pub mod metrics;
+pub mod operator;
 pub mod plan;
 pub mod runner;
 pub mod scd;
@@ -22,21 +27,8 @@ pub mod schema;
 mod source;
 pub mod stateless;
 pub mod stream_join;
-mod topic_source;
+pub mod tables;
+pub mod topic_source;
 pub mod upstream;
 pub mod watermark;
 pub mod windowed;
-
-/// The JSON value a snapshot summary (`properties`) holds under `key`, or the default when
-/// there is no snapshot or no such key; a value that does not parse is an error naming `key`.
-pub(crate) fn summary_json<T: serde::de::DeserializeOwned + Default>(
-    properties: Option<&std::collections::HashMap<String, String>>,
-    key: &str,
-) -> Result<T, kappa_lakehouse::LakehouseError> {
-    properties
-        .and_then(|p| p.get(key))
-        .map(|v| serde_json::from_str(v))
-        .transpose()
-        .map_err(|e| kappa_lakehouse::LakehouseError::Query(format!("{key}: {e}")))
-        .map(Option::unwrap_or_default)
-}

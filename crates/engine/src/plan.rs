@@ -23,7 +23,7 @@ use kappa_pipeline::{Input, Materialization, Model, Project, TopicKind};
 
 use crate::aggregate::{NO_GROUP_BY, aggregate_shape, slot_for};
 use crate::dedup::{DEFAULT_HORIZON_MS, DedupMatch, find_dedup, replace_dedup};
-use crate::dimension::DimensionTable;
+use crate::lookup::DimensionTable;
 use crate::schema::topic_schema;
 use crate::stateless::{session, stateless_shape};
 use crate::stream_join::{StreamJoinMatch, find_stream_join, replace_join};
@@ -139,14 +139,12 @@ fn stream_and_tables(
     match (streams.as_slice(), tables.as_slice()) {
         ([_] | [_, _], _) => Ok((streams, tables)),
         ([], [one]) => Ok((vec![one.clone()], Vec::new())),
-        ([], []) => Err(DataFusionError::NotImplemented(
-            "the model reads no topic".into(),
-        )),
-        ([], many) => Err(DataFusionError::NotImplemented(format!(
+        ([], []) => Err(crate::error::unsupported("the model reads no topic".into())),
+        ([], many) => Err(crate::error::unsupported(format!(
             "the model reads only tables ({}); join them to a stream, which drives the lookups",
             many.join(", ")
         ))),
-        (many, _) => Err(DataFusionError::NotImplemented(format!(
+        (many, _) => Err(crate::error::unsupported(format!(
             "the model reads {} streams ({}); a model joins at most two streams — write one \
              model per join, or declare the sides that hold the current state of something as \
              kind = \"table\" in their topics/<name>.toml, and they become dimensions looked \
@@ -157,7 +155,8 @@ fn stream_and_tables(
     }
 }
 
-/// Plans `model_id`. `NotImplemented` errors say why the model cannot run incrementally.
+/// Plans `model_id`. An [`crate::error::Unsupported`] error says why the model cannot run
+/// incrementally.
 pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedModel> {
     let model = project
         .models
@@ -171,7 +170,7 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         .analyzer()
         .execute_and_check(plan, state.config_options(), |_, _| {})?;
     let plan = distinct_as_group_by(plan)?;
-    let plan = crate::mask::mask_plan(plan, &model.config.mask)?;
+    let plan = crate::mask_plan::mask_plan(plan, &model.config.mask)?;
     let (plan, join) = match slots.len() {
         1 => (plan, None),
         _ => {
@@ -200,16 +199,16 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         )?),
         None => event_time_of(project, model_id, spec)?,
     };
-    let (plan, dedup) = match find_dedup(&plan).map_err(DataFusionError::NotImplemented)? {
+    let (plan, dedup) = match find_dedup(&plan).map_err(crate::error::unsupported)? {
         None => (plan, None),
         Some(_) if join.is_some() => {
-            return Err(DataFusionError::NotImplemented(
+            return Err(crate::error::unsupported(
                 "deduplication and a join of two streams in one model are not supported yet".into(),
             ));
         }
         Some(found) => {
             if event_time.is_none() {
-                return Err(DataFusionError::NotImplemented(format!(
+                return Err(crate::error::unsupported(format!(
                     "deduplication needs the event time: set event_time (and watermark) in {}",
                     model.file.replace(".sql", ".toml")
                 )));
@@ -229,19 +228,19 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
             )
         }
     };
-    let mut shape = shape_of(&plan).map_err(DataFusionError::NotImplemented)?;
+    let mut shape = shape_of(&plan).map_err(crate::error::unsupported)?;
     if shape == Shape::Grouped {
         let windowed = match (&event_time, model.config.materialization) {
             (Some(et), materialization) if materialization != Some(Materialization::Upsert) => {
-                let aggregate = aggregate_shape(&plan).map_err(DataFusionError::NotImplemented)?;
+                let aggregate = aggregate_shape(&plan).map_err(crate::error::unsupported)?;
                 window_key(aggregate, &et.column)
-                    .map_err(DataFusionError::NotImplemented)?
+                    .map_err(crate::error::unsupported)?
                     .is_some()
             }
             _ => false,
         };
         if windowed && join.is_some() {
-            return Err(DataFusionError::NotImplemented(
+            return Err(crate::error::unsupported(
                 "windows over a join of two streams are not supported yet (a pair is produced \
                  when its second row arrives, up to the time bound after the first); group the \
                  joined rows by their keys instead"
@@ -250,7 +249,7 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         } else if windowed {
             shape = Shape::Windowed;
         } else if model.config.materialization == Some(Materialization::Append) {
-            return Err(DataFusionError::NotImplemented(
+            return Err(crate::error::unsupported(
                 "materialization = \"append\", but a GROUP BY without a window over the event \
                  time updates its rows; use \"upsert\", or group by a window such as \
                  date_bin(INTERVAL '1 minute', <event_time>)"
@@ -260,7 +259,7 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
     }
     if project.is_dimension(model_id) {
         if shape != Shape::RowByRow || dedup.is_some() || join.is_some() {
-            return Err(DataFusionError::NotImplemented(
+            return Err(crate::error::unsupported(
                 "a dimension (materialization = \"scd1\" or \"scd2\") is computed row by row \
                  from its topic: one row per record, which it keeps as the versions of its key; \
                  no GROUP BY, windows, deduplication or join of two streams (lookups of other \
@@ -374,7 +373,7 @@ async fn register_inputs(
     for id in project.order.iter().filter(|id| upstream.contains(id)) {
         let upstream_model = &project.models[id];
         let plan = ctx.state().create_logical_plan(&upstream_model.sql).await?;
-        let plan = crate::mask::mask_plan(plan, &upstream_model.config.mask)?;
+        let plan = crate::mask_plan::mask_plan(plan, &upstream_model.config.mask)?;
         let plan = crate::expect::without_dropped(ctx, plan, upstream_model)?;
         register_schema(ctx, &upstream_model.layer);
         ctx.register_table(
@@ -399,7 +398,7 @@ pub async fn plan_over_upstream(
         .get(model_id)
         .ok_or_else(|| DataFusionError::Plan(format!("no model `{model_id}`")))?;
     let upstream_id = upstream_of(project, model_id).ok_or_else(|| {
-        DataFusionError::NotImplemented(format!(
+        crate::error::unsupported(format!(
             "{model_id} reads more than one model, or a stream topic: it recomputes what it \
              reads"
         ))
@@ -409,7 +408,7 @@ pub async fn plan_over_upstream(
         .get(&upstream_id)
         .ok_or_else(|| DataFusionError::Plan(format!("no model `{upstream_id}`")))?;
     if project.is_dimension(model_id) {
-        return Err(DataFusionError::NotImplemented(
+        return Err(crate::error::unsupported(
             "a dimension recomputes what it reads".into(),
         ));
     }
@@ -446,27 +445,27 @@ pub async fn plan_over_upstream(
         .analyzer()
         .execute_and_check(plan, state.config_options(), |_, _| {})?;
     let plan = distinct_as_group_by(plan)?;
-    let plan = crate::mask::mask_plan(plan, &model.config.mask)?;
+    let plan = crate::mask_plan::mask_plan(plan, &model.config.mask)?;
     if find_dedup(&plan)
-        .map_err(DataFusionError::NotImplemented)?
+        .map_err(crate::error::unsupported)?
         .is_some()
     {
-        return Err(DataFusionError::NotImplemented(
+        return Err(crate::error::unsupported(
             "a deduplicating model recomputes what it reads".into(),
         ));
     }
     // The shape it has when it recomputes its upstream decides: a GROUP BY over the event
     // time its upstream declares is windowed.
     let inline = plan_model(project, model_id).await?;
-    let mut shape = shape_of(&plan).map_err(DataFusionError::NotImplemented)?;
+    let mut shape = shape_of(&plan).map_err(crate::error::unsupported)?;
     let mut upstream_marks = None;
     if inline.shape == Shape::Windowed && shape == Shape::Grouped {
         let et = inline.event_time.as_ref().ok_or_else(|| {
             DataFusionError::Internal("a windowed model without event time".into())
         })?;
-        let aggregate = aggregate_shape(&plan).map_err(DataFusionError::NotImplemented)?;
+        let aggregate = aggregate_shape(&plan).map_err(crate::error::unsupported)?;
         if window_key(aggregate, &et.column)
-            .map_err(DataFusionError::NotImplemented)?
+            .map_err(crate::error::unsupported)?
             .is_some()
         {
             shape = Shape::Windowed;
@@ -480,7 +479,7 @@ pub async fn plan_over_upstream(
                 upstream_marks = Some((up.topic.clone(), up_et.clone()));
             }
             _ => {
-                return Err(DataFusionError::NotImplemented(
+                return Err(crate::error::unsupported(
                     "windows over a model that does not emit its rows in watermark order \
                      recompute it"
                         .into(),
@@ -489,7 +488,7 @@ pub async fn plan_over_upstream(
         }
     }
     if shape != inline.shape || inline.join.is_some() {
-        return Err(DataFusionError::NotImplemented(
+        return Err(crate::error::unsupported(
             "over its upstream's table the model would run another way; it recomputes it".into(),
         ));
     }
@@ -520,9 +519,9 @@ fn plan_stream_join(
     slots: &[(String, Arc<MemTable>)],
 ) -> Result<(LogicalPlan, StreamJoinPlan)> {
     let found = find_stream_join(plan, streams)
-        .map_err(DataFusionError::NotImplemented)?
+        .map_err(crate::error::unsupported)?
         .ok_or_else(|| {
-            DataFusionError::NotImplemented(format!(
+            crate::error::unsupported(format!(
                 "the model reads two streams ({}) but does not join them; a join of two \
                  streams needs a time bound in its ON clause, such as ON p.order_id = o.id \
                  AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'",
@@ -562,7 +561,7 @@ fn join_event_time(
     column: &str,
 ) -> Result<EventTime> {
     let index = timestamp_field(topic, column)
-        .map_err(|why| DataFusionError::NotImplemented(format!("the join's time bound: {why}")))?;
+        .map_err(|why| crate::error::unsupported(format!("the join's time bound: {why}")))?;
     let mut delay_ms = None;
     let mut declared_by = None;
     for (id, model) in nearest_first(project, model_id) {
@@ -661,7 +660,7 @@ fn register_schema(ctx: &SessionContext, layer: &str) {
 pub async fn dimension_schema(project: &Project, id: &str) -> Result<arrow::datatypes::SchemaRef> {
     let planned = Box::pin(plan_model(project, id)).await?;
     if let Some((looked_up, _)) = planned.dimensions.first() {
-        return Err(DataFusionError::NotImplemented(format!(
+        return Err(crate::error::unsupported(format!(
             "the dimension {id} looks up {looked_up}; a model reading a dimension computes it \
              from its topic alone: join {looked_up} in this model instead"
         )));

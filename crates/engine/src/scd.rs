@@ -443,7 +443,7 @@ impl ScdModel {
     ) -> std::result::Result<(), LakehouseError> {
         self.pending.clear();
         self.state.clear();
-        self.committed = crate::summary_json(properties, BUCKETS_PROPERTY)?;
+        self.committed = crate::commit_record::summary_json(properties, BUCKETS_PROPERTY)?;
         for (b, files) in self.committed.clone() {
             if b >= GROUP_BUCKETS {
                 return Err(LakehouseError::Query(format!(

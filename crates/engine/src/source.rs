@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use arrow::array::RecordBatch;
 
+use crate::commit_record::Offsets;
 use crate::decode::Rejected;
-use crate::runner::Offsets;
 
 /// What one read of a source gives the runner.
 #[derive(Debug)]

@@ -113,7 +113,7 @@ fn not_row_by_row(node: &LogicalPlan) -> Option<String> {
         LogicalPlan::Window(_) => "window functions (OVER …) are not incremental; for \
                                    running totals use GROUP BY"
             .into(),
-        LogicalPlan::Join(join) => return crate::dimension::lookup_join_problem(join),
+        LogicalPlan::Join(join) => return crate::lookup::lookup_join_problem(join),
         LogicalPlan::Union(_) => "UNION is not supported yet; write one model per input".into(),
         LogicalPlan::Aggregate(_) | LogicalPlan::Distinct(_) => {
             "GROUP BY and DISTINCT keep state; they are not a row-by-row step".into()
@@ -178,7 +178,7 @@ impl StatelessModel {
         plan: LogicalPlan,
     ) -> Result<StatelessModel> {
         if let Err(reason) = stateless_shape(&plan) {
-            return Err(DataFusionError::NotImplemented(reason));
+            return Err(crate::error::unsupported(reason));
         }
         let output_schema = storable_schema(plan.schema().as_arrow());
         Ok(StatelessModel {

@@ -607,7 +607,7 @@ impl StreamJoin {
     ) -> std::result::Result<(), LakehouseError> {
         self.pending = None;
         self.changed = false;
-        self.committed = crate::summary_json(properties, JOIN_PROPERTY)?;
+        self.committed = crate::commit_record::summary_json(properties, JOIN_PROPERTY)?;
         for (side, files) in [
             (&mut self.left, &self.committed.left),
             (&mut self.right, &self.committed.right),

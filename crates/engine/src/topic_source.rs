@@ -13,10 +13,13 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use kappa_log::{PartitionReader, StartAt, Topic};
 
+use crate::commit_record::Offsets;
 use crate::decode::{Decoder, Raw, Rejected};
-use crate::runner::{Offsets, READ_BYTES};
 use crate::source::{Source, SourceError, Taken, Waiter};
 use crate::watermark::Watermarks;
+
+/// Bytes asked of the log per read.
+pub const READ_BYTES: usize = 1 << 20;
 
 /// A stream topic a model reads: its readers, decoder and event-time progress.
 pub(crate) struct TopicSource {

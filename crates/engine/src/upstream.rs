@@ -24,8 +24,9 @@ use kappa_lakehouse::{Lakehouse, Table, TableIdent};
 use kappa_log::Log;
 use kappa_pipeline::Project;
 
+use crate::commit_record::Offsets;
+use crate::error::EngineError;
 use crate::plan::plan_over_upstream;
-use crate::runner::{Offsets, RunnerError};
 use crate::source::{Source, SourceError, Taken, Waiter};
 use crate::watermark::{WATERMARKS_PROPERTY, Watermarks};
 
@@ -34,8 +35,7 @@ pub const UPSTREAM_UUID_PROPERTY: &str = "kappa.upstream-uuid";
 /// Snapshot property: the upstream's last sequence number when the model began reading it
 /// from its start (files merged before then are read whole, not mistaken for a broken stream).
 pub const UPSTREAM_BEGAN_PROPERTY: &str = "kappa.upstream-began";
-/// How a position on a table is named in `kappa.offsets`: `table:<namespace>.<name>`.
-pub const TABLE_KEY_PREFIX: &str = "table:";
+pub use crate::commit_record::TABLE_KEY_PREFIX;
 /// While live, how often the upstream's table is looked at.
 const POLL_MS: u64 = 100;
 
@@ -51,7 +51,7 @@ pub fn upstream_table(
     project: &Project,
     upstream_id: &str,
 ) -> kappa_lakehouse::Result<TableIdent> {
-    crate::runner::live_table(lakehouse, project, upstream_id)
+    crate::tables::live_table(lakehouse, project, upstream_id)
 }
 
 /// Holds position 0 on the upstream table `model_id` reads, if it reads one: nothing of it is
@@ -61,7 +61,7 @@ pub fn hold_before_start(lakehouse: &Lakehouse, project: &Project, model_id: &st
     let Some(upstream_id) = project.reads_tables.get(model_id) else {
         return;
     };
-    let reader = crate::runner::live_table(lakehouse, project, model_id);
+    let reader = crate::tables::live_table(lakehouse, project, model_id);
     if let (Ok(upstream), Ok(reader)) = (upstream_table(lakehouse, project, upstream_id), reader) {
         lakehouse.hold(&upstream, &reader.to_string(), 0);
     }
@@ -132,24 +132,12 @@ impl TableSource {
         upstream_id: &str,
         slot_schema: SchemaRef,
         upstream_marks: Option<&(String, crate::plan::EventTime)>,
-    ) -> Result<TableSource, RunnerError> {
-        let lake_err = |source| RunnerError::Lakehouse {
-            model: model_id.to_owned(),
-            source,
-        };
-        let upstream = upstream_table(lakehouse, project, upstream_id).map_err(lake_err)?;
-        let holder = crate::runner::live_table(lakehouse, project, model_id)
-            .map_err(lake_err)?
-            .to_string();
+    ) -> Result<TableSource, EngineError> {
+        let upstream = upstream_table(lakehouse, project, upstream_id)?;
+        let holder = crate::tables::live_table(lakehouse, project, model_id)?.to_string();
         let marks = match upstream_marks {
             Some((topic, et)) => {
-                let partitions = log
-                    .topic(topic)
-                    .map_err(|source| RunnerError::Log {
-                        model: model_id.to_owned(),
-                        source,
-                    })?
-                    .partition_count();
+                let partitions = log.topic(topic)?.partition_count();
                 Some((
                     topic.clone(),
                     Watermarks::new(&et.column, et.index, et.delay_ms, partitions),

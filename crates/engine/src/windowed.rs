@@ -226,8 +226,7 @@ impl WindowedModel {
         event_time: &str,
     ) -> Result<Option<WindowedModel>> {
         let plan = AggregatePlan::new(ctx, input_slot, plan)?;
-        let window =
-            window_key(&plan.aggregate, event_time).map_err(DataFusionError::NotImplemented)?;
+        let window = window_key(&plan.aggregate, event_time).map_err(crate::error::unsupported)?;
         let Some(window) = window else {
             return Ok(None);
         };

@@ -20,24 +20,6 @@ use iceberg::table::Table;
 
 use crate::{Context, Lakehouse, LakehouseError, Result};
 
-/// What a merged file's name holds before its first sequence number.
-pub(crate) const MERGED_LABEL: &str = "merged-s";
-
-/// The least data sequence number whose rows the file at `path` holds: its own (`sequence`),
-/// or for a merged file the least of the files merged, as its name says.
-pub(crate) fn first_sequence(path: &str, sequence: i64) -> i64 {
-    let name = path.rsplit('/').next().unwrap_or(path);
-    name.split_once(MERGED_LABEL)
-        .and_then(|(_, rest)| rest.split('-').next())
-        .and_then(|digits| digits.parse().ok())
-        .map_or(sequence, |first: i64| first.min(sequence))
-}
-
-/// The least of some first sequence numbers (0 for none).
-pub(crate) fn first_sequence_of(firsts: impl Iterator<Item = i64>) -> i64 {
-    firsts.min().unwrap_or(0)
-}
-
 /// Positions readers hold on tables, by table and reader: a merge takes only files at or below
 /// the least of a table's.
 pub(crate) type Holds = std::sync::Mutex<HashMap<TableIdent, BTreeMap<String, i64>>>;
@@ -166,7 +148,7 @@ impl Lakehouse {
                 if sequence > after {
                     files.push(AddedFile {
                         sequence,
-                        first: first_sequence(entry.file_path(), sequence),
+                        first: crate::commit::first_sequence(entry.file_path(), sequence),
                         added_at: entry.file_sequence_number.unwrap_or(sequence),
                         file: entry.data_file().clone(),
                     });

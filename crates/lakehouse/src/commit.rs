@@ -490,12 +490,12 @@ impl Lakehouse {
             tracing::debug!(table = %ident, files = files.len(), tier, "merging small files");
             // The name says the least sequence number merged: a stream reader past it must
             // not read the file again (`changes.rs`).
-            let first = crate::changes::first_sequence_of(
+            let first = first_sequence_of(
                 files
                     .iter()
-                    .map(|k| crate::changes::first_sequence(k.file.file_path(), k.data_sequence)),
+                    .map(|k| first_sequence(k.file.file_path(), k.data_sequence)),
             );
-            let label = format!("{}{first}-", crate::changes::MERGED_LABEL);
+            let label = format!("{}{first}-", MERGED_LABEL);
             merges.push(Merge {
                 written: self.write_data_files(table, &batches, &label).await?,
                 inputs: files
@@ -826,6 +826,24 @@ fn remove_unused(
         }
     }
     removed
+}
+
+/// What a merged file's name holds before its first sequence number.
+pub(crate) const MERGED_LABEL: &str = "merged-s";
+
+/// The least data sequence number whose rows the file at `path` holds: its own (`sequence`),
+/// or for a merged file the least of the files merged, as its name says.
+pub(crate) fn first_sequence(path: &str, sequence: i64) -> i64 {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    name.split_once(MERGED_LABEL)
+        .and_then(|(_, rest)| rest.split('-').next())
+        .and_then(|digits| digits.parse().ok())
+        .map_or(sequence, |first: i64| first.min(sequence))
+}
+
+/// The least of some first sequence numbers (0 for none).
+pub(crate) fn first_sequence_of(firsts: impl Iterator<Item = i64>) -> i64 {
+    firsts.min().unwrap_or(0)
 }
 
 #[cfg(test)]

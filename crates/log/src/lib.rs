@@ -45,6 +45,7 @@ mod partition;
 mod reader;
 mod recovery;
 mod segment;
+mod shared;
 mod storage;
 mod topic;
 mod writer;

@@ -12,8 +12,8 @@ use crate::batch::{self, BATCH_HEADER_BYTES, BatchHeader, RecordIter, RecordRef}
 use crate::error::IoContext;
 use crate::index::{self, IndexEntry};
 use crate::limits::{READAHEAD_STEP_BYTES, READAHEAD_WINDOW_BYTES};
-use crate::partition::PartitionShared;
 use crate::segment::{ReadWindow, load_index};
+use crate::shared::PartitionShared;
 use crate::storage::{OpenMode, StorageFile};
 use crate::{LogError, Result};
 

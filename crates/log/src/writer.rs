@@ -22,9 +22,9 @@ use crate::config::FsyncPolicy;
 use crate::error::IoContext;
 use crate::index::{IndexCoverage, IndexEntry};
 use crate::limits::{CHECKPOINT_SYNC_INTERVAL_MS, GROUP_COMMIT_BYTES_MAX, WRITER_TICK_MS};
-use crate::partition::{AppendAck, PartitionOptions, PartitionShared};
 use crate::recovery::{Recovered, SegmentInfo};
 use crate::segment::{SegmentPaths, write_index};
+use crate::shared::{AppendAck, PartitionOptions, PartitionShared};
 use crate::storage::{OpenMode, StorageFile};
 use crate::{LogError, Result};
 

@@ -2,10 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::project::{Input, Model};
-
-/// Model ids in dependency order, or one cycle (as a path of ids back to its start).
-pub fn order(models: &BTreeMap<String, Model>) -> Result<Vec<String>, Vec<String>> {
+/// Model ids (each with the ids of the models it reads) in dependency order, or one cycle (as
+/// a path of ids back to its start).
+pub fn order(models: &BTreeMap<String, Vec<String>>) -> Result<Vec<String>, Vec<String>> {
     #[derive(Clone, Copy, PartialEq, Eq)]
     enum Mark {
         Visiting,
@@ -13,7 +12,7 @@ pub fn order(models: &BTreeMap<String, Model>) -> Result<Vec<String>, Vec<String
     }
     fn visit(
         id: &str,
-        models: &BTreeMap<String, Model>,
+        models: &BTreeMap<String, Vec<String>>,
         marks: &mut BTreeMap<String, Mark>,
         path: &mut Vec<String>,
         order: &mut Vec<String>,
@@ -30,11 +29,9 @@ pub fn order(models: &BTreeMap<String, Model>) -> Result<Vec<String>, Vec<String
         }
         marks.insert(id.to_owned(), Mark::Visiting);
         path.push(id.to_owned());
-        if let Some(model) = models.get(id) {
-            for input in &model.inputs {
-                if let Input::Model(upstream) = input {
-                    visit(upstream, models, marks, path, order)?;
-                }
+        if let Some(upstream) = models.get(id) {
+            for upstream in upstream {
+                visit(upstream, models, marks, path, order)?;
             }
         }
         path.pop();

@@ -616,7 +616,17 @@ pub fn load(files: &ProjectFiles) -> Result<Project, Vec<Diagnostic>> {
         models.insert(model.id(), model);
     }
 
-    let order = match crate::dag::order(&models) {
+    let reads: BTreeMap<String, Vec<String>> = models
+        .iter()
+        .map(|(id, model)| {
+            let upstream = model.inputs.iter().filter_map(|input| match input {
+                Input::Model(upstream) => Some(upstream.clone()),
+                Input::Topic(_) => None,
+            });
+            (id.clone(), upstream.collect())
+        })
+        .collect();
+    let order = match crate::dag::order(&reads) {
         Ok(order) => order,
         Err(cycle) => {
             let first = &models[&cycle[0]];

@@ -1,0 +1,341 @@
+//! What a model runs with: its sources, lookups, stage and operator, planned over its topics
+//! or over the table its upstream published; and the table it writes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kappa_lakehouse::{Lakehouse, table_ident};
+use kappa_log::Log;
+use kappa_pipeline::Project;
+
+use super::error::{RunnerError, planning_error};
+use super::letters::rejects_reporter;
+use crate::commit_record::{CommitRecord, VERSION_PROPERTY};
+use crate::decode::Decoder;
+use crate::dedup::Dedup;
+use crate::dimension::Dimension;
+use crate::operator::{Operator, Stage};
+use crate::plan::plan_model;
+use crate::source::Source;
+use crate::stateless::StatelessModel;
+use crate::stream_join::StreamJoin;
+use crate::tables::written_table;
+use crate::topic_source::TopicSource;
+use crate::watermark::Watermarks;
+
+/// A model planned over its topics: the stream topics (two when it joins them, the left side
+/// first, each with its event time), its lookups, an optional stage and its operator.
+struct Planned {
+    sources: Vec<(String, Option<crate::plan::EventTime>)>,
+    dimensions: Vec<(String, Arc<crate::lookup::DimensionTable>)>,
+    operator: Box<dyn Operator>,
+    stage: Option<Box<dyn Stage>>,
+}
+
+/// A model ready to run: what it reads, its lookups, its stage and its operator.
+pub(super) struct Ready {
+    pub sources: Vec<Box<dyn Source>>,
+    pub dimensions: Vec<(String, Arc<crate::lookup::DimensionTable>)>,
+    pub operator: Box<dyn Operator>,
+    pub stage: Option<Box<dyn Stage>>,
+}
+
+/// Plans a model over its topics, or says why it cannot run incrementally.
+async fn plan_topics(
+    project: &Project,
+    model_id: &str,
+) -> Result<Planned, datafusion::error::DataFusionError> {
+    let planned = plan_model(project, model_id).await?;
+    let below_dedup = planned.dedup.as_ref().map(|d| &d.found.filter);
+    if let Some(reason) =
+        crate::mask_plan::missing_key(std::iter::once(&planned.plan).chain(below_dedup))
+    {
+        return Err(crate::error::unsupported(reason));
+    }
+    let event_time = planned.event_time.clone();
+    let dimensions = planned.dimensions.clone();
+    let input_slot = planned.input_slot();
+    let mut sources = vec![(planned.topic.clone(), event_time.clone())];
+    let mut stage: Option<Box<dyn Stage>> = None;
+    if let (Some(d), Some(et)) = (&planned.dedup, &event_time) {
+        stage = Some(Box::new(Dedup::new(
+            planned.ctx.clone(),
+            planned.slot.clone(),
+            &d.found,
+            &et.column,
+            d.horizon_ms,
+            d.output_schema.clone(),
+        )?));
+    }
+    if let Some(j) = &planned.join {
+        sources.push((
+            j.found.right_topic.clone(),
+            Some(j.right_event_time.clone()),
+        ));
+        stage = Some(Box::new(StreamJoin::new(
+            planned.ctx.clone(),
+            &j.found,
+            planned.slot.clone(),
+            j.right_slot.clone(),
+            j.output_schema.clone(),
+        )?));
+    }
+    let operator: Box<dyn Operator> = match project.models.get(model_id) {
+        Some(model) if project.is_dimension(model_id) => {
+            let rows = StatelessModel::from_plan(planned.ctx, input_slot, planned.plan)?;
+            let spec = crate::scd::ScdSpec::new(model, rows.output_schema().clone())?;
+            Box::new(crate::scd::ScdModel::new(rows, spec))
+        }
+        _ => crate::operator::for_shape(
+            planned.shape,
+            planned.ctx,
+            input_slot,
+            planned.plan,
+            planned.event_time,
+        )?,
+    };
+    Ok(Planned {
+        sources,
+        dimensions,
+        operator,
+        stage,
+    })
+}
+
+/// `model_id` planned over its stream topics, each read from the log.
+pub(super) async fn over_topics(
+    log: &Log,
+    project: &Project,
+    model_id: &str,
+) -> Result<Ready, RunnerError> {
+    let Planned {
+        sources: source_plans,
+        dimensions,
+        operator,
+        stage,
+    } = plan_topics(project, model_id)
+        .await
+        .map_err(|e| planning_error(model_id, e))?;
+    let needs_event_time = operator.uses_event_time() || stage.is_some();
+    let mut sources: Vec<Box<dyn Source>> = Vec::with_capacity(source_plans.len());
+    for (name, event_time) in source_plans {
+        let topic = log.topic(&name).map_err(|source| RunnerError::Log {
+            model: model_id.to_owned(),
+            source,
+        })?;
+        // Late records are reported by the model that declares the event time, if it uses
+        // it; otherwise by each model that does.
+        let reports_late = match &event_time {
+            Some(et) if et.declared_by != model_id => !plan_model(project, &et.declared_by)
+                .await
+                .is_ok_and(|p| p.uses_event_time()),
+            _ => true,
+        };
+        // Event time at the source: late records set aside, the watermark advanced.
+        let marks = match (&event_time, needs_event_time) {
+            (Some(et), true) => Some(Watermarks::new(
+                &et.column,
+                et.index,
+                et.delay_ms,
+                topic.partition_count(),
+            )),
+            _ => None,
+        };
+        sources.push(Box::new(TopicSource {
+            decoder: Decoder::new(&project.topics[&name]),
+            // A record that does not fit its topic's schema is reported once, by one model.
+            reports_rejects: rejects_reporter(project, &name).as_deref() == Some(model_id),
+            reports_late,
+            marks,
+            readers: Vec::new(),
+            topic,
+            name,
+        }));
+    }
+    Ok(Ready {
+        sources,
+        dimensions,
+        operator,
+        stage,
+    })
+}
+
+/// `model_id` planned over the table its upstream `upstream_id` published.
+pub(super) async fn over_table(
+    log: &Log,
+    lakehouse: &Lakehouse,
+    project: &Project,
+    model_id: &str,
+    upstream_id: &str,
+) -> Result<Ready, RunnerError> {
+    let (planned, _) = crate::plan::plan_over_upstream(project, model_id)
+        .await
+        .map_err(|e| planning_error(model_id, e))?;
+    let source = crate::upstream::TableSource::new(
+        log,
+        lakehouse,
+        project,
+        model_id,
+        upstream_id,
+        datafusion::datasource::TableProvider::schema(planned.slot.as_ref()),
+        planned.upstream_marks.as_ref(),
+    )
+    .map_err(|e| RunnerError::of(model_id, e))?;
+    let operator = crate::operator::for_shape(
+        planned.shape,
+        planned.ctx,
+        planned.slot,
+        planned.plan,
+        planned.event_time,
+    )
+    .map_err(|e| planning_error(model_id, e))?;
+    Ok(Ready {
+        sources: vec![Box::new(source)],
+        dimensions: planned.dimensions,
+        operator,
+        stage: None,
+    })
+}
+
+/// The table the version `version` of `model_id` writes (see [`run_version`]), created as
+/// `output_schema` says, or rebuilt when another version or schema wrote it; with
+/// `publish_if_new`, published as the model's public table when that names none yet.
+pub(crate) async fn open_output(
+    lakehouse: &Lakehouse,
+    project: &Project,
+    model_id: &str,
+    version: &str,
+    output_schema: &arrow::datatypes::SchemaRef,
+    publish_if_new: bool,
+) -> Result<(kappa_lakehouse::TableIdent, kappa_lakehouse::Table), RunnerError> {
+    let model = &project.models[model_id];
+    let err_model = || model_id.to_owned();
+    let (public, ident) = table_ident(&model.layer, &model.name)
+        .and_then(|public| {
+            let ident = written_table(lakehouse, &model.layer, &model.name, version)?;
+            Ok((public, ident))
+        })
+        .map_err(|source| RunnerError::Lakehouse {
+            model: err_model(),
+            source,
+        })?;
+    let lake_err = |source| RunnerError::Lakehouse {
+        model: model_id.to_owned(),
+        source,
+    };
+    let partition_by = &model.config.partition_by;
+    let mut table = lakehouse
+        .ensure_partitioned_table(&ident, output_schema, partition_by)
+        .await
+        .map_err(lake_err)?;
+    let written_by = kappa_lakehouse::wap::head(&table).and_then(|s| {
+        s.summary()
+            .additional_properties
+            .get(VERSION_PROPERTY)
+            .cloned()
+    });
+    if written_by.is_some_and(|v| v != version) || !lakehouse.schema_matches(&table, output_schema)
+    {
+        // The model changed: its table is rebuilt from the start of the log.
+        tracing::warn!(model = %model_id, "the model changed since its table was written; rebuilding the table from the start of the log");
+        table = lakehouse
+            .replace_table(&ident, output_schema, partition_by)
+            .await
+            .map_err(lake_err)?;
+    }
+    if publish_if_new
+        && public != ident
+        && !lakehouse
+            .aliases()
+            .await
+            .map_err(lake_err)?
+            .contains_key(&public)
+    {
+        // The model's first version: its table is the public one from the start.
+        lakehouse
+            .publish(&[(public.clone(), ident.clone())])
+            .await
+            .map_err(lake_err)?;
+    }
+    Ok((ident, table))
+}
+
+/// The dimensions `model_id` looks up, each with whether this model reports the records of
+/// its topic that do not fit its schema.
+pub(super) async fn open_dimensions(
+    log: &Log,
+    project: &Project,
+    model_id: &str,
+    dimensions: Vec<(String, Arc<crate::lookup::DimensionTable>)>,
+) -> Result<Vec<(Dimension, bool)>, RunnerError> {
+    let mut dims = Vec::new();
+    for (name, table) in dimensions {
+        if project.is_dimension(&name) {
+            dims.push((
+                open_dimension_model(log, project, model_id, &name, table).await?,
+                false,
+            ));
+            continue;
+        }
+        let topic = log.topic(&name).map_err(|source| RunnerError::Log {
+            model: model_id.to_owned(),
+            source,
+        })?;
+        let dimension = Dimension::new(topic, &project.topics[&name], table).map_err(|reason| {
+            RunnerError::Unsupported {
+                model: model_id.to_owned(),
+                reason,
+            }
+        })?;
+        let reports = rejects_reporter(project, &name).as_deref() == Some(model_id);
+        dims.push((dimension, reports));
+    }
+    Ok(dims)
+}
+
+/// The dimension model `name`, looked up by `model_id`: computed from its topic in this
+/// runner (the dimension's own runner reports the records that do not fit).
+async fn open_dimension_model(
+    log: &Log,
+    project: &Project,
+    model_id: &str,
+    name: &str,
+    table: Arc<crate::lookup::DimensionTable>,
+) -> Result<Dimension, RunnerError> {
+    let plan_error = |source| planning_error(model_id, source);
+    let planned = plan_model(project, name).await.map_err(plan_error)?;
+    let spec = project.topics.get(&planned.topic).ok_or_else(|| {
+        plan_error(datafusion::error::DataFusionError::Plan(format!(
+            "no topic `{}`",
+            planned.topic
+        )))
+    })?;
+    let topic = log
+        .topic(&planned.topic)
+        .map_err(|source| RunnerError::Log {
+            model: model_id.to_owned(),
+            source,
+        })?;
+    let slot = planned.input_slot();
+    // What the dimension's table holds: without the rows its `drop` expectations set aside.
+    let plan = crate::expect::without_dropped(&planned.ctx, planned.plan, &project.models[name])
+        .map_err(plan_error)?;
+    let sql = StatelessModel::from_plan(planned.ctx, slot, plan).map_err(plan_error)?;
+    let scd = crate::scd::ScdSpec::new(&project.models[name], sql.output_schema().clone())
+        .map_err(plan_error)?;
+    Ok(Dimension::of_model(
+        name,
+        topic,
+        spec,
+        table,
+        sql,
+        crate::scd::ScdState::new(scd),
+    ))
+}
+
+/// Whether the commit whose summary is `properties` records positions in topics and none in
+/// an upstream's table (dimensions aside).
+/// (A record that does not read is reported where it is read for the start.)
+pub(super) fn written_from_topics(properties: Option<&HashMap<String, String>>) -> bool {
+    CommitRecord::of(properties).is_ok_and(|r| crate::commit_record::from_topics(&r.offsets))
+}
