@@ -5,6 +5,8 @@
     reason = "tests fail loudly on unexpected errors"
 )]
 
+mod cases;
+
 use std::sync::Arc;
 use std::time::Duration;
 
