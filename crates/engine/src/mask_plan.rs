@@ -44,6 +44,8 @@ pub fn missing_key<'a>(plans: impl IntoIterator<Item = &'a LogicalPlan>) -> Opti
 pub fn mask_plan(plan: LogicalPlan, masks: &BTreeMap<String, Mask>) -> Result<LogicalPlan> {
     masked(plan, masks).map_err(|e| match e {
         DataFusionError::Configuration(reason) => DataFusionError::Configuration(reason),
+        // A shape that cannot run stays what it is, reported where the SQL says it.
+        e if crate::error::unsupported_reason(&e).is_some() => e,
         other => DataFusionError::Configuration(format!(
             "[mask]: {}",
             other
