@@ -10,11 +10,13 @@
 //!           query that returns it; commits per second
 //! ```
 //!
-//! Two models run, as in `kappa up` (one runner each): a row-by-row model (an event is visible
-//! when its row is) and a GROUP BY (an event is visible when its partition's group covers it:
-//! the group keeps the partition's greatest `order_id`, and a partition is committed in log
-//! order). The reference, measured in the same run: the log's own append latency (append →
-//! durable acknowledgement) of the same records.
+//! Three models run, as in `kappa up` (one runner each): a row-by-row model (an event is
+//! visible when its row is); a GROUP BY (an event is visible when its partition's group covers
+//! it: the group keeps the partition's greatest `order_id`, and a partition is committed in log
+//! order); and a row-by-row model over the first one's published table (`gold.chained`: what a
+//! model over a model pays for reading what its upstream published — the upstream's commit,
+//! then its own read of the new Parquet and commit). The reference, measured in the same run:
+//! the log's own append latency (append → durable acknowledgement) of the same records.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -44,6 +46,7 @@ const ORDERS_TOML: &str = "partitions = 4\nkey = \"customer\"\n[schema]\norder_i
                            lane = \"int\"\ncustomer = \"string\"\namount = \"decimal(10,2)\"\n\
                            ts = \"timestamp\"\n";
 const ROWS_SQL: &str = "SELECT order_id, lane, customer, amount * 2 AS doubled FROM orders";
+const CHAINED_SQL: &str = "SELECT order_id, lane, doubled FROM silver.rows";
 const GROUPS_SQL: &str =
     "SELECT lane, max(order_id) AS max_id, count(*) AS n FROM orders GROUP BY lane";
 
@@ -71,6 +74,8 @@ struct Live {
     /// Event → visible in a query, per model, in ms.
     row_by_row_ms: Percentiles,
     group_by_ms: Percentiles,
+    /// Event → visible in the model over silver.rows's published table.
+    chained_ms: Percentiles,
     /// Reference: append → durable acknowledgement of the same records, in ms.
     log_append_ms: Percentiles,
     /// How long the reader's queries took (part of every visibility figure), in ms.
@@ -145,7 +150,8 @@ async fn run_async(work: &Path, backlog: u64, rate: u64, seconds: f64) -> anyhow
     files.insert("topics/orders.toml".into(), ORDERS_TOML.into());
     files.insert("models/silver/rows.sql".into(), ROWS_SQL.into());
     files.insert("models/gold/lanes.sql".into(), GROUPS_SQL.into());
-    let project = Arc::new(kappa_pipeline::load(&files).map_err(|d| {
+    files.insert("models/gold/chained.sql".into(), CHAINED_SQL.into());
+    let mut project = kappa_pipeline::load(&files).map_err(|d| {
         anyhow::anyhow!(
             "{}",
             d.iter()
@@ -153,7 +159,12 @@ async fn run_async(work: &Path, backlog: u64, rate: u64, seconds: f64) -> anyhow
                 .collect::<Vec<_>>()
                 .join("; ")
         )
-    })?);
+    })?;
+    // As a deploy records it: gold.chained reads silver.rows's published table.
+    project
+        .reads_tables
+        .insert("gold.chained".into(), "silver.rows".into());
+    let project = Arc::new(project);
     let lakehouse = Lakehouse::open(work).await?;
 
     // Phase 1: a backlog, then the runners start and catch up.
@@ -173,7 +184,7 @@ async fn run_async(work: &Path, backlog: u64, rate: u64, seconds: f64) -> anyhow
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let started = Instant::now();
     let mut runners = Vec::new();
-    for model in ["silver.rows", "gold.lanes"] {
+    for model in ["silver.rows", "gold.lanes", "gold.chained"] {
         runners.push(tokio::spawn(kappa_engine::runner::run_model(
             log.clone(),
             lakehouse.clone(),
@@ -188,6 +199,7 @@ async fn run_async(work: &Path, backlog: u64, rate: u64, seconds: f64) -> anyhow
         for sql in [
             "SELECT count(*) FROM silver.rows",
             "SELECT sum(n) FROM gold.lanes",
+            "SELECT count(*) FROM gold.chained",
         ] {
             let batches = lakehouse
                 .query(sql)
@@ -259,40 +271,47 @@ async fn run_async(work: &Path, backlog: u64, rate: u64, seconds: f64) -> anyhow
     // The reader: each event's first sighting, per model.
     let mut row_seen: Vec<Option<f64>> = vec![None; total as usize];
     let mut group_seen: Vec<Option<f64>> = vec![None; total as usize];
+    let mut chained_seen: Vec<Option<f64>> = vec![None; total as usize];
     let mut lowest_unseen = first_live;
+    let mut lowest_unchained = first_live;
     let mut lane_top: BTreeMap<u32, u64> = BTreeMap::new();
     let deadline_after_producer = Duration::from_secs(DRAIN_SECONDS);
     let mut producer_done: Option<Instant> = None;
     let mut query_ms = Vec::new();
     loop {
         tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
-        let (batches, now) = timed_query(
-            &lakehouse,
-            &format!("SELECT order_id FROM silver.rows WHERE order_id >= {lowest_unseen}"),
-            &mut query_ms,
-        )
-        .await?;
-        // Taken after the query: every event it returned was handed to the log before.
-        let sent_at = sent_times(&sent);
-        for batch in &batches {
-            for id in batch
-                .column(0)
-                .as_primitive::<arrow::datatypes::Int64Type>()
-                .values()
-            {
-                let i = (*id as u64 - first_live) as usize;
-                if let (Some(slot), Some(at)) = (row_seen.get_mut(i), sent_at.get(i))
-                    && slot.is_none()
+        for (table, seen, lowest) in [
+            ("silver.rows", &mut row_seen, &mut lowest_unseen),
+            ("gold.chained", &mut chained_seen, &mut lowest_unchained),
+        ] {
+            let (batches, now) = timed_query(
+                &lakehouse,
+                &format!("SELECT order_id FROM {table} WHERE order_id >= {lowest}"),
+                &mut query_ms,
+            )
+            .await?;
+            // Taken after the query: every event it returned was handed to the log before.
+            let sent_at = sent_times(&sent);
+            for batch in &batches {
+                for id in batch
+                    .column(0)
+                    .as_primitive::<arrow::datatypes::Int64Type>()
+                    .values()
                 {
-                    *slot = Some(now.duration_since(*at).as_secs_f64() * 1000.0);
+                    let i = (*id as u64 - first_live) as usize;
+                    if let (Some(slot), Some(at)) = (seen.get_mut(i), sent_at.get(i))
+                        && slot.is_none()
+                    {
+                        *slot = Some(now.duration_since(*at).as_secs_f64() * 1000.0);
+                    }
                 }
             }
-        }
-        while row_seen
-            .get((lowest_unseen - first_live) as usize)
-            .is_some_and(Option::is_some)
-        {
-            lowest_unseen += 1;
+            while seen
+                .get((*lowest - first_live) as usize)
+                .is_some_and(Option::is_some)
+            {
+                *lowest += 1;
+            }
         }
         let (batches, now) = timed_query(
             &lakehouse,
@@ -325,8 +344,9 @@ async fn run_async(work: &Path, backlog: u64, rate: u64, seconds: f64) -> anyhow
                 }
             }
         }
-        let all_seen =
-            row_seen.iter().all(Option::is_some) && group_seen.iter().all(Option::is_some);
+        let all_seen = row_seen.iter().all(Option::is_some)
+            && group_seen.iter().all(Option::is_some)
+            && chained_seen.iter().all(Option::is_some);
         if producer.is_finished() && producer_done.is_none() {
             producer_done = Some(Instant::now());
         }
@@ -336,9 +356,10 @@ async fn run_async(work: &Path, backlog: u64, rate: u64, seconds: f64) -> anyhow
         if producer_done.is_some_and(|d| d.elapsed() > deadline_after_producer) {
             anyhow::bail!(
                 "events not visible {DRAIN_SECONDS} s after the producer ended: {} rows, {} \
-                 group entries (first row {:?}, first group entry {:?})",
+                 group entries, {} chained rows (first row {:?}, first group entry {:?})",
                 row_seen.iter().filter(|s| s.is_none()).count(),
                 group_seen.iter().filter(|s| s.is_none()).count(),
+                chained_seen.iter().filter(|s| s.is_none()).count(),
                 row_seen
                     .iter()
                     .position(Option::is_none)
@@ -383,6 +404,7 @@ async fn run_async(work: &Path, backlog: u64, rate: u64, seconds: f64) -> anyhow
             events_measured: row_seen.len().saturating_sub(skip),
             row_by_row_ms: percentiles(measured(&row_seen)),
             group_by_ms: percentiles(measured(&group_seen)),
+            chained_ms: percentiles(measured(&chained_seen)),
             log_append_ms: percentiles(ack_ms),
             query_ms: percentiles(query_ms),
             row_by_row_commits_per_s: (rows_commits as f64 / live_seconds * 10.0).round() / 10.0,

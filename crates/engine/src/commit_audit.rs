@@ -136,6 +136,14 @@ impl CommitAudit {
         let mut added_session: Option<SessionContext> = None;
         let mut out = Vec::new();
         for e in checked {
+            // `unique`: whether an added key's hash was in the set already.
+            let seen_before = match &e.check {
+                Check::Unique { columns } => Some(
+                    self.add_keys(lakehouse, table, head, &added, &e.name, columns)
+                        .await?,
+                ),
+                _ => None,
+            };
             let judged = match &e.check {
                 // No row added (a commit of positions or state only): none fails.
                 check
@@ -173,38 +181,15 @@ impl CommitAudit {
                         before,
                     }
                 }
-                Check::Unique { columns } => {
-                    let seen_before = self
-                        .add_keys(lakehouse, table, head, &added, &e.name, columns)
-                        .await?;
-                    match seen_before {
-                        // No added key was seen: no duplicate is new.
-                        false => {
-                            let failing = self.keys.get(&e.name).map_or(0, |k| k.duplicated);
-                            Judged {
-                                audited: Audited::counted(e, failing),
-                                before: failing,
-                            }
-                        }
-                        true => {
-                            let ctx = match &head_session {
-                                Some(ctx) => ctx,
-                                None => head_session.insert(
-                                    lakehouse
-                                        .audit_session(&model.layer, &model.name, table, None)
-                                        .await?,
-                                ),
-                            };
-                            let audited =
-                                count_failing(ctx, &failing_sql(&name, &e.check), e, 0).await;
-                            if let Some(keys) = self.keys.get_mut(&e.name) {
-                                keys.duplicated = audited.failing;
-                            }
-                            let before = published(lakehouse, model, table, e, &audited).await?;
-                            Judged { audited, before }
-                        }
+                // No added key's hash was seen before: no duplicate is new.
+                Check::Unique { .. } if seen_before == Some(false) => {
+                    let failing = self.keys.get(&e.name).map_or(0, |k| k.duplicated);
+                    Judged {
+                        audited: Audited::counted(e, failing),
+                        before: failing,
                     }
                 }
+                // Over the whole table: freshness, query, and a unique whose key hash was seen.
                 _ => {
                     let ctx = match &head_session {
                         Some(ctx) => ctx,
@@ -215,6 +200,9 @@ impl CommitAudit {
                         ),
                     };
                     let audited = count_failing(ctx, &failing_sql(&name, &e.check), e, 0).await;
+                    if let Some(keys) = self.keys.get_mut(&e.name) {
+                        keys.duplicated = audited.failing;
+                    }
                     let before = published(lakehouse, model, table, e, &audited).await?;
                     Judged { audited, before }
                 }

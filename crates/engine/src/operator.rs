@@ -201,125 +201,64 @@ impl Operator for RowByRow {
     }
 }
 
-#[async_trait]
-impl Operator for GroupedModel {
-    fn output_schema(&self) -> &SchemaRef {
-        GroupedModel::output_schema(self)
-    }
+/// The [`Operator`] of a model that keeps its own state in the table it commits (its
+/// inherent `push`, `has_changes`, `commit`, `landed` and `restore`); `push` adapts its own.
+macro_rules! stateful_operator {
+    ($model:ty, rewrites: $rewrites:expr, event_time: $event_time:expr,
+     push($this:ident, $batch:ident, $watermark:ident) => $push:expr) => {
+        #[async_trait]
+        impl Operator for $model {
+            fn output_schema(&self) -> &SchemaRef {
+                <$model>::output_schema(self)
+            }
 
-    fn rewrites_on_commit(&self) -> bool {
-        true
-    }
+            fn uses_event_time(&self) -> bool {
+                $event_time
+            }
 
-    async fn push(&mut self, batch: RecordBatch, _watermark: Option<i64>) -> Result<()> {
-        GroupedModel::push(self, batch).await
-    }
+            fn rewrites_on_commit(&self) -> bool {
+                $rewrites
+            }
 
-    fn has_changes(&self) -> bool {
-        GroupedModel::has_changes(self)
-    }
+            async fn push(&mut self, $batch: RecordBatch, $watermark: Option<i64>) -> Result<()> {
+                let $this = self;
+                $push.await
+            }
 
-    async fn commit(
-        &mut self,
-        lakehouse: &Lakehouse,
-        table: &Table,
-        properties: HashMap<String, String>,
-    ) -> kappa_lakehouse::Result<Table> {
-        GroupedModel::commit(self, lakehouse, table, properties).await
-    }
+            fn has_changes(&self) -> bool {
+                <$model>::has_changes(self)
+            }
 
-    fn landed(&mut self) {
-        GroupedModel::landed(self);
-    }
+            async fn commit(
+                &mut self,
+                lakehouse: &Lakehouse,
+                table: &Table,
+                properties: HashMap<String, String>,
+            ) -> kappa_lakehouse::Result<Table> {
+                <$model>::commit(self, lakehouse, table, properties).await
+            }
 
-    async fn restore(
-        &mut self,
-        lakehouse: &Lakehouse,
-        table: &Table,
-    ) -> kappa_lakehouse::Result<()> {
-        GroupedModel::restore(self, lakehouse, table, head_properties(table).as_ref()).await
-    }
+            fn landed(&mut self) {
+                <$model>::landed(self);
+            }
+
+            async fn restore(
+                &mut self,
+                lakehouse: &Lakehouse,
+                table: &Table,
+            ) -> kappa_lakehouse::Result<()> {
+                <$model>::restore(self, lakehouse, table, head_properties(table).as_ref()).await
+            }
+        }
+    };
 }
 
-#[async_trait]
-impl Operator for WindowedModel {
-    fn output_schema(&self) -> &SchemaRef {
-        WindowedModel::output_schema(self)
-    }
-
-    fn uses_event_time(&self) -> bool {
-        true
-    }
-
-    async fn push(&mut self, batch: RecordBatch, watermark: Option<i64>) -> Result<()> {
-        WindowedModel::push(self, batch, watermark).await
-    }
-
-    fn has_changes(&self) -> bool {
-        WindowedModel::has_changes(self)
-    }
-
-    async fn commit(
-        &mut self,
-        lakehouse: &Lakehouse,
-        table: &Table,
-        properties: HashMap<String, String>,
-    ) -> kappa_lakehouse::Result<Table> {
-        WindowedModel::commit(self, lakehouse, table, properties).await
-    }
-
-    fn landed(&mut self) {
-        WindowedModel::landed(self);
-    }
-
-    async fn restore(
-        &mut self,
-        lakehouse: &Lakehouse,
-        table: &Table,
-    ) -> kappa_lakehouse::Result<()> {
-        WindowedModel::restore(self, lakehouse, table, head_properties(table).as_ref()).await
-    }
-}
-
-#[async_trait]
-impl Operator for ScdModel {
-    fn output_schema(&self) -> &SchemaRef {
-        ScdModel::output_schema(self)
-    }
-
-    fn rewrites_on_commit(&self) -> bool {
-        true
-    }
-
-    async fn push(&mut self, batch: RecordBatch, _watermark: Option<i64>) -> Result<()> {
-        ScdModel::push(self, batch).await
-    }
-
-    fn has_changes(&self) -> bool {
-        ScdModel::has_changes(self)
-    }
-
-    async fn commit(
-        &mut self,
-        lakehouse: &Lakehouse,
-        table: &Table,
-        properties: HashMap<String, String>,
-    ) -> kappa_lakehouse::Result<Table> {
-        ScdModel::commit(self, lakehouse, table, properties).await
-    }
-
-    fn landed(&mut self) {
-        ScdModel::landed(self);
-    }
-
-    async fn restore(
-        &mut self,
-        lakehouse: &Lakehouse,
-        table: &Table,
-    ) -> kappa_lakehouse::Result<()> {
-        ScdModel::restore(self, lakehouse, table, head_properties(table).as_ref()).await
-    }
-}
+stateful_operator!(GroupedModel, rewrites: true, event_time: false,
+    push(model, batch, _watermark) => GroupedModel::push(model, batch));
+stateful_operator!(WindowedModel, rewrites: false, event_time: true,
+    push(model, batch, watermark) => WindowedModel::push(model, batch, watermark));
+stateful_operator!(ScdModel, rewrites: true, event_time: false,
+    push(model, batch, _watermark) => ScdModel::push(model, batch));
 
 #[async_trait]
 impl Stage for Dedup {
