@@ -1,17 +1,24 @@
-//! Stream ⋈ dimension: a topic of kind `"table"` is read as a table — the latest record per
-//! key is its current row — and a model that joins it to a stream looks each event up in the
-//! rows the dimension has when the event is processed (a lookup join).
+//! Stream ⋈ dimension: a model that joins a stream to a dimension looks each event up in the
+//! rows the dimension has when the event is processed (a lookup join). A dimension is one of:
+//!
+//! - a topic of kind `"table"`, read as a table: the latest record per key is its current row;
+//! - a dimension model (`scd1`/`scd2`), read as its table on `main` published it — never
+//!   recomputed here, so an audit that holds its commit back holds it back from the lookups too.
 //!
 //! ```text
-//!  products (kind = "table") ──latest per key──► DimensionTable ─┐
-//!  orders   (stream)         ──micro-batch────► slot ───────────┴─► JOIN ─► rest of the model
+//!  products (kind = "table") ──latest per key──────────────► DimensionTable ─┐
+//!  gold.products (scd2)      ──its table on main, whole────► DimensionTable ─┤
+//!  orders   (stream)         ──micro-batch────► slot ─────────────────────────┴─► JOIN ─► …
 //! ```
 //!
 //! Before each micro-batch of the stream, every dimension is caught up to the end of its
-//! topic; its next offsets are committed with the model's, so after a restart the dimension is
-//! rebuilt to exactly the rows the last commit saw. While the stream replays history, the
-//! dimension is therefore at its latest state: replayed events see today's product catalogue,
-//! as the same SQL run once over the log does.
+//! topic: a topic read to its end, a dimension model waited for until a commit it published
+//! covers the end its topic had (so an event produced after a change finds the change). The
+//! offsets a dimension covers are committed with the model's. A topic's dimension is rebuilt
+//! after a restart to exactly the rows the last commit saw; a dimension model's is its
+//! table's latest published rows. While the stream replays history, a dimension is therefore
+//! at its latest state: replayed events see today's product catalogue, as the same SQL run once
+//! over the log does.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,21 +26,21 @@ use std::sync::Arc;
 use arrow::array::Array;
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
-use datafusion::error::Result;
+use datafusion::error::{DataFusionError, Result};
+use kappa_lakehouse::{Lakehouse, TableIdent};
 use kappa_log::{PartitionReader, StartAt, Topic};
 use kappa_pipeline::TopicSpec;
 
+use crate::commit_record::CommitRecord;
 use crate::decode::{Decoder, Raw, Rejected};
-use crate::scd::ScdState;
 use crate::schema::topic_schema;
-use crate::stateless::StatelessModel;
 use crate::topic_source::{READ_BYTES, collect_records};
 
 pub use crate::commit_record::DIMENSION_KEY_PREFIX;
 pub use crate::lookup::DimensionTable;
 
-/// One dimension of a running model: its topic read to the end, kept as a topic of kind
-/// "table" (the latest record per key) or as a dimension model computes it (`scd.rs`).
+/// One dimension of a running model: a topic of kind "table" read to its end (the latest
+/// record per key), or a dimension model's published table.
 pub struct Dimension {
     pub topic_name: String,
     /// Where its offsets are committed in `kappa.offsets`: the topic's name for a topic of
@@ -56,11 +63,31 @@ enum Rows {
         key_index: usize,
         latest: BTreeMap<String, Vec<u8>>,
     },
-    /// A dimension model: its SQL over each run of records, its versions kept per key.
-    Model {
-        sql: Box<StatelessModel>,
-        state: Box<ScdState>,
-    },
+    /// A dimension model: its table as `main` published it.
+    Published(Box<Published>),
+}
+
+/// A dimension model's published table, and how much of the model's topic its rows cover.
+struct Published {
+    lakehouse: Lakehouse,
+    /// The table the dimension model's version writes.
+    table: TableIdent,
+    /// The `main` snapshot whose rows the dimension holds.
+    snapshot: Option<i64>,
+    /// The next offset of each partition of the topic that snapshot's commit covers.
+    covered: BTreeMap<u32, u64>,
+    /// The topic's end when the stream's next micro-batch was asked for: covered before it is
+    /// read. Kept until covered, so that a topic written without pause cannot starve it.
+    awaited: Option<BTreeMap<u32, u64>>,
+}
+
+/// What [`Dimension::catch_up`] found.
+#[derive(Debug)]
+pub enum CaughtUp {
+    /// Up to date; the records of its topic that do not fit (a topic of kind "table").
+    Ready(Vec<Rejected>),
+    /// A dimension model has not yet published what its topic holds: the stream waits, why.
+    Waiting(String),
 }
 
 impl std::fmt::Debug for Dimension {
@@ -101,15 +128,15 @@ impl Dimension {
         })
     }
 
-    /// A dimension model over `topic` (declared by `spec`): `sql` computes its rows from the
-    /// records, `state` keeps their versions; they go to `table`.
-    pub fn of_model(
+    /// The dimension model `model` (over `topic`, declared by `spec`) as its version's table
+    /// `table` on `main` published it; its rows go to `rows_table`.
+    pub fn published(
         model: &str,
         topic: Arc<Topic>,
         spec: &TopicSpec,
-        table: Arc<DimensionTable>,
-        sql: StatelessModel,
-        state: ScdState,
+        rows_table: Arc<DimensionTable>,
+        lakehouse: Lakehouse,
+        table: TableIdent,
     ) -> Dimension {
         Dimension {
             topic_name: spec.name.clone(),
@@ -117,11 +144,14 @@ impl Dimension {
             broken: false,
             topic,
             decoder: Decoder::new(spec),
-            rows: Rows::Model {
-                sql: Box::new(sql),
-                state: Box::new(state),
-            },
-            table,
+            rows: Rows::Published(Box::new(Published {
+                lakehouse,
+                table,
+                snapshot: None,
+                covered: BTreeMap::new(),
+                awaited: None,
+            })),
+            table: rows_table,
             readers: Vec::new(),
         }
     }
@@ -132,10 +162,17 @@ impl Dimension {
         // Until the rebuild is done, the dimension is not to be read on from where it was.
         self.broken = true;
         self.readers.clear();
-        match &mut self.rows {
-            Rows::Latest { latest, .. } => latest.clear(),
-            Rows::Model { state, .. } => state.clear(),
-        }
+        let latest = match &mut self.rows {
+            Rows::Latest { latest, .. } => latest,
+            Rows::Published(published) => {
+                // Its latest published rows, read again before the next micro-batch.
+                published.snapshot = None;
+                published.awaited = None;
+                self.broken = false;
+                return Ok(());
+            }
+        };
+        latest.clear();
         let mut readers = Vec::new();
         let topic = self.topic.clone();
         for partition in topic.partitions() {
@@ -176,10 +213,15 @@ impl Dimension {
         Ok(())
     }
 
-    /// Reads what the topic has past the readers and applies it; returns the records that do
-    /// not fit the topic's schema or have no key. An error (a dimension model's SQL failing
-    /// at run time) leaves the dimension to be [`Dimension::reset`].
-    pub async fn catch_up(&mut self) -> Result<Vec<Rejected>> {
+    /// Reads what the topic has past the readers and applies it, with the records that do not
+    /// fit the topic's schema or have no key; or, for a dimension model, its published rows once
+    /// they cover the topic's end. An error leaves the dimension to be [`Dimension::reset`].
+    pub async fn catch_up(&mut self) -> Result<CaughtUp> {
+        if let Rows::Published(published) = &mut self.rows {
+            return published
+                .catch_up(&self.topic, &self.topic_name, &self.table)
+                .await;
+        }
         if self.broken {
             return Err(datafusion::error::DataFusionError::Execution(format!(
                 "the dimension over `{}` could not be rebuilt; retrying",
@@ -204,15 +246,18 @@ impl Dimension {
             collect_records(chunk, *partition, &mut raws);
         }
         if raws.is_empty() {
-            return Ok(Vec::new());
+            return Ok(CaughtUp::Ready(Vec::new()));
         }
         let rejected = self.apply(&raws).await?;
         self.refresh().await?;
-        Ok(rejected)
+        Ok(CaughtUp::Ready(rejected))
     }
 
-    /// The next offset of every partition.
+    /// The next offset of every partition (of those a dimension model's rows cover).
     pub fn next_offsets(&self) -> BTreeMap<u32, u64> {
+        if let Rows::Published(published) = &self.rows {
+            return published.covered.clone();
+        }
         self.readers
             .iter()
             .map(|r| (r.partition(), r.next_offset()))
@@ -222,15 +267,11 @@ impl Dimension {
     /// Folds records, in log order, into the rows.
     async fn apply(&mut self, raws: &[Raw<'_>]) -> Result<Vec<Rejected>> {
         let (batch, mut rejected, rows) = self.decoder.decode_indexed(raws);
-        let (key_index, latest) = match &mut self.rows {
-            Rows::Latest { key_index, latest } => (*key_index, latest),
-            Rows::Model { sql, state } => {
-                for rows in sql.run(batch).await? {
-                    state.push(&rows)?;
-                }
-                return Ok(rejected);
-            }
+        let Rows::Latest { key_index, latest } = &mut self.rows else {
+            // A dimension model's rows are its published table's.
+            return Ok(rejected);
         };
+        let key_index = *key_index;
         let keys = match cast(batch.column(key_index), &DataType::Utf8) {
             Ok(keys) => keys,
             Err(e) => {
@@ -262,20 +303,120 @@ impl Dimension {
 
     /// Puts the current rows into the table.
     async fn refresh(&mut self) -> Result<()> {
-        let batch = match &mut self.rows {
-            Rows::Latest { latest, .. } => {
-                self.decoder
-                    .decode_positioned(latest.values().map(|v| Raw {
-                        partition: 0,
-                        offset: 0,
-                        value: v,
-                    }))
-                    .0
-            }
-            Rows::Model { state, .. } => state.all()?,
+        let Rows::Latest { latest, .. } = &self.rows else {
+            return Ok(());
         };
+        let batch = self
+            .decoder
+            .decode_positioned(latest.values().map(|v| Raw {
+                partition: 0,
+                offset: 0,
+                value: v,
+            }))
+            .0;
         self.table.set(batch).await;
         Ok(())
+    }
+}
+
+impl Published {
+    /// Waits (returns `Waiting`) until a commit on `main` covers the end `topic` had when the
+    /// wait began, then puts that commit's rows into `rows` if they are new.
+    async fn catch_up(
+        &mut self,
+        topic: &Topic,
+        topic_name: &str,
+        rows: &DimensionTable,
+    ) -> Result<CaughtUp> {
+        let awaited = match &self.awaited {
+            Some(awaited) => awaited.clone(),
+            None => {
+                let end: BTreeMap<u32, u64> = topic
+                    .partitions()
+                    .iter()
+                    .map(|p| (p.id(), p.offsets().visible_offset))
+                    .filter(|(_, end)| *end > 0)
+                    .collect();
+                self.awaited = Some(end.clone());
+                end
+            }
+        };
+        let covers = |covered: &BTreeMap<u32, u64>| {
+            awaited
+                .iter()
+                .all(|(p, end)| covered.get(p).is_some_and(|c| c >= end))
+        };
+        if self.snapshot.is_some() && covers(&self.covered) {
+            self.awaited = None;
+            return Ok(CaughtUp::Ready(Vec::new()));
+        }
+        let lake_error =
+            |e: kappa_lakehouse::LakehouseError| DataFusionError::External(Box::new(e));
+        let Some(table) = self
+            .lakehouse
+            .load_table_if_exists(&self.table)
+            .await
+            .map_err(lake_error)?
+        else {
+            if awaited.is_empty() {
+                // Nothing produced yet: no rows to look up, nothing to wait for.
+                self.snapshot = Some(-1);
+                self.awaited = None;
+                rows.set(arrow::array::RecordBatch::new_empty(rows.schema_ref()))
+                    .await;
+                return Ok(CaughtUp::Ready(Vec::new()));
+            }
+            return Ok(CaughtUp::Waiting(format!(
+                "the dimension {} has no table yet",
+                self.table
+            )));
+        };
+        let Some(main) = table.metadata().current_snapshot() else {
+            return Ok(CaughtUp::Waiting(format!(
+                "the dimension {} has published nothing yet",
+                self.table
+            )));
+        };
+        let snapshot = main.snapshot_id();
+        let covered = CommitRecord::of(Some(&main.summary().additional_properties))
+            .map_err(|e| DataFusionError::Execution(format!("the dimension {}: {e}", self.table)))?
+            .offsets
+            .remove(topic_name)
+            .unwrap_or_default();
+        if self.snapshot != Some(snapshot) {
+            let schema = rows.schema_ref();
+            let added = self
+                .lakehouse
+                .added_in(&table, main, 0)
+                .await
+                .map_err(lake_error)?;
+            let mut batches = Vec::new();
+            for file in &added.files {
+                for batch in self
+                    .lakehouse
+                    .read_data_file(&table, &file.file)
+                    .await
+                    .map_err(lake_error)?
+                {
+                    batches.push(crate::upstream::conform(&batch, &schema).map_err(|e| {
+                        DataFusionError::Execution(format!("the dimension {}: {e}", self.table))
+                    })?);
+                }
+            }
+            rows.set(arrow::compute::concat_batches(&schema, &batches)?)
+                .await;
+            self.snapshot = Some(snapshot);
+            self.covered = covered;
+        }
+        if covers(&self.covered) {
+            self.awaited = None;
+            Ok(CaughtUp::Ready(Vec::new()))
+        } else {
+            Ok(CaughtUp::Waiting(format!(
+                "the dimension {} has published offsets {:?} of `{topic_name}`, which holds {:?}",
+                self.table, self.covered, awaited
+            )))
+        }
     }
 }
 

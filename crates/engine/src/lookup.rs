@@ -28,6 +28,11 @@ impl DimensionTable {
         })
     }
 
+    /// The schema of its rows.
+    pub(crate) fn schema_ref(&self) -> SchemaRef {
+        self.rows.schema()
+    }
+
     /// Replaces the rows.
     pub(crate) async fn set(&self, batch: RecordBatch) {
         *self.rows.batches[0].write().await = vec![batch];

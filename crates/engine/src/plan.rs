@@ -659,12 +659,6 @@ fn register_schema(ctx: &SessionContext, layer: &str) {
 /// adds (`scd::ScdSpec`).
 pub async fn dimension_schema(project: &Project, id: &str) -> Result<arrow::datatypes::SchemaRef> {
     let planned = Box::pin(plan_model(project, id)).await?;
-    if let Some((looked_up, _)) = planned.dimensions.first() {
-        return Err(crate::error::unsupported(format!(
-            "the dimension {id} looks up {looked_up}; a model reading a dimension computes it \
-             from its topic alone: join {looked_up} in this model instead"
-        )));
-    }
     let rows = crate::stateless::storable_schema(planned.plan.schema().as_arrow());
     let spec = crate::scd::ScdSpec::new(&project.models[id], rows)?;
     Ok(spec.output_schema().clone())

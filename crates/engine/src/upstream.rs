@@ -325,7 +325,7 @@ fn watermark_at(source: &Table, topic: &str, marks: &mut Watermarks, sequence: i
 }
 
 /// `batch` (read back from Parquet) with the columns and types of `schema`, by name.
-fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, String> {
+pub(crate) fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, String> {
     let mut columns = Vec::with_capacity(schema.fields().len());
     for field in schema.fields() {
         let column = batch

@@ -757,6 +757,101 @@ fn expectations_deployed_later_guard_what_reads_the_model() {
     assert!(up.terminate().unwrap().success());
 }
 
+/// A dimension model is looked up as its table on main published it: while a change of it
+/// waits for a decision, the facts that would join it wait too, and once it is discarded they
+/// join the version main kept — never the held one.
+#[test]
+fn facts_look_a_dimension_up_as_it_was_published() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    let data = write_project(
+        &dir,
+        &[
+            ("kappa.toml", "[project]\nname = \"shop\"\n"),
+            (
+                "topics/prices.toml",
+                "partitions = 2\nkey = \"product_id\"\n\n[schema]\nproduct_id = \"string\"\n\
+                 cents = \"bigint\"\nupdated_at = \"timestamp\"\n",
+            ),
+            ("topics/orders.toml", ORDERS_TOPIC),
+            (
+                "models/silver/prices.sql",
+                "SELECT product_id, cents, updated_at FROM prices\n",
+            ),
+            (
+                "models/silver/prices.toml",
+                "materialization = \"scd1\"\nkey = [\"product_id\"]\nupdated_at = \
+                 \"updated_at\"\n\n[[expect]]\nname = \"no_negative_price\"\nrange = { column \
+                 = \"cents\", min = 0 }\n",
+            ),
+            (
+                "models/gold/priced.sql",
+                "SELECT o.order_id, p.cents FROM orders o LEFT JOIN silver.prices p ON \
+                 o.product_id = p.product_id\n",
+            ),
+        ],
+    );
+    let project = dir.to_str().unwrap();
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    let cli = |args: &[&str]| project_command(&data, project, args);
+    let price = |cents: i64, minute: u32| {
+        let line = format!(
+            "{{\"product_id\":\"p1\",\"cents\":{cents},\"updated_at\":\"2026-03-01T10:{minute:02}:00Z\"}}\n"
+        );
+        let out = kappa(&data, &["produce", "prices"], Some(line.as_bytes()));
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let priced = || {
+        let (ok, out, err) = cli(&[
+            "sql",
+            "SELECT order_id, cents FROM gold.priced ORDER BY order_id",
+            "--json",
+        ]);
+        if !ok {
+            return serde_json::json!({ "error": err });
+        }
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["rows"].clone()
+    };
+    let wait_priced = |expected: serde_json::Value| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while priced() != expected {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "gold.priced: {}",
+                priced()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    // A change produced before an order is what the order finds.
+    price(100, 0);
+    produce_orders(&data, 1..=1, 5);
+    wait_priced(serde_json::json!([[1, 100]]));
+
+    // A negative price fails the dimension's audit: the order after it waits, unpriced.
+    price(-5, 1);
+    produce_orders(&data, 2..=2, 5);
+    let held = wait_model_state(&data, project, "silver.prices", "quarantined");
+    assert!(
+        held["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no_negative_price"),
+        "{held}"
+    );
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(priced(), serde_json::json!([[1, 100]]));
+
+    // Discarded: the order joins the price main kept, and the next change is seen.
+    let (ok, _, err) = cli(&["discard", "silver.prices"]);
+    assert!(ok, "{err}");
+    wait_priced(serde_json::json!([[1, 100], [2, 100]]));
+    price(120, 2);
+    produce_orders(&data, 3..=3, 5);
+    wait_priced(serde_json::json!([[1, 100], [2, 100], [3, 120]]));
+    assert!(up.terminate().unwrap().success());
+}
+
 /// `drop` sets exactly the violating rows aside into the model's quarantine table, each once,
 /// with the names of what they failed — while `kappa up` is killed with SIGKILL again and
 /// again as it processes them.

@@ -264,6 +264,7 @@ pub(crate) async fn open_output(
 /// its topic that do not fit its schema.
 pub(super) async fn open_dimensions(
     log: &Log,
+    lakehouse: &Lakehouse,
     project: &Project,
     model_id: &str,
     dimensions: Vec<(String, Arc<crate::lookup::DimensionTable>)>,
@@ -272,7 +273,7 @@ pub(super) async fn open_dimensions(
     for (name, table) in dimensions {
         if project.is_dimension(&name) {
             dims.push((
-                open_dimension_model(log, project, model_id, &name, table).await?,
+                open_dimension_model(log, lakehouse, project, model_id, &name, table).await?,
                 false,
             ));
             continue;
@@ -293,10 +294,12 @@ pub(super) async fn open_dimensions(
     Ok(dims)
 }
 
-/// The dimension model `name`, looked up by `model_id`: computed from its topic in this
-/// runner (the dimension's own runner reports the records that do not fit).
+/// The dimension model `name`, looked up by `model_id`: its version's table as `main`
+/// published it (the dimension's own runner computes it and reports the records that do not
+/// fit).
 async fn open_dimension_model(
     log: &Log,
+    lakehouse: &Lakehouse,
     project: &Project,
     model_id: &str,
     name: &str,
@@ -316,20 +319,19 @@ async fn open_dimension_model(
             model: model_id.to_owned(),
             source,
         })?;
-    let slot = planned.input_slot();
-    // What the dimension's table holds: without the rows its `drop` expectations set aside.
-    let plan = crate::expect::without_dropped(&planned.ctx, planned.plan, &project.models[name])
-        .map_err(plan_error)?;
-    let sql = StatelessModel::from_plan(planned.ctx, slot, plan).map_err(plan_error)?;
-    let scd = crate::scd::ScdSpec::new(&project.models[name], sql.output_schema().clone())
-        .map_err(plan_error)?;
-    Ok(Dimension::of_model(
+    let published = crate::tables::live_table(lakehouse, project, name).map_err(|source| {
+        RunnerError::Lakehouse {
+            model: model_id.to_owned(),
+            source,
+        }
+    })?;
+    Ok(Dimension::published(
         name,
         topic,
         spec,
         table,
-        sql,
-        crate::scd::ScdState::new(scd),
+        lakehouse.clone(),
+        published,
     ))
 }
 

@@ -22,7 +22,7 @@ use super::wap::{deliver_quarantined, set_staging, settle};
 use crate::commit_audit::CommitAudit;
 use crate::commit_record::{ATTEMPT_PROPERTY, CommitRecord, Offsets};
 use crate::decode::Rejected;
-use crate::dimension::Dimension;
+use crate::dimension::{CaughtUp, Dimension};
 use crate::expect::RowChecks;
 use crate::operator::{Operator, Stage};
 use crate::source::{Source, SourceError, Taken};
@@ -76,27 +76,36 @@ pub(crate) async fn commit_landed(
     }
 }
 
+/// What catching the dimensions up came to.
+pub(crate) enum Dimensions {
+    Ready,
+    /// A dimension model has not yet published what its topic holds: why.
+    Waiting(String),
+    /// One failed: it is to be rebuilt (start over).
+    Failed,
+}
+
 /// Catches every dimension up to the end of its topic; the records that do not fit, of those
-/// whose topic this model reports, are added to `rejected`. False when one failed (it is to be
-/// rebuilt: start over).
+/// whose topic this model reports, are added to `rejected`.
 pub(crate) async fn catch_up_dimensions(
     dims: &mut [(Dimension, bool)],
     rejected: &mut Vec<(String, Rejected)>,
     model: &str,
-) -> bool {
+) -> Dimensions {
     for (dimension, reports) in dims.iter_mut() {
         match dimension.catch_up().await {
-            Ok(found) if *reports => {
+            Ok(CaughtUp::Ready(found)) if *reports => {
                 rejected.extend(found.into_iter().map(|r| (dimension.topic_name.clone(), r)))
             }
-            Ok(_) => {}
+            Ok(CaughtUp::Ready(_)) => {}
+            Ok(CaughtUp::Waiting(why)) => return Dimensions::Waiting(why),
             Err(e) => {
                 tracing::error!(model, topic = %dimension.topic_name, error = %e, "computing a dimension failed");
-                return false;
+                return Dimensions::Failed;
             }
         }
     }
-    true
+    Dimensions::Ready
 }
 
 /// Rebuilds every dimension to the offsets `committed` names.
@@ -209,6 +218,8 @@ pub(super) struct Run {
     pub(super) last_commit: Instant,
     /// Records of dimensions that do not fit their schema, until the commit that passes them.
     pub(super) dim_rejected: Vec<(String, Rejected)>,
+    /// A read waiting for a dimension model to publish what its topic held by then.
+    pub(super) pending: Option<Read>,
     /// Rows of the commit being made that failed each row-level expectation.
     pub(super) failed_rows: BTreeMap<String, u64>,
     /// While far behind, each source's share of a commit's records.
@@ -267,7 +278,7 @@ impl Run {
             Some(upstream) => over_table(&log, &lakehouse, &project, &model_id, upstream).await?,
             None => over_topics(&log, &project, &model_id).await?,
         };
-        let mut dims = open_dimensions(&log, &project, &model_id, dimensions).await?;
+        let mut dims = open_dimensions(&log, &lakehouse, &project, &model_id, dimensions).await?;
         let dead_letters = dead_letter_topic(&log).map_err(|source| RunnerError::Log {
             model: err_model(),
             source,
@@ -293,7 +304,7 @@ impl Run {
             tracing::warn!(model = %model_id, "its table was written from its topics: it goes on reading them");
             let ready = over_topics(&log, &project, &model_id).await?;
             (sources, operator, stage) = (ready.sources, ready.operator, ready.stage);
-            dims = open_dimensions(&log, &project, &model_id, ready.dimensions).await?;
+            dims = open_dimensions(&log, &lakehouse, &project, &model_id, ready.dimensions).await?;
         }
         operator
             .restore(&lakehouse, &table)
@@ -412,6 +423,7 @@ impl Run {
             committed,
             last_commit: Instant::now(),
             dim_rejected: Vec::new(),
+            pending: None,
             failed_rows: BTreeMap::new(),
             share,
             far_behind: true,
@@ -508,6 +520,7 @@ impl Run {
         }
         reset_dimensions(&mut self.dims, &self.committed, &self.model_id).await;
         self.dim_rejected.clear();
+        self.pending = None;
         sleep_or_stop(&mut self.stop, RETRY_DELAY_MS).await;
         Ok(if self.stopped() {
             Next::Stop
@@ -545,14 +558,34 @@ impl Run {
         Ok(table)
     }
 
-    /// Catches the dimensions up, paces (live, commits are LIVE_COMMIT_INTERVAL_MS apart) and
-    /// takes what every source has, up to a commit's worth; while live, waits a little for
-    /// more.
+    /// Paces (live, commits are LIVE_COMMIT_INTERVAL_MS apart), takes what every source has,
+    /// up to a commit's worth (while live, waits a little for more), then catches the
+    /// dimensions up.
     async fn read(&mut self) -> Result<Next<Read>, RunnerError> {
-        // Dimensions first: every event is looked up in what its dimensions hold by now.
-        if !catch_up_dimensions(&mut self.dims, &mut self.dim_rejected, &self.model_id).await {
-            return self.start_over().await;
+        let read = match self.pending.take() {
+            Some(read) => read,
+            None => match self.read_sources().await? {
+                Next::Go(read) => read,
+                Next::Again => return Ok(Next::Again),
+                Next::Stop => return Ok(Next::Stop),
+            },
+        };
+        // Dimensions after the read: every event is looked up in what its dimensions hold
+        // once they have every change produced before it was read.
+        match catch_up_dimensions(&mut self.dims, &mut self.dim_rejected, &self.model_id).await {
+            Dimensions::Ready => Ok(Next::Go(read)),
+            Dimensions::Waiting(why) => {
+                tracing::debug!(model = %self.model_id, %why, "waiting for a dimension");
+                self.pending = Some(read);
+                sleep_or_stop(&mut self.stop, LIVE_COMMIT_INTERVAL_MS).await;
+                Ok(Next::Again)
+            }
+            Dimensions::Failed => self.start_over().await,
         }
+    }
+
+    /// The sources' part of [`Run::read`].
+    async fn read_sources(&mut self) -> Result<Next<Read>, RunnerError> {
         if !self.far_behind {
             let since = self.last_commit.elapsed();
             let interval = Duration::from_millis(LIVE_COMMIT_INTERVAL_MS);
