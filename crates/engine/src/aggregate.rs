@@ -70,8 +70,9 @@ pub fn aggregate_shape(plan: &LogicalPlan) -> std::result::Result<&Aggregate, St
                     return Err(match grouping_view(&aggregate.input) {
                         Some(view) => format!(
                             "reads {view}, whose rows are groups that change; a GROUP BY over \
-                             another model's groups is not incremental yet — group the rows \
-                             {view} reads instead"
+                             them beside other inputs is not incremental — a model that reads \
+                             only {view} runs any SQL over it (refreshed at each of its \
+                             commits), or group the rows {view} reads instead"
                         ),
                         None => format!("below the GROUP BY: {e}"),
                     });

@@ -21,6 +21,7 @@ pub mod mask_plan;
 pub mod metrics;
 pub mod operator;
 pub mod plan;
+pub mod refresh;
 pub mod runner;
 pub mod scd;
 pub mod schema;

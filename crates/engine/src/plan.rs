@@ -510,6 +510,49 @@ pub async fn plan_over_upstream(
     ))
 }
 
+/// Plans `model_id`, which reads exactly one model and nothing else, as a batch query over
+/// that model's published rows (`refresh.rs`): any SQL, run whole on each upstream commit.
+/// Returns the session, the slot the upstream's rows go in (its name, its output schema), the
+/// plan, and the upstream model.
+pub async fn plan_refresh(
+    project: &Project,
+    model_id: &str,
+) -> Result<(SessionContext, Arc<MemTable>, LogicalPlan, String)> {
+    let model = project
+        .models
+        .get(model_id)
+        .ok_or_else(|| DataFusionError::Plan(format!("no model `{model_id}`")))?;
+    let upstream_id = match model.inputs.as_slice() {
+        [kappa_pipeline::Input::Model(m)] if !project.is_dimension(model_id) => m.clone(),
+        _ => {
+            return Err(crate::error::unsupported(format!(
+                "{model_id} reads more than one model, or a topic: it is not refreshed from \
+                 one table"
+            )));
+        }
+    };
+    let upstream = project
+        .models
+        .get(&upstream_id)
+        .ok_or_else(|| DataFusionError::Plan(format!("no model `{upstream_id}`")))?;
+    let ctx = session();
+    register_inputs(&ctx, project, model_id).await?;
+    let reference = TableReference::partial(upstream.layer.as_str(), upstream.name.as_str());
+    let schema = match project.is_dimension(&upstream_id) {
+        true => dimension_schema(project, &upstream_id).await?,
+        false => crate::stateless::storable_schema(
+            ctx.table(reference.clone()).await?.schema().as_arrow(),
+        ),
+    };
+    ctx.deregister_table(reference.clone())?;
+    let slot = Arc::new(MemTable::try_new(schema, vec![vec![]])?);
+    ctx.register_table(reference, slot.clone())?;
+    let state = ctx.state();
+    let plan = state.create_logical_plan(&model.sql).await?;
+    let plan = crate::mask_plan::mask_plan(plan, &model.config.mask)?;
+    Ok((ctx, slot, plan, upstream_id))
+}
+
 /// Finds the join of the model's two streams and replaces it by the slot its pairs are put in.
 fn plan_stream_join(
     project: &Project,

@@ -67,25 +67,69 @@ pub fn hold_before_start(lakehouse: &Lakehouse, project: &Project, model_id: &st
     }
 }
 
-/// The upstream model whose committed table `model_id` of `project` can read as a stream, if
-/// it can: it reads one model and otherwise only dimensions, that model appends (row by row,
-/// windows, deduplication, a stream join — never rewrites rows), and over the table it runs as
-/// it would recomputing that model: row by row, one GROUP BY without windows (neither depends on
-/// the order of the rows), or windows over the event time of an upstream that deduplicates
-/// (which emits rows as its watermark passes them, so its recorded watermark closes them).
+/// The upstream model whose published table `model_id` of `project` reads, if it reads one
+/// (see [`reading_of`]).
 pub async fn readable_upstream(project: &Project, model_id: &str) -> Option<String> {
+    reading_of(project, model_id)
+        .await
+        .map(|(upstream, _)| upstream)
+}
+
+/// How a model reads its upstream's published table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// The rows each commit adds, in commit order ([`TableSource`]).
+    Stream,
+    /// The whole table at each new snapshot, the model's SQL run over it as a batch
+    /// ([`SnapshotSource`], `refresh.rs`).
+    Refresh,
+}
+
+/// The upstream model whose published table `model_id` of `project` reads, and how:
+/// - a model that reads only one model whose table is upserted in place (a GROUP BY or a
+///   dimension) is refreshed from it (any SQL);
+/// - a model that reads one model and otherwise only dimensions, where that model appends
+///   (row by row, windows, deduplication, a stream join — never rewrites rows), reads its
+///   commits as a stream when over the table it runs as it would recomputing that model: row
+///   by row, one GROUP BY without windows (neither depends on the order of the rows), or
+///   windows over the event time of an upstream that deduplicates (which emits rows as its
+///   watermark passes them, so its recorded watermark closes them).
+pub async fn reading_of(project: &Project, model_id: &str) -> Option<(String, Reading)> {
+    let model = project.models.get(model_id)?;
+    if let [kappa_pipeline::Input::Model(upstream_id)] = model.inputs.as_slice()
+        && upserted(project, upstream_id).await
+    {
+        crate::plan::plan_refresh(project, model_id).await.ok()?;
+        return Some((upstream_id.clone(), Reading::Refresh));
+    }
     let upstream_id = crate::plan::upstream_of(project, model_id)?;
     // A dimension's table is rewritten in place: it is looked up, not read as a stream.
-    if project.is_dimension(&upstream_id) {
-        return None;
-    }
-    let upstream = crate::plan::plan_model(project, &upstream_id).await.ok()?;
-    if upstream.shape == crate::plan::Shape::Grouped {
+    if upserted(project, &upstream_id).await {
         return None;
     }
     // `plan_over_upstream` refuses what would run another way over the table.
     plan_over_upstream(project, model_id).await.ok()?;
-    Some(upstream_id)
+    Some((upstream_id, Reading::Stream))
+}
+
+/// Whether `model_id`'s table is upserted in place: a dimension, or one GROUP BY.
+async fn upserted(project: &Project, model_id: &str) -> bool {
+    project.is_dimension(model_id)
+        || crate::plan::plan_model(project, model_id)
+            .await
+            .is_ok_and(|p| p.shape == crate::plan::Shape::Grouped)
+}
+
+/// Which models of `project` read an upstream's published table, with that upstream
+/// (`Project::reads_tables` of a project no version of which ran before).
+pub async fn table_readers(project: &Project) -> BTreeMap<String, String> {
+    let mut readers = BTreeMap::new();
+    for id in &project.order {
+        if let Some(upstream) = readable_upstream(project, id).await {
+            readers.insert(id.clone(), upstream);
+        }
+    }
+    readers
 }
 
 /// An upstream model's table as `main` published it, read as a [`Source`]: the data files its
@@ -300,6 +344,147 @@ impl Source for TableSource {
             .and_then(|&p| i64::try_from(p).ok())
             .unwrap_or(0);
         self.lakehouse.hold(&self.upstream, &self.holder, position);
+    }
+
+    fn waiter(&self) -> Waiter {
+        Waiter::Poll(Duration::from_millis(POLL_MS))
+    }
+}
+
+/// An upstream's table upserted in place, read whole at each new snapshot of `main`: what a
+/// refreshed model (`refresh.rs`) reads. Its position is the snapshot's sequence number.
+pub(crate) struct SnapshotSource {
+    lakehouse: Lakehouse,
+    upstream: TableIdent,
+    key: String,
+    /// The sequence number of the snapshot last read (0: none).
+    position: i64,
+    /// The upstream table's uuid at that snapshot (a rebuilt table starts its numbers again).
+    uuid: Option<String>,
+    slot_schema: SchemaRef,
+}
+
+impl std::fmt::Debug for SnapshotSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotSource")
+            .field("upstream", &self.upstream)
+            .field("position", &self.position)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SnapshotSource {
+    /// The source `model_id` of `project` reads `upstream_id`'s table through, its rows put in
+    /// `slot_schema`.
+    pub(crate) fn new(
+        lakehouse: &Lakehouse,
+        project: &Project,
+        upstream_id: &str,
+        slot_schema: SchemaRef,
+    ) -> Result<SnapshotSource, EngineError> {
+        let upstream = upstream_table(lakehouse, project, upstream_id)?;
+        Ok(SnapshotSource {
+            lakehouse: lakehouse.clone(),
+            key: table_key(&upstream),
+            upstream,
+            position: 0,
+            uuid: None,
+            slot_schema,
+        })
+    }
+
+    fn nothing(&self) -> Taken {
+        Taken {
+            batch: RecordBatch::new_empty(self.slot_schema.clone()),
+            rejected: Vec::new(),
+            watermark: None,
+            records: 0,
+            full: false,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for SnapshotSource {
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn rewind(&mut self, committed: &Offsets) -> Result<(), SourceError> {
+        self.position = match committed.get(&self.key).and_then(|p| p.get(&0)) {
+            Some(&position) => i64::try_from(position).map_err(|_| {
+                SourceError::Read(format!("{}: position {position} out of range", self.key))
+            })?,
+            None => 0,
+        };
+        Ok(())
+    }
+
+    async fn read(&mut self, _max: usize) -> Result<Taken, SourceError> {
+        let upstream = self.upstream.clone();
+        let read_err = |e: kappa_lakehouse::LakehouseError| {
+            SourceError::Unavailable(format!("reading {upstream}: {e}"))
+        };
+        let Some(table) = self
+            .lakehouse
+            .load_table_if_exists(&self.upstream)
+            .await
+            .map_err(read_err)?
+        else {
+            return Ok(self.nothing());
+        };
+        let Some(main) = table.metadata().current_snapshot() else {
+            return Ok(self.nothing());
+        };
+        let uuid = table.metadata().uuid().to_string();
+        let sequence = main.sequence_number();
+        if sequence == self.position && self.uuid.as_ref().is_none_or(|u| *u == uuid) {
+            return Ok(self.nothing());
+        }
+        let added = self
+            .lakehouse
+            .added_in(&table, main, 0)
+            .await
+            .map_err(read_err)?;
+        let mut batches = Vec::new();
+        for file in &added.files {
+            for batch in self
+                .lakehouse
+                .read_data_file(&table, &file.file)
+                .await
+                .map_err(read_err)?
+            {
+                batches.push(conform(&batch, &self.slot_schema).map_err(SourceError::Unavailable)?);
+            }
+        }
+        let batch = arrow::compute::concat_batches(&self.slot_schema, &batches)
+            .map_err(|e| SourceError::Unavailable(e.to_string()))?;
+        self.position = sequence;
+        self.uuid = Some(uuid);
+        Ok(Taken {
+            // A snapshot with no rows is news too: the model's result changes with it.
+            records: batch.num_rows().max(1),
+            batch,
+            rejected: Vec::new(),
+            watermark: None,
+            full: false,
+        })
+    }
+
+    fn position(&self) -> BTreeMap<u32, u64> {
+        BTreeMap::from([(0, u64::try_from(self.position).unwrap_or(0))])
+    }
+
+    fn restore(&mut self, properties: Option<&HashMap<String, String>>) {
+        self.uuid = properties
+            .and_then(|p| p.get(UPSTREAM_UUID_PROPERTY))
+            .cloned();
+    }
+
+    fn properties(&self, into: &mut HashMap<String, String>) {
+        if let Some(uuid) = &self.uuid {
+            into.insert(UPSTREAM_UUID_PROPERTY.to_owned(), uuid.clone());
+        }
     }
 
     fn waiter(&self) -> Waiter {

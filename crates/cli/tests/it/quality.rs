@@ -757,6 +757,73 @@ fn expectations_deployed_later_guard_what_reads_the_model() {
     assert!(up.terminate().unwrap().success());
 }
 
+/// A model over a GROUP BY model is refreshed from the GROUP BY's table as main published it:
+/// any SQL (here an aggregate of aggregates, which no incremental shape runs), and never the
+/// groups an audit holds back.
+#[test]
+fn a_model_over_a_group_by_reads_what_it_published() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    let data = write_project(
+        &dir,
+        &[
+            ("kappa.toml", "[project]\nname = \"shop\"\n"),
+            ("topics/orders.toml", ORDERS_TOPIC),
+            (
+                "models/silver/per_status.sql",
+                "SELECT status, count(*) AS n, sum(amount) AS total FROM orders GROUP BY status\n",
+            ),
+            (
+                "models/silver/per_status.toml",
+                "[[expect]]\nname = \"no_net_refunds\"\nrange = { column = \"total\", min = 0 }\n",
+            ),
+            (
+                "models/gold/overall.sql",
+                "SELECT sum(n) AS n, sum(total) AS total, max(total) AS biggest FROM \
+                 silver.per_status\n",
+            ),
+        ],
+    );
+    let project = dir.to_str().unwrap();
+    let (ok, out, err) = project_command(&data, project, &["check"]);
+    assert!(ok, "{out}{err}");
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    let cli = |args: &[&str]| project_command(&data, project, args);
+    let overall = || {
+        let (ok, out, err) = cli(&["sql", "SELECT n, total FROM gold.overall", "--json"]);
+        if !ok {
+            return serde_json::json!({ "error": err });
+        }
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["rows"].clone()
+    };
+    let wait_overall = |expected: serde_json::Value| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while overall() != expected {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "gold.overall: {}",
+                overall()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    produce_orders(&data, 1..=5, 10);
+    wait_overall(serde_json::json!([[5, 50]]));
+
+    // A refund that takes the group below zero fails silver's audit: gold keeps what main has.
+    produce_orders(&data, 6..=6, -100);
+    wait_model_state(&data, project, "silver.per_status", "quarantined");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(overall(), serde_json::json!([[5, 50]]));
+
+    // Discarded: gold never counts it, and follows what comes next.
+    let (ok, _, err) = cli(&["discard", "silver.per_status"]);
+    assert!(ok, "{err}");
+    produce_orders(&data, 7..=7, 20);
+    wait_overall(serde_json::json!([[6, 70]]));
+    assert!(up.terminate().unwrap().success());
+}
+
 /// A dimension model is looked up as its table on main published it: while a change of it
 /// waits for a decision, the facts that would join it wait too, and once it is discarded they
 /// join the version main kept — never the held one.

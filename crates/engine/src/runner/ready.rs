@@ -168,6 +168,26 @@ pub(super) async fn over_table(
     model_id: &str,
     upstream_id: &str,
 ) -> Result<Ready, RunnerError> {
+    if let Some((_, crate::upstream::Reading::Refresh)) =
+        crate::upstream::reading_of(project, model_id).await
+    {
+        let (ctx, slot, plan, _) = crate::plan::plan_refresh(project, model_id)
+            .await
+            .map_err(|e| planning_error(model_id, e))?;
+        let source = crate::upstream::SnapshotSource::new(
+            lakehouse,
+            project,
+            upstream_id,
+            datafusion::datasource::TableProvider::schema(slot.as_ref()),
+        )
+        .map_err(|e| RunnerError::of(model_id, e))?;
+        return Ok(Ready {
+            sources: vec![Box::new(source)],
+            dimensions: Vec::new(),
+            operator: Box::new(crate::refresh::Refresh::new(ctx, slot, plan)),
+            stage: None,
+        });
+    }
     let (planned, _) = crate::plan::plan_over_upstream(project, model_id)
         .await
         .map_err(|e| planning_error(model_id, e))?;

@@ -115,8 +115,10 @@ impl Case {
         if self.project.is_none() {
             let mut files = self.files.clone();
             files.entry("kappa.toml".into()).or_default();
-            let project = kappa_pipeline::load(&files)
+            let mut project = kappa_pipeline::load(&files)
                 .unwrap_or_else(|d| panic!("{}: the project does not load: {d:#?}", self.name));
+            // As `kappa up` starts it: models over a model read its published table.
+            project.reads_tables = kappa_engine::upstream::table_readers(&project).await;
             let log = Arc::new(Log::open(self.dir.path().join("log")).expect("a fresh log"));
             for topic in project.topics.values() {
                 log.create_topic(
