@@ -260,6 +260,10 @@ with psycopg.connect(host=host, port=port, user="kappa", dbname="kappa", autocom
         "WHERE id = %s AND name = %s AND amount >= %s AND ok = %s AND day >= %s ORDER BY id",
         (2, "b", decimal.Decimal("1.25"), False, datetime.date(2026, 1, 1)))
     columns = [c.name for c in cur.description]
+    # numeric(p, s) as the RowDescription's typmod says it: the extended protocol, then the simple.
+    numeric = [[c.type_code, c.precision, c.scale] for c in cur.description if c.name == "amount"]
+    simple = psycopg.ClientCursor(conn).execute("SELECT amount, id FROM silver.typed").description
+    numeric += [[c.type_code, c.precision, c.scale] for c in simple]
     rows = [{c: [type(v).__name__, None if v is None else str(v)] for c, v in zip(columns, r)} for r in cur.fetchall()]
     tz = [r[0].tzinfo is not None for r in conn.execute("SELECT ts FROM silver.typed WHERE id = %s", (1,)).fetchall()]
     naive = [r[0].tzinfo is None for r in conn.execute("SELECT local_ts FROM silver.typed WHERE id = %s", (1,)).fetchall()]
@@ -281,7 +285,7 @@ with psycopg.connect(host=host, port=port, user="kappa", dbname="kappa", autocom
     while after != 3 and time.time() < deadline:
         time.sleep(0.2)
         after = count()
-print(json.dumps({"rows": rows, "tz": tz, "naive": naive, "nulls": nulls, "error": error, "prepared": before + [after]}))
+print(json.dumps({"rows": rows, "numeric": numeric, "tz": tz, "naive": naive, "nulls": nulls, "error": error, "prepared": before + [after]}))
 "#;
 
 /// A Python driver reads each supported type as its own Python type, with parameterised
@@ -336,6 +340,11 @@ fn psycopg_reads_every_type_with_parameters() {
     });
     assert_eq!(row, &expected, "{json}");
     assert_eq!(json["rows"].as_array().unwrap().len(), 1, "{json}");
+    assert_eq!(
+        json["numeric"],
+        serde_json::json!([[1700, 10, 2], [1700, 10, 2], [20, null, null]]),
+        "{json}"
+    );
     assert_eq!(json["tz"], serde_json::json!([true]), "{json}");
     assert_eq!(json["naive"], serde_json::json!([true]), "{json}");
     assert_eq!(json["nulls"], serde_json::json!(1), "{json}");

@@ -81,6 +81,9 @@ impl CancelHandler for Canceller {
 /// memory pool — its memory. Each bound stops the query with an error naming it.
 pub(super) struct Limited {
     pub(super) inner: DfSessionService,
+    /// The session `inner` runs in: a simple query is planned again here for the types of
+    /// its result's columns.
+    pub(super) ctx: Arc<datafusion::prelude::SessionContext>,
     /// The connection's catalog, and the endpoint's it is pinned to as each query starts.
     pub(super) pinned: Arc<LiveCatalog>,
     pub(super) live: Arc<LiveCatalog>,

@@ -208,7 +208,8 @@ impl Handlers {
         };
         Ok(Handlers {
             query: Arc::new(Limited {
-                inner: DfSessionService::new(ctx),
+                inner: DfSessionService::new(ctx.clone()),
+                ctx,
                 pinned,
                 live: shared.live.clone(),
                 limits: shared.limits,

@@ -5,9 +5,12 @@ use std::sync::Arc;
 
 use datafusion::catalog::CatalogProvider;
 use datafusion_postgres::DfSessionService;
+use datafusion_postgres::pgwire::api::Type;
+use datafusion_postgres::pgwire::api::portal::Format;
 use datafusion_postgres::pgwire::api::portal::Portal;
 use datafusion_postgres::pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use datafusion_postgres::pgwire::api::results::Response;
+use datafusion_postgres::pgwire::api::results::{FieldInfo, Response};
+use datafusion_postgres::pgwire::api::stmt::QueryParser;
 use datafusion_postgres::pgwire::api::store::PortalStore;
 use datafusion_postgres::pgwire::api::{ClientInfo, ClientPortalStore, ErrorHandler};
 use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
@@ -134,9 +137,20 @@ impl SimpleQueryHandler for Limited {
     {
         refuse_engine_settings(query)?;
         let bounds = self.start(client);
-        let responses = bounds
+        let mut responses = bounds
             .plan(SimpleQueryHandler::do_query(&self.inner, client, query))
             .await?;
+        // A single query's `numeric(p, s)` columns say their precision and scale.
+        if let [Response::Query(response)] = responses.as_mut_slice()
+            && response
+                .row_schema
+                .iter()
+                .any(|f| *f.datatype() == Type::NUMERIC)
+            && let Ok(plan) = self.ctx.state().create_logical_plan(query).await
+        {
+            response.row_schema =
+                Arc::new(with_typmods(&response.row_schema, plan.schema().as_arrow()));
+        }
         // Every statement of the string streams within the same bounds.
         Ok(responses.into_iter().map(|r| bounds.stream(r)).collect())
     }
@@ -145,13 +159,13 @@ impl SimpleQueryHandler for Limited {
 #[async_trait::async_trait]
 impl ExtendedQueryHandler for Limited {
     type Statement = <DfSessionService as ExtendedQueryHandler>::Statement;
-    type QueryParser = <DfSessionService as ExtendedQueryHandler>::QueryParser;
+    type QueryParser = TypedParser;
 
     /// Asked for as a statement is parsed (planned), which is the start of a query too: the
     /// connection's catalog is pinned to the endpoint's state first.
     fn query_parser(&self) -> Arc<Self::QueryParser> {
         self.pinned.pin(&self.live);
-        self.inner.query_parser()
+        Arc::new(TypedParser(self.inner.query_parser()))
     }
 
     async fn do_query<C>(
@@ -168,7 +182,7 @@ impl ExtendedQueryHandler for Limited {
     {
         refuse_engine_settings(&portal.statement.statement.0)?;
         let bounds = self.start(client);
-        let response = bounds
+        let mut response = bounds
             .plan(ExtendedQueryHandler::do_query(
                 &self.inner,
                 client,
@@ -176,8 +190,74 @@ impl ExtendedQueryHandler for Limited {
                 max_rows,
             ))
             .await?;
+        if let (Response::Query(response), (_, Some((_, plan)))) =
+            (&mut response, &portal.statement.statement)
+        {
+            response.row_schema =
+                Arc::new(with_typmods(&response.row_schema, plan.schema().as_arrow()));
+        }
         Ok(bounds.stream(response))
     }
+}
+
+/// datafusion-postgres's parser, whose result schemas (a statement's or portal's Describe)
+/// carry the type modifiers of `numeric(p, s)` columns.
+pub(super) struct TypedParser(Arc<<DfSessionService as ExtendedQueryHandler>::QueryParser>);
+
+#[async_trait::async_trait]
+impl QueryParser for TypedParser {
+    type Statement = <DfSessionService as ExtendedQueryHandler>::Statement;
+
+    async fn parse_sql<C>(
+        &self,
+        client: &C,
+        sql: &str,
+        types: &[Option<Type>],
+    ) -> PgWireResult<Self::Statement>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        self.0.parse_sql(client, sql, types).await
+    }
+
+    fn get_parameter_types(&self, statement: &Self::Statement) -> PgWireResult<Vec<Type>> {
+        self.0.get_parameter_types(statement)
+    }
+
+    fn get_result_schema(
+        &self,
+        statement: &Self::Statement,
+        format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
+        let fields = self.0.get_result_schema(statement, format)?;
+        Ok(match statement {
+            (_, Some((_, plan))) => with_typmods(&fields, plan.schema().as_arrow()),
+            (_, None) => fields,
+        })
+    }
+}
+
+/// `fields` (a RowDescription) with the type modifier Postgres gives each column of `schema`
+/// that has one (`numeric(p, s)`), as `pg_attribute.atttypmod` says it: JDBC's
+/// `getPrecision`/`getScale` and psycopg's `description` read it from here.
+pub(super) fn with_typmods(
+    fields: &[FieldInfo],
+    schema: &arrow::datatypes::Schema,
+) -> Vec<FieldInfo> {
+    fields
+        .iter()
+        .enumerate()
+        .map(|(i, field)| {
+            let typmod = schema
+                .fields()
+                .get(i)
+                .map_or(-1, |f| crate::pg_types::pg_type(f.data_type()).typmod);
+            match typmod {
+                -1 => field.clone(),
+                typmod => field.clone().with_type_modifier(typmod),
+            }
+        })
+        .collect()
 }
 
 /// Gives DataFusion's errors (all `XX000`, internal error, as they come) the SQLSTATE a
