@@ -3,9 +3,12 @@
 //!
 //! ```text
 //!  topic partitions ──read in step──► one row per record: topic, partition, offset, key,
-//!                                     value (the bytes), timestamp (the log's), ingest_time
+//!   (BronzeSource)                    value (the bytes), timestamp (the log's), ingest_time
 //!                   ──► append snapshot carrying the next offsets (`kappa.offsets`)
 //! ```
+//!
+//! It runs on the one runner (`runner::run_bronze_table`): [`BronzeSource`] is its source, an
+//! `operator::Appended` its operator.
 //!
 //! Nothing is decoded, so nothing is rejected: a record that no model can decode is still here,
 //! byte for byte. One exception keeps personal data out of the warehouse: a top-level field
@@ -15,9 +18,8 @@
 //! restart reads on from them, and a commit whose outcome is unknown is resolved by its attempt
 //! id. The table is no model's and has no versions: its schema is fixed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use arrow::array::{
     Int32Builder, Int64Builder, LargeBinaryBuilder, RecordBatch, StringBuilder,
@@ -25,19 +27,20 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use kappa_lakehouse::{Lakehouse, TableIdent};
-use kappa_log::{Log, PartitionReader, StartAt};
+use kappa_log::{Log, PartitionReader, StartAt, Topic};
 
-use crate::commit_record::{ATTEMPT_PROPERTY, OFFSETS_PROPERTY, Offsets};
-use crate::runner::{
-    COMMIT_RECORDS_MAX, LIVE_COMMIT_INTERVAL_MS, RunnerError, commit_landed, sleep_or_stop,
-    uuid_like,
-};
-use crate::topic_source::{READ_BYTES, read_some};
+use crate::commit_record::Offsets;
+use crate::runner::RunnerError;
+use crate::source::{Source, SourceError, Taken, Waiter};
+use crate::topic_source::{READ_BYTES, read_some, watch_partitions};
 
 pub use kappa_pipeline::BRONZE_LAYER;
 
 /// How a bronze table is partitioned: by the day its records reached the log.
 pub const BRONZE_PARTITION_BY: &str = "day(timestamp)";
+
+/// What bronze's commits record as their version, and its throughput metric's label.
+pub const BRONZE_VERSION: &str = "raw";
 
 /// The schema of every bronze table.
 pub fn bronze_schema() -> SchemaRef {
@@ -101,7 +104,7 @@ pub async fn run_bronze(
     lakehouse: Lakehouse,
     topic_name: String,
     redact: Redactions,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), RunnerError> {
     let name = who(&topic_name);
     let lake_err = |source| RunnerError::Lakehouse {
@@ -115,7 +118,7 @@ pub async fn run_bronze(
     let topic = log.topic(&topic_name).map_err(log_err)?;
     let ident = bronze_table(&topic_name).map_err(lake_err)?;
     let schema = bronze_schema();
-    let mut table = lakehouse
+    let table = lakehouse
         .ensure_partitioned_table(&ident, &schema, &[BRONZE_PARTITION_BY.to_owned()])
         .await
         .map_err(lake_err)?;
@@ -129,73 +132,79 @@ pub async fn run_bronze(
             ),
         });
     }
-    let committed = crate::commit_record::CommitRecord::of_table(&table)
-        .map_err(|source| RunnerError::CorruptCommit {
-            model: name.clone(),
-            source,
-        })?
-        .offsets
-        .remove(&topic_name)
-        .unwrap_or_default();
-    let mut readers = open_readers(topic.partitions(), &committed).map_err(log_err)?;
-    let mut last_commit = Instant::now();
-    loop {
-        if *stop.borrow() {
-            return Ok(());
-        }
-        let read = read_some(
-            topic.partitions(),
-            &mut readers,
-            COMMIT_RECORDS_MAX,
-            READ_BYTES,
-        );
-        let far_behind = read.records >= COMMIT_RECORDS_MAX;
-        if read.records == 0 {
-            // Live: wait for records, a commit at most every LIVE_COMMIT_INTERVAL_MS.
-            sleep_or_stop(&mut stop, LIVE_COMMIT_INTERVAL_MS / 2).await;
-            continue;
-        }
-        let batch =
-            rows(&schema, &topic_name, &read.chunks, &redact).map_err(|e| RunnerError::Plan {
-                model: name.clone(),
-                source: e.into(),
-            })?;
-        let attempt = uuid_like();
-        let mut offsets = Offsets::new();
-        offsets.insert(topic_name.clone(), read.next.clone());
-        let properties = HashMap::from([
-            (
-                OFFSETS_PROPERTY.to_owned(),
-                serde_json::to_string(&offsets).unwrap_or_default(),
-            ),
-            (ATTEMPT_PROPERTY.to_owned(), attempt.clone()),
-        ]);
-        let commit_started = Instant::now();
-        let appended = lakehouse.append(&table, &[batch], properties).await;
-        crate::metrics::COMMIT_SECONDS.observe(commit_started.elapsed());
-        match appended {
-            Ok(next) => table = next,
-            Err(e) => {
-                // The outcome is unknown: the table says whether this attempt landed.
-                let (reloaded, landed) = commit_landed(&lakehouse, &ident, &attempt).await;
-                if let Some(reloaded) = reloaded {
-                    table = reloaded;
-                }
-                if !landed {
-                    // Restarted from the last commit (status shows why meanwhile).
-                    return Err(lake_err(e));
-                }
-            }
-        }
-        crate::metrics::THROUGHPUT.add(&name, "raw", read.records as u64);
-        if !far_behind {
-            let since = last_commit.elapsed();
-            let interval = Duration::from_millis(LIVE_COMMIT_INTERVAL_MS);
-            if since < interval {
-                sleep_or_stop(&mut stop, (interval - since).as_millis() as u64).await;
-            }
-        }
-        last_commit = Instant::now();
+    let source = BronzeSource {
+        name: topic_name,
+        topic,
+        readers: Vec::new(),
+        redact,
+        schema: schema.clone(),
+    };
+    let copy = crate::runner::BronzeCopy {
+        name,
+        ident,
+        table,
+        partition_by: vec![BRONZE_PARTITION_BY.to_owned()],
+        version: BRONZE_VERSION,
+    };
+    crate::runner::run_bronze_table(
+        &log,
+        lakehouse,
+        copy,
+        Box::new(source),
+        Box::new(crate::operator::Appended::new(schema)),
+        stop,
+    )
+    .await
+}
+
+/// A topic's records as bronze rows, byte for byte (redactions aside): the source of its
+/// bronze table. Its position is the topic's, under the topic's name.
+pub(crate) struct BronzeSource {
+    name: String,
+    topic: Arc<Topic>,
+    readers: Vec<PartitionReader>,
+    redact: Redactions,
+    schema: SchemaRef,
+}
+
+#[async_trait::async_trait]
+impl Source for BronzeSource {
+    fn key(&self) -> &str {
+        &self.name
+    }
+
+    fn rewind(&mut self, committed: &Offsets) -> Result<(), SourceError> {
+        let empty = BTreeMap::new();
+        self.readers = open_readers(
+            self.topic.partitions(),
+            committed.get(&self.name).unwrap_or(&empty),
+        )
+        .map_err(|e| SourceError::Read(format!("{}: {e}", self.name)))?;
+        Ok(())
+    }
+
+    async fn read(&mut self, max: usize) -> Result<Taken, SourceError> {
+        let read = read_some(self.topic.partitions(), &mut self.readers, max, READ_BYTES);
+        let batch = rows(&self.schema, &self.name, &read.chunks, &self.redact)
+            .map_err(|e| SourceError::Read(format!("{}: {e}", self.name)))?;
+        Ok(Taken {
+            batch,
+            rejected: Vec::new(),
+            watermark: None,
+            records: read.records,
+            full: read.records >= max,
+        })
+    }
+
+    fn position(&self) -> BTreeMap<u32, u64> {
+        self.readers
+            .iter()
+            .map(|r| (r.partition(), r.next_offset()))
+            .collect()
+    }
+
+    fn waiter(&self) -> Waiter {
+        watch_partitions(self.topic.partitions(), &self.readers)
     }
 }
 

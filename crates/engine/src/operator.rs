@@ -175,16 +175,83 @@ impl Operator for RowByRow {
         table: &Table,
         properties: HashMap<String, String>,
     ) -> kappa_lakehouse::Result<Table> {
-        let table = if self.pending.is_empty() {
-            // Nothing to add, but offsets or state to record.
-            lakehouse
-                .append_files(table, Vec::new(), properties)
-                .await?
-        } else {
-            lakehouse.append(table, &self.pending, properties).await?
-        };
+        append_pending(lakehouse, table, &mut self.pending, properties).await
+    }
+
+    fn landed(&mut self) {
         self.pending.clear();
-        Ok(table)
+    }
+
+    async fn restore(
+        &mut self,
+        _lakehouse: &Lakehouse,
+        _table: &Table,
+    ) -> kappa_lakehouse::Result<()> {
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+/// Appends `pending` to `table` in one commit with `properties` (none: a commit of positions
+/// or state only), and empties it.
+async fn append_pending(
+    lakehouse: &Lakehouse,
+    table: &Table,
+    pending: &mut Vec<RecordBatch>,
+    properties: HashMap<String, String>,
+) -> kappa_lakehouse::Result<Table> {
+    let table = if pending.is_empty() {
+        lakehouse
+            .append_files(table, Vec::new(), properties)
+            .await?
+    } else {
+        lakehouse.append(table, pending, properties).await?
+    };
+    pending.clear();
+    Ok(table)
+}
+
+/// The rows its source gives, appended as they come, computed by nothing: a bronze table's
+/// copy of a topic.
+#[derive(Debug)]
+pub struct Appended {
+    schema: SchemaRef,
+    pending: Vec<RecordBatch>,
+}
+
+impl Appended {
+    pub fn new(schema: SchemaRef) -> Appended {
+        Appended {
+            schema,
+            pending: Vec::new(),
+        }
+    }
+}
+
+#[async_trait]
+impl Operator for Appended {
+    fn output_schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    async fn push(&mut self, batch: RecordBatch, _watermark: Option<i64>) -> Result<()> {
+        if batch.num_rows() > 0 {
+            self.pending.push(batch);
+        }
+        Ok(())
+    }
+
+    fn has_changes(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    async fn commit(
+        &mut self,
+        lakehouse: &Lakehouse,
+        table: &Table,
+        properties: HashMap<String, String>,
+    ) -> kappa_lakehouse::Result<Table> {
+        append_pending(lakehouse, table, &mut self.pending, properties).await
     }
 
     fn landed(&mut self) {

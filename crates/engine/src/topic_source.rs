@@ -134,15 +134,22 @@ impl Source for TopicSource {
     }
 
     fn waiter(&self) -> Waiter {
-        Waiter::Watch(
-            self.topic
-                .partitions()
-                .iter()
-                .zip(&self.readers)
-                .map(|(partition, reader)| (partition.watch_visible(), reader.next_offset()))
-                .collect(),
-        )
+        watch_partitions(self.topic.partitions(), &self.readers)
     }
+}
+
+/// Waits on `partitions`' visible offsets, each with its reader's next offset.
+pub(crate) fn watch_partitions(
+    partitions: &[kappa_log::Partition],
+    readers: &[PartitionReader],
+) -> Waiter {
+    Waiter::Watch(
+        partitions
+            .iter()
+            .zip(readers)
+            .map(|(partition, reader)| (partition.watch_visible(), reader.next_offset()))
+            .collect(),
+    )
 }
 
 /// Adds the records the source set aside (late, no event time) to the rejects.
@@ -168,8 +175,6 @@ fn set_aside(
 pub(crate) struct Read {
     pub(crate) chunks: Vec<(u32, kappa_log::RecordChunk)>,
     pub(crate) records: usize,
-    /// The offset after what was read, per partition.
-    pub(crate) next: BTreeMap<u32, u64>,
 }
 
 /// Appends a chunk's records to `raws` (borrowing their bytes from the chunk: no copy). A
@@ -239,15 +244,7 @@ pub(crate) fn read_some(
             }
         }
     }
-    let next = readers
-        .iter()
-        .map(|r| (r.partition(), r.next_offset()))
-        .collect();
-    Read {
-        chunks,
-        records,
-        next,
-    }
+    Read { chunks, records }
 }
 
 /// How far a reader at `next` is through a partition spanning `span` (first kept offset, end):

@@ -276,8 +276,9 @@ impl Run {
             .await
             .map_err(|e| self.lake_err(e))?;
         }
-        if self.staged {
-            let model = &self.project.models[&self.model_id];
+        if self.staged
+            && let Some(model) = &self.model
+        {
             self.table = settle(
                 &self.lakehouse,
                 model,

@@ -35,10 +35,10 @@ pub use crate::tables::{
 };
 pub use error::RunnerError;
 pub use letters::{DEAD_LETTER_TOPIC, dead_letter_topic, each_letter, rejects_reporter};
+pub(crate) use run::{BronzeCopy, run_bronze_table};
 pub use run::{
     COMMIT_RECORDS_MAX, GROUPED_COMMIT_RECORDS_MAX, LIVE_COMMIT_INTERVAL_MS,
     PROGRESS_COMMIT_INTERVAL_MS, run_model, run_version,
 };
-pub(crate) use run::{commit_landed, sleep_or_stop, uuid_like};
 pub use waiting::{FAILING, block_failing, blocked_upstream, recovered, waits_for};
 pub use wap::awaits_decision;

@@ -180,10 +180,39 @@ pub async fn run_version(
     }
 }
 
+/// Copies a topic into its bronze table until `stop` turns true: the one loop, over `source`
+/// (the topic's records as rows) and `operator` (appending them).
+pub(crate) async fn run_bronze_table(
+    log: &Log,
+    lakehouse: Lakehouse,
+    copy: BronzeCopy,
+    source: Box<dyn Source>,
+    operator: Box<dyn Operator>,
+    stop: watch::Receiver<bool>,
+) -> Result<(), RunnerError> {
+    Run::bronze(log, lakehouse, copy, source, operator, stop)
+        .await?
+        .run()
+        .await
+}
+
+/// A bronze table, as [`run_bronze_table`] writes it.
+pub(crate) struct BronzeCopy {
+    /// `bronze.<topic>`, as errors and logs name it.
+    pub name: String,
+    pub ident: TableIdent,
+    /// The table as loaded.
+    pub table: Table,
+    pub partition_by: Vec<String>,
+    /// What its commits record as their version, and its throughput's label.
+    pub version: &'static str,
+}
+
 /// A running model: what it reads and computes, where it writes, and where it is.
 pub(super) struct Run {
     pub(super) lakehouse: Lakehouse,
-    pub(super) project: Arc<Project>,
+    /// The model it runs (none: a bronze table's copy of a topic).
+    pub(super) model: Option<kappa_pipeline::Model>,
     pub(super) model_id: String,
     pub(super) version: String,
     pub(super) stop: watch::Receiver<bool>,
@@ -199,6 +228,8 @@ pub(super) struct Run {
     pub(super) ident: TableIdent,
     pub(super) table: Table,
     pub(super) output_schema: SchemaRef,
+    /// How its table is partitioned (`partition_by`), for a rebuild.
+    pub(super) partition_by: Vec<String>,
     /// Its commits go to the audit branch and wait for their audit.
     pub(super) staged: bool,
     pub(super) audit: CommitAudit,
@@ -241,6 +272,32 @@ pub(super) enum Next<T> {
     Again,
     /// Stop was asked.
     Stop,
+}
+
+/// What a run is made of, before it runs: [`Run::start`]'s for a model, [`Run::bronze`]'s
+/// for a bronze table.
+struct Parts {
+    lakehouse: Lakehouse,
+    model: Option<kappa_pipeline::Model>,
+    model_id: String,
+    version: String,
+    stop: watch::Receiver<bool>,
+    sources: Vec<Box<dyn Source>>,
+    dims: Vec<(Dimension, bool)>,
+    stage: Option<Box<dyn Stage>>,
+    operator: Box<dyn Operator>,
+    row_checks: Option<RowChecks>,
+    ident: TableIdent,
+    table: Table,
+    output_schema: SchemaRef,
+    partition_by: Vec<String>,
+    staged: bool,
+    audit: CommitAudit,
+    quarantine: TableIdent,
+    upstream: Vec<(String, TableIdent)>,
+    dead_letters: Arc<Topic>,
+    already_dead: BTreeSet<(String, u32, u64)>,
+    committed: Offsets,
 }
 
 /// One read of every source, ready to compute.
@@ -400,8 +457,60 @@ impl Run {
         if *stop.borrow() {
             return Ok(None);
         }
-        let share = COMMIT_RECORDS_MAX / sources.len().max(1);
-        Ok(Some(Run {
+        let partition_by = model.config.partition_by.clone();
+        let model = model.clone();
+        Ok(Some(Run::from_parts(Parts {
+            lakehouse,
+            model: Some(model),
+            model_id,
+            version,
+            stop,
+            sources,
+            dims,
+            stage,
+            operator,
+            row_checks,
+            ident,
+            table,
+            output_schema,
+            partition_by,
+            staged,
+            audit,
+            quarantine,
+            upstream,
+            dead_letters,
+            already_dead,
+            committed,
+        })))
+    }
+
+    /// A run of what `parts` holds, from the positions `parts.committed`.
+    fn from_parts(parts: Parts) -> Run {
+        let Parts {
+            lakehouse,
+            model,
+            model_id,
+            version,
+            stop,
+            sources,
+            dims,
+            stage,
+            operator,
+            row_checks,
+            ident,
+            table,
+            output_schema,
+            partition_by,
+            staged,
+            audit,
+            quarantine,
+            upstream,
+            dead_letters,
+            already_dead,
+            committed,
+        } = parts;
+        Run {
+            share: COMMIT_RECORDS_MAX / sources.len().max(1),
             lakehouse,
             version,
             stop,
@@ -413,6 +522,7 @@ impl Run {
             ident,
             table,
             output_schema,
+            partition_by,
             staged,
             audit,
             quarantine,
@@ -425,17 +535,80 @@ impl Run {
             dim_rejected: Vec::new(),
             pending: None,
             failed_rows: BTreeMap::new(),
-            share,
             far_behind: true,
             uncommitted: 0,
             last_watermarks: Vec::new(),
-            project,
+            model,
             model_id,
-        }))
+        }
     }
 
-    fn model(&self) -> &kappa_pipeline::Model {
-        &self.project.models[&self.model_id]
+    /// The run that copies a topic into its bronze table `ident` (`crate::bronze`): `source`
+    /// gives the rows, `operator` appends them, no expectations, nothing upstream.
+    async fn bronze(
+        log: &Log,
+        lakehouse: Lakehouse,
+        copy: BronzeCopy,
+        mut source: Box<dyn Source>,
+        mut operator: Box<dyn Operator>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Run, RunnerError> {
+        let BronzeCopy {
+            name,
+            ident,
+            table,
+            partition_by,
+            version,
+        } = copy;
+        let committed = CommitRecord::of_table(&table)
+            .map_err(|source| RunnerError::CorruptCommit {
+                model: name.clone(),
+                source,
+            })?
+            .offsets;
+        operator
+            .restore(&lakehouse, &table)
+            .await
+            .map_err(|source| RunnerError::Lakehouse {
+                model: name.clone(),
+                source,
+            })?;
+        source.rewind(&committed).map_err(|e| RunnerError::Source {
+            model: name.clone(),
+            reason: e.to_string(),
+        })?;
+        let log_err = |source| RunnerError::Log {
+            model: name.clone(),
+            source,
+        };
+        let dead_letters = dead_letter_topic(log).map_err(log_err)?;
+        let quarantine = quarantine_table(&name, "").map_err(|source| RunnerError::Lakehouse {
+            model: name.clone(),
+            source,
+        })?;
+        Ok(Run::from_parts(Parts {
+            lakehouse,
+            model: None,
+            model_id: name,
+            version: version.to_owned(),
+            stop,
+            output_schema: operator.output_schema().clone(),
+            sources: vec![source],
+            dims: Vec::new(),
+            stage: None,
+            operator,
+            row_checks: None,
+            ident,
+            table,
+            partition_by,
+            staged: false,
+            audit: CommitAudit::default(),
+            quarantine,
+            upstream: Vec::new(),
+            dead_letters,
+            already_dead: BTreeSet::new(),
+            committed,
+        }))
     }
 
     pub(super) fn lake_err(&self, source: kappa_lakehouse::LakehouseError) -> RunnerError {
@@ -623,7 +796,7 @@ impl Run {
             Some(SourceError::Restart(why)) => {
                 // What it read is gone: its table is rebuilt from the start of its sources.
                 tracing::warn!(model = %self.model_id, %why, "rebuilding the model's table from the start");
-                let partition_by = self.model().config.partition_by.clone();
+                let partition_by = self.partition_by.clone();
                 let table = self
                     .lakehouse
                     .replace_table(&self.ident, &self.output_schema, &partition_by)
