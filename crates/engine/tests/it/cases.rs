@@ -10,6 +10,8 @@
 //! [schema]
 //! id = "bigint"
 //! end
+//! project ../../../cli/tests/golden  or every .toml and .sql file of a folder (relative to
+//!                                  the case's), as the project's files
 //! produce orders                   NDJSON records (keyed by the topic's declared key), to `end`
 //! {"id": 1}
 //! end
@@ -21,6 +23,9 @@
 //! end
 //! same-as-batch silver.orders      the table equals the model's SQL run once over every valid
 //!                                  record (upstream models as views) — waited for (30 s)
+//! same-as-batch gold.w where window_start < '2026-01-05T08:03:00Z'
+//!                                  the same, of the rows both keep (rows made final by a
+//!                                  watermark, say)
 //! dead-letters 2                   the dead-letter topic holds this many letters
 //! ```
 
@@ -44,12 +49,14 @@ const SETTLE: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 enum Step {
     File(String, String),
+    Project(String),
     Produce(String, Vec<String>),
     Run(Vec<String>),
     Kill,
     Stop,
     Query(String, String),
-    SameAsBatch(String),
+    /// A model, and a predicate over its columns both sides are filtered by.
+    SameAsBatch(String, Option<String>),
     DeadLetters(usize),
 }
 
@@ -83,7 +90,13 @@ fn parse(name: &str, text: &str) -> Vec<(usize, Step)> {
             "kill" => Step::Kill,
             "stop" => Step::Stop,
             "query" => Step::Query(rest.to_owned(), block(&mut lines, at).join("\n")),
-            "same-as-batch" => Step::SameAsBatch(rest.to_owned()),
+            "project" => Step::Project(rest.to_owned()),
+            "same-as-batch" => match rest.split_once(" where ") {
+                Some((model, predicate)) => {
+                    Step::SameAsBatch(model.trim().to_owned(), Some(predicate.trim().to_owned()))
+                }
+                None => Step::SameAsBatch(rest.to_owned(), None),
+            },
             "dead-letters" => Step::DeadLetters(
                 rest.parse()
                     .unwrap_or_else(|e| panic!("{name}:{at}: dead-letters {rest:?}: {e}")),
@@ -219,11 +232,27 @@ impl Case {
                 })
                 .await;
             }
-            Step::SameAsBatch(model) => {
+            Step::Project(folder) => {
+                assert!(
+                    self.project.is_none(),
+                    "{here}: files come before anything runs"
+                );
+                let root = Path::new(CASES).join(folder);
+                read_folder(&root, &root, &mut self.files);
+                assert!(
+                    !self.files.is_empty(),
+                    "{here}: no project files in {root:?}"
+                );
+            }
+            Step::SameAsBatch(model, predicate) => {
                 let (project, log, lakehouse) = self.open().await;
-                let expected = sorted(&batch_of(&project, &log, &model).await).await;
+                let filter = predicate.map_or(String::new(), |p| format!(" WHERE {p}"));
+                let expected = sorted(&batch_of(&project, &log, &model, &filter).await).await;
                 self.settle(&here, &expected, || async {
-                    match lakehouse.query(&format!("SELECT * FROM {model}")).await {
+                    match lakehouse
+                        .query(&format!("SELECT * FROM {model}{filter}"))
+                        .await
+                    {
                         Ok((_, batches)) => sorted(&batches).await,
                         Err(e) => format!("error: {e}"),
                     }
@@ -294,9 +323,33 @@ async fn sorted(batches: &[RecordBatch]) -> String {
     table_text(&out)
 }
 
+/// Every `.toml` and `.sql` file under `dir`, by its path relative to `root`.
+fn read_folder(root: &Path, dir: &Path, files: &mut ProjectFiles) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{dir:?}: {e}"))
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            read_folder(root, &path, files);
+        } else if path.extension().is_some_and(|e| e == "toml" || e == "sql") {
+            let relative = path
+                .strip_prefix(root)
+                .expect("under the root")
+                .to_string_lossy()
+                .into_owned();
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+            files.insert(relative, text);
+        }
+    }
+}
+
 /// `model`'s SQL run once by DataFusion over every valid record of the topics it reads, with
-/// the models it reads as views: the oracle.
-async fn batch_of(project: &Project, log: &Log, model: &str) -> Vec<RecordBatch> {
+/// the models it reads as views, its rows kept by `filter` (` WHERE …`, or nothing): the
+/// oracle.
+async fn batch_of(project: &Project, log: &Log, model: &str, filter: &str) -> Vec<RecordBatch> {
     let ctx = datafusion::prelude::SessionContext::new();
     kappa_engine::functions::register(&ctx);
     for (name, spec) in &project.topics {
@@ -337,7 +390,7 @@ async fn batch_of(project: &Project, log: &Log, model: &str) -> Vec<RecordBatch>
         }
         if id == model {
             return ctx
-                .sql(&m.sql)
+                .sql(&format!("SELECT * FROM ({}){filter}", m.sql))
                 .await
                 .expect("the model's SQL plans")
                 .collect()
