@@ -32,7 +32,7 @@ use kappa_log::{Log, PartitionReader, StartAt, Topic};
 use crate::commit_record::Offsets;
 use crate::runner::RunnerError;
 use crate::source::{Source, SourceError, Taken, Waiter};
-use crate::topic_source::{READ_BYTES, read_some, watch_partitions};
+use crate::topic_source::{READ_BYTES, next_offsets, read_some, watch_partitions};
 
 pub use kappa_pipeline::BRONZE_LAYER;
 
@@ -197,10 +197,7 @@ impl Source for BronzeSource {
     }
 
     fn position(&self) -> BTreeMap<u32, u64> {
-        self.readers
-            .iter()
-            .map(|r| (r.partition(), r.next_offset()))
-            .collect()
+        next_offsets(&self.readers)
     }
 
     fn waiter(&self) -> Waiter {

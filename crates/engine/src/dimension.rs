@@ -258,10 +258,7 @@ impl Dimension {
         if let Rows::Published(published) = &self.rows {
             return published.covered.clone();
         }
-        self.readers
-            .iter()
-            .map(|r| (r.partition(), r.next_offset()))
-            .collect()
+        crate::topic_source::next_offsets(&self.readers)
     }
 
     /// Folds records, in log order, into the rows.
@@ -384,27 +381,22 @@ impl Published {
             .remove(topic_name)
             .unwrap_or_default();
         if self.snapshot != Some(snapshot) {
-            let schema = rows.schema_ref();
             let added = self
                 .lakehouse
                 .added_in(&table, main, 0)
                 .await
                 .map_err(lake_error)?;
-            let mut batches = Vec::new();
-            for file in &added.files {
-                for batch in self
-                    .lakehouse
-                    .read_data_file(&table, &file.file)
-                    .await
-                    .map_err(lake_error)?
-                {
-                    batches.push(crate::upstream::conform(&batch, &schema).map_err(|e| {
-                        DataFusionError::Execution(format!("the dimension {}: {e}", self.table))
-                    })?);
-                }
-            }
-            rows.set(arrow::compute::concat_batches(&schema, &batches)?)
-                .await;
+            let batch = crate::upstream::read_files(
+                &self.lakehouse,
+                &table,
+                &added.files,
+                &rows.schema_ref(),
+            )
+            .await
+            .map_err(|e| {
+                DataFusionError::Execution(format!("the dimension {}: {e}", self.table))
+            })?;
+            rows.set(batch).await;
             self.snapshot = Some(snapshot);
             self.covered = covered;
         }

@@ -119,10 +119,11 @@ pub fn for_shape(
     event_time: Option<EventTime>,
 ) -> Result<Box<dyn Operator>> {
     Ok(match shape {
-        Shape::RowByRow => Box::new(RowByRow {
-            model: StatelessModel::from_plan(ctx, input_slot, plan)?,
-            pending: Vec::new(),
-        }),
+        Shape::RowByRow => {
+            let model = StatelessModel::from_plan(ctx, input_slot, plan)?;
+            let rows = Appended::new(model.output_schema().clone());
+            Box::new(RowByRow { model, rows })
+        }
         Shape::Grouped => Box::new(GroupedModel::from_plan(ctx, input_slot, plan)?),
         Shape::Windowed => {
             let event_time = event_time.ok_or_else(|| {
@@ -142,7 +143,7 @@ pub fn for_shape(
 pub struct RowByRow {
     pub model: StatelessModel,
     /// The rows of the next commit.
-    pub pending: Vec<RecordBatch>,
+    rows: Appended,
 }
 
 /// The newest snapshot's summary of `table`.
@@ -157,16 +158,16 @@ impl Operator for RowByRow {
     }
 
     fn rows_to_append(&mut self) -> Option<&mut Vec<RecordBatch>> {
-        Some(&mut self.pending)
+        Some(&mut self.rows.pending)
     }
 
     async fn push(&mut self, batch: RecordBatch, _watermark: Option<i64>) -> Result<()> {
-        self.pending.extend(self.model.run(batch).await?);
+        self.rows.pending.extend(self.model.run(batch).await?);
         Ok(())
     }
 
     fn has_changes(&self) -> bool {
-        !self.pending.is_empty()
+        self.rows.has_changes()
     }
 
     async fn commit(
@@ -175,40 +176,20 @@ impl Operator for RowByRow {
         table: &Table,
         properties: HashMap<String, String>,
     ) -> kappa_lakehouse::Result<Table> {
-        append_pending(lakehouse, table, &mut self.pending, properties).await
+        self.rows.commit(lakehouse, table, properties).await
     }
 
     fn landed(&mut self) {
-        self.pending.clear();
+        self.rows.landed();
     }
 
     async fn restore(
         &mut self,
-        _lakehouse: &Lakehouse,
-        _table: &Table,
+        lakehouse: &Lakehouse,
+        table: &Table,
     ) -> kappa_lakehouse::Result<()> {
-        self.pending.clear();
-        Ok(())
+        self.rows.restore(lakehouse, table).await
     }
-}
-
-/// Appends `pending` to `table` in one commit with `properties` (none: a commit of positions
-/// or state only), and empties it.
-async fn append_pending(
-    lakehouse: &Lakehouse,
-    table: &Table,
-    pending: &mut Vec<RecordBatch>,
-    properties: HashMap<String, String>,
-) -> kappa_lakehouse::Result<Table> {
-    let table = if pending.is_empty() {
-        lakehouse
-            .append_files(table, Vec::new(), properties)
-            .await?
-    } else {
-        lakehouse.append(table, pending, properties).await?
-    };
-    pending.clear();
-    Ok(table)
 }
 
 /// The rows its source gives, appended as they come, computed by nothing: a bronze table's
@@ -251,7 +232,16 @@ impl Operator for Appended {
         table: &Table,
         properties: HashMap<String, String>,
     ) -> kappa_lakehouse::Result<Table> {
-        append_pending(lakehouse, table, &mut self.pending, properties).await
+        let table = if self.pending.is_empty() {
+            // Nothing to add, but offsets or state to record.
+            lakehouse
+                .append_files(table, Vec::new(), properties)
+                .await?
+        } else {
+            lakehouse.append(table, &self.pending, properties).await?
+        };
+        self.pending.clear();
+        Ok(table)
     }
 
     fn landed(&mut self) {

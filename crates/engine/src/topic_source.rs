@@ -116,10 +116,7 @@ impl Source for TopicSource {
     }
 
     fn position(&self) -> BTreeMap<u32, u64> {
-        self.readers
-            .iter()
-            .map(|r| (r.partition(), r.next_offset()))
-            .collect()
+        next_offsets(&self.readers)
     }
 
     fn load_marks(&mut self, saved: Option<&serde_json::Value>) -> Result<(), String> {
@@ -136,6 +133,14 @@ impl Source for TopicSource {
     fn waiter(&self) -> Waiter {
         watch_partitions(self.topic.partitions(), &self.readers)
     }
+}
+
+/// The next offset of each reader's partition.
+pub(crate) fn next_offsets(readers: &[PartitionReader]) -> BTreeMap<u32, u64> {
+    readers
+        .iter()
+        .map(|r| (r.partition(), r.next_offset()))
+        .collect()
 }
 
 /// Waits on `partitions`' visible offsets, each with its reader's next offset.

@@ -280,19 +280,14 @@ impl Source for TableSource {
             // Commits that added no file are passed too.
             target = target.max(added.last_sequence);
         }
-        let mut batches = Vec::new();
-        for added_file in &added.files[..taken] {
-            for batch in self
-                .lakehouse
-                .read_data_file(&source, &added_file.file)
-                .await
-                .map_err(read_err)?
-            {
-                batches.push(conform(&batch, &self.slot_schema).map_err(SourceError::Unavailable)?);
-            }
-        }
-        let batch = arrow::compute::concat_batches(&self.slot_schema, &batches)
-            .map_err(|e| SourceError::Unavailable(e.to_string()))?;
+        let batch = read_files(
+            &self.lakehouse,
+            &source,
+            &added.files[..taken],
+            &self.slot_schema,
+        )
+        .await
+        .map_err(SourceError::Unavailable)?;
         // Every row of the commits up to `complete` has been read: a file still to read
         // (merged before this reader held its position) may hold rows of earlier commits than
         // the ones just read, which the watermark must not have passed.
@@ -446,19 +441,9 @@ impl Source for SnapshotSource {
             .added_in(&table, main, 0)
             .await
             .map_err(read_err)?;
-        let mut batches = Vec::new();
-        for file in &added.files {
-            for batch in self
-                .lakehouse
-                .read_data_file(&table, &file.file)
-                .await
-                .map_err(read_err)?
-            {
-                batches.push(conform(&batch, &self.slot_schema).map_err(SourceError::Unavailable)?);
-            }
-        }
-        let batch = arrow::compute::concat_batches(&self.slot_schema, &batches)
-            .map_err(|e| SourceError::Unavailable(e.to_string()))?;
+        let batch = read_files(&self.lakehouse, &table, &added.files, &self.slot_schema)
+            .await
+            .map_err(SourceError::Unavailable)?;
         self.position = sequence;
         self.uuid = Some(uuid);
         Ok(Taken {
@@ -509,8 +494,28 @@ fn watermark_at(source: &Table, topic: &str, marks: &mut Watermarks, sequence: i
     marks.watermark()
 }
 
+/// The rows of `files` of `table`, one batch in `schema` (columns by name, cast).
+pub(crate) async fn read_files(
+    lakehouse: &Lakehouse,
+    table: &Table,
+    files: &[kappa_lakehouse::AddedFile],
+    schema: &SchemaRef,
+) -> Result<RecordBatch, String> {
+    let mut batches = Vec::new();
+    for file in files {
+        for batch in lakehouse
+            .read_data_file(table, &file.file)
+            .await
+            .map_err(|e| format!("reading {}: {e}", table.identifier()))?
+        {
+            batches.push(conform(&batch, schema)?);
+        }
+    }
+    arrow::compute::concat_batches(schema, &batches).map_err(|e| e.to_string())
+}
+
 /// `batch` (read back from Parquet) with the columns and types of `schema`, by name.
-pub(crate) fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, String> {
+fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, String> {
     let mut columns = Vec::with_capacity(schema.fields().len());
     for field in schema.fields() {
         let column = batch

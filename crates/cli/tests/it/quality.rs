@@ -526,6 +526,28 @@ fn produce_orders(data: &Path, ids: std::ops::RangeInclusive<i64>, amount: i64) 
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
+/// The rows `sql` answers through `kappa sql --json` (the error while a table does not exist).
+fn rows_of(data: &Path, project: &str, sql: &str) -> serde_json::Value {
+    let (ok, out, err) = project_command(data, project, &["sql", sql, "--json"]);
+    if !ok {
+        return serde_json::json!({ "error": err });
+    }
+    serde_json::from_str::<serde_json::Value>(&out).unwrap()["rows"].clone()
+}
+
+/// Waits (30 s at most) until `sql` answers `expected`.
+fn wait_rows(data: &Path, project: &str, sql: &str, expected: serde_json::Value) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let rows = rows_of(data, project, sql);
+        if rows == expected {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{sql}: {rows}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// Runs `kappa --project PROJECT ARGS…` on `data`: (success, stdout, stderr).
 fn project_command(data: &Path, project: &str, args: &[&str]) -> (bool, String, String) {
     let mut all = vec!["--project", project];
@@ -707,19 +729,14 @@ fn expectations_deployed_later_guard_what_reads_the_model() {
     let produce = |ids, amount| produce_orders(&data, ids, amount);
     let cli = |args: &[&str]| project_command(&data, project, args);
     // The error until gold's table exists.
-    let gold = || {
-        let (ok, out, err) = cli(&["sql", "SELECT n, total FROM gold.per_status", "--json"]);
-        if !ok {
-            return serde_json::json!({ "error": err });
-        }
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()["rows"].clone()
-    };
-    let wait_gold = |expected: serde_json::Value| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while gold() != expected {
-            assert!(std::time::Instant::now() < deadline, "gold: {}", gold());
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
+    let gold = || rows_of(&data, project, "SELECT n, total FROM gold.per_status");
+    let wait_gold = |expected| {
+        wait_rows(
+            &data,
+            project,
+            "SELECT n, total FROM gold.per_status",
+            expected,
+        )
     };
     produce(1..=5, 10);
     wait_gold(serde_json::json!([[5, 50]]));
@@ -789,23 +806,14 @@ fn a_model_over_a_group_by_reads_what_it_published() {
     assert!(ok, "{out}{err}");
     let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
     let cli = |args: &[&str]| project_command(&data, project, args);
-    let overall = || {
-        let (ok, out, err) = cli(&["sql", "SELECT n, total FROM gold.overall", "--json"]);
-        if !ok {
-            return serde_json::json!({ "error": err });
-        }
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()["rows"].clone()
-    };
-    let wait_overall = |expected: serde_json::Value| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while overall() != expected {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "gold.overall: {}",
-                overall()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
+    let overall = || rows_of(&data, project, "SELECT n, total FROM gold.overall");
+    let wait_overall = |expected| {
+        wait_rows(
+            &data,
+            project,
+            "SELECT n, total FROM gold.overall",
+            expected,
+        )
     };
     produce_orders(&data, 1..=5, 10);
     wait_overall(serde_json::json!([[5, 50]]));
@@ -869,26 +877,19 @@ fn facts_look_a_dimension_up_as_it_was_published() {
         assert!(out.status.success(), "{}", stderr(&out));
     };
     let priced = || {
-        let (ok, out, err) = cli(&[
-            "sql",
+        rows_of(
+            &data,
+            project,
             "SELECT order_id, cents FROM gold.priced ORDER BY order_id",
-            "--json",
-        ]);
-        if !ok {
-            return serde_json::json!({ "error": err });
-        }
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()["rows"].clone()
+        )
     };
-    let wait_priced = |expected: serde_json::Value| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while priced() != expected {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "gold.priced: {}",
-                priced()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
+    let wait_priced = |expected| {
+        wait_rows(
+            &data,
+            project,
+            "SELECT order_id, cents FROM gold.priced ORDER BY order_id",
+            expected,
+        )
     };
     // A change produced before an order is what the order finds.
     price(100, 0);
