@@ -212,12 +212,7 @@ impl Source for TableSource {
     }
 
     fn rewind(&mut self, committed: &Offsets) -> Result<(), SourceError> {
-        self.position = match committed.get(&self.key).and_then(|p| p.get(&0)) {
-            Some(&position) => i64::try_from(position).map_err(|_| {
-                SourceError::Read(format!("{}: position {position} out of range", self.key))
-            })?,
-            None => 0,
-        };
+        self.position = table_position(committed, &self.key)?;
         Ok(())
     }
 
@@ -406,12 +401,7 @@ impl Source for SnapshotSource {
     }
 
     fn rewind(&mut self, committed: &Offsets) -> Result<(), SourceError> {
-        self.position = match committed.get(&self.key).and_then(|p| p.get(&0)) {
-            Some(&position) => i64::try_from(position).map_err(|_| {
-                SourceError::Read(format!("{}: position {position} out of range", self.key))
-            })?,
-            None => 0,
-        };
+        self.position = table_position(committed, &self.key)?;
         Ok(())
     }
 
@@ -492,6 +482,15 @@ fn watermark_at(source: &Table, topic: &str, marks: &mut Watermarks, sequence: i
         .and_then(|v| serde_json::from_str(v).ok())?;
     marks.load(saved.get(topic)).ok()?;
     marks.watermark()
+}
+
+/// The position on a table `committed` records under `key` (0: none).
+fn table_position(committed: &Offsets, key: &str) -> Result<i64, SourceError> {
+    match committed.get(key).and_then(|p| p.get(&0)) {
+        Some(&position) => i64::try_from(position)
+            .map_err(|_| SourceError::Read(format!("{key}: position {position} out of range"))),
+        None => Ok(0),
+    }
 }
 
 /// The rows of `files` of `table`, one batch in `schema` (columns by name, cast).
