@@ -329,21 +329,17 @@ impl Client {
                 let lakehouse = kappa_lakehouse::Lakehouse::open(&data_dir)
                     .await
                     .map_err(|e| ClientError::Service(ServiceError::Internal(e.to_string())))?;
-                // What each deployed version reads, as recorded.
-                let project = project.map(|p| {
-                    let mut p = p.clone();
-                    if let Ok(Some(deployed)) = crate::deployment::load(&data_dir) {
-                        let versions = kappa_pipeline::deploy::versions(&p);
-                        for (id, m) in &deployed.models {
-                            if let Some(upstream) = &m.reads_table
-                                && versions.get(id) == Some(&m.version)
-                            {
-                                p.reads_tables.insert(id.clone(), upstream.clone());
-                            }
-                        }
-                    }
-                    p
-                });
+                // What `kappa up` would serve: the deployed project with what each version
+                // reads, as recorded (the folder may have changed since); the folder's only
+                // when nothing was deployed.
+                let deployed = crate::deployment::load(&data_dir)
+                    .ok()
+                    .flatten()
+                    .and_then(|d| d.project());
+                let project = match (project, deployed) {
+                    (Some(_), Some(deployed)) => Some(deployed),
+                    (project, _) => project.cloned(),
+                };
                 let tally = crate::dead_letters::DeadLetterTally::new();
                 let mut status =
                     service::status(log, &lakehouse, project.as_ref(), None, &tally).await?;

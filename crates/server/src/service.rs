@@ -373,10 +373,7 @@ async fn model_status(
     )
     .await;
     let committed = offsets_of(snapshot.as_ref());
-    let lag_records = match project.reads_tables.get(id) {
-        Some(upstream) => upstream_lag(log, lakehouse, project, upstream, &committed).await,
-        None => topic_lag(log, project, id, &committed),
-    };
+    let lag_records = model_lag(log, lakehouse, project, id, &committed).await;
     let (state, detail) = runner_state(runners.and_then(|r| r.get(id)));
     let rows = rows_of(snapshot.as_ref());
     let records_per_second = kappa_engine::metrics::THROUGHPUT.rate(id, &version);
@@ -541,8 +538,26 @@ fn topic_lag(
     lag
 }
 
+/// The records `id` has still to read from the positions `committed` records: on its topics,
+/// or, for a model reading an upstream's table, through that table to the topics under it.
+async fn model_lag(
+    log: &Log,
+    lakehouse: &kappa_lakehouse::Lakehouse,
+    project: &kappa_pipeline::Project,
+    id: &str,
+    committed: &kappa_engine::runner::Offsets,
+) -> u64 {
+    match project.reads_tables.get(id) {
+        Some(upstream) => {
+            Box::pin(upstream_lag(log, lakehouse, project, upstream, committed)).await
+        }
+        None => topic_lag(log, project, id, committed),
+    }
+}
+
 /// The lag of a model reading `upstream`'s table from the position `committed` records: the
-/// upstream's own lag on its topics plus the records its table holds past the position.
+/// upstream's own lag (on its topics, or through the table it reads) plus the records its
+/// table holds past the position.
 async fn upstream_lag(
     log: &Log,
     lakehouse: &kappa_lakehouse::Lakehouse,
@@ -577,5 +592,5 @@ async fn upstream_lag(
         Ok(added) => added.files.iter().map(|f| f.file.record_count()).sum(),
         Err(_) => 0,
     };
-    topic_lag(log, project, upstream, &upstream_committed) + unread
+    model_lag(log, lakehouse, project, upstream, &upstream_committed).await + unread
 }

@@ -794,6 +794,16 @@ fn a_model_over_a_group_by_reads_what_it_published() {
                 "models/silver/per_status.toml",
                 "[[expect]]\nname = \"no_net_refunds\"\nrange = { column = \"total\", min = 0 }\n",
             ),
+            // Two table hops: a GROUP BY over a row-by-row model's table, refreshed from.
+            ("models/silver/lines.sql", SILVER_ORDERS_SQL),
+            (
+                "models/gold/per_product.sql",
+                "SELECT product_id, count(*) AS n FROM silver.lines GROUP BY product_id\n",
+            ),
+            (
+                "models/gold/products.sql",
+                "SELECT count(*) AS products, sum(n) AS n FROM gold.per_product\n",
+            ),
             (
                 "models/gold/overall.sql",
                 "SELECT sum(n) AS n, sum(total) AS total, max(total) AS biggest FROM \
@@ -817,6 +827,14 @@ fn a_model_over_a_group_by_reads_what_it_published() {
     };
     produce_orders(&data, 1..=5, 10);
     wait_overall(serde_json::json!([[5, 50]]));
+    // Lag counts through every table hop down to the topic: nothing left once caught up.
+    wait_rows(
+        &data,
+        project,
+        "SELECT products, n FROM gold.products",
+        serde_json::json!([[1, 5]]),
+    );
+    crate::wait_caught_up(&data, project, 5, std::time::Duration::from_secs(30));
 
     // A refund that takes the group below zero fails silver's audit: gold keeps what main has.
     produce_orders(&data, 6..=6, -100);
