@@ -76,7 +76,13 @@ struct Pending {
     runners: Pipelines,
     cutover: tokio::task::JoinHandle<()>,
     started: std::time::Instant,
+    /// A rollback's project files as they were before it rewrote them (folder, path, text):
+    /// put back if the deploy stops without a cutover, so that the folder says what serves.
+    undo: Vec<FolderFile>,
 }
+
+/// A file of a project folder: the folder, its path in it, and its text (`None`: absent).
+type FolderFile = (std::path::PathBuf, String, Option<String>);
 
 /// What a deploy is doing, as `GET /v1/deploy` reports it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -205,6 +211,16 @@ impl Deployer {
         project: Arc<Project>,
         files: ProjectFiles,
     ) -> anyhow::Result<Vec<String>> {
+        self.deploy_undoing(project, files, Vec::new()).await
+    }
+
+    /// [`Deployer::deploy`], with the folder files to put back if it stops without a cutover.
+    async fn deploy_undoing(
+        self: &Arc<Self>,
+        project: Arc<Project>,
+        files: ProjectFiles,
+        undo: Vec<FolderFile>,
+    ) -> anyhow::Result<Vec<String>> {
         // Every topic's records are kept in bronze from the moment it is deployed.
         self.bronze
             .lock()
@@ -315,8 +331,26 @@ impl Deployer {
             runners,
             cutover,
             started: std::time::Instant::now(),
+            undo,
         });
         Ok(replaying)
+    }
+
+    /// A deploy that stopped without a cutover: its runners stopped, a rollback's rewrite of
+    /// the project folder put back, and the deploy forgotten.
+    async fn stop_pending(&self, inner: &mut Inner) {
+        if let Some(pending) = inner.pending.take() {
+            pending.runners.stop().await;
+            for (folder, path, text) in &pending.undo {
+                match crate::project::restore_file(folder, path, text.as_deref()) {
+                    Ok(()) => tracing::info!(path, "the stopped rollback's file is put back"),
+                    Err(e) => {
+                        tracing::error!(path, error = %format!("{e:#}"), "putting back a file of the stopped rollback failed")
+                    }
+                }
+            }
+        }
+        self.forget_target();
     }
     /// Which models read their upstream's published table (`Project::reads_tables`): every
     /// model over one model whose shape runs over a table (`readable_upstream`), so that it
@@ -659,20 +693,27 @@ impl Deployer {
                 let reason = self.lakehouse.blocked(table)?;
                 (!reason.starts_with(kappa_engine::runner::FAILING)).then_some((id, reason))
             }) {
-                let failure = format!("the new version of {id} is {reason}");
+                // What decides a live model's quarantine (publish, discard) does not apply:
+                // the deploy stops, and a new one is the way on.
+                let what = reason
+                    .split("; main is untouched")
+                    .next()
+                    .unwrap_or(&reason);
+                let failure = format!(
+                    "the new version of {id} is {what}; the deploy stopped and the deployed \
+                     versions keep serving: filter those rows in the model, or relax the \
+                     expectation (severity = \"warn\" or \"drop\"), and deploy again"
+                );
                 tracing::warn!(%failure, "the deploy stops; the deployed versions keep serving");
                 if let Ok(mut audit) = self.audit.lock() {
                     audit.running = false;
                     audit.failure = Some(failure);
                 }
                 let mut inner = self.inner.lock().await;
-                if let Some(pending) = inner.pending.take() {
-                    pending.runners.stop().await;
-                }
+                self.stop_pending(&mut inner).await;
                 for (_, _, table) in &switches {
                     self.lakehouse.unblock(table);
                 }
-                self.forget_target();
                 self.release_stopped_readers(&inner);
                 return Ok(());
             }
@@ -698,10 +739,7 @@ impl Deployer {
         if let Some(failure) = self.audit(&project, &switches, &versions).await {
             tracing::warn!(%failure, "the audit stopped the deploy; the deployed versions keep serving");
             let mut inner = self.inner.lock().await;
-            if let Some(pending) = inner.pending.take() {
-                pending.runners.stop().await;
-            }
-            self.forget_target();
+            self.stop_pending(&mut inner).await;
             self.release_stopped_readers(&inner);
             return Ok(());
         }
@@ -930,7 +968,8 @@ impl Deployer {
     /// model that reads it following). When `folder` is the project folder, the model's `.sql`
     /// and `.toml` there are first rewritten as they were (each written aside, fsynced and
     /// renamed), so that the folder says what serves: a restart — after a crash mid-rollback
-    /// too — deploys the rolled-back version, and `kappa plan` shows nothing to deploy.
+    /// too — deploys the rolled-back version, and `kappa plan` shows nothing to deploy. If the
+    /// rollback stops without a cutover (a quarantine, its audit), they are put back.
     /// Returns the models that replay.
     pub async fn rollback(
         self: &Arc<Self>,
@@ -950,6 +989,7 @@ impl Deployer {
                     lines.join("\n")
                 )
             })?;
+        let mut undo = Vec::new();
         if let Some(folder) = folder {
             let (layer, name) = model.split_once('.').unwrap_or(("", model));
             let paths =
@@ -964,13 +1004,18 @@ impl Deployer {
                     folder.display()
                 );
             }
-            for path in paths {
-                crate::project::restore_file(folder, &path, files.get(&path).map(String::as_str))
+            for path in &paths {
+                undo.push((
+                    folder.to_path_buf(),
+                    path.clone(),
+                    live.files.get(path).cloned(),
+                ));
+                crate::project::restore_file(folder, path, files.get(path).map(String::as_str))
                     .map_err(|e| anyhow::anyhow!("roll back {model}: {e:#}"))?;
             }
             tracing::info!(model, folder = %folder.display(), "rolled back in the project folder");
         }
-        self.deploy(Arc::new(project), files).await
+        self.deploy_undoing(Arc::new(project), files, undo).await
     }
 }
 

@@ -1301,6 +1301,11 @@ fn a_deploy_whose_new_version_fails_its_expectations_does_not_cut_over() {
             && err.contains("no_refunds"),
         "{err}"
     );
+    // It says what to do about a deploy, not what decides a live model's quarantine.
+    assert!(
+        err.contains("deploy again") && !err.contains("kappa discard"),
+        "{err}"
+    );
     // v1 serves on, unchanged, and keeps running.
     let status = wait_state(&data, project, "running");
     assert_eq!(published_ids(&data), (1..=20).collect::<Vec<i64>>());
@@ -1311,6 +1316,23 @@ fn a_deploy_whose_new_version_fails_its_expectations_does_not_cut_over() {
     );
     let sum: serde_json::Value = serde_json::from_str(&stdout(&sum)).unwrap();
     assert_eq!(sum["rows"][0][0], 210, "{status}");
+
+    // v3 never goes below zero and cuts over; a refund follows, which v3 passes. Rolling back
+    // to v1 fails v1's audit on that refund: the rollback stops, and the folder says v3 again,
+    // which serves.
+    let v3 = "SELECT order_id, status, greatest(amount - 5, 0) AS amount, product_id, ts FROM \
+              orders\n";
+    std::fs::write(&silver, v3).unwrap();
+    let out = kappa(&data, &["--project", project, "deploy", "--wait"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    produce_orders(&data, 21..=21, -3);
+    let (ok, out, err) = project_command(&data, project, &["rollback", "silver.orders", "--wait"]);
+    assert!(!ok, "{out}");
+    assert!(err.contains("no_refunds"), "{err}");
+    assert_eq!(std::fs::read_to_string(&silver).unwrap(), v3);
+    let (ok, plan, err) = project_command(&data, project, &["plan"]);
+    assert!(ok, "{err}");
+    assert!(plan.contains("0 to replay"), "{plan}");
     assert!(up.terminate().unwrap().success());
 }
 
