@@ -1031,6 +1031,16 @@ pub fn recorded_versions(data_dir: &std::path::Path) -> Vec<VersionStatus> {
         .map(|(model, m)| VersionStatus::new(model, &m.version, "live"))
         .collect();
     if let Some(previous) = &deployed.previous {
+        // The models whose own files changed: a rollback names one of them (a model retired
+        // only because a model it reads changed comes back with that one's rollback).
+        let changed = |model: &str| {
+            previous.models.get(model).is_some_and(|before| {
+                deployed
+                    .models
+                    .get(model)
+                    .is_some_and(|now| now.sql != before.sql || now.config != before.config)
+            })
+        };
         for (model, m) in &previous.models {
             if deployed
                 .models
@@ -1038,13 +1048,38 @@ pub fn recorded_versions(data_dir: &std::path::Path) -> Vec<VersionStatus> {
                 .is_none_or(|live| live.version != m.version)
             {
                 let mut retired = VersionStatus::new(model, &m.version, "retired");
-                retired.detail = Some(format!("kept for `kappa rollback {model}`"));
+                let by: Vec<String> = upstream_of(previous, model)
+                    .into_iter()
+                    .filter(|m| changed(m))
+                    .map(|m| format!("`kappa rollback {m}`"))
+                    .collect();
+                retired.detail = Some(match by.is_empty() {
+                    true => "kept for a rollback".to_owned(),
+                    false => format!("kept for {}", by.join(" or ")),
+                });
                 all.push(retired);
             }
         }
     }
     all.sort_by(|a, b| a.model.cmp(&b.model));
     all
+}
+
+/// `model` and the models it reads in `deployment`, directly or not, nearest first.
+fn upstream_of(deployment: &Deployment, model: &str) -> Vec<String> {
+    let mut found = vec![model.to_owned()];
+    let mut at = 0;
+    while let Some(id) = found.get(at).cloned() {
+        for input in deployment.models.get(&id).map_or(&[][..], |m| &m.inputs) {
+            if let kappa_pipeline::Input::Model(up) = input
+                && !found.contains(up)
+            {
+                found.push(up.clone());
+            }
+        }
+        at += 1;
+    }
+    found
 }
 
 /// Whether the runner of `model` started for the deployment `before` runs on unchanged in

@@ -1523,6 +1523,20 @@ fn kappa_deploy_switches_every_table_at_once_while_readers_query() {
         .map(|(_, _, state)| state)
         .collect();
     assert_eq!(silver_states, ["live", "retired"]);
+    // A gold version retired only because silver changed names the rollback that brings it
+    // back: silver's (gold's own files are the same, so `kappa rollback gold…` has nothing).
+    let out = kappa(&data, &["--project", project, "status", "--json"], None);
+    let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let gold_retired = status["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["model"] == "gold.revenue_by_region" && v["state"] == "retired")
+        .unwrap_or_else(|| panic!("no retired gold version: {status}"));
+    assert_eq!(
+        gold_retired["detail"], "kept for `kappa rollback silver.orders`",
+        "{gold_retired}"
+    );
     let mut replayed: Vec<&str> = deployed["replaying"]
         .as_array()
         .unwrap()
