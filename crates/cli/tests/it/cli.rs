@@ -950,7 +950,19 @@ const BOTH_REVENUES: &str = "SELECT CAST((SELECT sum(revenue) FROM gold.revenue_
                              AS VARCHAR)";
 
 fn produce_example_orders(data: &std::path::Path, project: &std::path::Path) {
-    let orders = project.join("data/orders.ndjson");
+    // The example's redelivered copy of order 2 follows it, and deduplication drops it; here it
+    // comes after order 3 instead, 98 s later in event time, so that it is late: the tests
+    // see a late record as well as a dropped duplicate's absence.
+    let text = std::fs::read_to_string(project.join("data/orders.ndjson")).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    let copy = lines.remove(2);
+    assert!(
+        copy.contains("\"order_id\":2"),
+        "the example's copy moved: {copy}"
+    );
+    lines.insert(3, copy);
+    let orders = project.join("data/orders-late-copy.ndjson");
+    std::fs::write(&orders, lines.join("\n") + "\n").unwrap();
     let out = kappa(
         data,
         &[
