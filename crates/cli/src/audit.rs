@@ -81,8 +81,13 @@ pub(crate) async fn audit(global: &Global, args: AuditArgs) -> anyhow::Result<()
         }
     }
     if audit.waiting.is_some() {
+        let rows = audit.waiting_rows.map_or_else(
+            || "its rows".to_owned(),
+            |n| format!("the {n} rows it writes"),
+        );
         println!(
-            "\n`kappa publish {0} --force` publishes it anyway; `kappa discard {0}` drops its rows",
+            "\n`kappa publish {0} --force` publishes {rows} anyway; `kappa discard {0}` drops \
+             {rows}, those that pass too (the model carries on after their records)",
             audit.model
         );
     }
@@ -125,8 +130,8 @@ async fn decide(
         (false, _) => println!("{model}: nothing waited for publication; readers see {seen}"),
         (true, Decision::Publish) => println!("{model}: published; readers see {seen}"),
         (true, Decision::Discard) => println!(
-            "{model}: discarded the waiting commits; readers still see {seen}, and the model \
-             carries on after the records they came from"
+            "{model}: discarded the waiting commits; readers see {seen}, which holds the rows \
+             they saw before, and the model carries on after the records they came from"
         ),
     }
     Ok(())

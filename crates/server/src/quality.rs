@@ -38,6 +38,10 @@ pub struct AuditResponse {
     /// The newest snapshot waiting for publication on the audit branch, if one waits.
     #[serde(with = "crate::api::snapshot_id")]
     pub waiting: Option<i64>,
+    /// The rows the waiting commits write, failing or not: what a discard drops and a forced
+    /// publish publishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_rows: Option<u64>,
     pub expectations: Vec<AuditedExpectation>,
 }
 
@@ -133,10 +137,26 @@ pub async fn audit(
             error: a.error,
         });
     }
+    let waiting = kappa_lakehouse::wap::unpublished(&table);
+    let waiting_rows = match waiting {
+        Some(head) => {
+            let main = table
+                .metadata()
+                .current_snapshot()
+                .map_or(0, |s| s.sequence_number());
+            let added = lakehouse
+                .added_in(&table, head, main)
+                .await
+                .map_err(|e| ServiceError::Internal(e.to_string()))?;
+            Some(added.files.iter().map(|f| f.file.record_count()).sum())
+        }
+        None => None,
+    };
     Ok(AuditResponse {
         model: model.to_owned(),
         published: table.metadata().current_snapshot_id(),
-        waiting: kappa_lakehouse::wap::unpublished(&table).map(|s| s.snapshot_id()),
+        waiting: waiting.map(|s| s.snapshot_id()),
+        waiting_rows,
         expectations,
     })
 }

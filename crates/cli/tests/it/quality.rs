@@ -643,6 +643,8 @@ fn external_readers_never_see_a_failing_commit_until_it_is_forced() {
     assert!(text.contains("FAIL no_refunds"), "{text}");
     assert!(text.contains("PASS unique_order_id"), "{text}");
     assert!(text.contains("-3"), "the failing rows are shown: {text}");
+    // And how many rows a decision moves: the three refunds (one commit).
+    assert!(text.contains("drops the 3 rows it writes"), "{text}");
     // Records arriving meanwhile wait too.
     produce(9..=10, 20);
     std::thread::sleep(std::time::Duration::from_secs(1));
