@@ -319,7 +319,7 @@ fn serialize_drops<S: serde::Serializer>(
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Audit {
     /// The columns whose sums are compared (besides the row count); empty: every numeric
-    /// column.
+    /// column but identifiers (`id`, `…_id`, `…_key`).
     pub columns: Vec<String>,
     /// A SQL predicate choosing the rows compared (a period, say); absent: all rows.
     pub filter: Option<String>,

@@ -121,7 +121,9 @@ async fn measure(
     let columns: Vec<String> = if audit.columns.is_empty() {
         new_fields
             .iter()
-            .filter(|(_, t)| t.is_numeric() || matches!(t, DataType::Decimal128(..)))
+            .filter(|(n, t)| {
+                (t.is_numeric() || matches!(t, DataType::Decimal128(..))) && !identifies(n)
+            })
             .map(|(n, _)| n.clone())
             .collect()
     } else {
@@ -304,8 +306,26 @@ impl ModelAudit {
     }
 }
 
+/// Whether a column named `name` identifies rows rather than measures them (`id`, `…_id`,
+/// `…_key`: order ids, surrogate keys): its sum means nothing, so a default audit leaves it out.
+fn identifies(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name == "id" || name.ends_with("_id") || name == "key" || name.ends_with("_key")
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn identifiers_are_not_summed_by_default() {
+        for name in ["id", "order_id", "product_prices_key", "Customer_ID"] {
+            assert!(identifies(name), "{name}");
+        }
+        for name in ["amount", "quantity", "ideal", "keys_held", "paid"] {
+            assert!(!identifies(name), "{name}");
+        }
+    }
+
     use super::*;
 
     #[tokio::test]
