@@ -53,13 +53,18 @@ pub async fn check(project: &Project) -> Vec<Diagnostic> {
         match ctx.state().create_logical_plan(&model.sql).await {
             Ok(plan) => {
                 // Valid SQL; can the engine run it incrementally?
-                match crate::plan::plan_model(project, &model.id()).await {
-                    // Any SQL runs over one upserted table: refreshed from it (`refresh.rs`).
-                    Err(e)
-                        if crate::error::unsupported_reason(&e).is_some()
-                            && crate::upstream::reading_of(project, &model.id())
-                                .await
-                                .is_some_and(|(_, r)| r == crate::upstream::Reading::Refresh) => {}
+                // Over one upserted table, any SQL runs: refreshed from it (`refresh.rs`).
+                let refreshed = crate::upstream::refresh_plan(project, &model.id())
+                    .await
+                    .map(|(_, planned)| planned);
+                let planned = match refreshed {
+                    Some(Ok(())) => Ok(()),
+                    Some(Err(e)) => Err(e),
+                    None => crate::plan::plan_model(project, &model.id())
+                        .await
+                        .map(|_| ()),
+                };
+                match planned {
                     Err(e) if crate::error::unsupported_reason(&e).is_some() => {
                         let reason = crate::error::unsupported_reason(&e).unwrap_or_default();
                         let (line, column) = locate_construct(&model.sql, &reason);
@@ -498,6 +503,15 @@ mod tests {
                 "SELECT count(*) AS regions FROM gold.totals",
             ),
             (
+                // Refreshed too, but a refreshed table cannot set rows aside.
+                "models/gold/big_regions.sql",
+                "SELECT region, revenue FROM gold.totals WHERE revenue > 0",
+            ),
+            (
+                "models/gold/big_regions.toml",
+                "[[expect]]\nname = \"positive\"\nrange = { column = \"revenue\", min = 1 }\nseverity = \"drop\"\n",
+            ),
+            (
                 "models/gold/appended.sql",
                 "SELECT region, count(*) AS n FROM orders GROUP BY region",
             ),
@@ -546,6 +560,7 @@ mod tests {
         expect_test::expect![[r#"
             kappa.toml:1:1: [lakehouse]: catalog = "rest" needs the catalog's `uri`
             models/gold/appended.sql:1:42: not incremental: materialization = "append", but a GROUP BY without a window over the event time updates its rows; use "upsert", or group by a window such as date_bin(INTERVAL '1 minute', <event_time>)
+            models/gold/big_regions.toml:1:1: expectation `positive` has severity = "drop", which sets rows aside as a model appends them; gold.big_regions is refreshed whole from gold.totals's table at each of its commits: use "fail" or "warn", or leave the rows out in its SQL
             models/gold/both.sql:1:31: not incremental: joining two streams needs a time bound in its ON clause that keeps the state finite, such as ON p.order_id = o.id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'; or declare the side that holds the current state of something as kind = "table" in its topics/<name>.toml, and it becomes a dimension looked up by each event
             models/gold/every_region.sql:2:7: not incremental: a right join would produce rows of the dimension that no event looked up; use JOIN or LEFT JOIN from the stream to the dimension; a model runs row by row (projections, filters) or as one GROUP BY
             models/gold/latest.toml:1:1: materialization = "upsert" (or a `key`), but the model has no GROUP BY: its rows are appended as they come, so nothing would replace them; group by the key (GROUP BY k with the aggregates you need), or declare the topic kind = "table" and join it to get the latest row per key

@@ -550,6 +550,19 @@ pub async fn plan_refresh(
     let state = ctx.state();
     let plan = state.create_logical_plan(&model.sql).await?;
     let plan = crate::mask_plan::mask_plan(plan, &model.config.mask)?;
+    if let Some(e) = model
+        .config
+        .expectations
+        .iter()
+        .find(|e| e.severity == kappa_pipeline::expect::Severity::Drop)
+    {
+        return Err(DataFusionError::Configuration(format!(
+            "expectation `{}` has severity = \"drop\", which sets rows aside as a model appends \
+             them; {model_id} is refreshed whole from {upstream_id}'s table at each of its \
+             commits: use \"fail\" or \"warn\", or leave the rows out in its SQL",
+            e.name
+        )));
+    }
     Ok((ctx, slot, plan, upstream_id))
 }
 

@@ -95,12 +95,9 @@ pub enum Reading {
 ///   windows over the event time of an upstream that deduplicates (which emits rows as its
 ///   watermark passes them, so its recorded watermark closes them).
 pub async fn reading_of(project: &Project, model_id: &str) -> Option<(String, Reading)> {
-    let model = project.models.get(model_id)?;
-    if let [kappa_pipeline::Input::Model(upstream_id)] = model.inputs.as_slice()
-        && upserted(project, upstream_id).await
-    {
-        crate::plan::plan_refresh(project, model_id).await.ok()?;
-        return Some((upstream_id.clone(), Reading::Refresh));
+    if let Some((upstream_id, planned)) = refresh_plan(project, model_id).await {
+        planned.ok()?;
+        return Some((upstream_id, Reading::Refresh));
     }
     let upstream_id = crate::plan::upstream_of(project, model_id)?;
     // A dimension's table is rewritten in place: it is looked up, not read as a stream.
@@ -110,6 +107,25 @@ pub async fn reading_of(project: &Project, model_id: &str) -> Option<(String, Re
     // `plan_over_upstream` refuses what would run another way over the table.
     plan_over_upstream(project, model_id).await.ok()?;
     Some((upstream_id, Reading::Stream))
+}
+
+/// When `model_id` reads only one model whose table is upserted in place (so that it is
+/// refreshed from that table): that model, and whether the model plans that way (why not).
+pub async fn refresh_plan(
+    project: &Project,
+    model_id: &str,
+) -> Option<(String, datafusion::error::Result<()>)> {
+    let model = project.models.get(model_id)?;
+    let [kappa_pipeline::Input::Model(upstream_id)] = model.inputs.as_slice() else {
+        return None;
+    };
+    if !upserted(project, upstream_id).await {
+        return None;
+    }
+    let planned = crate::plan::plan_refresh(project, model_id)
+        .await
+        .map(|_| ());
+    Some((upstream_id.clone(), planned))
 }
 
 /// Whether `model_id`'s table is upserted in place: a dimension, or one GROUP BY.

@@ -43,6 +43,9 @@ pub const LIVE_COMMIT_INTERVAL_MS: u64 = 100;
 /// How long progress over records that add no rows waits before it is committed anyway.
 pub const PROGRESS_COMMIT_INTERVAL_MS: u64 = 1000;
 
+/// A wait for a dimension this long is logged (shorter ones only at debug level).
+const DIMENSION_WAIT_REPORT_S: u64 = 5;
+
 /// After a failed commit, wait this long before trying again.
 pub(super) const RETRY_DELAY_MS: u64 = 1000;
 
@@ -249,8 +252,10 @@ pub(super) struct Run {
     pub(super) last_commit: Instant,
     /// Records of dimensions that do not fit their schema, until the commit that passes them.
     pub(super) dim_rejected: Vec<(String, Rejected)>,
-    /// A read waiting for a dimension model to publish what its topic held by then.
+    /// A read waiting for a dimension model to publish what its topic held by then, and since
+    /// when the run waits.
     pub(super) pending: Option<Read>,
+    pub(super) waiting_since: Option<Instant>,
     /// Rows of the commit being made that failed each row-level expectation.
     pub(super) failed_rows: BTreeMap<String, u64>,
     /// While far behind, each source's share of a commit's records.
@@ -534,6 +539,7 @@ impl Run {
             last_commit: Instant::now(),
             dim_rejected: Vec::new(),
             pending: None,
+            waiting_since: None,
             failed_rows: BTreeMap::new(),
             far_behind: true,
             uncommitted: 0,
@@ -746,9 +752,26 @@ impl Run {
         // Dimensions after the read: every event is looked up in what its dimensions hold
         // once they have every change produced before it was read.
         match catch_up_dimensions(&mut self.dims, &mut self.dim_rejected, &self.model_id).await {
-            Dimensions::Ready => Ok(Next::Go(read)),
+            Dimensions::Ready => {
+                self.waiting_since = None;
+                Ok(Next::Go(read))
+            }
             Dimensions::Waiting(why) => {
-                tracing::debug!(model = %self.model_id, %why, "waiting for a dimension");
+                // Waiting is not failing: a block its failures set is lifted.
+                recovered(&self.lakehouse, &self.ident);
+                let waited = self
+                    .waiting_since
+                    .get_or_insert_with(Instant::now)
+                    .elapsed();
+                if waited >= Duration::from_secs(DIMENSION_WAIT_REPORT_S)
+                    && waited
+                        < Duration::from_secs(DIMENSION_WAIT_REPORT_S)
+                            + Duration::from_millis(LIVE_COMMIT_INTERVAL_MS)
+                {
+                    tracing::info!(model = %self.model_id, %why, "waiting for a dimension to publish");
+                } else {
+                    tracing::debug!(model = %self.model_id, %why, "waiting for a dimension");
+                }
                 self.pending = Some(read);
                 sleep_or_stop(&mut self.stop, LIVE_COMMIT_INTERVAL_MS).await;
                 Ok(Next::Again)
