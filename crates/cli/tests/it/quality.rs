@@ -937,6 +937,10 @@ fn facts_look_a_dimension_up_as_it_was_published() {
     price(120, 2);
     produce_orders(&data, 3..=3, 5);
     wait_priced(serde_json::json!([[1, 100], [2, 100], [3, 120]]));
+    // A change while no order comes: the fact records how far its lookups reach, and lags
+    // nothing (its lag counts the dimension's topic too).
+    price(130, 3);
+    crate::wait_caught_up(&data, project, 2, std::time::Duration::from_secs(30));
     assert!(up.terminate().unwrap().success());
 }
 

@@ -780,6 +780,22 @@ impl Run {
         }
     }
 
+    /// Whether the dimensions, caught up, reach further than the table's last commit records.
+    async fn dimensions_moved(&mut self) -> bool {
+        if self.dims.is_empty() {
+            return false;
+        }
+        if !matches!(
+            catch_up_dimensions(&mut self.dims, &mut self.dim_rejected, &self.model_id).await,
+            Dimensions::Ready
+        ) {
+            return false;
+        }
+        self.dims.iter().any(|(dimension, _)| {
+            self.table_offsets.get(&dimension.offsets_key) != Some(&dimension.next_offsets())
+        })
+    }
+
     /// The sources' part of [`Run::read`].
     async fn read_sources(&mut self) -> Result<Next<Read>, RunnerError> {
         if !self.far_behind {
@@ -837,8 +853,13 @@ impl Run {
         for source in &self.sources {
             target.insert(source.key().to_owned(), source.position());
         }
-        let progress_due = target != self.table_offsets
-            && self.last_commit.elapsed() >= Duration::from_millis(PROGRESS_COMMIT_INTERVAL_MS);
+        let progress_time =
+            self.last_commit.elapsed() >= Duration::from_millis(PROGRESS_COMMIT_INTERVAL_MS);
+        let progress_due = progress_time
+            && (target != self.table_offsets
+                // A quiet stream still records how far its dimensions reach (its lag and a
+                // deploy's cutover count their topics too).
+                || (records == 0 && self.dimensions_moved().await));
         if records == 0 && !progress_due {
             recovered(&self.lakehouse, &self.ident);
             crate::source::wait_for_more(
