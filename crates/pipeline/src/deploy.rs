@@ -37,6 +37,19 @@ pub struct Deployment {
     /// versions' tables are dropped once the project's `deploy.retention` has passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retired_at_ms: Option<u64>,
+    /// On a deploy in progress that is a rollback: the project files it rewrote, as they were,
+    /// to put back if it stops without a cutover (also after a restart).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub undo: Vec<FolderFile>,
+}
+
+/// A file of a project folder as it was: the folder, its path in it, and its text (`None`:
+/// absent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FolderFile {
+    pub folder: std::path::PathBuf,
+    pub path: String,
+    pub text: Option<String>,
 }
 
 /// One deployed model.
@@ -97,6 +110,7 @@ impl Deployment {
             files: files.clone(),
             previous: None,
             retired_at_ms: None,
+            undo: Vec::new(),
         }
     }
 }

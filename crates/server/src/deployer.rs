@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use kappa_engine::runner::{OFFSETS_PROPERTY, Offsets, version_table, written_table};
 use kappa_lakehouse::{Lakehouse, TableIdent};
 use kappa_log::Log;
-use kappa_pipeline::deploy::Deployment;
+use kappa_pipeline::deploy::{Deployment, FolderFile};
 use kappa_pipeline::{Project, ProjectFiles};
 use serde::{Deserialize, Serialize};
 
@@ -76,13 +76,10 @@ struct Pending {
     runners: Pipelines,
     cutover: tokio::task::JoinHandle<()>,
     started: std::time::Instant,
-    /// A rollback's project files as they were before it rewrote them (folder, path, text):
-    /// put back if the deploy stops without a cutover, so that the folder says what serves.
+    /// A rollback's project files as they were before it rewrote them: put back if the
+    /// deploy stops without a cutover, so that the folder says what serves.
     undo: Vec<FolderFile>,
 }
-
-/// A file of a project folder: the folder, its path in it, and its text (`None`: absent).
-type FolderFile = (std::path::PathBuf, String, Option<String>);
 
 /// What a deploy is doing, as `GET /v1/deploy` reports it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -177,7 +174,9 @@ impl Deployer {
                         .await
                     };
                     ensured.context("join topic creation")??;
-                    deployer.deploy(project, target.files).await?;
+                    deployer
+                        .deploy_undoing(project, target.files, target.undo)
+                        .await?;
                 }
             }
             // The first start: the folder is deployed.
@@ -251,7 +250,9 @@ impl Deployer {
             self.choose_sources(project, live.as_deref(), &replaying)
                 .await,
         );
-        let record = Deployment::of(&project, &files);
+        let mut record = Deployment::of(&project, &files);
+        // Kept with the deploy in progress, so that a restart can still put them back.
+        record.undo = undo.clone();
         let same_models = live
             .as_ref()
             .is_some_and(|l| l.models.keys().eq(project.models.keys()));
@@ -341,7 +342,7 @@ impl Deployer {
     async fn stop_pending(&self, inner: &mut Inner) {
         if let Some(pending) = inner.pending.take() {
             pending.runners.stop().await;
-            for (folder, path, text) in &pending.undo {
+            for FolderFile { folder, path, text } in &pending.undo {
                 match crate::project::restore_file(folder, path, text.as_deref()) {
                     Ok(()) => tracing::info!(path, "the stopped rollback's file is put back"),
                     Err(e) => {
@@ -884,6 +885,8 @@ impl Deployer {
     /// Records `record` as what is deployed (`replaces`: as a new deployment the current one
     /// retires to, kept for rollback); no deploy is in progress after it.
     fn record(&self, mut record: Deployment, replaces: bool) -> anyhow::Result<()> {
+        // Deployed: nothing is to be put back.
+        record.undo.clear();
         let current = deployment::load(&self.data_dir)?;
         record.previous = match current {
             Some(mut current) if replaces && !current.files.is_empty() => {
@@ -1005,11 +1008,11 @@ impl Deployer {
                 );
             }
             for path in &paths {
-                undo.push((
-                    folder.to_path_buf(),
-                    path.clone(),
-                    live.files.get(path).cloned(),
-                ));
+                undo.push(FolderFile {
+                    folder: folder.to_path_buf(),
+                    path: path.clone(),
+                    text: live.files.get(path).cloned(),
+                });
                 crate::project::restore_file(folder, path, files.get(path).map(String::as_str))
                     .map_err(|e| anyhow::anyhow!("roll back {model}: {e:#}"))?;
             }

@@ -105,4 +105,25 @@ mod tests {
             "{error}"
         );
     }
+
+    #[test]
+    fn a_rollbacks_undo_travels_with_the_deploy_in_progress_and_old_records_still_read() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut target = Deployment::default();
+        target.undo.push(kappa_pipeline::deploy::FolderFile {
+            folder: "/srv/shop".into(),
+            path: "models/silver/orders.sql".into(),
+            text: Some("SELECT 1\n".into()),
+        });
+        save_target(dir.path(), Some(&target)).expect("saved");
+        assert_eq!(load_target(dir.path()).expect("read back"), Some(target));
+        // A record written before undo existed still reads, with nothing to put back.
+        std::fs::write(
+            dir.path().join(DEPLOYMENT_FILE),
+            r#"{"models":{},"topics":{}}"#,
+        )
+        .expect("written");
+        let old = load(dir.path()).expect("an old record").expect("one");
+        assert!(old.undo.is_empty());
+    }
 }
