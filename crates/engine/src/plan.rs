@@ -487,7 +487,9 @@ pub async fn plan_over_upstream(
             }
         }
     }
-    if shape != inline.shape || inline.join.is_some() {
+    // A join of two streams upstream (inlined in `inline`) is no reason to recompute: its
+    // table holds the pairs, appended.
+    if shape != inline.shape {
         return Err(crate::error::unsupported(
             "over its upstream's table the model would run another way; it recomputes it".into(),
         ));

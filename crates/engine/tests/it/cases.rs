@@ -27,6 +27,8 @@
 //!                                  the same, of the rows both keep (rows made final by a
 //!                                  watermark, say)
 //! dead-letters 2                   the dead-letter topic holds this many letters
+//! reads gold.x from gold.y         gold.x reads gold.y's published table (`from topics`:
+//!                                  it reads no table), as `kappa up` would run it
 //! ```
 
 use std::collections::BTreeMap;
@@ -58,6 +60,8 @@ enum Step {
     /// A model, and a predicate over its columns both sides are filtered by.
     SameAsBatch(String, Option<String>),
     DeadLetters(usize),
+    /// A model, and the upstream whose table it reads (`None`: it reads no table).
+    Reads(String, Option<String>),
 }
 
 /// The steps of a case file, or what is wrong with it and where.
@@ -101,6 +105,13 @@ fn parse(name: &str, text: &str) -> Vec<(usize, Step)> {
                 rest.parse()
                     .unwrap_or_else(|e| panic!("{name}:{at}: dead-letters {rest:?}: {e}")),
             ),
+            "reads" => match rest.split_once(" from ") {
+                Some((model, "topics")) => Step::Reads(model.trim().to_owned(), None),
+                Some((model, upstream)) => {
+                    Step::Reads(model.trim().to_owned(), Some(upstream.trim().to_owned()))
+                }
+                None => panic!("{name}:{at}: reads MODEL from UPSTREAM|topics"),
+            },
             other => panic!("{name}:{at}: unknown step `{other}`"),
         };
         steps.push((at, step));
@@ -258,6 +269,14 @@ impl Case {
                     }
                 })
                 .await;
+            }
+            Step::Reads(model, upstream) => {
+                let (project, _, _) = self.open().await;
+                assert_eq!(
+                    project.reads_tables.get(&model),
+                    upstream.as_ref(),
+                    "{here}: the table {model} reads"
+                );
             }
             Step::DeadLetters(count) => {
                 let (_, log, _) = self.open().await;
