@@ -21,6 +21,7 @@ pub mod mask_plan;
 pub mod metrics;
 pub mod operator;
 pub mod plan;
+pub mod plan_tables;
 pub mod refresh;
 pub mod runner;
 pub mod scd;

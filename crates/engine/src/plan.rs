@@ -158,12 +158,26 @@ fn stream_and_tables(
 /// Plans `model_id`. An [`crate::error::Unsupported`] error says why the model cannot run
 /// incrementally.
 pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedModel> {
+    plan_model_reading(project, model_id, &[]).await
+}
+
+/// Plans `model_id` with the models `tables` (which it reads directly) read as streams of
+/// their published rows, each a slot of its output schema named `layer.name`, instead of
+/// recomputed from their topics.
+pub async fn plan_model_reading(
+    project: &Project,
+    model_id: &str,
+    tables: &[String],
+) -> Result<PlannedModel> {
     let model = project
         .models
         .get(model_id)
         .ok_or_else(|| DataFusionError::Plan(format!("no model `{model_id}`")))?;
     let ctx = session();
-    let (streams, slots, dimensions) = register_inputs(&ctx, project, model_id).await?;
+    let (mut streams, mut slots, dimensions) = register_inputs(&ctx, project, model_id).await?;
+    if !tables.is_empty() {
+        (streams, slots) = read_as_tables(&ctx, project, model_id, tables, slots).await?;
+    }
     let state = ctx.state();
     let plan = state.create_logical_plan(&model.sql).await?;
     let plan = state
@@ -186,18 +200,21 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         None => slots.first().cloned(),
     }
     .ok_or_else(|| DataFusionError::Internal("a model without a stream".into()))?;
-    let spec = project
-        .topics
-        .get(&topic)
-        .ok_or_else(|| DataFusionError::Plan(format!("no topic `{topic}`")))?;
     let event_time = match &join {
         Some(j) => Some(join_event_time(
             project,
             model_id,
-            spec,
+            &topic,
+            &slot,
             &j.found.left_time,
         )?),
-        None => event_time_of(project, model_id, spec)?,
+        None => {
+            let spec = project
+                .topics
+                .get(&topic)
+                .ok_or_else(|| DataFusionError::Plan(format!("no topic `{topic}`")))?;
+            event_time_of(project, model_id, spec)?
+        }
     };
     let (plan, dedup) = match find_dedup(&plan).map_err(crate::error::unsupported)? {
         None => (plan, None),
@@ -298,30 +315,52 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
     })
 }
 
-/// The one model `model_id` reads, when it reads one and otherwise only dimensions (topics of
-/// kind "table").
-pub fn upstream_of(project: &Project, model_id: &str) -> Option<String> {
-    let model = project.models.get(model_id)?;
-    let mut upstream = None;
-    for input in &model.inputs {
-        match input {
-            kappa_pipeline::Input::Model(m) if project.is_dimension(m) => {}
-            kappa_pipeline::Input::Model(m) if upstream.is_none() => upstream = Some(m.clone()),
-            kappa_pipeline::Input::Topic(t)
-                if project
-                    .topics
-                    .get(t)
-                    .is_some_and(|spec| spec.kind == TopicKind::Table) => {}
-            _ => return None,
-        }
+/// Replaces the views of `tables` (models `model_id` reads directly) by slots of their output
+/// schema, and returns the streams the model itself reads: its stream topics, then `tables`.
+#[allow(clippy::type_complexity)]
+async fn read_as_tables(
+    ctx: &SessionContext,
+    project: &Project,
+    model_id: &str,
+    tables: &[String],
+    topic_slots: Vec<(String, Arc<MemTable>)>,
+) -> Result<(Vec<String>, Vec<(String, Arc<MemTable>)>)> {
+    let model = &project.models[model_id];
+    let mut slots: Vec<(String, Arc<MemTable>)> = topic_slots
+        .into_iter()
+        .filter(|(name, _)| model.inputs.contains(&Input::Topic(name.clone())))
+        .collect();
+    for id in tables {
+        let upstream = project
+            .models
+            .get(id)
+            .ok_or_else(|| DataFusionError::Plan(format!("no model `{id}`")))?;
+        slots.push((id.clone(), slot_for_view(ctx, upstream).await?));
     }
-    upstream
+    Ok((slots.iter().map(|(name, _)| name.clone()).collect(), slots))
+}
+
+/// Puts a slot where the view of `upstream` was in `ctx`, for the rows its table published:
+/// of the schema its SQL gives (its table holds the same columns; rows read back are cast).
+pub(crate) async fn slot_for_view(ctx: &SessionContext, upstream: &Model) -> Result<Arc<MemTable>> {
+    let reference = TableReference::partial(upstream.layer.as_str(), upstream.name.as_str());
+    let schema = Arc::new(
+        ctx.table(reference.clone())
+            .await?
+            .schema()
+            .as_arrow()
+            .clone(),
+    );
+    ctx.deregister_table(reference.clone())?;
+    let slot = Arc::new(MemTable::try_new(schema, vec![vec![]])?);
+    ctx.register_table(reference, slot.clone())?;
+    Ok(slot)
 }
 
 /// Registers in `ctx` what `model_id` reads: its stream topics as slots (returned with their
 /// names), its dimensions, and every model it reads, directly or not, as a view.
 #[allow(clippy::type_complexity)]
-async fn register_inputs(
+pub(crate) async fn register_inputs(
     ctx: &SessionContext,
     project: &Project,
     model_id: &str,
@@ -384,190 +423,6 @@ async fn register_inputs(
     Ok((streams, slots, dimensions))
 }
 
-/// Plans `model_id`, which reads one model and otherwise only dimensions, over that model's
-/// committed rows: the upstream's name is a slot of its output schema that the rows its table's commits
-/// added are put in (`upstream.rs`). Only models whose output over a stream does not depend on
-/// the order of its rows run this way: row by row, or one GROUP BY upserted (no event time,
-/// windows, deduplication or joins). Returns the plan and the upstream model.
-pub async fn plan_over_upstream(
-    project: &Project,
-    model_id: &str,
-) -> Result<(PlannedModel, String)> {
-    let model = project
-        .models
-        .get(model_id)
-        .ok_or_else(|| DataFusionError::Plan(format!("no model `{model_id}`")))?;
-    let upstream_id = upstream_of(project, model_id).ok_or_else(|| {
-        crate::error::unsupported(format!(
-            "{model_id} reads more than one model, or a stream topic: it recomputes what it \
-             reads"
-        ))
-    })?;
-    let upstream = project
-        .models
-        .get(&upstream_id)
-        .ok_or_else(|| DataFusionError::Plan(format!("no model `{upstream_id}`")))?;
-    if project.is_dimension(model_id) {
-        return Err(crate::error::unsupported(
-            "a dimension recomputes what it reads".into(),
-        ));
-    }
-    let ctx = session();
-    let (_, _, dimensions) = register_inputs(&ctx, project, model_id).await?;
-    // Its own lookups; the upstream's are in the upstream's table.
-    let dimensions: Vec<(String, Arc<DimensionTable>)> = dimensions
-        .into_iter()
-        .filter(|(name, _)| {
-            model
-                .inputs
-                .contains(&kappa_pipeline::Input::Topic(name.clone()))
-                || model
-                    .inputs
-                    .contains(&kappa_pipeline::Input::Model(name.clone()))
-        })
-        .collect();
-    let reference = TableReference::partial(upstream.layer.as_str(), upstream.name.as_str());
-    // The upstream's rows as its SQL gives them (its table holds the same columns; the rows
-    // read back are cast to this schema).
-    let schema = Arc::new(
-        ctx.table(reference.clone())
-            .await?
-            .schema()
-            .as_arrow()
-            .clone(),
-    );
-    ctx.deregister_table(reference.clone())?;
-    let slot = Arc::new(MemTable::try_new(schema, vec![vec![]])?);
-    ctx.register_table(reference, slot.clone())?;
-    let state = ctx.state();
-    let plan = state.create_logical_plan(&model.sql).await?;
-    let plan = state
-        .analyzer()
-        .execute_and_check(plan, state.config_options(), |_, _| {})?;
-    let plan = distinct_as_group_by(plan)?;
-    let plan = crate::mask_plan::mask_plan(plan, &model.config.mask)?;
-    if find_dedup(&plan)
-        .map_err(crate::error::unsupported)?
-        .is_some()
-    {
-        return Err(crate::error::unsupported(
-            "a deduplicating model recomputes what it reads".into(),
-        ));
-    }
-    // The shape it has when it recomputes its upstream decides: a GROUP BY over the event
-    // time its upstream declares is windowed.
-    let inline = plan_model(project, model_id).await?;
-    let mut shape = shape_of(&plan).map_err(crate::error::unsupported)?;
-    let mut upstream_marks = None;
-    if inline.shape == Shape::Windowed && shape == Shape::Grouped {
-        let et = inline.event_time.as_ref().ok_or_else(|| {
-            DataFusionError::Internal("a windowed model without event time".into())
-        })?;
-        let aggregate = aggregate_shape(&plan).map_err(crate::error::unsupported)?;
-        if window_key(aggregate, &et.column)
-            .map_err(crate::error::unsupported)?
-            .is_some()
-        {
-            shape = Shape::Windowed;
-        }
-        // Windows close as the upstream's watermark passes them, which says that no row
-        // still to come is older only when the upstream emits rows as its watermark passes
-        // them: a deduplication.
-        let up = plan_model(project, &upstream_id).await?;
-        match (&up.dedup, &up.event_time) {
-            (Some(_), Some(up_et)) if up_et.column == et.column => {
-                upstream_marks = Some((up.topic.clone(), up_et.clone()));
-            }
-            _ => {
-                return Err(crate::error::unsupported(
-                    "windows over a model that does not emit its rows in watermark order \
-                     recompute it"
-                        .into(),
-                ));
-            }
-        }
-    }
-    // A join of two streams upstream (inlined in `inline`) is no reason to recompute: its
-    // table holds the pairs, appended.
-    if shape != inline.shape {
-        return Err(crate::error::unsupported(
-            "over its upstream's table the model would run another way; it recomputes it".into(),
-        ));
-    }
-    key_problem(&plan, shape, model).map_err(DataFusionError::Configuration)?;
-    Ok((
-        PlannedModel {
-            ctx,
-            topic: upstream_id.clone(),
-            dimensions,
-            slot,
-            plan,
-            shape,
-            event_time: upstream_marks.as_ref().and(inline.event_time),
-            dedup: None,
-            join: None,
-            upstream_marks,
-        },
-        upstream_id,
-    ))
-}
-
-/// Plans `model_id`, which reads exactly one model and nothing else, as a batch query over
-/// that model's published rows (`refresh.rs`): any SQL, run whole on each upstream commit.
-/// Returns the session, the slot the upstream's rows go in (its name, its output schema), the
-/// plan, and the upstream model.
-pub async fn plan_refresh(
-    project: &Project,
-    model_id: &str,
-) -> Result<(SessionContext, Arc<MemTable>, LogicalPlan, String)> {
-    let model = project
-        .models
-        .get(model_id)
-        .ok_or_else(|| DataFusionError::Plan(format!("no model `{model_id}`")))?;
-    let upstream_id = match model.inputs.as_slice() {
-        [kappa_pipeline::Input::Model(m)] if !project.is_dimension(model_id) => m.clone(),
-        _ => {
-            return Err(crate::error::unsupported(format!(
-                "{model_id} reads more than one model, or a topic: it is not refreshed from \
-                 one table"
-            )));
-        }
-    };
-    let upstream = project
-        .models
-        .get(&upstream_id)
-        .ok_or_else(|| DataFusionError::Plan(format!("no model `{upstream_id}`")))?;
-    let ctx = session();
-    register_inputs(&ctx, project, model_id).await?;
-    let reference = TableReference::partial(upstream.layer.as_str(), upstream.name.as_str());
-    let schema = match project.is_dimension(&upstream_id) {
-        true => dimension_schema(project, &upstream_id).await?,
-        false => crate::stateless::storable_schema(
-            ctx.table(reference.clone()).await?.schema().as_arrow(),
-        ),
-    };
-    ctx.deregister_table(reference.clone())?;
-    let slot = Arc::new(MemTable::try_new(schema, vec![vec![]])?);
-    ctx.register_table(reference, slot.clone())?;
-    let state = ctx.state();
-    let plan = state.create_logical_plan(&model.sql).await?;
-    let plan = crate::mask_plan::mask_plan(plan, &model.config.mask)?;
-    if let Some(e) = model
-        .config
-        .expectations
-        .iter()
-        .find(|e| e.severity == kappa_pipeline::expect::Severity::Drop)
-    {
-        return Err(DataFusionError::Configuration(format!(
-            "expectation `{}` has severity = \"drop\", which sets rows aside as a model appends \
-             them; {model_id} is refreshed whole from {upstream_id}'s table at each of its \
-             commits: use \"fail\" or \"warn\", or leave the rows out in its SQL",
-            e.name
-        )));
-    }
-    Ok((ctx, slot, plan, upstream_id))
-}
-
 /// Finds the join of the model's two streams and replaces it by the slot its pairs are put in.
 fn plan_stream_join(
     project: &Project,
@@ -591,11 +446,13 @@ fn plan_stream_join(
         .find(|(name, _)| *name == found.right_topic)
         .map(|(_, slot)| slot.clone())
         .ok_or_else(|| DataFusionError::Internal("the join's right topic has no slot".into()))?;
-    let right_spec = project
-        .topics
-        .get(&found.right_topic)
-        .ok_or_else(|| DataFusionError::Plan(format!("no topic `{}`", found.right_topic)))?;
-    let right_event_time = join_event_time(project, model_id, right_spec, &found.right_time)?;
+    let right_event_time = join_event_time(
+        project,
+        model_id,
+        &found.right_topic,
+        &right_slot,
+        &found.right_time,
+    )?;
     let (output_slot, output_schema, scan) = slot_for("kappa_join", found.node.schema())?;
     let rest = replace_join(plan.clone(), &found, &scan)?;
     Ok((
@@ -610,21 +467,26 @@ fn plan_stream_join(
     ))
 }
 
-/// A joined topic's event time: the field its time bound compares; the watermark delay is the
-/// nearest declared one; it is declared by the model whose own SQL reads the topic.
+/// A joined stream's event time (a topic, or a model's table): the field its time bound
+/// compares; the watermark delay is the nearest declared one; it is declared by the model whose
+/// own SQL reads the stream.
 fn join_event_time(
     project: &Project,
     model_id: &str,
-    topic: &kappa_pipeline::TopicSpec,
+    stream: &str,
+    slot: &Arc<MemTable>,
     column: &str,
 ) -> Result<EventTime> {
-    let index = timestamp_field(topic, column)
+    let schema = datafusion::datasource::TableProvider::schema(slot.as_ref());
+    let index = timestamp_in(&schema, stream, column)
         .map_err(|why| crate::error::unsupported(format!("the join's time bound: {why}")))?;
     let mut delay_ms = None;
     let mut declared_by = None;
     for (id, model) in nearest_first(project, model_id) {
         delay_ms = delay_ms.or(model.config.watermark_ms);
-        if model.inputs.contains(&Input::Topic(topic.name.clone())) {
+        if model.inputs.contains(&Input::Topic(stream.to_owned()))
+            || model.inputs.contains(&Input::Model(stream.to_owned()))
+        {
             declared_by.get_or_insert(id);
         }
     }
@@ -671,16 +533,25 @@ fn timestamp_field(
     topic: &kappa_pipeline::TopicSpec,
     column: &str,
 ) -> std::result::Result<usize, String> {
-    let schema = topic_schema(topic);
+    timestamp_in(
+        &topic_schema(topic),
+        &format!("topic `{}`", topic.name),
+        column,
+    )
+}
+
+/// The index of `column` in `schema` (of `what`) if it is a timestamp field; else why not.
+fn timestamp_in(
+    schema: &arrow::datatypes::Schema,
+    what: &str,
+    column: &str,
+) -> std::result::Result<usize, String> {
     let index = schema
         .index_of(column)
-        .map_err(|_| format!("`{column}` is not a field of topic `{}`", topic.name))?;
+        .map_err(|_| format!("`{column}` is not a field of {what}"))?;
     match schema.field(index).data_type() {
         arrow::datatypes::DataType::Timestamp(..) => Ok(index),
-        _ => Err(format!(
-            "`{column}` of topic `{}` is not a timestamp",
-            topic.name
-        )),
+        _ => Err(format!("`{column}` of {what} is not a timestamp")),
     }
 }
 
@@ -738,7 +609,7 @@ pub fn reads_transitively(project: &Project, model_id: &str, other: &str) -> boo
 }
 
 /// `SELECT DISTINCT …` is a GROUP BY of every column with no aggregates.
-fn distinct_as_group_by(plan: LogicalPlan) -> Result<LogicalPlan> {
+pub(crate) fn distinct_as_group_by(plan: LogicalPlan) -> Result<LogicalPlan> {
     Ok(plan
         .transform_up(|node| match node {
             LogicalPlan::Distinct(Distinct::All(input)) => {
@@ -757,7 +628,11 @@ fn distinct_as_group_by(plan: LogicalPlan) -> Result<LogicalPlan> {
 /// is upserted, and its key is its group keys, so a `key` must name exactly the output columns
 /// the group keys become. Accepting anything else would write a table keyed otherwise than
 /// the user said.
-fn key_problem(plan: &LogicalPlan, shape: Shape, model: &Model) -> std::result::Result<(), String> {
+pub(crate) fn key_problem(
+    plan: &LogicalPlan,
+    shape: Shape,
+    model: &Model,
+) -> std::result::Result<(), String> {
     let upsert = model.config.materialization == Some(Materialization::Upsert);
     match shape {
         Shape::RowByRow if upsert || !model.config.key.is_empty() => Err(String::from(
