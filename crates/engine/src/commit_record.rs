@@ -34,27 +34,14 @@ pub const QUARANTINE_FROM_PROPERTY: &str = "kappa.quarantine-from";
 pub type Offsets = BTreeMap<String, BTreeMap<u32, u64>>;
 
 /// The topics `model_id`'s commits record offsets of, each with its key in `kappa.offsets`: a
-/// topic it reads (as a stream or a table topic) under its name — for a model reading an
-/// upstream's table, only those it names itself — and a dimension model's topic under
-/// `dimension:<model>` ([`DIMENSION_KEY_PREFIX`]).
+/// topic it reads (as a stream or a table topic) under its name, a dimension model's topic
+/// under `dimension:<model>` ([`DIMENSION_KEY_PREFIX`]).
 pub fn offset_keys(project: &Project, model_id: &str) -> Vec<(String, String)> {
-    let topics = match (
-        project.reads_tables.get(model_id),
-        project.models.get(model_id),
-    ) {
-        // Its upstream reads the topics under it: the model reads only its own (the other
-        // side of a join, the table topics it looks up).
-        (Some(_), Some(model)) => model
-            .inputs
-            .iter()
-            .filter_map(|input| match input {
-                kappa_pipeline::Input::Topic(t) => Some(t.clone()),
-                kappa_pipeline::Input::Model(_) => None,
-            })
-            .collect(),
-        _ => project.stream_topics(model_id),
-    };
-    let mut keys: Vec<(String, String)> = topics.into_iter().map(|t| (t.clone(), t)).collect();
+    let mut keys: Vec<(String, String)> = project
+        .stream_topics(model_id)
+        .into_iter()
+        .map(|t| (t.clone(), t))
+        .collect();
     for dimension in project.dimension_models(model_id) {
         for topic in project.stream_topics(&dimension) {
             keys.push((topic, format!("{}{dimension}", DIMENSION_KEY_PREFIX)));

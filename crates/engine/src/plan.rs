@@ -158,26 +158,12 @@ fn stream_and_tables(
 /// Plans `model_id`. An [`crate::error::Unsupported`] error says why the model cannot run
 /// incrementally.
 pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedModel> {
-    plan_model_reading(project, model_id, &[]).await
-}
-
-/// Plans `model_id` with the models `tables` (which it reads directly) read as streams of
-/// their published rows, each a slot of its output schema named `layer.name`, instead of
-/// recomputed from their topics.
-pub async fn plan_model_reading(
-    project: &Project,
-    model_id: &str,
-    tables: &[String],
-) -> Result<PlannedModel> {
     let model = project
         .models
         .get(model_id)
         .ok_or_else(|| DataFusionError::Plan(format!("no model `{model_id}`")))?;
     let ctx = session();
-    let (mut streams, mut slots, dimensions) = register_inputs(&ctx, project, model_id).await?;
-    if !tables.is_empty() {
-        (streams, slots) = read_as_tables(&ctx, project, model_id, tables, slots).await?;
-    }
+    let (streams, slots, dimensions) = register_inputs(&ctx, project, model_id).await?;
     let state = ctx.state();
     let plan = state.create_logical_plan(&model.sql).await?;
     let plan = state
@@ -200,21 +186,18 @@ pub async fn plan_model_reading(
         None => slots.first().cloned(),
     }
     .ok_or_else(|| DataFusionError::Internal("a model without a stream".into()))?;
+    let spec = project
+        .topics
+        .get(&topic)
+        .ok_or_else(|| DataFusionError::Plan(format!("no topic `{topic}`")))?;
     let event_time = match &join {
         Some(j) => Some(join_event_time(
             project,
             model_id,
-            &topic,
-            &slot,
+            spec,
             &j.found.left_time,
         )?),
-        None => {
-            let spec = project
-                .topics
-                .get(&topic)
-                .ok_or_else(|| DataFusionError::Plan(format!("no topic `{topic}`")))?;
-            event_time_of(project, model_id, spec)?
-        }
+        None => event_time_of(project, model_id, spec)?,
     };
     let (plan, dedup) = match find_dedup(&plan).map_err(crate::error::unsupported)? {
         None => (plan, None),
@@ -313,31 +296,6 @@ pub async fn plan_model_reading(
         join,
         upstream_marks: None,
     })
-}
-
-/// Replaces the views of `tables` (models `model_id` reads directly) by slots of their output
-/// schema, and returns the streams the model itself reads: its stream topics, then `tables`.
-#[allow(clippy::type_complexity)]
-async fn read_as_tables(
-    ctx: &SessionContext,
-    project: &Project,
-    model_id: &str,
-    tables: &[String],
-    topic_slots: Vec<(String, Arc<MemTable>)>,
-) -> Result<(Vec<String>, Vec<(String, Arc<MemTable>)>)> {
-    let model = &project.models[model_id];
-    let mut slots: Vec<(String, Arc<MemTable>)> = topic_slots
-        .into_iter()
-        .filter(|(name, _)| model.inputs.contains(&Input::Topic(name.clone())))
-        .collect();
-    for id in tables {
-        let upstream = project
-            .models
-            .get(id)
-            .ok_or_else(|| DataFusionError::Plan(format!("no model `{id}`")))?;
-        slots.push((id.clone(), slot_for_view(ctx, upstream).await?));
-    }
-    Ok((slots.iter().map(|(name, _)| name.clone()).collect(), slots))
 }
 
 /// Puts a slot where the view of `upstream` was in `ctx`, for the rows its table published:
@@ -446,13 +404,11 @@ fn plan_stream_join(
         .find(|(name, _)| *name == found.right_topic)
         .map(|(_, slot)| slot.clone())
         .ok_or_else(|| DataFusionError::Internal("the join's right topic has no slot".into()))?;
-    let right_event_time = join_event_time(
-        project,
-        model_id,
-        &found.right_topic,
-        &right_slot,
-        &found.right_time,
-    )?;
+    let right_spec = project
+        .topics
+        .get(&found.right_topic)
+        .ok_or_else(|| DataFusionError::Plan(format!("no topic `{}`", found.right_topic)))?;
+    let right_event_time = join_event_time(project, model_id, right_spec, &found.right_time)?;
     let (output_slot, output_schema, scan) = slot_for("kappa_join", found.node.schema())?;
     let rest = replace_join(plan.clone(), &found, &scan)?;
     Ok((
@@ -467,26 +423,21 @@ fn plan_stream_join(
     ))
 }
 
-/// A joined stream's event time (a topic, or a model's table): the field its time bound
-/// compares; the watermark delay is the nearest declared one; it is declared by the model whose
-/// own SQL reads the stream.
+/// A joined topic's event time: the field its time bound compares; the watermark delay is the
+/// nearest declared one; it is declared by the model whose own SQL reads the topic.
 fn join_event_time(
     project: &Project,
     model_id: &str,
-    stream: &str,
-    slot: &Arc<MemTable>,
+    topic: &kappa_pipeline::TopicSpec,
     column: &str,
 ) -> Result<EventTime> {
-    let schema = datafusion::datasource::TableProvider::schema(slot.as_ref());
-    let index = timestamp_in(&schema, stream, column)
+    let index = timestamp_field(topic, column)
         .map_err(|why| crate::error::unsupported(format!("the join's time bound: {why}")))?;
     let mut delay_ms = None;
     let mut declared_by = None;
     for (id, model) in nearest_first(project, model_id) {
         delay_ms = delay_ms.or(model.config.watermark_ms);
-        if model.inputs.contains(&Input::Topic(stream.to_owned()))
-            || model.inputs.contains(&Input::Model(stream.to_owned()))
-        {
+        if model.inputs.contains(&Input::Topic(topic.name.clone())) {
             declared_by.get_or_insert(id);
         }
     }
@@ -533,25 +484,16 @@ fn timestamp_field(
     topic: &kappa_pipeline::TopicSpec,
     column: &str,
 ) -> std::result::Result<usize, String> {
-    timestamp_in(
-        &topic_schema(topic),
-        &format!("topic `{}`", topic.name),
-        column,
-    )
-}
-
-/// The index of `column` in `schema` (of `what`) if it is a timestamp field; else why not.
-fn timestamp_in(
-    schema: &arrow::datatypes::Schema,
-    what: &str,
-    column: &str,
-) -> std::result::Result<usize, String> {
+    let schema = topic_schema(topic);
     let index = schema
         .index_of(column)
-        .map_err(|_| format!("`{column}` is not a field of {what}"))?;
+        .map_err(|_| format!("`{column}` is not a field of topic `{}`", topic.name))?;
     match schema.field(index).data_type() {
         arrow::datatypes::DataType::Timestamp(..) => Ok(index),
-        _ => Err(format!("`{column}` of {what} is not a timestamp")),
+        _ => Err(format!(
+            "`{column}` of topic `{}` is not a timestamp",
+            topic.name
+        )),
     }
 }
 

@@ -69,12 +69,6 @@ pub(crate) trait Source: Send + Sync {
     /// The key of its position in `kappa.offsets` (a topic's name, `table:<layer>.<name>`).
     fn key(&self) -> &str;
 
-    /// What its dead letters name as their `topic`: the topic, or the model whose table it
-    /// reads.
-    fn letters_name(&self) -> &str {
-        self.key()
-    }
-
     /// Goes back to the position `committed` records under [`Source::key`] (its start when
     /// there is none).
     fn rewind(&mut self, committed: &Offsets) -> Result<(), SourceError>;

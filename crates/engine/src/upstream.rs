@@ -83,9 +83,6 @@ pub enum Reading {
     /// The whole table at each new snapshot, the model's SQL run over it as a batch
     /// ([`SnapshotSource`], `refresh.rs`).
     Refresh,
-    /// As one side of a join of two streams, the other a topic: the rows each commit adds, in
-    /// commit order, with event time judged over them ([`TableSource::judging_lateness`]).
-    Join,
 }
 
 /// The upstream model whose published table `model_id` of `project` reads, and how:
@@ -102,9 +99,6 @@ pub async fn reading_of(project: &Project, model_id: &str) -> Option<(String, Re
         planned.ok()?;
         return Some((upstream_id, Reading::Refresh));
     }
-    if let Some(upstream_id) = joined_upstream(project, model_id).await {
-        return Some((upstream_id, Reading::Join));
-    }
     let upstream_id = crate::plan_tables::upstream_of(project, model_id)?;
     // A dimension's table is rewritten in place: it is looked up, not read as a stream.
     if upserted(project, &upstream_id).await {
@@ -113,38 +107,6 @@ pub async fn reading_of(project: &Project, model_id: &str) -> Option<(String, Re
     // `plan_over_upstream` refuses what would run another way over the table.
     plan_over_upstream(project, model_id).await.ok()?;
     Some((upstream_id, Reading::Stream))
-}
-
-/// The model whose table `model_id` reads as a side of a join of two streams: it reads one
-/// model that appends and a stream topic (and otherwise dimensions), and joins the two.
-async fn joined_upstream(project: &Project, model_id: &str) -> Option<String> {
-    let model = project.models.get(model_id)?;
-    let mut upstream = None;
-    let mut streams = 0;
-    for input in &model.inputs {
-        match input {
-            kappa_pipeline::Input::Model(m) if project.is_dimension(m) => {}
-            kappa_pipeline::Input::Model(m) if upstream.is_none() => upstream = Some(m.clone()),
-            kappa_pipeline::Input::Model(_) => return None,
-            kappa_pipeline::Input::Topic(t) => {
-                let stream = project
-                    .topics
-                    .get(t)
-                    .is_some_and(|spec| spec.kind != kappa_pipeline::TopicKind::Table);
-                streams += usize::from(stream);
-            }
-        }
-    }
-    let upstream = upstream?;
-    if streams != 1 || upserted(project, &upstream).await {
-        return None;
-    }
-    let planned =
-        crate::plan::plan_model_reading(project, model_id, std::slice::from_ref(&upstream))
-            .await
-            .ok()?;
-    let join = planned.join.as_ref()?;
-    (join.found.left_topic == upstream || join.found.right_topic == upstream).then_some(upstream)
 }
 
 /// When `model_id` reads only one model whose table is upserted in place (so that it is
@@ -195,8 +157,6 @@ pub(crate) struct TableSource {
     upstream: TableIdent,
     /// `table:<upstream>`, its key in `kappa.offsets`.
     key: String,
-    /// The upstream model (what the dead letters of late rows name).
-    upstream_id: String,
     /// The reader's own table, the name its hold on the upstream goes by.
     holder: String,
     /// The last data sequence number read.
@@ -209,9 +169,6 @@ pub(crate) struct TableSource {
     slot_schema: SchemaRef,
     /// Windows over the upstream's event time close as its recorded watermark passes them.
     marks: Option<(String, Watermarks)>,
-    /// A side of a join of two streams: event time judged over the table's rows themselves,
-    /// in commit order (the table as one partition), the late ones set aside.
-    lateness: Option<Watermarks>,
 }
 
 impl std::fmt::Debug for TableSource {
@@ -253,7 +210,6 @@ impl TableSource {
         Ok(TableSource {
             lakehouse: lakehouse.clone(),
             key: table_key(&upstream),
-            upstream_id: upstream_id.to_owned(),
             upstream,
             holder,
             position: 0,
@@ -261,79 +217,7 @@ impl TableSource {
             uuid: None,
             slot_schema,
             marks,
-            lateness: None,
         })
-    }
-
-    /// The source as a side of a join of two streams, whose event time is `event_time` (a
-    /// column of the upstream's rows): a row whose time is behind the greatest time of the
-    /// rows before it, less the watermark delay, is late — set aside and reported — and the
-    /// watermark is that greatest time less the delay. Judged over the table as published,
-    /// the same rows are late live, replayed or restarted.
-    pub(crate) fn judging_lateness(mut self, event_time: &crate::plan::EventTime) -> TableSource {
-        self.lateness = Some(Watermarks::new(
-            &event_time.column,
-            event_time.index,
-            event_time.delay_ms,
-            1,
-        ));
-        self
-    }
-
-    /// The rows of `files` (commits in order, each file with its sequence number), the late
-    /// ones set aside when the source judges lateness.
-    async fn rows_of(
-        &mut self,
-        source: &Table,
-        files: &[kappa_lakehouse::AddedFile],
-    ) -> Result<(RecordBatch, Vec<crate::decode::Rejected>), SourceError> {
-        let Some(lateness) = &mut self.lateness else {
-            let batch = read_files(&self.lakehouse, source, files, &self.slot_schema)
-                .await
-                .map_err(SourceError::Unavailable)?;
-            return Ok((batch, Vec::new()));
-        };
-        let mut kept = Vec::new();
-        let mut rejected = Vec::new();
-        for commit in files.chunk_by(|a, b| a.sequence == b.sequence) {
-            let batch = read_files(&self.lakehouse, source, commit, &self.slot_schema)
-                .await
-                .map_err(SourceError::Unavailable)?;
-            let (rows, _, late) = lateness
-                .apply(&batch, &vec![0; batch.num_rows()])
-                .map_err(|e| SourceError::Read(format!("judging lateness: {e}")))?;
-            let sequence = commit.first().map_or(0, |f| f.sequence);
-            for l in late {
-                rejected.push(crate::decode::Rejected {
-                    partition: 0,
-                    offset: u64::try_from(sequence).unwrap_or(0),
-                    reason: format!("{} (a row of commit {sequence})", l.reason),
-                    raw: row_json(&batch, l.row),
-                });
-            }
-            kept.push(rows);
-        }
-        let batch = arrow::compute::concat_batches(&self.slot_schema, &kept)
-            .map_err(|e| SourceError::Read(e.to_string()))?;
-        Ok((batch, rejected))
-    }
-}
-
-/// Row `row` of `batch` as one line of JSON (what a dead letter shows of it).
-fn row_json(batch: &RecordBatch, row: usize) -> Vec<u8> {
-    let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
-    match writer
-        .write(&batch.slice(row, 1))
-        .and_then(|()| writer.finish())
-    {
-        Ok(()) => {
-            let mut bytes = writer.into_inner();
-            if bytes.last() == Some(&b'\n') {
-                bytes.pop();
-            }
-            bytes
-        }
-        Err(e) => format!("(row {row}: {e})").into_bytes(),
     }
 }
 
@@ -341,10 +225,6 @@ fn row_json(batch: &RecordBatch, row: usize) -> Vec<u8> {
 impl Source for TableSource {
     fn key(&self) -> &str {
         &self.key
-    }
-
-    fn letters_name(&self) -> &str {
-        &self.upstream_id
     }
 
     fn rewind(&mut self, committed: &Offsets) -> Result<(), SourceError> {
@@ -411,7 +291,14 @@ impl Source for TableSource {
             // Commits that added no file are passed too.
             target = target.max(added.last_sequence);
         }
-        let (batch, rejected) = self.rows_of(&source, &added.files[..taken]).await?;
+        let batch = read_files(
+            &self.lakehouse,
+            &source,
+            &added.files[..taken],
+            &self.slot_schema,
+        )
+        .await
+        .map_err(SourceError::Unavailable)?;
         // Every row of the commits up to `complete` has been read: a file still to read
         // (merged before this reader held its position) may hold rows of earlier commits than
         // the ones just read, which the watermark must not have passed.
@@ -420,15 +307,14 @@ impl Source for TableSource {
             .map(|f| f.first - 1)
             .min()
             .map_or(target, |first| first.min(target));
-        let watermark = match (&mut self.marks, &self.lateness) {
-            (Some((topic, marks)), _) => watermark_at(&source, topic, marks, complete),
-            (None, Some(lateness)) => lateness.watermark(),
-            (None, None) => None,
+        let watermark = match &mut self.marks {
+            Some((topic, marks)) => watermark_at(&source, topic, marks, complete),
+            None => None,
         };
         self.position = target;
         Ok(Taken {
             batch,
-            rejected,
+            rejected: Vec::new(),
             watermark,
             records,
             full: !all,
@@ -437,17 +323,6 @@ impl Source for TableSource {
 
     fn position(&self) -> BTreeMap<u32, u64> {
         BTreeMap::from([(0, u64::try_from(self.position).unwrap_or(0))])
-    }
-
-    fn load_marks(&mut self, saved: Option<&serde_json::Value>) -> Result<(), String> {
-        match &mut self.lateness {
-            Some(lateness) => lateness.load(saved),
-            None => Ok(()),
-        }
-    }
-
-    fn save_marks(&self) -> Option<serde_json::Value> {
-        self.lateness.as_ref().map(Watermarks::save)
     }
 
     fn restore(&mut self, properties: Option<&HashMap<String, String>>) {

@@ -547,13 +547,11 @@ async fn model_lag(
     id: &str,
     committed: &kappa_engine::runner::Offsets,
 ) -> u64 {
-    // A model reading a table may read a topic too (the other side of a join).
-    let own = topic_lag(log, project, id, committed);
     match project.reads_tables.get(id) {
         Some(upstream) => {
-            own + Box::pin(upstream_lag(log, lakehouse, project, upstream, committed)).await
+            Box::pin(upstream_lag(log, lakehouse, project, upstream, committed)).await
         }
-        None => own,
+        None => topic_lag(log, project, id, committed),
     }
 }
 
