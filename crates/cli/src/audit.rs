@@ -6,6 +6,7 @@ use kappa_server::quality::Decision;
 
 use crate::{Global, print_json};
 
+/// Exits with status 1 when an expectation fails (or errs) or a commit waits for a decision.
 #[derive(Debug, Args)]
 pub(crate) struct AuditArgs {
     /// The model (`silver.orders`).
@@ -42,8 +43,30 @@ pub(crate) async fn audit(global: &Global, args: AuditArgs) -> anyhow::Result<()
     let result = client.audit(&project, &args.model).await;
     client.close().await?;
     let audit = result?;
+    // Like `kappa test` and `dbt test`: a failing audit is a failing command, for scripts.
+    let failing: Vec<&str> = audit
+        .expectations
+        .iter()
+        .filter(|e| matches!(e.result.as_str(), "fail" | "error"))
+        .map(|e| e.name.as_str())
+        .collect();
+    let verdict = || match (failing.as_slice(), audit.waiting) {
+        ([], None) => Ok(()),
+        ([], Some(_)) => anyhow::bail!(
+            "{}: a commit waits on the audit branch (its checks pass now; publish or discard it)",
+            audit.model
+        ),
+        (names, _) => anyhow::bail!(
+            "{}: {} of {} expectations fail ({})",
+            audit.model,
+            names.len(),
+            audit.expectations.len(),
+            names.join(", ")
+        ),
+    };
     if args.json {
-        return print_json(&audit);
+        print_json(&audit)?;
+        return verdict();
     }
     match audit.waiting {
         Some(waiting) => println!(
@@ -91,7 +114,7 @@ pub(crate) async fn audit(global: &Global, args: AuditArgs) -> anyhow::Result<()
             audit.model
         );
     }
-    Ok(())
+    verdict()
 }
 
 pub(crate) async fn publish(global: &Global, args: PublishArgs) -> anyhow::Result<()> {

@@ -637,8 +637,12 @@ fn external_readers_never_see_a_failing_commit_until_it_is_forced() {
         "{gold}"
     );
     assert_eq!(published_ids(&data), range(1..=5));
+    // A failing audit fails the command (status 1), as `kappa test` does, and says why.
     let (ok, text, err) = cli(&["audit", "silver.orders"]);
-    assert!(ok, "{err}");
+    assert!(
+        !ok && err.contains("silver.orders: 1 of 2 expectations fail (no_refunds)"),
+        "{err}"
+    );
     assert!(text.contains("waits on the audit branch"), "{text}");
     assert!(text.contains("FAIL no_refunds"), "{text}");
     assert!(text.contains("PASS unique_order_id"), "{text}");
