@@ -164,13 +164,7 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         .ok_or_else(|| DataFusionError::Plan(format!("no model `{model_id}`")))?;
     let ctx = session();
     let (streams, slots, dimensions) = register_inputs(&ctx, project, model_id).await?;
-    let state = ctx.state();
-    let plan = state.create_logical_plan(&model.sql).await?;
-    let plan = state
-        .analyzer()
-        .execute_and_check(plan, state.config_options(), |_, _| {})?;
-    let plan = distinct_as_group_by(plan)?;
-    let plan = crate::mask_plan::mask_plan(plan, &model.config.mask)?;
+    let plan = analyzed_plan(&ctx, model).await?;
     let (plan, join) = match slots.len() {
         1 => (plan, None),
         _ => {
@@ -550,8 +544,20 @@ pub fn reads_transitively(project: &Project, model_id: &str, other: &str) -> boo
     project.reads_transitively(model_id, other)
 }
 
+/// `model`'s SQL planned over what `ctx` holds: analyzed (views inlined, types coerced),
+/// `DISTINCT` as a GROUP BY, its `[mask]` applied.
+pub(crate) async fn analyzed_plan(ctx: &SessionContext, model: &Model) -> Result<LogicalPlan> {
+    let state = ctx.state();
+    let plan = state.create_logical_plan(&model.sql).await?;
+    let plan = state
+        .analyzer()
+        .execute_and_check(plan, state.config_options(), |_, _| {})?;
+    let plan = distinct_as_group_by(plan)?;
+    crate::mask_plan::mask_plan(plan, &model.config.mask)
+}
+
 /// `SELECT DISTINCT …` is a GROUP BY of every column with no aggregates.
-pub(crate) fn distinct_as_group_by(plan: LogicalPlan) -> Result<LogicalPlan> {
+fn distinct_as_group_by(plan: LogicalPlan) -> Result<LogicalPlan> {
     Ok(plan
         .transform_up(|node| match node {
             LogicalPlan::Distinct(Distinct::All(input)) => {

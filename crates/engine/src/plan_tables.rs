@@ -15,8 +15,8 @@ use crate::aggregate::aggregate_shape;
 use crate::dedup::find_dedup;
 use crate::lookup::DimensionTable;
 use crate::plan::{
-    PlannedModel, Shape, dimension_schema, distinct_as_group_by, key_problem, plan_model,
-    register_inputs, shape_of, slot_for_view,
+    PlannedModel, Shape, analyzed_plan, dimension_schema, key_problem, plan_model, register_inputs,
+    shape_of, slot_for_view,
 };
 use crate::stateless::session;
 use crate::windowed::window_key;
@@ -84,13 +84,7 @@ pub async fn plan_over_upstream(
         })
         .collect();
     let slot = slot_for_view(&ctx, upstream).await?;
-    let state = ctx.state();
-    let plan = state.create_logical_plan(&model.sql).await?;
-    let plan = state
-        .analyzer()
-        .execute_and_check(plan, state.config_options(), |_, _| {})?;
-    let plan = distinct_as_group_by(plan)?;
-    let plan = crate::mask_plan::mask_plan(plan, &model.config.mask)?;
+    let plan = analyzed_plan(&ctx, model).await?;
     if find_dedup(&plan)
         .map_err(crate::error::unsupported)?
         .is_some()
