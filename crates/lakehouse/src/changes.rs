@@ -169,6 +169,42 @@ impl Lakehouse {
         self.read_data_file_columns(table, file, None).await
     }
 
+    /// The rows of one of `table`'s data files and the event-time marks its footer carries
+    /// ([`crate::marks`]), if any.
+    pub async fn read_marked_file(
+        &self,
+        table: &Table,
+        file: &DataFile,
+    ) -> Result<(Vec<RecordBatch>, Option<crate::marks::FileMarks>)> {
+        let bytes = table
+            .file_io()
+            .new_input(file.file_path())
+            .doing(|| format!("open {}", file.file_path()))?
+            .read()
+            .await
+            .doing(|| format!("read {}", file.file_path()))?;
+        let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .map_err(|e| LakehouseError::Query(format!("read {}: {e}", file.file_path())))?;
+        let marks = builder
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .and_then(|kv| {
+                kv.iter()
+                    .find(|e| e.key == crate::marks::FILE_MARKS_PROPERTY)
+            })
+            .and_then(|e| e.value.as_deref())
+            .and_then(crate::marks::parse);
+        let batches = builder
+            .build()
+            .map_err(|e| LakehouseError::Query(format!("read {}: {e}", file.file_path())))?
+            .map(|batch| {
+                batch.map_err(|e| LakehouseError::Query(format!("read {}: {e}", file.file_path())))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((batches, marks))
+    }
+
     /// The rows of one of `table`'s data files, only the `columns` named (all when `None`).
     pub async fn read_data_file_columns(
         &self,

@@ -484,9 +484,14 @@ impl Lakehouse {
                 continue;
             }
             let mut batches = Vec::new();
+            let mut marks = Vec::new();
             for kept in &files {
-                batches.extend(self.read_data_file(table, &kept.file).await?);
+                let (rows, file_marks) = self.read_marked_file(table, &kept.file).await?;
+                batches.extend(rows);
+                marks.push(file_marks);
             }
+            // Never stricter than the files it replaces (`marks`).
+            let marks = crate::marks::merged(&marks).and_then(|m| serde_json::to_string(&m).ok());
             tracing::debug!(table = %ident, files = files.len(), tier, "merging small files");
             // The name says the least sequence number merged: a stream reader past it must
             // not read the file again (`changes.rs`).
@@ -497,7 +502,9 @@ impl Lakehouse {
             );
             let label = format!("{}{first}-", MERGED_LABEL);
             merges.push(Merge {
-                written: self.write_data_files(table, &batches, &label).await?,
+                written: self
+                    .write_marked_files(table, &batches, &label, marks.as_deref())
+                    .await?,
                 inputs: files
                     .iter()
                     .map(|k| k.file.file_path().to_owned())

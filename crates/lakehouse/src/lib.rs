@@ -46,6 +46,7 @@ use parquet::file::properties::WriterProperties;
 mod alias;
 mod changes;
 pub mod commit;
+pub mod marks;
 mod state;
 mod time_travel;
 pub mod wap;
@@ -646,7 +647,11 @@ impl Lakehouse {
         batches: &[RecordBatch],
         properties: HashMap<String, String>,
     ) -> Result<Table> {
-        let files = self.write_data_files(table, batches, "").await?;
+        // The files carry the commit's event-time marks, which outlive its snapshot.
+        let footer = properties.get(marks::FILE_MARKS_PROPERTY).cloned();
+        let files = self
+            .write_marked_files(table, batches, "", footer.as_deref())
+            .await?;
         self.append_files(table, files, properties).await
     }
 
@@ -659,6 +664,18 @@ impl Lakehouse {
         batches: &[RecordBatch],
         label: &str,
     ) -> Result<Vec<iceberg::spec::DataFile>> {
+        self.write_marked_files(table, batches, label, None).await
+    }
+
+    /// [`Lakehouse::write_data_files`], each file's footer carrying `marks` (the JSON of
+    /// [`marks::FileMarks`]) under [`marks::FILE_MARKS_PROPERTY`].
+    pub(crate) async fn write_marked_files(
+        &self,
+        table: &Table,
+        batches: &[RecordBatch],
+        label: &str,
+        marks: Option<&str>,
+    ) -> Result<Vec<iceberg::spec::DataFile>> {
         let ident = table.identifier().clone();
         let metadata = table.metadata();
         let schema = metadata.current_schema().clone();
@@ -668,7 +685,7 @@ impl Lakehouse {
             DefaultLocationGenerator::new(metadata).doing(|| format!("locate files of {ident}"))?;
         let prefix = format!("kappa-{label}{}", uuid::Uuid::new_v4().simple());
         let names = DefaultFileNameGenerator::new(prefix, None, DataFileFormat::Parquet);
-        let parquet = ParquetWriterBuilder::new(parquet_properties(), schema);
+        let parquet = ParquetWriterBuilder::new(parquet_properties(marks), schema);
         let rolling = RollingFileWriterBuilder::new_with_default_file_size(
             parquet,
             table.file_io().clone(),
@@ -874,12 +891,19 @@ impl Lakehouse {
     }
 }
 
-/// How every data file is written: zstd ([`PARQUET_ZSTD_LEVEL`]), the rest as Parquet's defaults.
-fn parquet_properties() -> WriterProperties {
+/// How every data file is written: zstd ([`PARQUET_ZSTD_LEVEL`]), the rest as Parquet's
+/// defaults; with `marks` in its footer.
+fn parquet_properties(marks: Option<&str>) -> WriterProperties {
     let level = parquet::basic::ZstdLevel::try_new(PARQUET_ZSTD_LEVEL)
         .expect("PARQUET_ZSTD_LEVEL is within zstd's levels (1..=22)");
     WriterProperties::builder()
         .set_compression(parquet::basic::Compression::ZSTD(level))
+        .set_key_value_metadata(marks.map(|m| {
+            vec![parquet::file::metadata::KeyValue::new(
+                marks::FILE_MARKS_PROPERTY.to_owned(),
+                m.to_owned(),
+            )]
+        }))
         .build()
 }
 

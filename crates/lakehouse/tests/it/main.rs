@@ -292,7 +292,8 @@ async fn many_small_appends_stay_a_small_table() {
 /// A table read as a stream (`changes.rs`): a reader that reads every few commits what was
 /// added after its position, holding that position, reads every row exactly once while small
 /// files merge below it; the table stays small; a reader left behind without a hold is told
-/// (a merged file holds rows from before its position) instead of reading rows twice.
+/// (a merged file holds rows from before its position) instead of reading rows twice. Every
+/// file, merged or not, carries event-time marks (`marks.rs`) that bound its rows.
 #[tokio::test]
 async fn a_stream_reader_reads_each_appended_row_once_while_files_merge() {
     let dir = tempfile::tempdir().unwrap();
@@ -311,8 +312,20 @@ async fn a_stream_reader_reads_each_appended_row_once_while_files_merge() {
         let ids: Vec<i64> = (commit * 10..commit * 10 + 10).collect();
         let batch =
             RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(ids))]).unwrap();
+        // The ids stand for event times: before the commit partition 0 had reached the last
+        // commit's greatest, after it this one's.
+        let marks = serde_json::json!({"topic": {"id": {
+            "before": {"0": commit * 10 - 1}, "after": {"0": commit * 10 + 9}
+        }}});
         table = lakehouse
-            .append(&table, &[batch], HashMap::new())
+            .append(
+                &table,
+                &[batch],
+                HashMap::from([(
+                    kappa_lakehouse::marks::FILE_MARKS_PROPERTY.to_owned(),
+                    marks.to_string(),
+                )]),
+            )
             .await
             .unwrap();
         if commit % 7 == 6 || commit == commits - 1 {
@@ -348,6 +361,30 @@ async fn a_stream_reader_reads_each_appended_row_once_while_files_merge() {
     let mut again = ids_of(&lakehouse, &table, &from_start).await;
     again.sort_unstable();
     assert_eq!(again, read);
+    // Each file's marks bound its rows: before ≤ every row's time ≤ after.
+    let mut merged = 0;
+    for added_file in &from_start.files {
+        let (batches, marks) = lakehouse
+            .read_marked_file(&table, &added_file.file)
+            .await
+            .unwrap();
+        let marks = &marks.expect("every file carries marks")["topic"]["id"];
+        merged += usize::from(added_file.first < added_file.sequence);
+        for batch in batches {
+            let ids = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap();
+            for id in ids.values() {
+                assert!(
+                    marks.before[&0] < *id && *id <= marks.after[&0],
+                    "{id}: {marks:?}"
+                );
+            }
+        }
+    }
+    assert!(merged > 0, "no file was merged");
 }
 
 /// The `id` column of every file `added` lists, in its order.
