@@ -34,15 +34,46 @@ pub const QUARANTINE_FROM_PROPERTY: &str = "kappa.quarantine-from";
 pub type Offsets = BTreeMap<String, BTreeMap<u32, u64>>;
 
 /// The topics `model_id`'s commits record offsets of, each with its key in `kappa.offsets`: a
-/// topic it reads (as a stream or a table topic) under its name, a dimension model's topic
-/// under `dimension:<model>` ([`DIMENSION_KEY_PREFIX`]).
+/// topic it reads (as a stream or a table topic) under its name — for a model reading an
+/// upstream's table, only those it names itself — and a dimension model's topic under
+/// `dimension:<model>` ([`DIMENSION_KEY_PREFIX`]).
 pub fn offset_keys(project: &Project, model_id: &str) -> Vec<(String, String)> {
-    let mut keys: Vec<(String, String)> = project
-        .stream_topics(model_id)
-        .into_iter()
-        .map(|t| (t.clone(), t))
-        .collect();
-    for dimension in project.dimension_models(model_id) {
+    let topics = match (
+        project.reads_tables.get(model_id),
+        project.models.get(model_id),
+    ) {
+        // Its upstream reads the topics under it: the model reads only its own (the other
+        // side of a join, the table topics it looks up).
+        (Some(_), Some(model)) => model
+            .inputs
+            .iter()
+            .filter_map(|input| match input {
+                kappa_pipeline::Input::Topic(t) => Some(t.clone()),
+                kappa_pipeline::Input::Model(_) => None,
+            })
+            .collect(),
+        _ => project.stream_topics(model_id),
+    };
+    let mut keys: Vec<(String, String)> = topics.into_iter().map(|t| (t.clone(), t)).collect();
+    // A model reading a table looks up only the dimension models it names itself (its
+    // upstream's are in the upstream's table; a refreshed model's dimension is its upstream).
+    let dimensions: Vec<String> = match (
+        project.reads_tables.get(model_id),
+        project.models.get(model_id),
+    ) {
+        (Some(upstream), Some(model)) => model
+            .inputs
+            .iter()
+            .filter_map(|input| match input {
+                kappa_pipeline::Input::Model(m) if project.is_dimension(m) && m != upstream => {
+                    Some(m.clone())
+                }
+                _ => None,
+            })
+            .collect(),
+        _ => project.dimension_models(model_id).into_iter().collect(),
+    };
+    for dimension in dimensions {
         for topic in project.stream_topics(&dimension) {
             keys.push((topic, format!("{}{dimension}", DIMENSION_KEY_PREFIX)));
         }
@@ -135,6 +166,68 @@ impl CommitRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model reading a table counts only what it reads itself: the other side of its join
+    /// and its own lookups — never its upstream's topics or dimensions, which it never
+    /// commits (its lag would never drain, and a deploy of it never cut over).
+    #[test]
+    fn a_table_reader_records_only_its_own_inputs() {
+        let mut files = kappa_pipeline::ProjectFiles::new();
+        for (path, text) in [
+            ("kappa.toml", ""),
+            (
+                "topics/customers.toml",
+                "key = \"id\"\n[schema]\nid = \"bigint\"\n",
+            ),
+            (
+                "topics/orders.toml",
+                "[schema]\nid = \"bigint\"\ncustomer = \"bigint\"\n",
+            ),
+            ("topics/payments.toml", "[schema]\norder_id = \"bigint\"\n"),
+            ("models/silver/customers.sql", "SELECT id FROM customers"),
+            (
+                "models/silver/customers.toml",
+                "materialization = \"scd1\"\nkey = [\"id\"]\n",
+            ),
+            (
+                "models/silver/orders.sql",
+                "SELECT o.id, c.id AS customer FROM orders o JOIN silver.customers c ON \
+                 o.customer = c.id",
+            ),
+            (
+                "models/gold/paid.sql",
+                "SELECT o.id FROM silver.orders o JOIN payments p ON p.order_id = o.id",
+            ),
+            (
+                "models/gold/per_customer.sql",
+                "SELECT id FROM silver.customers",
+            ),
+        ] {
+            files.insert(path.into(), text.into());
+        }
+        let mut project = kappa_pipeline::load(&files).expect("the project loads");
+        let keys = |project: &Project, id: &str| {
+            let mut keys: Vec<String> = offset_keys(project, id)
+                .into_iter()
+                .map(|(_, k)| k)
+                .collect();
+            keys.sort();
+            keys
+        };
+        // Recomputing silver: every topic under it, and the dimension under its own key.
+        assert_eq!(
+            keys(&project, "gold.paid"),
+            ["dimension:silver.customers", "orders", "payments"]
+        );
+        project
+            .reads_tables
+            .insert("gold.paid".into(), "silver.orders".into());
+        project
+            .reads_tables
+            .insert("gold.per_customer".into(), "silver.customers".into());
+        assert_eq!(keys(&project, "gold.paid"), ["payments"]);
+        assert!(keys(&project, "gold.per_customer").is_empty());
+    }
 
     #[test]
     fn a_record_reads_or_says_which_field_does_not() {

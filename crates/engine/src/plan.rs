@@ -158,12 +158,31 @@ fn stream_and_tables(
 /// Plans `model_id`. An [`crate::error::Unsupported`] error says why the model cannot run
 /// incrementally.
 pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedModel> {
+    plan_model_reading(project, model_id, &[]).await
+}
+
+/// Plans `model_id` with the models `tables` (which it reads directly) read as streams of
+/// their published rows, each a slot of its output schema named `layer.name`, instead of
+/// recomputed from their topics.
+pub async fn plan_model_reading(
+    project: &Project,
+    model_id: &str,
+    tables: &[String],
+) -> Result<PlannedModel> {
     let model = project
         .models
         .get(model_id)
         .ok_or_else(|| DataFusionError::Plan(format!("no model `{model_id}`")))?;
     let ctx = session();
-    let (streams, slots, dimensions) = register_inputs(&ctx, project, model_id).await?;
+    let (mut streams, mut slots, mut dimensions) = register_inputs(&ctx, project, model_id).await?;
+    if !tables.is_empty() {
+        (streams, slots) = read_as_tables(&ctx, project, model_id, tables, slots).await?;
+        // Its own lookups; those of the models it reads as tables are in their tables.
+        dimensions.retain(|(name, _)| {
+            model.inputs.contains(&Input::Topic(name.clone()))
+                || model.inputs.contains(&Input::Model(name.clone()))
+        });
+    }
     let plan = analyzed_plan(&ctx, model).await?;
     let (plan, join) = match slots.len() {
         1 => (plan, None),
@@ -180,18 +199,21 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         None => slots.first().cloned(),
     }
     .ok_or_else(|| DataFusionError::Internal("a model without a stream".into()))?;
-    let spec = project
-        .topics
-        .get(&topic)
-        .ok_or_else(|| DataFusionError::Plan(format!("no topic `{topic}`")))?;
     let event_time = match &join {
         Some(j) => Some(join_event_time(
             project,
             model_id,
-            spec,
+            &topic,
+            &slot,
             &j.found.left_time,
         )?),
-        None => event_time_of(project, model_id, spec)?,
+        None => {
+            let spec = project
+                .topics
+                .get(&topic)
+                .ok_or_else(|| DataFusionError::Plan(format!("no topic `{topic}`")))?;
+            event_time_of(project, model_id, spec)?
+        }
     };
     let (plan, dedup) = match find_dedup(&plan).map_err(crate::error::unsupported)? {
         None => (plan, None),
@@ -290,6 +312,31 @@ pub async fn plan_model(project: &Project, model_id: &str) -> Result<PlannedMode
         join,
         upstream_marks: None,
     })
+}
+
+/// Replaces the views of `tables` (models `model_id` reads directly) by slots of their output
+/// schema, and returns the streams the model itself reads: its stream topics, then `tables`.
+#[allow(clippy::type_complexity)]
+async fn read_as_tables(
+    ctx: &SessionContext,
+    project: &Project,
+    model_id: &str,
+    tables: &[String],
+    topic_slots: Vec<(String, Arc<MemTable>)>,
+) -> Result<(Vec<String>, Vec<(String, Arc<MemTable>)>)> {
+    let model = &project.models[model_id];
+    let mut slots: Vec<(String, Arc<MemTable>)> = topic_slots
+        .into_iter()
+        .filter(|(name, _)| model.inputs.contains(&Input::Topic(name.clone())))
+        .collect();
+    for id in tables {
+        let upstream = project
+            .models
+            .get(id)
+            .ok_or_else(|| DataFusionError::Plan(format!("no model `{id}`")))?;
+        slots.push((id.clone(), slot_for_view(ctx, upstream).await?));
+    }
+    Ok((slots.iter().map(|(name, _)| name.clone()).collect(), slots))
 }
 
 /// Puts a slot where the view of `upstream` was in `ctx`, for the rows its table published:
@@ -398,11 +445,13 @@ fn plan_stream_join(
         .find(|(name, _)| *name == found.right_topic)
         .map(|(_, slot)| slot.clone())
         .ok_or_else(|| DataFusionError::Internal("the join's right topic has no slot".into()))?;
-    let right_spec = project
-        .topics
-        .get(&found.right_topic)
-        .ok_or_else(|| DataFusionError::Plan(format!("no topic `{}`", found.right_topic)))?;
-    let right_event_time = join_event_time(project, model_id, right_spec, &found.right_time)?;
+    let right_event_time = join_event_time(
+        project,
+        model_id,
+        &found.right_topic,
+        &right_slot,
+        &found.right_time,
+    )?;
     let (output_slot, output_schema, scan) = slot_for("kappa_join", found.node.schema())?;
     let rest = replace_join(plan.clone(), &found, &scan)?;
     Ok((
@@ -417,21 +466,26 @@ fn plan_stream_join(
     ))
 }
 
-/// A joined topic's event time: the field its time bound compares; the watermark delay is the
-/// nearest declared one; it is declared by the model whose own SQL reads the topic.
+/// A joined stream's event time (a topic, or a model's table): the field its time bound
+/// compares; the watermark delay is the nearest declared one; it is declared by the model whose
+/// own SQL reads the stream.
 fn join_event_time(
     project: &Project,
     model_id: &str,
-    topic: &kappa_pipeline::TopicSpec,
+    stream: &str,
+    slot: &Arc<MemTable>,
     column: &str,
 ) -> Result<EventTime> {
-    let index = timestamp_field(topic, column)
+    let schema = datafusion::datasource::TableProvider::schema(slot.as_ref());
+    let index = timestamp_in(&schema, stream, column)
         .map_err(|why| crate::error::unsupported(format!("the join's time bound: {why}")))?;
     let mut delay_ms = None;
     let mut declared_by = None;
     for (id, model) in nearest_first(project, model_id) {
         delay_ms = delay_ms.or(model.config.watermark_ms);
-        if model.inputs.contains(&Input::Topic(topic.name.clone())) {
+        if model.inputs.contains(&Input::Topic(stream.to_owned()))
+            || model.inputs.contains(&Input::Model(stream.to_owned()))
+        {
             declared_by.get_or_insert(id);
         }
     }
@@ -478,16 +532,25 @@ fn timestamp_field(
     topic: &kappa_pipeline::TopicSpec,
     column: &str,
 ) -> std::result::Result<usize, String> {
-    let schema = topic_schema(topic);
+    timestamp_in(
+        &topic_schema(topic),
+        &format!("topic `{}`", topic.name),
+        column,
+    )
+}
+
+/// The index of `column` in `schema` (of `what`) if it is a timestamp field; else why not.
+fn timestamp_in(
+    schema: &arrow::datatypes::Schema,
+    what: &str,
+    column: &str,
+) -> std::result::Result<usize, String> {
     let index = schema
         .index_of(column)
-        .map_err(|_| format!("`{column}` is not a field of topic `{}`", topic.name))?;
+        .map_err(|_| format!("`{column}` is not a field of {what}"))?;
     match schema.field(index).data_type() {
         arrow::datatypes::DataType::Timestamp(..) => Ok(index),
-        _ => Err(format!(
-            "`{column}` of topic `{}` is not a timestamp",
-            topic.name
-        )),
+        _ => Err(format!("`{column}` of {what} is not a timestamp")),
     }
 }
 
@@ -557,7 +620,7 @@ pub(crate) async fn analyzed_plan(ctx: &SessionContext, model: &Model) -> Result
 }
 
 /// `SELECT DISTINCT …` is a GROUP BY of every column with no aggregates.
-fn distinct_as_group_by(plan: LogicalPlan) -> Result<LogicalPlan> {
+pub(crate) fn distinct_as_group_by(plan: LogicalPlan) -> Result<LogicalPlan> {
     Ok(plan
         .transform_up(|node| match node {
             LogicalPlan::Distinct(Distinct::All(input)) => {

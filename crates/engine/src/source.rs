@@ -69,6 +69,12 @@ pub(crate) trait Source: Send + Sync {
     /// The key of its position in `kappa.offsets` (a topic's name, `table:<layer>.<name>`).
     fn key(&self) -> &str;
 
+    /// What its dead letters name as their `topic`: the topic, or the model whose table it
+    /// reads.
+    fn letters_name(&self) -> &str {
+        self.key()
+    }
+
     /// Goes back to the position `committed` records under [`Source::key`] (its start when
     /// there is none).
     fn rewind(&mut self, committed: &Offsets) -> Result<(), SourceError>;
@@ -96,7 +102,7 @@ pub(crate) trait Source: Send + Sync {
     fn properties(&self, _into: &mut HashMap<String, String>) {}
 
     /// The commit recording `committed` landed (or the runner starts from it).
-    fn landed(&self, _committed: &Offsets) {}
+    fn landed(&mut self, _committed: &Offsets) {}
 
     /// How to wait for more.
     fn waiter(&self) -> Waiter;

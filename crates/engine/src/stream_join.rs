@@ -59,11 +59,11 @@ pub struct StreamJoinMatch {
     /// The join node, as it appears in the plan.
     pub node: LogicalPlan,
     pub join: Join,
-    /// The topic each side reads.
+    /// The stream each side reads: a topic, or a model whose table it reads (`layer.name`).
     pub left_topic: String,
     pub right_topic: String,
     pub bound: TimeBound,
-    /// The topic fields the bound compares (each side's event time).
+    /// The fields of each side's stream the bound compares (each side's event time).
     pub left_time: String,
     pub right_time: String,
 }
@@ -103,19 +103,28 @@ pub fn find_stream_join(
     }
 }
 
-/// The stream topics a plan scans.
+/// The streams a plan scans: topics by their bare name, models' tables as `layer.name`.
 fn scanned(plan: &LogicalPlan, streams: &[String]) -> Vec<String> {
-    let mut topics = Vec::new();
+    let mut found = Vec::new();
     let _ = plan.apply(|node| {
-        if let LogicalPlan::TableScan(scan) = node {
-            let name = scan.table_name.table().to_owned();
-            if streams.contains(&name) && !topics.contains(&name) {
-                topics.push(name);
-            }
+        if let LogicalPlan::TableScan(scan) = node
+            && let Some(name) = streams.iter().find(|s| names(&scan.table_name, s))
+            && !found.contains(name)
+        {
+            found.push(name.clone());
         }
         Ok(TreeNodeRecursion::Continue)
     });
-    topics
+    found
+}
+
+/// Whether a scan of `table` reads the stream `name`: a topic by its bare name (which may hold
+/// a dot, `"app.orders"`), a model's table as `layer.name`.
+fn names(table: &datafusion::sql::TableReference, name: &str) -> bool {
+    let bare = matches!(table.schema(), None | Some("public")) && table.table() == name;
+    bare || name
+        .split_once('.')
+        .is_some_and(|(layer, rest)| table.schema() == Some(layer) && table.table() == rest)
 }
 
 const BOUND_EXAMPLE: &str = "ON p.order_id = o.id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL \
@@ -155,8 +164,8 @@ fn stream_join(
     let time_of = |column: &Column, side: &LogicalPlan, topic: &str| {
         crate::windowed::source_column(&Expr::Column(column.clone()), side).ok_or_else(|| {
             format!(
-                "the time bound compares `{column}`, which is not a field of topic `{topic}`; \
-                 bound the topics' own timestamp fields, {BOUND_EXAMPLE}"
+                "the time bound compares `{column}`, which is not a field of `{topic}`; \
+                 bound the sides' own timestamp fields, {BOUND_EXAMPLE}"
             )
         })
     };

@@ -32,6 +32,101 @@ pub(crate) struct TopicSource {
     pub(crate) reports_rejects: bool,
     /// Whether this model reports the topic's late records.
     pub(crate) reports_late: bool,
+    /// The greatest event time per partition of each timestamp field, which the commit's
+    /// data files carry (`kappa_lakehouse::marks`): kept by a model that appends row by row,
+    /// so that a join reading its table judges lateness per source partition.
+    pub(crate) times: Option<TimeMarks>,
+}
+
+/// The greatest time per partition of each timestamp field of a topic, at the last commit
+/// that landed (`before`) and now (`after`).
+#[derive(Debug, Clone)]
+pub(crate) struct TimeMarks {
+    /// Each timestamp field, with its index in the topic's schema.
+    fields: Vec<(String, usize)>,
+    before: BTreeMap<String, BTreeMap<u32, i64>>,
+    after: BTreeMap<String, BTreeMap<u32, i64>>,
+}
+
+impl TimeMarks {
+    /// The marks of the timestamp fields of `schema` named in `published` (fields the model
+    /// writes unmasked: a mark reveals nothing its table does not); `None` when there are none.
+    pub(crate) fn new(
+        schema: &arrow::datatypes::Schema,
+        published: &[String],
+    ) -> Option<TimeMarks> {
+        let fields: Vec<(String, usize)> = schema
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| matches!(f.data_type(), arrow::datatypes::DataType::Timestamp(..)))
+            .filter(|(_, f)| published.contains(f.name()))
+            .map(|(i, f)| (f.name().clone(), i))
+            .collect();
+        (!fields.is_empty()).then(|| TimeMarks {
+            fields,
+            before: BTreeMap::new(),
+            after: BTreeMap::new(),
+        })
+    }
+
+    /// Advances the marks over `batch`, whose row `i` comes from partition `partitions[i]`.
+    fn observe(&mut self, batch: &RecordBatch, partitions: &[u32]) {
+        use arrow::array::{Array, AsArray};
+        for (name, index) in &self.fields {
+            let Ok(times) = arrow::compute::cast(
+                batch.column(*index),
+                &arrow::datatypes::DataType::Timestamp(
+                    arrow::datatypes::TimeUnit::Microsecond,
+                    None,
+                ),
+            ) else {
+                continue;
+            };
+            let times = times.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+            let marks = self.after.entry(name.clone()).or_default();
+            for (row, partition) in partitions.iter().enumerate().take(times.len()) {
+                if times.is_valid(row) {
+                    let mark = marks.entry(*partition).or_insert(i64::MIN);
+                    *mark = (*mark).max(times.value(row));
+                }
+            }
+        }
+    }
+
+    /// The marks of the files a commit now writes, for the topic `name`.
+    fn file_marks(&self, name: &str) -> kappa_lakehouse::marks::FileMarks {
+        let columns = self
+            .fields
+            .iter()
+            .map(|(field, _)| {
+                let marks = kappa_lakehouse::marks::Marks {
+                    before: self.before.get(field).cloned().unwrap_or_default(),
+                    after: self.after.get(field).cloned().unwrap_or_default(),
+                };
+                (field.clone(), marks)
+            })
+            .collect();
+        BTreeMap::from([(name.to_owned(), columns)])
+    }
+
+    /// Takes what the table's last commit recorded for the topic `name` (nothing: none yet).
+    fn restore(
+        &mut self,
+        name: &str,
+        properties: Option<&std::collections::HashMap<String, String>>,
+    ) {
+        let recorded = properties
+            .and_then(|p| p.get(kappa_lakehouse::marks::FILE_MARKS_PROPERTY))
+            .and_then(|text| kappa_lakehouse::marks::parse(text))
+            .and_then(|mut marks| marks.remove(name))
+            .unwrap_or_default();
+        self.after = recorded
+            .into_iter()
+            .map(|(field, marks)| (field, marks.after))
+            .collect();
+        self.before = self.after.clone();
+    }
 }
 
 impl std::fmt::Debug for TopicSource {
@@ -53,16 +148,22 @@ impl TopicSource {
         if !self.reports_rejects {
             rejected.clear();
         }
-        let Some(marks) = &mut self.marks else {
-            return Ok((batch, rejected));
-        };
-        if raws.is_empty() {
+        if raws.is_empty() || (self.marks.is_none() && self.times.is_none()) {
             return Ok((batch, rejected));
         }
         let partitions: Vec<u32> = rows.iter().map(|&i| raws[i].partition).collect();
-        let (kept, _, late) = marks.apply(&batch, &partitions)?;
-        if self.reports_late {
-            set_aside(&mut rejected, late, &rows, raws);
+        let (kept, kept_partitions) = match &mut self.marks {
+            Some(marks) => {
+                let (kept, kept_partitions, late) = marks.apply(&batch, &partitions)?;
+                if self.reports_late {
+                    set_aside(&mut rejected, late, &rows, raws);
+                }
+                (kept, kept_partitions)
+            }
+            None => (batch, partitions),
+        };
+        if let Some(times) = &mut self.times {
+            times.observe(&kept, &kept_partitions);
         }
         Ok((kept, rejected))
     }
@@ -128,6 +229,33 @@ impl Source for TopicSource {
 
     fn save_marks(&self) -> Option<serde_json::Value> {
         self.marks.as_ref().map(Watermarks::save)
+    }
+
+    fn restore(&mut self, properties: Option<&std::collections::HashMap<String, String>>) {
+        if let Some(times) = &mut self.times {
+            times.restore(&self.name, properties);
+        }
+    }
+
+    fn properties(&self, into: &mut std::collections::HashMap<String, String>) {
+        let Some(times) = &self.times else {
+            return;
+        };
+        let key = kappa_lakehouse::marks::FILE_MARKS_PROPERTY;
+        let mut all = into
+            .get(key)
+            .and_then(|text| kappa_lakehouse::marks::parse(text))
+            .unwrap_or_default();
+        all.extend(times.file_marks(&self.name));
+        if let Ok(text) = serde_json::to_string(&all) {
+            into.insert(key.to_owned(), text);
+        }
+    }
+
+    fn landed(&mut self, _committed: &Offsets) {
+        if let Some(times) = &mut self.times {
+            times.before = times.after.clone();
+        }
     }
 
     fn waiter(&self) -> Waiter {

@@ -83,6 +83,9 @@ pub enum Reading {
     /// The whole table at each new snapshot, the model's SQL run over it as a batch
     /// ([`SnapshotSource`], `refresh.rs`).
     Refresh,
+    /// As one side of a join of two streams, the other a topic: the rows each commit adds, in
+    /// commit order, with event time judged over them ([`TableSource::judging_lateness`]).
+    Join,
 }
 
 /// The upstream model whose published table `model_id` of `project` reads, and how:
@@ -99,6 +102,9 @@ pub async fn reading_of(project: &Project, model_id: &str) -> Option<(String, Re
         planned.ok()?;
         return Some((upstream_id, Reading::Refresh));
     }
+    if let Some(upstream_id) = joined_upstream(project, model_id).await {
+        return Some((upstream_id, Reading::Join));
+    }
     let upstream_id = crate::plan_tables::upstream_of(project, model_id)?;
     // A dimension's table is rewritten in place: it is looked up, not read as a stream.
     if upserted(project, &upstream_id).await {
@@ -107,6 +113,74 @@ pub async fn reading_of(project: &Project, model_id: &str) -> Option<(String, Re
     // `plan_over_upstream` refuses what would run another way over the table.
     plan_over_upstream(project, model_id).await.ok()?;
     Some((upstream_id, Reading::Stream))
+}
+
+/// The model whose table `model_id` reads as a side of a join of two streams: it reads one
+/// model that appends and a stream topic (and otherwise dimensions), and joins the two.
+async fn joined_upstream(project: &Project, model_id: &str) -> Option<String> {
+    let model = project.models.get(model_id)?;
+    let mut upstream = None;
+    let mut streams = 0;
+    for input in &model.inputs {
+        match input {
+            kappa_pipeline::Input::Model(m) if project.is_dimension(m) => {}
+            kappa_pipeline::Input::Model(m) if upstream.is_none() => upstream = Some(m.clone()),
+            kappa_pipeline::Input::Model(_) => return None,
+            kappa_pipeline::Input::Topic(t) => {
+                let stream = project
+                    .topics
+                    .get(t)
+                    .is_some_and(|spec| spec.kind != kappa_pipeline::TopicKind::Table);
+                streams += usize::from(stream);
+            }
+        }
+    }
+    let upstream = upstream?;
+    if streams != 1 || upserted(project, &upstream).await {
+        return None;
+    }
+    let planned =
+        crate::plan::plan_model_reading(project, model_id, std::slice::from_ref(&upstream))
+            .await
+            .ok()?;
+    joined_side(project, &planned, &upstream).await?;
+    Some(upstream)
+}
+
+/// Where the side of `planned`'s join that reads `upstream`'s table takes its event time
+/// from: the upstream's topic and the timestamp field of it that the side's time column is
+/// (the upstream runs row by row over that one topic and passes the field through, so that
+/// its files' marks bound the column). `None`: no such side.
+pub(crate) async fn joined_side(
+    project: &Project,
+    planned: &crate::plan::PlannedModel,
+    upstream: &str,
+) -> Option<(String, String)> {
+    let join = &planned.join.as_ref()?.found;
+    let column = match (&join.left_topic, &join.right_topic) {
+        (left, _) if left == upstream => &join.left_time,
+        (_, right) if right == upstream => &join.right_time,
+        _ => return None,
+    };
+    let up = crate::plan::plan_model(project, upstream).await.ok()?;
+    if up.shape != crate::plan::Shape::RowByRow
+        || up.dedup.is_some()
+        || up.join.is_some()
+        || project.is_dimension(upstream)
+    {
+        return None;
+    }
+    let field = crate::windowed::source_column(
+        &datafusion::logical_expr::Expr::Column(datafusion::common::Column::from_name(column)),
+        &up.plan,
+    )?;
+    let spec = project.topics.get(&up.topic)?;
+    let schema = crate::schema::topic_schema(spec);
+    matches!(
+        schema.field_with_name(&field).ok()?.data_type(),
+        arrow::datatypes::DataType::Timestamp(..)
+    )
+    .then_some((up.topic, field))
 }
 
 /// When `model_id` reads only one model whose table is upserted in place (so that it is
@@ -157,6 +231,8 @@ pub(crate) struct TableSource {
     upstream: TableIdent,
     /// `table:<upstream>`, its key in `kappa.offsets`.
     key: String,
+    /// The upstream model (what the dead letters of late rows name).
+    upstream_id: String,
     /// The reader's own table, the name its hold on the upstream goes by.
     holder: String,
     /// The last data sequence number read.
@@ -169,6 +245,45 @@ pub(crate) struct TableSource {
     slot_schema: SchemaRef,
     /// Windows over the upstream's event time close as its recorded watermark passes them.
     marks: Option<(String, Watermarks)>,
+    /// A side of a join of two streams: the late rows set aside, judged per source partition
+    /// by the event-time marks the upstream's files carry.
+    lateness: Option<Lateness>,
+}
+
+/// How a side of a join judges the upstream's rows late: its event-time column is the field
+/// `field` of the upstream's topic `topic`, whose marks (`kappa_lakehouse::marks`) every data
+/// file of the upstream carries.
+#[derive(Debug, Clone)]
+pub(crate) struct Lateness {
+    /// The column's index in the rows read.
+    index: usize,
+    topic: String,
+    field: String,
+    /// The topic's partitions: a watermark needs a mark from each.
+    partitions: usize,
+    delay_us: i64,
+    /// The watermark after the rows read so far (never lower than before).
+    watermark: Option<i64>,
+}
+
+impl Lateness {
+    /// The watermark `marks` (a file's `before` or `after`) give: the least partition's mark
+    /// less the delay, once every partition has one.
+    fn watermark_of(
+        &self,
+        file: Option<&kappa_lakehouse::marks::FileMarks>,
+        after: bool,
+    ) -> Option<i64> {
+        let marks = file?.get(&self.topic)?.get(&self.field)?;
+        let by_partition = if after { &marks.after } else { &marks.before };
+        if by_partition.len() < self.partitions {
+            return None;
+        }
+        by_partition
+            .values()
+            .min()
+            .map(|m| m.saturating_sub(self.delay_us))
+    }
 }
 
 impl std::fmt::Debug for TableSource {
@@ -210,6 +325,7 @@ impl TableSource {
         Ok(TableSource {
             lakehouse: lakehouse.clone(),
             key: table_key(&upstream),
+            upstream_id: upstream_id.to_owned(),
             upstream,
             holder,
             position: 0,
@@ -217,7 +333,137 @@ impl TableSource {
             uuid: None,
             slot_schema,
             marks,
+            lateness: None,
         })
+    }
+
+    /// The source as a side of a join of two streams, whose event time is `event_time` (a
+    /// column of the upstream's rows, the field `field` of its topic `topic` of `partitions`
+    /// partitions): a row of a file whose time is behind the watermark the file's marks held
+    /// before its commit (each partition's greatest time then, the least of them, less the
+    /// delay) is late — set aside and reported. That watermark is never above the one the
+    /// model would have judged the row by reading the topic itself (its own partition's mark
+    /// at that row), so every row it would keep is kept; and every later file's is at least
+    /// the watermark after this one's commit, which the source gives the join.
+    pub(crate) fn judging_lateness(
+        mut self,
+        event_time: &crate::plan::EventTime,
+        topic: &str,
+        field: &str,
+        partitions: u32,
+    ) -> TableSource {
+        self.lateness = Some(Lateness {
+            index: event_time.index,
+            topic: topic.to_owned(),
+            field: field.to_owned(),
+            partitions: usize::try_from(partitions).unwrap_or(usize::MAX),
+            delay_us: i64::try_from(event_time.delay_ms)
+                .unwrap_or(i64::MAX / 1000)
+                .saturating_mul(1000),
+            watermark: None,
+        });
+        self
+    }
+
+    /// The rows of `files` (commits in order), the late ones set aside when the source judges
+    /// lateness; and the greatest watermark the files' marks give after their commits.
+    async fn rows_of(
+        &self,
+        source: &Table,
+        files: &[kappa_lakehouse::AddedFile],
+    ) -> Result<(RecordBatch, Vec<crate::decode::Rejected>, Option<i64>), SourceError> {
+        let Some(lateness) = &self.lateness else {
+            let batch = read_files(&self.lakehouse, source, files, &self.slot_schema)
+                .await
+                .map_err(SourceError::Unavailable)?;
+            return Ok((batch, Vec::new(), None));
+        };
+        let mut kept = Vec::new();
+        let mut rejected = Vec::new();
+        let mut after = None;
+        for added in files {
+            let (batches, marks) = self
+                .lakehouse
+                .read_marked_file(source, &added.file)
+                .await
+                .map_err(|e| SourceError::Unavailable(format!("reading {}: {e}", self.upstream)))?;
+            let before = lateness.watermark_of(marks.as_ref(), false);
+            after = after.max(lateness.watermark_of(marks.as_ref(), true));
+            for batch in batches {
+                let batch = conform(&batch, &self.slot_schema).map_err(SourceError::Read)?;
+                let (rows, late) = set_late_aside(&batch, lateness.index, before)
+                    .map_err(|e| SourceError::Read(format!("judging lateness: {e}")))?;
+                for (row, reason) in late {
+                    rejected.push(crate::decode::Rejected {
+                        partition: 0,
+                        offset: u64::try_from(added.sequence).unwrap_or(0),
+                        reason: format!(
+                            "{reason} (a row {} published in its commit {})",
+                            self.upstream_id, added.sequence
+                        ),
+                        raw: row_json(&batch, row),
+                    });
+                }
+                kept.push(rows);
+            }
+        }
+        let batch = arrow::compute::concat_batches(&self.slot_schema, &kept)
+            .map_err(|e| SourceError::Read(e.to_string()))?;
+        Ok((batch, rejected, after))
+    }
+}
+
+/// `batch` without the rows whose time (column `index`) is null or behind `watermark`, and
+/// those rows with why.
+fn set_late_aside(
+    batch: &RecordBatch,
+    index: usize,
+    watermark: Option<i64>,
+) -> datafusion::error::Result<(RecordBatch, Vec<(usize, String)>)> {
+    use arrow::array::{Array, AsArray};
+    let times = arrow::compute::cast(
+        batch.column(index),
+        &arrow::datatypes::DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None),
+    )?;
+    let times = times.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+    let column = batch.schema().field(index).name().clone();
+    let mut late = Vec::new();
+    let keep: arrow::array::BooleanArray = (0..times.len())
+        .map(|row| {
+            let why = match (times.is_valid(row), watermark) {
+                (false, _) => Some(format!("no event time: `{column}` is null")),
+                (true, Some(w)) if times.value(row) < w => Some(format!(
+                    "late: event time {} is behind the watermark {}",
+                    crate::watermark::micros_text(times.value(row)),
+                    crate::watermark::micros_text(w)
+                )),
+                _ => None,
+            };
+            let keep = why.is_none();
+            if let Some(why) = why {
+                late.push((row, why));
+            }
+            Some(keep)
+        })
+        .collect();
+    Ok((arrow::compute::filter_record_batch(batch, &keep)?, late))
+}
+
+/// Row `row` of `batch` as one line of JSON (what a dead letter shows of it).
+fn row_json(batch: &RecordBatch, row: usize) -> Vec<u8> {
+    let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
+    match writer
+        .write(&batch.slice(row, 1))
+        .and_then(|()| writer.finish())
+    {
+        Ok(()) => {
+            let mut bytes = writer.into_inner();
+            if bytes.last() == Some(&b'\n') {
+                bytes.pop();
+            }
+            bytes
+        }
+        Err(e) => format!("(row {row}: {e})").into_bytes(),
     }
 }
 
@@ -225,6 +471,10 @@ impl TableSource {
 impl Source for TableSource {
     fn key(&self) -> &str {
         &self.key
+    }
+
+    fn letters_name(&self) -> &str {
+        &self.upstream_id
     }
 
     fn rewind(&mut self, committed: &Offsets) -> Result<(), SourceError> {
@@ -291,14 +541,7 @@ impl Source for TableSource {
             // Commits that added no file are passed too.
             target = target.max(added.last_sequence);
         }
-        let batch = read_files(
-            &self.lakehouse,
-            &source,
-            &added.files[..taken],
-            &self.slot_schema,
-        )
-        .await
-        .map_err(SourceError::Unavailable)?;
+        let (batch, rejected, after) = self.rows_of(&source, &added.files[..taken]).await?;
         // Every row of the commits up to `complete` has been read: a file still to read
         // (merged before this reader held its position) may hold rows of earlier commits than
         // the ones just read, which the watermark must not have passed.
@@ -307,14 +550,21 @@ impl Source for TableSource {
             .map(|f| f.first - 1)
             .min()
             .map_or(target, |first| first.min(target));
-        let watermark = match &mut self.marks {
-            Some((topic, marks)) => watermark_at(&source, topic, marks, complete),
-            None => None,
+        let watermark = match (&mut self.marks, &mut self.lateness) {
+            (Some((topic, marks)), _) => watermark_at(&source, topic, marks, complete),
+            // Files merged before this reader began may still hold rows of earlier commits,
+            // whose marks are lower: no watermark until they are read.
+            (None, Some(_)) if complete < target => None,
+            (None, Some(lateness)) => {
+                lateness.watermark = lateness.watermark.max(after);
+                lateness.watermark
+            }
+            (None, None) => None,
         };
         self.position = target;
         Ok(Taken {
             batch,
-            rejected: Vec::new(),
+            rejected,
             watermark,
             records,
             full: !all,
@@ -343,7 +593,7 @@ impl Source for TableSource {
         );
     }
 
-    fn landed(&self, committed: &Offsets) {
+    fn landed(&mut self, committed: &Offsets) {
         let position = committed
             .get(&self.key)
             .and_then(|p| p.get(&0))

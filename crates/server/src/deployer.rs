@@ -451,12 +451,11 @@ impl Deployer {
                     .map_or(0, |s| s.sequence_number()),
                 Err(_) => 0,
             };
-            let mut model_ends = Offsets::new();
-            model_ends.insert(
+            // Beside its own stream topic, if it reads one (the other side of a join).
+            ends.entry(id.clone()).or_default().insert(
                 kappa_engine::upstream::table_key(&table),
                 BTreeMap::from([(0, u64::try_from(last).unwrap_or(0))]),
             );
-            ends.insert(id.clone(), model_ends);
         }
         ends
     }

@@ -547,11 +547,13 @@ async fn model_lag(
     id: &str,
     committed: &kappa_engine::runner::Offsets,
 ) -> u64 {
+    // A model reading a table may read a topic too (the other side of a join).
+    let own = topic_lag(log, project, id, committed);
     match project.reads_tables.get(id) {
         Some(upstream) => {
-            Box::pin(upstream_lag(log, lakehouse, project, upstream, committed)).await
+            own + Box::pin(upstream_lag(log, lakehouse, project, upstream, committed)).await
         }
-        None => topic_lag(log, project, id, committed),
+        None => own,
     }
 }
 

@@ -780,6 +780,68 @@ fn expectations_deployed_later_guard_what_reads_the_model() {
     assert!(up.terminate().unwrap().success());
 }
 
+/// A join of two streams whose one side is a model reads that model's table as main
+/// published it: the orders silver's audit holds back meet their payments only if they are
+/// published, and once discarded they never do (they did when the join recomputed silver).
+#[test]
+fn a_join_of_a_model_and_a_stream_reads_what_the_model_published() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    let data = write_project(
+        &dir,
+        &[
+            ("kappa.toml", "[project]\nname = \"shop\"\n"),
+            ("topics/orders.toml", ORDERS_TOPIC),
+            (
+                "topics/payments.toml",
+                "partitions = 1\n\n[schema]\norder_id = \"bigint\"\npaid = \"int\"\nts = \
+                 \"timestamp\"\n",
+            ),
+            ("models/silver/orders.sql", SILVER_ORDERS_SQL),
+            ("models/silver/orders.toml", AUDITED_TOML),
+            (
+                "models/gold/paid.sql",
+                "SELECT count(*) AS n, sum(p.paid) AS paid FROM silver.orders o JOIN payments p \
+                 ON p.order_id = o.order_id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'\n",
+            ),
+        ],
+    );
+    let project = dir.to_str().unwrap();
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    let cli = |args: &[&str]| project_command(&data, project, args);
+    let pay = |ids: std::ops::RangeInclusive<i64>| {
+        let lines: String = ids
+            .map(|i| format!("{{\"order_id\":{i},\"paid\":1,\"ts\":\"2026-03-01T10:30:00Z\"}}\n"))
+            .collect();
+        let out = kappa(&data, &["produce", "payments"], Some(lines.as_bytes()));
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let paid = || rows_of(&data, project, "SELECT n, paid FROM gold.paid");
+    let wait_paid = |expected| wait_rows(&data, project, "SELECT n, paid FROM gold.paid", expected);
+    let (ok, text, err) = cli(&["plan"]);
+    assert!(ok, "{err}");
+    assert!(text.contains("silver.orders"), "{text}");
+    produce_orders(&data, 1..=5, 10);
+    pay(1..=5);
+    wait_paid(serde_json::json!([[5, 5]]));
+
+    // Refunds fail silver's audit: their payments find no order in what silver published.
+    produce_orders(&data, 6..=8, -3);
+    quarantined_by(&data, project, "no_refunds");
+    pay(6..=8);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(paid(), serde_json::json!([[5, 5]]));
+
+    // Discarded: they never meet; what comes next does.
+    let (ok, _, err) = cli(&["discard", "silver.orders"]);
+    assert!(ok, "{err}");
+    produce_orders(&data, 9..=9, 20);
+    pay(9..=9);
+    wait_state(&data, project, "running");
+    wait_paid(serde_json::json!([[6, 6]]));
+    assert!(up.terminate().unwrap().success());
+}
+
 /// A model over a GROUP BY model is refreshed from the GROUP BY's table as main published it:
 /// any SQL (here an aggregate of aggregates, which no incremental shape runs), and never the
 /// groups an audit holds back.

@@ -294,7 +294,7 @@ impl Run {
             stage.landed();
         }
         self.table_offsets = target.clone();
-        for source in &self.sources {
+        for source in &mut self.sources {
             source.landed(&target);
         }
         self.last_commit = Instant::now();

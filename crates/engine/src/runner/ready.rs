@@ -26,10 +26,18 @@ use crate::watermark::Watermarks;
 /// A model planned over its topics: the stream topics (two when it joins them, the left side
 /// first, each with its event time), its lookups, an optional stage and its operator.
 struct Planned {
-    sources: Vec<(String, Option<crate::plan::EventTime>)>,
+    /// Each with its event time and the schema of the slot its rows go in.
+    sources: Vec<(
+        String,
+        Option<crate::plan::EventTime>,
+        arrow::datatypes::SchemaRef,
+    )>,
     dimensions: Vec<(String, Arc<crate::lookup::DimensionTable>)>,
     operator: Box<dyn Operator>,
     stage: Option<Box<dyn Stage>>,
+    /// Row by row from one topic, appended: the topic's fields it writes unmasked, whose
+    /// event-time marks its files carry (`None`: it is not).
+    row_by_row: Option<Vec<String>>,
 }
 
 /// A model ready to run: what it reads, its lookups, its stage and its operator.
@@ -40,22 +48,49 @@ pub(super) struct Ready {
     pub stage: Option<Box<dyn Stage>>,
 }
 
-/// Plans a model over its topics, or says why it cannot run incrementally.
+/// Plans a model over its topics (and the models `tables` it reads as tables), or says why it
+/// cannot run incrementally.
 async fn plan_topics(
     project: &Project,
     model_id: &str,
+    tables: &[String],
 ) -> Result<Planned, datafusion::error::DataFusionError> {
-    let planned = plan_model(project, model_id).await?;
+    let planned = crate::plan::plan_model_reading(project, model_id, tables).await?;
     let below_dedup = planned.dedup.as_ref().map(|d| &d.found.filter);
     if let Some(reason) =
         crate::mask_plan::missing_key(std::iter::once(&planned.plan).chain(below_dedup))
     {
         return Err(crate::error::unsupported(reason));
     }
+    let row_by_row = (planned.shape == crate::plan::Shape::RowByRow
+        && planned.dedup.is_none()
+        && planned.join.is_none()
+        && !project.is_dimension(model_id))
+    .then(|| {
+        planned
+            .plan
+            .schema()
+            .columns()
+            .into_iter()
+            .filter_map(|c| {
+                crate::windowed::source_column(
+                    &datafusion::logical_expr::Expr::Column(c),
+                    &planned.plan,
+                )
+            })
+            .collect()
+    });
     let event_time = planned.event_time.clone();
     let dimensions = planned.dimensions.clone();
     let input_slot = planned.input_slot();
-    let mut sources = vec![(planned.topic.clone(), event_time.clone())];
+    let slot_schema = |slot: &Arc<datafusion::datasource::MemTable>| {
+        datafusion::datasource::TableProvider::schema(slot.as_ref())
+    };
+    let mut sources = vec![(
+        planned.topic.clone(),
+        event_time.clone(),
+        slot_schema(&planned.slot),
+    )];
     let mut stage: Option<Box<dyn Stage>> = None;
     if let (Some(d), Some(et)) = (&planned.dedup, &event_time) {
         stage = Some(Box::new(Dedup::new(
@@ -71,6 +106,7 @@ async fn plan_topics(
         sources.push((
             j.found.right_topic.clone(),
             Some(j.right_event_time.clone()),
+            slot_schema(&j.right_slot),
         ));
         stage = Some(Box::new(StreamJoin::new(
             planned.ctx.clone(),
@@ -99,6 +135,7 @@ async fn plan_topics(
         dimensions,
         operator,
         stage,
+        row_by_row,
     })
 }
 
@@ -108,17 +145,74 @@ pub(super) async fn over_topics(
     project: &Project,
     model_id: &str,
 ) -> Result<Ready, RunnerError> {
+    over_streams(log, None, project, model_id).await
+}
+
+/// `model_id` planned over its streams: its topics, each read from the log, and with
+/// `joined` (a lakehouse and a model), the table that model published as a side of a join of
+/// two streams.
+async fn over_streams(
+    log: &Log,
+    joined: Option<(&Lakehouse, &str)>,
+    project: &Project,
+    model_id: &str,
+) -> Result<Ready, RunnerError> {
+    let tables: Vec<String> = joined.iter().map(|(_, m)| (*m).to_owned()).collect();
     let Planned {
         sources: source_plans,
         dimensions,
         operator,
         stage,
-    } = plan_topics(project, model_id)
+        row_by_row,
+    } = plan_topics(project, model_id, &tables)
         .await
         .map_err(|e| planning_error(model_id, e))?;
     let needs_event_time = operator.uses_event_time() || stage.is_some();
     let mut sources: Vec<Box<dyn Source>> = Vec::with_capacity(source_plans.len());
-    for (name, event_time) in source_plans {
+    for (name, event_time, slot_schema) in source_plans {
+        if let Some((lakehouse, upstream_id)) = joined.filter(|(_, m)| *m == name) {
+            let et = event_time.ok_or_else(|| {
+                planning_error(
+                    model_id,
+                    datafusion::error::DataFusionError::Internal(
+                        "a side of a join without event time".into(),
+                    ),
+                )
+            })?;
+            let planned = crate::plan::plan_model_reading(project, model_id, &tables)
+                .await
+                .map_err(|e| planning_error(model_id, e))?;
+            let (topic, field) = crate::upstream::joined_side(project, &planned, upstream_id)
+                .await
+                .ok_or_else(|| {
+                    planning_error(
+                        model_id,
+                        datafusion::error::DataFusionError::Internal(format!(
+                            "the join's side over {upstream_id} has no event time its files mark"
+                        )),
+                    )
+                })?;
+            let partitions = log
+                .topic(&topic)
+                .map_err(|source| RunnerError::Log {
+                    model: model_id.to_owned(),
+                    source,
+                })?
+                .partition_count();
+            let source = crate::upstream::TableSource::new(
+                log,
+                lakehouse,
+                project,
+                model_id,
+                upstream_id,
+                slot_schema,
+                None,
+            )
+            .map_err(|e| RunnerError::of(model_id, e))?
+            .judging_lateness(&et, &topic, &field, partitions);
+            sources.push(Box::new(source));
+            continue;
+        }
         let topic = log.topic(&name).map_err(|source| RunnerError::Log {
             model: model_id.to_owned(),
             source,
@@ -141,8 +235,12 @@ pub(super) async fn over_topics(
             )),
             _ => None,
         };
+        let decoder = Decoder::new(&project.topics[&name]);
         sources.push(Box::new(TopicSource {
-            decoder: Decoder::new(&project.topics[&name]),
+            times: row_by_row.as_ref().and_then(|published| {
+                crate::topic_source::TimeMarks::new(decoder.schema(), published)
+            }),
+            decoder,
             // A record that does not fit its topic's schema is reported once, by one model.
             reports_rejects: rejects_reporter(project, &name).as_deref() == Some(model_id),
             reports_late,
@@ -168,9 +266,11 @@ pub(super) async fn over_table(
     model_id: &str,
     upstream_id: &str,
 ) -> Result<Ready, RunnerError> {
-    if let Some((_, crate::upstream::Reading::Refresh)) =
-        crate::upstream::reading_of(project, model_id).await
-    {
+    let reading = crate::upstream::reading_of(project, model_id).await;
+    if let Some((_, crate::upstream::Reading::Join)) = reading {
+        return over_streams(log, Some((lakehouse, upstream_id)), project, model_id).await;
+    }
+    if let Some((_, crate::upstream::Reading::Refresh)) = reading {
         let (ctx, slot, plan, _) = crate::plan_tables::plan_refresh(project, model_id)
             .await
             .map_err(|e| planning_error(model_id, e))?;

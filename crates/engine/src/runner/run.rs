@@ -878,8 +878,11 @@ impl Run {
             target,
         };
         for (source, t) in self.sources.iter().zip(taken) {
-            read.rejected
-                .extend(t.rejected.into_iter().map(|r| (source.key().to_owned(), r)));
+            read.rejected.extend(
+                t.rejected
+                    .into_iter()
+                    .map(|r| (source.letters_name().to_owned(), r)),
+            );
             read.batches.push(t.batch);
             read.watermarks.push(t.watermark);
         }
