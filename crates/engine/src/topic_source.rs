@@ -50,7 +50,8 @@ pub(crate) struct TimeMarks {
 
 impl TimeMarks {
     /// The marks of the timestamp fields of `schema` named in `published` (fields the model
-    /// writes unmasked: a mark reveals nothing its table does not); `None` when there are none.
+    /// writes unmasked: never a masked column's raw value); `None` when there are none. A mark
+    /// is the greatest time of the topic's records, those the model filters out included.
     pub(crate) fn new(
         schema: &arrow::datatypes::Schema,
         published: &[String],

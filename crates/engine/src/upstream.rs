@@ -162,25 +162,40 @@ pub(crate) async fn joined_side(
         (_, right) if right == upstream => &join.right_time,
         _ => return None,
     };
+    // Only a model that reads its topic itself marks its files (one reading another model's
+    // table has no partitions to mark).
+    let reads_a_model =
+        project.models.get(upstream)?.inputs.iter().any(
+            |input| matches!(input, kappa_pipeline::Input::Model(m) if !project.is_dimension(m)),
+        );
     let up = crate::plan::plan_model(project, upstream).await.ok()?;
-    if up.shape != crate::plan::Shape::RowByRow
+    if reads_a_model
+        || up.shape != crate::plan::Shape::RowByRow
         || up.dedup.is_some()
         || up.join.is_some()
         || project.is_dimension(upstream)
     {
         return None;
     }
+    let output = datafusion::common::Column::from_name(column);
     let field = crate::windowed::source_column(
-        &datafusion::logical_expr::Expr::Column(datafusion::common::Column::from_name(column)),
+        &datafusion::logical_expr::Expr::Column(output.clone()),
         &up.plan,
     )?;
     let spec = project.topics.get(&up.topic)?;
     let schema = crate::schema::topic_schema(spec);
-    matches!(
-        schema.field_with_name(&field).ok()?.data_type(),
-        arrow::datatypes::DataType::Timestamp(..)
-    )
-    .then_some((up.topic, field))
+    let marked = schema.field_with_name(&field).ok()?.data_type().clone();
+    // The same instants as the field the marks follow (a cast to seconds would judge a
+    // truncated time against marks of the exact ones).
+    let published = up
+        .plan
+        .schema()
+        .field_with_unqualified_name(column)
+        .ok()?
+        .data_type()
+        .clone();
+    (matches!(marked, arrow::datatypes::DataType::Timestamp(..)) && marked == published)
+        .then_some((up.topic, field))
 }
 
 /// When `model_id` reads only one model whose table is upserted in place (so that it is
@@ -541,7 +556,21 @@ impl Source for TableSource {
             // Commits that added no file are passed too.
             target = target.max(added.last_sequence);
         }
-        let (batch, rejected, after) = self.rows_of(&source, &added.files[..taken]).await?;
+        let (batch, rejected, mut after) = self.rows_of(&source, &added.files[..taken]).await?;
+        if all && let Some(lateness) = &self.lateness {
+            // Read to the end: the last commit's marks hold even when it added no file (a
+            // model that filtered its records out still moves the watermark).
+            let head = source
+                .metadata()
+                .current_snapshot()
+                .and_then(|s| {
+                    s.summary()
+                        .additional_properties
+                        .get(kappa_lakehouse::marks::FILE_MARKS_PROPERTY)
+                })
+                .and_then(|text| kappa_lakehouse::marks::parse(text));
+            after = after.max(lateness.watermark_of(head.as_ref(), true));
+        }
         // Every row of the commits up to `complete` has been read: a file still to read
         // (merged before this reader held its position) may hold rows of earlier commits than
         // the ones just read, which the watermark must not have passed.

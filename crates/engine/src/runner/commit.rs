@@ -304,11 +304,17 @@ impl Run {
         self.uncommitted = 0;
         self.committed = target;
         self.dim_rejected.clear();
-        // Records the commit passed are never read again.
+        // Records the commit passed are never read again (a table's rows go by the upstream's
+        // name in dead letters, by the table's key in the positions).
         let committed = &self.committed;
+        let keys: std::collections::HashMap<&str, &str> = self
+            .sources
+            .iter()
+            .map(|s| (s.letters_name(), s.key()))
+            .collect();
         self.already_dead.retain(|(t, p, o)| {
             committed
-                .get(t)
+                .get(keys.get(t.as_str()).copied().unwrap_or(t.as_str()))
                 .and_then(|next| next.get(p))
                 .is_none_or(|next| o >= next)
         });
