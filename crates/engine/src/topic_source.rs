@@ -86,11 +86,26 @@ impl TimeMarks {
             };
             let times = times.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
             let marks = self.after.entry(name.clone()).or_default();
-            for (row, partition) in partitions.iter().enumerate().take(times.len()) {
-                if times.is_valid(row) {
-                    let mark = marks.entry(*partition).or_insert(i64::MIN);
-                    *mark = (*mark).max(times.value(row));
-                }
+            // Rows come in runs of one partition (a chunk of the log each): one map update
+            // per run, not per row.
+            let mut run: Option<(u32, i64)> = None;
+            for (row, &partition) in partitions.iter().enumerate().take(times.len()) {
+                let time = times.is_valid(row).then(|| times.value(row));
+                run = match (run, time) {
+                    (Some((p, greatest)), Some(t)) if p == partition => Some((p, greatest.max(t))),
+                    (Some((p, greatest)), _) if p == partition => Some((p, greatest)),
+                    (previous, time) => {
+                        if let Some((p, greatest)) = previous {
+                            let mark = marks.entry(p).or_insert(greatest);
+                            *mark = (*mark).max(greatest);
+                        }
+                        time.map(|t| (partition, t))
+                    }
+                };
+            }
+            if let Some((p, greatest)) = run {
+                let mark = marks.entry(p).or_insert(greatest);
+                *mark = (*mark).max(greatest);
             }
         }
     }
@@ -469,5 +484,64 @@ mod tests {
         }
         assert_eq!(total as u64, sizes.iter().sum::<u64>());
         log.close().expect("a clean close");
+    }
+
+    #[test]
+    fn marks_keep_each_partitions_greatest_time() {
+        use arrow::array::TimestampMicrosecondArray;
+        use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("+00:00".into())),
+                true,
+            ),
+            Field::new("at", DataType::Timestamp(TimeUnit::Microsecond, None), true),
+        ]));
+        // Only the published field is marked.
+        let mut marks = TimeMarks::new(&schema, &["ts".to_owned()]).expect("a timestamp field");
+        let times = |values: Vec<Option<i64>>| {
+            Arc::new(TimestampMicrosecondArray::from(values).with_timezone("+00:00"))
+        };
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                times(vec![
+                    Some(5),
+                    None,
+                    Some(9),
+                    Some(3),
+                    None,
+                    Some(7),
+                    Some(1),
+                ]),
+                Arc::new(TimestampMicrosecondArray::from(vec![Some(99); 7])),
+            ],
+        )
+        .unwrap();
+        marks.observe(&batch, &[0, 0, 0, 1, 1, 0, 2]);
+        assert_eq!(marks.after["ts"], BTreeMap::from([(0, 9), (1, 3), (2, 1)]));
+        assert!(!marks.after.contains_key("at"));
+        let first = marks.file_marks("orders");
+        assert!(first["orders"]["ts"].before.is_empty());
+        marks.before = marks.after.clone();
+        let later = RecordBatch::try_new(
+            schema,
+            vec![
+                times(vec![Some(2), Some(4)]),
+                Arc::new(TimestampMicrosecondArray::from(vec![Some(1); 2])),
+            ],
+        )
+        .unwrap();
+        marks.observe(&later, &[0, 1]);
+        let second = marks.file_marks("orders");
+        assert_eq!(
+            second["orders"]["ts"].before,
+            BTreeMap::from([(0, 9), (1, 3), (2, 1)])
+        );
+        assert_eq!(
+            second["orders"]["ts"].after,
+            BTreeMap::from([(0, 9), (1, 4), (2, 1)])
+        );
     }
 }
