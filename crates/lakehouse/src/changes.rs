@@ -176,15 +176,7 @@ impl Lakehouse {
         table: &Table,
         file: &DataFile,
     ) -> Result<(Vec<RecordBatch>, Option<crate::marks::FileMarks>)> {
-        let bytes = table
-            .file_io()
-            .new_input(file.file_path())
-            .doing(|| format!("open {}", file.file_path()))?
-            .read()
-            .await
-            .doing(|| format!("read {}", file.file_path()))?;
-        let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .map_err(|e| LakehouseError::Query(format!("read {}: {e}", file.file_path())))?;
+        let builder = reader_of(table, file).await?;
         let marks = builder
             .metadata()
             .file_metadata()
@@ -212,29 +204,42 @@ impl Lakehouse {
         file: &DataFile,
         columns: Option<&[String]>,
     ) -> Result<Vec<RecordBatch>> {
-        let bytes = table
-            .file_io()
-            .new_input(file.file_path())
-            .doing(|| format!("open {}", file.file_path()))?
-            .read()
-            .await
-            .doing(|| format!("read {}", file.file_path()))?;
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .and_then(|builder| match columns {
-                None => builder.build(),
-                Some(columns) => {
-                    let mask = parquet::arrow::ProjectionMask::columns(
-                        builder.parquet_schema(),
-                        columns.iter().map(String::as_str),
-                    );
-                    builder.with_projection(mask).build()
-                }
-            })
-            .map_err(|e| LakehouseError::Query(format!("read {}: {e}", file.file_path())))?;
+        let builder = reader_of(table, file).await?;
+        let reader = match columns {
+            None => builder.build(),
+            Some(columns) => {
+                let mask = parquet::arrow::ProjectionMask::columns(
+                    builder.parquet_schema(),
+                    columns.iter().map(String::as_str),
+                );
+                builder.with_projection(mask).build()
+            }
+        }
+        .map_err(|e| LakehouseError::Query(format!("read {}: {e}", file.file_path())))?;
         reader
             .map(|batch| {
                 batch.map_err(|e| LakehouseError::Query(format!("read {}: {e}", file.file_path())))
             })
             .collect()
     }
+}
+
+/// A reader of one of `table`'s data files.
+async fn reader_of(
+    table: &Table,
+    file: &DataFile,
+) -> Result<
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder<
+        impl parquet::file::reader::ChunkReader + 'static,
+    >,
+> {
+    let bytes = table
+        .file_io()
+        .new_input(file.file_path())
+        .doing(|| format!("open {}", file.file_path()))?
+        .read()
+        .await
+        .doing(|| format!("read {}", file.file_path()))?;
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .map_err(|e| LakehouseError::Query(format!("read {}: {e}", file.file_path())))
 }
