@@ -38,41 +38,32 @@ pub type Offsets = BTreeMap<String, BTreeMap<u32, u64>>;
 /// upstream's table, only those it names itself — and a dimension model's topic under
 /// `dimension:<model>` ([`DIMENSION_KEY_PREFIX`]).
 pub fn offset_keys(project: &Project, model_id: &str) -> Vec<(String, String)> {
-    let topics = match (
+    let (topics, dimensions): (Vec<String>, Vec<String>) = match (
         project.reads_tables.get(model_id),
         project.models.get(model_id),
     ) {
-        // Its upstream reads the topics under it: the model reads only its own (the other
-        // side of a join, the table topics it looks up).
-        (Some(_), Some(model)) => model
-            .inputs
-            .iter()
-            .filter_map(|input| match input {
-                kappa_pipeline::Input::Topic(t) => Some(t.clone()),
-                kappa_pipeline::Input::Model(_) => None,
-            })
-            .collect(),
-        _ => project.stream_topics(model_id),
+        // Its upstream reads the topics and looks up the dimensions under it: the model reads
+        // only what it names itself (the other side of a join, its own lookups; a refreshed
+        // model's dimension is its upstream).
+        (Some(upstream), Some(model)) => {
+            let (mut topics, mut dimensions) = (Vec::new(), Vec::new());
+            for input in &model.inputs {
+                match input {
+                    kappa_pipeline::Input::Topic(t) => topics.push(t.clone()),
+                    kappa_pipeline::Input::Model(m) if project.is_dimension(m) && m != upstream => {
+                        dimensions.push(m.clone());
+                    }
+                    kappa_pipeline::Input::Model(_) => {}
+                }
+            }
+            (topics, dimensions)
+        }
+        _ => (
+            project.stream_topics(model_id).into_iter().collect(),
+            project.dimension_models(model_id).into_iter().collect(),
+        ),
     };
     let mut keys: Vec<(String, String)> = topics.into_iter().map(|t| (t.clone(), t)).collect();
-    // A model reading a table looks up only the dimension models it names itself (its
-    // upstream's are in the upstream's table; a refreshed model's dimension is its upstream).
-    let dimensions: Vec<String> = match (
-        project.reads_tables.get(model_id),
-        project.models.get(model_id),
-    ) {
-        (Some(upstream), Some(model)) => model
-            .inputs
-            .iter()
-            .filter_map(|input| match input {
-                kappa_pipeline::Input::Model(m) if project.is_dimension(m) && m != upstream => {
-                    Some(m.clone())
-                }
-                _ => None,
-            })
-            .collect(),
-        _ => project.dimension_models(model_id).into_iter().collect(),
-    };
     for dimension in dimensions {
         for topic in project.stream_topics(&dimension) {
             keys.push((topic, format!("{}{dimension}", DIMENSION_KEY_PREFIX)));

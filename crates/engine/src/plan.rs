@@ -177,11 +177,7 @@ pub async fn plan_model_reading(
     let (mut streams, mut slots, mut dimensions) = register_inputs(&ctx, project, model_id).await?;
     if !tables.is_empty() {
         (streams, slots) = read_as_tables(&ctx, project, model_id, tables, slots).await?;
-        // Its own lookups; those of the models it reads as tables are in their tables.
-        dimensions.retain(|(name, _)| {
-            model.inputs.contains(&Input::Topic(name.clone()))
-                || model.inputs.contains(&Input::Model(name.clone()))
-        });
+        keep_own_lookups(model, &mut dimensions);
     }
     let plan = analyzed_plan(&ctx, model).await?;
     let (plan, join) = match slots.len() {
@@ -312,6 +308,37 @@ pub async fn plan_model_reading(
         join,
         upstream_marks: None,
     })
+}
+
+/// Keeps of `dimensions` the lookups `model` names itself: those of the models it reads as
+/// tables are in their tables.
+pub(crate) fn keep_own_lookups(model: &Model, dimensions: &mut Vec<(String, Arc<DimensionTable>)>) {
+    dimensions.retain(|(name, _)| {
+        model.inputs.contains(&Input::Topic(name.clone()))
+            || model.inputs.contains(&Input::Model(name.clone()))
+    });
+}
+
+/// The one model (not a dimension) `model_id` reads, with how many stream topics it reads
+/// beside it; `None` when it reads no such model or several.
+pub(crate) fn one_model_read(project: &Project, model_id: &str) -> Option<(String, usize)> {
+    let mut upstream = None;
+    let mut streams = 0;
+    for input in &project.models.get(model_id)?.inputs {
+        match input {
+            Input::Model(m) if project.is_dimension(m) => {}
+            Input::Model(_) if upstream.is_some() => return None,
+            Input::Model(m) => upstream = Some(m.clone()),
+            Input::Topic(t) => {
+                let table = project
+                    .topics
+                    .get(t)
+                    .is_some_and(|spec| spec.kind == TopicKind::Table);
+                streams += usize::from(!table);
+            }
+        }
+    }
+    Some((upstream?, streams))
 }
 
 /// Replaces the views of `tables` (models `model_id` reads directly) by slots of their output

@@ -9,14 +9,13 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::TableReference;
-use kappa_pipeline::{Project, TopicKind};
+use kappa_pipeline::Project;
 
 use crate::aggregate::aggregate_shape;
 use crate::dedup::find_dedup;
-use crate::lookup::DimensionTable;
 use crate::plan::{
-    PlannedModel, Shape, analyzed_plan, dimension_schema, key_problem, plan_model, register_inputs,
-    shape_of, slot_for_view,
+    PlannedModel, Shape, analyzed_plan, dimension_schema, keep_own_lookups, key_problem,
+    plan_model, register_inputs, shape_of, slot_for_view,
 };
 use crate::stateless::session;
 use crate::windowed::window_key;
@@ -24,21 +23,10 @@ use crate::windowed::window_key;
 /// The one model `model_id` reads, when it reads one and otherwise only dimensions (topics of
 /// kind "table").
 pub fn upstream_of(project: &Project, model_id: &str) -> Option<String> {
-    let model = project.models.get(model_id)?;
-    let mut upstream = None;
-    for input in &model.inputs {
-        match input {
-            kappa_pipeline::Input::Model(m) if project.is_dimension(m) => {}
-            kappa_pipeline::Input::Model(m) if upstream.is_none() => upstream = Some(m.clone()),
-            kappa_pipeline::Input::Topic(t)
-                if project
-                    .topics
-                    .get(t)
-                    .is_some_and(|spec| spec.kind == TopicKind::Table) => {}
-            _ => return None,
-        }
+    match crate::plan::one_model_read(project, model_id)? {
+        (upstream, 0) => Some(upstream),
+        _ => None,
     }
-    upstream
 }
 
 /// Plans `model_id`, which reads one model and otherwise only dimensions, over that model's
@@ -70,19 +58,8 @@ pub async fn plan_over_upstream(
         ));
     }
     let ctx = session();
-    let (_, _, dimensions) = register_inputs(&ctx, project, model_id).await?;
-    // Its own lookups; the upstream's are in the upstream's table.
-    let dimensions: Vec<(String, Arc<DimensionTable>)> = dimensions
-        .into_iter()
-        .filter(|(name, _)| {
-            model
-                .inputs
-                .contains(&kappa_pipeline::Input::Topic(name.clone()))
-                || model
-                    .inputs
-                    .contains(&kappa_pipeline::Input::Model(name.clone()))
-        })
-        .collect();
+    let (_, _, mut dimensions) = register_inputs(&ctx, project, model_id).await?;
+    keep_own_lookups(model, &mut dimensions);
     let slot = slot_for_view(&ctx, upstream).await?;
     let plan = analyzed_plan(&ctx, model).await?;
     if find_dedup(&plan)

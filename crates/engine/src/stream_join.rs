@@ -22,9 +22,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
-use arrow::compute::{cast, concat_batches, filter_record_batch};
-use arrow::datatypes::{DataType, SchemaRef, TimeUnit, TimestampMicrosecondType};
+use arrow::array::{Array, BooleanArray, RecordBatch};
+use arrow::compute::{concat_batches, filter_record_batch};
+use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, ScalarValue};
 use datafusion::datasource::MemTable;
@@ -420,11 +420,7 @@ impl Side {
 
     /// Keeps the rows that can still meet a future row of the other side: `keep(t)`.
     fn expire(&mut self, keep: impl Fn(i64) -> bool) -> Result<bool> {
-        let times = cast(
-            self.buffer.column(self.time),
-            &DataType::Timestamp(TimeUnit::Microsecond, None),
-        )?;
-        let times = times.as_primitive::<TimestampMicrosecondType>();
+        let times = crate::watermark::micros(self.buffer.column(self.time))?;
         let mask: BooleanArray = (0..times.len())
             .map(|i| Some(!times.is_null(i) && keep(times.value(i))))
             .collect();

@@ -73,18 +73,11 @@ impl TimeMarks {
 
     /// Advances the marks over `batch`, whose row `i` comes from partition `partitions[i]`.
     fn observe(&mut self, batch: &RecordBatch, partitions: &[u32]) {
-        use arrow::array::{Array, AsArray};
+        use arrow::array::Array;
         for (name, index) in &self.fields {
-            let Ok(times) = arrow::compute::cast(
-                batch.column(*index),
-                &arrow::datatypes::DataType::Timestamp(
-                    arrow::datatypes::TimeUnit::Microsecond,
-                    None,
-                ),
-            ) else {
+            let Ok(times) = crate::watermark::micros(batch.column(*index)) else {
                 continue;
             };
-            let times = times.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
             let marks = self.after.entry(name.clone()).or_default();
             // Rows come in runs of one partition (a chunk of the log each): one map update
             // per run, not per row.
@@ -257,14 +250,9 @@ impl Source for TopicSource {
         let Some(times) = &self.times else {
             return;
         };
-        let key = kappa_lakehouse::marks::FILE_MARKS_PROPERTY;
-        let mut all = into
-            .get(key)
-            .and_then(|text| kappa_lakehouse::marks::parse(text))
-            .unwrap_or_default();
-        all.extend(times.file_marks(&self.name));
-        if let Ok(text) = serde_json::to_string(&all) {
-            into.insert(key.to_owned(), text);
+        // Only a model reading one topic row by row keeps marks: the property is its alone.
+        if let Ok(text) = serde_json::to_string(&times.file_marks(&self.name)) {
+            into.insert(kappa_lakehouse::marks::FILE_MARKS_PROPERTY.to_owned(), text);
         }
     }
 

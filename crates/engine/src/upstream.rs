@@ -118,24 +118,7 @@ pub async fn reading_of(project: &Project, model_id: &str) -> Option<(String, Re
 /// The model whose table `model_id` reads as a side of a join of two streams: it reads one
 /// model that appends and a stream topic (and otherwise dimensions), and joins the two.
 async fn joined_upstream(project: &Project, model_id: &str) -> Option<String> {
-    let model = project.models.get(model_id)?;
-    let mut upstream = None;
-    let mut streams = 0;
-    for input in &model.inputs {
-        match input {
-            kappa_pipeline::Input::Model(m) if project.is_dimension(m) => {}
-            kappa_pipeline::Input::Model(m) if upstream.is_none() => upstream = Some(m.clone()),
-            kappa_pipeline::Input::Model(_) => return None,
-            kappa_pipeline::Input::Topic(t) => {
-                let stream = project
-                    .topics
-                    .get(t)
-                    .is_some_and(|spec| spec.kind != kappa_pipeline::TopicKind::Table);
-                streams += usize::from(stream);
-            }
-        }
-    }
-    let upstream = upstream?;
+    let (upstream, streams) = crate::plan::one_model_read(project, model_id)?;
     if streams != 1 || upserted(project, &upstream).await {
         return None;
     }
@@ -406,9 +389,10 @@ impl TableSource {
             after = after.max(lateness.watermark_of(marks.as_ref(), true));
             for batch in batches {
                 let batch = conform(&batch, &self.slot_schema).map_err(SourceError::Read)?;
-                let (rows, late) = set_late_aside(&batch, lateness.index, before)
-                    .map_err(|e| SourceError::Read(format!("judging lateness: {e}")))?;
-                for (row, reason) in late {
+                let (rows, late) =
+                    crate::watermark::set_behind_aside(&batch, lateness.index, before)
+                        .map_err(|e| SourceError::Read(format!("judging lateness: {e}")))?;
+                for crate::watermark::Late { row, reason } in late {
                     rejected.push(crate::decode::Rejected {
                         partition: 0,
                         offset: u64::try_from(added.sequence).unwrap_or(0),
@@ -426,42 +410,6 @@ impl TableSource {
             .map_err(|e| SourceError::Read(e.to_string()))?;
         Ok((batch, rejected, after))
     }
-}
-
-/// `batch` without the rows whose time (column `index`) is null or behind `watermark`, and
-/// those rows with why.
-fn set_late_aside(
-    batch: &RecordBatch,
-    index: usize,
-    watermark: Option<i64>,
-) -> datafusion::error::Result<(RecordBatch, Vec<(usize, String)>)> {
-    use arrow::array::{Array, AsArray};
-    let times = arrow::compute::cast(
-        batch.column(index),
-        &arrow::datatypes::DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None),
-    )?;
-    let times = times.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
-    let column = batch.schema().field(index).name().clone();
-    let mut late = Vec::new();
-    let keep: arrow::array::BooleanArray = (0..times.len())
-        .map(|row| {
-            let why = match (times.is_valid(row), watermark) {
-                (false, _) => Some(format!("no event time: `{column}` is null")),
-                (true, Some(w)) if times.value(row) < w => Some(format!(
-                    "late: event time {} is behind the watermark {}",
-                    crate::watermark::micros_text(times.value(row)),
-                    crate::watermark::micros_text(w)
-                )),
-                _ => None,
-            };
-            let keep = why.is_none();
-            if let Some(why) = why {
-                late.push((row, why));
-            }
-            Some(keep)
-        })
-        .collect();
-    Ok((arrow::compute::filter_record_batch(batch, &keep)?, late))
 }
 
 /// Row `row` of `batch` as one line of JSON (what a dead letter shows of it).

@@ -13,7 +13,9 @@
 
 use std::collections::BTreeMap;
 
-use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, RecordBatch, TimestampMicrosecondArray,
+};
 use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, TimeUnit, TimestampMicrosecondType};
 use datafusion::error::Result;
@@ -75,11 +77,7 @@ impl Watermarks {
         partitions: &[u32],
     ) -> Result<(RecordBatch, Vec<u32>, Vec<Late>)> {
         let n = batch.num_rows();
-        let times = cast(
-            batch.column(self.index),
-            &DataType::Timestamp(TimeUnit::Microsecond, None),
-        )?;
-        let times = times.as_primitive::<TimestampMicrosecondType>();
+        let times = micros(batch.column(self.index))?;
         let mut keep = Vec::with_capacity(n);
         let mut kept_partitions = Vec::with_capacity(n);
         let mut late = Vec::new();
@@ -130,6 +128,44 @@ impl Watermarks {
         };
         Ok(())
     }
+}
+
+/// An event-time column as µs since the epoch, whatever its unit or zone.
+pub(crate) fn micros(column: &ArrayRef) -> Result<TimestampMicrosecondArray> {
+    let times = cast(column, &DataType::Timestamp(TimeUnit::Microsecond, None))?;
+    Ok(times.as_primitive::<TimestampMicrosecondType>().clone())
+}
+
+/// `batch` without the rows whose event time (column `index`) is null or behind the
+/// watermark `watermark`, and those rows with why: lateness judged against one watermark for
+/// every row, where [`Watermarks::apply`] judges each partition by its own records.
+pub(crate) fn set_behind_aside(
+    batch: &RecordBatch,
+    index: usize,
+    watermark: Option<i64>,
+) -> Result<(RecordBatch, Vec<Late>)> {
+    let times = micros(batch.column(index))?;
+    let column = batch.schema().field(index).name().clone();
+    let mut late = Vec::new();
+    let keep: BooleanArray = (0..times.len())
+        .map(|row| {
+            let reason = match (times.is_valid(row), watermark) {
+                (false, _) => Some(format!("no event time: `{column}` is null")),
+                (true, Some(w)) if times.value(row) < w => Some(format!(
+                    "late: event time {} is behind the watermark {}",
+                    micros_text(times.value(row)),
+                    micros_text(w)
+                )),
+                _ => None,
+            };
+            let keep = reason.is_none();
+            if let Some(reason) = reason {
+                late.push(Late { row, reason });
+            }
+            Some(keep)
+        })
+        .collect();
+    Ok((filter_record_batch(batch, &keep)?, late))
 }
 
 /// An instant in µs as RFC 3339 text.

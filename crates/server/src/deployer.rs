@@ -695,10 +695,7 @@ impl Deployer {
             }) {
                 // What decides a live model's quarantine (publish, discard) does not apply:
                 // the deploy stops, and a new one is the way on.
-                let what = reason
-                    .split("; main is untouched")
-                    .next()
-                    .unwrap_or(&reason);
+                let what = kappa_engine::runner::what_failed(&reason);
                 let failure = format!(
                     "the new version of {id} is {what}; the deploy stopped and the deployed \
                      versions keep serving: filter those rows in the model, or relax the \

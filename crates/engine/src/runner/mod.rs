@@ -41,4 +41,4 @@ pub use run::{
     PROGRESS_COMMIT_INTERVAL_MS, run_model, run_version,
 };
 pub use waiting::{FAILING, block_failing, blocked_upstream, recovered, waits_for};
-pub use wap::awaits_decision;
+pub use wap::{awaits_decision, what_failed};

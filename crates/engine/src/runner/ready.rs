@@ -38,6 +38,9 @@ struct Planned {
     /// Row by row from one topic, appended: the topic's fields it writes unmasked, whose
     /// event-time marks its files carry (`None`: it is not).
     row_by_row: Option<Vec<String>>,
+    /// For the side of a join that reads a model's table: the model's topic and the field of
+    /// it whose marks that side's lateness is judged by (`upstream::joined_side`).
+    marked_side: Option<(String, String)>,
 }
 
 /// A model ready to run: what it reads, its lookups, its stage and its operator.
@@ -80,6 +83,10 @@ async fn plan_topics(
             })
             .collect()
     });
+    let marked_side = match tables {
+        [upstream] => crate::upstream::joined_side(project, &planned, upstream).await,
+        _ => None,
+    };
     let event_time = planned.event_time.clone();
     let dimensions = planned.dimensions.clone();
     let input_slot = planned.input_slot();
@@ -136,6 +143,7 @@ async fn plan_topics(
         operator,
         stage,
         row_by_row,
+        marked_side,
     })
 }
 
@@ -164,6 +172,7 @@ async fn over_streams(
         operator,
         stage,
         row_by_row,
+        marked_side,
     } = plan_topics(project, model_id, &tables)
         .await
         .map_err(|e| planning_error(model_id, e))?;
@@ -179,19 +188,14 @@ async fn over_streams(
                     ),
                 )
             })?;
-            let planned = crate::plan::plan_model_reading(project, model_id, &tables)
-                .await
-                .map_err(|e| planning_error(model_id, e))?;
-            let (topic, field) = crate::upstream::joined_side(project, &planned, upstream_id)
-                .await
-                .ok_or_else(|| {
-                    planning_error(
-                        model_id,
-                        datafusion::error::DataFusionError::Internal(format!(
-                            "the join's side over {upstream_id} has no event time its files mark"
-                        )),
-                    )
-                })?;
+            let (topic, field) = marked_side.clone().ok_or_else(|| {
+                planning_error(
+                    model_id,
+                    datafusion::error::DataFusionError::Internal(format!(
+                        "the join's side over {upstream_id} has no event time its files mark"
+                    )),
+                )
+            })?;
             let partitions = log
                 .topic(&topic)
                 .map_err(|source| RunnerError::Log {

@@ -253,9 +253,9 @@ pub(super) struct Run {
     /// Records of dimensions that do not fit their schema, until the commit that passes them.
     pub(super) dim_rejected: Vec<(String, Rejected)>,
     /// A read waiting for a dimension model to publish what its topic held by then, and since
-    /// when the run waits.
+    /// when the run waits (and whether that wait was logged).
     pub(super) pending: Option<Read>,
-    pub(super) waiting_since: Option<Instant>,
+    pub(super) waiting_since: Option<(Instant, bool)>,
     /// Rows of the commit being made that failed each row-level expectation.
     pub(super) failed_rows: BTreeMap<String, u64>,
     /// While far behind, each source's share of a commit's records.
@@ -759,15 +759,11 @@ impl Run {
             Dimensions::Waiting(why) => {
                 // Waiting is not failing: a block its failures set is lifted.
                 recovered(&self.lakehouse, &self.ident);
-                let waited = self
+                let (since, reported) = self
                     .waiting_since
-                    .get_or_insert_with(Instant::now)
-                    .elapsed();
-                if waited >= Duration::from_secs(DIMENSION_WAIT_REPORT_S)
-                    && waited
-                        < Duration::from_secs(DIMENSION_WAIT_REPORT_S)
-                            + Duration::from_millis(LIVE_COMMIT_INTERVAL_MS)
-                {
+                    .get_or_insert_with(|| (Instant::now(), false));
+                if !*reported && since.elapsed() >= Duration::from_secs(DIMENSION_WAIT_REPORT_S) {
+                    *reported = true;
                     tracing::info!(model = %self.model_id, %why, "waiting for a dimension to publish");
                 } else {
                     tracing::debug!(model = %self.model_id, %why, "waiting for a dimension");

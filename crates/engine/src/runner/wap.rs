@@ -11,6 +11,16 @@ use super::error::RunnerError;
 use crate::commit_record::{EXPECTATIONS_PROPERTY, QUARANTINE_FROM_PROPERTY, QUARANTINE_PROPERTY};
 use crate::tables::live_table;
 
+/// What a quarantine's reason says after what failed: how a live model's waiting commits are
+/// decided (`kappa publish`/`kappa discard`).
+const DECISION_HINT: &str = "; main is untouched — ";
+
+/// What failed, of a quarantine's reason: without how a live model's commits are decided
+/// (which does not apply to a deploy's new version).
+pub fn what_failed(reason: &str) -> &str {
+    reason.split(DECISION_HINT).next().unwrap_or(reason)
+}
+
 /// Whether the table the deployed version of `model_id` writes holds commits waiting for a
 /// decision (after its runner stopped quarantined).
 pub async fn awaits_decision(
@@ -88,8 +98,8 @@ pub(super) async fn settle(
         }
         if !blocking.is_empty() {
             let reason = format!(
-                "{}; main is untouched — `kappa audit {model_id}` shows what failed, `kappa \
-                 publish {model_id} --force` or `kappa discard {model_id}` decides",
+                "{}{DECISION_HINT}`kappa audit {model_id}` shows what failed, `kappa publish \
+                 {model_id} --force` or `kappa discard {model_id}` decides",
                 blocking.join("; ")
             );
             tracing::error!(model = %model_id, "commit quarantined: {reason}");
