@@ -50,7 +50,9 @@ pub fn offset_keys(project: &Project, model_id: &str) -> Vec<(String, String)> {
             for input in &model.inputs {
                 match input {
                     kappa_pipeline::Input::Topic(t) => topics.push(t.clone()),
-                    kappa_pipeline::Input::Model(m) if project.is_dimension(m) && m != upstream => {
+                    kappa_pipeline::Input::Model(m)
+                        if project.looks_up(model_id, m) && m != upstream =>
+                    {
                         dimensions.push(m.clone());
                     }
                     kappa_pipeline::Input::Model(_) => {}

@@ -79,6 +79,20 @@ struct Published {
     /// The topic's end when the stream's next micro-batch was asked for: covered before it is
     /// read. Kept until covered, so that a topic written without pause cannot starve it.
     awaited: Option<BTreeMap<u32, u64>>,
+    /// When the model reads another model's table rather than the topic: that table, and how
+    /// the model's commits name their position on it.
+    via: Option<Via>,
+}
+
+/// The table of the model a looked-up model reads (a GROUP BY over `silver.orders`, say).
+/// Its commits record positions on that table, not offsets: a commit covers the topic's end
+/// once its position reaches the first upstream commit that covered it.
+struct Via {
+    table: TableIdent,
+    key: String,
+    /// The upstream's commit (its sequence number) that covered the awaited end, and the
+    /// offsets it covered.
+    covering: Option<(i64, BTreeMap<u32, u64>)>,
 }
 
 /// What [`Dimension::catch_up`] found.
@@ -128,8 +142,10 @@ impl Dimension {
         })
     }
 
-    /// The dimension model `model` (over `topic`, declared by `spec`) as its version's table
-    /// `table` on `main` published it; its rows go to `rows_table`.
+    /// The model `model` looked up (a dimension, or a GROUP BY; over `topic`, declared by
+    /// `spec`) as its version's table `table` on `main` published it; its rows go to
+    /// `rows_table`. `via`: the table (and its key in `kappa.offsets`) the model reads instead
+    /// of the topic.
     pub fn published(
         model: &str,
         topic: Arc<Topic>,
@@ -137,6 +153,7 @@ impl Dimension {
         rows_table: Arc<DimensionTable>,
         lakehouse: Lakehouse,
         table: TableIdent,
+        via: Option<(TableIdent, String)>,
     ) -> Dimension {
         Dimension {
             topic_name: spec.name.clone(),
@@ -150,6 +167,11 @@ impl Dimension {
                 snapshot: None,
                 covered: BTreeMap::new(),
                 awaited: None,
+                via: via.map(|(table, key)| Via {
+                    table,
+                    key,
+                    covering: None,
+                }),
             })),
             table: rows_table,
             readers: Vec::new(),
@@ -168,6 +190,9 @@ impl Dimension {
                 // Its latest published rows, read again before the next micro-batch.
                 published.snapshot = None;
                 published.awaited = None;
+                if let Some(via) = &mut published.via {
+                    via.covering = None;
+                }
                 self.broken = false;
                 return Ok(());
             }
@@ -344,11 +369,49 @@ impl Published {
                 .all(|(p, end)| covered.get(p).is_some_and(|c| c >= end))
         };
         if self.snapshot.is_some() && covers(&self.covered) {
-            self.awaited = None;
+            self.done();
             return Ok(CaughtUp::Ready(Vec::new()));
         }
         let lake_error =
             |e: kappa_lakehouse::LakehouseError| DataFusionError::External(Box::new(e));
+        // Reading another model's table: first the upstream commit that covers the end.
+        let mut needed = None;
+        if let Some(via) = &mut self.via {
+            if via.covering.is_none() {
+                let upstream = self
+                    .lakehouse
+                    .load_table_if_exists(&via.table)
+                    .await
+                    .map_err(lake_error)?;
+                let head = upstream
+                    .as_ref()
+                    .and_then(|t| t.metadata().current_snapshot().cloned());
+                let offsets = match &head {
+                    Some(head) => CommitRecord::of(Some(&head.summary().additional_properties))
+                        .map_err(|e| {
+                            DataFusionError::Execution(format!("the table {}: {e}", via.table))
+                        })?
+                        .offsets
+                        .remove(topic_name)
+                        .unwrap_or_default(),
+                    None => BTreeMap::new(),
+                };
+                match head {
+                    Some(head) if covers(&offsets) => {
+                        via.covering = Some((head.sequence_number(), offsets));
+                    }
+                    _ if awaited.is_empty() => via.covering = Some((0, BTreeMap::new())),
+                    _ => {
+                        return Ok(CaughtUp::Waiting(format!(
+                            "{} reads {}, which has published offsets {:?} of `{topic_name}`, \
+                             which holds {:?}",
+                            self.table, via.table, offsets, awaited
+                        )));
+                    }
+                }
+            }
+            needed = via.covering.clone();
+        }
         let Some(table) = self
             .lakehouse
             .load_table_if_exists(&self.table)
@@ -358,7 +421,7 @@ impl Published {
             if awaited.is_empty() {
                 // Nothing produced yet: no rows to look up, nothing to wait for.
                 self.snapshot = Some(-1);
-                self.awaited = None;
+                self.done();
                 rows.set(arrow::array::RecordBatch::new_empty(rows.schema_ref()))
                     .await;
                 return Ok(CaughtUp::Ready(Vec::new()));
@@ -375,11 +438,28 @@ impl Published {
             )));
         };
         let snapshot = main.snapshot_id();
-        let covered = CommitRecord::of(Some(&main.summary().additional_properties))
-            .map_err(|e| DataFusionError::Execution(format!("the dimension {}: {e}", self.table)))?
-            .offsets
-            .remove(topic_name)
-            .unwrap_or_default();
+        let mut record =
+            CommitRecord::of(Some(&main.summary().additional_properties)).map_err(|e| {
+                DataFusionError::Execution(format!("the dimension {}: {e}", self.table))
+            })?;
+        let covered = match (&self.via, needed) {
+            (None, _) => record.offsets.remove(topic_name).unwrap_or_default(),
+            // Its position on the upstream (one partition, 0) reached the covering commit:
+            // it covers what that commit covered.
+            (Some(via), Some((sequence, offsets))) => {
+                let position = record
+                    .offsets
+                    .get(&via.key)
+                    .and_then(|p| p.get(&0))
+                    .copied()
+                    .unwrap_or(0);
+                match i64::try_from(position).is_ok_and(|p| p >= sequence) {
+                    true => offsets,
+                    false => BTreeMap::new(),
+                }
+            }
+            (Some(_), None) => BTreeMap::new(),
+        };
         if self.snapshot != Some(snapshot) {
             let added = self
                 .lakehouse
@@ -398,16 +478,27 @@ impl Published {
             })?;
             rows.set(batch).await;
             self.snapshot = Some(snapshot);
+        }
+        let covering = covers(&covered);
+        if covering || self.via.is_none() {
             self.covered = covered;
         }
-        if covers(&self.covered) {
-            self.awaited = None;
+        if covering {
+            self.done();
             Ok(CaughtUp::Ready(Vec::new()))
         } else {
             Ok(CaughtUp::Waiting(format!(
                 "the dimension {} has published offsets {:?} of `{topic_name}`, which holds {:?}",
                 self.table, self.covered, awaited
             )))
+        }
+    }
+
+    /// The awaited end is covered: the next micro-batch awaits the topic's end anew.
+    fn done(&mut self) {
+        self.awaited = None;
+        if let Some(via) = &mut self.via {
+            via.covering = None;
         }
     }
 }

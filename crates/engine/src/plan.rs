@@ -326,7 +326,7 @@ pub(crate) fn one_model_read(project: &Project, model_id: &str) -> Option<(Strin
     let mut streams = 0;
     for input in &project.models.get(model_id)?.inputs {
         match input {
-            Input::Model(m) if project.is_dimension(m) => {}
+            Input::Model(m) if project.looks_up(model_id, m) => {}
             Input::Model(_) if upstream.is_some() => return None,
             Input::Model(m) => upstream = Some(m.clone()),
             Input::Topic(t) => {
@@ -417,10 +417,11 @@ pub(crate) async fn register_inputs(
         ctx.register_table(TableReference::bare(name.as_str()), table.clone())?;
         dimensions.push((name, table));
     }
-    // Dimension models are looked up: their rows (every version) are put in a table.
+    // Dimension models (every version) and GROUP BYs read beside a stream are looked up:
+    // their published rows are put in a table.
     for id in project.dimension_models(model_id) {
         let dimension = &project.models[&id];
-        let schema = dimension_schema(project, &id).await?;
+        let schema = lookup_schema(project, &id).await?;
         let table = Arc::new(DimensionTable::new(schema)?);
         register_schema(ctx, &dimension.layer);
         ctx.register_table(
@@ -433,7 +434,7 @@ pub(crate) async fn register_inputs(
     let upstream: BTreeSet<&String> = project
         .order
         .iter()
-        .filter(|id| id.as_str() != model_id && recomputes(project, model_id, id.as_str()))
+        .filter(|id| id.as_str() != model_id && project.recomputes(model_id, id.as_str()))
         .collect();
     for id in project.order.iter().filter(|id| upstream.contains(id)) {
         let upstream_model = &project.models[id];
@@ -619,14 +620,26 @@ pub async fn dimension_schema(project: &Project, id: &str) -> Result<arrow::data
     Ok(spec.output_schema().clone())
 }
 
-/// Whether `model_id` recomputes `other` inline: reads it, directly or through other models,
-/// and not through a dimension model (whose rows it looks up; a dimension is not recomputed).
-fn recomputes(project: &Project, model_id: &str, other: &str) -> bool {
-    !project.is_dimension(other)
-        && project
-            .reachable(model_id, &|m| !project.is_dimension(m))
-            .1
-            .contains(other)
+/// The table schema of `id`, a model others look up: a dimension's ([`dimension_schema`]), or
+/// a GROUP BY's (one row per group, its SQL's columns).
+async fn lookup_schema(project: &Project, id: &str) -> Result<arrow::datatypes::SchemaRef> {
+    if project.is_dimension(id) {
+        return dimension_schema(project, id).await;
+    }
+    let planned = Box::pin(plan_model(project, id)).await?;
+    if planned.shape != Shape::Grouped {
+        return Err(crate::error::unsupported(format!(
+            "{id} is looked up as one row per group, but it runs {}; a stream looks up a \
+             GROUP BY without a window, or a dimension",
+            match planned.shape {
+                Shape::Windowed => "as windows",
+                _ => "row by row",
+            }
+        )));
+    }
+    Ok(crate::stateless::storable_schema(
+        planned.plan.schema().as_arrow(),
+    ))
 }
 
 /// Whether `model_id` reads `other`, directly or through other models.

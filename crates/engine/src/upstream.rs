@@ -147,10 +147,9 @@ pub(crate) async fn joined_side(
     };
     // Only a model that reads its topic itself marks its files (one reading another model's
     // table has no partitions to mark).
-    let reads_a_model =
-        project.models.get(upstream)?.inputs.iter().any(
-            |input| matches!(input, kappa_pipeline::Input::Model(m) if !project.is_dimension(m)),
-        );
+    let reads_a_model = project.models.get(upstream)?.inputs.iter().any(
+        |input| matches!(input, kappa_pipeline::Input::Model(m) if !project.looks_up(upstream, m)),
+    );
     let up = crate::plan::plan_model(project, upstream).await.ok()?;
     if reads_a_model
         || up.shape != crate::plan::Shape::RowByRow

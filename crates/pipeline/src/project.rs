@@ -348,6 +348,11 @@ pub struct Model {
     pub config: ModelConfig,
     /// Every topic and model it reads, without repeats.
     pub inputs: Vec<Input>,
+    /// Its SQL ends in one GROUP BY (or DISTINCT) without a window over time
+    /// ([`crate::sql::groups`]) and its configuration does not say `append` or a dimension: its
+    /// table holds one row per group, upserted in place.
+    #[serde(skip)]
+    pub groups: bool,
 }
 
 impl Project {
@@ -361,39 +366,71 @@ impl Project {
         })
     }
 
-    /// The dimension models `model_id` reads, directly or through the models it recomputes.
+    /// Whether `reader` looks `model_id` up — reads the rows it published, whole, as each of
+    /// its micro-batches finds them — rather than reading it as a stream of rows: `model_id`
+    /// is a dimension, or keeps one row per group (a GROUP BY) and `reader` reads it beside a
+    /// stream (a topic that is not of kind "table", or a model that neither is a dimension nor
+    /// groups).
+    pub fn looks_up(&self, reader: &str, model_id: &str) -> bool {
+        if self.is_dimension(model_id) {
+            return true;
+        }
+        let (Some(reader), Some(model)) = (self.models.get(reader), self.models.get(model_id))
+        else {
+            return false;
+        };
+        model.groups
+            && reader.inputs.iter().any(|input| match input {
+                Input::Topic(t) => self
+                    .topics
+                    .get(t)
+                    .is_some_and(|spec| spec.kind != TopicKind::Table),
+                Input::Model(m) => {
+                    m != model_id
+                        && !self.is_dimension(m)
+                        && !self.models.get(m).is_some_and(|m| m.groups)
+                }
+            })
+    }
+
+    /// The models `model_id` looks up ([`Project::looks_up`]), itself or through the models it
+    /// recomputes.
     pub fn dimension_models(&self, model_id: &str) -> BTreeSet<String> {
-        let (_, models) = self.reachable(model_id, &|m| !self.is_dimension(m));
-        models
-            .into_iter()
-            .filter(|m| self.is_dimension(m))
-            .collect()
+        self.reachable(model_id, &|reader, m| !self.looks_up(reader, m))
+            .looked_up
     }
 
     /// The topics `model_id` reads as streams or table topics: [`Project::source_topics`]
-    /// without those it reaches only through dimension models, which it looks up.
+    /// without those it reaches only through the models it looks up.
     pub fn stream_topics(&self, model_id: &str) -> BTreeSet<String> {
-        self.reachable(model_id, &|m| !self.is_dimension(m)).0
+        self.reachable(model_id, &|reader, m| !self.looks_up(reader, m))
+            .topics
+    }
+
+    /// Whether `model_id` recomputes `other`: reads it, directly or through other models, and
+    /// not only by looking it up.
+    pub fn recomputes(&self, model_id: &str, other: &str) -> bool {
+        self.reachable(model_id, &|reader, m| !self.looks_up(reader, m))
+            .walked
+            .contains(other)
     }
 
     /// The topics a model's rows come from, through the models it reads.
     pub fn source_topics(&self, model_id: &str) -> BTreeSet<String> {
-        self.reachable(model_id, &|_| true).0
+        self.reachable(model_id, &|_, _| true).topics
     }
 
     /// Whether `model_id` reads `other`, directly or through other models.
     pub fn reads_transitively(&self, model_id: &str, other: &str) -> bool {
-        self.reachable(model_id, &|_| true).1.contains(other)
+        self.reachable(model_id, &|_, _| true)
+            .walked
+            .contains(other)
     }
 
-    /// The topics and models `model_id` reads: its inputs, and the inputs of each model read
-    /// that `through` lets the walk go into.
-    pub fn reachable(
-        &self,
-        model_id: &str,
-        through: &dyn Fn(&str) -> bool,
-    ) -> (BTreeSet<String>, BTreeSet<String>) {
-        let (mut topics, mut models) = (BTreeSet::new(), BTreeSet::new());
+    /// What `model_id` reads: its inputs, and the inputs of each model read that `through`
+    /// (given the reader and the model it reads) lets the walk go into.
+    pub fn reachable(&self, model_id: &str, through: &dyn Fn(&str, &str) -> bool) -> Reached {
+        let mut reached = Reached::default();
         let mut pending = vec![model_id.to_owned()];
         let mut seen = BTreeSet::new();
         while let Some(id) = pending.pop() {
@@ -406,19 +443,31 @@ impl Project {
             for input in &model.inputs {
                 match input {
                     Input::Topic(t) => {
-                        topics.insert(t.clone());
+                        reached.topics.insert(t.clone());
+                    }
+                    Input::Model(m) if through(&id, m) => {
+                        reached.walked.insert(m.clone());
+                        pending.push(m.clone());
                     }
                     Input::Model(m) => {
-                        models.insert(m.clone());
-                        if through(m) {
-                            pending.push(m.clone());
-                        }
+                        reached.looked_up.insert(m.clone());
                     }
                 }
             }
         }
-        (topics, models)
+        reached
     }
+}
+
+/// What a walk over the models a model reads found ([`Project::reachable`]).
+#[derive(Debug, Default)]
+pub struct Reached {
+    /// Every topic named by the models walked into.
+    pub topics: BTreeSet<String>,
+    /// The models walked into.
+    pub walked: BTreeSet<String>,
+    /// The models read but not walked into.
+    pub looked_up: BTreeSet<String>,
 }
 
 impl Model {
@@ -605,6 +654,8 @@ pub fn load(files: &ProjectFiles) -> Result<Project, Vec<Diagnostic>> {
                 }
             }
         }
+        let groups = crate::sql::groups(&sql)
+            && matches!(config.materialization, None | Some(Materialization::Upsert));
         let model = Model {
             layer,
             name,
@@ -612,6 +663,7 @@ pub fn load(files: &ProjectFiles) -> Result<Project, Vec<Diagnostic>> {
             sql,
             config,
             inputs: inputs.into_iter().collect(),
+            groups,
         };
         models.insert(model.id(), model);
     }
@@ -1028,6 +1080,56 @@ mod tests {
     }
 
     const ORDERS: &str = "partitions = 2\nkey = \"customer_id\"\n\n[schema]\ncustomer_id = \"string\"\nquantity = \"int\"\n";
+
+    /// A GROUP BY is looked up by a model that reads it beside a stream (so its topic is none
+    /// of that model's streams), and read whole by one that reads only it.
+    #[test]
+    fn a_group_by_beside_a_stream_is_looked_up() {
+        let project = load(&files(&[
+            ("kappa.toml", "[project]\nname = \"x\"\n"),
+            ("topics/orders.toml", ORDERS),
+            ("topics/visits.toml", "[schema]\ncustomer_id = \"string\"\n"),
+            (
+                "models/silver/orders.sql",
+                "SELECT customer_id, quantity FROM orders WHERE quantity > 0",
+            ),
+            (
+                "models/gold/totals.sql",
+                "SELECT customer_id, sum(quantity) AS q FROM silver.orders GROUP BY customer_id",
+            ),
+            (
+                "models/gold/visits.sql",
+                "SELECT v.customer_id, t.q FROM visits v JOIN gold.totals t USING (customer_id)",
+            ),
+            (
+                "models/gold/lines.sql",
+                "SELECT o.customer_id, t.q FROM silver.orders o JOIN gold.totals t USING (customer_id)",
+            ),
+            ("models/gold/top.sql", "SELECT max(q) AS q FROM gold.totals"),
+        ]))
+        .expect("the project loads");
+        assert!(project.models["gold.totals"].groups);
+        assert!(!project.models["silver.orders"].groups);
+        assert!(project.looks_up("gold.visits", "gold.totals"));
+        assert!(project.looks_up("gold.lines", "gold.totals"));
+        assert!(!project.looks_up("gold.top", "gold.totals"));
+        let set = |names: &[&str]| {
+            names
+                .iter()
+                .map(|n| (*n).to_owned())
+                .collect::<BTreeSet<_>>()
+        };
+        assert_eq!(project.stream_topics("gold.visits"), set(&["visits"]));
+        assert_eq!(
+            project.dimension_models("gold.visits"),
+            set(&["gold.totals"])
+        );
+        assert_eq!(project.stream_topics("gold.lines"), set(&["orders"]));
+        assert!(project.recomputes("gold.lines", "silver.orders"));
+        assert!(!project.recomputes("gold.lines", "gold.totals"));
+        assert_eq!(project.stream_topics("gold.top"), set(&["orders"]));
+        assert!(project.reads_transitively("gold.visits", "silver.orders"));
+    }
 
     #[test]
     fn an_audit_is_read_and_is_not_part_of_the_logic() {

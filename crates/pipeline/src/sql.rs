@@ -73,6 +73,59 @@ pub fn relations(
     Some(found)
 }
 
+/// Whether `sql` (a model that parsed) keeps one row per group: its SELECT, or the one query it
+/// selects from, has a GROUP BY or DISTINCT none of whose keys is a window over time
+/// (`date_bin`, `date_trunc`, `hop`) — conservatively, the query calls none of them. Its table is then upserted by the group keys, unless
+/// its configuration says otherwise.
+pub fn groups(sql: &str) -> bool {
+    let Ok(statements) = Parser::parse_sql(&GenericDialect {}, sql) else {
+        return false;
+    };
+    let [Statement::Query(query)] = statements.as_slice() else {
+        return false;
+    };
+    // A window may be keyed by position, alias or a subquery's column: any call of one
+    // makes the model windowed, as far as this can tell.
+    query_groups(query) && !calls_window(query)
+}
+
+fn query_groups(query: &Query) -> bool {
+    use sqlparser::ast::{Distinct, GroupByExpr, SetExpr, TableFactor};
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return false;
+    };
+    let keys = match &select.group_by {
+        GroupByExpr::Expressions(keys, _) => keys.as_slice(),
+        GroupByExpr::All(_) => return true,
+    };
+    if !keys.is_empty() {
+        return true;
+    }
+    if matches!(select.distinct, Some(Distinct::Distinct)) {
+        return true;
+    }
+    // Row-by-row steps over one grouped subquery.
+    match select.from.as_slice() {
+        [from] if from.joins.is_empty() => {
+            matches!(&from.relation, TableFactor::Derived { subquery, .. } if query_groups(subquery))
+        }
+        _ => false,
+    }
+}
+
+/// Whether `query` calls a window function over time anywhere.
+fn calls_window(query: &Query) -> bool {
+    let mut found = false;
+    let _ = sqlparser::ast::visit_expressions(query, |e| {
+        if let sqlparser::ast::Expr::Function(f) = e {
+            let name = f.name.to_string().to_lowercase();
+            found |= matches!(name.as_str(), "date_bin" | "date_trunc" | "hop" | "tumble");
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    found
+}
+
 fn relation_of(name: &ObjectName) -> Relation {
     let mut line_column = (1, 1);
     let parts = name
@@ -164,6 +217,31 @@ mod tests {
             names("SELECT (SELECT max(a) FROM gold.t) FROM \"Mixed\""),
             vec!["gold.t", "Mixed"]
         );
+    }
+
+    #[test]
+    fn tells_a_grouping_model() {
+        assert!(groups("SELECT a, count(*) FROM t GROUP BY a"));
+        assert!(groups("SELECT DISTINCT a FROM t"));
+        assert!(groups(
+            "SELECT a, n * 2 AS m FROM (SELECT a, count(*) AS n FROM t GROUP BY a) WHERE n > 1"
+        ));
+        assert!(!groups("SELECT a FROM t"));
+        assert!(!groups(
+            "SELECT date_bin(INTERVAL '1 minute', ts) AS w, count(*) FROM t GROUP BY 1"
+        ));
+        assert!(!groups(
+            "SELECT date_trunc('hour', ts) AS w, a, count(*) FROM t GROUP BY date_trunc('hour', ts), a"
+        ));
+        assert!(!groups(
+            "SELECT date_bin(INTERVAL '1 minute', ts) AS w, count(*) FROM t GROUP BY w"
+        ));
+        assert!(!groups(
+            "SELECT a, unnest(hop(ts, 1, 2)) AS w FROM t GROUP BY a, 2"
+        ));
+        assert!(!groups(
+            "SELECT a FROM (SELECT a FROM t GROUP BY a) x JOIN u ON true"
+        ));
     }
 
     #[test]

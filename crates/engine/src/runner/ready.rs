@@ -395,7 +395,7 @@ pub(super) async fn open_dimensions(
 ) -> Result<Vec<(Dimension, bool)>, RunnerError> {
     let mut dims = Vec::new();
     for (name, table) in dimensions {
-        if project.is_dimension(&name) {
+        if project.models.contains_key(&name) {
             dims.push((
                 open_dimension_model(log, lakehouse, project, model_id, &name, table).await?,
                 false,
@@ -418,9 +418,9 @@ pub(super) async fn open_dimensions(
     Ok(dims)
 }
 
-/// The dimension model `name`, looked up by `model_id`: its version's table as `main`
-/// published it (the dimension's own runner computes it and reports the records that do not
-/// fit).
+/// The model `name` (a dimension, or a GROUP BY) looked up by `model_id`: its version's table
+/// as `main` published it (its own runner computes it and reports the records that do not
+/// fit). It covers one topic: the one it reads, or the one of the model whose table it reads.
 async fn open_dimension_model(
     log: &Log,
     lakehouse: &Lakehouse,
@@ -431,6 +431,38 @@ async fn open_dimension_model(
 ) -> Result<Dimension, RunnerError> {
     let plan_error = |source| planning_error(model_id, source);
     let planned = plan_model(project, name).await.map_err(plan_error)?;
+    if planned.join.is_some() {
+        return Err(RunnerError::Unsupported {
+            model: model_id.to_owned(),
+            reason: format!(
+                "{name} joins two streams: a model looked up by a stream reads one topic, so \
+                 that each micro-batch can wait until it covers that topic's end"
+            ),
+        });
+    }
+    let lake_err = |source| RunnerError::Lakehouse {
+        model: model_id.to_owned(),
+        source,
+    };
+    let via = match project.reads_tables.get(name) {
+        None => None,
+        Some(upstream) if !project.reads_tables.contains_key(upstream) => {
+            let table =
+                crate::upstream::upstream_table(lakehouse, project, upstream).map_err(lake_err)?;
+            let key = crate::upstream::table_key(&table);
+            Some((table, key))
+        }
+        Some(upstream) => {
+            return Err(RunnerError::Unsupported {
+                model: model_id.to_owned(),
+                reason: format!(
+                    "{name} reads the table of {upstream}, which reads another model's table: \
+                     a model looked up by a stream reads its topic, or the table of a model \
+                     that reads it"
+                ),
+            });
+        }
+    };
     let spec = project.topics.get(&planned.topic).ok_or_else(|| {
         plan_error(datafusion::error::DataFusionError::Plan(format!(
             "no topic `{}`",
@@ -443,12 +475,7 @@ async fn open_dimension_model(
             model: model_id.to_owned(),
             source,
         })?;
-    let published = crate::tables::live_table(lakehouse, project, name).map_err(|source| {
-        RunnerError::Lakehouse {
-            model: model_id.to_owned(),
-            source,
-        }
-    })?;
+    let published = crate::tables::live_table(lakehouse, project, name).map_err(lake_err)?;
     Ok(Dimension::published(
         name,
         topic,
@@ -456,6 +483,7 @@ async fn open_dimension_model(
         table,
         lakehouse.clone(),
         published,
+        via,
     ))
 }
 
