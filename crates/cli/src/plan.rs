@@ -132,7 +132,7 @@ pub(crate) async fn report(
                         })
                         .collect()
                 }
-                None => project.source_topics(&plan.model),
+                None => project.stream_topics(&plan.model),
             };
             for topic in topics {
                 if !histories.contains_key(&topic) {
