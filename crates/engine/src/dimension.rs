@@ -79,20 +79,128 @@ struct Published {
     /// The topic's end when the stream's next micro-batch was asked for: covered before it is
     /// read. Kept until covered, so that a topic written without pause cannot starve it.
     awaited: Option<BTreeMap<u32, u64>>,
-    /// When the model reads another model's table rather than the topic: that table, and how
-    /// the model's commits name their position on it.
-    via: Option<Via>,
+    /// When the model reads another model's table rather than the topic: the tables down to
+    /// the topic, and how far the wait has come through them.
+    chain: Chain,
 }
 
-/// The table of the model a looked-up model reads (a GROUP BY over `silver.orders`, say).
-/// Its commits record positions on that table, not offsets: a commit covers the topic's end
-/// once its position reaches the first upstream commit that covered it.
-struct Via {
-    table: TableIdent,
-    key: String,
-    /// The upstream's commit (its sequence number) that covered the awaited end, and the
-    /// offsets it covered.
-    covering: Option<(i64, BTreeMap<u32, u64>)>,
+/// The tables between a looked-up model and its topic, when it reads another model's table (a
+/// GROUP BY over `silver.orders`, say): the first is the table the model reads, each reads
+/// the next, the last reads the topic. A commit records a position on the table it reads
+/// (`table:<ident>` in `kappa.offsets`, with that table's uuid), not offsets: the model covers
+/// the topic's end once the last table's head covers it, the table before reaches that
+/// commit, and so on up to the model.
+#[derive(Default)]
+struct Chain {
+    /// Each table with the key its reader records its position on it under.
+    tables: Vec<(TableIdent, String)>,
+    /// The table (its index) whose head was last seen covering the awaited end.
+    found: Option<Found>,
+}
+
+/// A table's commit that covers the awaited end.
+struct Found {
+    /// Its index in [`Chain::tables`].
+    at: usize,
+    sequence: i64,
+    /// The table's uuid (a rebuilt table starts its sequence numbers again).
+    uuid: String,
+    /// The topic's offsets it covers.
+    offsets: BTreeMap<u32, u64>,
+}
+
+impl Chain {
+    /// Whether the reader of `tables[at]`, whose newest commit on `main` is `head`, has read
+    /// that table up to the commit found covering.
+    fn reached(&self, head: &kappa_lakehouse::Snapshot, at: usize) -> bool {
+        let Some(found) = self.found.as_ref().filter(|f| f.at == at) else {
+            return false;
+        };
+        let properties = &head.summary().additional_properties;
+        let position = CommitRecord::of(Some(properties))
+            .ok()
+            .and_then(|r| r.offsets.get(&self.tables[at].1)?.get(&0).copied())
+            .and_then(|p| i64::try_from(p).ok())
+            .unwrap_or(0);
+        properties.get(crate::upstream::UPSTREAM_UUID_PROPERTY) == Some(&found.uuid)
+            && position >= found.sequence
+    }
+
+    /// Starts the climb again when `head` (a reader's commit) read another table than the
+    /// one whose commit was found: that table was rebuilt, and its sequence numbers began again.
+    fn forget_if_rebuilt(&mut self, head: &kappa_lakehouse::Snapshot) {
+        let read = head
+            .summary()
+            .additional_properties
+            .get(crate::upstream::UPSTREAM_UUID_PROPERTY);
+        if self
+            .found
+            .as_ref()
+            .is_some_and(|f| read.is_some_and(|u| *u != f.uuid))
+        {
+            self.found = None;
+        }
+    }
+
+    /// Walks up the chain as far as its commits reach: `None` when the table the model reads
+    /// has reached the covering commit (the model may now be judged), else why it waits.
+    async fn climb(
+        &mut self,
+        lakehouse: &Lakehouse,
+        topic_name: &str,
+        awaited: &BTreeMap<u32, u64>,
+    ) -> Result<Option<String>> {
+        let lake_error =
+            |e: kappa_lakehouse::LakehouseError| DataFusionError::External(Box::new(e));
+        let Some(last) = self.tables.len().checked_sub(1) else {
+            return Ok(None);
+        };
+        loop {
+            let at = match &self.found {
+                None => last,
+                Some(found) if found.at == 0 => return Ok(None),
+                Some(found) => found.at - 1,
+            };
+            let ident = self.tables[at].0.clone();
+            let table = lakehouse
+                .load_table_if_exists(&ident)
+                .await
+                .map_err(lake_error)?;
+            let Some((table, head)) =
+                table.and_then(|t| Some((t.clone(), t.metadata().current_snapshot()?.clone())))
+            else {
+                return Ok(Some(format!("{ident} has published nothing yet")));
+            };
+            let uuid = table.metadata().uuid().to_string();
+            let offsets = if at == last {
+                let offsets = CommitRecord::of(Some(&head.summary().additional_properties))
+                    .map_err(|e| DataFusionError::Execution(format!("the table {ident}: {e}")))?
+                    .offsets
+                    .remove(topic_name)
+                    .unwrap_or_default();
+                if !covers(awaited, &offsets) {
+                    return Ok(Some(format!(
+                        "{ident} has published offsets {offsets:?} of `{topic_name}`"
+                    )));
+                }
+                offsets
+            } else if self.reached(&head, at + 1) {
+                self.found.take().map(|f| f.offsets).unwrap_or_default()
+            } else {
+                self.forget_if_rebuilt(&head);
+                return Ok(Some(format!(
+                    "{ident} has not yet read {} up to what covers `{topic_name}`",
+                    self.tables[at + 1].0
+                )));
+            };
+            self.found = Some(Found {
+                at,
+                sequence: head.sequence_number(),
+                uuid,
+                offsets,
+            });
+        }
+    }
 }
 
 /// What [`Dimension::catch_up`] found.
@@ -144,8 +252,8 @@ impl Dimension {
 
     /// The model `model` looked up (a dimension, or a GROUP BY; over `topic`, declared by
     /// `spec`) as its version's table `table` on `main` published it; its rows go to
-    /// `rows_table`. `via`: the table (and its key in `kappa.offsets`) the model reads instead
-    /// of the topic.
+    /// `rows_table`. `chain`: the tables from the one the model reads down to the one that
+    /// reads the topic, each with its key in `kappa.offsets` (none: it reads the topic).
     pub fn published(
         model: &str,
         topic: Arc<Topic>,
@@ -153,7 +261,7 @@ impl Dimension {
         rows_table: Arc<DimensionTable>,
         lakehouse: Lakehouse,
         table: TableIdent,
-        via: Option<(TableIdent, String)>,
+        chain: Vec<(TableIdent, String)>,
     ) -> Dimension {
         Dimension {
             topic_name: spec.name.clone(),
@@ -167,11 +275,10 @@ impl Dimension {
                 snapshot: None,
                 covered: BTreeMap::new(),
                 awaited: None,
-                via: via.map(|(table, key)| Via {
-                    table,
-                    key,
-                    covering: None,
-                }),
+                chain: Chain {
+                    tables: chain,
+                    found: None,
+                },
             })),
             table: rows_table,
             readers: Vec::new(),
@@ -190,9 +297,7 @@ impl Dimension {
                 // Its latest published rows, read again before the next micro-batch.
                 published.snapshot = None;
                 published.awaited = None;
-                if let Some(via) = &mut published.via {
-                    via.covering = None;
-                }
+                published.chain.found = None;
                 self.broken = false;
                 return Ok(());
             }
@@ -363,54 +468,22 @@ impl Published {
                 end
             }
         };
-        let covers = |covered: &BTreeMap<u32, u64>| {
-            awaited
-                .iter()
-                .all(|(p, end)| covered.get(p).is_some_and(|c| c >= end))
-        };
+        let covers = |covered: &BTreeMap<u32, u64>| covers(&awaited, covered);
         if self.snapshot.is_some() && covers(&self.covered) {
             self.done();
             return Ok(CaughtUp::Ready(Vec::new()));
         }
         let lake_error =
             |e: kappa_lakehouse::LakehouseError| DataFusionError::External(Box::new(e));
-        // Reading another model's table: first the upstream commit that covers the end.
-        let mut needed = None;
-        if let Some(via) = &mut self.via {
-            if via.covering.is_none() {
-                let upstream = self
-                    .lakehouse
-                    .load_table_if_exists(&via.table)
-                    .await
-                    .map_err(lake_error)?;
-                let head = upstream
-                    .as_ref()
-                    .and_then(|t| t.metadata().current_snapshot().cloned());
-                let offsets = match &head {
-                    Some(head) => CommitRecord::of(Some(&head.summary().additional_properties))
-                        .map_err(|e| {
-                            DataFusionError::Execution(format!("the table {}: {e}", via.table))
-                        })?
-                        .offsets
-                        .remove(topic_name)
-                        .unwrap_or_default(),
-                    None => BTreeMap::new(),
-                };
-                match head {
-                    Some(head) if covers(&offsets) => {
-                        via.covering = Some((head.sequence_number(), offsets));
-                    }
-                    _ if awaited.is_empty() => via.covering = Some((0, BTreeMap::new())),
-                    _ => {
-                        return Ok(CaughtUp::Waiting(format!(
-                            "{} reads {}, which has published offsets {:?} of `{topic_name}`, \
-                             which holds {:?}",
-                            self.table, via.table, offsets, awaited
-                        )));
-                    }
-                }
-            }
-            needed = via.covering.clone();
+        // Reading another model's table: first the commits of the tables below that cover
+        // the end.
+        if !awaited.is_empty()
+            && let Some(why) = self
+                .chain
+                .climb(&self.lakehouse, topic_name, &awaited)
+                .await?
+        {
+            return Ok(CaughtUp::Waiting(format!("{} reads {why}", self.table)));
         }
         let Some(table) = self
             .lakehouse
@@ -442,23 +515,20 @@ impl Published {
             CommitRecord::of(Some(&main.summary().additional_properties)).map_err(|e| {
                 DataFusionError::Execution(format!("the dimension {}: {e}", self.table))
             })?;
-        let covered = match (&self.via, needed) {
-            (None, _) => record.offsets.remove(topic_name).unwrap_or_default(),
-            // Its position on the upstream (one partition, 0) reached the covering commit:
-            // it covers what that commit covered.
-            (Some(via), Some((sequence, offsets))) => {
-                let position = record
-                    .offsets
-                    .get(&via.key)
-                    .and_then(|p| p.get(&0))
-                    .copied()
-                    .unwrap_or(0);
-                match i64::try_from(position).is_ok_and(|p| p >= sequence) {
-                    true => offsets,
-                    false => BTreeMap::new(),
-                }
+        let covered = match self.chain.tables.first() {
+            None => record.offsets.remove(topic_name).unwrap_or_default(),
+            // Its position on the table it reads reached the covering commit: it covers what
+            // that commit covers.
+            Some(_) if self.chain.reached(main, 0) => self
+                .chain
+                .found
+                .as_ref()
+                .map(|f| f.offsets.clone())
+                .unwrap_or_default(),
+            Some(_) => {
+                self.chain.forget_if_rebuilt(main);
+                BTreeMap::new()
             }
-            (Some(_), None) => BTreeMap::new(),
         };
         if self.snapshot != Some(snapshot) {
             let added = self
@@ -479,13 +549,18 @@ impl Published {
             rows.set(batch).await;
             self.snapshot = Some(snapshot);
         }
-        let covering = covers(&covered);
-        if covering || self.via.is_none() {
+        let covering = awaited.is_empty() || covers(&covered);
+        if covering || self.chain.tables.is_empty() {
             self.covered = covered;
         }
         if covering {
             self.done();
             Ok(CaughtUp::Ready(Vec::new()))
+        } else if let Some((read, _)) = self.chain.tables.first() {
+            Ok(CaughtUp::Waiting(format!(
+                "{} has not yet read {read} up to what covers `{topic_name}`, which holds {:?}",
+                self.table, awaited
+            )))
         } else {
             Ok(CaughtUp::Waiting(format!(
                 "the dimension {} has published offsets {:?} of `{topic_name}`, which holds {:?}",
@@ -497,10 +572,15 @@ impl Published {
     /// The awaited end is covered: the next micro-batch awaits the topic's end anew.
     fn done(&mut self) {
         self.awaited = None;
-        if let Some(via) = &mut self.via {
-            via.covering = None;
-        }
+        self.chain.found = None;
     }
+}
+
+/// Whether `covered` (a commit's next offsets) reaches every partition's end in `awaited`.
+fn covers(awaited: &BTreeMap<u32, u64>, covered: &BTreeMap<u32, u64>) -> bool {
+    awaited
+        .iter()
+        .all(|(p, end)| covered.get(p).is_some_and(|c| c >= end))
 }
 
 fn log_error(e: kappa_log::LogError) -> datafusion::error::DataFusionError {

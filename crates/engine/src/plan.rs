@@ -626,6 +626,11 @@ async fn lookup_schema(project: &Project, id: &str) -> Result<arrow::datatypes::
     if project.is_dimension(id) {
         return dimension_schema(project, id).await;
     }
+    // A GROUP BY over another GROUP BY is refreshed from its table, not recomputed.
+    if let Some((_, Ok(()))) = Box::pin(crate::upstream::refresh_plan(project, id)).await {
+        let (_, _, plan, _) = Box::pin(crate::plan_tables::plan_refresh(project, id)).await?;
+        return Ok(crate::stateless::storable_schema(plan.schema().as_arrow()));
+    }
     let planned = Box::pin(plan_model(project, id)).await?;
     if planned.shape != Shape::Grouped {
         return Err(crate::error::unsupported(format!(

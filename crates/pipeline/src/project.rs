@@ -455,6 +455,8 @@ impl Project {
                 }
             }
         }
+        // A model read both ways is recomputed (and the lookup of it refused when planned).
+        reached.looked_up.retain(|m| !reached.walked.contains(m));
         reached
     }
 }
@@ -654,8 +656,12 @@ pub fn load(files: &ProjectFiles) -> Result<Project, Vec<Diagnostic>> {
                 }
             }
         }
-        let groups = crate::sql::groups(&sql)
-            && matches!(config.materialization, None | Some(Materialization::Upsert));
+        let groups = match config.materialization {
+            None => crate::sql::groups(&sql),
+            // Upserted even when its keys hold a window.
+            Some(Materialization::Upsert) => crate::sql::groups_by_any_key(&sql),
+            Some(_) => false,
+        };
         let model = Model {
             layer,
             name,

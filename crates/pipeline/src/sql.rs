@@ -78,15 +78,24 @@ pub fn relations(
 /// (`date_bin`, `date_trunc`, `hop`) — conservatively, the query calls none of them. Its table is then upserted by the group keys, unless
 /// its configuration says otherwise.
 pub fn groups(sql: &str) -> bool {
-    let Ok(statements) = Parser::parse_sql(&GenericDialect {}, sql) else {
-        return false;
-    };
-    let [Statement::Query(query)] = statements.as_slice() else {
-        return false;
-    };
     // A window may be keyed by position, alias or a subquery's column: any call of one
     // makes the model windowed, as far as this can tell.
-    query_groups(query) && !calls_window(query)
+    query_of(sql).is_some_and(|query| query_groups(&query) && !calls_window(&query))
+}
+
+/// Whether `sql`'s SELECT, or the one query it selects from, has a GROUP BY or DISTINCT,
+/// windows or not.
+pub fn groups_by_any_key(sql: &str) -> bool {
+    query_of(sql).is_some_and(|query| query_groups(&query))
+}
+
+/// The one query `sql` holds.
+fn query_of(sql: &str) -> Option<Query> {
+    let statements = Parser::parse_sql(&GenericDialect {}, sql).ok()?;
+    match <[Statement; 1]>::try_from(statements) {
+        Ok([Statement::Query(query)]) => Some(*query),
+        _ => None,
+    }
 }
 
 fn query_groups(query: &Query) -> bool {
@@ -242,6 +251,11 @@ mod tests {
         assert!(!groups(
             "SELECT a FROM (SELECT a FROM t GROUP BY a) x JOIN u ON true"
         ));
+        // Upserted by its configuration, a windowed key is a key like any other.
+        assert!(groups_by_any_key(
+            "SELECT date_trunc('hour', ts) AS h, count(*) FROM t GROUP BY 1"
+        ));
+        assert!(!groups_by_any_key("SELECT count(*) FROM t"));
     }
 
     #[test]

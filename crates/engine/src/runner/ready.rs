@@ -420,7 +420,8 @@ pub(super) async fn open_dimensions(
 
 /// The model `name` (a dimension, or a GROUP BY) looked up by `model_id`: its version's table
 /// as `main` published it (its own runner computes it and reports the records that do not
-/// fit). It covers one topic: the one it reads, or the one of the model whose table it reads.
+/// fit). It covers one topic: the one it reads, or the one the last of the tables it reads
+/// (`Project::reads_tables`, followed down) reads.
 async fn open_dimension_model(
     log: &Log,
     lakehouse: &Lakehouse,
@@ -430,39 +431,35 @@ async fn open_dimension_model(
     table: Arc<crate::lookup::DimensionTable>,
 ) -> Result<Dimension, RunnerError> {
     let plan_error = |source| planning_error(model_id, source);
-    let planned = plan_model(project, name).await.map_err(plan_error)?;
-    if planned.join.is_some() {
-        return Err(RunnerError::Unsupported {
-            model: model_id.to_owned(),
-            reason: format!(
-                "{name} joins two streams: a model looked up by a stream reads one topic, so \
-                 that each micro-batch can wait until it covers that topic's end"
-            ),
-        });
-    }
     let lake_err = |source| RunnerError::Lakehouse {
         model: model_id.to_owned(),
         source,
     };
-    let via = match project.reads_tables.get(name) {
-        None => None,
-        Some(upstream) if !project.reads_tables.contains_key(upstream) => {
-            let table =
-                crate::upstream::upstream_table(lakehouse, project, upstream).map_err(lake_err)?;
-            let key = crate::upstream::table_key(&table);
-            Some((table, key))
+    let mut chain = Vec::new();
+    let mut bottom = name;
+    while let Some(upstream) = project.reads_tables.get(bottom) {
+        if chain.len() > project.models.len() {
+            return Err(plan_error(datafusion::error::DataFusionError::Internal(
+                "models read each other's tables in a cycle".into(),
+            )));
         }
-        Some(upstream) => {
-            return Err(RunnerError::Unsupported {
-                model: model_id.to_owned(),
-                reason: format!(
-                    "{name} reads the table of {upstream}, which reads another model's table: \
-                     a model looked up by a stream reads its topic, or the table of a model \
-                     that reads it"
-                ),
-            });
-        }
-    };
+        let table =
+            crate::upstream::upstream_table(lakehouse, project, upstream).map_err(lake_err)?;
+        let key = crate::upstream::table_key(&table);
+        chain.push((table, key));
+        bottom = upstream;
+    }
+    let planned = plan_model(project, bottom).await.map_err(plan_error)?;
+    if planned.join.is_some() {
+        return Err(RunnerError::Unsupported {
+            model: model_id.to_owned(),
+            reason: format!(
+                "{name} is looked up, and {bottom} joins two streams: a model looked up by a \
+                 stream reads one topic (itself or through the tables it reads), so that each \
+                 micro-batch can wait until it covers that topic's end"
+            ),
+        });
+    }
     let spec = project.topics.get(&planned.topic).ok_or_else(|| {
         plan_error(datafusion::error::DataFusionError::Plan(format!(
             "no topic `{}`",
@@ -483,7 +480,7 @@ async fn open_dimension_model(
         table,
         lakehouse.clone(),
         published,
-        via,
+        chain,
     ))
 }
 
