@@ -1010,6 +1010,82 @@ fn facts_look_a_dimension_up_as_it_was_published() {
     assert!(up.terminate().unwrap().success());
 }
 
+/// A GROUP BY read beside a stream is looked up as its table on main published it, as a
+/// dimension is: a visit finds the orders produced before it; while a commit of the GROUP BY
+/// waits for a decision the visits after it wait too, and once it is discarded they find what
+/// main kept — never the held totals.
+#[test]
+fn a_stream_looks_a_group_by_up_as_it_was_published() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    let data = write_project(
+        &dir,
+        &[
+            ("kappa.toml", "[project]\nname = \"shop\"\n"),
+            ("topics/orders.toml", ORDERS_TOPIC),
+            (
+                "topics/visits.toml",
+                "partitions = 1\n\n[schema]\nvisit_id = \"bigint\"\nproduct_id = \"string\"\n",
+            ),
+            (
+                "models/gold/per_product.sql",
+                "SELECT product_id, sum(amount) AS amount, count(*) AS n FROM orders \
+                 GROUP BY product_id\n",
+            ),
+            (
+                "models/gold/per_product.toml",
+                "[[expect]]\nname = \"at_most_100\"\nrange = { column = \"amount\", max = 100 }\n",
+            ),
+            (
+                "models/gold/visits.sql",
+                "SELECT v.visit_id, p.amount, p.n FROM visits v LEFT JOIN gold.per_product p \
+                 ON v.product_id = p.product_id\n",
+            ),
+        ],
+    );
+    let project = dir.to_str().unwrap();
+    let up = KappaProcess::start(KAPPA.as_ref(), &data, &["--project", project]).unwrap();
+    let cli = |args: &[&str]| project_command(&data, project, args);
+    let visit = |id: i64| {
+        let line = format!("{{\"visit_id\":{id},\"product_id\":\"p1\"}}\n");
+        let out = kappa(&data, &["produce", "visits"], Some(line.as_bytes()));
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    const VISITS: &str = "SELECT visit_id, amount, n FROM gold.visits ORDER BY visit_id";
+    let wait_visits = |expected| wait_rows(&data, project, VISITS, expected);
+    produce_orders(&data, 1..=2, 10);
+    visit(1);
+    wait_visits(serde_json::json!([[1, 20, 2]]));
+
+    // An order past the limit fails the GROUP BY's audit: the visit after it waits.
+    produce_orders(&data, 3..=3, 500);
+    visit(2);
+    let held = wait_model_state(&data, project, "gold.per_product", "quarantined");
+    assert!(
+        held["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("at_most_100"),
+        "{held}"
+    );
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(
+        rows_of(&data, project, VISITS),
+        serde_json::json!([[1, 20, 2]])
+    );
+
+    // Discarded: the visit finds what main kept, and the next order is seen.
+    let (ok, _, err) = cli(&["discard", "gold.per_product"]);
+    assert!(ok, "{err}");
+    wait_visits(serde_json::json!([[1, 20, 2], [2, 20, 2]]));
+    produce_orders(&data, 4..=4, 5);
+    visit(3);
+    wait_visits(serde_json::json!([[1, 20, 2], [2, 20, 2], [3, 25, 3]]));
+    // Nothing lags: the visits' commits record how far in `orders` their lookups reach.
+    crate::wait_caught_up(&data, project, 2, std::time::Duration::from_secs(30));
+    assert!(up.terminate().unwrap().success());
+}
+
 /// `drop` sets exactly the violating rows aside into the model's quarantine table, each once,
 /// with the names of what they failed — while `kappa up` is killed with SIGKILL again and
 /// again as it processes them.
