@@ -626,12 +626,36 @@ async fn lookup_schema(project: &Project, id: &str) -> Result<arrow::datatypes::
     if project.is_dimension(id) {
         return dimension_schema(project, id).await;
     }
-    // A GROUP BY over another GROUP BY is refreshed from its table, not recomputed.
-    if let Some((_, Ok(()))) = Box::pin(crate::upstream::refresh_plan(project, id)).await {
-        let (_, _, plan, _) = Box::pin(crate::plan_tables::plan_refresh(project, id)).await?;
+    // A GROUP BY of another GROUP BY (a rollup) is refreshed from that one's table: its SQL
+    // over the table's rows (as `plan_tables::plan_refresh` plans it).
+    let model = project
+        .models
+        .get(id)
+        .ok_or_else(|| DataFusionError::Plan(format!("no model `{id}`")))?;
+    if let [Input::Model(upstream_id)] = model.inputs.as_slice()
+        && (project.is_dimension(upstream_id)
+            || project.models.get(upstream_id).is_some_and(|m| m.groups))
+    {
+        let upstream = &project.models[upstream_id];
+        let rows = Box::pin(lookup_schema(project, upstream_id)).await?;
+        let ctx = session();
+        register_schema(&ctx, &upstream.layer);
+        ctx.register_table(
+            TableReference::partial(upstream.layer.as_str(), upstream.name.as_str()),
+            Arc::new(MemTable::try_new(rows, vec![vec![]])?),
+        )?;
+        let plan = ctx.state().create_logical_plan(&model.sql).await?;
+        let plan = crate::mask_plan::mask_plan(plan, &model.config.mask)?;
         return Ok(crate::stateless::storable_schema(plan.schema().as_arrow()));
     }
     let planned = Box::pin(plan_model(project, id)).await?;
+    if planned.join.is_some() {
+        return Err(crate::error::unsupported(format!(
+            "{id} is looked up, but its rows come from a join of two streams: a stream looks up \
+             a GROUP BY of one topic, so that it can wait until the GROUP BY covers that \
+             topic's end"
+        )));
+    }
     if planned.shape != Shape::Grouped {
         return Err(crate::error::unsupported(format!(
             "{id} is looked up as one row per group, but it runs {}; a stream looks up a \
