@@ -378,6 +378,46 @@ mod tests {
         .assert_eq(&got);
     }
 
+    /// A stream looks a GROUP BY up (and a rollup of one), with the GROUP BY's columns; one
+    /// whose rows come from a join of two streams is refused, naming why.
+    #[tokio::test]
+    async fn a_stream_looks_up_a_group_by_of_one_topic() {
+        let got = report(&[
+            (
+                "models/gold/per_order.sql",
+                "SELECT order_id, count(*) AS n, sum(quantity) AS q FROM orders GROUP BY order_id",
+            ),
+            (
+                "models/gold/rollup.sql",
+                "SELECT n, count(*) AS orders FROM gold.per_order GROUP BY n",
+            ),
+            (
+                "models/gold/looked_up.sql",
+                "SELECT p.order_id, g.q, r.orders FROM payments p \
+                 JOIN gold.per_order g ON p.order_id = g.order_id \
+                 LEFT JOIN gold.rollup r ON g.n = r.n",
+            ),
+            (
+                "models/gold/paid.sql",
+                "SELECT o.order_id, p.amount FROM orders o JOIN payments p \
+                 ON p.order_id = o.order_id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'",
+            ),
+            (
+                "models/gold/paid_count.sql",
+                "SELECT order_id, count(*) AS n FROM gold.paid GROUP BY order_id",
+            ),
+            (
+                "models/gold/over_a_join.sql",
+                "SELECT o.order_id, c.n FROM orders o JOIN gold.paid_count c \
+                 ON o.order_id = c.order_id",
+            ),
+        ])
+        .await;
+        expect_test::expect![[r#"
+            models/gold/over_a_join.sql:1:38: not incremental: gold.paid_count is looked up, but its rows come from a join of two streams: a stream looks up a GROUP BY of one topic, so that it can wait until the GROUP BY covers that topic's end
+        "#]].assert_eq(&got);
+    }
+
     #[tokio::test]
     async fn masks_name_output_columns_of_a_fitting_type_and_readers_see_masked_types() {
         let got = report(&[
