@@ -68,12 +68,10 @@ pub fn offset_keys(project: &Project, model_id: &str) -> Vec<(String, String)> {
     let mut keys: Vec<(String, String)> = topics.into_iter().map(|t| (t.clone(), t)).collect();
     for dimension in dimensions {
         // The one stream its commits cover (the table topics it looks up are its own).
-        let streams = project.stream_topics(&dimension).into_iter().filter(|t| {
-            project
-                .topics
-                .get(t)
-                .is_some_and(|spec| spec.kind != kappa_pipeline::TopicKind::Table)
-        });
+        let streams = project
+            .stream_topics(&dimension)
+            .into_iter()
+            .filter(|t| !project.is_table_topic(t));
         for topic in streams {
             keys.push((topic, format!("{}{dimension}", DIMENSION_KEY_PREFIX)));
         }

@@ -111,32 +111,23 @@ struct Found {
 
 impl Chain {
     /// Whether the reader of `tables[at]`, whose newest commit on `main` is `head`, has read
-    /// that table up to the commit found covering.
-    fn reached(&self, head: &kappa_lakehouse::Snapshot, at: usize) -> bool {
+    /// that table up to the commit found covering; an error when its record does not read.
+    fn reached(&self, head: &kappa_lakehouse::Snapshot, at: usize) -> Result<bool> {
         let Some(found) = self.found.as_ref().filter(|f| f.at == at) else {
-            return false;
+            return Ok(false);
         };
-        let properties = &head.summary().additional_properties;
-        let position = CommitRecord::of(Some(properties))
-            .ok()
-            .and_then(|r| r.offsets.get(&self.tables[at].1)?.get(&0).copied())
-            .and_then(|p| i64::try_from(p).ok())
-            .unwrap_or(0);
-        properties.get(crate::upstream::UPSTREAM_UUID_PROPERTY) == Some(&found.uuid)
-            && position >= found.sequence
+        let record = CommitRecord::of(Some(&head.summary().additional_properties))
+            .map_err(|e| DataFusionError::Execution(e.to_string()))?;
+        let position = crate::upstream::table_position(&record.offsets, &self.tables[at].1)
+            .map_err(|e| DataFusionError::Execution(e.to_string()))?;
+        Ok(uuid_read(head) == Some(&found.uuid) && position >= found.sequence)
     }
 
     /// Starts the climb again when `head` (a reader's commit) read another table than the
     /// one whose commit was found: that table was rebuilt, and its sequence numbers began again.
     fn forget_if_rebuilt(&mut self, head: &kappa_lakehouse::Snapshot) {
-        let read = head
-            .summary()
-            .additional_properties
-            .get(crate::upstream::UPSTREAM_UUID_PROPERTY);
-        if self
-            .found
-            .as_ref()
-            .is_some_and(|f| read.is_some_and(|u| *u != f.uuid))
+        if let (Some(found), Some(read)) = (&self.found, uuid_read(head))
+            && *read != found.uuid
         {
             self.found = None;
         }
@@ -166,12 +157,12 @@ impl Chain {
                 .load_table_if_exists(&ident)
                 .await
                 .map_err(lake_error)?;
-            let Some((table, head)) =
-                table.and_then(|t| Some((t.clone(), t.metadata().current_snapshot()?.clone())))
-            else {
+            let Some((uuid, head)) = table.as_ref().and_then(|t| {
+                let head = t.metadata().current_snapshot()?.clone();
+                Some((t.metadata().uuid().to_string(), head))
+            }) else {
                 return Ok(Some(format!("{ident} has published nothing yet")));
             };
-            let uuid = table.metadata().uuid().to_string();
             let offsets = if at == last {
                 let offsets = CommitRecord::of(Some(&head.summary().additional_properties))
                     .map_err(|e| DataFusionError::Execution(format!("the table {ident}: {e}")))?
@@ -184,7 +175,7 @@ impl Chain {
                     )));
                 }
                 offsets
-            } else if self.reached(&head, at + 1) {
+            } else if self.reached(&head, at + 1)? {
                 self.found.take().map(|f| f.offsets).unwrap_or_default()
             } else {
                 self.forget_if_rebuilt(&head);
@@ -511,24 +502,26 @@ impl Published {
             )));
         };
         let snapshot = main.snapshot_id();
-        let mut record =
-            CommitRecord::of(Some(&main.summary().additional_properties)).map_err(|e| {
-                DataFusionError::Execution(format!("the dimension {}: {e}", self.table))
-            })?;
-        let covered = match self.chain.tables.first() {
-            None => record.offsets.remove(topic_name).unwrap_or_default(),
+        let corrupt = |e: &dyn std::fmt::Display| {
+            DataFusionError::Execution(format!("the dimension {}: {e}", self.table))
+        };
+        let covered = if self.chain.tables.is_empty() {
+            CommitRecord::of(Some(&main.summary().additional_properties))
+                .map_err(|e| corrupt(&e))?
+                .offsets
+                .remove(topic_name)
+                .unwrap_or_default()
+        } else if self.chain.reached(main, 0).map_err(|e| corrupt(&e))? {
             // Its position on the table it reads reached the covering commit: it covers what
             // that commit covers.
-            Some(_) if self.chain.reached(main, 0) => self
-                .chain
+            self.chain
                 .found
                 .as_ref()
                 .map(|f| f.offsets.clone())
-                .unwrap_or_default(),
-            Some(_) => {
-                self.chain.forget_if_rebuilt(main);
-                BTreeMap::new()
-            }
+                .unwrap_or_default()
+        } else {
+            self.chain.forget_if_rebuilt(main);
+            BTreeMap::new()
         };
         if self.snapshot != Some(snapshot) {
             let added = self
@@ -574,6 +567,13 @@ impl Published {
         self.awaited = None;
         self.chain.found = None;
     }
+}
+
+/// The uuid of the upstream table the commit `head` read (`kappa.upstream-uuid`).
+fn uuid_read(head: &kappa_lakehouse::Snapshot) -> Option<&String> {
+    head.summary()
+        .additional_properties
+        .get(crate::upstream::UPSTREAM_UUID_PROPERTY)
 }
 
 /// Whether `covered` (a commit's next offsets) reaches every partition's end in `awaited`.

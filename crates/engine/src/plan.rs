@@ -19,7 +19,7 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{Distinct, LogicalPlan, LogicalPlanBuilder};
 use datafusion::prelude::{SessionContext, col};
 use datafusion::sql::TableReference;
-use kappa_pipeline::{Input, Materialization, Model, Project, TopicKind};
+use kappa_pipeline::{Input, Materialization, Model, Project};
 
 use crate::aggregate::{NO_GROUP_BY, aggregate_shape, slot_for};
 use crate::dedup::{DEFAULT_HORIZON_MS, DedupMatch, find_dedup, replace_dedup};
@@ -129,13 +129,10 @@ fn stream_and_tables(
     project: &Project,
     topics: &BTreeSet<String>,
 ) -> Result<(Vec<String>, Vec<String>)> {
-    let is_table = |t: &String| {
-        project
-            .topics
-            .get(t)
-            .is_some_and(|spec| spec.kind == TopicKind::Table)
-    };
-    let (tables, streams): (Vec<String>, Vec<String>) = topics.iter().cloned().partition(is_table);
+    let (tables, streams): (Vec<String>, Vec<String>) = topics
+        .iter()
+        .cloned()
+        .partition(|t| project.is_table_topic(t));
     match (streams.as_slice(), tables.as_slice()) {
         ([_] | [_, _], _) => Ok((streams, tables)),
         ([], [one]) => Ok((vec![one.clone()], Vec::new())),
@@ -329,13 +326,7 @@ pub(crate) fn one_model_read(project: &Project, model_id: &str) -> Option<(Strin
             Input::Model(m) if project.looks_up(model_id, m) => {}
             Input::Model(_) if upstream.is_some() => return None,
             Input::Model(m) => upstream = Some(m.clone()),
-            Input::Topic(t) => {
-                let table = project
-                    .topics
-                    .get(t)
-                    .is_some_and(|spec| spec.kind == TopicKind::Table);
-                streams += usize::from(!table);
-            }
+            Input::Topic(t) => streams += usize::from(!project.is_table_topic(t)),
         }
     }
     Some((upstream?, streams))
@@ -633,19 +624,11 @@ async fn lookup_schema(project: &Project, id: &str) -> Result<arrow::datatypes::
         .get(id)
         .ok_or_else(|| DataFusionError::Plan(format!("no model `{id}`")))?;
     if let [Input::Model(upstream_id)] = model.inputs.as_slice()
-        && (project.is_dimension(upstream_id)
-            || project.models.get(upstream_id).is_some_and(|m| m.groups))
+        && project.upserts(upstream_id)
     {
         let upstream = &project.models[upstream_id];
         let rows = Box::pin(lookup_schema(project, upstream_id)).await?;
-        let ctx = session();
-        register_schema(&ctx, &upstream.layer);
-        ctx.register_table(
-            TableReference::partial(upstream.layer.as_str(), upstream.name.as_str()),
-            Arc::new(MemTable::try_new(rows, vec![vec![]])?),
-        )?;
-        let plan = ctx.state().create_logical_plan(&model.sql).await?;
-        let plan = crate::mask_plan::mask_plan(plan, &model.config.mask)?;
+        let (_, plan) = plan_over_rows(&session(), upstream, rows, model).await?;
         return Ok(crate::stateless::storable_schema(plan.schema().as_arrow()));
     }
     let planned = Box::pin(plan_model(project, id)).await?;
@@ -669,6 +652,24 @@ async fn lookup_schema(project: &Project, id: &str) -> Result<arrow::datatypes::
     Ok(crate::stateless::storable_schema(
         planned.plan.schema().as_arrow(),
     ))
+}
+
+/// Puts a slot of `rows` where `upstream`'s name is in `ctx`, and plans `model`'s SQL over
+/// it, its mask applied: a model refreshed whole from the table `upstream` published.
+pub(crate) async fn plan_over_rows(
+    ctx: &SessionContext,
+    upstream: &Model,
+    rows: arrow::datatypes::SchemaRef,
+    model: &Model,
+) -> Result<(Arc<MemTable>, LogicalPlan)> {
+    let reference = TableReference::partial(upstream.layer.as_str(), upstream.name.as_str());
+    register_schema(ctx, &upstream.layer);
+    ctx.deregister_table(reference.clone())?;
+    let slot = Arc::new(MemTable::try_new(rows, vec![vec![]])?);
+    ctx.register_table(reference, slot.clone())?;
+    let plan = ctx.state().create_logical_plan(&model.sql).await?;
+    let plan = crate::mask_plan::mask_plan(plan, &model.config.mask)?;
+    Ok((slot, plan))
 }
 
 /// Whether `model_id` reads `other`, directly or through other models.

@@ -15,7 +15,7 @@ use crate::aggregate::aggregate_shape;
 use crate::dedup::find_dedup;
 use crate::plan::{
     PlannedModel, Shape, analyzed_plan, dimension_schema, keep_own_lookups, key_problem,
-    plan_model, register_inputs, shape_of, slot_for_view,
+    plan_model, plan_over_rows, register_inputs, shape_of, slot_for_view,
 };
 use crate::stateless::session;
 use crate::windowed::window_key;
@@ -162,12 +162,7 @@ pub async fn plan_refresh(
             ctx.table(reference.clone()).await?.schema().as_arrow(),
         ),
     };
-    ctx.deregister_table(reference.clone())?;
-    let slot = Arc::new(MemTable::try_new(schema, vec![vec![]])?);
-    ctx.register_table(reference, slot.clone())?;
-    let state = ctx.state();
-    let plan = state.create_logical_plan(&model.sql).await?;
-    let plan = crate::mask_plan::mask_plan(plan, &model.config.mask)?;
+    let (slot, plan) = plan_over_rows(&ctx, upstream, schema, model).await?;
     if let Some(e) = model
         .config
         .expectations

@@ -727,7 +727,7 @@ fn watermark_at(source: &Table, topic: &str, marks: &mut Watermarks, sequence: i
 }
 
 /// The position on a table `committed` records under `key` (0: none).
-fn table_position(committed: &Offsets, key: &str) -> Result<i64, SourceError> {
+pub(crate) fn table_position(committed: &Offsets, key: &str) -> Result<i64, SourceError> {
     match committed.get(key).and_then(|p| p.get(&0)) {
         Some(&position) => i64::try_from(position)
             .map_err(|_| SourceError::Read(format!("{key}: position {position} out of range"))),

@@ -349,8 +349,8 @@ pub struct Model {
     /// Every topic and model it reads, without repeats.
     pub inputs: Vec<Input>,
     /// Its SQL ends in one GROUP BY (or DISTINCT) without a window over time
-    /// ([`crate::sql::groups`]) and its configuration does not say `append` or a dimension: its
-    /// table holds one row per group, upserted in place.
+    /// ([`crate::sql::ParsedModel`]) and its configuration does not say `append` or a
+    /// dimension: its table holds one row per group, upserted in place.
     #[serde(skip)]
     pub groups: bool,
 }
@@ -381,16 +381,37 @@ impl Project {
         };
         model.groups
             && reader.inputs.iter().any(|input| match input {
-                Input::Topic(t) => self
-                    .topics
-                    .get(t)
-                    .is_some_and(|spec| spec.kind != TopicKind::Table),
-                Input::Model(m) => {
-                    m != model_id
-                        && !self.is_dimension(m)
-                        && !self.models.get(m).is_some_and(|m| m.groups)
-                }
+                Input::Topic(t) => self.topics.contains_key(t) && !self.is_table_topic(t),
+                Input::Model(m) => m != model_id && !self.upserts(m),
             })
+    }
+
+    /// Whether `model_id`'s table is upserted in place: a dimension, or a GROUP BY.
+    pub fn upserts(&self, model_id: &str) -> bool {
+        self.is_dimension(model_id) || self.models.get(model_id).is_some_and(|m| m.groups)
+    }
+
+    /// Whether `topic` is of kind "table" (its records are the current rows of something).
+    pub fn is_table_topic(&self, topic: &str) -> bool {
+        self.topics
+            .get(topic)
+            .is_some_and(|spec| spec.kind == TopicKind::Table)
+    }
+
+    /// The models whose published tables `model_id` reads ([`Project::reads_tables`]), followed
+    /// down: the one it reads, the one that one reads, and so on (empty: it reads its topics).
+    pub fn table_chain(&self, model_id: &str) -> Vec<&str> {
+        let mut chain = Vec::new();
+        let mut at = model_id;
+        // A model reads only models before it in `order`, so the walk ends; the bound keeps a
+        // map that says otherwise from looping.
+        while let Some(upstream) = self.reads_tables.get(at)
+            && chain.len() < self.models.len()
+        {
+            chain.push(upstream.as_str());
+            at = upstream;
+        }
+        chain
     }
 
     /// The models `model_id` looks up ([`Project::looks_up`]), itself or through the models it
@@ -609,19 +630,19 @@ pub fn load(files: &ProjectFiles) -> Result<Project, Vec<Diagnostic>> {
             .and_then(|p| parse_model_config(p, &files[p], &mut diagnostics))
             .unwrap_or_default();
         let sql = files[*sql_path].clone();
-        if let Some(relations) = crate::sql::relations(sql_path, &sql, &mut diagnostics) {
+        if let Some(model) = crate::sql::parse_model(sql_path, &sql, &mut diagnostics) {
             parsed.push((
                 layer.clone(),
                 name.clone(),
                 sql_path.to_string(),
                 sql,
                 config,
-                relations,
+                model,
             ));
         }
     }
     let model_ids: BTreeSet<String> = parsed.iter().map(|(l, n, ..)| format!("{l}.{n}")).collect();
-    for (layer, name, file, sql, config, relations) in parsed {
+    for (layer, name, file, sql, config, query) in parsed {
         for e in &config.expectations {
             if let crate::expect::Check::Relationships { to, .. } = &e.check
                 && !model_ids.contains(to)
@@ -639,8 +660,8 @@ pub fn load(files: &ProjectFiles) -> Result<Project, Vec<Diagnostic>> {
             }
         }
         let mut inputs = BTreeSet::new();
-        for relation in relations {
-            match resolve(&relation, &topic_names, &model_ids) {
+        for relation in &query.relations {
+            match resolve(relation, &topic_names, &model_ids) {
                 Ok(input) => {
                     inputs.insert(input);
                 }
@@ -657,9 +678,9 @@ pub fn load(files: &ProjectFiles) -> Result<Project, Vec<Diagnostic>> {
             }
         }
         let groups = match config.materialization {
-            None => crate::sql::groups(&sql),
+            None => query.groups && !query.calls_window,
             // Upserted even when its keys hold a window.
-            Some(Materialization::Upsert) => crate::sql::groups_by_any_key(&sql),
+            Some(Materialization::Upsert) => query.groups,
             Some(_) => false,
         };
         let model = Model {

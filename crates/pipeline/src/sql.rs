@@ -18,13 +18,26 @@ pub struct Relation {
     pub line_column: (usize, usize),
 }
 
-/// Parses a model file, which must hold exactly one SELECT, and lists the tables it reads
-/// (common table expressions excluded). Problems go to `diagnostics`.
-pub fn relations(
+/// A model file's one SELECT, as parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedModel {
+    /// The tables it reads (common table expressions excluded).
+    pub relations: Vec<Relation>,
+    /// Its SELECT, or the one query it selects from, has a GROUP BY or DISTINCT.
+    pub groups: bool,
+    /// It calls a window function over time (`date_bin`, `date_trunc`, `hop`) anywhere: a
+    /// window may be keyed by position, alias or a subquery's column, so any call makes a
+    /// GROUP BY windowed, as far as the SQL alone tells.
+    pub calls_window: bool,
+}
+
+/// Parses a model file, which must hold exactly one SELECT: the tables it reads and whether it
+/// groups. Problems go to `diagnostics`.
+pub fn parse_model(
     file: &str,
     sql: &str,
     diagnostics: &mut Vec<Diagnostic>,
-) -> Option<Vec<Relation>> {
+) -> Option<ParsedModel> {
     let statements = match Parser::parse_sql(&GenericDialect {}, sql) {
         Ok(statements) => statements,
         Err(e) => {
@@ -70,47 +83,24 @@ pub fn relations(
         }
         ControlFlow::<()>::Continue(())
     });
-    Some(found)
+    Some(ParsedModel {
+        relations: found,
+        groups: query_groups(query),
+        calls_window: calls_window(query),
+    })
 }
 
-/// Whether `sql` (a model that parsed) keeps one row per group: its SELECT, or the one query it
-/// selects from, has a GROUP BY or DISTINCT none of whose keys is a window over time
-/// (`date_bin`, `date_trunc`, `hop`) — conservatively, the query calls none of them. Its table is then upserted by the group keys, unless
-/// its configuration says otherwise.
-pub fn groups(sql: &str) -> bool {
-    // A window may be keyed by position, alias or a subquery's column: any call of one
-    // makes the model windowed, as far as this can tell.
-    query_of(sql).is_some_and(|query| query_groups(&query) && !calls_window(&query))
-}
-
-/// Whether `sql`'s SELECT, or the one query it selects from, has a GROUP BY or DISTINCT,
-/// windows or not.
-pub fn groups_by_any_key(sql: &str) -> bool {
-    query_of(sql).is_some_and(|query| query_groups(&query))
-}
-
-/// The one query `sql` holds.
-fn query_of(sql: &str) -> Option<Query> {
-    let statements = Parser::parse_sql(&GenericDialect {}, sql).ok()?;
-    match <[Statement; 1]>::try_from(statements) {
-        Ok([Statement::Query(query)]) => Some(*query),
-        _ => None,
-    }
-}
-
+/// Whether the SELECT of `query`, or the one query it selects from, groups.
 fn query_groups(query: &Query) -> bool {
     use sqlparser::ast::{Distinct, GroupByExpr, SetExpr, TableFactor};
     let SetExpr::Select(select) = query.body.as_ref() else {
         return false;
     };
-    let keys = match &select.group_by {
-        GroupByExpr::Expressions(keys, _) => keys.as_slice(),
-        GroupByExpr::All(_) => return true,
+    let grouped = match &select.group_by {
+        GroupByExpr::Expressions(keys, _) => !keys.is_empty(),
+        GroupByExpr::All(_) => true,
     };
-    if !keys.is_empty() {
-        return true;
-    }
-    if matches!(select.distinct, Some(Distinct::Distinct)) {
+    if grouped || matches!(select.distinct, Some(Distinct::Distinct)) {
         return true;
     }
     // Row-by-row steps over one grouped subquery.
@@ -203,6 +193,25 @@ fn parse_error(file: &str, message: &str) -> Diagnostic {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn relations(file: &str, sql: &str, d: &mut Vec<Diagnostic>) -> Option<Vec<Relation>> {
+        parse_model(file, sql, d).map(|p| p.relations)
+    }
+
+    fn parsed(sql: &str) -> ParsedModel {
+        parse_model("m.sql", sql, &mut Vec::new()).unwrap()
+    }
+
+    /// As a model without a `materialization` is read.
+    fn groups(sql: &str) -> bool {
+        let p = parsed(sql);
+        p.groups && !p.calls_window
+    }
+
+    /// As a model with `materialization = "upsert"` is read.
+    fn groups_by_any_key(sql: &str) -> bool {
+        parsed(sql).groups
+    }
 
     fn names(sql: &str) -> Vec<String> {
         let mut d = Vec::new();

@@ -1102,16 +1102,11 @@ fn runs_on(before: &Project, after: &Project, replaying: &[String], model: &str)
 /// 1 for a version that reads topics or an upstream that is not replaying; one more per
 /// replaying upstream whose table it reads, through the chain.
 fn chain_depth(project: &Project, replaying: &[String], model: &str) -> usize {
-    let mut depth = 1;
-    let mut at = model;
-    while let Some(upstream) = project.reads_tables.get(at)
-        && replaying.iter().any(|m| m == upstream)
-        && depth <= replaying.len()
-    {
-        depth += 1;
-        at = upstream;
-    }
-    depth
+    1 + project
+        .table_chain(model)
+        .into_iter()
+        .take_while(|upstream| replaying.iter().any(|m| m == upstream))
+        .count()
 }
 
 /// Whether `model` has the same expectations in `before` and `after` (those of severity

@@ -435,20 +435,15 @@ async fn open_dimension_model(
         model: model_id.to_owned(),
         source,
     };
-    let mut chain = Vec::new();
-    let mut bottom = name;
-    while let Some(upstream) = project.reads_tables.get(bottom) {
-        if chain.len() > project.models.len() {
-            return Err(plan_error(datafusion::error::DataFusionError::Internal(
-                "models read each other's tables in a cycle".into(),
-            )));
-        }
+    let read = project.table_chain(name);
+    let mut chain = Vec::with_capacity(read.len());
+    for upstream in &read {
         let table =
             crate::upstream::upstream_table(lakehouse, project, upstream).map_err(lake_err)?;
         let key = crate::upstream::table_key(&table);
         chain.push((table, key));
-        bottom = upstream;
     }
+    let bottom = read.last().copied().unwrap_or(name);
     let planned = plan_model(project, bottom).await.map_err(plan_error)?;
     if planned.join.is_some() {
         return Err(RunnerError::Unsupported {
