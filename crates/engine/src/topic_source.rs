@@ -81,24 +81,18 @@ impl TimeMarks {
             let marks = self.after.entry(name.clone()).or_default();
             // Rows come in runs of one partition (a chunk of the log each): one map update
             // per run, not per row.
-            let mut run: Option<(u32, i64)> = None;
-            for (row, &partition) in partitions.iter().enumerate().take(times.len()) {
-                let time = times.is_valid(row).then(|| times.value(row));
-                run = match (run, time) {
-                    (Some((p, greatest)), Some(t)) if p == partition => Some((p, greatest.max(t))),
-                    (Some((p, greatest)), _) if p == partition => Some((p, greatest)),
-                    (previous, time) => {
-                        if let Some((p, greatest)) = previous {
-                            let mark = marks.entry(p).or_insert(greatest);
-                            *mark = (*mark).max(greatest);
-                        }
-                        time.map(|t| (partition, t))
-                    }
-                };
-            }
-            if let Some((p, greatest)) = run {
-                let mark = marks.entry(p).or_insert(greatest);
-                *mark = (*mark).max(greatest);
+            let rows = partitions.len().min(times.len());
+            let mut start = 0;
+            for run in partitions[..rows].chunk_by(|a, b| a == b) {
+                let greatest = (start..start + run.len())
+                    .filter(|&row| times.is_valid(row))
+                    .map(|row| times.value(row))
+                    .max();
+                start += run.len();
+                if let Some(greatest) = greatest {
+                    let mark = marks.entry(run[0]).or_insert(greatest);
+                    *mark = (*mark).max(greatest);
+                }
             }
         }
     }
