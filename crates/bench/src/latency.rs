@@ -163,7 +163,7 @@ async fn run_async(work: &Path, backlog: u64, rate: u64, seconds: f64) -> anyhow
     // As a deploy records it: gold.chained reads silver.rows's published table.
     project
         .reads_tables
-        .insert("gold.chained".into(), "silver.rows".into());
+        .insert("gold.chained".into(), vec!["silver.rows".into()]);
     let project = Arc::new(project);
     let lakehouse = Lakehouse::open(work).await?;
 

@@ -440,7 +440,7 @@ async fn replay(
     if query.upstream.is_some() {
         project
             .reads_tables
-            .insert("gold.q".into(), "silver.s".into());
+            .insert("gold.q".into(), vec!["silver.s".into()]);
     }
     let project = Arc::new(project);
     let data = work.join(format!("lake-{}", query.name));

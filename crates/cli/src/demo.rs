@@ -533,7 +533,7 @@ async fn story(args: &DemoArgs, project: &Path, base: &str) -> anyhow::Result<()
     let deployed = client.deployment().await?;
     let v2_version = deployed.models[GOLD].version.clone();
     anyhow::ensure!(
-        deployed.models[GOLD].reads_table.as_deref() == Some("silver.orders"),
+        deployed.models[GOLD].reads_tables == ["silver.orders"],
         "v2 of {GOLD} should have read silver.orders' table instead of recomputing it"
     );
 

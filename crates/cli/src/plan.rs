@@ -22,8 +22,8 @@ pub(crate) const ESTIMATE_RECORDS_PER_S: u64 = 500_000;
 pub(crate) struct PlanArgs {
     /// Print JSON: {"summary": {new, changed, downstream, unchanged, removed, replaying},
     /// "models": [{model, change, deployed?, version?, sql_diff, config_diff, because, inputs,
-    /// history: [{topic, records, bytes, first_offsets, first_time?}], reads_table?: {model,
-    /// rows}, estimated_seconds?}…]}.
+    /// history: [{topic, records, bytes, first_offsets, first_time?}], reads_tables?: [{model,
+    /// rows, replays}], estimated_seconds?}…]}.
     #[arg(long)]
     json: bool,
 }
@@ -56,13 +56,14 @@ struct ModelReport {
     history: Vec<TopicHistory>,
     /// For a replay: its records ÷ [`ESTIMATE_RECORDS_PER_S`].
     estimated_seconds: Option<f64>,
-    /// For a replay over an unchanged upstream model: the table it reads instead of
-    /// recomputing that model (its history is then that table and its own dimensions).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reads_table: Option<UpstreamRead>,
+    /// For a replay over upstream models: the tables it reads instead of recomputing those
+    /// models (one; two for a join of two models). Its history is then those tables, its own
+    /// topics and its own dimensions.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    reads_tables: Vec<UpstreamRead>,
 }
 
-/// The published table of the upstream model a replay reads.
+/// The published table of an upstream model a replay reads.
 #[derive(Debug, Clone, Serialize)]
 struct UpstreamRead {
     model: String,
@@ -114,15 +115,17 @@ pub(crate) async fn report(
     let mut models = Vec::new();
     for plan in plans {
         let mut history = Vec::new();
-        let mut reads_table = None;
+        let mut reads_tables = Vec::new();
         if plan.change.replays() {
             let topics = match table_reads.get(&plan.model) {
-                Some(u) => {
-                    reads_table = Some(UpstreamRead {
-                        model: u.clone(),
-                        rows: count_rows(client, u).await,
-                        replays: plans_replaying.contains(u),
-                    });
+                Some(upstreams) => {
+                    for u in upstreams {
+                        reads_tables.push(UpstreamRead {
+                            model: u.clone(),
+                            rows: count_rows(client, u).await,
+                            replays: plans_replaying.contains(u),
+                        });
+                    }
                     project.models[&plan.model]
                         .inputs
                         .iter()
@@ -142,7 +145,7 @@ pub(crate) async fn report(
                 history.extend(histories.get(&topic).cloned());
             }
         }
-        let table_rows = reads_table.as_ref().and_then(|r| r.rows).unwrap_or(0);
+        let table_rows: u64 = reads_tables.iter().filter_map(|r| r.rows).sum();
         let estimated_seconds = plan.change.replays().then(|| {
             (history.iter().map(|h| h.records).sum::<u64>() + table_rows) as f64
                 / ESTIMATE_RECORDS_PER_S as f64
@@ -151,7 +154,7 @@ pub(crate) async fn report(
             plan,
             history,
             estimated_seconds,
-            reads_table,
+            reads_tables,
         });
     }
     Ok(PlanReport {
@@ -184,7 +187,7 @@ fn summarize(models: &[ModelReport]) -> Summary {
 async fn table_reads(
     project: &kappa_pipeline::Project,
     plans: &[ModelPlan],
-) -> BTreeMap<String, String> {
+) -> BTreeMap<String, Vec<String>> {
     let mut reads = BTreeMap::new();
     for plan in plans.iter().filter(|p| p.change.replays()) {
         if let Some(upstream) =
@@ -318,7 +321,7 @@ pub(crate) fn render(report: &PlanReport) -> String {
             }
         }
         if p.change.replays() {
-            if let Some(read) = &m.reads_table {
+            for read in &m.reads_tables {
                 let rows = read
                     .rows
                     .map(|r| format!(" ({} rows)", thousands(r)))
@@ -417,25 +420,30 @@ mod tests {
             .into_iter()
             .map(|plan| {
                 let replays = plan.change.replays();
-                let reads_table = reads.get(&plan.model).map(|u| UpstreamRead {
-                    model: u.clone(),
-                    rows: Some(1_000_000),
-                    replays: replaying.contains(u),
-                });
+                let reads_tables: Vec<UpstreamRead> = reads
+                    .get(&plan.model)
+                    .into_iter()
+                    .flatten()
+                    .map(|u| UpstreamRead {
+                        model: u.clone(),
+                        rows: Some(1_000_000),
+                        replays: replaying.contains(u),
+                    })
+                    .collect();
                 // Over a table, the history is the table (the models here read no dimension).
-                let history = if replays && reads_table.is_none() {
+                let history = if replays && reads_tables.is_empty() {
                     vec![history.clone()]
                 } else {
                     Vec::new()
                 };
                 let records = history.iter().map(|h| h.records).sum::<u64>()
-                    + reads_table.as_ref().and_then(|r| r.rows).unwrap_or(0);
+                    + reads_tables.iter().filter_map(|r| r.rows).sum::<u64>();
                 ModelReport {
                     plan,
                     history,
                     estimated_seconds: replays
                         .then_some(records as f64 / ESTIMATE_RECORDS_PER_S as f64),
-                    reads_table,
+                    reads_tables,
                 }
             })
             .collect();

@@ -45,13 +45,13 @@ pub fn offset_keys(project: &Project, model_id: &str) -> Vec<(String, String)> {
         // Its upstream reads the topics and looks up the dimensions under it: the model reads
         // only what it names itself (the other side of a join, its own lookups; a refreshed
         // model's dimension is its upstream).
-        (Some(upstream), Some(model)) => {
+        (Some(upstreams), Some(model)) => {
             let (mut topics, mut dimensions) = (Vec::new(), Vec::new());
             for input in &model.inputs {
                 match input {
                     kappa_pipeline::Input::Topic(t) => topics.push(t.clone()),
                     kappa_pipeline::Input::Model(m)
-                        if project.looks_up(model_id, m) && m != upstream =>
+                        if project.looks_up(model_id, m) && !upstreams.contains(m) =>
                     {
                         dimensions.push(m.clone());
                     }
@@ -219,10 +219,10 @@ mod tests {
         );
         project
             .reads_tables
-            .insert("gold.paid".into(), "silver.orders".into());
+            .insert("gold.paid".into(), vec!["silver.orders".into()]);
         project
             .reads_tables
-            .insert("gold.per_customer".into(), "silver.customers".into());
+            .insert("gold.per_customer".into(), vec!["silver.customers".into()]);
         assert_eq!(keys(&project, "gold.paid"), ["payments"]);
         assert!(keys(&project, "gold.per_customer").is_empty());
     }

@@ -120,14 +120,15 @@ impl Chain {
             .map_err(|e| DataFusionError::Execution(e.to_string()))?;
         let position = crate::upstream::table_position(&record.offsets, &self.tables[at].1)
             .map_err(|e| DataFusionError::Execution(e.to_string()))?;
-        Ok(uuid_read(head) == Some(&found.uuid) && position >= found.sequence)
+        Ok(uuid_read(head, &self.tables[at].0) == Some(&found.uuid) && position >= found.sequence)
     }
 
     /// Starts the climb again when `head` (a reader's commit) read another table than the
     /// one whose commit was found: that table was rebuilt, and its sequence numbers began again.
     fn forget_if_rebuilt(&mut self, head: &kappa_lakehouse::Snapshot) {
-        if let (Some(found), Some(read)) = (&self.found, uuid_read(head))
-            && *read != found.uuid
+        if let Some(found) = &self.found
+            && let Some((table, _)) = self.tables.get(found.at)
+            && uuid_read(head, table).is_some_and(|read| *read != found.uuid)
         {
             self.found = None;
         }
@@ -569,11 +570,14 @@ impl Published {
     }
 }
 
-/// The uuid of the upstream table the commit `head` read (`kappa.upstream-uuid`).
-fn uuid_read(head: &kappa_lakehouse::Snapshot) -> Option<&String> {
-    head.summary()
-        .additional_properties
-        .get(crate::upstream::UPSTREAM_UUID_PROPERTY)
+/// The uuid of the upstream table `table` as the commit `head` read it
+/// (`kappa.upstream-uuid`).
+fn uuid_read<'h>(head: &'h kappa_lakehouse::Snapshot, table: &TableIdent) -> Option<&'h String> {
+    crate::upstream::recorded(
+        &head.summary().additional_properties,
+        crate::upstream::UPSTREAM_UUID_PROPERTY,
+        table,
+    )
 }
 
 /// Whether `covered` (a commit's next offsets) reaches every partition's end in `awaited`.

@@ -319,17 +319,24 @@ pub(crate) fn keep_own_lookups(model: &Model, dimensions: &mut Vec<(String, Arc<
 /// The one model (not a dimension) `model_id` reads, with how many stream topics it reads
 /// beside it; `None` when it reads no such model or several.
 pub(crate) fn one_model_read(project: &Project, model_id: &str) -> Option<(String, usize)> {
-    let mut upstream = None;
+    let (models, streams) = models_read(project, model_id)?;
+    let [upstream] = <[String; 1]>::try_from(models).ok()?;
+    Some((upstream, streams))
+}
+
+/// The models `model_id` reads as streams of rows (not those it looks up), in the order it
+/// names them, with how many stream topics it reads beside them; `None`: no model `model_id`.
+pub(crate) fn models_read(project: &Project, model_id: &str) -> Option<(Vec<String>, usize)> {
+    let mut models = Vec::new();
     let mut streams = 0;
     for input in &project.models.get(model_id)?.inputs {
         match input {
             Input::Model(m) if project.looks_up(model_id, m) => {}
-            Input::Model(_) if upstream.is_some() => return None,
-            Input::Model(m) => upstream = Some(m.clone()),
+            Input::Model(m) => models.push(m.clone()),
             Input::Topic(t) => streams += usize::from(!project.is_table_topic(t)),
         }
     }
-    Some((upstream?, streams))
+    Some((models, streams))
 }
 
 /// Replaces the views of `tables` (models `model_id` reads directly) by slots of their output

@@ -54,28 +54,48 @@ pub fn upstream_table(
     crate::tables::live_table(lakehouse, project, upstream_id)
 }
 
-/// Holds position 0 on the upstream table `model_id` reads, if it reads one: nothing of it is
-/// merged until the model's runner has read its own position. Called before a runner starts,
-/// so that the upstream's runner, starting beside it, cannot merge past that position first.
+/// Holds position 0 on each upstream table `model_id` reads: nothing of it is merged until the
+/// model's runner has read its own position. Called before a runner starts, so that the
+/// upstream's runner, starting beside it, cannot merge past that position first.
 pub fn hold_before_start(lakehouse: &Lakehouse, project: &Project, model_id: &str) {
-    let Some(upstream_id) = project.reads_tables.get(model_id) else {
+    let Ok(reader) = crate::tables::live_table(lakehouse, project, model_id) else {
         return;
     };
-    let reader = crate::tables::live_table(lakehouse, project, model_id);
-    if let (Ok(upstream), Ok(reader)) = (upstream_table(lakehouse, project, upstream_id), reader) {
-        lakehouse.hold(&upstream, &reader.to_string(), 0);
+    for upstream_id in project.reads_tables.get(model_id).into_iter().flatten() {
+        if let Ok(upstream) = upstream_table(lakehouse, project, upstream_id) {
+            lakehouse.hold(&upstream, &reader.to_string(), 0);
+        }
     }
 }
 
-/// The upstream model whose published table `model_id` of `project` reads, if it reads one
+/// The upstream models whose published tables `model_id` of `project` reads, if it reads any
 /// (see [`reading_of`]).
-pub async fn readable_upstream(project: &Project, model_id: &str) -> Option<String> {
+pub async fn readable_upstream(project: &Project, model_id: &str) -> Option<Vec<String>> {
     reading_of(project, model_id)
         .await
-        .map(|(upstream, _)| upstream)
+        .map(|(upstreams, _)| upstreams)
 }
 
-/// How a model reads its upstream's published table.
+/// The name a reader's commits record the upstream table `table`'s `name`
+/// ([`UPSTREAM_UUID_PROPERTY`], [`UPSTREAM_BEGAN_PROPERTY`]) under: one per table read (a join
+/// of two models reads two).
+fn property_of(name: &str, table: &TableIdent) -> String {
+    format!("{name}:{table}")
+}
+
+/// What a reader's commit (its summary's `properties`) recorded as `name` of the upstream
+/// table `table`; a commit of a kappa that read one table at most recorded it as `name` alone.
+pub(crate) fn recorded<'p>(
+    properties: &'p HashMap<String, String>,
+    name: &str,
+    table: &TableIdent,
+) -> Option<&'p String> {
+    properties
+        .get(&property_of(name, table))
+        .or_else(|| properties.get(name))
+}
+
+/// How a model reads its upstreams' published tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reading {
     /// The rows each commit adds, in commit order ([`TableSource`]).
@@ -83,12 +103,13 @@ pub enum Reading {
     /// The whole table at each new snapshot, the model's SQL run over it as a batch
     /// ([`SnapshotSource`], `refresh.rs`).
     Refresh,
-    /// As one side of a join of two streams, the other a topic: the rows each commit adds, in
-    /// commit order, with event time judged over them ([`TableSource::judging_lateness`]).
+    /// As a side of a join of two streams, the other a topic or another model's table: the
+    /// rows each commit adds, in commit order, with event time judged over them
+    /// ([`TableSource::judging_lateness`]).
     Join,
 }
 
-/// The upstream model whose published table `model_id` of `project` reads, and how:
+/// The upstream models whose published tables `model_id` of `project` reads, and how:
 /// - a model that reads only one model whose table is upserted in place (a GROUP BY or a
 ///   dimension) is refreshed from it (any SQL);
 /// - a model that reads one model and otherwise only dimensions, where that model appends
@@ -96,14 +117,16 @@ pub enum Reading {
 ///   commits as a stream when over the table it runs as it would recomputing that model: row
 ///   by row, one GROUP BY without windows (neither depends on the order of the rows), or
 ///   windows over the event time of an upstream that deduplicates (which emits rows as its
-///   watermark passes them, so its recorded watermark closes them).
-pub async fn reading_of(project: &Project, model_id: &str) -> Option<(String, Reading)> {
+///   watermark passes them, so its recorded watermark closes them);
+/// - a model that joins two streams, one or both of them models that append row by row over
+///   one topic, reads each such model's commits as a side of the join (`joined_upstreams`).
+pub async fn reading_of(project: &Project, model_id: &str) -> Option<(Vec<String>, Reading)> {
     if let Some((upstream_id, planned)) = refresh_plan(project, model_id).await {
         planned.ok()?;
-        return Some((upstream_id, Reading::Refresh));
+        return Some((vec![upstream_id], Reading::Refresh));
     }
-    if let Some(upstream_id) = joined_upstream(project, model_id).await {
-        return Some((upstream_id, Reading::Join));
+    if let Some(upstreams) = joined_upstreams(project, model_id).await {
+        return Some((upstreams, Reading::Join));
     }
     let upstream_id = crate::plan_tables::upstream_of(project, model_id)?;
     // A dimension's table is rewritten in place: it is looked up, not read as a stream.
@@ -112,22 +135,30 @@ pub async fn reading_of(project: &Project, model_id: &str) -> Option<(String, Re
     }
     // `plan_over_upstream` refuses what would run another way over the table.
     plan_over_upstream(project, model_id).await.ok()?;
-    Some((upstream_id, Reading::Stream))
+    Some((vec![upstream_id], Reading::Stream))
 }
 
-/// The model whose table `model_id` reads as a side of a join of two streams: it reads one
-/// model that appends and a stream topic (and otherwise dimensions), and joins the two.
-async fn joined_upstream(project: &Project, model_id: &str) -> Option<String> {
-    let (upstream, streams) = crate::plan::one_model_read(project, model_id)?;
-    if streams != 1 || upserted(project, &upstream).await {
+/// The models whose tables `model_id` reads as sides of a join of two streams: it joins a
+/// model that appends with a stream topic, or two such models (and otherwise looks up
+/// dimensions), and each model's files carry the event-time marks its side is judged by
+/// ([`joined_side`]). In the order the model names them.
+async fn joined_upstreams(project: &Project, model_id: &str) -> Option<Vec<String>> {
+    let (upstreams, streams) = crate::plan::models_read(project, model_id)?;
+    if upstreams.is_empty() || upstreams.len() + streams != 2 {
         return None;
     }
-    let planned =
-        crate::plan::plan_model_reading(project, model_id, std::slice::from_ref(&upstream))
-            .await
-            .ok()?;
-    joined_side(project, &planned, &upstream).await?;
-    Some(upstream)
+    for upstream in &upstreams {
+        if upserted(project, upstream).await {
+            return None;
+        }
+    }
+    let planned = crate::plan::plan_model_reading(project, model_id, &upstreams)
+        .await
+        .ok()?;
+    for upstream in &upstreams {
+        joined_side(project, &planned, upstream).await?;
+    }
+    Some(upstreams)
 }
 
 /// Where the side of `planned`'s join that reads `upstream`'s table takes its event time
@@ -207,9 +238,9 @@ async fn upserted(project: &Project, model_id: &str) -> bool {
             .is_ok_and(|p| p.shape == crate::plan::Shape::Grouped)
 }
 
-/// Which models of `project` read an upstream's published table, with that upstream
+/// Which models of `project` read upstreams' published tables, with those upstreams
 /// (`Project::reads_tables` of a project no version of which ran before).
-pub async fn table_readers(project: &Project) -> BTreeMap<String, String> {
+pub async fn table_readers(project: &Project) -> BTreeMap<String, Vec<String>> {
     let mut readers = BTreeMap::new();
     for id in &project.order {
         if let Some(upstream) = readable_upstream(project, id).await {
@@ -552,7 +583,7 @@ impl Source for TableSource {
     }
 
     fn restore(&mut self, properties: Option<&HashMap<String, String>>) {
-        let property = |name: &str| properties.and_then(|p| p.get(name));
+        let property = |name: &str| properties.and_then(|p| recorded(p, name, &self.upstream));
         self.began_at = property(UPSTREAM_BEGAN_PROPERTY)
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
@@ -561,10 +592,13 @@ impl Source for TableSource {
 
     fn properties(&self, into: &mut HashMap<String, String>) {
         if let Some(uuid) = &self.uuid {
-            into.insert(UPSTREAM_UUID_PROPERTY.to_owned(), uuid.clone());
+            into.insert(
+                property_of(UPSTREAM_UUID_PROPERTY, &self.upstream),
+                uuid.clone(),
+            );
         }
         into.insert(
-            UPSTREAM_BEGAN_PROPERTY.to_owned(),
+            property_of(UPSTREAM_BEGAN_PROPERTY, &self.upstream),
             self.began_at.to_string(),
         );
     }

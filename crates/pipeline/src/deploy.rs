@@ -61,10 +61,23 @@ pub struct DeployedModel {
     /// Its configuration as TOML (what the model's `.toml` means, defaults left out).
     pub config: String,
     pub inputs: Vec<Input>,
-    /// The upstream model whose committed table it reads as a stream
-    /// ([`Project::reads_tables`]), if it does.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The upstream models whose committed tables it reads ([`Project::reads_tables`]), if it
+    /// reads any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reads_tables: Vec<String>,
+    /// What a deployment recorded before a model could read two tables: the one it read.
+    #[serde(default, skip_serializing)]
     pub reads_table: Option<String>,
+}
+
+impl DeployedModel {
+    /// The upstream models whose tables it reads, as recorded by this kappa or an earlier one.
+    fn tables_read(&self) -> Vec<String> {
+        match &self.reads_table {
+            Some(one) if self.reads_tables.is_empty() => vec![one.clone()],
+            _ => self.reads_tables.clone(),
+        }
+    }
 }
 
 impl Deployment {
@@ -78,7 +91,8 @@ impl Deployment {
         project.reads_tables = self
             .models
             .iter()
-            .filter_map(|(id, m)| Some((id.clone(), m.reads_table.clone()?)))
+            .map(|(id, m)| (id.clone(), m.tables_read()))
+            .filter(|(_, tables)| !tables.is_empty())
             .filter(|(id, _)| project.models.contains_key(id))
             .collect();
         Some(project)
@@ -97,7 +111,8 @@ impl Deployment {
                         sql: model.sql.clone(),
                         config: config_text(model),
                         inputs: model.inputs.clone(),
-                        reads_table: project.reads_tables.get(id).cloned(),
+                        reads_tables: project.reads_tables.get(id).cloned().unwrap_or_default(),
+                        reads_table: None,
                     };
                     (id.clone(), deployed)
                 })
@@ -472,6 +487,43 @@ mod tests {
         "models/gold/revenue.sql",
         "SELECT region, sum(amount) AS revenue FROM silver.orders GROUP BY region",
     );
+
+    #[test]
+    fn the_tables_a_model_reads_survive_the_record_as_earlier_kappas_wrote_it_too() {
+        let mut files = ProjectFiles::new();
+        for (path, text) in [("kappa.toml", ""), SILVER, GOLD] {
+            files.insert(path.into(), text.into());
+        }
+        files.insert(
+            "topics/orders.toml".into(),
+            "[schema]\nid = \"bigint\"\nregion = \"string\"\namount = \"double\"\n".into(),
+        );
+        let mut running = load(&files).expect("a valid project");
+        running
+            .reads_tables
+            .insert("gold.revenue".into(), vec!["silver.orders".into()]);
+        let record = Deployment::of(&running, &files);
+        let text = serde_json::to_string(&record).expect("serializes");
+        assert!(
+            text.contains(r#""reads_tables":["silver.orders"]"#),
+            "{text}"
+        );
+        let read: Deployment = serde_json::from_str(&text).expect("reads back");
+        assert_eq!(
+            read.project().expect("loads").reads_tables,
+            running.reads_tables
+        );
+        // A record of a kappa that read one table at most named it `reads_table`.
+        let legacy = text.replace(
+            r#""reads_tables":["silver.orders"]"#,
+            r#""reads_table":"silver.orders""#,
+        );
+        let read: Deployment = serde_json::from_str(&legacy).expect("reads back");
+        assert_eq!(
+            read.project().expect("loads").reads_tables,
+            running.reads_tables
+        );
+    }
 
     #[test]
     fn spacing_comments_and_keyword_case_do_not_change_a_version() {

@@ -400,12 +400,13 @@ impl Project {
 
     /// The models whose published tables `model_id` reads ([`Project::reads_tables`]), followed
     /// down: the one it reads, the one that one reads, and so on (empty: it reads its topics).
+    /// The walk stops at a model that reads two tables (a join of two models).
     pub fn table_chain(&self, model_id: &str) -> Vec<&str> {
         let mut chain = Vec::new();
         let mut at = model_id;
         // A model reads only models before it in `order`, so the walk ends; the bound keeps a
         // map that says otherwise from looping.
-        while let Some(upstream) = self.reads_tables.get(at)
+        while let Some([upstream]) = self.reads_tables.get(at).map(Vec::as_slice)
             && chain.len() < self.models.len()
         {
             chain.push(upstream.as_str());
@@ -509,12 +510,13 @@ pub struct Project {
     pub models: BTreeMap<String, Model>,
     /// Model ids, every model after the models it reads.
     pub order: Vec<String>,
-    /// Models that read the committed table of the one model they read, as a stream, instead
-    /// of recomputing it from its topics: model → that upstream model. Not from the files: a
-    /// deploy chooses it for a changed model over an unchanged upstream (kappa-server's
-    /// deployer) and the deployment records it.
+    /// Models that read the committed tables of the models they read, instead of recomputing
+    /// them from their topics: model → those upstream models (one; two when it joins two
+    /// models, the join's left side first). Not from the files: kappa-server's deployer
+    /// chooses it for each model whose shape runs over the tables, and the deployment
+    /// records it.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub reads_tables: BTreeMap<String, String>,
+    pub reads_tables: BTreeMap<String, Vec<String>>,
 }
 
 /// The `.sql` and `.toml` paths of one model, as found.

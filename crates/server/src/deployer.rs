@@ -353,10 +353,10 @@ impl Deployer {
         }
         self.forget_target();
     }
-    /// Which models read their upstream's published table (`Project::reads_tables`): every
-    /// model over one model whose shape runs over a table (`readable_upstream`), so that it
-    /// computes on what that model published — never on rows an audit holds back or a
-    /// discard drops — and the upstream is computed once. A version keeps the source it
+    /// Which models read their upstreams' published tables (`Project::reads_tables`): every
+    /// model over models whose shape runs over their tables (`readable_upstream`), so that it
+    /// computes on what those models published — never on rows an audit holds back or a
+    /// discard drops — and each upstream is computed once. A version keeps the source it
     /// started with: one whose table was written from the topics (by an earlier kappa) goes
     /// on reading them.
     async fn choose_sources(
@@ -368,9 +368,9 @@ impl Deployer {
         let mut project = Arc::unwrap_or_clone(project);
         project.reads_tables.clear();
         if let Some(live) = live {
-            for (id, upstream) in &live.reads_tables {
+            for (id, upstreams) in &live.reads_tables {
                 if !replaying.contains(id) && project.models.contains_key(id) {
-                    project.reads_tables.insert(id.clone(), upstream.clone());
+                    project.reads_tables.insert(id.clone(), upstreams.clone());
                 }
             }
         }
@@ -379,13 +379,14 @@ impl Deployer {
             if project.reads_tables.contains_key(&id) {
                 continue;
             }
-            let Some(upstream) = kappa_engine::upstream::readable_upstream(&project, &id).await
+            let Some(upstreams) = kappa_engine::upstream::readable_upstream(&project, &id).await
             else {
                 continue;
             };
             if !self.written_from_topics(&project, &versions, &id).await {
-                tracing::info!(model = %id, %upstream, "reads its upstream's published table");
-                project.reads_tables.insert(id, upstream);
+                let upstream = upstreams.join(", ");
+                tracing::info!(model = %id, %upstream, "reads its upstreams' published tables");
+                project.reads_tables.insert(id, upstreams);
             }
         }
         project
@@ -431,33 +432,42 @@ impl Deployer {
     }
 
     /// Where each of `models` would have read everything its inputs hold now: the end of
-    /// every partition of its topics, or for a model reading its upstream's table, that
+    /// every partition of its topics, and for a model reading its upstreams' tables, each
     /// table's last commit (its sequence number).
     async fn input_ends(&self, project: &Project, models: &[String]) -> BTreeMap<String, Offsets> {
         let mut ends = topic_ends(&self.log, project, models);
         for id in models {
-            let Some(upstream) = project.reads_tables.get(id) else {
-                continue;
-            };
-            let Ok(table) =
-                kappa_engine::upstream::upstream_table(&self.lakehouse, project, upstream)
-            else {
-                continue;
-            };
-            let last = match self.lakehouse.load_table(&table).await {
-                Ok(t) => t
-                    .metadata()
-                    .current_snapshot()
-                    .map_or(0, |s| s.sequence_number()),
-                Err(_) => 0,
-            };
-            // Beside its own stream topic, if it reads one (the other side of a join).
-            ends.entry(id.clone()).or_default().insert(
-                kappa_engine::upstream::table_key(&table),
-                BTreeMap::from([(0, u64::try_from(last).unwrap_or(0))]),
-            );
+            for upstream in project.reads_tables.get(id).into_iter().flatten() {
+                self.add_table_end(project, id, upstream, &mut ends).await;
+            }
         }
         ends
+    }
+
+    /// Adds to `ends` of the reader `id` the last commit of `upstream`'s table.
+    async fn add_table_end(
+        &self,
+        project: &Project,
+        id: &str,
+        upstream: &str,
+        ends: &mut BTreeMap<String, Offsets>,
+    ) {
+        let Ok(table) = kappa_engine::upstream::upstream_table(&self.lakehouse, project, upstream)
+        else {
+            return;
+        };
+        let last = match self.lakehouse.load_table(&table).await {
+            Ok(t) => t
+                .metadata()
+                .current_snapshot()
+                .map_or(0, |s| s.sequence_number()),
+            Err(_) => 0,
+        };
+        // Beside its own stream topic, if it reads one (the other side of a join).
+        ends.entry(id.to_owned()).or_default().insert(
+            kappa_engine::upstream::table_key(&table),
+            BTreeMap::from([(0, u64::try_from(last).unwrap_or(0))]),
+        );
     }
 
     /// Of the records `upstream`'s table holds, how many a reader at the position `committed`
@@ -546,12 +556,13 @@ impl Deployer {
                 Err(_) => Offsets::new(),
             };
             let (mut done, mut total) = (0, 0);
-            if let Some(upstream) = project.reads_tables.get(id) {
+            for upstream in project.reads_tables.get(id).into_iter().flatten() {
                 // Records of the upstream's table, read or not.
-                (done, total) = self
+                let (d, t) = self
                     .upstream_progress(&project, upstream, &committed)
                     .await
                     .unwrap_or((0, 0));
+                (done, total) = (done + d, total + t);
             }
             for (topic, partitions) in
                 ends.get(id).into_iter().flatten().filter(|(topic, _)| {
@@ -1099,14 +1110,19 @@ fn runs_on(before: &Project, after: &Project, replaying: &[String], model: &str)
     })
 }
 
-/// 1 for a version that reads topics or an upstream that is not replaying; one more per
-/// replaying upstream whose table it reads, through the chain.
+/// 1 for a version that reads topics or upstreams that are not replaying; one more per
+/// replaying upstream whose table it reads, through the deepest chain of them.
 fn chain_depth(project: &Project, replaying: &[String], model: &str) -> usize {
+    // A model reads only models before it in `order`: the recursion ends.
     1 + project
-        .table_chain(model)
+        .reads_tables
+        .get(model)
         .into_iter()
-        .take_while(|upstream| replaying.iter().any(|m| m == upstream))
-        .count()
+        .flatten()
+        .filter(|upstream| replaying.contains(upstream))
+        .map(|upstream| chain_depth(project, replaying, upstream))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Whether `model` has the same expectations in `before` and `after` (those of severity

@@ -548,13 +548,11 @@ async fn model_lag(
     committed: &kappa_engine::runner::Offsets,
 ) -> u64 {
     // A model reading a table may read a topic too (the other side of a join).
-    let own = topic_lag(log, project, id, committed);
-    match project.reads_tables.get(id) {
-        Some(upstream) => {
-            own + Box::pin(upstream_lag(log, lakehouse, project, upstream, committed)).await
-        }
-        None => own,
+    let mut lag = topic_lag(log, project, id, committed);
+    for upstream in project.reads_tables.get(id).into_iter().flatten() {
+        lag += Box::pin(upstream_lag(log, lakehouse, project, upstream, committed)).await;
     }
+    lag
 }
 
 /// The lag of a model reading `upstream`'s table from the position `committed` records: the

@@ -1053,11 +1053,11 @@ fn plan_compares_the_folder_with_what_up_deployed() {
         .unwrap();
     // Over unchanged silver, the changed gold model replays silver's committed rows.
     assert_eq!(
-        changed["reads_table"]["model"], "silver.orders",
+        changed["reads_tables"][0]["model"], "silver.orders",
         "{changed}"
     );
     assert!(
-        changed["reads_table"]["rows"].as_u64().unwrap() > 0,
+        changed["reads_tables"][0]["rows"].as_u64().unwrap() > 0,
         "{changed}"
     );
     assert!(
@@ -1263,7 +1263,8 @@ fn a_downstream_only_change_reads_its_upstreams_table() {
             .unwrap();
     for model in ["gold.revenue_by_region", "gold.revenue_by_category"] {
         assert_eq!(
-            record["models"][model]["reads_table"], "silver.orders",
+            record["models"][model]["reads_tables"],
+            serde_json::json!(["silver.orders"]),
             "{record}"
         );
     }
@@ -1397,7 +1398,7 @@ fn a_downstream_only_change_reads_its_upstreams_table() {
     assert!(up.terminate().unwrap().success());
     let log = std::fs::read_to_string(data.with_extension("stderr")).unwrap();
     assert!(
-        log.contains("reads its upstream's published table"),
+        log.contains("reads its upstreams' published tables"),
         "{log}"
     );
 

@@ -780,11 +780,13 @@ fn expectations_deployed_later_guard_what_reads_the_model() {
     assert!(up.terminate().unwrap().success());
 }
 
-/// A join of two streams whose one side is a model reads that model's table as main
-/// published it: the orders silver's audit holds back meet their payments only if they are
-/// published, and once discarded they never do (they did when the join recomputed silver).
+/// A join of two streams whose sides are models reads those models' tables as main published
+/// them: the orders silver's audit holds back meet their payments only if they are published,
+/// and once discarded they never do (they did when the join recomputed silver). So for a join
+/// of silver.orders with the topic `payments` (gold.paid), and with the model silver.payments
+/// over it (gold.both).
 #[test]
-fn a_join_of_a_model_and_a_stream_reads_what_the_model_published() {
+fn a_join_of_models_reads_what_they_published() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("shop");
     let data = write_project(
@@ -800,9 +802,19 @@ fn a_join_of_a_model_and_a_stream_reads_what_the_model_published() {
             ("models/silver/orders.sql", SILVER_ORDERS_SQL),
             ("models/silver/orders.toml", AUDITED_TOML),
             (
+                "models/silver/payments.sql",
+                "SELECT order_id, paid, ts FROM payments WHERE paid > 0\n",
+            ),
+            (
                 "models/gold/paid.sql",
                 "SELECT count(*) AS n, sum(p.paid) AS paid FROM silver.orders o JOIN payments p \
                  ON p.order_id = o.order_id AND p.ts BETWEEN o.ts AND o.ts + INTERVAL '1 hour'\n",
+            ),
+            (
+                "models/gold/both.sql",
+                "SELECT count(*) AS n, sum(p.paid) AS paid FROM silver.orders o JOIN \
+                 silver.payments p ON p.order_id = o.order_id AND p.ts BETWEEN o.ts AND o.ts + \
+                 INTERVAL '1 hour'\n",
             ),
         ],
     );
@@ -816,11 +828,28 @@ fn a_join_of_a_model_and_a_stream_reads_what_the_model_published() {
         let out = kappa(&data, &["produce", "payments"], Some(lines.as_bytes()));
         assert!(out.status.success(), "{}", stderr(&out));
     };
-    let paid = || rows_of(&data, project, "SELECT n, paid FROM gold.paid");
-    let wait_paid = |expected| wait_rows(&data, project, "SELECT n, paid FROM gold.paid", expected);
+    let paid = |model: &str| rows_of(&data, project, &format!("SELECT n, paid FROM {model}"));
+    let wait_paid = |expected: serde_json::Value| {
+        for model in ["gold.paid", "gold.both"] {
+            wait_rows(
+                &data,
+                project,
+                &format!("SELECT n, paid FROM {model}"),
+                expected.clone(),
+            );
+        }
+    };
     let (ok, text, err) = cli(&["plan"]);
     assert!(ok, "{err}");
     assert!(text.contains("silver.orders"), "{text}");
+    let deployment: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("deployment.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        deployment["models"]["gold.both"]["reads_tables"],
+        serde_json::json!(["silver.orders", "silver.payments"]),
+        "{deployment}"
+    );
     produce_orders(&data, 1..=5, 10);
     pay(1..=5);
     wait_paid(serde_json::json!([[5, 5]]));
@@ -830,7 +859,9 @@ fn a_join_of_a_model_and_a_stream_reads_what_the_model_published() {
     quarantined_by(&data, project, "no_refunds");
     pay(6..=8);
     std::thread::sleep(std::time::Duration::from_secs(2));
-    assert_eq!(paid(), serde_json::json!([[5, 5]]));
+    for model in ["gold.paid", "gold.both"] {
+        assert_eq!(paid(model), serde_json::json!([[5, 5]]), "{model}");
+    }
 
     // Discarded: they never meet; what comes next does.
     let (ok, _, err) = cli(&["discard", "silver.orders"]);

@@ -38,9 +38,9 @@ struct Planned {
     /// Row by row from one topic, appended: the topic's fields it writes unmasked, whose
     /// event-time marks its files carry (`None`: it is not).
     row_by_row: Option<Vec<String>>,
-    /// For the side of a join that reads a model's table: the model's topic and the field of
-    /// it whose marks that side's lateness is judged by (`upstream::joined_side`).
-    marked_side: Option<(String, String)>,
+    /// For each side of a join that reads a model's table: the model, and its topic and the
+    /// field of it whose marks that side's lateness is judged by (`upstream::joined_side`).
+    marked_sides: Vec<(String, (String, String))>,
 }
 
 /// A model ready to run: what it reads, its lookups, its stage and its operator.
@@ -83,10 +83,12 @@ async fn plan_topics(
             })
             .collect()
     });
-    let marked_side = match tables {
-        [upstream] => crate::upstream::joined_side(project, &planned, upstream).await,
-        _ => None,
-    };
+    let mut marked_sides = Vec::new();
+    for upstream in tables {
+        if let Some(side) = crate::upstream::joined_side(project, &planned, upstream).await {
+            marked_sides.push((upstream.clone(), side));
+        }
+    }
     let event_time = planned.event_time.clone();
     let dimensions = planned.dimensions.clone();
     let input_slot = planned.input_slot();
@@ -143,7 +145,7 @@ async fn plan_topics(
         operator,
         stage,
         row_by_row,
-        marked_side,
+        marked_sides,
     })
 }
 
@@ -157,29 +159,31 @@ pub(super) async fn over_topics(
 }
 
 /// `model_id` planned over its streams: its topics, each read from the log, and with
-/// `joined` (a lakehouse and a model), the table that model published as a side of a join of
+/// `joined` (a lakehouse and models), the tables those models published as sides of a join of
 /// two streams.
 async fn over_streams(
     log: &Log,
-    joined: Option<(&Lakehouse, &str)>,
+    joined: Option<(&Lakehouse, &[String])>,
     project: &Project,
     model_id: &str,
 ) -> Result<Ready, RunnerError> {
-    let tables: Vec<String> = joined.iter().map(|(_, m)| (*m).to_owned()).collect();
+    let tables: &[String] = joined.map_or(&[], |(_, models)| models);
     let Planned {
         sources: source_plans,
         dimensions,
         operator,
         stage,
         row_by_row,
-        marked_side,
-    } = plan_topics(project, model_id, &tables)
+        marked_sides,
+    } = plan_topics(project, model_id, tables)
         .await
         .map_err(|e| planning_error(model_id, e))?;
     let needs_event_time = operator.uses_event_time() || stage.is_some();
     let mut sources: Vec<Box<dyn Source>> = Vec::with_capacity(source_plans.len());
     for (name, event_time, slot_schema) in source_plans {
-        if let Some((lakehouse, upstream_id)) = joined.filter(|(_, m)| *m == name) {
+        if let Some((lakehouse, upstream_id)) = joined
+            .and_then(|(lakehouse, models)| Some((lakehouse, models.iter().find(|m| **m == name)?)))
+        {
             let et = event_time.ok_or_else(|| {
                 planning_error(
                     model_id,
@@ -188,14 +192,18 @@ async fn over_streams(
                     ),
                 )
             })?;
-            let (topic, field) = marked_side.clone().ok_or_else(|| {
-                planning_error(
-                    model_id,
-                    datafusion::error::DataFusionError::Internal(format!(
-                        "the join's side over {upstream_id} has no event time its files mark"
-                    )),
-                )
-            })?;
+            let (topic, field) = marked_sides
+                .iter()
+                .find(|(m, _)| m == upstream_id)
+                .map(|(_, side)| side.clone())
+                .ok_or_else(|| {
+                    planning_error(
+                        model_id,
+                        datafusion::error::DataFusionError::Internal(format!(
+                            "the join's side over {upstream_id} has no event time its files mark"
+                        )),
+                    )
+                })?;
             let partitions = log
                 .topic(&topic)
                 .map_err(|source| RunnerError::Log {
@@ -262,18 +270,28 @@ async fn over_streams(
     })
 }
 
-/// `model_id` planned over the table its upstream `upstream_id` published.
-pub(super) async fn over_table(
+/// `model_id` planned over the tables its upstreams `upstreams` published.
+pub(super) async fn over_tables(
     log: &Log,
     lakehouse: &Lakehouse,
     project: &Project,
     model_id: &str,
-    upstream_id: &str,
+    upstreams: &[String],
 ) -> Result<Ready, RunnerError> {
     let reading = crate::upstream::reading_of(project, model_id).await;
     if let Some((_, crate::upstream::Reading::Join)) = reading {
-        return over_streams(log, Some((lakehouse, upstream_id)), project, model_id).await;
+        return over_streams(log, Some((lakehouse, upstreams)), project, model_id).await;
     }
+    let [upstream_id] = upstreams else {
+        return Err(RunnerError::Unsupported {
+            model: model_id.to_owned(),
+            reason: format!(
+                "it was deployed to read the tables of {}, and reads them only as the two \
+                 sides of a join of two streams, which it no longer plans as",
+                upstreams.join(" and ")
+            ),
+        });
+    };
     if let Some((_, crate::upstream::Reading::Refresh)) = reading {
         let (ctx, slot, plan, _) = crate::plan_tables::plan_refresh(project, model_id)
             .await

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use super::error::RunnerError;
 use super::letters::{dead_letter_topic, dead_letters_after};
 use super::ready::{
-    Ready, open_dimensions, open_output, over_table, over_topics, written_from_topics,
+    Ready, open_dimensions, open_output, over_tables, over_topics, written_from_topics,
 };
 use super::waiting::{first_blocked, recovered, upstream_tables, waits_for};
 use super::wap::{deliver_quarantined, set_staging, settle};
@@ -337,7 +337,9 @@ impl Run {
             mut operator,
             mut stage,
         } = match project.reads_tables.get(&model_id) {
-            Some(upstream) => over_table(&log, &lakehouse, &project, &model_id, upstream).await?,
+            Some(upstreams) => {
+                over_tables(&log, &lakehouse, &project, &model_id, upstreams).await?
+            }
             None => over_topics(&log, &project, &model_id).await?,
         };
         let mut dims = open_dimensions(&log, &lakehouse, &project, &model_id, dimensions).await?;

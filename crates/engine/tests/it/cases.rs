@@ -28,7 +28,8 @@
 //!                                  watermark, say)
 //! dead-letters 2                   the dead-letter topic holds this many letters
 //! reads gold.x from gold.y         gold.x reads gold.y's published table (`from topics`:
-//!                                  it reads no table), as `kappa up` would run it
+//!                                  it reads no table; `from a.b and c.d`: it reads both),
+//!                                  as `kappa up` would run it
 //! ```
 
 use std::collections::BTreeMap;
@@ -60,8 +61,8 @@ enum Step {
     /// A model, and a predicate over its columns both sides are filtered by.
     SameAsBatch(String, Option<String>),
     DeadLetters(usize),
-    /// A model, and the upstream whose table it reads (`None`: it reads no table).
-    Reads(String, Option<String>),
+    /// A model, and the upstreams whose tables it reads (`None`: it reads no table).
+    Reads(String, Option<Vec<String>>),
 }
 
 /// The steps of a case file, or what is wrong with it and where.
@@ -107,10 +108,16 @@ fn parse(name: &str, text: &str) -> Vec<(usize, Step)> {
             ),
             "reads" => match rest.split_once(" from ") {
                 Some((model, "topics")) => Step::Reads(model.trim().to_owned(), None),
-                Some((model, upstream)) => {
-                    Step::Reads(model.trim().to_owned(), Some(upstream.trim().to_owned()))
-                }
-                None => panic!("{name}:{at}: reads MODEL from UPSTREAM|topics"),
+                Some((model, upstreams)) => Step::Reads(
+                    model.trim().to_owned(),
+                    Some(
+                        upstreams
+                            .split(" and ")
+                            .map(|u| u.trim().to_owned())
+                            .collect(),
+                    ),
+                ),
+                None => panic!("{name}:{at}: reads MODEL from UPSTREAM [and UPSTREAM]|topics"),
             },
             other => panic!("{name}:{at}: unknown step `{other}`"),
         };
