@@ -181,9 +181,9 @@ fn summarize(models: &[ModelReport]) -> Summary {
     summary
 }
 
-/// The models of `plans` a deploy would have read their upstream's published table (as
-/// `kappa_server::deployer` decides: every model whose shape runs over a table), with that
-/// upstream.
+/// The models of `plans` a deploy would have read their upstreams' published tables (as
+/// `kappa_server::deployer` decides: every model whose shape runs over tables), with those
+/// upstreams.
 async fn table_reads(
     project: &kappa_pipeline::Project,
     plans: &[ModelPlan],

@@ -324,8 +324,9 @@ pub(crate) fn one_model_read(project: &Project, model_id: &str) -> Option<(Strin
     Some((upstream, streams))
 }
 
-/// The models `model_id` reads as streams of rows (not those it looks up), in the order it
-/// names them, with how many stream topics it reads beside them; `None`: no model `model_id`.
+/// The models `model_id` reads as streams of rows (not those it looks up), sorted by name (as
+/// `Model::inputs`), with how many stream topics it reads beside them; `None`: no model
+/// `model_id`.
 pub(crate) fn models_read(project: &Project, model_id: &str) -> Option<(Vec<String>, usize)> {
     let mut models = Vec::new();
     let mut streams = 0;

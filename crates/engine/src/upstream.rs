@@ -141,7 +141,7 @@ pub async fn reading_of(project: &Project, model_id: &str) -> Option<(Vec<String
 /// The models whose tables `model_id` reads as sides of a join of two streams: it joins a
 /// model that appends with a stream topic, or two such models (and otherwise looks up
 /// dimensions), and each model's files carry the event-time marks its side is judged by
-/// ([`joined_side`]). In the order the model names them.
+/// ([`joined_side`]). Sorted by name (as `Model::inputs`); the sides are matched by name.
 async fn joined_upstreams(project: &Project, model_id: &str) -> Option<Vec<String>> {
     let (upstreams, streams) = crate::plan::models_read(project, model_id)?;
     if upstreams.is_empty() || upstreams.len() + streams != 2 {
@@ -728,13 +728,16 @@ impl Source for SnapshotSource {
 
     fn restore(&mut self, properties: Option<&HashMap<String, String>>) {
         self.uuid = properties
-            .and_then(|p| p.get(UPSTREAM_UUID_PROPERTY))
+            .and_then(|p| recorded(p, UPSTREAM_UUID_PROPERTY, &self.upstream))
             .cloned();
     }
 
     fn properties(&self, into: &mut HashMap<String, String>) {
         if let Some(uuid) = &self.uuid {
-            into.insert(UPSTREAM_UUID_PROPERTY.to_owned(), uuid.clone());
+            into.insert(
+                property_of(UPSTREAM_UUID_PROPERTY, &self.upstream),
+                uuid.clone(),
+            );
         }
     }
 

@@ -54,6 +54,7 @@ pub struct FolderFile {
 
 /// One deployed model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "RecordedModel")]
 pub struct DeployedModel {
     pub version: String,
     /// The SQL as written.
@@ -65,17 +66,35 @@ pub struct DeployedModel {
     /// reads any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reads_tables: Vec<String>,
-    /// What a deployment recorded before a model could read two tables: the one it read.
-    #[serde(default, skip_serializing)]
-    pub reads_table: Option<String>,
 }
 
-impl DeployedModel {
-    /// The upstream models whose tables it reads, as recorded by this kappa or an earlier one.
-    fn tables_read(&self) -> Vec<String> {
-        match &self.reads_table {
-            Some(one) if self.reads_tables.is_empty() => vec![one.clone()],
-            _ => self.reads_tables.clone(),
+/// A [`DeployedModel`] as a record holds it, this kappa's or an earlier one's, which named the
+/// one table a model read `reads_table`: read into `reads_tables`, so that the record written
+/// back keeps it.
+#[derive(Deserialize)]
+struct RecordedModel {
+    version: String,
+    sql: String,
+    config: String,
+    inputs: Vec<Input>,
+    #[serde(default)]
+    reads_tables: Vec<String>,
+    #[serde(default)]
+    reads_table: Option<String>,
+}
+
+impl From<RecordedModel> for DeployedModel {
+    fn from(recorded: RecordedModel) -> DeployedModel {
+        let mut reads_tables = recorded.reads_tables;
+        if reads_tables.is_empty() {
+            reads_tables.extend(recorded.reads_table);
+        }
+        DeployedModel {
+            version: recorded.version,
+            sql: recorded.sql,
+            config: recorded.config,
+            inputs: recorded.inputs,
+            reads_tables,
         }
     }
 }
@@ -91,7 +110,7 @@ impl Deployment {
         project.reads_tables = self
             .models
             .iter()
-            .map(|(id, m)| (id.clone(), m.tables_read()))
+            .map(|(id, m)| (id.clone(), m.reads_tables.clone()))
             .filter(|(_, tables)| !tables.is_empty())
             .filter(|(id, _)| project.models.contains_key(id))
             .collect();
@@ -112,7 +131,6 @@ impl Deployment {
                         config: config_text(model),
                         inputs: model.inputs.clone(),
                         reads_tables: project.reads_tables.get(id).cloned().unwrap_or_default(),
-                        reads_table: None,
                     };
                     (id.clone(), deployed)
                 })
@@ -522,6 +540,12 @@ mod tests {
         assert_eq!(
             read.project().expect("loads").reads_tables,
             running.reads_tables
+        );
+        // Written back (the server rewrites its record), it keeps what was read.
+        let again = serde_json::to_string(&read).expect("serializes");
+        assert!(
+            again.contains(r#""reads_tables":["silver.orders"]"#),
+            "{again}"
         );
     }
 
