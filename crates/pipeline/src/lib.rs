@@ -28,8 +28,8 @@ mod sql;
 pub use diagnostic::Diagnostic;
 pub use project::{
     AlertsSection, Audit, BRONZE_LAYER, DEFAULT_RETENTION_MS, DEFAULT_SECRET_ENV, DeploySection,
-    Input, Mask, MaskingSection, Materialization, Model, ModelConfig, PROJECT_FILE, Project,
-    ProjectConfig, ProjectFiles, ProjectSection, ServerSection, TopicKind, TopicSpec, Webhook,
-    WebhookFormat, load,
+    Input, KAFKA_SECRET_PROPERTIES, LogBackend, LogSection, Mask, MaskingSection, Materialization,
+    Model, ModelConfig, PROJECT_FILE, Project, ProjectConfig, ProjectFiles, ProjectSection,
+    PropertyValue, ServerSection, TopicKind, TopicSpec, Webhook, WebhookFormat, load,
 };
 pub use schema::{Field, FieldType};

@@ -43,6 +43,110 @@ pub struct ProjectConfig {
     pub masking: MaskingSection,
     #[serde(default)]
     pub alerts: AlertsSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+/// Where the log is: kappa's own, embedded in `kappa up` (the default), or a Kafka-protocol
+/// cluster (Apache Kafka, Redpanda, MSK, Tansu…).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    #[serde(default)]
+    pub backend: LogBackend,
+    /// For `backend = "kafka"`: librdkafka's properties, passed through (`bootstrap.servers`,
+    /// `security.protocol`, `sasl.*`, `ssl.*`…). `"<property>_env" = "VAR"` sets `<property>`
+    /// from the environment variable `VAR`: the only way a secret is given (the project folder
+    /// is in git).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub kafka: BTreeMap<String, PropertyValue>,
+}
+
+/// Which log [`LogSection`] names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogBackend {
+    #[default]
+    Embedded,
+    Kafka,
+}
+
+/// A librdkafka property's value as TOML writes it (librdkafka takes each as text).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum PropertyValue {
+    Text(String),
+    Number(i64),
+    Flag(bool),
+}
+
+impl std::fmt::Display for PropertyValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PropertyValue::Text(text) => f.write_str(text),
+            PropertyValue::Number(n) => write!(f, "{n}"),
+            PropertyValue::Flag(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+/// librdkafka's properties that hold secrets: given only through `"<property>_env"`.
+pub const KAFKA_SECRET_PROPERTIES: &[&str] = &[
+    "sasl.password",
+    "sasl.oauthbearer.client.secret",
+    "ssl.key.password",
+    "ssl.keystore.password",
+    "ssl.truststore.password",
+];
+
+/// What is wrong with `[log]`, one message per problem.
+fn log_problems(log: &LogSection) -> Vec<String> {
+    let mut problems = Vec::new();
+    match log.backend {
+        LogBackend::Embedded if !log.kafka.is_empty() => problems.push(
+            "log.kafka is set, but log.backend is \"embedded\": set backend = \"kafka\" to use \
+             the cluster"
+                .to_owned(),
+        ),
+        LogBackend::Kafka if !log.kafka.contains_key("bootstrap.servers") => problems.push(
+            "log.backend = \"kafka\" needs log.kafka.\"bootstrap.servers\": the cluster's \
+             brokers, e.g. \"127.0.0.1:9092\""
+                .to_owned(),
+        ),
+        _ => {}
+    }
+    for (name, value) in &log.kafka {
+        if KAFKA_SECRET_PROPERTIES.contains(&name.as_str()) {
+            problems.push(format!(
+                "log.kafka.\"{name}\": a secret is never stored in the project folder; name the \
+                 environment variable that holds it: \"{name}_env\" = \"KAFKA_PASSWORD\""
+            ));
+        }
+        if let Some(property) = name.strip_suffix("_env") {
+            match value {
+                PropertyValue::Text(var) if is_env_name(var) => {}
+                _ => problems.push(format!(
+                    "log.kafka.\"{name}\": the name of the environment variable that holds \
+                     {property}, e.g. \"KAFKA_PASSWORD\" (found `{value}`)"
+                )),
+            }
+            if log.kafka.contains_key(property) {
+                problems.push(format!(
+                    "log.kafka: both \"{property}\" and \"{name}\" are set; keep one"
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// Whether `s` can name an environment variable.
+fn is_env_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// What raises an alert and where alerts go.
@@ -511,8 +615,8 @@ pub struct Project {
     /// Model ids, every model after the models it reads.
     pub order: Vec<String>,
     /// Models that read the committed tables of the models they read, instead of recomputing
-    /// them from their topics: model → those upstream models (one; two when it joins two
-    /// models, the join's left side first). Not from the files: kappa-server's deployer
+    /// them from their topics: model → those upstream models (one; two, sorted by name, when it
+    /// joins two models). Not from the files: kappa-server's deployer
     /// chooses it for each model whose shape runs over the tables, and the deployment
     /// records it.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -550,6 +654,9 @@ pub fn load(files: &ProjectFiles) -> Result<Project, Vec<Diagnostic>> {
                 ),
             ));
         }
+    }
+    for problem in log_problems(&config.log) {
+        diagnostics.push(Diagnostic::in_file(PROJECT_FILE, problem));
     }
     if config.masking.secret.is_some() {
         diagnostics.push(Diagnostic::in_file(
@@ -1375,7 +1482,7 @@ mod tests {
             ("models/gold/f.sql", "SELECT * FROM silver.x.y"),
         ]);
         expect![[r#"
-            kappa.toml:3:2: unknown field `servr`, expected one of `project`, `server`, `lakehouse`, `deploy`, `masking`, `alerts`
+            kappa.toml:3:2: unknown field `servr`, expected one of `project`, `server`, `lakehouse`, `deploy`, `masking`, `alerts`, `log`
             models/Gold/d.sql:1:1: layer name `Gold` must be lowercase letters, digits and `_`, starting with a letter, so that SQL can name it unquoted
             models/gold/b.sql:1:1: models read each other in a cycle: gold.b → silver.a → gold.b
             models/gold/b.sql:2:20: no topic or model `ordrs`; did you mean `orders`?
@@ -1420,6 +1527,62 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(project.topics["orders"].partitions, 2);
+    }
+
+    #[test]
+    fn a_kafka_log_is_configured_with_secrets_from_the_environment_only() {
+        let kafka = "[log]\nbackend = \"kafka\"\n[log.kafka]\n\"bootstrap.servers\" = \
+                     \"127.0.0.1:9092\"\n\"sasl.username\" = \"kappa\"\n\"sasl.password_env\" = \
+                     \"KAFKA_PASSWORD\"\n\"socket.timeout.ms\" = 6000\n\"enable.ssl.certificate.verification\" = false\n";
+        let project = load(&files(&[
+            ("kappa.toml", kafka),
+            ("topics/orders.toml", ORDERS),
+        ]))
+        .expect("loads");
+        assert_eq!(project.config.log.backend, LogBackend::Kafka);
+        let text: BTreeMap<&str, String> = project
+            .config
+            .log
+            .kafka
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_string()))
+            .collect();
+        assert_eq!(text["socket.timeout.ms"], "6000");
+        assert_eq!(text["enable.ssl.certificate.verification"], "false");
+        assert_eq!(text["sasl.password_env"], "KAFKA_PASSWORD");
+        let got = report(&[
+            (
+                "kappa.toml",
+                "[log]\nbackend = \"kafka\"\n[log.kafka]\n\"sasl.password\" = \"hunter2\"\n\
+                 \"ssl.key.password_env\" = \"not a name\"\n",
+            ),
+            ("topics/orders.toml", ORDERS),
+        ]);
+        expect![[r#"
+            kappa.toml:1:1: log.backend = "kafka" needs log.kafka."bootstrap.servers": the cluster's brokers, e.g. "127.0.0.1:9092"
+            kappa.toml:1:1: log.kafka."sasl.password": a secret is never stored in the project folder; name the environment variable that holds it: "sasl.password_env" = "KAFKA_PASSWORD"
+            kappa.toml:1:1: log.kafka."ssl.key.password_env": the name of the environment variable that holds ssl.key.password, e.g. "KAFKA_PASSWORD" (found `not a name`)
+        "#]]
+        .assert_eq(&got);
+        let got = report(&[
+            (
+                "kappa.toml",
+                "[log.kafka]\n\"bootstrap.servers\" = \"127.0.0.1:9092\"\n",
+            ),
+            ("topics/orders.toml", ORDERS),
+        ]);
+        expect![[r#"
+            kappa.toml:1:1: log.kafka is set, but log.backend is "embedded": set backend = "kafka" to use the cluster
+        "#]]
+        .assert_eq(&got);
+        let got = report(&[
+            ("kappa.toml", "[log]\nbackend = \"kinesis\"\n"),
+            ("topics/orders.toml", ORDERS),
+        ]);
+        assert!(
+            got.contains("unknown variant `kinesis`, expected `embedded` or `kafka`"),
+            "{got}"
+        );
     }
 
     #[test]

@@ -165,6 +165,17 @@ impl Server {
             }
             (None, _) => None,
         };
+        if let Some((project, _)) = &project
+            && project.config.log.backend == kappa_pipeline::LogBackend::Kafka
+        {
+            // Refused rather than ignored: records must not go to the embedded log while the
+            // project says they are on the cluster.
+            anyhow::bail!(
+                "kappa.toml [log] backend = \"kafka\": this kappa up does not run on a Kafka \
+                 cluster yet (its Kafka client is built and tested, serving from it is not); \
+                 remove [log] to run on the embedded log"
+            );
+        }
         // The project says where the warehouse is; it is recorded in the data directory for
         // the commands that work on it without a project or a server.
         let warehouse = match &project {

@@ -5,6 +5,7 @@
 pub mod clock;
 pub mod data;
 pub mod fs;
+pub mod kafka;
 pub mod process;
 pub mod python;
 pub mod sim;

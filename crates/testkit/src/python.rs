@@ -19,7 +19,7 @@ pub const REQUIREMENTS: &[&str] = &[
 ];
 
 /// The workspace's `target/` directory, found from the running test binary.
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
         return PathBuf::from(dir);
     }
@@ -239,7 +239,7 @@ impl Drop for RestCatalogServer {
 }
 
 /// A loopback port free now, for a server child to listen on.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free loopback port")
@@ -247,7 +247,7 @@ fn free_port() -> u16 {
 }
 
 /// Waits (up to a minute) until `what` accepts connections on the loopback `port`.
-fn wait_listening(port: u16, what: &str) {
+pub(crate) fn wait_listening(port: u16, what: &str) {
     let started = std::time::Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(

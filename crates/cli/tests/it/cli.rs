@@ -319,6 +319,37 @@ fn a_second_server_on_the_same_data_directory_is_refused() {
     );
 }
 
+/// A project on a Kafka cluster is refused by `kappa up` until it serves from one: never
+/// run on the embedded log while the project says the records are on the cluster.
+#[test]
+fn a_kafka_log_is_refused_rather_than_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shop");
+    let data = crate::quality::write_project(
+        &dir,
+        &[
+            (
+                "kappa.toml",
+                "[project]\nname = \"shop\"\n[log]\nbackend = \"kafka\"\n[log.kafka]\n\
+                 \"bootstrap.servers\" = \"127.0.0.1:9\"\n",
+            ),
+            ("topics/orders.toml", "[schema]\nid = \"bigint\"\n"),
+        ],
+    );
+    let out = Command::new(KAPPA)
+        .args(["up", "--data-dir", data.to_str().unwrap(), "--project"])
+        .arg(&dir)
+        .args(["--http", "127.0.0.1:0", "--pg", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("does not run on a Kafka cluster yet"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn every_command_has_help() {
     for args in [

@@ -1,0 +1,313 @@
+//! The cluster: its topics, an idempotent producer, and consumer groups written for
+//! monitoring.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kappa_log::{Record, RecordPosition};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::reader::PartitionReader;
+use crate::settings::{PRODUCER_SETTINGS, servers};
+use crate::{KafkaError, Result};
+
+/// How long a request to the cluster may take before it is reported as unanswered.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A Kafka-protocol cluster reached with one configuration.
+pub struct Cluster {
+    config: ClientConfig,
+    servers: String,
+    admin: AdminClient<DefaultClientContext>,
+    producer: FutureProducer,
+    /// For metadata and offsets (no group: it reads nothing).
+    probe: BaseConsumer,
+    /// The replication factor of the topics it creates (-1: the brokers' default).
+    replication: i32,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("servers", &self.servers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Cluster::ensure_topic`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ensured {
+    Created,
+    /// It was there, with the partitions declared.
+    Existed,
+}
+
+/// One partition's offsets: the first the cluster still keeps (not 0 once retention dropped
+/// history) and the next it will assign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionOffsets {
+    pub partition: u32,
+    pub earliest: u64,
+    pub next: u64,
+}
+
+impl Cluster {
+    /// Clients of the cluster `config` names (created without a connection: librdkafka
+    /// connects when asked, and reports an unreachable cluster on the first request).
+    pub fn new(config: ClientConfig) -> Result<Cluster> {
+        let servers = servers(&config);
+        let settings_err = |e: rdkafka::error::KafkaError| KafkaError::Settings(e.to_string());
+        let mut producing = config.clone();
+        for (name, value) in PRODUCER_SETTINGS {
+            producing.set(*name, *value);
+        }
+        Ok(Cluster {
+            admin: config.create().map_err(settings_err)?,
+            producer: producing.create().map_err(settings_err)?,
+            probe: config.create().map_err(settings_err)?,
+            servers,
+            config,
+            replication: -1,
+        })
+    }
+
+    /// Topics it creates get `factor` replicas instead of the brokers' default (a broker
+    /// that has no default, or a test's single broker).
+    pub fn with_replication(mut self, factor: i32) -> Cluster {
+        self.replication = factor;
+        self
+    }
+
+    fn cluster_err(&self, reason: impl std::fmt::Display) -> KafkaError {
+        KafkaError::Cluster {
+            servers: self.servers.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn topic_err(topic: &str, reason: impl std::fmt::Display) -> KafkaError {
+        KafkaError::Topic {
+            topic: topic.to_owned(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// The number of partitions of `topic`, `None` when the cluster has no such topic.
+    /// Blocking (up to [`REQUEST_TIMEOUT`]).
+    pub fn partition_count(&self, topic: &str) -> Result<Option<u32>> {
+        let metadata = self
+            .probe
+            .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+            .map_err(|e| self.cluster_err(format!("metadata of `{topic}`: {e}")))?;
+        let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
+            return Ok(None);
+        };
+        match found.error() {
+            None => Ok(Some(
+                u32::try_from(found.partitions().len()).unwrap_or(u32::MAX),
+            )),
+            Some(code)
+                if RDKafkaErrorCode::from(code) == RDKafkaErrorCode::UnknownTopicOrPartition =>
+            {
+                Ok(None)
+            }
+            Some(code) => Err(Self::topic_err(topic, RDKafkaErrorCode::from(code))),
+        }
+    }
+
+    /// Makes sure the cluster has `topic` with `partitions` partitions: creates it when
+    /// missing; an existing topic with another count is an error that says both.
+    pub async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<Ensured> {
+        match self.partition_count(topic)? {
+            Some(n) if n == partitions => return Ok(Ensured::Existed),
+            Some(n) => {
+                return Err(Self::topic_err(
+                    topic,
+                    format!(
+                        "it has {n} partitions, and topics/{topic}.toml declares {partitions}: \
+                         change the declaration to {n}, or recreate the topic on the cluster"
+                    ),
+                ));
+            }
+            None => {}
+        }
+        let count = i32::try_from(partitions)
+            .map_err(|_| Self::topic_err(topic, format!("{partitions} partitions is too many")))?;
+        let new = NewTopic::new(topic, count, TopicReplication::Fixed(self.replication));
+        let options = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
+        let results = self
+            .admin
+            .create_topics([&new], &options)
+            .await
+            .map_err(|e| self.cluster_err(format!("creating `{topic}`: {e}")))?;
+        for result in results {
+            match result {
+                Ok(_) => {}
+                // Created meanwhile by another member: what it has is checked again.
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    return Box::pin(self.ensure_topic(topic, partitions)).await;
+                }
+                Err((_, code)) => {
+                    return Err(Self::topic_err(topic, format!("creating it: {code}")));
+                }
+            }
+        }
+        tracing::info!(topic, partitions, servers = %self.servers, "created the topic on the Kafka cluster");
+        Ok(Ensured::Created)
+    }
+
+    /// Every partition of `topic` with its earliest and next offsets. Blocking.
+    pub fn offsets(&self, topic: &str) -> Result<Vec<PartitionOffsets>> {
+        let count = self
+            .partition_count(topic)?
+            .ok_or_else(|| Self::topic_err(topic, "no such topic"))?;
+        (0..count)
+            .map(|partition| {
+                let p = i32::try_from(partition).unwrap_or(i32::MAX);
+                let (low, high) = self
+                    .probe
+                    .fetch_watermarks(topic, p, REQUEST_TIMEOUT)
+                    .map_err(|e| self.cluster_err(format!("offsets of `{topic}`/{p}: {e}")))?;
+                Ok(PartitionOffsets {
+                    partition,
+                    earliest: u64::try_from(low).unwrap_or(0),
+                    next: u64::try_from(high).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    /// Appends `records` to `topic`, each to the partition its key hashes to (Kafka's murmur2,
+    /// as the embedded log and Kafka's Java client do; spread without a key), and returns
+    /// where each landed, in input order, once the cluster acknowledged every one (acks=all).
+    /// A failure names the record.
+    pub async fn append(&self, topic: &str, records: &[Record]) -> Result<Vec<RecordPosition>> {
+        let mut deliveries = Vec::with_capacity(records.len());
+        for (i, record) in records.iter().enumerate() {
+            let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+            for header in &record.headers {
+                headers = headers.insert(Header {
+                    key: &header.key,
+                    value: header.value.as_deref(),
+                });
+            }
+            let mut message = FutureRecord::<[u8], [u8]>::to(topic)
+                .payload(&record.value[..])
+                .headers(headers);
+            if let Some(key) = &record.key {
+                message = message.key(&key[..]);
+            }
+            // A full local queue waits for room rather than failing the record.
+            let delivery = loop {
+                match self.producer.send_result(message) {
+                    Ok(delivery) => break delivery,
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                        back,
+                    )) => {
+                        message = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => {
+                        return Err(Self::topic_err(topic, format!("record {i}: {e}")));
+                    }
+                }
+            };
+            deliveries.push(delivery);
+        }
+        let mut placed = Vec::with_capacity(deliveries.len());
+        for (i, delivery) in deliveries.into_iter().enumerate() {
+            let delivered = delivery
+                .await
+                .map_err(|_| self.cluster_err(format!("record {i}: the producer stopped")))?
+                .map_err(|(e, _)| {
+                    Self::topic_err(topic, format!("record {i} not delivered: {e}"))
+                })?;
+            placed.push(RecordPosition {
+                partition: u32::try_from(delivered.partition).unwrap_or(0),
+                offset: u64::try_from(delivered.offset).unwrap_or(0),
+            });
+        }
+        Ok(placed)
+    }
+
+    /// Waits until every record handed to the producer is delivered or failed.
+    pub fn flush(&self) -> Result<()> {
+        self.producer
+            .flush(REQUEST_TIMEOUT)
+            .map_err(|e| self.cluster_err(format!("flushing the producer: {e}")))
+    }
+
+    /// A reader of `topic`'s partition `partition` from `offset` (by explicit assignment: no
+    /// consumer group decides what it reads).
+    pub fn reader(&self, topic: &str, partition: u32, offset: u64) -> Result<PartitionReader> {
+        PartitionReader::open(&self.config, &self.servers, topic, partition, offset)
+    }
+
+    /// Records `offsets` (topic → partition → next offset) as consumer group `group`'s
+    /// committed offsets: what Kafka's tools show as its position and lag. kappa itself
+    /// resumes from its Iceberg commits, never from these. Blocking.
+    pub fn commit_group(
+        &self,
+        group: &str,
+        offsets: &BTreeMap<String, BTreeMap<u32, u64>>,
+    ) -> Result<()> {
+        let mut config = self.config.clone();
+        config
+            .set("group.id", group)
+            .set("enable.auto.commit", "false");
+        let consumer: BaseConsumer = config
+            .create()
+            .map_err(|e| KafkaError::Settings(e.to_string()))?;
+        let mut list = TopicPartitionList::new();
+        for (topic, partitions) in offsets {
+            for (partition, next) in partitions {
+                let p = i32::try_from(*partition).unwrap_or(i32::MAX);
+                let o = i64::try_from(*next).unwrap_or(i64::MAX);
+                list.add_partition_offset(topic, p, Offset::Offset(o))
+                    .map_err(|e| self.cluster_err(format!("group {group}: {e}")))?;
+            }
+        }
+        consumer
+            .commit(&list, CommitMode::Sync)
+            .map_err(|e| self.cluster_err(format!("committing group {group}'s offsets: {e}")))
+    }
+
+    /// Consumer group `group`'s committed offsets of `topic`'s partitions (those it has).
+    /// Blocking.
+    pub fn group_offsets(&self, group: &str, topic: &str) -> Result<BTreeMap<u32, u64>> {
+        let count = self
+            .partition_count(topic)?
+            .ok_or_else(|| Self::topic_err(topic, "no such topic"))?;
+        let mut config = self.config.clone();
+        config
+            .set("group.id", group)
+            .set("enable.auto.commit", "false");
+        let consumer: BaseConsumer = config
+            .create()
+            .map_err(|e| KafkaError::Settings(e.to_string()))?;
+        let mut list = TopicPartitionList::new();
+        for partition in 0..count {
+            list.add_partition(topic, i32::try_from(partition).unwrap_or(i32::MAX));
+        }
+        let committed = consumer
+            .committed_offsets(list, REQUEST_TIMEOUT)
+            .map_err(|e| self.cluster_err(format!("group {group}'s offsets: {e}")))?;
+        Ok(committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => {
+                    Some((u32::try_from(e.partition()).ok()?, u64::try_from(o).ok()?))
+                }
+                _ => None,
+            })
+            .collect())
+    }
+}
