@@ -25,9 +25,8 @@ pub struct Cluster {
     config: ClientConfig,
     servers: String,
     admin: AdminClient<DefaultClientContext>,
+    /// Also asked for metadata and offsets (its client is polled, so its events drain).
     producer: FutureProducer,
-    /// For metadata and offsets (no group: it reads nothing).
-    probe: BaseConsumer,
     /// The replication factor of the topics it creates (-1: the brokers' default).
     replication: i32,
 }
@@ -70,7 +69,6 @@ impl Cluster {
         Ok(Cluster {
             admin: config.create().map_err(settings_err)?,
             producer: producing.create().map_err(settings_err)?,
-            probe: config.create().map_err(settings_err)?,
             servers,
             config,
             replication: -1,
@@ -102,7 +100,8 @@ impl Cluster {
     /// Blocking (up to [`REQUEST_TIMEOUT`]).
     pub fn partition_count(&self, topic: &str) -> Result<Option<u32>> {
         let metadata = self
-            .probe
+            .producer
+            .client()
             .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
             .map_err(|e| self.cluster_err(format!("metadata of `{topic}`: {e}")))?;
         let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
@@ -122,10 +121,27 @@ impl Cluster {
     }
 
     /// Makes sure the cluster has `topic` with `partitions` partitions: creates it when
-    /// missing; an existing topic with another count is an error that says both.
+    /// missing; an existing topic with another count is an error that says both. Its metadata
+    /// requests block (up to [`REQUEST_TIMEOUT`] each): call it where blocking is allowed.
     pub async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<Ensured> {
+        // Created meanwhile by another member, the topic may take a moment to show in the
+        // metadata: looked at again a few times.
+        for _ in 0..5 {
+            match self.create_or_check(topic, partitions).await? {
+                Some(ensured) => return Ok(ensured),
+                None => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        Err(Self::topic_err(
+            topic,
+            "the cluster says it exists, and its metadata does not show it",
+        ))
+    }
+
+    /// One attempt of [`Cluster::ensure_topic`]; `None`: created by someone else meanwhile.
+    async fn create_or_check(&self, topic: &str, partitions: u32) -> Result<Option<Ensured>> {
         match self.partition_count(topic)? {
-            Some(n) if n == partitions => return Ok(Ensured::Existed),
+            Some(n) if n == partitions => return Ok(Some(Ensured::Existed)),
             Some(n) => {
                 return Err(Self::topic_err(
                     topic,
@@ -149,17 +165,14 @@ impl Cluster {
         for result in results {
             match result {
                 Ok(_) => {}
-                // Created meanwhile by another member: what it has is checked again.
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {
-                    return Box::pin(self.ensure_topic(topic, partitions)).await;
-                }
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => return Ok(None),
                 Err((_, code)) => {
                     return Err(Self::topic_err(topic, format!("creating it: {code}")));
                 }
             }
         }
         tracing::info!(topic, partitions, servers = %self.servers, "created the topic on the Kafka cluster");
-        Ok(Ensured::Created)
+        Ok(Some(Ensured::Created))
     }
 
     /// Every partition of `topic` with its earliest and next offsets. Blocking.
@@ -171,7 +184,8 @@ impl Cluster {
             .map(|partition| {
                 let p = i32::try_from(partition).unwrap_or(i32::MAX);
                 let (low, high) = self
-                    .probe
+                    .producer
+                    .client()
                     .fetch_watermarks(topic, p, REQUEST_TIMEOUT)
                     .map_err(|e| self.cluster_err(format!("offsets of `{topic}`/{p}: {e}")))?;
                 Ok(PartitionOffsets {
@@ -186,9 +200,13 @@ impl Cluster {
     /// Appends `records` to `topic`, each to the partition its key hashes to (Kafka's murmur2,
     /// as the embedded log and Kafka's Java client do; spread without a key), and returns
     /// where each landed, in input order, once the cluster acknowledged every one (acks=all).
-    /// A failure names the record.
+    ///
+    /// Every record handed to the producer is waited for, also when one fails: the error says
+    /// which records failed and that the others are in the log (the idempotent producer never
+    /// writes one twice, but a retry of the whole call would).
     pub async fn append(&self, topic: &str, records: &[Record]) -> Result<Vec<RecordPosition>> {
         let mut deliveries = Vec::with_capacity(records.len());
+        let mut refused = None;
         for (i, record) in records.iter().enumerate() {
             let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
             for header in &record.headers {
@@ -204,9 +222,12 @@ impl Cluster {
                 message = message.key(&key[..]);
             }
             // A full local queue waits for room rather than failing the record.
-            let delivery = loop {
+            loop {
                 match self.producer.send_result(message) {
-                    Ok(delivery) => break delivery,
+                    Ok(delivery) => {
+                        deliveries.push(delivery);
+                        break;
+                    }
                     Err((
                         rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
                         back,
@@ -215,26 +236,65 @@ impl Cluster {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((e, _)) => {
-                        return Err(Self::topic_err(topic, format!("record {i}: {e}")));
+                        refused = Some(format!("record {i} was refused before sending: {e}"));
+                        break;
                     }
                 }
-            };
-            deliveries.push(delivery);
+            }
+            if refused.is_some() {
+                break;
+            }
         }
         let mut placed = Vec::with_capacity(deliveries.len());
+        let mut failed = Vec::new();
         for (i, delivery) in deliveries.into_iter().enumerate() {
-            let delivered = delivery
-                .await
-                .map_err(|_| self.cluster_err(format!("record {i}: the producer stopped")))?
-                .map_err(|(e, _)| {
-                    Self::topic_err(topic, format!("record {i} not delivered: {e}"))
-                })?;
-            placed.push(RecordPosition {
-                partition: u32::try_from(delivered.partition).unwrap_or(0),
-                offset: u64::try_from(delivered.offset).unwrap_or(0),
-            });
+            match delivery.await {
+                Ok(Ok(delivered)) => match (
+                    u32::try_from(delivered.partition),
+                    u64::try_from(delivered.offset),
+                ) {
+                    (Ok(partition), Ok(offset)) => {
+                        placed.push(RecordPosition { partition, offset });
+                    }
+                    _ => failed.push(format!(
+                        "record {i}: delivered at an impossible place (partition {}, offset {})",
+                        delivered.partition, delivered.offset
+                    )),
+                },
+                Ok(Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        RDKafkaErrorCode::MessageTimedOut,
+                    ),
+                    _,
+                ))) => {
+                    failed.push(format!(
+                        "record {i}: no acknowledgement in time (it may have been written)"
+                    ));
+                }
+                Ok(Err((e, _))) => failed.push(format!("record {i} not delivered: {e}")),
+                Err(_) => failed.push(format!("record {i}: the producer stopped")),
+            }
         }
-        Ok(placed)
+        if failed.is_empty() && refused.is_none() {
+            return Ok(placed);
+        }
+        let not_sent = records.len() - placed.len() - failed.len();
+        let first = failed
+            .first()
+            .or(refused.as_ref())
+            .cloned()
+            .unwrap_or_default();
+        Err(Self::topic_err(
+            topic,
+            format!(
+                "{} of {} records are in the log, {} failed, {not_sent} were not sent ({first}; \
+                 cluster {})",
+                placed.len(),
+                records.len(),
+                failed.len(),
+                self.servers
+            ),
+        ))
     }
 
     /// Waits until every record handed to the producer is delivered or failed.
@@ -250,6 +310,17 @@ impl Cluster {
         PartitionReader::open(&self.config, &self.servers, topic, partition, offset)
     }
 
+    /// A client of consumer group `group` that reads nothing and commits only when told.
+    fn group_member(&self, group: &str) -> Result<BaseConsumer> {
+        let mut config = self.config.clone();
+        config
+            .set("group.id", group)
+            .set("enable.auto.commit", "false");
+        config
+            .create()
+            .map_err(|e| KafkaError::Settings(e.to_string()))
+    }
+
     /// Records `offsets` (topic → partition → next offset) as consumer group `group`'s
     /// committed offsets: what Kafka's tools show as its position and lag. kappa itself
     /// resumes from its Iceberg commits, never from these. Blocking.
@@ -258,13 +329,10 @@ impl Cluster {
         group: &str,
         offsets: &BTreeMap<String, BTreeMap<u32, u64>>,
     ) -> Result<()> {
-        let mut config = self.config.clone();
-        config
-            .set("group.id", group)
-            .set("enable.auto.commit", "false");
-        let consumer: BaseConsumer = config
-            .create()
-            .map_err(|e| KafkaError::Settings(e.to_string()))?;
+        if offsets.values().all(BTreeMap::is_empty) {
+            return Ok(());
+        }
+        let consumer = self.group_member(group)?;
         let mut list = TopicPartitionList::new();
         for (topic, partitions) in offsets {
             for (partition, next) in partitions {
@@ -285,13 +353,7 @@ impl Cluster {
         let count = self
             .partition_count(topic)?
             .ok_or_else(|| Self::topic_err(topic, "no such topic"))?;
-        let mut config = self.config.clone();
-        config
-            .set("group.id", group)
-            .set("enable.auto.commit", "false");
-        let consumer: BaseConsumer = config
-            .create()
-            .map_err(|e| KafkaError::Settings(e.to_string()))?;
+        let consumer = self.group_member(group)?;
         let mut list = TopicPartitionList::new();
         for partition in 0..count {
             list.add_partition(topic, i32::try_from(partition).unwrap_or(i32::MAX));

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kappa_log::{Header, Record};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError as ClientError;
 use rdkafka::message::{Headers, Message};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::{KafkaError, Result};
@@ -28,6 +30,9 @@ pub struct PartitionReader {
     partition: u32,
     /// The offset of the next record it returns.
     next: u64,
+    /// Why it cannot read from `next` (librdkafka reports that once, then stops fetching
+    /// the partition): every read fails with it until a rewind.
+    stuck: Option<String>,
 }
 
 impl std::fmt::Debug for PartitionReader {
@@ -49,11 +54,14 @@ impl PartitionReader {
         offset: u64,
     ) -> Result<PartitionReader> {
         let mut config = config.clone();
-        // No group decides what it reads, and nothing is committed behind kappa's back.
+        // No group decides what it reads, nothing is committed behind kappa's back, an offset
+        // the cluster does not hold is an error (never a silent jump), and the end of the
+        // partition is no error.
         config
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "error");
+            .set("auto.offset.reset", "error")
+            .set("enable.partition.eof", "false");
         if config.get("group.id").is_none() {
             config.set("group.id", "kappa.readers");
         }
@@ -66,6 +74,7 @@ impl PartitionReader {
             topic: topic.to_owned(),
             partition,
             next: offset,
+            stuck: None,
         };
         reader.assign(offset)?;
         Ok(reader)
@@ -81,7 +90,31 @@ impl PartitionReader {
         .map_err(|e| self.error(e))?;
         self.consumer.assign(&list).map_err(|e| self.error(e))?;
         self.next = offset;
+        // Checked here too: not every broker answers a fetch out of range with an error (tansu
+        // answers it with nothing), and nothing would look like being caught up.
+        self.stuck = match self.watermarks() {
+            Ok(range) => out_of_range(offset, range),
+            // Unreachable now: librdkafka reports an offset out of range once it fetches.
+            Err(_) => None,
+        };
         Ok(())
+    }
+
+    /// The partition's earliest kept offset and its next offset.
+    fn watermarks(&self) -> Result<(i64, i64), ClientError> {
+        let p = i32::try_from(self.partition).unwrap_or(i32::MAX);
+        self.consumer
+            .fetch_watermarks(&self.topic, p, Duration::from_secs(10))
+    }
+
+    /// Why the partition cannot be read from `next` (librdkafka said so).
+    fn unreadable(&self) -> String {
+        match self.watermarks() {
+            Ok(range) => out_of_range(self.next, range).unwrap_or_else(|| {
+                "the cluster refused the offset, which is in its range now".to_owned()
+            }),
+            Err(e) => format!("the cluster does not hold that offset ({e})"),
+        }
     }
 
     fn error(&self, reason: impl std::fmt::Display) -> KafkaError {
@@ -105,8 +138,13 @@ impl PartitionReader {
     }
 
     /// Up to `max` records, in offset order: waits up to `wait` for the first, then takes
-    /// what has already arrived. Empty when nothing came. Blocking.
+    /// what has already arrived. Empty when nothing came (also while the cluster cannot be
+    /// reached: librdkafka reconnects by itself, and the failure is logged). An offset the
+    /// cluster does not hold fails this read and every later one until a rewind. Blocking.
     pub fn read(&mut self, max: usize, wait: Duration) -> Result<Vec<ReadRecord>> {
+        if let Some(reason) = &self.stuck {
+            return Err(self.error(reason));
+        }
         let mut records = Vec::new();
         let deadline = Instant::now() + wait;
         while records.len() < max {
@@ -118,11 +156,31 @@ impl PartitionReader {
             let Some(polled) = self.consumer.poll(timeout) else {
                 break;
             };
-            let message = polled.map_err(|e| self.error(e))?;
+            let message = match polled {
+                Ok(message) => message,
+                Err(ClientError::MessageConsumption(
+                    RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange,
+                )) => {
+                    let reason = self.unreadable();
+                    self.stuck = Some(reason.clone());
+                    if records.is_empty() {
+                        return Err(self.error(reason));
+                    }
+                    break;
+                }
+                Err(ClientError::MessageConsumption(code)) if transient(code) => {
+                    tracing::warn!(topic = %self.topic, partition = self.partition, servers = %self.servers, error = %code, "reading the Kafka cluster (retrying)");
+                    break;
+                }
+                // What it has read stays read; the error comes again with the next read.
+                Err(_) if !records.is_empty() => break,
+                Err(e) => return Err(self.error(e)),
+            };
             let offset =
                 u64::try_from(message.offset()).map_err(|_| self.error("a negative offset"))?;
             if offset < self.next {
-                // Already returned (a fetch that began before a rewind): skipped.
+                // Below the position (a fetch from before a forward rewind): skipped. After a
+                // backward rewind librdkafka drops what it had fetched from the old position.
                 continue;
             }
             let headers = message
@@ -149,4 +207,36 @@ impl PartitionReader {
         }
         Ok(records)
     }
+}
+
+/// Why `offset` cannot be read from a partition whose earliest kept offset and next offset
+/// are `(earliest, next)`; `None`: it can.
+fn out_of_range(offset: u64, (earliest, next): (i64, i64)) -> Option<String> {
+    let at = i64::try_from(offset).unwrap_or(i64::MAX);
+    if at < earliest {
+        Some(format!(
+            "the cluster no longer keeps it: the partition starts at offset {earliest} \
+             (retention dropped what came before)"
+        ))
+    } else if at > next {
+        Some(format!(
+            "the partition ends before it (its next offset is {next}): the topic was \
+             recreated, or the offset is not this topic's"
+        ))
+    } else {
+        None
+    }
+}
+
+/// Whether `code` is a failure librdkafka recovers from by itself (a broker down or moving).
+fn transient(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::Resolve
+            | RDKafkaErrorCode::OperationTimedOut
+            | RDKafkaErrorCode::LeaderNotAvailable
+            | RDKafkaErrorCode::NotLeaderForPartition
+    )
 }

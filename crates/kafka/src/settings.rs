@@ -4,19 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use kappa_pipeline::PropertyValue;
+pub use kappa_pipeline::KAFKA_PRODUCER_SETTINGS as PRODUCER_SETTINGS;
+use kappa_pipeline::{PropertyValue, kafka_setting_problem};
 use rdkafka::ClientConfig;
 
 use crate::{KafkaError, Result};
-
-/// What kappa sets on its producer, whatever `[log.kafka]` says: retries never duplicate or
-/// reorder (idempotence), a record is acknowledged once every in-sync replica has it, and a
-/// key lands where Kafka's Java client (and kappa's embedded log) puts it.
-pub const PRODUCER_SETTINGS: &[(&str, &str)] = &[
-    ("enable.idempotence", "true"),
-    ("acks", "all"),
-    ("partitioner", "murmur2_random"),
-];
 
 /// The client configuration `[log.kafka]` (`properties`) gives, with `env` looking up
 /// environment variables. An error names the property and what to do.
@@ -27,6 +19,11 @@ pub fn client_config(
     let mut config = ClientConfig::new();
     for (name, value) in properties {
         if let Some(property) = name.strip_suffix("_env") {
+            if kafka_setting_problem(property, "").is_some() {
+                return Err(KafkaError::Settings(format!(
+                    "\"{name}\": kappa sets {property} itself"
+                )));
+            }
             let var = value.to_string();
             let secret = env(&var).ok_or_else(|| {
                 KafkaError::Settings(format!(
@@ -37,13 +34,8 @@ pub fn client_config(
             config.set(property, secret);
             continue;
         }
-        if let Some((_, wanted)) = PRODUCER_SETTINGS.iter().find(|(p, _)| p == name)
-            && value.to_string() != *wanted
-        {
-            return Err(KafkaError::Settings(format!(
-                "\"{name}\" = \"{value}\": kappa needs {name} = {wanted} (it acknowledges a \
-                 record only once the cluster keeps it, exactly once, where its key belongs)"
-            )));
+        if let Some(problem) = kafka_setting_problem(name, &value.to_string()) {
+            return Err(KafkaError::Settings(problem));
         }
         config.set(name, value.to_string());
     }
@@ -110,12 +102,29 @@ mod tests {
         .expect_err("acks=1 loses acknowledged records")
         .to_string();
         assert!(refused.contains("kappa needs acks = all"), "{refused}");
+        for same in [("acks", "all"), ("acks", "-1"), ("topic.acks", "all")] {
+            assert!(
+                client_config(
+                    &properties(&[("bootstrap.servers", "b:9092"), same]),
+                    &|_| None
+                )
+                .is_ok(),
+                "{same:?}"
+            );
+        }
+        // librdkafka reads topic.<name> as <name>.
+        let refused = client_config(
+            &properties(&[
+                ("bootstrap.servers", "b:9092"),
+                ("topic.partitioner", "random"),
+            ]),
+            &|_| None,
+        )
+        .expect_err("another partitioner puts keys elsewhere")
+        .to_string();
         assert!(
-            client_config(
-                &properties(&[("bootstrap.servers", "b:9092"), ("acks", "all")]),
-                &|_| None
-            )
-            .is_ok()
+            refused.contains("kappa needs partitioner = murmur2_random"),
+            "{refused}"
         );
         let none = client_config(&properties(&[]), &|_| None)
             .expect_err("no brokers")

@@ -28,8 +28,9 @@ mod sql;
 pub use diagnostic::Diagnostic;
 pub use project::{
     AlertsSection, Audit, BRONZE_LAYER, DEFAULT_RETENTION_MS, DEFAULT_SECRET_ENV, DeploySection,
-    Input, KAFKA_SECRET_PROPERTIES, LogBackend, LogSection, Mask, MaskingSection, Materialization,
-    Model, ModelConfig, PROJECT_FILE, Project, ProjectConfig, ProjectFiles, ProjectSection,
-    PropertyValue, ServerSection, TopicKind, TopicSpec, Webhook, WebhookFormat, load,
+    Input, KAFKA_PRODUCER_SETTINGS, KAFKA_SECRET_PROPERTIES, LogBackend, LogSection, Mask,
+    MaskingSection, Materialization, Model, ModelConfig, PROJECT_FILE, Project, ProjectConfig,
+    ProjectFiles, ProjectSection, PropertyValue, ServerSection, TopicKind, TopicSpec, Webhook,
+    WebhookFormat, kafka_setting_problem, load,
 };
 pub use schema::{Field, FieldType};

@@ -93,11 +93,43 @@ impl std::fmt::Display for PropertyValue {
 /// librdkafka's properties that hold secrets: given only through `"<property>_env"`.
 pub const KAFKA_SECRET_PROPERTIES: &[&str] = &[
     "sasl.password",
+    "sasl.oauthbearer.config",
     "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.client.credentials.client.secret",
+    "sasl.oauthbearer.assertion.private.key.passphrase",
+    "sasl.oauthbearer.assertion.private.key.pem",
     "ssl.key.password",
+    "ssl.key.pem",
     "ssl.keystore.password",
-    "ssl.truststore.password",
 ];
+
+/// What kappa sets on its producer, whatever `[log.kafka]` says: retries never duplicate or
+/// reorder (idempotence), a record is acknowledged once every in-sync replica has it, and a
+/// key lands where Kafka's Java client (and kappa's embedded log) puts it.
+pub const KAFKA_PRODUCER_SETTINGS: &[(&str, &str)] = &[
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    ("partitioner", "murmur2_random"),
+];
+
+/// Why `[log.kafka]`'s `name` = `value` cannot be kept: it contradicts a producer setting
+/// kappa's guarantees rest on ([`KAFKA_PRODUCER_SETTINGS`]; librdkafka reads `topic.<name>`
+/// as `<name>`, and `acks = -1` as `all`).
+pub fn kafka_setting_problem(name: &str, value: &str) -> Option<String> {
+    let bare = name.strip_prefix("topic.").unwrap_or(name);
+    let bare = match bare {
+        "request.required.acks" => "acks",
+        other => other,
+    };
+    let (_, wanted) = KAFKA_PRODUCER_SETTINGS.iter().find(|(p, _)| *p == bare)?;
+    let same = value == *wanted || (bare == "acks" && value == "-1");
+    (!same).then(|| {
+        format!(
+            "log.kafka.\"{name}\" = \"{value}\": kappa needs {bare} = {wanted} (it acknowledges a \
+             record only once the cluster keeps it, exactly once, where its key belongs)"
+        )
+    })
+}
 
 /// What is wrong with `[log]`, one message per problem.
 fn log_problems(log: &LogSection) -> Vec<String> {
@@ -108,11 +140,16 @@ fn log_problems(log: &LogSection) -> Vec<String> {
              the cluster"
                 .to_owned(),
         ),
-        LogBackend::Kafka if !log.kafka.contains_key("bootstrap.servers") => problems.push(
-            "log.backend = \"kafka\" needs log.kafka.\"bootstrap.servers\": the cluster's \
+        LogBackend::Kafka
+            if !(log.kafka.contains_key("bootstrap.servers")
+                || log.kafka.contains_key("bootstrap.servers_env")) =>
+        {
+            problems.push(
+                "log.backend = \"kafka\" needs log.kafka.\"bootstrap.servers\": the cluster's \
              brokers, e.g. \"127.0.0.1:9092\""
-                .to_owned(),
-        ),
+                    .to_owned(),
+            );
+        }
         _ => {}
     }
     for (name, value) in &log.kafka {
@@ -122,7 +159,16 @@ fn log_problems(log: &LogSection) -> Vec<String> {
                  environment variable that holds it: \"{name}_env\" = \"KAFKA_PASSWORD\""
             ));
         }
+        if let Some(problem) = kafka_setting_problem(name, &value.to_string()) {
+            problems.push(problem);
+        }
         if let Some(property) = name.strip_suffix("_env") {
+            if kafka_setting_problem(property, "").is_some() {
+                problems.push(format!(
+                    "log.kafka.\"{name}\": kappa sets {property} itself; it is not read from \
+                     the environment"
+                ));
+            }
             match value {
                 PropertyValue::Text(var) if is_env_name(var) => {}
                 _ => problems.push(format!(
@@ -1554,12 +1600,13 @@ mod tests {
             (
                 "kappa.toml",
                 "[log]\nbackend = \"kafka\"\n[log.kafka]\n\"sasl.password\" = \"hunter2\"\n\
-                 \"ssl.key.password_env\" = \"not a name\"\n",
+                 \"ssl.key.password_env\" = \"not a name\"\nacks = 1\n",
             ),
             ("topics/orders.toml", ORDERS),
         ]);
         expect![[r#"
             kappa.toml:1:1: log.backend = "kafka" needs log.kafka."bootstrap.servers": the cluster's brokers, e.g. "127.0.0.1:9092"
+            kappa.toml:1:1: log.kafka."acks" = "1": kappa needs acks = all (it acknowledges a record only once the cluster keeps it, exactly once, where its key belongs)
             kappa.toml:1:1: log.kafka."sasl.password": a secret is never stored in the project folder; name the environment variable that holds it: "sasl.password_env" = "KAFKA_PASSWORD"
             kappa.toml:1:1: log.kafka."ssl.key.password_env": the name of the environment variable that holds ssl.key.password, e.g. "KAFKA_PASSWORD" (found `not a name`)
         "#]]

@@ -126,12 +126,7 @@ async fn keyed_records_land_where_the_embedded_log_puts_them_and_read_back_in_or
 
         // From an offset: what follows it, and nothing when there is nothing.
         let mut from = cluster.reader(&topic, *partition, 2).unwrap();
-        let first = loop {
-            let read = from.read(1, Duration::from_secs(5)).unwrap();
-            if let Some(r) = read.into_iter().next() {
-                break r;
-            }
-        };
+        let first = read_one(&mut from);
         assert_eq!(first.offset, 2);
         assert_eq!(&first.record, wanted[2]);
         assert!(
@@ -140,7 +135,49 @@ async fn keyed_records_land_where_the_embedded_log_puts_them_and_read_back_in_or
                 .unwrap()
                 .is_empty()
         );
+        // Rewound, it reads from there again.
+        reader.rewind(1).unwrap();
+        assert_eq!(read_one(&mut reader).offset, 1);
     }
+
+    // An offset past the end is an error that says where the partition ends, every time
+    // until a rewind (librdkafka reports it once and stops fetching).
+    let end = offsets[0].next;
+    let mut past = cluster.reader(&topic, 0, end + 5).unwrap();
+    let mut error = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while error.is_none() && std::time::Instant::now() < deadline {
+        match past.read(10, Duration::from_millis(500)) {
+            Ok(read) => assert!(read.is_empty(), "{read:?}"),
+            Err(e) => error = Some(e.to_string()),
+        }
+    }
+    let error = error.expect("an offset past the end fails");
+    assert!(
+        error.contains(&format!("partition 0 at offset {}", end + 5))
+            && error.contains(&format!("its next offset is {end}")),
+        "{error}"
+    );
+    assert_eq!(
+        past.read(10, Duration::from_millis(100))
+            .expect_err("still past the end")
+            .to_string(),
+        error
+    );
+    past.rewind(0).unwrap();
+    assert_eq!(read_one(&mut past).offset, 0);
+
+    // Without a key, records are spread, and all land.
+    let unkeyed: Vec<Record> = (0..30)
+        .map(|i| Record::from_value(format!("{i}")))
+        .collect();
+    let placed = cluster.append(&topic, &unkeyed).await.unwrap();
+    assert_eq!(placed.len(), 30);
+    let after = cluster.offsets(&topic).unwrap();
+    assert_eq!(
+        after.iter().map(|p| p.next).sum::<u64>(),
+        offsets.iter().map(|p| p.next).sum::<u64>() + 30
+    );
 
     // Offsets written to a consumer group, for Kafka's tools to show the lag.
     let group = unique("kappa.shop.silver.orders.v1");
@@ -150,6 +187,24 @@ async fn keyed_records_land_where_the_embedded_log_puts_them_and_read_back_in_or
         cluster.group_offsets(&group, &topic).unwrap(),
         BTreeMap::from([(0, 5), (1, 7)])
     );
+    // Nothing to commit is no error.
+    cluster.commit_group(&group, &BTreeMap::new()).unwrap();
+}
+
+/// The next record `reader` returns, waiting up to 20 s for it.
+fn read_one(reader: &mut kappa_kafka::PartitionReader) -> kappa_kafka::ReadRecord {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if let Some(record) = reader
+            .read(1, Duration::from_millis(500))
+            .expect("the partition reads")
+            .into_iter()
+            .next()
+        {
+            return record;
+        }
+    }
+    panic!("no record within 20 s from {reader:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,9 +226,17 @@ async fn an_unreachable_cluster_is_named_in_the_error() {
         "{error}"
     );
     let error = cluster
-        .append("orders", &[Record::keyed("k", "v")])
+        .append(
+            "orders",
+            &[Record::keyed("k", "v"), Record::keyed("l", "w")],
+        )
         .await
         .expect_err("no broker")
         .to_string();
-    assert!(error.contains("not delivered"), "{error}");
+    assert!(
+        error.contains("topic `orders`")
+            && error.contains("0 of 2 records are in the log, 2 failed")
+            && error.contains(&format!("cluster {bootstrap}")),
+        "{error}"
+    );
 }
