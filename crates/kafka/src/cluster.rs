@@ -15,10 +15,14 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::reader::PartitionReader;
 use crate::settings::{PRODUCER_SETTINGS, servers};
-use crate::{KafkaError, Result};
+use crate::{KafkaError, REQUEST_TIMEOUT, Result, client_error, partition_index};
 
-/// How long a request to the cluster may take before it is reported as unanswered.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many times a topic another member created is looked for in the metadata, and the pause
+/// between two looks.
+const TOPIC_APPEARS_ATTEMPTS: usize = 5;
+const TOPIC_APPEARS_PAUSE: Duration = Duration::from_millis(200);
+/// The pause before a record is offered again to a full local queue.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 
 /// A Kafka-protocol cluster reached with one configuration.
 pub struct Cluster {
@@ -61,14 +65,13 @@ impl Cluster {
     /// connects when asked, and reports an unreachable cluster on the first request).
     pub fn new(config: ClientConfig) -> Result<Cluster> {
         let servers = servers(&config);
-        let settings_err = |e: rdkafka::error::KafkaError| KafkaError::Settings(e.to_string());
         let mut producing = config.clone();
         for (name, value) in PRODUCER_SETTINGS {
             producing.set(*name, *value);
         }
         Ok(Cluster {
-            admin: config.create().map_err(settings_err)?,
-            producer: producing.create().map_err(settings_err)?,
+            admin: config.create().map_err(client_error)?,
+            producer: producing.create().map_err(client_error)?,
             servers,
             config,
             replication: -1,
@@ -126,10 +129,10 @@ impl Cluster {
     pub async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<Ensured> {
         // Created meanwhile by another member, the topic may take a moment to show in the
         // metadata: looked at again a few times.
-        for _ in 0..5 {
+        for _ in 0..TOPIC_APPEARS_ATTEMPTS {
             match self.create_or_check(topic, partitions).await? {
                 Some(ensured) => return Ok(ensured),
-                None => tokio::time::sleep(Duration::from_millis(200)).await,
+                None => tokio::time::sleep(TOPIC_APPEARS_PAUSE).await,
             }
         }
         Err(Self::topic_err(
@@ -182,7 +185,7 @@ impl Cluster {
             .ok_or_else(|| Self::topic_err(topic, "no such topic"))?;
         (0..count)
             .map(|partition| {
-                let p = i32::try_from(partition).unwrap_or(i32::MAX);
+                let p = partition_index(partition);
                 let (low, high) = self
                     .producer
                     .client()
@@ -233,7 +236,7 @@ impl Cluster {
                         back,
                     )) => {
                         message = back;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        tokio::time::sleep(QUEUE_FULL_PAUSE).await;
                     }
                     Err((e, _)) => {
                         refused = Some(format!("record {i} was refused before sending: {e}"));
@@ -316,9 +319,7 @@ impl Cluster {
         config
             .set("group.id", group)
             .set("enable.auto.commit", "false");
-        config
-            .create()
-            .map_err(|e| KafkaError::Settings(e.to_string()))
+        config.create().map_err(client_error)
     }
 
     /// Records `offsets` (topic → partition → next offset) as consumer group `group`'s
@@ -336,7 +337,7 @@ impl Cluster {
         let mut list = TopicPartitionList::new();
         for (topic, partitions) in offsets {
             for (partition, next) in partitions {
-                let p = i32::try_from(*partition).unwrap_or(i32::MAX);
+                let p = partition_index(*partition);
                 let o = i64::try_from(*next).unwrap_or(i64::MAX);
                 list.add_partition_offset(topic, p, Offset::Offset(o))
                     .map_err(|e| self.cluster_err(format!("group {group}: {e}")))?;
@@ -356,7 +357,7 @@ impl Cluster {
         let consumer = self.group_member(group)?;
         let mut list = TopicPartitionList::new();
         for partition in 0..count {
-            list.add_partition(topic, i32::try_from(partition).unwrap_or(i32::MAX));
+            list.add_partition(topic, partition_index(partition));
         }
         let committed = consumer
             .committed_offsets(list, REQUEST_TIMEOUT)

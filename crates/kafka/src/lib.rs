@@ -38,3 +38,18 @@ pub enum KafkaError {
 }
 
 pub type Result<T, E = KafkaError> = std::result::Result<T, E>;
+
+/// How long a request to the cluster may take before it is reported as unanswered.
+pub(crate) const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// librdkafka's index of partition `partition`. Partition counts come from the cluster's own
+/// metadata (a list librdkafka indexes with `i32`), so every partition kappa names fits.
+pub(crate) fn partition_index(partition: u32) -> i32 {
+    i32::try_from(partition).unwrap_or(i32::MAX)
+}
+
+/// A client librdkafka would not create from the settings (a property it does not know, a
+/// value it refuses).
+pub(crate) fn client_error(e: rdkafka::error::KafkaError) -> KafkaError {
+    KafkaError::Settings(e.to_string())
+}

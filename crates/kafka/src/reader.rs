@@ -11,7 +11,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::{KafkaError, Result};
+use crate::{KafkaError, REQUEST_TIMEOUT, Result, client_error, partition_index};
 
 /// A record read from the cluster, where it was and when the cluster stamped it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,9 +65,7 @@ impl PartitionReader {
         if config.get("group.id").is_none() {
             config.set("group.id", "kappa.readers");
         }
-        let consumer: BaseConsumer = config
-            .create()
-            .map_err(|e| KafkaError::Settings(e.to_string()))?;
+        let consumer: BaseConsumer = config.create().map_err(client_error)?;
         let mut reader = PartitionReader {
             consumer,
             servers: servers.to_owned(),
@@ -84,7 +82,7 @@ impl PartitionReader {
         let mut list = TopicPartitionList::new();
         list.add_partition_offset(
             &self.topic,
-            i32::try_from(self.partition).unwrap_or(i32::MAX),
+            partition_index(self.partition),
             Offset::Offset(i64::try_from(offset).unwrap_or(i64::MAX)),
         )
         .map_err(|e| self.error(e))?;
@@ -102,9 +100,11 @@ impl PartitionReader {
 
     /// The partition's earliest kept offset and its next offset.
     fn watermarks(&self) -> Result<(i64, i64), ClientError> {
-        let p = i32::try_from(self.partition).unwrap_or(i32::MAX);
-        self.consumer
-            .fetch_watermarks(&self.topic, p, Duration::from_secs(10))
+        self.consumer.fetch_watermarks(
+            &self.topic,
+            partition_index(self.partition),
+            REQUEST_TIMEOUT,
+        )
     }
 
     /// Why the partition cannot be read from `next` (librdkafka said so).

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 pub use kappa_pipeline::KAFKA_PRODUCER_SETTINGS as PRODUCER_SETTINGS;
-use kappa_pipeline::{PropertyValue, kafka_setting_problem};
+use kappa_pipeline::{PropertyValue, kafka_fixed_setting, kafka_setting_problem};
 use rdkafka::ClientConfig;
 
 use crate::{KafkaError, Result};
@@ -19,7 +19,7 @@ pub fn client_config(
     let mut config = ClientConfig::new();
     for (name, value) in properties {
         if let Some(property) = name.strip_suffix("_env") {
-            if kafka_setting_problem(property, "").is_some() {
+            if kafka_fixed_setting(property).is_some() {
                 return Err(KafkaError::Settings(format!(
                     "\"{name}\": kappa sets {property} itself"
                 )));

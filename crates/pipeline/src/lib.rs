@@ -20,17 +20,21 @@ mod dag;
 pub mod deploy;
 pub mod diagnostic;
 pub mod expect;
+mod log_section;
 mod project;
 pub mod scaffold;
 pub mod schema;
 mod sql;
 
 pub use diagnostic::Diagnostic;
+pub use log_section::{
+    KAFKA_PRODUCER_SETTINGS, KAFKA_SECRET_PROPERTIES, LogBackend, LogSection, PropertyValue,
+    kafka_fixed_setting, kafka_setting_problem,
+};
 pub use project::{
     AlertsSection, Audit, BRONZE_LAYER, DEFAULT_RETENTION_MS, DEFAULT_SECRET_ENV, DeploySection,
-    Input, KAFKA_PRODUCER_SETTINGS, KAFKA_SECRET_PROPERTIES, LogBackend, LogSection, Mask,
-    MaskingSection, Materialization, Model, ModelConfig, PROJECT_FILE, Project, ProjectConfig,
-    ProjectFiles, ProjectSection, PropertyValue, ServerSection, TopicKind, TopicSpec, Webhook,
-    WebhookFormat, kafka_setting_problem, load,
+    Input, Mask, MaskingSection, Materialization, Model, ModelConfig, PROJECT_FILE, Project,
+    ProjectConfig, ProjectFiles, ProjectSection, ServerSection, TopicKind, TopicSpec, Webhook,
+    WebhookFormat, load,
 };
 pub use schema::{Field, FieldType};

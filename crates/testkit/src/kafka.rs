@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use crate::python::{free_port, target_dir, wait_listening};
+use crate::python::{exclusive, free_port, target_dir, wait_listening};
 
 /// The tansu release the tests run, and the feature that gives it a storage engine that works
 /// on its own (SQLite).
@@ -19,13 +19,7 @@ pub fn tansu() -> PathBuf {
     let binary = root.join("bin/tansu");
     let marker = root.join(format!("tansu-{TANSU_VERSION}-{TANSU_FEATURES}"));
     std::fs::create_dir_all(&root).expect("create target/kappa-test-tools");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(root.join("install.lock"))
-        .expect("open the tools lock");
-    lock.lock().expect("lock the tools");
+    let _lock = exclusive(&root.join("install.lock"));
     if !(binary.exists() && marker.exists()) {
         eprintln!(
             "installing the Kafka broker the tests use: cargo install tansu {TANSU_VERSION} \

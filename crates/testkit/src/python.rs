@@ -37,14 +37,7 @@ pub fn python() -> PathBuf {
     let python = venv.join("bin/python");
     let marker = venv.join("kappa-requirements.txt");
     let wanted = REQUIREMENTS.join("\n");
-    let lock_path = target_dir().join("kappa-test-venv.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .expect("open the venv lock");
-    lock.lock().expect("lock the venv");
+    let _lock = exclusive(&target_dir().join("kappa-test-venv.lock"));
     if std::fs::read_to_string(&marker).ok().as_deref() != Some(wanted.as_str()) {
         let _ = std::fs::remove_dir_all(&venv);
         let system = std::env::var("KAPPA_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
@@ -239,6 +232,20 @@ impl Drop for RestCatalogServer {
 }
 
 /// A loopback port free now, for a server child to listen on.
+/// Holds `path` locked (created if missing) until the file is dropped: one test at a time
+/// installs what the tests share, in one test process or several.
+pub(crate) fn exclusive(path: &Path) -> std::fs::File {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open the lock {}: {e}", path.display()));
+    file.lock()
+        .unwrap_or_else(|e| panic!("lock {}: {e}", path.display()));
+    file
+}
+
 pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
