@@ -186,7 +186,7 @@ async fn run_async(work: &Path, backlog: u64, rate: u64, seconds: f64) -> anyhow
     let mut runners = Vec::new();
     for model in ["silver.rows", "gold.lanes", "gold.chained"] {
         runners.push(tokio::spawn(kappa_engine::runner::run_model(
-            log.clone(),
+            kappa_engine::event_log::EventLog::Embedded(log.clone()),
             lakehouse.clone(),
             project.clone(),
             model.into(),

@@ -468,7 +468,7 @@ async fn replay(
         .iter()
         .map(|model| {
             tokio::spawn(kappa_engine::runner::run_model(
-                log.clone(),
+                kappa_engine::event_log::EventLog::Embedded(log.clone()),
                 lakehouse.clone(),
                 project.clone(),
                 (*model).to_owned(),

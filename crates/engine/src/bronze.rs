@@ -27,12 +27,13 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use kappa_lakehouse::{Lakehouse, TableIdent};
-use kappa_log::{Log, PartitionReader, StartAt, Topic};
+use kappa_log::{PartitionReader, StartAt};
 
 use crate::commit_record::Offsets;
+use crate::event_log::EventLog;
 use crate::runner::RunnerError;
 use crate::source::{Source, SourceError, Taken, Waiter};
-use crate::topic_source::{READ_BYTES, next_offsets, read_some, watch_partitions};
+use crate::topic_source::{READ_BYTES, TopicReaders, next_offsets, read_some, watch_partitions};
 
 pub use kappa_pipeline::BRONZE_LAYER;
 
@@ -100,7 +101,7 @@ pub struct Redactions {
 /// fields redacted; returns an error (to be restarted after a pause) when the log or the
 /// lakehouse fails.
 pub async fn run_bronze(
-    log: Arc<Log>,
+    log: EventLog,
     lakehouse: Lakehouse,
     topic_name: String,
     redact: Redactions,
@@ -115,7 +116,11 @@ pub async fn run_bronze(
         model: name.clone(),
         source,
     };
-    let topic = log.topic(&topic_name).map_err(log_err)?;
+    let group = match &log {
+        EventLog::Kafka(kafka) => kafka.group(&name, BRONZE_VERSION),
+        EventLog::Embedded(_) => String::new(),
+    };
+    let readers = TopicReaders::of(&log, &topic_name, group).map_err(log_err)?;
     let ident = bronze_table(&topic_name).map_err(lake_err)?;
     let schema = bronze_schema();
     let table = lakehouse
@@ -134,8 +139,7 @@ pub async fn run_bronze(
     }
     let source = BronzeSource {
         name: topic_name,
-        topic,
-        readers: Vec::new(),
+        readers,
         redact,
         schema: schema.clone(),
     };
@@ -161,8 +165,7 @@ pub async fn run_bronze(
 /// bronze table. Its position is the topic's, under the topic's name.
 pub(crate) struct BronzeSource {
     name: String,
-    topic: Arc<Topic>,
-    readers: Vec<PartitionReader>,
+    readers: TopicReaders,
     redact: Redactions,
     schema: SchemaRef,
 }
@@ -175,33 +178,78 @@ impl Source for BronzeSource {
 
     fn rewind(&mut self, committed: &Offsets) -> Result<(), SourceError> {
         let empty = BTreeMap::new();
-        self.readers = open_readers(
-            self.topic.partitions(),
-            committed.get(&self.name).unwrap_or(&empty),
-        )
-        .map_err(|e| SourceError::Read(format!("{}: {e}", self.name)))?;
+        let committed = committed.get(&self.name);
+        let read_err = |e: String| SourceError::Read(format!("{}: {e}", self.name));
+        match &mut self.readers {
+            TopicReaders::Embedded { topic, readers } => {
+                *readers = open_readers(topic.partitions(), committed.unwrap_or(&empty))
+                    .map_err(|e| read_err(e.to_string()))?;
+            }
+            TopicReaders::Kafka(kafka) => kafka.rewind(committed).map_err(read_err)?,
+        }
         Ok(())
     }
 
     async fn read(&mut self, max: usize) -> Result<Taken, SourceError> {
-        let read = read_some(self.topic.partitions(), &mut self.readers, max, READ_BYTES);
-        let batch = rows(&self.schema, &self.name, &read.chunks, &self.redact)
-            .map_err(|e| SourceError::Read(format!("{}: {e}", self.name)))?;
+        let read_err = |e: String| SourceError::Read(format!("{}: {e}", self.name));
+        let (batch, records) = match &mut self.readers {
+            TopicReaders::Embedded { topic, readers } => {
+                let read = read_some(topic.partitions(), readers, max, READ_BYTES);
+                let batch = rows(
+                    &self.schema,
+                    &self.name,
+                    embedded(&self.name, &read.chunks),
+                    &self.redact,
+                )
+                .map_err(|e| read_err(e.to_string()))?;
+                (batch, read.records)
+            }
+            TopicReaders::Kafka(kafka) => {
+                let read = kafka.read(max).map_err(read_err)?;
+                let now_ms = now_us() / 1000;
+                let records = read.iter().map(|(partition, r)| BronzeRecord {
+                    partition: *partition,
+                    offset: r.offset,
+                    key: r.record.key.as_deref(),
+                    value: &r.record.value,
+                    timestamp_ms: r.timestamp_ms.unwrap_or(now_ms),
+                });
+                let batch = rows(&self.schema, &self.name, records, &self.redact)
+                    .map_err(|e| read_err(e.to_string()))?;
+                (batch, read.len())
+            }
+        };
         Ok(Taken {
             batch,
             rejected: Vec::new(),
             watermark: None,
-            records: read.records,
-            full: read.records >= max,
+            records,
+            full: records >= max,
         })
     }
 
     fn position(&self) -> BTreeMap<u32, u64> {
-        next_offsets(&self.readers)
+        match &self.readers {
+            TopicReaders::Embedded { readers, .. } => next_offsets(readers),
+            TopicReaders::Kafka(kafka) => kafka.position(),
+        }
+    }
+
+    fn landed(&mut self, committed: &Offsets) {
+        if let (TopicReaders::Kafka(kafka), Some(offsets)) =
+            (&mut self.readers, committed.get(&self.name))
+        {
+            kafka.landed(offsets);
+        }
     }
 
     fn waiter(&self) -> Waiter {
-        watch_partitions(self.topic.partitions(), &self.readers)
+        match &self.readers {
+            TopicReaders::Embedded { topic, readers } => {
+                watch_partitions(topic.partitions(), readers)
+            }
+            TopicReaders::Kafka(_) => Waiter::Poll(crate::kafka_topic::POLL),
+        }
     }
 }
 
@@ -221,16 +269,53 @@ fn open_readers(
         .collect()
 }
 
-/// One row per record of `chunks`.
-fn rows(
+/// A record as bronze keeps it.
+struct BronzeRecord<'a> {
+    partition: u32,
+    offset: u64,
+    key: Option<&'a [u8]>,
+    value: &'a [u8],
+    timestamp_ms: i64,
+}
+
+/// The records of chunks read from the embedded log.
+fn embedded<'a>(
+    topic: &'a str,
+    chunks: &'a [(u32, kappa_log::RecordChunk)],
+) -> impl Iterator<Item = BronzeRecord<'a>> {
+    chunks.iter().flat_map(move |(partition, chunk)| {
+        chunk.records().filter_map(move |record| match record {
+            Ok(record) => Some(BronzeRecord {
+                partition: *partition,
+                offset: record.offset,
+                key: record.key,
+                value: record.value,
+                timestamp_ms: record.timestamp_ms,
+            }),
+            Err(e) => {
+                // A batch that passed its CRC but does not decode: the log reports it.
+                tracing::error!(error = %e, topic, partition, "unreadable record");
+                None
+            }
+        })
+    })
+}
+
+/// Microseconds since the epoch.
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// One row per record.
+fn rows<'a>(
     schema: &SchemaRef,
     topic: &str,
-    chunks: &[(u32, kappa_log::RecordChunk)],
+    records: impl Iterator<Item = BronzeRecord<'a>>,
     redact: &Redactions,
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
-    let now_us = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    let now_us = now_us();
     let mut topics = StringBuilder::new();
     let mut partitions = Int32Builder::new();
     let mut offsets = Int64Builder::new();
@@ -238,31 +323,21 @@ fn rows(
     let mut values = LargeBinaryBuilder::new();
     let mut times = TimestampMicrosecondBuilder::new().with_timezone("+00:00");
     let mut ingested = TimestampMicrosecondBuilder::new().with_timezone("+00:00");
-    for (partition, chunk) in chunks {
-        for record in chunk.records() {
-            let record = match record {
-                Ok(record) => record,
-                Err(e) => {
-                    // A batch that passed its CRC but does not decode: the log reports it.
-                    tracing::error!(error = %e, topic, partition, "unreadable record");
-                    continue;
-                }
-            };
-            topics.append_value(topic);
-            partitions.append_value(i32::try_from(*partition).unwrap_or(i32::MAX));
-            offsets.append_value(i64::try_from(record.offset).unwrap_or(i64::MAX));
-            if redact.key && record.key.is_some() {
-                keys.append_value(REDACTED_JSON.trim_matches('"'));
-            } else {
-                keys.append_option(record.key);
-            }
-            match redacted(record.value, &redact.fields) {
-                Some(value) => values.append_value(value),
-                None => values.append_value(record.value),
-            }
-            times.append_value(record.timestamp_ms.saturating_mul(1000));
-            ingested.append_value(now_us);
+    for record in records {
+        topics.append_value(topic);
+        partitions.append_value(i32::try_from(record.partition).unwrap_or(i32::MAX));
+        offsets.append_value(i64::try_from(record.offset).unwrap_or(i64::MAX));
+        if redact.key && record.key.is_some() {
+            keys.append_value(REDACTED_JSON.trim_matches('"'));
+        } else {
+            keys.append_option(record.key);
         }
+        match redacted(record.value, &redact.fields) {
+            Some(value) => values.append_value(value),
+            None => values.append_value(record.value),
+        }
+        times.append_value(record.timestamp_ms.saturating_mul(1000));
+        ingested.append_value(now_us);
     }
     RecordBatch::try_new(
         schema.clone(),

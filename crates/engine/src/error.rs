@@ -46,9 +46,15 @@ pub enum EngineError {
     #[error("{}", .0.message())]
     Plan(DataFusionError),
     #[error(transparent)]
-    Log(#[from] kappa_log::LogError),
+    Log(#[from] crate::event_log::EventLogError),
     #[error(transparent)]
     Lakehouse(#[from] kappa_lakehouse::LakehouseError),
+}
+
+impl From<kappa_log::LogError> for EngineError {
+    fn from(error: kappa_log::LogError) -> EngineError {
+        EngineError::Log(error.into())
+    }
 }
 
 impl From<DataFusionError> for EngineError {

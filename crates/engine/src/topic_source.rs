@@ -15,6 +15,8 @@ use kappa_log::{PartitionReader, StartAt, Topic};
 
 use crate::commit_record::Offsets;
 use crate::decode::{Decoder, Raw, Rejected};
+use crate::in_step::Fraction;
+use crate::kafka_topic::KafkaTopic;
 use crate::source::{Source, SourceError, Taken, Waiter};
 use crate::watermark::Watermarks;
 
@@ -24,9 +26,8 @@ pub const READ_BYTES: usize = 1 << 20;
 /// A stream topic a model reads: its readers, decoder and event-time progress.
 pub(crate) struct TopicSource {
     pub(crate) name: String,
-    pub(crate) topic: Arc<Topic>,
+    pub(crate) readers: TopicReaders,
     pub(crate) decoder: Decoder,
-    pub(crate) readers: Vec<PartitionReader>,
     pub(crate) marks: Option<Watermarks>,
     /// Whether this model reports the topic's records that do not fit its schema.
     pub(crate) reports_rejects: bool,
@@ -36,6 +37,36 @@ pub(crate) struct TopicSource {
     /// data files carry (`kappa_lakehouse::marks`): kept by a model that appends row by row,
     /// so that a join reading its table judges lateness per source partition.
     pub(crate) times: Option<TimeMarks>,
+}
+
+/// Where a topic's records are read from.
+pub(crate) enum TopicReaders {
+    /// The embedded log: a reader per partition, waited for through its visible offset.
+    Embedded {
+        topic: Arc<Topic>,
+        readers: Vec<PartitionReader>,
+    },
+    /// A Kafka cluster: a reader per partition by explicit assignment, polled.
+    Kafka(KafkaTopic),
+}
+
+impl TopicReaders {
+    /// Readers of `name` in `log`, placed by the first rewind.
+    pub(crate) fn of(
+        log: &crate::event_log::EventLog,
+        name: &str,
+        group: String,
+    ) -> Result<TopicReaders, crate::event_log::EventLogError> {
+        Ok(match log {
+            crate::event_log::EventLog::Embedded(log) => TopicReaders::Embedded {
+                topic: log.topic(name)?,
+                readers: Vec::new(),
+            },
+            crate::event_log::EventLog::Kafka(kafka) => {
+                TopicReaders::Kafka(KafkaTopic::new(kafka.clone(), name, group))
+            }
+        })
+    }
 }
 
 /// The greatest time per partition of each timestamp field of a topic, at the last commit
@@ -179,48 +210,75 @@ impl Source for TopicSource {
     }
 
     fn rewind(&mut self, committed: &Offsets) -> Result<(), SourceError> {
-        let mut fresh = Vec::new();
-        for partition in self.topic.partitions() {
-            let next = committed
-                .get(&self.name)
-                .and_then(|p| p.get(&partition.id()))
-                .copied()
-                .unwrap_or(0);
-            let start = if next == 0 {
-                StartAt::Beginning
-            } else {
-                StartAt::Offset(next)
-            };
-            fresh.push(
-                partition
-                    .reader(start)
-                    .map_err(|e| SourceError::Read(format!("{}: {e}", self.name)))?,
-            );
+        let committed = committed.get(&self.name);
+        let read_err = |e: String| SourceError::Read(format!("{}: {e}", self.name));
+        match &mut self.readers {
+            TopicReaders::Embedded { topic, readers } => {
+                let mut fresh = Vec::new();
+                for partition in topic.partitions() {
+                    let next = committed
+                        .and_then(|p| p.get(&partition.id()))
+                        .copied()
+                        .unwrap_or(0);
+                    let start = if next == 0 {
+                        StartAt::Beginning
+                    } else {
+                        StartAt::Offset(next)
+                    };
+                    fresh.push(
+                        partition
+                            .reader(start)
+                            .map_err(|e| read_err(e.to_string()))?,
+                    );
+                }
+                *readers = fresh;
+            }
+            TopicReaders::Kafka(kafka) => kafka.rewind(committed).map_err(read_err)?,
         }
-        self.readers = fresh;
         Ok(())
     }
 
     async fn read(&mut self, max: usize) -> Result<Taken, SourceError> {
-        let read = read_some(self.topic.partitions(), &mut self.readers, max, READ_BYTES);
-        let mut raws = Vec::with_capacity(read.records);
-        for (partition, chunk) in &read.chunks {
-            collect_records(chunk, *partition, &mut raws);
-        }
-        let (batch, rejected) = self
-            .take(&raws)
-            .map_err(|e| SourceError::Read(format!("{}: {e}", self.name)))?;
+        let name = self.name.clone();
+        let read_err = |e: String| SourceError::Read(format!("{name}: {e}"));
+        let (batch, rejected, records) = match &mut self.readers {
+            TopicReaders::Embedded { topic, readers } => {
+                let read = read_some(topic.partitions(), readers, max, READ_BYTES);
+                let mut raws = Vec::with_capacity(read.records);
+                for (partition, chunk) in &read.chunks {
+                    collect_records(chunk, *partition, &mut raws);
+                }
+                let (batch, rejected) = self.take(&raws).map_err(|e| read_err(e.to_string()))?;
+                (batch, rejected, read.records)
+            }
+            TopicReaders::Kafka(kafka) => {
+                let read = kafka.read(max).map_err(read_err)?;
+                let raws: Vec<Raw<'_>> = read
+                    .iter()
+                    .map(|(partition, r)| Raw {
+                        partition: *partition,
+                        offset: r.offset,
+                        value: &r.record.value,
+                    })
+                    .collect();
+                let (batch, rejected) = self.take(&raws).map_err(|e| read_err(e.to_string()))?;
+                (batch, rejected, read.len())
+            }
+        };
         Ok(Taken {
             batch,
             rejected,
             watermark: self.marks.as_ref().and_then(Watermarks::watermark),
-            records: read.records,
-            full: read.records >= max,
+            records,
+            full: records >= max,
         })
     }
 
     fn position(&self) -> BTreeMap<u32, u64> {
-        next_offsets(&self.readers)
+        match &self.readers {
+            TopicReaders::Embedded { readers, .. } => next_offsets(readers),
+            TopicReaders::Kafka(kafka) => kafka.position(),
+        }
     }
 
     fn load_marks(&mut self, saved: Option<&serde_json::Value>) -> Result<(), String> {
@@ -250,14 +308,24 @@ impl Source for TopicSource {
         }
     }
 
-    fn landed(&mut self, _committed: &Offsets) {
+    fn landed(&mut self, committed: &Offsets) {
         if let Some(times) = &mut self.times {
             times.before = times.after.clone();
+        }
+        if let (TopicReaders::Kafka(kafka), Some(offsets)) =
+            (&mut self.readers, committed.get(&self.name))
+        {
+            kafka.landed(offsets);
         }
     }
 
     fn waiter(&self) -> Waiter {
-        watch_partitions(self.topic.partitions(), &self.readers)
+        match &self.readers {
+            TopicReaders::Embedded { topic, readers } => {
+                watch_partitions(topic.partitions(), readers)
+            }
+            TopicReaders::Kafka(_) => Waiter::Poll(crate::kafka_topic::POLL),
+        }
     }
 }
 
@@ -331,12 +399,8 @@ pub(crate) fn collect_records<'a>(
 /// Reads about `max` records across a source's partitions (whole chunks); returns them with
 /// the offsets after them.
 ///
-/// The next chunk always comes from the partition least far through what it holds (its share of
-/// the records between its first kept offset and its end): partitions are read in step, so
-/// those of one topic (which cover the same stretch of event time, however unequal their sizes)
-/// stay close in event time. Read round-robin instead, a large partition fell behind the rest
-/// all through a replay, and the watermark (their minimum) with it: the rows waiting on it grew
-/// with the length of the log.
+/// The next chunk always comes from the partition least far through what it holds
+/// ([`crate::in_step`]).
 pub(crate) fn read_some(
     partitions: &[kappa_log::Partition],
     readers: &mut [PartitionReader],
@@ -356,8 +420,8 @@ pub(crate) fn read_some(
     let mut records = 0;
     while records < max {
         let behind = (0..readers.len()).filter(|&i| !done[i]).min_by(|&a, &b| {
-            through(readers[a].next_offset(), spans.get(a))
-                .cmp_fraction(through(readers[b].next_offset(), spans.get(b)))
+            Fraction::through(readers[a].next_offset(), spans.get(a))
+                .cmp_fraction(Fraction::through(readers[b].next_offset(), spans.get(b)))
         });
         let Some(i) = behind else {
             break;
@@ -376,34 +440,6 @@ pub(crate) fn read_some(
         }
     }
     Read { chunks, records }
-}
-
-/// How far a reader at `next` is through a partition spanning `span` (first kept offset, end):
-/// records read ÷ records held.
-fn through(next: u64, span: Option<&(u64, u64)>) -> Fraction {
-    match span {
-        Some(&(first, end)) if end > first => Fraction {
-            read: next.clamp(first, end) - first,
-            of: end - first,
-        },
-        // An empty partition (or one the reader does not know) is read first: it costs
-        // nothing to find it has nothing.
-        _ => Fraction { read: 0, of: 1 },
-    }
-}
-
-/// `read` of `of` records, compared exactly.
-#[derive(Debug, Clone, Copy)]
-struct Fraction {
-    read: u64,
-    of: u64,
-}
-
-impl Fraction {
-    fn cmp_fraction(self, other: Fraction) -> std::cmp::Ordering {
-        (u128::from(self.read) * u128::from(other.of))
-            .cmp(&(u128::from(other.read) * u128::from(self.of)))
-    }
 }
 
 #[cfg(test)]

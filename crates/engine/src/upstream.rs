@@ -21,11 +21,11 @@ use std::time::Duration;
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use kappa_lakehouse::{Lakehouse, Table, TableIdent};
-use kappa_log::Log;
 use kappa_pipeline::Project;
 
 use crate::commit_record::Offsets;
 use crate::error::EngineError;
+use crate::event_log::EventLog;
 use crate::plan_tables::plan_over_upstream;
 use crate::source::{Source, SourceError, Taken, Waiter};
 use crate::watermark::{WATERMARKS_PROPERTY, Watermarks};
@@ -328,7 +328,7 @@ impl TableSource {
     /// `slot_schema`; `upstream_marks`: the upstream's topic and event time whose recorded
     /// watermark closes the model's windows. Holds position 0 on the upstream until rewound.
     pub(crate) fn new(
-        log: &Log,
+        log: &EventLog,
         lakehouse: &Lakehouse,
         project: &Project,
         model_id: &str,
@@ -340,7 +340,7 @@ impl TableSource {
         let holder = crate::tables::live_table(lakehouse, project, model_id)?.to_string();
         let marks = match upstream_marks {
             Some((topic, et)) => {
-                let partitions = log.topic(topic)?.partition_count();
+                let partitions = log.partition_count(topic)?;
                 Some((
                     topic.clone(),
                     Watermarks::new(&et.column, et.index, et.delay_ms, partitions),

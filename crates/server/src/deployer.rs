@@ -14,11 +14,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context as _;
-
+use kappa_engine::event_log::EventLog;
 use kappa_engine::runner::{OFFSETS_PROPERTY, Offsets, version_table, written_table};
 use kappa_lakehouse::{Lakehouse, TableIdent};
-use kappa_log::Log;
 use kappa_pipeline::deploy::{Deployment, FolderFile};
 use kappa_pipeline::{Project, ProjectFiles};
 use serde::{Deserialize, Serialize};
@@ -36,7 +34,7 @@ const CUTOVER_CHECK_MS: u64 = 200;
 /// The project `kappa up` runs and the deploy in progress, if any.
 #[derive(Debug)]
 pub struct Deployer {
-    log: Arc<Log>,
+    log: EventLog,
     lakehouse: Lakehouse,
     data_dir: PathBuf,
     inner: tokio::sync::Mutex<Inner>,
@@ -118,10 +116,15 @@ pub struct ReplayProgress {
 }
 
 impl Deployer {
+    /// The log the project's models read.
+    pub fn log(&self) -> &EventLog {
+        &self.log
+    }
+
     /// Runs what `data_dir` records as deployed, then deploys `project` (read from `files`)
     /// over it: at once when nothing was deployed, otherwise beside it until the cutover.
     pub async fn start(
-        log: Arc<Log>,
+        log: EventLog,
         lakehouse: Lakehouse,
         data_dir: PathBuf,
         project: Arc<Project>,
@@ -166,14 +169,7 @@ impl Deployer {
                 {
                     tracing::info!("a deploy was in progress when kappa stopped: it carries on");
                     let project = Arc::new(project);
-                    let ensured = {
-                        let (log, project) = (deployer.log.clone(), project.clone());
-                        tokio::task::spawn_blocking(move || {
-                            crate::pipelines::ensure_topics(&log, &project)
-                        })
-                        .await
-                    };
-                    ensured.context("join topic creation")??;
+                    crate::pipelines::ensure_topics(&deployer.log, &project).await?;
                     deployer
                         .deploy_undoing(project, target.files, target.undo)
                         .await?;
@@ -1141,18 +1137,13 @@ fn now_ms() -> u64 {
 
 /// The end of every partition of the topics each model reads, keyed as its commits record them
 /// (`offset_keys`), by model.
-fn topic_ends(log: &Log, project: &Project, models: &[String]) -> BTreeMap<String, Offsets> {
+fn topic_ends(log: &EventLog, project: &Project, models: &[String]) -> BTreeMap<String, Offsets> {
     models
         .iter()
         .map(|id| {
             let mut ends = Offsets::new();
             for (name, key) in kappa_engine::runner::offset_keys(project, id) {
-                if let Ok(topic) = log.topic(&name) {
-                    let partitions = topic
-                        .partitions()
-                        .iter()
-                        .map(|p| (p.id(), p.offsets().visible_offset))
-                        .collect();
+                if let Ok(partitions) = log.ends(&name) {
                     ends.insert(key, partitions);
                 }
             }

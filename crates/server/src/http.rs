@@ -318,11 +318,9 @@ async fn deploy(State(state): State<Arc<AppState>>) -> Result<Response, ApiError
             ));
         }
     };
-    let ensured = {
-        let (log, project) = (state.log.clone(), project.clone());
-        tokio::task::spawn_blocking(move || crate::pipelines::ensure_topics(&log, &project)).await
-    };
-    ensured.map_err(|e| internal(e.into()))?.map_err(internal)?;
+    crate::pipelines::ensure_topics(deployer.log(), &project)
+        .await
+        .map_err(internal)?;
     let replaying = deployer.deploy(project, files).await.map_err(internal)?;
     Ok(Json(serde_json::json!({ "replaying": replaying })).into_response())
 }

@@ -205,17 +205,12 @@ impl Server {
         );
         let deployer = match project {
             Some((project, files)) => {
-                let ensured = {
-                    let log = log.clone();
-                    let project = project.clone();
-                    tokio::task::spawn_blocking(move || pipelines::ensure_topics(&log, &project))
-                        .await
-                };
-                ensured.context("join topic creation")??;
+                let event_log = kappa_engine::event_log::EventLog::Embedded(log.clone());
+                pipelines::ensure_topics(&event_log, &project).await?;
                 // The folder is deployed over what the data directory records as deployed.
                 Some(
                     deployer::Deployer::start(
-                        log.clone(),
+                        event_log,
                         lakehouse.clone(),
                         data_dir.clone(),
                         project,

@@ -3,15 +3,43 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use anyhow::Context as _;
+use kappa_engine::event_log::EventLog;
 use kappa_engine::runner::{RunnerError, run_version};
 use kappa_lakehouse::Lakehouse;
 use kappa_log::{FsyncPolicy, Log, TopicConfig};
 use kappa_pipeline::Project;
 use tokio::task::JoinHandle;
 
-/// Creates every topic the project declares that the log does not have yet. A topic that
-/// exists with another partition count is left as it is, with a warning: partitions are fixed.
-pub fn ensure_topics(log: &Log, project: &Project) -> anyhow::Result<()> {
+/// Creates every topic the project declares that the log does not have yet. On the embedded
+/// log, a topic that exists with another partition count is left as it is, with a warning
+/// (partitions are fixed); on a Kafka cluster, where other producers rely on the partitioning
+/// too, it is an error that says what differs.
+pub async fn ensure_topics(log: &EventLog, project: &Arc<Project>) -> anyhow::Result<()> {
+    match log {
+        EventLog::Embedded(log) => {
+            let (log, project) = (log.clone(), project.clone());
+            tokio::task::spawn_blocking(move || ensure_embedded_topics(&log, &project))
+                .await
+                .context("join topic creation")?
+        }
+        EventLog::Kafka(kafka) => {
+            for spec in project.topics.values() {
+                let ensured = kafka
+                    .cluster
+                    .ensure_topic(&spec.name, spec.partitions)
+                    .await
+                    .with_context(|| spec.file.clone())?;
+                if ensured == kappa_kafka::Ensured::Created {
+                    tracing::info!(topic = %spec.name, partitions = spec.partitions, "created topic on the Kafka cluster from the project");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn ensure_embedded_topics(log: &Log, project: &Project) -> anyhow::Result<()> {
     for spec in project.topics.values() {
         if let Ok(existing) = log.topic(&spec.name) {
             if existing.partition_count() != spec.partitions {
@@ -110,14 +138,14 @@ pub struct Pipelines {
 impl Pipelines {
     /// Starts a runner for every model, in dependency order, each publishing its table as the
     /// model's public one when the model has none.
-    pub fn start(log: Arc<Log>, lakehouse: Lakehouse, project: Arc<Project>) -> Pipelines {
+    pub fn start(log: EventLog, lakehouse: Lakehouse, project: Arc<Project>) -> Pipelines {
         let models = project.order.clone();
         Pipelines::start_versions(log, lakehouse, project, &models, &|_| true)
     }
 
     /// Starts a runner for each of `models` of `project` (their versions, into their tables).
     pub(crate) fn start_versions(
-        log: Arc<Log>,
+        log: EventLog,
         lakehouse: Lakehouse,
         project: Arc<Project>,
         models: &[String],
@@ -135,7 +163,7 @@ impl Pipelines {
     /// Starts a runner for each of `models` of `project` in this set.
     pub(crate) fn start_more(
         &mut self,
-        log: Arc<Log>,
+        log: EventLog,
         lakehouse: Lakehouse,
         project: Arc<Project>,
         models: &[String],
@@ -214,7 +242,7 @@ impl Pipelines {
 /// One model's runner: restarted after a failure (from its last commit, after a pause) until
 /// `stopped`; a model that cannot run at all gives up.
 async fn run_until_stopped(
-    log: Arc<Log>,
+    log: EventLog,
     lakehouse: Lakehouse,
     project: Arc<Project>,
     name: String,
@@ -370,7 +398,7 @@ impl Bronze {
     /// Starts a runner for each of `project`'s topics that has none, and restarts those that
     /// the project gives more fields to redact (records already kept stay as they were
     /// written).
-    pub async fn ensure(&mut self, log: &Arc<Log>, lakehouse: &Lakehouse, project: &Project) {
+    pub async fn ensure(&mut self, log: &EventLog, lakehouse: &Lakehouse, project: &Project) {
         for topic in project.topics.keys() {
             let mut redact = kappa_engine::bronze::redacted_fields(project, topic);
             // A deploy may yet fail and leave the running project's masks in force: what
@@ -433,7 +461,7 @@ impl Bronze {
 /// One topic's bronze runner, restarted after a failure (from its last commit, after a pause)
 /// until `stopped`.
 async fn run_bronze_until_stopped(
-    log: Arc<Log>,
+    log: EventLog,
     lakehouse: Lakehouse,
     topic: String,
     redact: kappa_engine::bronze::Redactions,

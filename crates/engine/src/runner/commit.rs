@@ -154,11 +154,7 @@ impl Run {
         }
         properties.insert(
             DEAD_LETTERS_PROPERTY.to_owned(),
-            self.dead_letters
-                .partition(0)
-                .map(|p| p.offsets().visible_offset)
-                .unwrap_or(0)
-                .to_string(),
+            self.dead_letters.end().to_string(),
         );
         for source in &self.sources {
             source.properties(&mut properties);

@@ -9,7 +9,7 @@ pub enum RunnerError {
     Log {
         model: String,
         #[source]
-        source: kappa_log::LogError,
+        source: crate::event_log::EventLogError,
     },
     #[error("model {model}: {source}")]
     Lakehouse {

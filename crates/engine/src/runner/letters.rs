@@ -6,10 +6,15 @@ use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use kappa_kafka::Cluster;
 use kappa_log::{Log, Record, StartAt, Topic};
 use kappa_pipeline::Project;
 
 use crate::decode::Rejected;
+use crate::event_log::{EventLog, EventLogError, READ_RECORDS, blocking};
 use crate::topic_source::READ_BYTES;
 
 /// The topic where records that do not fit their topic's schema go, with the reason.
@@ -69,27 +74,135 @@ pub(super) fn dead_letter(model: &str, topic: &str, rejected: &Rejected) -> Reco
     Record::keyed(model.to_owned(), value.to_string())
 }
 
-/// The records this model already put in the dead-letter topic after `from`: a commit that
-/// failed after its dead letters were written must not write them twice. A read error is an
-/// error, never a shorter set (which would write the letters past it again).
-pub(super) fn dead_letters_after(
-    topic: &Topic,
-    from: u64,
-    model: &str,
-) -> Result<BTreeSet<(String, u32, u64)>, kappa_log::LogError> {
-    let mut seen = BTreeSet::new();
-    each_letter(topic.partition(0)?, from, |letter| {
-        if letter["model"] == model
-            && let (Some(topic), Some(p), Some(o)) = (
-                letter["topic"].as_str(),
-                letter["partition"].as_u64(),
-                letter["offset"].as_u64(),
-            )
-        {
-            seen.insert((topic.to_owned(), p as u32, o));
+/// The dead-letter topic of a project's log.
+#[derive(Clone)]
+pub(crate) enum DeadLetters {
+    Embedded(Arc<Topic>),
+    Kafka {
+        cluster: Arc<Cluster>,
+        /// An offset no letter written after it is below: the topic's end when opened, then
+        /// past this runner's last letter (all a commit needs to find its own letters again).
+        end: Arc<AtomicU64>,
+    },
+}
+
+/// How long a read of the dead letters of a Kafka cluster waits for the next record before it
+/// takes the topic's end as reached.
+const LETTERS_READ_WAIT: Duration = Duration::from_secs(2);
+
+impl DeadLetters {
+    /// The dead-letter topic of `log`, created on first use.
+    pub(crate) async fn open(log: &EventLog) -> Result<DeadLetters, EventLogError> {
+        match log {
+            EventLog::Embedded(log) => Ok(DeadLetters::Embedded(dead_letter_topic(log)?)),
+            EventLog::Kafka(kafka) => {
+                // One partition: a model's letters keep their order, and one offset says where
+                // a commit's letters end.
+                kafka.cluster.ensure_topic(DEAD_LETTER_TOPIC, 1).await?;
+                let cluster = kafka.cluster.clone();
+                let end = blocking(|| cluster.offsets(DEAD_LETTER_TOPIC))?
+                    .first()
+                    .map_or(0, |p| p.next);
+                Ok(DeadLetters::Kafka {
+                    cluster: kafka.cluster.clone(),
+                    end: Arc::new(AtomicU64::new(end)),
+                })
+            }
         }
-    })?;
-    Ok(seen)
+    }
+
+    /// Appends `letters`, once the log has them all.
+    pub(crate) async fn append(&self, letters: Vec<Record>) -> Result<(), String> {
+        match self {
+            DeadLetters::Embedded(topic) => topic
+                .append(letters)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            DeadLetters::Kafka { cluster, end } => {
+                let landed = cluster
+                    .append(DEAD_LETTER_TOPIC, &letters)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Some(last) = landed.iter().map(|p| p.offset + 1).max() {
+                    end.fetch_max(last, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// An offset of the dead-letter topic that every letter written after this call is at or
+    /// past: what a commit records, so that a retry finds the letters it already wrote.
+    pub(crate) fn end(&self) -> u64 {
+        match self {
+            DeadLetters::Embedded(topic) => topic
+                .partition(0)
+                .map(|p| p.offsets().visible_offset)
+                .unwrap_or(0),
+            DeadLetters::Kafka { end, .. } => end.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The records `model` put in the dead-letter topic from offset `from` on, as (topic,
+    /// partition, offset) of the records they report. A read error is an error, never a
+    /// shorter set (which would write the letters past it again).
+    pub(crate) fn written_after(
+        &self,
+        from: u64,
+        model: &str,
+    ) -> Result<BTreeSet<(String, u32, u64)>, String> {
+        let mut seen = BTreeSet::new();
+        let mut each = |letter: &serde_json::Value| {
+            if letter["model"] == model
+                && let (Some(topic), Some(p), Some(o)) = (
+                    letter["topic"].as_str(),
+                    letter["partition"].as_u64(),
+                    letter["offset"].as_u64(),
+                )
+            {
+                seen.insert((topic.to_owned(), p as u32, o));
+            }
+        };
+        match self {
+            DeadLetters::Embedded(topic) => {
+                let partition = topic.partition(0).map_err(|e| e.to_string())?;
+                each_letter(partition, from, each).map_err(|e| e.to_string())?;
+            }
+            DeadLetters::Kafka { cluster, .. } => blocking(|| {
+                let end = cluster
+                    .offsets(DEAD_LETTER_TOPIC)
+                    .map_err(|e| e.to_string())?
+                    .first()
+                    .map_or(0, |p| p.next);
+                if from >= end {
+                    return Ok(());
+                }
+                let mut reader = cluster
+                    .reader(DEAD_LETTER_TOPIC, 0, from)
+                    .map_err(|e| e.to_string())?;
+                while reader.position() < end {
+                    let read = reader
+                        .read(READ_RECORDS, LETTERS_READ_WAIT)
+                        .map_err(|e| e.to_string())?;
+                    if read.is_empty() {
+                        return Err(format!(
+                            "the dead-letter topic on the Kafka cluster stopped at offset {} \
+                             before its end {end}",
+                            reader.position()
+                        ));
+                    }
+                    for record in read {
+                        if let Ok(letter) = serde_json::from_slice(&record.record.value) {
+                            each(&letter);
+                        }
+                    }
+                }
+                Ok::<(), String>(())
+            })?,
+        }
+        Ok(seen)
+    }
 }
 
 /// Calls `each` with every letter of a dead-letter `partition` from offset `from` to its end
@@ -149,7 +262,9 @@ mod tests {
                     .append_blocking(&[dead_letter("silver.orders", "orders", &rejected)])
                     .expect("an append");
             }
-            let found = dead_letters_after(&topic, 0, "silver.orders").expect("a whole topic");
+            let found = DeadLetters::Embedded(topic.clone())
+                .written_after(0, "silver.orders")
+                .expect("a whole topic");
             assert_eq!(found.len(), 3);
             log.close().expect("a clean close");
         }
@@ -171,7 +286,11 @@ mod tests {
         let log =
             Log::open(dir.path()).expect("the log opens: the damage is before the durable point");
         let topic = log.topic(DEAD_LETTER_TOPIC).expect("the topic");
-        assert!(dead_letters_after(&topic, 0, "silver.orders").is_err());
+        assert!(
+            DeadLetters::Embedded(topic)
+                .written_after(0, "silver.orders")
+                .is_err()
+        );
     }
 
     /// Every file below `dir`.

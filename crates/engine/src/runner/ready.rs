@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use kappa_lakehouse::{Lakehouse, table_ident};
-use kappa_log::Log;
+use kappa_log::Topic;
 use kappa_pipeline::Project;
 
 use super::error::{RunnerError, planning_error};
@@ -14,13 +14,14 @@ use crate::commit_record::{CommitRecord, VERSION_PROPERTY};
 use crate::decode::Decoder;
 use crate::dedup::Dedup;
 use crate::dimension::Dimension;
+use crate::event_log::EventLog;
 use crate::operator::{Operator, Stage};
 use crate::plan::plan_model;
 use crate::source::Source;
 use crate::stateless::StatelessModel;
 use crate::stream_join::StreamJoin;
 use crate::tables::written_table;
-use crate::topic_source::TopicSource;
+use crate::topic_source::{TopicReaders, TopicSource};
 use crate::watermark::Watermarks;
 
 /// A model planned over its topics: the stream topics (two when it joins them, the left side
@@ -151,7 +152,7 @@ async fn plan_topics(
 
 /// `model_id` planned over its stream topics, each read from the log.
 pub(super) async fn over_topics(
-    log: &Log,
+    log: &EventLog,
     project: &Project,
     model_id: &str,
 ) -> Result<Ready, RunnerError> {
@@ -162,7 +163,7 @@ pub(super) async fn over_topics(
 /// `joined` (a lakehouse and models), the tables those models published as sides of a join of
 /// two streams.
 async fn over_streams(
-    log: &Log,
+    log: &EventLog,
     joined: Option<(&Lakehouse, &[String])>,
     project: &Project,
     model_id: &str,
@@ -205,12 +206,11 @@ async fn over_streams(
                     )
                 })?;
             let partitions = log
-                .topic(&topic)
+                .partition_count(&topic)
                 .map_err(|source| RunnerError::Log {
                     model: model_id.to_owned(),
                     source,
-                })?
-                .partition_count();
+                })?;
             let source = crate::upstream::TableSource::new(
                 log,
                 lakehouse,
@@ -225,10 +225,18 @@ async fn over_streams(
             sources.push(Box::new(source));
             continue;
         }
-        let topic = log.topic(&name).map_err(|source| RunnerError::Log {
+        let log_err = |source| RunnerError::Log {
             model: model_id.to_owned(),
             source,
-        })?;
+        };
+        let partitions = log.partition_count(&name).map_err(log_err)?;
+        let group = match log {
+            EventLog::Kafka(kafka) => {
+                kafka.group(model_id, &crate::tables::model_version(project, model_id))
+            }
+            EventLog::Embedded(_) => String::new(),
+        };
+        let readers = TopicReaders::of(log, &name, group).map_err(log_err)?;
         // Late records are reported by the model that declares the event time, if it uses
         // it; otherwise by each model that does.
         let reports_late = match &event_time {
@@ -243,7 +251,7 @@ async fn over_streams(
                 &et.column,
                 et.index,
                 et.delay_ms,
-                topic.partition_count(),
+                partitions,
             )),
             _ => None,
         };
@@ -257,8 +265,7 @@ async fn over_streams(
             reports_rejects: rejects_reporter(project, &name).as_deref() == Some(model_id),
             reports_late,
             marks,
-            readers: Vec::new(),
-            topic,
+            readers,
             name,
         }));
     }
@@ -272,7 +279,7 @@ async fn over_streams(
 
 /// `model_id` planned over the tables its upstreams `upstreams` published.
 pub(super) async fn over_tables(
-    log: &Log,
+    log: &EventLog,
     lakehouse: &Lakehouse,
     project: &Project,
     model_id: &str,
@@ -405,7 +412,7 @@ pub(crate) async fn open_output(
 /// The dimensions `model_id` looks up, each with whether this model reports the records of
 /// its topic that do not fit its schema.
 pub(super) async fn open_dimensions(
-    log: &Log,
+    log: &EventLog,
     lakehouse: &Lakehouse,
     project: &Project,
     model_id: &str,
@@ -420,10 +427,7 @@ pub(super) async fn open_dimensions(
             ));
             continue;
         }
-        let topic = log.topic(&name).map_err(|source| RunnerError::Log {
-            model: model_id.to_owned(),
-            source,
-        })?;
+        let topic = embedded_topic(log, model_id, &name)?;
         let dimension = Dimension::new(topic, &project.topics[&name], table).map_err(|reason| {
             RunnerError::Unsupported {
                 model: model_id.to_owned(),
@@ -441,7 +445,7 @@ pub(super) async fn open_dimensions(
 /// fit). It covers one topic: the one it reads, or the one the last of the tables it reads
 /// (`Project::reads_tables`, followed down) reads.
 async fn open_dimension_model(
-    log: &Log,
+    log: &EventLog,
     lakehouse: &Lakehouse,
     project: &Project,
     model_id: &str,
@@ -479,12 +483,7 @@ async fn open_dimension_model(
             planned.topic
         )))
     })?;
-    let topic = log
-        .topic(&planned.topic)
-        .map_err(|source| RunnerError::Log {
-            model: model_id.to_owned(),
-            source,
-        })?;
+    let topic = embedded_topic(log, model_id, &planned.topic)?;
     let published = crate::tables::live_table(lakehouse, project, name).map_err(lake_err)?;
     Ok(Dimension::published(
         name,
@@ -502,4 +501,22 @@ async fn open_dimension_model(
 /// (A record that does not read is reported where it is read for the start.)
 pub(super) fn written_from_topics(properties: Option<&HashMap<String, String>>) -> bool {
     CommitRecord::of(properties).is_ok_and(|r| crate::commit_record::from_topics(&r.offsets))
+}
+
+/// The topic `name` of the embedded log, which a dimension is read from: a dimension is not
+/// read from a Kafka cluster yet.
+fn embedded_topic(log: &EventLog, model_id: &str, name: &str) -> Result<Arc<Topic>, RunnerError> {
+    match log {
+        EventLog::Embedded(log) => log.topic(name).map_err(|source| RunnerError::Log {
+            model: model_id.to_owned(),
+            source: source.into(),
+        }),
+        EventLog::Kafka(_) => Err(RunnerError::Unsupported {
+            model: model_id.to_owned(),
+            reason: format!(
+                "it looks up `{name}`, and a looked-up topic is read from the embedded log \
+                 only: on a Kafka cluster, models that look up a dimension do not run yet"
+            ),
+        }),
+    }
 }

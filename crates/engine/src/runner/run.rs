@@ -8,12 +8,11 @@ use std::time::{Duration, Instant};
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use kappa_lakehouse::{Lakehouse, Table, TableIdent};
-use kappa_log::{Log, Topic};
 use kappa_pipeline::Project;
 use tokio::sync::watch;
 
 use super::error::RunnerError;
-use super::letters::{dead_letter_topic, dead_letters_after};
+use super::letters::DeadLetters;
 use super::ready::{
     Ready, open_dimensions, open_output, over_tables, over_topics, written_from_topics,
 };
@@ -23,6 +22,7 @@ use crate::commit_audit::CommitAudit;
 use crate::commit_record::{ATTEMPT_PROPERTY, CommitRecord, Offsets};
 use crate::decode::Rejected;
 use crate::dimension::{CaughtUp, Dimension};
+use crate::event_log::EventLog;
 use crate::expect::RowChecks;
 use crate::operator::{Operator, Stage};
 use crate::source::{Source, SourceError, Taken};
@@ -52,7 +52,7 @@ pub(super) const RETRY_DELAY_MS: u64 = 1000;
 /// Runs `model` until `stop` turns true (see [`run_version`]); its table becomes the model's
 /// public one at once when the model has none yet.
 pub async fn run_model(
-    log: Arc<Log>,
+    log: EventLog,
     lakehouse: Lakehouse,
     project: Arc<Project>,
     model_id: String,
@@ -170,7 +170,7 @@ pub(crate) fn uuid_like() -> String {
 /// it names no table yet; otherwise the deploy publishes it at cutover. Errors of one commit
 /// are logged and retried; only a model that cannot run at all returns an error.
 pub async fn run_version(
-    log: Arc<Log>,
+    log: EventLog,
     lakehouse: Lakehouse,
     project: Arc<Project>,
     model_id: String,
@@ -186,7 +186,7 @@ pub async fn run_version(
 /// Copies a topic into its bronze table until `stop` turns true: the one loop, over `source`
 /// (the topic's records as rows) and `operator` (appending them).
 pub(crate) async fn run_bronze_table(
-    log: &Log,
+    log: &EventLog,
     lakehouse: Lakehouse,
     copy: BronzeCopy,
     source: Box<dyn Source>,
@@ -239,7 +239,7 @@ pub(super) struct Run {
     pub(super) quarantine: TableIdent,
     /// The tables of the models it reads, looked at before each read.
     pub(super) upstream: Vec<(String, TableIdent)>,
-    pub(super) dead_letters: Arc<Topic>,
+    pub(super) dead_letters: DeadLetters,
     /// Letters this model wrote past its last commit (a retried batch must not write them
     /// again).
     pub(super) already_dead: BTreeSet<(String, u32, u64)>,
@@ -300,7 +300,7 @@ struct Parts {
     audit: CommitAudit,
     quarantine: TableIdent,
     upstream: Vec<(String, TableIdent)>,
-    dead_letters: Arc<Topic>,
+    dead_letters: DeadLetters,
     already_dead: BTreeSet<(String, u32, u64)>,
     committed: Offsets,
 }
@@ -319,7 +319,7 @@ impl Run {
     /// Opens the model: plans it, opens its table, restores its state from the table's newest
     /// commit, and decides a commit that awaited its audit. `None`: stop was asked meanwhile.
     async fn start(
-        log: Arc<Log>,
+        log: EventLog,
         lakehouse: Lakehouse,
         project: Arc<Project>,
         model_id: String,
@@ -343,10 +343,12 @@ impl Run {
             None => over_topics(&log, &project, &model_id).await?,
         };
         let mut dims = open_dimensions(&log, &lakehouse, &project, &model_id, dimensions).await?;
-        let dead_letters = dead_letter_topic(&log).map_err(|source| RunnerError::Log {
-            model: err_model(),
-            source,
-        })?;
+        let dead_letters = DeadLetters::open(&log)
+            .await
+            .map_err(|source| RunnerError::Log {
+                model: err_model(),
+                source,
+            })?;
         let version = model_version(&project, &model_id);
         let output_schema = operator.output_schema().clone();
         let (ident, table) = open_output(
@@ -447,10 +449,11 @@ impl Run {
                 source,
             })?;
         let committed = record.offsets;
-        let already_dead = dead_letters_after(&dead_letters, record.dead_letters_offset, &model_id)
-            .map_err(|source| RunnerError::Log {
+        let already_dead = dead_letters
+            .written_after(record.dead_letters_offset, &model_id)
+            .map_err(|reason| RunnerError::Source {
                 model: err_model(),
-                source,
+                reason: format!("reading the dead-letter topic: {reason}"),
             })?;
         for source in &mut sources {
             source.rewind(&committed).map_err(|e| RunnerError::Source {
@@ -554,7 +557,7 @@ impl Run {
     /// The run that copies a topic into its bronze table `ident` (`crate::bronze`): `source`
     /// gives the rows, `operator` appends them, no expectations, nothing upstream.
     async fn bronze(
-        log: &Log,
+        log: &EventLog,
         lakehouse: Lakehouse,
         copy: BronzeCopy,
         mut source: Box<dyn Source>,
@@ -589,7 +592,7 @@ impl Run {
             model: name.clone(),
             source,
         };
-        let dead_letters = dead_letter_topic(log).map_err(log_err)?;
+        let dead_letters = DeadLetters::open(log).await.map_err(log_err)?;
         let quarantine = quarantine_table(&name, "").map_err(|source| RunnerError::Lakehouse {
             model: name.clone(),
             source,

@@ -30,7 +30,12 @@
 //! reads gold.x from gold.y         gold.x reads gold.y's published table (`from topics`:
 //!                                  it reads no table; `from a.b and c.d`: it reads both),
 //!                                  as `kappa up` would run it
+//! embedded-only REASON             the case runs over the embedded log only, for REASON
 //! ```
+//!
+//! Every case runs twice: over the embedded log (`cases_run_as_written`), and over a Kafka
+//! cluster (`cases_run_on_a_kafka_cluster`: a tansu broker on loopback, started per case), where
+//! the same oracle must hold.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -39,10 +44,12 @@ use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use arrow::util::pretty::pretty_format_batches;
+use kappa_engine::event_log::{EventLog, KafkaLog};
 use kappa_engine::runner::{DEAD_LETTER_TOPIC, run_model};
 use kappa_lakehouse::Lakehouse;
 use kappa_log::{Log, Record, StartAt, TopicConfig};
 use kappa_pipeline::{Project, ProjectFiles};
+use kappa_testkit::kafka::Broker;
 
 const CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cases");
 /// How long a `query` or `same-as-batch` waits for the tables to say what it expects.
@@ -63,6 +70,8 @@ enum Step {
     DeadLetters(usize),
     /// A model, and the upstreams whose tables it reads (`None`: it reads no table).
     Reads(String, Option<Vec<String>>),
+    /// Why the case runs over the embedded log only.
+    EmbeddedOnly(String),
 }
 
 /// The steps of a case file, or what is wrong with it and where.
@@ -119,6 +128,7 @@ fn parse(name: &str, text: &str) -> Vec<(usize, Step)> {
                 ),
                 None => panic!("{name}:{at}: reads MODEL from UPSTREAM [and UPSTREAM]|topics"),
             },
+            "embedded-only" if !rest.is_empty() => Step::EmbeddedOnly(rest.to_owned()),
             other => panic!("{name}:{at}: unknown step `{other}`"),
         };
         steps.push((at, step));
@@ -135,14 +145,26 @@ struct Case {
     dir: tempfile::TempDir,
     files: ProjectFiles,
     project: Option<Arc<Project>>,
-    log: Option<Arc<Log>>,
+    log: Option<EventLog>,
     lakehouse: Option<Lakehouse>,
     runners: Vec<(tokio::sync::watch::Sender<bool>, Runner)>,
+    /// Whether the log is a Kafka cluster, and its broker once started.
+    on_kafka: bool,
+    broker: Option<Broker>,
+}
+
+impl Drop for Case {
+    /// A case that failed stops its runners before its broker goes (they would wait on it).
+    fn drop(&mut self) {
+        for (_, runner) in &self.runners {
+            runner.abort();
+        }
+    }
 }
 
 impl Case {
     /// The project, loaded (and its topics created) when first needed.
-    async fn open(&mut self) -> (Arc<Project>, Arc<Log>, Lakehouse) {
+    async fn open(&mut self) -> (Arc<Project>, EventLog, Lakehouse) {
         if self.project.is_none() {
             let mut files = self.files.clone();
             files.entry("kappa.toml".into()).or_default();
@@ -150,17 +172,34 @@ impl Case {
                 .unwrap_or_else(|d| panic!("{}: the project does not load: {d:#?}", self.name));
             // As `kappa up` starts it: models over a model read its published table.
             project.reads_tables = kappa_engine::upstream::table_readers(&project).await;
-            let log = Arc::new(Log::open(self.dir.path().join("log")).expect("a fresh log"));
-            for topic in project.topics.values() {
-                log.create_topic(
-                    &topic.name,
-                    TopicConfig {
-                        partitions: topic.partitions,
-                        ..TopicConfig::default()
-                    },
-                )
-                .expect("a new topic");
-            }
+            let log = if self.on_kafka {
+                let broker = Broker::start(self.dir.path());
+                let cluster = Arc::new(cluster(&broker.bootstrap));
+                self.broker = Some(broker);
+                for topic in project.topics.values() {
+                    cluster
+                        .ensure_topic(&topic.name, topic.partitions)
+                        .await
+                        .expect("a new topic");
+                }
+                EventLog::Kafka(KafkaLog {
+                    cluster,
+                    project: "cases".into(),
+                })
+            } else {
+                let log = Arc::new(Log::open(self.dir.path().join("log")).expect("a fresh log"));
+                for topic in project.topics.values() {
+                    log.create_topic(
+                        &topic.name,
+                        TopicConfig {
+                            partitions: topic.partitions,
+                            ..TopicConfig::default()
+                        },
+                    )
+                    .expect("a new topic");
+                }
+                EventLog::Embedded(log)
+            };
             self.lakehouse = Some(Lakehouse::open(self.dir.path()).await.expect("a lakehouse"));
             self.project = Some(Arc::new(project));
             self.log = Some(log);
@@ -198,11 +237,22 @@ impl Case {
                         None => Record::from_value(line.clone()),
                     })
                     .collect();
-                log.topic(&topic)
-                    .unwrap_or_else(|e| panic!("{here}: {e}"))
-                    .append(records)
-                    .await
-                    .unwrap_or_else(|e| panic!("{here}: {e}"));
+                match log {
+                    EventLog::Embedded(log) => {
+                        log.topic(&topic)
+                            .unwrap_or_else(|e| panic!("{here}: {e}"))
+                            .append(records)
+                            .await
+                            .unwrap_or_else(|e| panic!("{here}: {e}"));
+                    }
+                    EventLog::Kafka(kafka) => {
+                        kafka
+                            .cluster
+                            .append(&topic, &records)
+                            .await
+                            .unwrap_or_else(|e| panic!("{here}: {e}"));
+                    }
+                }
             }
             Step::Run(models) => {
                 let (project, log, lakehouse) = self.open().await;
@@ -285,6 +335,7 @@ impl Case {
                     "{here}: the table {model} reads"
                 );
             }
+            Step::EmbeddedOnly(_) => {}
             Step::DeadLetters(count) => {
                 let (_, log, _) = self.open().await;
                 let expected = count.to_string();
@@ -375,26 +426,17 @@ fn read_folder(root: &Path, dir: &Path, files: &mut ProjectFiles) {
 /// `model`'s SQL run once by DataFusion over every valid record of the topics it reads, with
 /// the models it reads as views, its rows kept by `filter` (` WHERE …`, or nothing): the
 /// oracle.
-async fn batch_of(project: &Project, log: &Log, model: &str, filter: &str) -> Vec<RecordBatch> {
+async fn batch_of(
+    project: &Project,
+    log: &EventLog,
+    model: &str,
+    filter: &str,
+) -> Vec<RecordBatch> {
     let ctx = datafusion::prelude::SessionContext::new();
     kappa_engine::functions::register(&ctx);
     for (name, spec) in &project.topics {
         let decoder = kappa_engine::decode::Decoder::new(spec);
-        let topic = log.topic(name).expect("a topic of the project");
-        let mut raw = Vec::new();
-        for p in 0..topic.partition_count() {
-            let mut reader = topic
-                .partition(p)
-                .expect("a partition")
-                .reader(StartAt::Beginning)
-                .expect("a reader");
-            while let Some(chunk) = reader.read(1 << 20).expect("a read") {
-                for r in chunk.records() {
-                    let r = r.expect("a record");
-                    raw.push((p, r.offset, r.value.to_vec()));
-                }
-            }
-        }
+        let raw = every_record(log, name);
         let (rows, _, _) =
             decoder.decode_positioned(raw.iter().map(|(p, o, v)| kappa_engine::decode::Raw {
                 partition: *p,
@@ -430,16 +472,88 @@ async fn batch_of(project: &Project, log: &Log, model: &str, filter: &str) -> Ve
     panic!("no model {model}");
 }
 
+/// Every record of `topic` as (partition, offset, value).
+fn every_record(log: &EventLog, name: &str) -> Vec<(u32, u64, Vec<u8>)> {
+    let mut raw = Vec::new();
+    match log {
+        EventLog::Embedded(log) => {
+            let topic = log.topic(name).expect("a topic of the project");
+            for p in 0..topic.partition_count() {
+                let mut reader = topic
+                    .partition(p)
+                    .expect("a partition")
+                    .reader(StartAt::Beginning)
+                    .expect("a reader");
+                while let Some(chunk) = reader.read(1 << 20).expect("a read") {
+                    for r in chunk.records() {
+                        let r = r.expect("a record");
+                        raw.push((p, r.offset, r.value.to_vec()));
+                    }
+                }
+            }
+        }
+        EventLog::Kafka(kafka) => {
+            for p in kafka.cluster.offsets(name).expect("a topic of the project") {
+                let mut reader = kafka
+                    .cluster
+                    .reader(name, p.partition, p.earliest)
+                    .expect("a reader");
+                while reader.position() < p.next {
+                    let read = reader
+                        .read(10_000, Duration::from_secs(10))
+                        .expect("a read");
+                    assert!(!read.is_empty(), "{name}/{} stops short", p.partition);
+                    for r in read {
+                        raw.push((p.partition, r.offset, r.record.value.to_vec()));
+                    }
+                }
+            }
+        }
+    }
+    raw
+}
+
 /// How many letters the dead-letter topic holds.
-fn letters(log: &Log) -> u64 {
-    log.topic(DEAD_LETTER_TOPIC)
-        .ok()
-        .and_then(|t| t.partition(0).ok().map(|p| p.offsets().visible_offset))
+fn letters(log: &EventLog) -> u64 {
+    log.ends(DEAD_LETTER_TOPIC)
+        .map(|ends| ends.values().sum())
         .unwrap_or(0)
+}
+
+/// A client of the broker at `bootstrap`.
+fn cluster(bootstrap: &str) -> kappa_kafka::Cluster {
+    let properties: BTreeMap<String, kappa_pipeline::PropertyValue> = [
+        ("bootstrap.servers", bootstrap),
+        ("message.timeout.ms", "10000"),
+    ]
+    .into_iter()
+    .map(|(k, v)| {
+        (
+            k.to_owned(),
+            kappa_pipeline::PropertyValue::Text(v.to_owned()),
+        )
+    })
+    .collect();
+    let config =
+        kappa_kafka::settings::client_config(&properties, &|_| None).expect("a configuration");
+    kappa_kafka::Cluster::new(config)
+        .expect("clients")
+        .with_replication(1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cases_run_as_written() {
+    run_cases(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cases_run_on_a_kafka_cluster() {
+    run_cases(true).await;
+}
+
+/// Runs every case (`KAPPA_CASE=name`: those whose file name holds it), over a Kafka cluster
+/// with `on_kafka`, else over the embedded log.
+async fn run_cases(on_kafka: bool) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -452,14 +566,24 @@ async fn cases_run_as_written() {
         .collect();
     paths.sort();
     assert!(!paths.is_empty(), "no cases in {CASES}");
-    // `KAPPA_CASE=name` runs one.
     let only = std::env::var("KAPPA_CASE").ok();
+    let mut ran = 0;
     for path in paths {
         let name = file_name(&path);
         if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
             continue;
         }
         let text = std::fs::read_to_string(&path).expect("a readable case");
+        let steps = parse(&name, &text);
+        if on_kafka
+            && let Some(reason) = steps.iter().find_map(|(_, s)| match s {
+                Step::EmbeddedOnly(reason) => Some(reason),
+                _ => None,
+            })
+        {
+            eprintln!("{name}: over the embedded log only: {reason}");
+            continue;
+        }
         let mut case = Case {
             name: name.clone(),
             dir: tempfile::tempdir().expect("a temporary directory"),
@@ -468,12 +592,16 @@ async fn cases_run_as_written() {
             log: None,
             lakehouse: None,
             runners: Vec::new(),
+            on_kafka,
+            broker: None,
         };
-        for (at, step) in parse(&name, &text) {
+        for (at, step) in steps {
             case.step(at, step).await;
         }
         case.step(0, Step::Stop).await;
+        ran += 1;
     }
+    assert!(ran > 0 || only.is_some(), "no case ran");
 }
 
 fn file_name(path: &Path) -> String {

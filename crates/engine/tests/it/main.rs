@@ -304,7 +304,7 @@ where
     for life in 0..3 {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let runner = tokio::spawn(run_model(
-            log.clone(),
+            kappa_engine::event_log::EventLog::Embedded(log.clone()),
             lakehouse.clone(),
             project.clone(),
             "silver.orders".into(),
@@ -328,7 +328,7 @@ where
     assert!(!expected.is_empty(), "the oracle has rows to compare");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let runner = tokio::spawn(run_model(
-        log.clone(),
+        kappa_engine::event_log::EventLog::Embedded(log.clone()),
         lakehouse.clone(),
         project.clone(),
         "silver.orders".into(),
@@ -490,7 +490,7 @@ async fn a_group_by_far_behind_commits_many_micro_batches_at_once() {
     let expected = sorted(&batch_query(sql, input).await).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let runner = tokio::spawn(run_model(
-        log.clone(),
+        kappa_engine::event_log::EventLog::Embedded(log.clone()),
         lakehouse.clone(),
         project.clone(),
         "silver.orders".into(),
@@ -916,7 +916,7 @@ async fn a_commit_record_that_does_not_read_stops_the_model() {
         .unwrap();
     let run = |stop| {
         run_model(
-            log.clone(),
+            kappa_engine::event_log::EventLog::Embedded(log.clone()),
             lakehouse.clone(),
             project.clone(),
             "silver.orders".into(),
