@@ -27,13 +27,12 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use kappa_lakehouse::{Lakehouse, TableIdent};
-use kappa_log::{PartitionReader, StartAt};
 
 use crate::commit_record::Offsets;
 use crate::event_log::EventLog;
 use crate::runner::RunnerError;
 use crate::source::{Source, SourceError, Taken, Waiter};
-use crate::topic_source::{READ_BYTES, TopicReaders, next_offsets, read_some, watch_partitions};
+use crate::topic_source::{READ_BYTES, TopicReaders, read_some, watch_partitions};
 
 pub use kappa_pipeline::BRONZE_LAYER;
 
@@ -177,17 +176,9 @@ impl Source for BronzeSource {
     }
 
     fn rewind(&mut self, committed: &Offsets) -> Result<(), SourceError> {
-        let empty = BTreeMap::new();
-        let committed = committed.get(&self.name);
-        let read_err = |e: String| SourceError::Read(format!("{}: {e}", self.name));
-        match &mut self.readers {
-            TopicReaders::Embedded { topic, readers } => {
-                *readers = open_readers(topic.partitions(), committed.unwrap_or(&empty))
-                    .map_err(|e| read_err(e.to_string()))?;
-            }
-            TopicReaders::Kafka(kafka) => kafka.rewind(committed).map_err(read_err)?,
-        }
-        Ok(())
+        self.readers
+            .rewind(committed.get(&self.name))
+            .map_err(|e| SourceError::Read(format!("{}: {e}", self.name)))
     }
 
     async fn read(&mut self, max: usize) -> Result<Taken, SourceError> {
@@ -229,10 +220,7 @@ impl Source for BronzeSource {
     }
 
     fn position(&self) -> BTreeMap<u32, u64> {
-        match &self.readers {
-            TopicReaders::Embedded { readers, .. } => next_offsets(readers),
-            TopicReaders::Kafka(kafka) => kafka.position(),
-        }
+        self.readers.position()
     }
 
     fn landed(&mut self, committed: &Offsets) {
@@ -251,22 +239,6 @@ impl Source for BronzeSource {
             TopicReaders::Kafka(_) => Waiter::Poll(crate::kafka_topic::POLL),
         }
     }
-}
-
-/// A reader per partition from the next offset `committed` names (the start without one).
-fn open_readers(
-    partitions: &[kappa_log::Partition],
-    committed: &BTreeMap<u32, u64>,
-) -> kappa_log::Result<Vec<PartitionReader>> {
-    partitions
-        .iter()
-        .map(|p| {
-            p.reader(match committed.get(&p.id()) {
-                Some(&next) if next > 0 => StartAt::Offset(next),
-                _ => StartAt::Beginning,
-            })
-        })
-        .collect()
 }
 
 /// A record as bronze keeps it.

@@ -28,13 +28,12 @@ use arrow::compute::cast;
 use arrow::datatypes::DataType;
 use datafusion::error::{DataFusionError, Result};
 use kappa_lakehouse::{Lakehouse, TableIdent};
-use kappa_log::{PartitionReader, StartAt, Topic};
 use kappa_pipeline::TopicSpec;
 
 use crate::commit_record::CommitRecord;
 use crate::decode::{Decoder, Raw, Rejected};
 use crate::schema::topic_schema;
-use crate::topic_source::{READ_BYTES, collect_records};
+use crate::topic_source::TopicReaders;
 
 pub use crate::commit_record::DIMENSION_KEY_PREFIX;
 pub use crate::lookup::DimensionTable;
@@ -49,11 +48,10 @@ pub struct Dimension {
     pub offsets_key: String,
     /// A rebuild failed: nothing is read until [`Dimension::reset`] succeeds.
     broken: bool,
-    topic: Arc<Topic>,
     decoder: Decoder,
     rows: Rows,
     table: Arc<DimensionTable>,
-    readers: Vec<PartitionReader>,
+    readers: TopicReaders,
 }
 
 /// How a dimension keeps its rows.
@@ -215,8 +213,8 @@ impl std::fmt::Debug for Dimension {
 impl Dimension {
     /// A dimension over `topic`, declared by `spec`, whose rows go to `table`. Empty until
     /// [`Dimension::reset`] or [`Dimension::catch_up`].
-    pub fn new(
-        topic: Arc<Topic>,
+    pub(crate) fn new(
+        readers: TopicReaders,
         spec: &TopicSpec,
         table: Arc<DimensionTable>,
     ) -> std::result::Result<Dimension, String> {
@@ -231,14 +229,13 @@ impl Dimension {
             topic_name: spec.name.clone(),
             offsets_key: spec.name.clone(),
             broken: false,
-            topic,
             decoder: Decoder::new(spec),
             rows: Rows::Latest {
                 key_index,
                 latest: BTreeMap::new(),
             },
             table,
-            readers: Vec::new(),
+            readers,
         })
     }
 
@@ -246,9 +243,9 @@ impl Dimension {
     /// `spec`) as its version's table `table` on `main` published it; its rows go to
     /// `rows_table`. `chain`: the tables from the one the model reads down to the one that
     /// reads the topic, each with its key in `kappa.offsets` (none: it reads the topic).
-    pub fn published(
+    pub(crate) fn published(
         model: &str,
-        topic: Arc<Topic>,
+        readers: TopicReaders,
         spec: &TopicSpec,
         rows_table: Arc<DimensionTable>,
         lakehouse: Lakehouse,
@@ -259,7 +256,6 @@ impl Dimension {
             topic_name: spec.name.clone(),
             offsets_key: format!("{DIMENSION_KEY_PREFIX}{model}"),
             broken: false,
-            topic,
             decoder: Decoder::new(spec),
             rows: Rows::Published(Box::new(Published {
                 lakehouse,
@@ -273,7 +269,7 @@ impl Dimension {
                 },
             })),
             table: rows_table,
-            readers: Vec::new(),
+            readers,
         }
     }
 
@@ -282,7 +278,6 @@ impl Dimension {
     pub async fn reset(&mut self, upto: Option<&BTreeMap<u32, u64>>) -> Result<()> {
         // Until the rebuild is done, the dimension is not to be read on from where it was.
         self.broken = true;
-        self.readers.clear();
         let latest = match &mut self.rows {
             Rows::Latest { latest, .. } => latest,
             Rows::Published(published) => {
@@ -295,41 +290,20 @@ impl Dimension {
             }
         };
         latest.clear();
-        let mut readers = Vec::new();
-        let topic = self.topic.clone();
-        for partition in topic.partitions() {
-            let target = upto
-                .and_then(|u| u.get(&partition.id()))
-                .copied()
-                .unwrap_or(0);
-            if target > 0 {
-                let mut reader = partition.reader(StartAt::Beginning).map_err(log_error)?;
-                let mut chunks = Vec::new();
-                while reader.next_offset() < target {
-                    let Some(chunk) = reader.read(READ_BYTES).map_err(log_error)? else {
-                        break;
-                    };
-                    chunks.push(chunk);
-                }
-                let mut raws = Vec::new();
-                for chunk in &chunks {
-                    collect_records(chunk, partition.id(), &mut raws);
-                }
-                raws.retain(|r| r.offset < target);
-                // Records that did not fit were reported before the commit that passed them.
-                self.apply(&raws).await?;
-            }
-            readers.push(
-                partition
-                    .reader(if target == 0 {
-                        StartAt::Beginning
-                    } else {
-                        StartAt::Offset(target)
-                    })
-                    .map_err(log_error)?,
-            );
-        }
-        self.readers = readers;
+        let targets: BTreeMap<u32, u64> = upto
+            .into_iter()
+            .flatten()
+            .filter(|(_, target)| **target > 0)
+            .map(|(p, t)| (*p, *t))
+            .collect();
+        self.readers.rewind(None).map_err(read_error)?;
+        let records = self
+            .readers
+            .read_until(Some(&targets))
+            .map_err(read_error)?;
+        // Records that did not fit were reported before the commit that passed them.
+        self.apply(&raws_of(&records)).await?;
+        self.readers.rewind(upto).map_err(read_error)?;
         self.refresh().await?;
         self.broken = false;
         Ok(())
@@ -341,7 +315,7 @@ impl Dimension {
     pub async fn catch_up(&mut self) -> Result<CaughtUp> {
         if let Rows::Published(published) = &mut self.rows {
             return published
-                .catch_up(&self.topic, &self.topic_name, &self.table)
+                .catch_up(&self.readers, &self.topic_name, &self.table)
                 .await;
         }
         if self.broken {
@@ -350,23 +324,8 @@ impl Dimension {
                 self.topic_name
             )));
         }
-        let mut chunks = Vec::new();
-        for reader in &mut self.readers {
-            loop {
-                match reader.read(READ_BYTES) {
-                    Ok(Some(chunk)) => chunks.push((reader.partition(), chunk)),
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::error!(error = %e, topic = %self.topic_name, "reading a dimension failed");
-                        break;
-                    }
-                }
-            }
-        }
-        let mut raws = Vec::new();
-        for (partition, chunk) in &chunks {
-            collect_records(chunk, *partition, &mut raws);
-        }
+        let records = self.readers.read_until(None).map_err(read_error)?;
+        let raws = raws_of(&records);
         if raws.is_empty() {
             return Ok(CaughtUp::Ready(Vec::new()));
         }
@@ -380,7 +339,7 @@ impl Dimension {
         if let Rows::Published(published) = &self.rows {
             return published.covered.clone();
         }
-        crate::topic_source::next_offsets(&self.readers)
+        self.readers.position()
     }
 
     /// Folds records, in log order, into the rows.
@@ -443,7 +402,7 @@ impl Published {
     /// wait began, then puts that commit's rows into `rows` if they are new.
     async fn catch_up(
         &mut self,
-        topic: &Topic,
+        topic: &TopicReaders,
         topic_name: &str,
         rows: &DimensionTable,
     ) -> Result<CaughtUp> {
@@ -451,9 +410,9 @@ impl Published {
             Some(awaited) => awaited.clone(),
             None => {
                 let end: BTreeMap<u32, u64> = topic
-                    .partitions()
-                    .iter()
-                    .map(|p| (p.id(), p.offsets().visible_offset))
+                    .ends()
+                    .map_err(read_error)?
+                    .into_iter()
                     .filter(|(_, end)| *end > 0)
                     .collect();
                 self.awaited = Some(end.clone());
@@ -587,6 +546,18 @@ fn covers(awaited: &BTreeMap<u32, u64>, covered: &BTreeMap<u32, u64>) -> bool {
         .all(|(p, end)| covered.get(p).is_some_and(|c| c >= end))
 }
 
-fn log_error(e: kappa_log::LogError) -> datafusion::error::DataFusionError {
-    datafusion::error::DataFusionError::External(Box::new(e))
+fn read_error(reason: String) -> DataFusionError {
+    DataFusionError::Execution(format!("reading a dimension's topic: {reason}"))
+}
+
+/// Records read as (partition, offset, value), as the decoder takes them.
+fn raws_of(records: &[(u32, u64, Vec<u8>)]) -> Vec<Raw<'_>> {
+    records
+        .iter()
+        .map(|(partition, offset, value)| Raw {
+            partition: *partition,
+            offset: *offset,
+            value,
+        })
+        .collect()
 }

@@ -28,6 +28,9 @@ const REFRESH: Duration = Duration::from_secs(1);
 /// background meanwhile).
 pub(crate) const POLL: Duration = Duration::from_millis(20);
 
+/// How long [`KafkaTopic::read_until`] waits for records the cluster says it has.
+const UNTIL_WAIT: Duration = Duration::from_secs(10);
+
 /// A Kafka topic read from positions a model chose.
 pub(crate) struct KafkaTopic {
     log: KafkaLog,
@@ -113,6 +116,50 @@ impl KafkaTopic {
             }
         }
         Ok(read)
+    }
+
+    /// Every record from the readers' positions up to `targets` (partition → next offset; a
+    /// partition not named is not read), waiting for what librdkafka has not fetched yet.
+    /// Blocking.
+    pub(crate) fn read_until(
+        &mut self,
+        targets: &BTreeMap<u32, u64>,
+    ) -> Result<Vec<(u32, ReadRecord)>, String> {
+        let mut read = Vec::new();
+        for (partition, reader) in (0u32..).zip(self.readers.iter_mut()) {
+            let Some(&target) = targets.get(&partition) else {
+                continue;
+            };
+            while reader.position() < target {
+                let records = blocking(|| reader.read(READ_RECORDS, UNTIL_WAIT))
+                    .map_err(|e| e.to_string())?;
+                if records.is_empty() {
+                    return Err(format!(
+                        "partition {partition} of `{}` gave nothing past offset {} within {:?}, \
+                         though the cluster said it ends at {target}",
+                        self.topic,
+                        reader.position(),
+                        UNTIL_WAIT
+                    ));
+                }
+                read.extend(
+                    records
+                        .into_iter()
+                        .filter(|r| r.offset < target)
+                        .map(|r| (partition, r)),
+                );
+            }
+        }
+        Ok(read)
+    }
+
+    /// The next offset of each partition, as the cluster says now. Blocking.
+    pub(crate) fn ends(&self) -> Result<BTreeMap<u32, u64>, String> {
+        Ok(blocking(|| self.log.cluster.offsets(&self.topic))
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|p| (p.partition, p.next))
+            .collect())
     }
 
     fn through(&self, i: usize) -> Fraction {

@@ -67,6 +67,100 @@ impl TopicReaders {
             }
         })
     }
+
+    /// Places the readers at `committed` (partition → next offset); a partition it does not
+    /// name at its start.
+    pub(crate) fn rewind(&mut self, committed: Option<&BTreeMap<u32, u64>>) -> Result<(), String> {
+        match self {
+            TopicReaders::Embedded { topic, readers } => {
+                let mut fresh = Vec::new();
+                for partition in topic.partitions() {
+                    let next = committed
+                        .and_then(|p| p.get(&partition.id()))
+                        .copied()
+                        .unwrap_or(0);
+                    let start = if next == 0 {
+                        StartAt::Beginning
+                    } else {
+                        StartAt::Offset(next)
+                    };
+                    fresh.push(partition.reader(start).map_err(|e| e.to_string())?);
+                }
+                *readers = fresh;
+                Ok(())
+            }
+            TopicReaders::Kafka(kafka) => kafka.rewind(committed),
+        }
+    }
+
+    /// The offset after what was read, per partition.
+    pub(crate) fn position(&self) -> BTreeMap<u32, u64> {
+        match self {
+            TopicReaders::Embedded { readers, .. } => next_offsets(readers),
+            TopicReaders::Kafka(kafka) => kafka.position(),
+        }
+    }
+
+    /// The next offset of each partition: where what the log holds now ends.
+    pub(crate) fn ends(&self) -> Result<BTreeMap<u32, u64>, String> {
+        match self {
+            TopicReaders::Embedded { topic, .. } => Ok(topic
+                .partitions()
+                .iter()
+                .map(|p| (p.id(), p.offsets().visible_offset))
+                .collect()),
+            TopicReaders::Kafka(kafka) => kafka.ends(),
+        }
+    }
+
+    /// Every record (partition, offset, value) from the readers' positions up to `targets`
+    /// (partition → next offset; a partition not named is not read), or, without targets, up
+    /// to where the log ends now. A read error is an error, never fewer records.
+    pub(crate) fn read_until(
+        &mut self,
+        targets: Option<&BTreeMap<u32, u64>>,
+    ) -> Result<Vec<(u32, u64, Vec<u8>)>, String> {
+        let ends;
+        let targets = match targets {
+            Some(targets) => targets,
+            None => {
+                ends = self.ends()?;
+                &ends
+            }
+        };
+        match self {
+            TopicReaders::Embedded { readers, .. } => {
+                let mut read = Vec::new();
+                for reader in readers {
+                    let Some(&target) = targets.get(&reader.partition()) else {
+                        continue;
+                    };
+                    while reader.next_offset() < target {
+                        let Some(chunk) = reader.read(READ_BYTES).map_err(|e| e.to_string())?
+                        else {
+                            break;
+                        };
+                        for record in chunk.records() {
+                            let record = record.map_err(|e| e.to_string())?;
+                            if record.offset < target {
+                                read.push((
+                                    reader.partition(),
+                                    record.offset,
+                                    record.value.to_vec(),
+                                ));
+                            }
+                        }
+                    }
+                }
+                Ok(read)
+            }
+            TopicReaders::Kafka(kafka) => Ok(kafka
+                .read_until(targets)?
+                .into_iter()
+                .map(|(partition, r)| (partition, r.offset, r.record.value.to_vec()))
+                .collect()),
+        }
+    }
 }
 
 /// The greatest time per partition of each timestamp field of a topic, at the last commit
@@ -210,32 +304,9 @@ impl Source for TopicSource {
     }
 
     fn rewind(&mut self, committed: &Offsets) -> Result<(), SourceError> {
-        let committed = committed.get(&self.name);
-        let read_err = |e: String| SourceError::Read(format!("{}: {e}", self.name));
-        match &mut self.readers {
-            TopicReaders::Embedded { topic, readers } => {
-                let mut fresh = Vec::new();
-                for partition in topic.partitions() {
-                    let next = committed
-                        .and_then(|p| p.get(&partition.id()))
-                        .copied()
-                        .unwrap_or(0);
-                    let start = if next == 0 {
-                        StartAt::Beginning
-                    } else {
-                        StartAt::Offset(next)
-                    };
-                    fresh.push(
-                        partition
-                            .reader(start)
-                            .map_err(|e| read_err(e.to_string()))?,
-                    );
-                }
-                *readers = fresh;
-            }
-            TopicReaders::Kafka(kafka) => kafka.rewind(committed).map_err(read_err)?,
-        }
-        Ok(())
+        self.readers
+            .rewind(committed.get(&self.name))
+            .map_err(|e| SourceError::Read(format!("{}: {e}", self.name)))
     }
 
     async fn read(&mut self, max: usize) -> Result<Taken, SourceError> {
@@ -275,10 +346,7 @@ impl Source for TopicSource {
     }
 
     fn position(&self) -> BTreeMap<u32, u64> {
-        match &self.readers {
-            TopicReaders::Embedded { readers, .. } => next_offsets(readers),
-            TopicReaders::Kafka(kafka) => kafka.position(),
-        }
+        self.readers.position()
     }
 
     fn load_marks(&mut self, saved: Option<&serde_json::Value>) -> Result<(), String> {

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use kappa_lakehouse::{Lakehouse, table_ident};
-use kappa_log::Topic;
 use kappa_pipeline::Project;
 
 use super::error::{RunnerError, planning_error};
@@ -427,13 +426,14 @@ pub(super) async fn open_dimensions(
             ));
             continue;
         }
-        let topic = embedded_topic(log, model_id, &name)?;
-        let dimension = Dimension::new(topic, &project.topics[&name], table).map_err(|reason| {
-            RunnerError::Unsupported {
-                model: model_id.to_owned(),
-                reason,
-            }
-        })?;
+        let readers = dimension_readers(log, model_id, &name)?;
+        let dimension =
+            Dimension::new(readers, &project.topics[&name], table).map_err(|reason| {
+                RunnerError::Unsupported {
+                    model: model_id.to_owned(),
+                    reason,
+                }
+            })?;
         let reports = rejects_reporter(project, &name).as_deref() == Some(model_id);
         dims.push((dimension, reports));
     }
@@ -483,11 +483,11 @@ async fn open_dimension_model(
             planned.topic
         )))
     })?;
-    let topic = embedded_topic(log, model_id, &planned.topic)?;
+    let readers = dimension_readers(log, model_id, &planned.topic)?;
     let published = crate::tables::live_table(lakehouse, project, name).map_err(lake_err)?;
     Ok(Dimension::published(
         name,
-        topic,
+        readers,
         spec,
         table,
         lakehouse.clone(),
@@ -503,20 +503,15 @@ pub(super) fn written_from_topics(properties: Option<&HashMap<String, String>>) 
     CommitRecord::of(properties).is_ok_and(|r| crate::commit_record::from_topics(&r.offsets))
 }
 
-/// The topic `name` of the embedded log, which a dimension is read from: a dimension is not
-/// read from a Kafka cluster yet.
-fn embedded_topic(log: &EventLog, model_id: &str, name: &str) -> Result<Arc<Topic>, RunnerError> {
-    match log {
-        EventLog::Embedded(log) => log.topic(name).map_err(|source| RunnerError::Log {
-            model: model_id.to_owned(),
-            source: source.into(),
-        }),
-        EventLog::Kafka(_) => Err(RunnerError::Unsupported {
-            model: model_id.to_owned(),
-            reason: format!(
-                "it looks up `{name}`, and a looked-up topic is read from the embedded log \
-                 only: on a Kafka cluster, models that look up a dimension do not run yet"
-            ),
-        }),
-    }
+/// Readers of the topic `name` a dimension is read from (they commit to no consumer group: the
+/// model's stream topics do).
+fn dimension_readers(
+    log: &EventLog,
+    model_id: &str,
+    name: &str,
+) -> Result<TopicReaders, RunnerError> {
+    TopicReaders::of(log, name, String::new()).map_err(|source| RunnerError::Log {
+        model: model_id.to_owned(),
+        source,
+    })
 }
