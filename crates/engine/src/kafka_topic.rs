@@ -74,9 +74,12 @@ impl KafkaTopic {
         self.refresh_spans()?;
         let mut readers = Vec::with_capacity(self.spans.len());
         for (partition, (earliest, _)) in (0u32..).zip(self.spans.clone()) {
+            // 0 (or nothing) is the partition's start, as on the embedded log: the earliest
+            // offset the cluster keeps.
             let from = committed
                 .and_then(|c| c.get(&partition))
                 .copied()
+                .filter(|&next| next > 0)
                 .unwrap_or(earliest);
             let reader = blocking(|| self.log.cluster.reader(&self.topic, partition, from))
                 .map_err(|e| e.to_string())?;
@@ -118,13 +121,23 @@ impl KafkaTopic {
         Ok(read)
     }
 
-    /// Every record from the readers' positions up to `targets` (partition → next offset; a
-    /// partition not named is not read), waiting for what librdkafka has not fetched yet.
-    /// Blocking.
+    /// Every record from the readers' positions: with `targets` (partition → next offset; a
+    /// partition not named is not read), those below them; without, at least up to the
+    /// partitions' ends now, and every record read on the way. Waits for what librdkafka has
+    /// not fetched yet; a partition whose end holds no record to deliver (a transaction's
+    /// marker) is done when the reader reaches its end. Blocking.
     pub(crate) fn read_until(
         &mut self,
-        targets: &BTreeMap<u32, u64>,
+        targets: Option<&BTreeMap<u32, u64>>,
     ) -> Result<Vec<(u32, ReadRecord)>, String> {
+        let ends;
+        let (targets, keep_past) = match targets {
+            Some(targets) => (targets, false),
+            None => {
+                ends = self.ends()?;
+                (&ends, true)
+            }
+        };
         let mut read = Vec::new();
         for (partition, reader) in (0u32..).zip(self.readers.iter_mut()) {
             let Some(&target) = targets.get(&partition) else {
@@ -134,6 +147,9 @@ impl KafkaTopic {
                 let records = blocking(|| reader.read(READ_RECORDS, UNTIL_WAIT))
                     .map_err(|e| e.to_string())?;
                 if records.is_empty() {
+                    if reader.at_end() {
+                        break;
+                    }
                     return Err(format!(
                         "partition {partition} of `{}` gave nothing past offset {} within {:?}, \
                          though the cluster said it ends at {target}",
@@ -145,7 +161,7 @@ impl KafkaTopic {
                 read.extend(
                     records
                         .into_iter()
-                        .filter(|r| r.offset < target)
+                        .filter(|r| keep_past || r.offset < target)
                         .map(|r| (partition, r)),
                 );
             }

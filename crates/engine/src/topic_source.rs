@@ -113,27 +113,26 @@ impl TopicReaders {
         }
     }
 
-    /// Every record (partition, offset, value) from the readers' positions up to `targets`
-    /// (partition → next offset; a partition not named is not read), or, without targets, up
-    /// to where the log ends now. A read error is an error, never fewer records.
+    /// Every record (partition, offset, value) from the readers' positions on: with `targets`
+    /// (partition → next offset; a partition not named is not read), those below them (the
+    /// readers may stop past them: a rewind follows); without, at least up to where the log
+    /// ends now, and every record read on the way. A read error is an error, never fewer
+    /// records; a record the log cannot decode is logged and passed over, as the log reports it.
     pub(crate) fn read_until(
         &mut self,
         targets: Option<&BTreeMap<u32, u64>>,
     ) -> Result<Vec<(u32, u64, Vec<u8>)>, String> {
-        let ends;
-        let targets = match targets {
-            Some(targets) => targets,
-            None => {
-                ends = self.ends()?;
-                &ends
-            }
-        };
         match self {
             TopicReaders::Embedded { readers, .. } => {
                 let mut read = Vec::new();
                 for reader in readers {
-                    let Some(&target) = targets.get(&reader.partition()) else {
-                        continue;
+                    let partition = reader.partition();
+                    let target = match targets {
+                        Some(targets) => match targets.get(&partition) {
+                            Some(&target) => target,
+                            None => continue,
+                        },
+                        None => u64::MAX,
                     };
                     while reader.next_offset() < target {
                         let Some(chunk) = reader.read(READ_BYTES).map_err(|e| e.to_string())?
@@ -141,13 +140,14 @@ impl TopicReaders {
                             break;
                         };
                         for record in chunk.records() {
-                            let record = record.map_err(|e| e.to_string())?;
-                            if record.offset < target {
-                                read.push((
-                                    reader.partition(),
-                                    record.offset,
-                                    record.value.to_vec(),
-                                ));
+                            match record {
+                                Ok(record) if record.offset < target => {
+                                    read.push((partition, record.offset, record.value.to_vec()))
+                                }
+                                Ok(_) => {}
+                                Err(e) => {
+                                    tracing::error!(error = %e, partition, "unreadable record")
+                                }
                             }
                         }
                     }

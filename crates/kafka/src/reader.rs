@@ -33,6 +33,8 @@ pub struct PartitionReader {
     /// Why it cannot read from `next` (librdkafka reports that once, then stops fetching
     /// the partition): every read fails with it until a rewind.
     stuck: Option<String>,
+    /// Whether librdkafka said it reached the partition's end with nothing since.
+    at_end: bool,
 }
 
 impl std::fmt::Debug for PartitionReader {
@@ -55,13 +57,15 @@ impl PartitionReader {
     ) -> Result<PartitionReader> {
         let mut config = config.clone();
         // No group decides what it reads, nothing is committed behind kappa's back, an offset
-        // the cluster does not hold is an error (never a silent jump), and the end of the
-        // partition is no error.
+        // the cluster does not hold is an error (never a silent jump), the end of the
+        // partition is reported (a transaction's markers end it without a record to deliver,
+        // below the cluster's next offset), and only committed transactions are read.
         config
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "error")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed");
         if config.get("group.id").is_none() {
             config.set("group.id", "kappa.readers");
         }
@@ -73,6 +77,7 @@ impl PartitionReader {
             partition,
             next: offset,
             stuck: None,
+            at_end: false,
         };
         reader.assign(offset)?;
         Ok(reader)
@@ -88,6 +93,7 @@ impl PartitionReader {
         .map_err(|e| self.error(e))?;
         self.consumer.assign(&list).map_err(|e| self.error(e))?;
         self.next = offset;
+        self.at_end = false;
         // Checked here too: not every broker answers a fetch out of range with an error (tansu
         // answers it with nothing), and nothing would look like being caught up.
         self.stuck = match self.watermarks() {
@@ -132,6 +138,12 @@ impl PartitionReader {
         self.next
     }
 
+    /// Whether the last read reached the end of what the partition delivers (librdkafka said
+    /// so, and nothing came since): past the last record, or at a transaction's marker.
+    pub fn at_end(&self) -> bool {
+        self.at_end
+    }
+
     /// Reads from `offset` on.
     pub fn rewind(&mut self, offset: u64) -> Result<()> {
         self.assign(offset)
@@ -158,6 +170,10 @@ impl PartitionReader {
             };
             let message = match polled {
                 Ok(message) => message,
+                Err(ClientError::PartitionEOF(_)) => {
+                    self.at_end = true;
+                    break;
+                }
                 Err(ClientError::MessageConsumption(
                     RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange,
                 )) => {
@@ -176,8 +192,11 @@ impl PartitionReader {
                 Err(_) if !records.is_empty() => break,
                 Err(e) => return Err(self.error(e)),
             };
-            let offset =
-                u64::try_from(message.offset()).map_err(|_| self.error("a negative offset"))?;
+            let Ok(offset) = u64::try_from(message.offset()) else {
+                // Never from a fetch; what was read stays read.
+                tracing::error!(topic = %self.topic, partition = self.partition, offset = message.offset(), "librdkafka gave a negative offset");
+                break;
+            };
             if offset < self.next {
                 // Below the position (a fetch from before a forward rewind): skipped. After a
                 // backward rewind librdkafka drops what it had fetched from the old position.
@@ -204,6 +223,7 @@ impl PartitionReader {
                 },
             });
             self.next = offset + 1;
+            self.at_end = false;
         }
         Ok(records)
     }

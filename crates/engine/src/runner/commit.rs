@@ -71,8 +71,17 @@ impl Run {
                 .iter()
                 .map(|(t, r)| ((*t).to_owned(), r.partition, r.offset))
                 .collect();
+            let from = self.dead_letters.end();
             if let Err(e) = self.dead_letters.append(letters).await {
                 tracing::error!(model = %self.model_id, error = %e, "writing dead letters failed; retrying");
+                // Some may be in the topic all the same (a cluster acknowledges each record):
+                // those must not be written again.
+                match self.dead_letters.written_after(from, &self.model_id) {
+                    Ok(landed) => self.already_dead.extend(landed),
+                    Err(e) => {
+                        tracing::warn!(model = %self.model_id, error = %e, "reading back the dead letters written")
+                    }
+                }
                 return self.start_over().await;
             }
             // In the topic now: a retry of this batch must not write them again.

@@ -80,11 +80,16 @@ pub(crate) enum DeadLetters {
     Embedded(Arc<Topic>),
     Kafka {
         cluster: Arc<Cluster>,
-        /// An offset no letter written after it is below: the topic's end when opened, then
-        /// past this runner's last letter (all a commit needs to find its own letters again).
+        /// An offset no letter written after it is below: the topic's end as last asked (at
+        /// most [`END_ASKED_EVERY`] ago), or past this runner's last letter if that is further.
         end: Arc<AtomicU64>,
+        asked: Arc<std::sync::Mutex<std::time::Instant>>,
     },
 }
+
+/// How often a runner on a Kafka cluster asks for the dead-letter topic's end, so that the
+/// offset its commits record stays close (a retry reads the letters from it on).
+const END_ASKED_EVERY: Duration = Duration::from_secs(10);
 
 /// How long a read of the dead letters of a Kafka cluster waits for the next record before it
 /// takes the topic's end as reached.
@@ -106,6 +111,7 @@ impl DeadLetters {
                 Ok(DeadLetters::Kafka {
                     cluster: kafka.cluster.clone(),
                     end: Arc::new(AtomicU64::new(end)),
+                    asked: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
                 })
             }
         }
@@ -119,7 +125,7 @@ impl DeadLetters {
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
-            DeadLetters::Kafka { cluster, end } => {
+            DeadLetters::Kafka { cluster, end, .. } => {
                 let landed = cluster
                     .append(DEAD_LETTER_TOPIC, &letters)
                     .await
@@ -140,7 +146,33 @@ impl DeadLetters {
                 .partition(0)
                 .map(|p| p.offsets().visible_offset)
                 .unwrap_or(0),
-            DeadLetters::Kafka { end, .. } => end.load(Ordering::Relaxed),
+            DeadLetters::Kafka {
+                cluster,
+                end,
+                asked,
+            } => {
+                let due = asked.lock().map_or(true, |mut at| {
+                    let due = at.elapsed() >= END_ASKED_EVERY;
+                    if due {
+                        *at = std::time::Instant::now();
+                    }
+                    due
+                });
+                if due {
+                    match blocking(|| cluster.offsets(DEAD_LETTER_TOPIC)) {
+                        Ok(offsets) => {
+                            if let Some(p) = offsets.first() {
+                                end.fetch_max(p.next, Ordering::Relaxed);
+                            }
+                        }
+                        // The last end known still holds: it only gets further from the end.
+                        Err(e) => {
+                            tracing::warn!(error = %e, "asking for the dead-letter topic's end")
+                        }
+                    }
+                }
+                end.load(Ordering::Relaxed)
+            }
         }
     }
 
@@ -170,11 +202,13 @@ impl DeadLetters {
                 each_letter(partition, from, each).map_err(|e| e.to_string())?;
             }
             DeadLetters::Kafka { cluster, .. } => blocking(|| {
-                let end = cluster
+                let (earliest, end) = cluster
                     .offsets(DEAD_LETTER_TOPIC)
                     .map_err(|e| e.to_string())?
                     .first()
-                    .map_or(0, |p| p.next);
+                    .map_or((0, 0), |p| (p.earliest, p.next));
+                // Letters retention dropped are not there to be written twice.
+                let from = from.max(earliest);
                 if from >= end {
                     return Ok(());
                 }
@@ -186,6 +220,9 @@ impl DeadLetters {
                         .read(READ_RECORDS, LETTERS_READ_WAIT)
                         .map_err(|e| e.to_string())?;
                     if read.is_empty() {
+                        if reader.at_end() {
+                            break;
+                        }
                         return Err(format!(
                             "the dead-letter topic on the Kafka cluster stopped at offset {} \
                              before its end {end}",

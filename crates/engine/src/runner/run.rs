@@ -695,12 +695,19 @@ impl Run {
                 }
             }
         }
-        for source in &mut self.sources {
-            if let Err(e) = source.rewind(&self.committed) {
-                tracing::error!(model = %self.model_id, error = %e, "repositioning a reader failed");
+        for i in 0..self.sources.len() {
+            // A source left where it was would read on past records the restored state never
+            // saw, and the next commit would record that position: it is retried until it is
+            // back at the commit.
+            while let Err(e) = self.sources[i].rewind(&self.committed) {
+                tracing::error!(model = %self.model_id, error = %e, "repositioning a reader failed; retrying");
+                sleep_or_stop(&mut self.stop, RETRY_DELAY_MS).await;
+                if self.stopped() {
+                    return Ok(Next::Stop);
+                }
             }
             // Back to the committed position: what an upstream may merge follows it.
-            source.landed(&self.committed);
+            self.sources[i].landed(&self.committed);
         }
         reset_dimensions(&mut self.dims, &self.committed, &self.model_id).await;
         self.dim_rejected.clear();
