@@ -31,6 +31,9 @@
 //!                                  it reads no table; `from a.b and c.d`: it reads both),
 //!                                  as `kappa up` would run it
 //! embedded-only REASON             the case runs over the embedded log only, for REASON
+//! broker kill                      over a Kafka cluster: SIGKILL to the broker (the runners
+//! broker restart                   keep going, and wait); then start it again on the same
+//!                                  storage. Nothing over the embedded log
 //! ```
 //!
 //! Every case runs twice: over the embedded log (`cases_run_as_written`), and over a Kafka
@@ -72,6 +75,8 @@ enum Step {
     Reads(String, Option<Vec<String>>),
     /// Why the case runs over the embedded log only.
     EmbeddedOnly(String),
+    /// Kill the Kafka broker (`false`) or start it again (`true`).
+    Broker(bool),
 }
 
 /// The steps of a case file, or what is wrong with it and where.
@@ -129,6 +134,11 @@ fn parse(name: &str, text: &str) -> Vec<(usize, Step)> {
                 None => panic!("{name}:{at}: reads MODEL from UPSTREAM [and UPSTREAM]|topics"),
             },
             "embedded-only" if !rest.is_empty() => Step::EmbeddedOnly(rest.to_owned()),
+            "broker" => match rest {
+                "kill" => Step::Broker(false),
+                "restart" => Step::Broker(true),
+                _ => panic!("{name}:{at}: broker kill|restart"),
+            },
             other => panic!("{name}:{at}: unknown step `{other}`"),
         };
         steps.push((at, step));
@@ -336,6 +346,16 @@ impl Case {
                 );
             }
             Step::EmbeddedOnly(_) => {}
+            Step::Broker(up) => {
+                self.open().await;
+                if let Some(broker) = &mut self.broker {
+                    if up {
+                        broker.restart();
+                    } else {
+                        broker.kill9();
+                    }
+                }
+            }
             Step::DeadLetters(count) => {
                 let (_, log, _) = self.open().await;
                 let expected = count.to_string();
