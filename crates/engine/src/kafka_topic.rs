@@ -41,9 +41,22 @@ pub(crate) struct KafkaTopic {
     /// Each partition's earliest kept and next offset, as last asked, and when.
     spans: Vec<(u64, u64)>,
     spans_at: Option<Instant>,
-    /// Whether a write to the consumer group is under way, and when the last began.
-    committing: Arc<AtomicBool>,
-    committed_at: Option<Instant>,
+    /// The offsets waiting to be written to the consumer group, and whether a writer runs.
+    group_writes: Arc<GroupWrites>,
+}
+
+/// Offsets on their way to a consumer group: the latest landed, written by one background
+/// task at most once per [`REFRESH`], so that the group ends at the last commit's offsets.
+#[derive(Default)]
+struct GroupWrites {
+    pending: std::sync::Mutex<Option<BTreeMap<u32, u64>>>,
+    running: AtomicBool,
+}
+
+impl GroupWrites {
+    fn take(&self) -> Option<BTreeMap<u32, u64>> {
+        self.pending.lock().ok().and_then(|mut p| p.take())
+    }
 }
 
 impl KafkaTopic {
@@ -55,8 +68,7 @@ impl KafkaTopic {
             readers: Vec::new(),
             spans: Vec::new(),
             spans_at: None,
-            committing: Arc::new(AtomicBool::new(false)),
-            committed_at: None,
+            group_writes: Arc::new(GroupWrites::default()),
         }
     }
 
@@ -190,27 +202,37 @@ impl KafkaTopic {
     }
 
     /// Writes `committed` (partition → next offset) to the model's consumer group, in the
-    /// background, at most once a second: for monitoring only, so a failure is logged.
+    /// background, at most once a second and always the latest: for monitoring only, so a
+    /// failure is logged.
     pub(crate) fn landed(&mut self, committed: &BTreeMap<u32, u64>) {
-        if self.committed_at.is_some_and(|at| at.elapsed() < REFRESH)
-            || self.committing.swap(true, Ordering::AcqRel)
-        {
-            return;
+        if let Ok(mut pending) = self.group_writes.pending.lock() {
+            *pending = Some(committed.clone());
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.committing.store(false, Ordering::Release);
             return;
         };
-        self.committed_at = Some(Instant::now());
+        if self.group_writes.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let cluster = self.log.cluster.clone();
-        let group = self.group.clone();
-        let offsets = BTreeMap::from([(self.topic.clone(), committed.clone())]);
-        let committing = self.committing.clone();
+        let (group, topic) = (self.group.clone(), self.topic.clone());
+        let writes = self.group_writes.clone();
         runtime.spawn_blocking(move || {
-            if let Err(e) = cluster.commit_group(&group, &offsets) {
-                tracing::warn!(group = %group, error = %e, "writing the consumer group's offsets (for monitoring only)");
+            loop {
+                while let Some(offsets) = writes.take() {
+                    let offsets = BTreeMap::from([(topic.clone(), offsets)]);
+                    if let Err(e) = cluster.commit_group(&group, &offsets) {
+                        tracing::warn!(group = %group, error = %e, "writing the consumer group's offsets (for monitoring only)");
+                    }
+                    std::thread::sleep(REFRESH);
+                }
+                writes.running.store(false, Ordering::Release);
+                // Offsets that landed after the last look, while this writer was stopping.
+                let more = writes.pending.lock().is_ok_and(|p| p.is_some());
+                if !more || writes.running.swap(true, Ordering::AcqRel) {
+                    return;
+                }
             }
-            committing.store(false, Ordering::Release);
         });
     }
 }

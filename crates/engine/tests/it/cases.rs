@@ -34,6 +34,10 @@
 //! broker kill                      over a Kafka cluster: SIGKILL to the broker (the runners
 //! broker restart                   keep going, and wait); then start it again on the same
 //!                                  storage. Nothing over the embedded log
+//! group-at-end silver.orders orders  over a Kafka cluster: the model's consumer group
+//!                                  (`kappa.cases.<model>.<version>`, for Kafka's tools) holds
+//!                                  the topic's end — waited for (30 s). Nothing over the
+//!                                  embedded log
 //! ```
 //!
 //! Every case runs twice: over the embedded log (`cases_run_as_written`), and over a Kafka
@@ -77,6 +81,8 @@ enum Step {
     EmbeddedOnly(String),
     /// Kill the Kafka broker (`false`) or start it again (`true`).
     Broker(bool),
+    /// A model and a topic it reads, whose consumer group must reach the topic's end.
+    GroupAtEnd(String, String),
 }
 
 /// The steps of a case file, or what is wrong with it and where.
@@ -134,6 +140,10 @@ fn parse(name: &str, text: &str) -> Vec<(usize, Step)> {
                 None => panic!("{name}:{at}: reads MODEL from UPSTREAM [and UPSTREAM]|topics"),
             },
             "embedded-only" if !rest.is_empty() => Step::EmbeddedOnly(rest.to_owned()),
+            "group-at-end" => match rest.split_once(' ') {
+                Some((model, topic)) => Step::GroupAtEnd(model.to_owned(), topic.trim().to_owned()),
+                None => panic!("{name}:{at}: group-at-end MODEL TOPIC"),
+            },
             "broker" => match rest {
                 "kill" => Step::Broker(false),
                 "restart" => Step::Broker(true),
@@ -346,6 +356,28 @@ impl Case {
                 );
             }
             Step::EmbeddedOnly(_) => {}
+            Step::GroupAtEnd(model, topic) => {
+                let (project, log, _) = self.open().await;
+                if let EventLog::Kafka(kafka) = &log {
+                    let version = kappa_engine::tables::model_version(&project, &model);
+                    let group = kafka.group(&model, &version);
+                    let ends = log.ends(&topic).expect("the topic's ends");
+                    let expected = format!("{ends:?}");
+                    self.settle(&here, &expected, || async {
+                        let (cluster, group, topic) =
+                            (kafka.cluster.clone(), group.clone(), topic.clone());
+                        tokio::task::spawn_blocking(move || {
+                            match cluster.group_offsets(&group, &topic) {
+                                Ok(offsets) => format!("{offsets:?}"),
+                                Err(e) => format!("error: {e}"),
+                            }
+                        })
+                        .await
+                        .expect("a blocking task")
+                    })
+                    .await;
+                }
+            }
             Step::Broker(up) => {
                 self.open().await;
                 if let Some(broker) = &mut self.broker {
