@@ -97,7 +97,9 @@ impl KafkaTopic {
                 .map_err(|e| e.to_string())?;
             readers.push(reader);
         }
-        self.readers = readers;
+        let replaced = std::mem::replace(&mut self.readers, readers);
+        // Closing a consumer waits for librdkafka to leave its queues: not on an async thread.
+        blocking(|| drop(replaced));
         Ok(())
     }
 
