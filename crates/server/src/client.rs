@@ -203,7 +203,8 @@ impl Client {
                     Some(_) => None,
                     None => deployed_key(log, topic),
                 };
-                Ok(service::produce(log, topic, body, key.map(str::to_owned), declared).await?)
+                let log = kappa_engine::event_log::EventLog::Embedded(log.clone());
+                Ok(service::produce(&log, topic, body, key.map(str::to_owned), declared).await?)
             }
         }
     }

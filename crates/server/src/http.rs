@@ -133,6 +133,9 @@ impl From<ServiceError> for ApiError {
             ServiceError::BadRequest(_) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
             }
+            ServiceError::Unavailable(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+            }
             ServiceError::Internal(_) => {
                 tracing::error!(error = %message, "request failed");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
@@ -601,7 +604,7 @@ async fn produce(
     let bytes = body.len() as u64;
     // Without `?key=`, records are keyed as the running project declares the topic's key.
     let declared = running_project(&state).and_then(|p| p.topics.get(&topic)?.key.clone());
-    let response = service::produce(&state.log, &topic, body, query.key, declared).await?;
+    let response = service::produce(&state.events, &topic, body, query.key, declared).await?;
     state
         .metrics
         .ingest_records

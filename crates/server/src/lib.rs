@@ -58,6 +58,8 @@ pub struct ServerFile {
 #[derive(Debug)]
 pub struct AppState {
     pub log: Arc<Log>,
+    /// The log records are produced to and models read: the embedded one (`log`) for now.
+    pub events: kappa_engine::event_log::EventLog,
     pub config: ServerConfig,
     /// Absolute data directory, reported by `/v1/health` so clients can check they found the
     /// right server.
@@ -230,6 +232,7 @@ impl Server {
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let ingest_budget_kib = config::INGEST_BYTES_IN_FLIGHT_MAX / 1024;
         let state = Arc::new(AppState {
+            events: kappa_engine::event_log::EventLog::Embedded(log.clone()),
             log,
             config,
             data_dir,

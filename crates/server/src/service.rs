@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use kappa_engine::event_log::EventLog;
 use kappa_log::{Log, LogError, StartAt};
 
 use crate::api::{ConsumedRecord, OffsetsResponse, ProduceResponse, TopicInfo};
@@ -30,26 +31,58 @@ pub enum ServiceError {
     BadRequest(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The log cannot take or give records now (a Kafka cluster down or unreachable): try
+    /// again later.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Parses an NDJSON body and appends it; all or nothing on parse errors. Records are keyed by
-/// the field `named` (every record must have it), else by the topic's `declared` key.
+/// the field `named` (every record must have it), else by the topic's `declared` key. Returns
+/// once the log holds every record (on a Kafka cluster: acknowledged by all in-sync replicas).
 pub async fn produce(
-    log: &Log,
+    log: &EventLog,
     topic: &str,
     body: Bytes,
     named: Option<String>,
     declared: Option<String>,
 ) -> Result<ProduceResponse, ServiceError> {
-    let topic = log.topic(topic)?;
-    let records = tokio::task::spawn_blocking(move || {
-        parse_ndjson(&body, KeyFrom::of(named.as_deref(), declared.as_deref()))
-    })
-    .await
-    .map_err(|e| ServiceError::Internal(e.to_string()))??;
-    let offsets = topic.append(records).await?;
+    let parse = move || parse_ndjson(&body, KeyFrom::of(named.as_deref(), declared.as_deref()));
+    let offsets = match log {
+        EventLog::Embedded(log) => {
+            let topic = log.topic(topic)?;
+            let records = tokio::task::spawn_blocking(parse)
+                .await
+                .map_err(|e| ServiceError::Internal(e.to_string()))??;
+            topic.append(records).await?
+        }
+        EventLog::Kafka(kafka) => {
+            // Asked first: an unknown topic is refused, and an unreachable cluster answered
+            // within the request timeout, before anything is sent.
+            let (cluster, name) = (kafka.cluster.clone(), topic.to_owned());
+            let found = tokio::task::spawn_blocking(move || cluster.partition_count(&name))
+                .await
+                .map_err(|e| ServiceError::Internal(e.to_string()))?
+                .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+            if found.is_none() {
+                return Err(LogError::UnknownTopic {
+                    name: topic.to_owned(),
+                    known: Vec::new(),
+                }
+                .into());
+            }
+            let records = tokio::task::spawn_blocking(parse)
+                .await
+                .map_err(|e| ServiceError::Internal(e.to_string()))??;
+            kafka
+                .cluster
+                .append(topic, &records)
+                .await
+                .map_err(|e| ServiceError::Unavailable(e.to_string()))?
+        }
+    };
     Ok(ProduceResponse {
-        topic: topic.name().to_owned(),
+        topic: topic.to_owned(),
         records: offsets.len() as u64,
         offsets,
     })

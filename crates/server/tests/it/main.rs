@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
 
 mod bad_input;
+mod kafka;
 mod records;
 
 use kappa_server::{Server, ServerConfig};

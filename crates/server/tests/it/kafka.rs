@@ -1,0 +1,127 @@
+//! Ingest on a Kafka cluster (a tansu broker on 127.0.0.1): what `POST /v1/topics/…/records`
+//! and `kappa produce` do there.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kappa_engine::event_log::{EventLog, KafkaLog};
+use kappa_log::{Log, TopicConfig};
+use kappa_server::service::{self, ServiceError};
+use kappa_testkit::kafka::Broker;
+
+/// A client of the broker at `bootstrap`.
+fn cluster(bootstrap: &str) -> kappa_kafka::Cluster {
+    let properties: BTreeMap<String, kappa_pipeline::PropertyValue> = [
+        ("bootstrap.servers", bootstrap),
+        ("message.timeout.ms", "10000"),
+    ]
+    .into_iter()
+    .map(|(k, v)| {
+        (
+            k.to_owned(),
+            kappa_pipeline::PropertyValue::Text(v.to_owned()),
+        )
+    })
+    .collect();
+    let config =
+        kappa_kafka::settings::client_config(&properties, &|_| None).expect("a configuration");
+    kappa_kafka::Cluster::new(config)
+        .expect("clients")
+        .with_replication(1)
+}
+
+/// NDJSON orders `ids`, keyed by customer.
+fn orders(ids: std::ops::Range<u32>) -> Bytes {
+    ids.map(|i| format!("{{\"id\": {i}, \"customer\": \"c{}\"}}\n", i % 7))
+        .collect::<String>()
+        .into()
+}
+
+/// Produced records land in the partition the embedded log would put them in (so other
+/// producers and kappa agree); an unknown topic is refused; with the broker killed, ingest
+/// answers "unavailable" instead of hanging, and once it is back every acknowledged record is
+/// there exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_on_a_kafka_cluster_keeps_keys_and_says_when_it_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(dir.path());
+    let cluster = Arc::new(cluster(&broker.bootstrap));
+    cluster.ensure_topic("orders", 3).await.unwrap();
+    let kafka = EventLog::Kafka(KafkaLog {
+        cluster: cluster.clone(),
+        project: "ingest".into(),
+    });
+    let declared = Some("customer".to_owned());
+
+    let produced = service::produce(&kafka, "orders", orders(0..30), None, declared.clone())
+        .await
+        .unwrap();
+    assert_eq!(produced.records, 30);
+    // The embedded log's partitions for the same records.
+    let embedded = Arc::new(Log::open(dir.path().join("log")).unwrap());
+    embedded
+        .create_topic(
+            "orders",
+            TopicConfig {
+                partitions: 3,
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
+    let local = service::produce(
+        &EventLog::Embedded(embedded.clone()),
+        "orders",
+        orders(0..30),
+        None,
+        declared.clone(),
+    )
+    .await
+    .unwrap();
+    let partitions = |r: &kappa_server::api::ProduceResponse| -> Vec<u32> {
+        r.offsets.iter().map(|p| p.partition).collect()
+    };
+    assert_eq!(partitions(&produced), partitions(&local));
+
+    let unknown = service::produce(&kafka, "nope", orders(0..1), None, None)
+        .await
+        .expect_err("no such topic");
+    assert!(
+        matches!(
+            unknown,
+            ServiceError::Log(kappa_log::LogError::UnknownTopic { .. })
+        ),
+        "{unknown:?}"
+    );
+
+    broker.kill9();
+    let down = service::produce(&kafka, "orders", orders(30..40), None, declared.clone())
+        .await
+        .expect_err("the broker is down");
+    assert!(matches!(down, ServiceError::Unavailable(_)), "{down:?}");
+    assert!(down.to_string().contains(&broker.bootstrap), "{down}");
+
+    broker.restart();
+    let again = service::produce(&kafka, "orders", orders(40..60), None, declared)
+        .await
+        .unwrap();
+    assert_eq!(again.records, 20);
+
+    // Every acknowledged record once; none of the refused batch.
+    let mut ids = Vec::new();
+    for p in cluster.offsets("orders").unwrap() {
+        let mut reader = cluster.reader("orders", p.partition, p.earliest).unwrap();
+        while reader.position() < p.next {
+            let read = reader.read(1000, Duration::from_secs(10)).unwrap();
+            assert!(!read.is_empty(), "partition {} stops short", p.partition);
+            for r in read {
+                let value: serde_json::Value = serde_json::from_slice(&r.record.value).unwrap();
+                ids.push(value["id"].as_u64().unwrap());
+            }
+        }
+    }
+    ids.sort_unstable();
+    let expected: Vec<u64> = (0..30).chain(40..60).collect();
+    assert_eq!(ids, expected);
+}
