@@ -313,6 +313,39 @@ impl Cluster {
         PartitionReader::open(&self.config, &self.servers, topic, partition, offset)
     }
 
+    /// The offset of the first record of `topic`'s `partition` stamped at or after
+    /// `timestamp_ms`; the partition's next offset when there is none. Blocking.
+    pub fn offset_for_time(&self, topic: &str, partition: u32, timestamp_ms: i64) -> Result<u64> {
+        let consumer = self.group_member("kappa.offsets")?;
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(
+            topic,
+            partition_index(partition),
+            Offset::Offset(timestamp_ms),
+        )
+        .map_err(|e| Self::topic_err(topic, e))?;
+        let found = consumer
+            .offsets_for_times(list, REQUEST_TIMEOUT)
+            .map_err(|e| self.cluster_err(format!("offsets of `{topic}` by time: {e}")))?;
+        let offset = found
+            .elements()
+            .first()
+            .map(|e| e.offset())
+            .ok_or_else(|| Self::topic_err(topic, format!("no partition {partition}")))?;
+        match offset {
+            Offset::Offset(o) => Ok(u64::try_from(o).unwrap_or(0)),
+            // No record that late: where the next one will go.
+            _ => {
+                let (_, high) = self
+                    .producer
+                    .client()
+                    .fetch_watermarks(topic, partition_index(partition), REQUEST_TIMEOUT)
+                    .map_err(|e| self.cluster_err(format!("offsets of `{topic}`: {e}")))?;
+                Ok(u64::try_from(high).unwrap_or(0))
+            }
+        }
+    }
+
     /// A client of consumer group `group` that reads nothing and commits only when told.
     fn group_member(&self, group: &str) -> Result<BaseConsumer> {
         let mut config = self.config.clone();

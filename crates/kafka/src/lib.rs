@@ -40,7 +40,7 @@ pub enum KafkaError {
 pub type Result<T, E = KafkaError> = std::result::Result<T, E>;
 
 /// How long a request to the cluster may take before it is reported as unanswered.
-pub(crate) const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// librdkafka's index of partition `partition`. Partition counts come from the cluster's own
 /// metadata (a list librdkafka indexes with `i32`), so every partition kappa names fits.

@@ -258,7 +258,10 @@ impl Client {
                     next_offset,
                 })
             }
-            Client::Direct { log } => Ok(service::read(log, topic, request, None).await?),
+            Client::Direct { log } => {
+                let log = kappa_engine::event_log::EventLog::Embedded(log.clone());
+                Ok(service::read(&log, topic, request, None).await?)
+            }
         }
     }
 

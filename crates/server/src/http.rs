@@ -665,7 +665,8 @@ async fn read_records(
         max_bytes: query.max_bytes.unwrap_or(1 << 20),
         wait_ms: query.wait_ms.unwrap_or(0),
     };
-    let result = service::read(&state.log, &topic, request, Some(state.shutdown.clone())).await?;
+    let result =
+        service::read(&state.events, &topic, request, Some(state.shutdown.clone())).await?;
     let mut body = Vec::with_capacity(result.records.len() * 200);
     for record in &result.records {
         serde_json::to_writer(&mut body, &record.to_envelope()).map_err(|e| {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use kappa_engine::event_log::EventLog;
+use kappa_engine::event_log::{EventLog, KafkaLog};
 use kappa_log::{Log, LogError, StartAt};
 
 use crate::api::{ConsumedRecord, OffsetsResponse, ProduceResponse, TopicInfo};
@@ -109,6 +109,136 @@ pub struct ReadRequest {
 /// Reads up to `max_records` records from one partition, waiting up to `wait_ms` for the first.
 /// `shutdown` ends a wait early.
 pub async fn read(
+    log: &EventLog,
+    topic: &str,
+    request: ReadRequest,
+    shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Result<ReadResult, ServiceError> {
+    match log {
+        EventLog::Embedded(log) => read_embedded(log, topic, request, shutdown).await,
+        EventLog::Kafka(kafka) => read_kafka(kafka, topic, request, shutdown).await,
+    }
+}
+
+/// [`read`] from a Kafka cluster: a reader placed as `request` says, polled in slices so that
+/// a shutdown ends the wait.
+async fn read_kafka(
+    kafka: &KafkaLog,
+    topic: &str,
+    request: ReadRequest,
+    shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Result<ReadResult, ServiceError> {
+    let unavailable = |e: kappa_kafka::KafkaError| ServiceError::Unavailable(e.to_string());
+    let joined = |e: tokio::task::JoinError| ServiceError::Internal(e.to_string());
+    let (cluster, name) = (kafka.cluster.clone(), topic.to_owned());
+    let reader = tokio::task::spawn_blocking(move || -> Result<_, ServiceError> {
+        let partitions = cluster
+            .partition_count(&name)
+            .map_err(unavailable)?
+            .ok_or_else(|| LogError::UnknownTopic {
+                name: name.clone(),
+                known: Vec::new(),
+            })?;
+        if request.partition >= partitions {
+            return Err(LogError::UnknownPartition {
+                topic: name,
+                partition: request.partition,
+                partitions,
+            }
+            .into());
+        }
+        let offsets = cluster
+            .offsets(&name)
+            .map_err(unavailable)?
+            .into_iter()
+            .find(|p| p.partition == request.partition)
+            .ok_or_else(|| ServiceError::Unavailable(format!("no offsets of `{name}`")))?;
+        let start = match request.start {
+            StartAt::Beginning => offsets.earliest,
+            StartAt::End => offsets.next,
+            StartAt::Offset(offset) if (offsets.earliest..=offsets.next).contains(&offset) => {
+                offset
+            }
+            StartAt::Offset(requested) => {
+                return Err(LogError::OffsetOutOfRange {
+                    topic: name,
+                    partition: request.partition,
+                    requested,
+                    start_offset: offsets.earliest,
+                    visible_offset: offsets.next,
+                }
+                .into());
+            }
+            StartAt::Timestamp(ms) => cluster
+                .offset_for_time(&name, request.partition, ms)
+                .map_err(unavailable)?,
+        };
+        let reader = cluster
+            .reader(&name, request.partition, start)
+            .map_err(unavailable)?;
+        Ok((reader, offsets.next))
+    })
+    .await
+    .map_err(joined)??;
+    let (mut reader, known_end) = reader;
+    let max_records = request.max_records.clamp(1, READ_RECORDS_MAX);
+    let max_bytes = request.max_bytes.clamp(1, READ_BYTES_MAX);
+    let wait = Duration::from_millis(request.wait_ms.min(READ_WAIT_MS_MAX));
+    let began = tokio::time::Instant::now();
+    let deadline = began + wait;
+    // Records the cluster said it holds are waited for (a fresh reader has fetched nothing
+    // yet), also by a read that asked not to wait: as on the embedded log, they are there.
+    let fetched_by = began + kappa_kafka::REQUEST_TIMEOUT;
+    let stopped = || shutdown.as_ref().is_some_and(|rx| *rx.borrow());
+    loop {
+        let now = tokio::time::Instant::now();
+        let due = if reader.position() < known_end {
+            deadline.max(fetched_by)
+        } else {
+            deadline
+        };
+        let slice = due
+            .saturating_duration_since(now)
+            .min(Duration::from_millis(200));
+        let (back, read) = tokio::task::spawn_blocking(move || {
+            let read = reader.read(max_records, slice);
+            (reader, read)
+        })
+        .await
+        .map_err(joined)?;
+        reader = back;
+        let read = read.map_err(unavailable)?;
+        if !read.is_empty() || tokio::time::Instant::now() >= due || stopped() {
+            let mut records = Vec::with_capacity(read.len());
+            let mut bytes = 0usize;
+            let mut next_offset = reader.position();
+            for r in read {
+                // A single larger record is still returned whole.
+                if !records.is_empty() && bytes + r.record.value.len() > max_bytes {
+                    next_offset = r.offset;
+                    break;
+                }
+                bytes += r.record.value.len();
+                records.push(ConsumedRecord {
+                    topic: topic.to_owned(),
+                    partition: request.partition,
+                    offset: r.offset,
+                    timestamp_ms: r.timestamp_ms.unwrap_or(0),
+                    key: r.record.key,
+                    headers: r.record.headers,
+                    value: r.record.value,
+                });
+            }
+            return Ok(ReadResult {
+                records,
+                next_offset,
+            });
+        }
+    }
+}
+
+/// [`read`] from the embedded log.
+async fn read_embedded(
     log: &Log,
     topic: &str,
     request: ReadRequest,

@@ -1,5 +1,5 @@
-//! Ingest on a Kafka cluster (a tansu broker on 127.0.0.1): what `POST /v1/topics/…/records`
-//! and `kappa produce` do there.
+//! Ingest and consume on a Kafka cluster (a tansu broker on 127.0.0.1): what `POST
+//! /v1/topics/…/records`, `GET …/records`, `kappa produce` and `kappa consume` do there.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kappa_engine::event_log::{EventLog, KafkaLog};
-use kappa_log::{Log, TopicConfig};
-use kappa_server::service::{self, ServiceError};
+use kappa_log::{Log, StartAt, TopicConfig};
+use kappa_server::service::{self, ReadRequest, ServiceError};
 use kappa_testkit::kafka::Broker;
 
 /// A client of the broker at `bootstrap`.
@@ -40,7 +40,8 @@ fn orders(ids: std::ops::Range<u32>) -> Bytes {
 }
 
 /// Produced records land in the partition the embedded log would put them in (so other
-/// producers and kappa agree); an unknown topic is refused; with the broker killed, ingest
+/// producers and kappa agree) and read back as the embedded log reads them (from the start, a
+/// time, the end; an offset past the end refused); an unknown topic is refused; with the broker killed, ingest
 /// answers "unavailable" instead of hanging, and once it is back every acknowledged record is
 /// there exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,6 +84,49 @@ async fn ingest_on_a_kafka_cluster_keeps_keys_and_says_when_it_is_down() {
         r.offsets.iter().map(|p| p.partition).collect()
     };
     assert_eq!(partitions(&produced), partitions(&local));
+
+    // Consumed from the cluster, each partition holds what the embedded log's does, in order.
+    let local_log = EventLog::Embedded(embedded.clone());
+    for partition in 0..3 {
+        let request = |start| ReadRequest {
+            partition,
+            start,
+            max_records: 1000,
+            max_bytes: 1 << 20,
+            wait_ms: 0,
+        };
+        let values = |r: &service::ReadResult| -> Vec<Bytes> {
+            r.records.iter().map(|c| c.value.clone()).collect()
+        };
+        let there = service::read(&kafka, "orders", request(StartAt::Beginning), None)
+            .await
+            .unwrap();
+        let here = service::read(&local_log, "orders", request(StartAt::Beginning), None)
+            .await
+            .unwrap();
+        assert_eq!(values(&there), values(&here), "partition {partition}");
+        assert_eq!(there.next_offset, here.next_offset);
+        // From the first record's time: all of them; from the end: none.
+        let from_time = service::read(&kafka, "orders", request(StartAt::Timestamp(0)), None)
+            .await
+            .unwrap();
+        assert_eq!(values(&from_time), values(&here));
+        let at_end = service::read(&kafka, "orders", request(StartAt::End), None)
+            .await
+            .unwrap();
+        assert!(at_end.records.is_empty());
+        assert_eq!(at_end.next_offset, here.next_offset);
+        let past = service::read(&kafka, "orders", request(StartAt::Offset(10_000)), None)
+            .await
+            .expect_err("past the end");
+        assert!(
+            matches!(
+                past,
+                ServiceError::Log(kappa_log::LogError::OffsetOutOfRange { .. })
+            ),
+            "{past:?}"
+        );
+    }
 
     let unknown = service::produce(&kafka, "nope", orders(0..1), None, None)
         .await
