@@ -283,7 +283,7 @@ impl Client {
                 self.get_json(&path).await
             }
             Client::Direct { log } => {
-                let log = log.clone();
+                let log = kappa_engine::event_log::EventLog::Embedded(log.clone());
                 let topic = topic.to_owned();
                 tokio::task::spawn_blocking(move || {
                     service::offsets(&log, &topic, partition, timestamp_ms)

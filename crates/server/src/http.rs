@@ -696,7 +696,7 @@ async fn partition_offsets(
     query: Result<Query<OffsetsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let (Path((topic, partition)), Query(query)) = (path?, query?);
-    let log = state.log.clone();
+    let log = state.events.clone();
     let response = tokio::task::spawn_blocking(move || {
         service::offsets(&log, &topic, partition, query.timestamp_ms)
     })

@@ -317,21 +317,54 @@ async fn read_embedded(
 }
 
 /// Offsets of one partition, and optionally the first offset at or after a timestamp.
+/// Blocking (a Kafka cluster is asked).
 pub fn offsets(
-    log: &Log,
+    log: &EventLog,
     topic: &str,
     partition: u32,
     timestamp_ms: Option<i64>,
 ) -> Result<OffsetsResponse, ServiceError> {
-    let topic = log.topic(topic)?;
-    let partition = topic.partition(partition)?;
-    let offsets = partition.offsets();
+    let kafka = match log {
+        EventLog::Embedded(log) => {
+            let topic = log.topic(topic)?;
+            let partition = topic.partition(partition)?;
+            let offsets = partition.offsets();
+            return Ok(OffsetsResponse {
+                start_offset: offsets.start_offset,
+                visible_offset: offsets.visible_offset,
+                offset_for_timestamp: timestamp_ms
+                    .map(|ts| partition.offset_for_timestamp(ts))
+                    .transpose()?,
+            });
+        }
+        EventLog::Kafka(kafka) => kafka,
+    };
+    let unavailable = |e: kappa_kafka::KafkaError| ServiceError::Unavailable(e.to_string());
+    let cluster = &kafka.cluster;
+    let partitions = cluster
+        .partition_count(topic)
+        .map_err(unavailable)?
+        .ok_or_else(|| LogError::UnknownTopic {
+            name: topic.to_owned(),
+            known: Vec::new(),
+        })?;
+    let found = cluster
+        .offsets(topic)
+        .map_err(unavailable)?
+        .into_iter()
+        .find(|p| p.partition == partition)
+        .ok_or(LogError::UnknownPartition {
+            topic: topic.to_owned(),
+            partition,
+            partitions,
+        })?;
     Ok(OffsetsResponse {
-        start_offset: offsets.start_offset,
-        visible_offset: offsets.visible_offset,
+        start_offset: found.earliest,
+        visible_offset: found.next,
         offset_for_timestamp: timestamp_ms
-            .map(|ts| partition.offset_for_timestamp(ts))
-            .transpose()?,
+            .map(|ts| cluster.offset_for_time(topic, partition, ts))
+            .transpose()
+            .map_err(unavailable)?,
     })
 }
 

@@ -116,6 +116,20 @@ async fn ingest_on_a_kafka_cluster_keeps_keys_and_says_when_it_is_down() {
             .unwrap();
         assert!(at_end.records.is_empty());
         assert_eq!(at_end.next_offset, here.next_offset);
+        let offsets = service::offsets(&kafka, "orders", partition, Some(0)).unwrap();
+        let local_offsets = service::offsets(&local_log, "orders", partition, Some(0)).unwrap();
+        assert_eq!(
+            (
+                offsets.start_offset,
+                offsets.visible_offset,
+                offsets.offset_for_timestamp
+            ),
+            (
+                local_offsets.start_offset,
+                local_offsets.visible_offset,
+                local_offsets.offset_for_timestamp
+            )
+        );
         let past = service::read(&kafka, "orders", request(StartAt::Offset(10_000)), None)
             .await
             .expect_err("past the end");
