@@ -78,6 +78,14 @@ impl Cluster {
         })
     }
 
+    /// Clients of the cluster at `bootstrap` (`host:port`, comma-separated), librdkafka's
+    /// defaults otherwise: for tools and tests that need no `[log.kafka]`.
+    pub fn connect(bootstrap: &str) -> Result<Cluster> {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", bootstrap);
+        Cluster::new(config)
+    }
+
     /// Topics it creates get `factor` replicas instead of the brokers' default (a broker
     /// that has no default, or a test's single broker).
     pub fn with_replication(mut self, factor: i32) -> Cluster {

@@ -194,7 +194,11 @@ impl Case {
             project.reads_tables = kappa_engine::upstream::table_readers(&project).await;
             let log = if self.on_kafka {
                 let broker = Broker::start(self.dir.path());
-                let cluster = Arc::new(cluster(&broker.bootstrap));
+                let cluster = Arc::new(
+                    kappa_kafka::Cluster::connect(&broker.bootstrap)
+                        .expect("clients")
+                        .with_replication(1),
+                );
                 self.broker = Some(broker);
                 for topic in project.topics.values() {
                     cluster
@@ -570,27 +574,6 @@ fn letters(log: &EventLog) -> u64 {
     log.ends(DEAD_LETTER_TOPIC)
         .map(|ends| ends.values().sum())
         .unwrap_or(0)
-}
-
-/// A client of the broker at `bootstrap`.
-fn cluster(bootstrap: &str) -> kappa_kafka::Cluster {
-    let properties: BTreeMap<String, kappa_pipeline::PropertyValue> = [
-        ("bootstrap.servers", bootstrap),
-        ("message.timeout.ms", "10000"),
-    ]
-    .into_iter()
-    .map(|(k, v)| {
-        (
-            k.to_owned(),
-            kappa_pipeline::PropertyValue::Text(v.to_owned()),
-        )
-    })
-    .collect();
-    let config =
-        kappa_kafka::settings::client_config(&properties, &|_| None).expect("a configuration");
-    kappa_kafka::Cluster::new(config)
-        .expect("clients")
-        .with_replication(1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

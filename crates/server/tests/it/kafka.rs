@@ -1,7 +1,6 @@
 //! Ingest and consume on a Kafka cluster (a tansu broker on 127.0.0.1): what `POST
 //! /v1/topics/…/records`, `GET …/records`, `kappa produce` and `kappa consume` do there.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,27 +9,6 @@ use kappa_engine::event_log::{EventLog, KafkaLog};
 use kappa_log::{Log, StartAt, TopicConfig};
 use kappa_server::service::{self, ReadRequest, ServiceError};
 use kappa_testkit::kafka::Broker;
-
-/// A client of the broker at `bootstrap`.
-fn cluster(bootstrap: &str) -> kappa_kafka::Cluster {
-    let properties: BTreeMap<String, kappa_pipeline::PropertyValue> = [
-        ("bootstrap.servers", bootstrap),
-        ("message.timeout.ms", "10000"),
-    ]
-    .into_iter()
-    .map(|(k, v)| {
-        (
-            k.to_owned(),
-            kappa_pipeline::PropertyValue::Text(v.to_owned()),
-        )
-    })
-    .collect();
-    let config =
-        kappa_kafka::settings::client_config(&properties, &|_| None).expect("a configuration");
-    kappa_kafka::Cluster::new(config)
-        .expect("clients")
-        .with_replication(1)
-}
 
 /// NDJSON orders `ids`, keyed by customer.
 fn orders(ids: std::ops::Range<u32>) -> Bytes {
@@ -48,7 +26,11 @@ fn orders(ids: std::ops::Range<u32>) -> Bytes {
 async fn ingest_on_a_kafka_cluster_keeps_keys_and_says_when_it_is_down() {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = Broker::start(dir.path());
-    let cluster = Arc::new(cluster(&broker.bootstrap));
+    let cluster = Arc::new(
+        kappa_kafka::Cluster::connect(&broker.bootstrap)
+            .expect("clients")
+            .with_replication(1),
+    );
     cluster.ensure_topic("orders", 3).await.unwrap();
     let kafka = EventLog::Kafka(KafkaLog {
         cluster: cluster.clone(),
