@@ -32,7 +32,7 @@ use crate::commit_record::Offsets;
 use crate::event_log::EventLog;
 use crate::runner::RunnerError;
 use crate::source::{Source, SourceError, Taken, Waiter};
-use crate::topic_source::{READ_BYTES, TopicReaders, read_some, watch_partitions};
+use crate::topic_source::{READ_BYTES, TopicReaders, read_some};
 
 pub use kappa_pipeline::BRONZE_LAYER;
 
@@ -115,11 +115,8 @@ pub async fn run_bronze(
         model: name.clone(),
         source,
     };
-    let group = match &log {
-        EventLog::Kafka(kafka) => kafka.group(&name, BRONZE_VERSION),
-        EventLog::Embedded(_) => String::new(),
-    };
-    let readers = TopicReaders::of(&log, &topic_name, group).map_err(log_err)?;
+    let readers =
+        TopicReaders::of(&log, &topic_name, Some((&name, BRONZE_VERSION))).map_err(log_err)?;
     let ident = bronze_table(&topic_name).map_err(lake_err)?;
     let schema = bronze_schema();
     let table = lakehouse
@@ -224,20 +221,11 @@ impl Source for BronzeSource {
     }
 
     fn landed(&mut self, committed: &Offsets) {
-        if let (TopicReaders::Kafka(kafka), Some(offsets)) =
-            (&mut self.readers, committed.get(&self.name))
-        {
-            kafka.landed(offsets);
-        }
+        self.readers.landed(committed.get(&self.name));
     }
 
     fn waiter(&self) -> Waiter {
-        match &self.readers {
-            TopicReaders::Embedded { topic, readers } => {
-                watch_partitions(topic.partitions(), readers)
-            }
-            TopicReaders::Kafka(_) => Waiter::Poll(crate::kafka_topic::POLL),
-        }
+        self.readers.waiter()
     }
 }
 

@@ -40,6 +40,14 @@ pub struct KafkaLog {
 }
 
 impl KafkaLog {
+    /// The next offset of each partition of `topic`, as the cluster says now. Blocking.
+    pub fn ends(&self, topic: &str) -> Result<std::collections::BTreeMap<u32, u64>, EventLogError> {
+        Ok(blocking(|| self.cluster.offsets(topic))?
+            .into_iter()
+            .map(|p| (p.partition, p.next))
+            .collect())
+    }
+
     /// The consumer group a version of a model commits its offsets to, for monitoring only.
     pub fn group(&self, model_id: &str, version: &str) -> String {
         format!("kappa.{}.{model_id}.{version}", self.project)
@@ -65,10 +73,7 @@ impl EventLog {
                 .iter()
                 .map(|p| (p.id(), p.offsets().visible_offset))
                 .collect()),
-            EventLog::Kafka(kafka) => Ok(blocking(|| kafka.cluster.offsets(topic))?
-                .into_iter()
-                .map(|p| (p.partition, p.next))
-                .collect()),
+            EventLog::Kafka(kafka) => kafka.ends(topic),
         }
     }
 

@@ -35,8 +35,8 @@ const UNTIL_WAIT: Duration = Duration::from_secs(10);
 pub(crate) struct KafkaTopic {
     log: KafkaLog,
     topic: String,
-    /// The consumer group its commits' offsets are written to.
-    group: String,
+    /// The consumer group its commits' offsets are written to (none: not written).
+    group: Option<String>,
     readers: Vec<PartitionReader>,
     /// Each partition's earliest kept and next offset, as last asked, and when.
     spans: Vec<(u64, u64)>,
@@ -60,7 +60,7 @@ impl GroupWrites {
 }
 
 impl KafkaTopic {
-    pub(crate) fn new(log: KafkaLog, topic: &str, group: String) -> KafkaTopic {
+    pub(crate) fn new(log: KafkaLog, topic: &str, group: Option<String>) -> KafkaTopic {
         KafkaTopic {
             log,
             topic: topic.to_owned(),
@@ -185,11 +185,7 @@ impl KafkaTopic {
 
     /// The next offset of each partition, as the cluster says now. Blocking.
     pub(crate) fn ends(&self) -> Result<BTreeMap<u32, u64>, String> {
-        Ok(blocking(|| self.log.cluster.offsets(&self.topic))
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|p| (p.partition, p.next))
-            .collect())
+        self.log.ends(&self.topic).map_err(|e| e.to_string())
     }
 
     fn through(&self, i: usize) -> Fraction {
@@ -207,17 +203,18 @@ impl KafkaTopic {
     /// background, at most once a second and always the latest: for monitoring only, so a
     /// failure is logged.
     pub(crate) fn landed(&mut self, committed: &BTreeMap<u32, u64>) {
+        let (Some(group), Ok(runtime)) = (&self.group, tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
         if let Ok(mut pending) = self.group_writes.pending.lock() {
             *pending = Some(committed.clone());
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         if self.group_writes.running.swap(true, Ordering::AcqRel) {
             return;
         }
         let cluster = self.log.cluster.clone();
-        let (group, topic) = (self.group.clone(), self.topic.clone());
+        let (group, topic) = (group.clone(), self.topic.clone());
         let writes = self.group_writes.clone();
         runtime.spawn_blocking(move || {
             loop {

@@ -51,11 +51,13 @@ pub(crate) enum TopicReaders {
 }
 
 impl TopicReaders {
-    /// Readers of `name` in `log`, placed by the first rewind.
+    /// Readers of `name` in `log`, placed by the first rewind. On a Kafka cluster the offsets
+    /// of each landed commit go to the consumer group of `owner` (a model or bronze table and
+    /// its version), if any.
     pub(crate) fn of(
         log: &crate::event_log::EventLog,
         name: &str,
-        group: String,
+        owner: Option<(&str, &str)>,
     ) -> Result<TopicReaders, crate::event_log::EventLogError> {
         Ok(match log {
             crate::event_log::EventLog::Embedded(log) => TopicReaders::Embedded {
@@ -63,9 +65,27 @@ impl TopicReaders {
                 readers: Vec::new(),
             },
             crate::event_log::EventLog::Kafka(kafka) => {
+                let group = owner.map(|(model, version)| kafka.group(model, version));
                 TopicReaders::Kafka(KafkaTopic::new(kafka.clone(), name, group))
             }
         })
+    }
+
+    /// The commit recording `committed` (this topic's partition → next offset) landed.
+    pub(crate) fn landed(&mut self, committed: Option<&BTreeMap<u32, u64>>) {
+        if let (TopicReaders::Kafka(kafka), Some(offsets)) = (self, committed) {
+            kafka.landed(offsets);
+        }
+    }
+
+    /// How a runner waits for more.
+    pub(crate) fn waiter(&self) -> Waiter {
+        match self {
+            TopicReaders::Embedded { topic, readers } => {
+                watch_partitions(topic.partitions(), readers)
+            }
+            TopicReaders::Kafka(_) => Waiter::Poll(crate::kafka_topic::POLL),
+        }
     }
 
     /// Places the readers at `committed` (partition → next offset); a partition it does not
@@ -380,20 +400,11 @@ impl Source for TopicSource {
         if let Some(times) = &mut self.times {
             times.before = times.after.clone();
         }
-        if let (TopicReaders::Kafka(kafka), Some(offsets)) =
-            (&mut self.readers, committed.get(&self.name))
-        {
-            kafka.landed(offsets);
-        }
+        self.readers.landed(committed.get(&self.name));
     }
 
     fn waiter(&self) -> Waiter {
-        match &self.readers {
-            TopicReaders::Embedded { topic, readers } => {
-                watch_partitions(topic.partitions(), readers)
-            }
-            TopicReaders::Kafka(_) => Waiter::Poll(crate::kafka_topic::POLL),
-        }
+        self.readers.waiter()
     }
 }
 

@@ -188,9 +188,15 @@ impl Cluster {
 
     /// Every partition of `topic` with its earliest and next offsets. Blocking.
     pub fn offsets(&self, topic: &str) -> Result<Vec<PartitionOffsets>> {
-        let count = self
-            .partition_count(topic)?
-            .ok_or_else(|| Self::topic_err(topic, "no such topic"))?;
+        self.topic_offsets(topic)?
+            .ok_or_else(|| Self::topic_err(topic, "no such topic"))
+    }
+
+    /// [`Cluster::offsets`], `None` when the cluster has no such topic. Blocking.
+    pub fn topic_offsets(&self, topic: &str) -> Result<Option<Vec<PartitionOffsets>>> {
+        let Some(count) = self.partition_count(topic)? else {
+            return Ok(None);
+        };
         (0..count)
             .map(|partition| {
                 let p = partition_index(partition);
@@ -205,7 +211,8 @@ impl Cluster {
                     next: u64::try_from(high).unwrap_or(0),
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 
     /// Appends `records` to `topic`, each to the partition its key hashes to (Kafka's murmur2,

@@ -205,14 +205,16 @@ impl Server {
                 .unwrap_or_default(),
             Some(&data_dir),
         );
+        // The log records are produced to and models read: the embedded one, until `kappa up`
+        // runs on a Kafka cluster.
+        let events = kappa_engine::event_log::EventLog::Embedded(log.clone());
         let deployer = match project {
             Some((project, files)) => {
-                let event_log = kappa_engine::event_log::EventLog::Embedded(log.clone());
-                pipelines::ensure_topics(&event_log, &project).await?;
+                pipelines::ensure_topics(&events, &project).await?;
                 // The folder is deployed over what the data directory records as deployed.
                 Some(
                     deployer::Deployer::start(
-                        event_log,
+                        events.clone(),
                         lakehouse.clone(),
                         data_dir.clone(),
                         project,
@@ -232,7 +234,7 @@ impl Server {
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let ingest_budget_kib = config::INGEST_BYTES_IN_FLIGHT_MAX / 1024;
         let state = Arc::new(AppState {
-            events: kappa_engine::event_log::EventLog::Embedded(log.clone()),
+            events,
             log,
             config,
             data_dir,

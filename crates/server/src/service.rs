@@ -17,6 +17,8 @@ pub const READ_RECORDS_MAX: usize = 100_000;
 pub const READ_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Longest a read waits for new records.
 pub const READ_WAIT_MS_MAX: u64 = 30_000;
+/// A read of a Kafka cluster polls in slices this long, so that a shutdown ends its wait.
+const KAFKA_POLL_SLICE: Duration = Duration::from_millis(200);
 
 /// Why an API call failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +65,7 @@ pub async fn produce(
             let found = tokio::task::spawn_blocking(move || cluster.partition_count(&name))
                 .await
                 .map_err(|e| ServiceError::Internal(e.to_string()))?
-                .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+                .map_err(unavailable)?;
             if found.is_none() {
                 return Err(LogError::UnknownTopic {
                     name: topic.to_owned(),
@@ -78,7 +80,7 @@ pub async fn produce(
                 .cluster
                 .append(topic, &records)
                 .await
-                .map_err(|e| ServiceError::Unavailable(e.to_string()))?
+                .map_err(unavailable)?
         }
     };
     Ok(ProduceResponse {
@@ -128,31 +130,10 @@ async fn read_kafka(
     request: ReadRequest,
     shutdown: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> Result<ReadResult, ServiceError> {
-    let unavailable = |e: kappa_kafka::KafkaError| ServiceError::Unavailable(e.to_string());
     let joined = |e: tokio::task::JoinError| ServiceError::Internal(e.to_string());
     let (cluster, name) = (kafka.cluster.clone(), topic.to_owned());
     let reader = tokio::task::spawn_blocking(move || -> Result<_, ServiceError> {
-        let partitions = cluster
-            .partition_count(&name)
-            .map_err(unavailable)?
-            .ok_or_else(|| LogError::UnknownTopic {
-                name: name.clone(),
-                known: Vec::new(),
-            })?;
-        if request.partition >= partitions {
-            return Err(LogError::UnknownPartition {
-                topic: name,
-                partition: request.partition,
-                partitions,
-            }
-            .into());
-        }
-        let offsets = cluster
-            .offsets(&name)
-            .map_err(unavailable)?
-            .into_iter()
-            .find(|p| p.partition == request.partition)
-            .ok_or_else(|| ServiceError::Unavailable(format!("no offsets of `{name}`")))?;
+        let offsets = kafka_partition(&cluster, &name, request.partition)?;
         let start = match request.start {
             StartAt::Beginning => offsets.earliest,
             StartAt::End => offsets.next,
@@ -197,9 +178,7 @@ async fn read_kafka(
         } else {
             deadline
         };
-        let slice = due
-            .saturating_duration_since(now)
-            .min(Duration::from_millis(200));
+        let slice = due.saturating_duration_since(now).min(KAFKA_POLL_SLICE);
         let (back, read) = tokio::task::spawn_blocking(move || {
             let read = reader.read(max_records, slice);
             (reader, read)
@@ -339,25 +318,8 @@ pub fn offsets(
         }
         EventLog::Kafka(kafka) => kafka,
     };
-    let unavailable = |e: kappa_kafka::KafkaError| ServiceError::Unavailable(e.to_string());
     let cluster = &kafka.cluster;
-    let partitions = cluster
-        .partition_count(topic)
-        .map_err(unavailable)?
-        .ok_or_else(|| LogError::UnknownTopic {
-            name: topic.to_owned(),
-            known: Vec::new(),
-        })?;
-    let found = cluster
-        .offsets(topic)
-        .map_err(unavailable)?
-        .into_iter()
-        .find(|p| p.partition == partition)
-        .ok_or(LogError::UnknownPartition {
-            topic: topic.to_owned(),
-            partition,
-            partitions,
-        })?;
+    let found = kafka_partition(cluster, topic, partition)?;
     Ok(OffsetsResponse {
         start_offset: found.earliest,
         visible_offset: found.next,
@@ -366,6 +328,36 @@ pub fn offsets(
             .transpose()
             .map_err(unavailable)?,
     })
+}
+
+/// A cluster's error: it cannot be asked now.
+fn unavailable(e: kappa_kafka::KafkaError) -> ServiceError {
+    ServiceError::Unavailable(e.to_string())
+}
+
+/// The offsets of `topic`'s `partition` on a cluster, as one request for the topic asks them:
+/// an unknown topic or partition is refused as on the embedded log. Blocking.
+fn kafka_partition(
+    cluster: &kappa_kafka::Cluster,
+    topic: &str,
+    partition: u32,
+) -> Result<kappa_kafka::PartitionOffsets, ServiceError> {
+    let offsets = cluster
+        .topic_offsets(topic)
+        .map_err(unavailable)?
+        .ok_or_else(|| LogError::UnknownTopic {
+            name: topic.to_owned(),
+            known: Vec::new(),
+        })?;
+    let partitions = u32::try_from(offsets.len()).unwrap_or(u32::MAX);
+    Ok(offsets
+        .into_iter()
+        .find(|p| p.partition == partition)
+        .ok_or(LogError::UnknownPartition {
+            topic: topic.to_owned(),
+            partition,
+            partitions,
+        })?)
 }
 
 /// Runs `sql` within `limits` on a thread of its own, or here without them.

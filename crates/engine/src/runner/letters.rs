@@ -95,6 +95,15 @@ const END_ASKED_EVERY: Duration = Duration::from_secs(10);
 /// takes the topic's end as reached.
 const LETTERS_READ_WAIT: Duration = Duration::from_secs(2);
 
+/// The earliest kept and the next offset of the dead-letter topic's one partition on a
+/// cluster. Blocking.
+fn letters_span(cluster: &Cluster) -> kappa_kafka::Result<(u64, u64)> {
+    Ok(cluster
+        .offsets(DEAD_LETTER_TOPIC)?
+        .first()
+        .map_or((0, 0), |p| (p.earliest, p.next)))
+}
+
 impl DeadLetters {
     /// The dead-letter topic of `log`, created on first use.
     pub(crate) async fn open(log: &EventLog) -> Result<DeadLetters, EventLogError> {
@@ -104,10 +113,7 @@ impl DeadLetters {
                 // One partition: a model's letters keep their order, and one offset says where
                 // a commit's letters end.
                 kafka.cluster.ensure_topic(DEAD_LETTER_TOPIC, 1).await?;
-                let cluster = kafka.cluster.clone();
-                let end = blocking(|| cluster.offsets(DEAD_LETTER_TOPIC))?
-                    .first()
-                    .map_or(0, |p| p.next);
+                let (_, end) = blocking(|| letters_span(&kafka.cluster))?;
                 Ok(DeadLetters::Kafka {
                     cluster: kafka.cluster.clone(),
                     end: Arc::new(AtomicU64::new(end)),
@@ -159,11 +165,9 @@ impl DeadLetters {
                     due
                 });
                 if due {
-                    match blocking(|| cluster.offsets(DEAD_LETTER_TOPIC)) {
-                        Ok(offsets) => {
-                            if let Some(p) = offsets.first() {
-                                end.fetch_max(p.next, Ordering::Relaxed);
-                            }
+                    match blocking(|| letters_span(cluster)) {
+                        Ok((_, next)) => {
+                            end.fetch_max(next, Ordering::Relaxed);
                         }
                         // The last end known still holds: it only gets further from the end.
                         Err(e) => {
@@ -202,11 +206,7 @@ impl DeadLetters {
                 each_letter(partition, from, each).map_err(|e| e.to_string())?;
             }
             DeadLetters::Kafka { cluster, .. } => blocking(|| {
-                let (earliest, end) = cluster
-                    .offsets(DEAD_LETTER_TOPIC)
-                    .map_err(|e| e.to_string())?
-                    .first()
-                    .map_or((0, 0), |p| (p.earliest, p.next));
+                let (earliest, end) = letters_span(cluster).map_err(|e| e.to_string())?;
                 // Letters retention dropped are not there to be written twice.
                 let from = from.max(earliest);
                 if from >= end {

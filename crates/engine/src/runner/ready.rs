@@ -229,13 +229,8 @@ async fn over_streams(
             source,
         };
         let partitions = log.partition_count(&name).map_err(log_err)?;
-        let group = match log {
-            EventLog::Kafka(kafka) => {
-                kafka.group(model_id, &crate::tables::model_version(project, model_id))
-            }
-            EventLog::Embedded(_) => String::new(),
-        };
-        let readers = TopicReaders::of(log, &name, group).map_err(log_err)?;
+        let version = crate::tables::model_version(project, model_id);
+        let readers = TopicReaders::of(log, &name, Some((model_id, &version))).map_err(log_err)?;
         // Late records are reported by the model that declares the event time, if it uses
         // it; otherwise by each model that does.
         let reports_late = match &event_time {
@@ -510,7 +505,7 @@ fn dimension_readers(
     model_id: &str,
     name: &str,
 ) -> Result<TopicReaders, RunnerError> {
-    TopicReaders::of(log, name, String::new()).map_err(|source| RunnerError::Log {
+    TopicReaders::of(log, name, None).map_err(|source| RunnerError::Log {
         model: model_id.to_owned(),
         source,
     })
