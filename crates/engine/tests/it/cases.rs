@@ -287,7 +287,7 @@ impl Case {
                 };
                 for model in models {
                     let (stop, stopped) = tokio::sync::watch::channel(false);
-                    let runner = tokio::spawn(run_model(
+                    let runner = tokio::spawn(supervised(
                         log.clone(),
                         lakehouse.clone(),
                         project.clone(),
@@ -526,6 +526,39 @@ async fn batch_of(
             .expect("a view of an upstream model");
     }
     panic!("no model {model}");
+}
+
+/// How long a runner that could not reach the log waits before it starts again.
+const LOG_RETRY: Duration = Duration::from_secs(1);
+
+/// A model's runner as `kappa up` supervises it: one that stopped because the log could not
+/// be reached or read (a broker down while it started) starts again after a pause; any other
+/// end is the runner's.
+async fn supervised(
+    log: EventLog,
+    lakehouse: Lakehouse,
+    project: Arc<Project>,
+    model: String,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), kappa_engine::runner::RunnerError> {
+    loop {
+        let run = run_model(
+            log.clone(),
+            lakehouse.clone(),
+            project.clone(),
+            model.clone(),
+            stopped.clone(),
+        );
+        match run.await {
+            Err(
+                kappa_engine::runner::RunnerError::Log { .. }
+                | kappa_engine::runner::RunnerError::Source { .. },
+            ) if !*stopped.borrow() => {
+                tokio::time::sleep(LOG_RETRY).await;
+            }
+            outcome => return outcome,
+        }
+    }
 }
 
 /// Every record of `topic` as (partition, offset, value).
